@@ -1,0 +1,467 @@
+//! Typed values decoded from EWS response envelopes.
+//!
+//! Every `parse_*` function takes the raw body of an HTTP response, whatever its status: a SOAP
+//! fault (HTTP 500) decodes to [`EwsError::Fault`], a response message of class `Error` to
+//! [`EwsError::Response`] (or to a per-item `Err` where the operation answers per item).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use crate::error::{EwsError, Fault, ResponseError};
+use crate::ns::{MESSAGES, SOAP, TYPES};
+use crate::xml::{Element, parse};
+
+/// An item's id and change key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ItemId {
+    pub id: String,
+    pub change_key: Option<String>,
+}
+
+/// A mailbox as EWS names one: display name and SMTP address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mailbox {
+    pub name: Option<String>,
+    pub email: Option<String>,
+}
+
+/// A fetched message with the properties the listener asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    pub item_id: Option<ItemId>,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+    /// True when `t:Body/@BodyType` is `HTML`.
+    pub body_is_html: bool,
+    pub date_time_received: Option<String>,
+    pub date_time_sent: Option<String>,
+    pub importance: Option<String>,
+    pub sender: Option<Mailbox>,
+    pub from: Option<Mailbox>,
+    pub to: Vec<Mailbox>,
+    pub cc: Vec<Mailbox>,
+    /// The RFC 5322 Message-ID.
+    pub internet_message_id: Option<String>,
+    /// The decoded RFC 5322 message, when MIME content was asked for.
+    pub mime_content: Option<Vec<u8>>,
+}
+
+/// A folder as `GetFolder` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folder {
+    pub folder_id: Option<String>,
+    pub display_name: Option<String>,
+    pub total_count: Option<u64>,
+}
+
+/// `m:ConnectionStatus` on a streaming connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionStatus {
+    Ok,
+    Closed,
+}
+
+/// The kind of a notification event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    NewMail,
+    Created,
+    Deleted,
+    Modified,
+    Moved,
+    Copied,
+    FreeBusyChanged,
+    Status,
+    Other(String),
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventTarget {
+    Item(ItemId),
+    Folder(String),
+}
+
+/// One event inside a notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub timestamp: Option<String>,
+    pub target: Option<EventTarget>,
+    pub parent_folder_id: Option<String>,
+}
+
+impl Event {
+    /// The item this event announces as newly arrived, if it announces one.
+    pub fn new_item(&self) -> Option<&ItemId> {
+        match (&self.kind, &self.target) {
+            (EventKind::NewMail | EventKind::Created, Some(EventTarget::Item(id))) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// The events of one subscription within a streaming message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub subscription_id: String,
+    pub events: Vec<Event>,
+}
+
+/// An error a streaming message reports, for some subscriptions or (with no ids) for all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionError {
+    pub error: ResponseError,
+    pub subscription_ids: Vec<String>,
+}
+
+/// Everything one streaming envelope says, across all of its response messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamBatch {
+    pub notifications: Vec<Notification>,
+    pub errors: Vec<SubscriptionError>,
+    /// The last `ConnectionStatus` seen, if any.
+    pub status: Option<ConnectionStatus>,
+}
+
+impl StreamBatch {
+    /// True when the server ends the connection with this message.
+    pub fn closed(&self) -> bool {
+        self.status == Some(ConnectionStatus::Closed)
+    }
+}
+
+/// Decodes a `Subscribe` response into the new subscription's id.
+pub fn parse_subscribe(bytes: &[u8]) -> Result<String, EwsError> {
+    let root = parse(bytes)?;
+    let msg = single_message(&root, "Subscribe")?;
+    check_class(msg).map_err(EwsError::Response)?;
+    msg.child(MESSAGES, "SubscriptionId")
+        .map(|e| e.text.trim().to_owned())
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            EwsError::Malformed("SubscribeResponseMessage without SubscriptionId".into())
+        })
+}
+
+/// Decodes an `Unsubscribe` response.
+pub fn parse_unsubscribe(bytes: &[u8]) -> Result<(), EwsError> {
+    let root = parse(bytes)?;
+    check_class(single_message(&root, "Unsubscribe")?).map_err(EwsError::Response)
+}
+
+/// Decodes a `GetItem` response: one result per requested id, in request order.
+pub fn parse_get_item(bytes: &[u8]) -> Result<Vec<Result<Message, ResponseError>>, EwsError> {
+    let root = parse(bytes)?;
+    response_messages(&root, "GetItem")?
+        .map(|msg| match check_class(msg) {
+            Err(e) => Ok(Err(e)),
+            Ok(()) => {
+                let item = msg
+                    .child(MESSAGES, "Items")
+                    .and_then(|items| items.children.first())
+                    .ok_or_else(|| {
+                        EwsError::Malformed("GetItemResponseMessage without an item".into())
+                    })?;
+                Ok(Ok(decode_message(item)?))
+            }
+        })
+        .collect()
+}
+
+/// Decodes a `GetFolder` response: one result per requested folder.
+pub fn parse_get_folder(bytes: &[u8]) -> Result<Vec<Result<Folder, ResponseError>>, EwsError> {
+    let root = parse(bytes)?;
+    response_messages(&root, "GetFolder")?
+        .map(|msg| match check_class(msg) {
+            Err(e) => Ok(Err(e)),
+            Ok(()) => {
+                let folder = msg
+                    .child(MESSAGES, "Folders")
+                    .and_then(|f| f.children.first())
+                    .ok_or_else(|| {
+                        EwsError::Malformed("GetFolderResponseMessage without a folder".into())
+                    })?;
+                Ok(Ok(Folder {
+                    folder_id: folder
+                        .child(TYPES, "FolderId")
+                        .and_then(|f| f.attr("Id"))
+                        .map(str::to_owned),
+                    display_name: folder.child_text(TYPES, "DisplayName").map(str::to_owned),
+                    total_count: folder
+                        .child_text(TYPES, "TotalCount")
+                        .and_then(|t| t.trim().parse().ok()),
+                }))
+            }
+        })
+        .collect()
+}
+
+/// Decodes one envelope cut from a `GetStreamingEvents` response body.
+pub fn parse_stream_envelope(bytes: &[u8]) -> Result<StreamBatch, EwsError> {
+    let root = parse(bytes)?;
+    let mut batch = StreamBatch::default();
+    for msg in response_messages(&root, "GetStreamingEvents")? {
+        if let Some(list) = msg.child(MESSAGES, "Notifications") {
+            for n in list.children_named(MESSAGES, "Notification") {
+                batch.notifications.push(decode_notification(n)?);
+            }
+        }
+        if let Err(error) = check_class(msg) {
+            // Deployed clients read these children as m:SubscriptionId although the schema
+            // says t:, so match by local name.
+            let subscription_ids = msg
+                .child_by_local("ErrorSubscriptionIds")
+                .map(|ids| {
+                    ids.children
+                        .iter()
+                        .filter(|c| c.local == "SubscriptionId")
+                        .map(|c| c.text.trim().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            batch.errors.push(SubscriptionError {
+                error,
+                subscription_ids,
+            });
+        }
+        if let Some(status) = msg.child_text(MESSAGES, "ConnectionStatus") {
+            batch.status = match status.trim() {
+                "OK" => Some(ConnectionStatus::Ok),
+                "Closed" => Some(ConnectionStatus::Closed),
+                other => {
+                    return Err(EwsError::Malformed(format!(
+                        "unknown ConnectionStatus {other:?}"
+                    )));
+                }
+            };
+        }
+    }
+    Ok(batch)
+}
+
+/// The `soap:Body` of an envelope, or the fault it carries.
+fn body(root: &Element) -> Result<&Element, EwsError> {
+    if !root.is(SOAP, "Envelope") {
+        return Err(EwsError::Malformed(format!(
+            "root element is {{{}}}{}, not a SOAP Envelope",
+            root.ns.as_deref().unwrap_or(""),
+            root.local
+        )));
+    }
+    let body = root
+        .child(SOAP, "Body")
+        .ok_or_else(|| EwsError::Malformed("Envelope without Body".into()))?;
+    if let Some(fault) = body.child(SOAP, "Fault") {
+        return Err(EwsError::Fault(decode_fault(fault)));
+    }
+    Ok(body)
+}
+
+/// The `…ResponseMessage` elements of operation `op`.
+fn response_messages<'a>(
+    root: &'a Element,
+    op: &str,
+) -> Result<impl Iterator<Item = &'a Element> + 'a, EwsError> {
+    let response = body(root)?
+        .child(MESSAGES, &format!("{op}Response"))
+        .ok_or_else(|| EwsError::Malformed(format!("Body without {op}Response")))?;
+    let messages = response
+        .child(MESSAGES, "ResponseMessages")
+        .ok_or_else(|| EwsError::Malformed(format!("{op}Response without ResponseMessages")))?;
+    let name = format!("{op}ResponseMessage");
+    Ok(messages
+        .children
+        .iter()
+        .filter(move |c| c.ns.as_deref() == Some(MESSAGES) && c.local == name))
+}
+
+fn single_message<'a>(root: &'a Element, op: &str) -> Result<&'a Element, EwsError> {
+    response_messages(root, op)?
+        .next()
+        .ok_or_else(|| EwsError::Malformed(format!("{op}Response without a response message")))
+}
+
+/// `Ok` for `ResponseClass="Success"` (and `Warning` with `NoError`), else the error it reports.
+fn check_class(msg: &Element) -> Result<(), ResponseError> {
+    let code = msg
+        .child_text(MESSAGES, "ResponseCode")
+        .map(str::trim)
+        .unwrap_or("");
+    let class = msg.attr("ResponseClass").unwrap_or("Success");
+    if class == "Success" || (class == "Warning" && code == "NoError") {
+        return Ok(());
+    }
+    Err(ResponseError {
+        code: if code.is_empty() {
+            "ErrorUnknown".into()
+        } else {
+            code.to_owned()
+        },
+        message: msg
+            .child_text(MESSAGES, "MessageText")
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        back_off: msg.child_by_local("MessageXml").and_then(back_off),
+    })
+}
+
+fn decode_fault(fault: &Element) -> Fault {
+    // faultcode, faultstring and detail are unqualified; the detail's children are in the
+    // errors namespace, except MessageXml, which is in types here (messages elsewhere).
+    let unqualified = |name: &str| {
+        fault
+            .children
+            .iter()
+            .find(|c| c.ns.is_none() && c.local == name)
+    };
+    let detail = unqualified("detail");
+    let detail_text = |name: &str| {
+        detail
+            .and_then(|d| d.child_by_local(name))
+            .map(|e| e.text.trim().to_owned())
+    };
+    let code = detail_text("ResponseCode")
+        .or_else(|| {
+            unqualified("faultcode").map(|c| {
+                let t = c.text.trim();
+                t.rsplit(':').next().unwrap_or(t).to_owned()
+            })
+        })
+        .unwrap_or_else(|| "ErrorUnknown".into());
+    let message = detail_text("Message")
+        .or_else(|| unqualified("faultstring").map(|s| s.text.trim().to_owned()))
+        .unwrap_or_default();
+    Fault {
+        code,
+        message,
+        back_off: detail
+            .and_then(|d| d.child_by_local("MessageXml"))
+            .and_then(back_off),
+    }
+}
+
+/// `Value[@Name="BackOffMilliseconds"]` inside a `MessageXml`.
+fn back_off(message_xml: &Element) -> Option<Duration> {
+    message_xml
+        .children
+        .iter()
+        .find(|v| v.local == "Value" && v.attr("Name") == Some("BackOffMilliseconds"))
+        .and_then(|v| v.text.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
+fn decode_notification(n: &Element) -> Result<Notification, EwsError> {
+    let subscription_id = n
+        .child_text(TYPES, "SubscriptionId")
+        .map(|s| s.trim().to_owned())
+        .ok_or_else(|| EwsError::Malformed("Notification without SubscriptionId".into()))?;
+    let events = n
+        .children
+        .iter()
+        .filter(|c| c.ns.as_deref() == Some(TYPES) && c.local.ends_with("Event"))
+        .map(decode_event)
+        .collect();
+    Ok(Notification {
+        subscription_id,
+        events,
+    })
+}
+
+fn decode_event(ev: &Element) -> Event {
+    let kind = match ev.local.as_str() {
+        "NewMailEvent" => EventKind::NewMail,
+        "CreatedEvent" => EventKind::Created,
+        "DeletedEvent" => EventKind::Deleted,
+        "ModifiedEvent" => EventKind::Modified,
+        "MovedEvent" => EventKind::Moved,
+        "CopiedEvent" => EventKind::Copied,
+        "FreeBusyChangedEvent" => EventKind::FreeBusyChanged,
+        "StatusEvent" => EventKind::Status,
+        other => EventKind::Other(other.to_owned()),
+    };
+    let target = if let Some(item) = ev.child(TYPES, "ItemId") {
+        item_id(item).map(EventTarget::Item)
+    } else {
+        ev.child(TYPES, "FolderId")
+            .and_then(|f| f.attr("Id"))
+            .map(|id| EventTarget::Folder(id.to_owned()))
+    };
+    Event {
+        kind,
+        timestamp: ev
+            .child_text(TYPES, "TimeStamp")
+            .map(|t| t.trim().to_owned()),
+        target,
+        parent_folder_id: ev
+            .child(TYPES, "ParentFolderId")
+            .and_then(|f| f.attr("Id"))
+            .map(str::to_owned),
+    }
+}
+
+fn item_id(el: &Element) -> Option<ItemId> {
+    Some(ItemId {
+        id: el.attr("Id")?.to_owned(),
+        change_key: el.attr("ChangeKey").map(str::to_owned),
+    })
+}
+
+fn mailbox(el: &Element) -> Mailbox {
+    Mailbox {
+        name: el.child_text(TYPES, "Name").map(|s| s.trim().to_owned()),
+        email: el
+            .child_text(TYPES, "EmailAddress")
+            .map(|s| s.trim().to_owned()),
+    }
+}
+
+fn single_mailbox(item: &Element, field: &str) -> Option<Mailbox> {
+    item.child(TYPES, field)
+        .and_then(|f| f.child(TYPES, "Mailbox"))
+        .map(mailbox)
+}
+
+fn mailbox_list(item: &Element, field: &str) -> Vec<Mailbox> {
+    item.child(TYPES, field)
+        .map(|f| f.children_named(TYPES, "Mailbox").map(mailbox).collect())
+        .unwrap_or_default()
+}
+
+fn decode_message(item: &Element) -> Result<Message, EwsError> {
+    let text = |name: &str| item.child_text(TYPES, name).map(str::to_owned);
+    let mime_content = match item.child_text(TYPES, "MimeContent") {
+        None => None,
+        Some(b64) => {
+            let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .map_err(|e| EwsError::Malformed(format!("MimeContent is not base64: {e}")))?,
+            )
+        }
+    };
+    let body = item.child(TYPES, "Body");
+    Ok(Message {
+        item_id: item.child(TYPES, "ItemId").and_then(item_id),
+        subject: text("Subject"),
+        body: body.map(|b| b.text.clone()),
+        body_is_html: body
+            .and_then(|b| b.attr("BodyType"))
+            .is_some_and(|t| t.eq_ignore_ascii_case("HTML")),
+        date_time_received: text("DateTimeReceived"),
+        date_time_sent: text("DateTimeSent"),
+        importance: text("Importance"),
+        sender: single_mailbox(item, "Sender"),
+        from: single_mailbox(item, "From"),
+        to: mailbox_list(item, "ToRecipients"),
+        cc: mailbox_list(item, "CcRecipients"),
+        internet_message_id: text("InternetMessageId").map(|s| s.trim().to_owned()),
+        mime_content,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,246 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::stream::EnvelopeSplitter;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn subscribe_success_yields_the_id() {
+    assert_eq!(
+        parse_subscribe(&fixture("subscribe_ok.xml")).unwrap(),
+        "JgBjbzFwcjA2bWIxMjQ0LmFwY3ByZDA2LnByb2Qub3V0bG9vay5jb20QAAAA0Ag="
+    );
+}
+
+#[test]
+fn subscribe_error_in_default_namespace_is_typed() {
+    let err = parse_subscribe(&fixture("subscribe_exceeded.xml")).unwrap_err();
+    assert_eq!(err.code(), Some("ErrorExceededSubscriptionCount"));
+    let EwsError::Response(r) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        r.message,
+        "You have exceeded the maximum number of subscriptions."
+    );
+}
+
+#[test]
+fn fault_carries_back_off_whatever_the_operation() {
+    let body = fixture("fault_server_busy.xml");
+    for err in [
+        parse_subscribe(&body).unwrap_err(),
+        parse_unsubscribe(&body).unwrap_err(),
+        parse_get_item(&body).unwrap_err(),
+        parse_stream_envelope(&body).unwrap_err(),
+    ] {
+        assert_eq!(err.code(), Some("ErrorServerBusy"));
+        assert_eq!(err.back_off(), Some(Duration::from_millis(297_749)));
+        assert!(matches!(err, EwsError::Fault(_)));
+    }
+}
+
+#[test]
+fn unsubscribe_not_found_is_an_error() {
+    let err = parse_unsubscribe(&fixture("unsubscribe_not_found.xml")).unwrap_err();
+    assert_eq!(err.code(), Some("ErrorSubscriptionNotFound"));
+}
+
+#[test]
+fn get_item_decodes_each_item_in_order() {
+    let results = parse_get_item(&fixture("get_item_mixed.xml")).unwrap();
+    assert_eq!(results.len(), 2);
+    let msg = results[0].as_ref().unwrap();
+    assert_eq!(msg.item_id.as_ref().unwrap().id, "AAMkAD1");
+    assert_eq!(msg.subject.as_deref(), Some("Hello & welcome"));
+    assert_eq!(msg.body.as_deref(), Some("<p>Hi</p>"));
+    assert!(msg.body_is_html);
+    assert_eq!(msg.internet_message_id.as_deref(), Some("<m1@example.com>"));
+    assert_eq!(
+        msg.sender.as_ref().unwrap().email.as_deref(),
+        Some("bob@example.com")
+    );
+    assert_eq!(msg.sender.as_ref().unwrap().name.as_deref(), Some("Bob"));
+    let to: Vec<_> = msg.to.iter().map(|m| m.email.as_deref().unwrap()).collect();
+    assert_eq!(to, ["alice@contoso.example", "carol@contoso.example"]);
+    assert_eq!(msg.date_time_sent.as_deref(), Some("2024-05-01T09:59:58Z"));
+    assert_eq!(
+        msg.mime_content.as_deref(),
+        Some(&b"From: Bob <bob@example.com>\r\nSubject: Hello\r\nMessage-ID: <m1@example.com>\r\n\r\nHi\r\n"[..])
+    );
+    assert_eq!(results[1].as_ref().unwrap_err().code, "ErrorItemNotFound");
+}
+
+#[test]
+fn get_folder_decodes_the_folder() {
+    let folders = parse_get_folder(&fixture("get_folder_inbox.xml")).unwrap();
+    let inbox = folders[0].as_ref().unwrap();
+    assert_eq!(inbox.display_name.as_deref(), Some("Inbox"));
+    assert_eq!(inbox.total_count, Some(3));
+}
+
+#[test]
+fn real_exchange_stream_splits_and_decodes() {
+    let mut splitter = EnvelopeSplitter::new();
+    let batches: Vec<StreamBatch> = splitter
+        .push(&fixture("stream_exchange2013.xml"))
+        .unwrap()
+        .iter()
+        .map(|env| parse_stream_envelope(env).unwrap())
+        .collect();
+    assert!(splitter.is_idle());
+    assert_eq!(batches.len(), 4);
+    assert_eq!(batches[0].status, Some(ConnectionStatus::Ok));
+    assert!(batches[0].notifications.is_empty());
+
+    let n = &batches[1].notifications[0];
+    assert_eq!(n.subscription_id, "SUB1");
+    let kinds: Vec<_> = n.events.iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Created, EventKind::NewMail, EventKind::Modified]
+    );
+    let new_items: Vec<_> = n
+        .events
+        .iter()
+        .filter_map(Event::new_item)
+        .map(|i| i.id.as_str())
+        .collect();
+    assert_eq!(new_items, ["AAMkAD1", "AAMkAD1"]);
+    assert_eq!(
+        n.events[2].target,
+        Some(EventTarget::Folder("AQMkADinbox".into()))
+    );
+    assert_eq!(
+        n.events[0].timestamp.as_deref(),
+        Some("2024-05-01T10:00:00Z")
+    );
+
+    assert_eq!(
+        batches[2].notifications[0].events[0].kind,
+        EventKind::Status
+    );
+    assert!(batches[3].closed());
+}
+
+#[test]
+fn stream_error_names_the_failed_subscriptions() {
+    let batch = parse_stream_envelope(&fixture("stream_invalid_subscription.xml")).unwrap();
+    assert!(batch.closed());
+    assert_eq!(batch.errors.len(), 1);
+    assert_eq!(batch.errors[0].error.code, "ErrorInvalidSubscription");
+    assert_eq!(batch.errors[0].error.message, "Subscription is invalid.");
+    assert_eq!(batch.errors[0].subscription_ids, ["SUB1"]);
+}
+
+#[test]
+fn non_soap_bodies_are_malformed_not_panics() {
+    for body in [
+        &b""[..],
+        b"<html>busy</html>",
+        b"<s:Envelope xmlns:s=\"x\"/>",
+        b"\xff\xfe",
+    ] {
+        assert!(matches!(
+            parse_stream_envelope(body),
+            Err(EwsError::Malformed(_))
+        ));
+    }
+}
+
+/// A notification batch rendered with the given prefixes (`""` means the default namespace).
+fn render(soap: &str, m: &str, t: &str, notes: &[(String, Vec<String>)]) -> String {
+    let q = |p: &str, name: &str| {
+        if p.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{p}:{name}")
+        }
+    };
+    let decl = |p: &str, uri: &str| {
+        if p.is_empty() {
+            format!(r#" xmlns="{uri}""#)
+        } else {
+            format!(r#" xmlns:{p}="{uri}""#)
+        }
+    };
+    let mut body = String::new();
+    for (sub, items) in notes {
+        body += &format!(
+            "<{n}{tx}><{s}>{}</{s}>",
+            quick_xml::escape::escape(sub),
+            n = q(m, "Notification"),
+            s = q(t, "SubscriptionId"),
+            tx = decl(t, crate::ns::TYPES)
+        );
+        for item in items {
+            body += &format!(
+                r#"<{e}><{ts}>2024-05-01T10:00:00Z</{ts}><{i} Id="{}"/></{e}>"#,
+                quick_xml::escape::escape(item),
+                e = q(t, "NewMailEvent"),
+                ts = q(t, "TimeStamp"),
+                i = q(t, "ItemId")
+            );
+        }
+        body += &format!("</{}>", q(m, "Notification"));
+    }
+    format!(
+        "<{env}{sd}><{b}><{r}{md}><{rms}><{rm} ResponseClass=\"Success\"><{rc}>NoError</{rc}><{ns}>{body}</{ns}></{rm}></{rms}></{r}></{b}></{env}>",
+        env = q(soap, "Envelope"),
+        sd = decl(soap, crate::ns::SOAP),
+        b = q(soap, "Body"),
+        r = q(m, "GetStreamingEventsResponse"),
+        md = decl(m, crate::ns::MESSAGES),
+        rms = q(m, "ResponseMessages"),
+        rm = q(m, "GetStreamingEventsResponseMessage"),
+        rc = q(m, "ResponseCode"),
+        ns = q(m, "Notifications"),
+    )
+}
+
+fn prefix() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "[a-z][a-z0-9]{0,6}"]
+}
+
+proptest! {
+    /// Notifications survive rendering with any prefixes and any chunking of a multi-envelope
+    /// stream, and decode to exactly what was rendered.
+    #[test]
+    fn notifications_round_trip(
+        soap in prefix(), m in prefix(), t in prefix(),
+        notes in proptest::collection::vec(
+            ("[A-Za-z0-9+/=<>&\"']{1,20}", proptest::collection::vec("[A-Za-z0-9+/=<&\"]{1,30}", 1..4)),
+            1..4),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+    ) {
+        // Prefixes must differ where they name different namespaces in the same scope.
+        prop_assume!(soap != m && m != t && soap != t);
+        let envelope = render(&soap, &m, &t, &notes);
+        let stream = format!("<?xml version=\"1.0\"?>{envelope}\r\n{envelope}");
+        let bytes = stream.as_bytes();
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len())).collect();
+        cuts.sort_unstable();
+        let mut splitter = EnvelopeSplitter::new();
+        let mut envelopes = Vec::new();
+        let mut from = 0;
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            envelopes.extend(splitter.push(&bytes[from..cut]).unwrap());
+            from = cut;
+        }
+        prop_assert_eq!(envelopes.len(), 2);
+        for env in envelopes {
+            let batch = parse_stream_envelope(&env).unwrap();
+            let got: Vec<(String, Vec<String>)> = batch.notifications.iter().map(|n| (
+                n.subscription_id.clone(),
+                n.events.iter().filter_map(Event::new_item).map(|i| i.id.clone()).collect(),
+            )).collect();
+            prop_assert_eq!(&got, &notes);
+        }
+    }
+}
