@@ -1,1 +1,118 @@
+//! An Exchange Web Services server for tests and demos.
+//!
+//! It speaks EWS over HTTP (Basic auth; Subscribe, GetStreamingEvents, GetItem, Unsubscribe,
+//! GetFolder) and offers a JSON control API under `/_control/` to create mailboxes and inject
+//! mail. As a library it starts on any address (port 0 in tests) and returns a [`MockEws`]
+//! handle whose typed methods do what the control API does; the binary is a thin wrapper.
 
+mod clock;
+mod mail;
+mod server;
+mod soap;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use mail::{InjectedMail, NewMail};
+pub use state::{ControlError, Stats};
+
+/// How the server behaves on streaming connections.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Interval of `ConnectionStatus OK` keep-alives on an idle stream.
+    pub keepalive: Duration,
+    /// Ends every stream with `Closed` after this long, even if the client asked for longer
+    /// (its `ConnectionTimeout` is in minutes; tests want reconnects within seconds).
+    pub max_connection_time: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            keepalive: Duration::from_secs(45),
+            max_connection_time: None,
+        }
+    }
+}
+
+/// A running mock EWS server. Dropping it stops the server.
+#[derive(Debug)]
+pub struct MockEws {
+    addr: SocketAddr,
+    world: Arc<state::World>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl MockEws {
+    /// Binds `addr` (use port 0 for any free port) and serves until dropped or shut down.
+    pub async fn start(addr: SocketAddr, config: Config) -> std::io::Result<MockEws> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let world = Arc::new(state::World::default());
+        let shutdown = CancellationToken::new();
+        let app = server::App {
+            world: world.clone(),
+            config,
+            shutdown: shutdown.clone(),
+        };
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, server::router(app))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+        Ok(MockEws {
+            addr,
+            world,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The EWS endpoint URL, `http://ADDR/EWS/Exchange.asmx`.
+    pub fn ews_url(&self) -> String {
+        format!("http://{}/EWS/Exchange.asmx", self.addr)
+    }
+
+    pub fn create_mailbox(&self, email: &str, password: &str) -> Result<(), ControlError> {
+        self.world.create_mailbox(email, password)
+    }
+
+    pub fn set_password(&self, email: &str, password: &str) -> Result<(), ControlError> {
+        self.world.set_password(email, password)
+    }
+
+    /// Delivers a mail into the mailbox's inbox, firing its notification events.
+    pub fn inject(&self, mailbox: &str, mail: NewMail) -> Result<InjectedMail, ControlError> {
+        self.world.inject(mailbox, mail)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.world.stats()
+    }
+
+    /// Ends every stream with `Closed`, stops accepting, and waits for the server to finish.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MockEws {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,352 @@
+//! The mock server's whole world: mailboxes, their items, subscriptions with their event
+//! queues, and the counters the harness reads. One mutex guards it; no lock is held across an
+//! await, and a streaming connection is woken through its own `Notify`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::mail::{InjectedMail, Item, NewMail};
+
+/// One queued notification event.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedEvent {
+    /// `CreatedEvent`, `NewMailEvent`, `ModifiedEvent`, ...
+    pub kind: &'static str,
+    pub timestamp: i64,
+    pub target: Target,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Item {
+        id: String,
+        change_key: String,
+    },
+    /// The inbox itself, with its unread count after the change.
+    Inbox {
+        unread: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Mailbox {
+    email: String,
+    password: String,
+    items: Vec<Item>,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    mailbox: String,
+    event_types: Vec<String>,
+    queue: VecDeque<QueuedEvent>,
+    /// The streaming connection currently serving this subscription, if any.
+    waker: Option<Arc<Notify>>,
+}
+
+impl Subscription {
+    fn wants(&self, kind: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == kind)
+    }
+}
+
+/// Counters the harness and tests read through the control API or the handle.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests by SOAP operation (`Subscribe`, `GetItem`, ...), counted before auth.
+    pub requests: BTreeMap<String, u64>,
+    /// Requests answered 401.
+    pub unauthorized: u64,
+    pub open_streams: usize,
+    pub live_subscriptions: usize,
+    pub events_queued: u64,
+    pub events_delivered: u64,
+}
+
+/// Why a control call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("mailbox {0} does not exist")]
+    NoSuchMailbox(String),
+    #[error("mailbox {0} already exists")]
+    MailboxExists(String),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    mailboxes: HashMap<String, Mailbox>,
+    subscriptions: HashMap<String, Subscription>,
+    stats: Stats,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct World {
+    inner: Mutex<Inner>,
+}
+
+fn key(email: &str) -> String {
+    email.trim().to_ascii_lowercase()
+}
+
+/// An opaque, EWS-looking id.
+fn opaque_id(kind: &str) -> String {
+    let raw = format!("{kind}:{}", uuid::Uuid::new_v4().simple());
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// The inbox folder id of a mailbox: stable, opaque.
+pub(crate) fn inbox_id(mailbox: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("inbox:{}", key(mailbox)))
+}
+
+/// The root folder id of a mailbox.
+pub(crate) fn root_id(mailbox: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("root:{}", key(mailbox)))
+}
+
+impl World {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn create_mailbox(&self, email: &str, password: &str) -> Result<(), ControlError> {
+        if !email.contains('@') {
+            return Err(ControlError::Invalid {
+                field: "email",
+                reason: "must be an SMTP address".into(),
+            });
+        }
+        let mut inner = self.lock();
+        let k = key(email);
+        if inner.mailboxes.contains_key(&k) {
+            return Err(ControlError::MailboxExists(email.to_owned()));
+        }
+        inner.mailboxes.insert(
+            k,
+            Mailbox {
+                email: email.trim().to_owned(),
+                password: password.to_owned(),
+                items: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn set_password(&self, email: &str, password: &str) -> Result<(), ControlError> {
+        let mut inner = self.lock();
+        let mb = inner
+            .mailboxes
+            .get_mut(&key(email))
+            .ok_or_else(|| ControlError::NoSuchMailbox(email.to_owned()))?;
+        mb.password = password.to_owned();
+        Ok(())
+    }
+
+    /// The mailbox a Basic-auth user may act as, when the password matches.
+    pub fn authenticate(&self, user: &str, password: &str) -> Option<String> {
+        let inner = self.lock();
+        // Accept `user@domain` and `DOMAIN\user@domain` alike.
+        let user = user.rsplit('\\').next().unwrap_or(user);
+        let mb = inner.mailboxes.get(&key(user))?;
+        (mb.password == password).then(|| key(user))
+    }
+
+    pub fn mailbox_exists(&self, email: &str) -> bool {
+        self.lock().mailboxes.contains_key(&key(email))
+    }
+
+    pub fn count_request(&self, operation: &str) {
+        *self
+            .lock()
+            .stats
+            .requests
+            .entry(operation.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn count_unauthorized(&self) {
+        self.lock().stats.unauthorized += 1;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = self.lock();
+        let mut stats = inner.stats.clone();
+        stats.live_subscriptions = inner.subscriptions.len();
+        stats
+    }
+
+    pub fn inject(&self, mailbox: &str, mail: NewMail) -> Result<InjectedMail, ControlError> {
+        if mail.from.is_empty() {
+            return Err(ControlError::Invalid {
+                field: "from",
+                reason: "is required".into(),
+            });
+        }
+        let mut inner = self.lock();
+        let k = key(mailbox);
+        let mb = inner
+            .mailboxes
+            .get_mut(&k)
+            .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
+        let item = Item::new(opaque_id("item"), &mb.email, mail);
+        let injected = InjectedMail {
+            item_id: item.id.clone(),
+            message_id: item.message_id.clone(),
+        };
+        let (at, change_key) = (item.received, item.change_key.clone());
+        mb.items.push(item);
+        let unread = mb.items.len();
+        // One delivery fires what real Exchange fires: the item's CreatedEvent and
+        // NewMailEvent, and a ModifiedEvent on the inbox folder.
+        let events = [
+            (
+                "CreatedEvent",
+                Target::Item {
+                    id: injected.item_id.clone(),
+                    change_key: change_key.clone(),
+                },
+            ),
+            (
+                "NewMailEvent",
+                Target::Item {
+                    id: injected.item_id.clone(),
+                    change_key,
+                },
+            ),
+            ("ModifiedEvent", Target::Inbox { unread }),
+        ];
+        let mut queued = 0;
+        for sub in inner.subscriptions.values_mut().filter(|s| s.mailbox == k) {
+            for (kind, target) in &events {
+                if sub.wants(kind) {
+                    sub.queue.push_back(QueuedEvent {
+                        kind,
+                        timestamp: at,
+                        target: target.clone(),
+                    });
+                    queued += 1;
+                }
+            }
+            if let Some(w) = &sub.waker {
+                w.notify_one();
+            }
+        }
+        inner.stats.events_queued += queued;
+        Ok(injected)
+    }
+
+    /// Items of a mailbox by id, in the order asked; `None` where an id is unknown.
+    pub fn items(&self, mailbox: &str, ids: &[String]) -> Vec<Option<Item>> {
+        let inner = self.lock();
+        let mb = inner.mailboxes.get(&key(mailbox));
+        ids.iter()
+            .map(|id| mb.and_then(|m| m.items.iter().find(|i| &i.id == id).cloned()))
+            .collect()
+    }
+
+    pub fn item_count(&self, mailbox: &str) -> usize {
+        self.lock()
+            .mailboxes
+            .get(&key(mailbox))
+            .map_or(0, |m| m.items.len())
+    }
+
+    pub fn subscribe(&self, mailbox: &str, event_types: Vec<String>) -> String {
+        let id = opaque_id("sub");
+        self.lock().subscriptions.insert(
+            id.clone(),
+            Subscription {
+                mailbox: key(mailbox),
+                event_types,
+                queue: VecDeque::new(),
+                waker: None,
+            },
+        );
+        id
+    }
+
+    /// Removes a subscription the caller may act on; false when there is none.
+    pub fn unsubscribe(&self, principal: &str, id: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.subscriptions.get(id) {
+            Some(s) if s.mailbox == key(principal) => {
+                if let Some(sub) = inner.subscriptions.remove(id) {
+                    // A stream serving it learns at once that it is gone.
+                    if let Some(w) = sub.waker {
+                        w.notify_one();
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The ids among `ids` that do not name a live subscription of `principal`.
+    pub fn unknown_subscriptions(&self, principal: &str, ids: &[String]) -> Vec<String> {
+        let inner = self.lock();
+        ids.iter()
+            .filter(|id| {
+                inner
+                    .subscriptions
+                    .get(*id)
+                    .is_none_or(|s| s.mailbox != key(principal))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Points the subscriptions at a streaming connection's waker.
+    pub fn attach(&self, ids: &[String], waker: &Arc<Notify>) {
+        let mut inner = self.lock();
+        for id in ids {
+            if let Some(sub) = inner.subscriptions.get_mut(id) {
+                sub.waker = Some(waker.clone());
+            }
+        }
+        inner.stats.open_streams += 1;
+        waker.notify_one();
+    }
+
+    /// Releases the subscriptions still pointing at this connection's waker.
+    pub fn detach(&self, ids: &[String], waker: &Arc<Notify>) {
+        let mut inner = self.lock();
+        for id in ids {
+            if let Some(sub) = inner.subscriptions.get_mut(id) {
+                if sub.waker.as_ref().is_some_and(|w| Arc::ptr_eq(w, waker)) {
+                    sub.waker = None;
+                }
+            }
+        }
+        inner.stats.open_streams = inner.stats.open_streams.saturating_sub(1);
+    }
+
+    /// Takes the queued events of these subscriptions: `(id, events)` for each that has some,
+    /// and the ids that no longer exist.
+    pub fn drain(&self, ids: &[String]) -> (Vec<(String, Vec<QueuedEvent>)>, Vec<String>) {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        let mut delivered = 0;
+        for id in ids {
+            match inner.subscriptions.get_mut(id) {
+                Some(sub) if !sub.queue.is_empty() => {
+                    let events: Vec<_> = sub.queue.drain(..).collect();
+                    delivered += events.len() as u64;
+                    out.push((id.clone(), events));
+                }
+                Some(_) => {}
+                None => gone.push(id.clone()),
+            }
+        }
+        inner.stats.events_delivered += delivered;
+        (out, gone)
+    }
+}

@@ -1,0 +1,195 @@
+//! mock-ews on the wire: what strict EWS clients rely on, checked on raw HTTP.
+
+use std::time::Duration;
+
+use mock_ews::{Config, MockEws, NewMail};
+
+const SOAP_HEAD: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><soap:Header><t:RequestServerVersion Version="Exchange2013_SP1"/></soap:Header><soap:Body>"#;
+
+fn envelope(body: &str) -> String {
+    format!("{SOAP_HEAD}{body}</soap:Body></soap:Envelope>")
+}
+
+async fn start() -> MockEws {
+    let config = Config {
+        keepalive: Duration::from_millis(200),
+        max_connection_time: Some(Duration::from_secs(1)),
+    };
+    let ews = MockEws::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    ews.create_mailbox("alice@contoso.example", "secret")
+        .unwrap();
+    ews
+}
+
+async fn post(ews: &MockEws, password: &str, body: String) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(ews.ews_url())
+        .basic_auth("alice@contoso.example", Some(password))
+        .header("Content-Type", "text/xml; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
+    let from = s.find(start).unwrap() + start.len();
+    &s[from..from + s[from..].find(end).unwrap()]
+}
+
+#[tokio::test]
+async fn wrong_password_gets_401_with_basic_challenge() {
+    let ews = start().await;
+    let resp = post(
+        &ews,
+        "wrong",
+        envelope("<m:Unsubscribe><m:SubscriptionId>x</m:SubscriptionId></m:Unsubscribe>"),
+    )
+    .await;
+    assert_eq!(resp.status(), 401);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic ")
+    );
+    assert_eq!(ews.stats().unauthorized, 1);
+}
+
+#[tokio::test]
+async fn stream_follows_the_strict_client_rules() {
+    let ews = start().await;
+    let resp = post(&ews, "secret", envelope(concat!(
+        r#"<m:Subscribe><m:StreamingSubscriptionRequest><t:FolderIds><t:DistinguishedFolderId Id="inbox"/></t:FolderIds>"#,
+        "<t:EventTypes><t:EventType>NewMailEvent</t:EventType></t:EventTypes></m:StreamingSubscriptionRequest></m:Subscribe>"
+    ))).await;
+    assert_eq!(resp.status(), 200);
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("X-BackEndOverrideCookie=")
+            && !cookie.to_ascii_lowercase().contains("secure")
+    );
+    let sub = between(
+        &resp.text().await.unwrap(),
+        "<m:SubscriptionId>",
+        "</m:SubscriptionId>",
+    )
+    .to_owned();
+
+    // Events queue while no stream is open.
+    ews.inject(
+        "alice@contoso.example",
+        NewMail {
+            from: "bob@example.com".into(),
+            subject: "queued".into(),
+            ..NewMail::default()
+        },
+    )
+    .unwrap();
+
+    let body = post(&ews, "secret", envelope(&format!(
+        "<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{sub}</t:SubscriptionId></m:SubscriptionIds><m:ConnectionTimeout>1</m:ConnectionTimeout></m:GetStreamingEvents>"
+    ))).await.text().await.unwrap();
+    // The server capped the connection at one second and ended it with Closed.
+    assert!(
+        body.starts_with(r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope "#),
+        "{body}"
+    );
+    assert_eq!(body.matches("<?xml").count(), 1);
+    let envelopes: Vec<&str> = body.split("<s:Envelope ").skip(1).collect();
+    assert!(envelopes.len() >= 3, "{body}");
+    for env in &envelopes {
+        assert!(env.contains("<s:Header><h:ServerVersionInfo "), "{env}");
+        assert!(
+            !(env.contains("<m:Notifications>") && env.contains("<m:ConnectionStatus>")),
+            "{env}"
+        );
+    }
+    assert!(envelopes[0].contains("<m:ConnectionStatus>OK</m:ConnectionStatus>"));
+    assert!(
+        envelopes[1].contains("<t:NewMailEvent><t:TimeStamp>"),
+        "{}",
+        envelopes[1]
+    );
+    assert!(
+        !envelopes[1].contains("CreatedEvent"),
+        "only subscribed event types are sent"
+    );
+    assert!(
+        envelopes
+            .last()
+            .unwrap()
+            .contains("<m:ConnectionStatus>Closed</m:ConnectionStatus>")
+    );
+
+    // The subscription outlives its connection; Unsubscribe ends it.
+    assert_eq!(ews.stats().live_subscriptions, 1);
+    let unsub = envelope(&format!(
+        "<m:Unsubscribe><m:SubscriptionId>{sub}</m:SubscriptionId></m:Unsubscribe>"
+    ));
+    assert!(
+        post(&ews, "secret", unsub.clone())
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains("NoError")
+    );
+    assert!(
+        post(&ews, "secret", unsub)
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains("ErrorSubscriptionNotFound")
+    );
+    assert_eq!(ews.stats().live_subscriptions, 0);
+}
+
+#[tokio::test]
+async fn get_item_returns_asked_properties_mime_and_per_id_errors() {
+    let ews = start().await;
+    let sent = ews
+        .inject(
+            "alice@contoso.example",
+            NewMail {
+                from: "bob@example.com".into(),
+                subject: "a < b & c".into(),
+                body: "hello".into(),
+                message_id: Some("<fixed@example.com>".into()),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    let body = post(&ews, "secret", envelope(&format!(
+        r#"<m:GetItem><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape><t:IncludeMimeContent>true</t:IncludeMimeContent><t:AdditionalProperties><t:FieldURI FieldURI="item:Subject"/><t:FieldURI FieldURI="message:InternetMessageId"/></t:AdditionalProperties></m:ItemShape><m:ItemIds><t:ItemId Id="{}"/><t:ItemId Id="missing"/></m:ItemIds></m:GetItem>"#,
+        sent.item_id
+    ))).await.text().await.unwrap();
+    assert!(
+        body.contains("<t:Subject>a &lt; b &amp; c</t:Subject>"),
+        "{body}"
+    );
+    assert!(body.contains("<t:InternetMessageId>&lt;fixed@example.com&gt;</t:InternetMessageId>"));
+    use base64::Engine as _;
+    let mime = base64::engine::general_purpose::STANDARD
+        .decode(between(
+            &body,
+            r#"<t:MimeContent CharacterSet="UTF-8">"#,
+            "</t:MimeContent>",
+        ))
+        .unwrap();
+    let mime = String::from_utf8(mime).unwrap();
+    assert!(
+        mime.contains("\r\nMessage-ID: <fixed@example.com>\r\n")
+            && mime.ends_with("\r\n\r\nhello\r\n"),
+        "{mime}"
+    );
+    let second = body.split("<m:GetItemResponseMessage ").nth(2).unwrap();
+    assert!(
+        second.starts_with(r#"ResponseClass="Error"><m:MessageText>"#),
+        "{second}"
+    );
+    assert!(second.contains("<m:ResponseCode>ErrorItemNotFound</m:ResponseCode><m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"));
+}
