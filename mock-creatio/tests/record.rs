@@ -1,0 +1,56 @@
+//! mock-creatio records what arrives and fails on demand.
+
+use mock_creatio::MockCreatio;
+
+#[tokio::test]
+async fn records_calls_and_fails_on_demand() {
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let post = |op: &str, body: &'static str| {
+        http.post(creatio.url(op))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    creatio.fail_next(1);
+    assert_eq!(
+        post("NewEmail", r#"{"newEvent":{}}"#)
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        post("NewEmail", r#"{"newEvent":{"Id":"m1"}}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post("ProcessFullEmail", "not json").await.unwrap().status(),
+        400
+    );
+    assert_eq!(post("Bogus", "{}").await.unwrap().status(), 404);
+
+    let calls = creatio.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].operation, "NewEmail");
+    assert_eq!(calls[0].body["newEvent"]["Id"], "m1");
+
+    let listed: serde_json::Value = http
+        .get(format!(
+            "http://{}/_control/calls?operation=NewEmail",
+            creatio.addr()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}
