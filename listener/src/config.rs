@@ -1,0 +1,130 @@
+//! Configuration from flags and environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::backoff::{BackoffPolicy, InvalidBackoff};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// exchange-listener: keeps EWS streaming subscriptions for Creatio mailboxes and posts new
+/// mail to Creatio.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "EXCHANGE_LISTENER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Log filter (tracing directives, e.g. `info` or `exchange_listener=debug`).
+    #[arg(long, env = "EXCHANGE_LISTENER_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log output format.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// `RequestServerVersion` sent to Exchange (at least Exchange2010_SP1 for streaming).
+    #[arg(long, env = "EXCHANGE_LISTENER_EWS_VERSION", default_value = "Exchange2013_SP1", value_parser = parse_version)]
+    pub ews_version: ews::ServerVersion,
+
+    /// Lifetime of one streaming connection asked of Exchange, in minutes (1-30).
+    #[arg(long, env = "EXCHANGE_LISTENER_STREAM_MINUTES", default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=30))]
+    pub stream_minutes: u8,
+
+    /// Seconds of silence on a stream before it is reopened (Exchange sends keep-alives).
+    #[arg(long, env = "EXCHANGE_LISTENER_STREAM_IDLE_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_idle_secs: u64,
+
+    /// Timeout of each non-streaming EWS call and each Creatio call, in seconds.
+    #[arg(long, env = "EXCHANGE_LISTENER_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_secs: u64,
+
+    /// First delay after a transient EWS failure, in milliseconds (doubles up to the max).
+    #[arg(long, env = "EXCHANGE_LISTENER_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub retry_base_ms: u64,
+
+    /// Longest delay between EWS retries, in milliseconds.
+    #[arg(long, env = "EXCHANGE_LISTENER_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub retry_max_ms: u64,
+
+    /// First delay after Exchange rejects a mailbox's credentials, in seconds.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_FAILED_RETRY_BASE_SECS",
+        default_value_t = 60
+    )]
+    pub failed_retry_base_secs: u64,
+
+    /// Longest delay between retries of a mailbox whose credentials are rejected, in seconds.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_FAILED_RETRY_MAX_SECS",
+        default_value_t = 1_800
+    )]
+    pub failed_retry_max_secs: u64,
+
+    /// Attempts to post one mail to Creatio before it is dead-lettered.
+    #[arg(long, env = "EXCHANGE_LISTENER_DELIVERY_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_attempts: u32,
+
+    /// First delay between attempts to post to Creatio, in milliseconds.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_DELIVERY_RETRY_BASE_MS",
+        default_value_t = 500
+    )]
+    pub delivery_retry_base_ms: u64,
+
+    /// Longest delay between attempts to post to Creatio, in milliseconds.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_DELIVERY_RETRY_MAX_MS",
+        default_value_t = 30_000
+    )]
+    pub delivery_retry_max_ms: u64,
+}
+
+fn parse_version(s: &str) -> Result<ews::ServerVersion, String> {
+    ews::ServerVersion::parse(s).ok_or_else(|| {
+        format!("unknown EWS version {s:?}; one of Exchange2010_SP1, Exchange2010_SP2, Exchange2013, Exchange2013_SP1, Exchange2016")
+    })
+}
+
+impl Config {
+    pub fn retry(&self) -> Result<BackoffPolicy, InvalidBackoff> {
+        BackoffPolicy::new(
+            Duration::from_millis(self.retry_base_ms),
+            Duration::from_millis(self.retry_max_ms),
+        )
+    }
+
+    pub fn failed_retry(&self) -> Result<BackoffPolicy, InvalidBackoff> {
+        BackoffPolicy::new(
+            Duration::from_secs(self.failed_retry_base_secs),
+            Duration::from_secs(self.failed_retry_max_secs),
+        )
+    }
+
+    pub fn delivery_retry(&self) -> Result<BackoffPolicy, InvalidBackoff> {
+        BackoffPolicy::new(
+            Duration::from_millis(self.delivery_retry_base_ms),
+            Duration::from_millis(self.delivery_retry_max_ms),
+        )
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}

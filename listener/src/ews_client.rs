@@ -1,0 +1,481 @@
+//! The listener's EWS client: one mailbox's HTTP conversation with Exchange.
+//!
+//! It sends what the `ews` crate builds, with Basic or bearer auth, `X-AnchorMailbox` on
+//! every request, and the affinity headers and `X-BackEndOverrideCookie` on subscription
+//! requests; it decodes what comes back with the `ews` crate. [`EwsFailure::disposition`] is
+//! the one place that decides whether a failure is retried, needs a new subscription, or is a
+//! configuration problem that fast retries cannot fix.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ews::response::{self, StreamBatch};
+use ews::{
+    DistinguishedFolder, EnvelopeSplitter, EventType, EwsError, ItemShape, RequestHeader,
+    ServerVersion,
+};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
+
+use crate::contract::Credentials;
+
+const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
+
+/// Why an EWS call did not succeed. Displays carry no secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum EwsFailure {
+    #[error("EWS rejected the credentials (HTTP 401)")]
+    Unauthorized,
+    #[error("EWS answered HTTP {status}")]
+    Http {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    #[error("EWS unreachable: {0}")]
+    Transport(String),
+    #[error(transparent)]
+    Ews(#[from] EwsError),
+    #[error("no data on the event stream for {0:?}")]
+    Idle(Duration),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What to do about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Transient: wait (at least `after`, when the server said) and try again.
+    Retry { after: Option<Duration> },
+    /// The subscription is gone: subscribe afresh.
+    Resubscribe,
+    /// Credentials or configuration are wrong: report it and retry only slowly.
+    Fatal,
+}
+
+/// Response codes that mean the subscription no longer exists on the server.
+const SUBSCRIPTION_GONE: [&str; 7] = [
+    "ErrorSubscriptionNotFound",
+    "ErrorInvalidSubscription",
+    "ErrorExpiredSubscription",
+    "ErrorSubscriptionUnsubsribed",
+    "ErrorReadEventsFailed",
+    "ErrorInvalidWatermark",
+    // Events were dropped; until a catch-up sync exists, a fresh subscription is the remedy.
+    "ErrorMissedNotificationEvents",
+];
+
+/// Response codes that retries at full speed cannot fix.
+const CONFIGURATION: [&str; 9] = [
+    "ErrorNonExistentMailbox",
+    "ErrorImpersonateUserDenied",
+    "ErrorImpersonationDenied",
+    "ErrorAccessDenied",
+    "ErrorSubscriptionAccessDenied",
+    "ErrorSubscriptionDelegateAccessNotSupported",
+    "ErrorInvalidServerVersion",
+    "ErrorIncorrectSchemaVersion",
+    "ErrorInvalidSchemaVersionForMailboxVersion",
+];
+
+impl EwsFailure {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            EwsFailure::Unauthorized | EwsFailure::Config(_) => Disposition::Fatal,
+            EwsFailure::Http { retry_after, .. } => Disposition::Retry {
+                after: *retry_after,
+            },
+            EwsFailure::Transport(_) | EwsFailure::Idle(_) => Disposition::Retry { after: None },
+            EwsFailure::Ews(e) => match e.code() {
+                Some(code) if SUBSCRIPTION_GONE.contains(&code) => Disposition::Resubscribe,
+                Some(code) if CONFIGURATION.contains(&code) => Disposition::Fatal,
+                _ => Disposition::Retry {
+                    after: e.back_off(),
+                },
+            },
+        }
+    }
+
+    /// A stable class name for Creatio's `ProcessMailboxState.ExceptionClassName`.
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            EwsFailure::Unauthorized => "EwsUnauthorized",
+            EwsFailure::Http { .. } => "EwsHttpError",
+            EwsFailure::Transport(_) => "EwsUnreachable",
+            EwsFailure::Ews(_) => "EwsError",
+            EwsFailure::Idle(_) => "EwsStreamIdle",
+            EwsFailure::Config(_) => "EwsConfiguration",
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> EwsFailure {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    // reqwest's text names the URL, which carries no credentials here.
+    EwsFailure::Transport(format!("{kind}: {e}"))
+}
+
+/// The EWS endpoint for `ServerAddress`: a full URL as given (with `/EWS/Exchange.asmx` added
+/// when it has no path), or a host, reached over https unless `UseSSL` is false.
+pub fn ews_url(server_address: Option<&str>, use_ssl: Option<bool>) -> Result<String, EwsFailure> {
+    let address = server_address
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| {
+            EwsFailure::Config("ServerAddress is not set and autodiscover is not supported".into())
+        })?;
+    let lower = address.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        let after_scheme = &address[address.find("://").map_or(0, |i| i + 3)..];
+        return Ok(match after_scheme.find('/') {
+            Some(i) if !after_scheme[i..].trim_end_matches('/').is_empty() => address.to_owned(),
+            _ => format!("{}/EWS/Exchange.asmx", address.trim_end_matches('/')),
+        });
+    }
+    let scheme = if use_ssl == Some(false) {
+        "http"
+    } else {
+        "https"
+    };
+    Ok(format!(
+        "{scheme}://{}/EWS/Exchange.asmx",
+        address.trim_end_matches('/')
+    ))
+}
+
+#[derive(Debug)]
+enum Auth {
+    Basic { user: String, password: String },
+    Bearer(String),
+}
+
+/// One mailbox's EWS client.
+#[derive(Debug)]
+pub struct EwsClient {
+    http: reqwest::Client,
+    url: String,
+    auth: Auth,
+    anchor: String,
+    header: RequestHeader,
+    request_timeout: Duration,
+    /// The affinity cookie the last Subscribe set, replayed on the subscription's requests.
+    cookie: Mutex<Option<String>>,
+}
+
+impl EwsClient {
+    pub fn new(
+        http: reqwest::Client,
+        creds: &Credentials,
+        version: ServerVersion,
+        request_timeout: Duration,
+    ) -> Result<Self, EwsFailure> {
+        let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
+        let auth = match (&creds.access_token, &creds.password) {
+            (Some(token), _) => Auth::Bearer(token.expose().to_owned()),
+            (None, Some(password)) => Auth::Basic {
+                user: creds
+                    .user_name
+                    .clone()
+                    .unwrap_or_else(|| creds.sender_email.clone()),
+                password: password.expose().to_owned(),
+            },
+            (None, None) => {
+                return Err(EwsFailure::Config(
+                    "neither UserPassword nor AccessToken is set".into(),
+                ));
+            }
+        };
+        Ok(EwsClient {
+            http,
+            url,
+            auth,
+            anchor: creds.sender_email.clone(),
+            header: RequestHeader {
+                version,
+                impersonate: None,
+            },
+            request_timeout,
+            cookie: Mutex::new(None),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn cookie(&self) -> Option<String> {
+        self.cookie
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sends one request; answers with the response when its body should be decoded
+    /// (200, or 500 that may carry a SOAP fault).
+    async fn send(
+        &self,
+        body: String,
+        affinity: bool,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, EwsFailure> {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header(CONTENT_TYPE, "text/xml; charset=utf-8")
+            .header("X-AnchorMailbox", &self.anchor)
+            .body(body);
+        req = match &self.auth {
+            Auth::Basic { user, password } => req.basic_auth(user, Some(password)),
+            Auth::Bearer(token) => req.bearer_auth(token),
+        };
+        if affinity {
+            req = req.header("X-PreferServerAffinity", "true");
+            if let Some(cookie) = self.cookie() {
+                req = req.header(COOKIE, format!("{AFFINITY_COOKIE}={cookie}"));
+            }
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = req.send().await.map_err(transport)?;
+        for value in resp.headers().get_all(SET_COOKIE) {
+            if let Some(v) = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix(AFFINITY_COOKIE))
+                .and_then(|v| v.strip_prefix('='))
+            {
+                let v = v.split(';').next().unwrap_or("").trim().to_owned();
+                *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            }
+        }
+        match resp.status() {
+            StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => Ok(resp),
+            StatusCode::UNAUTHORIZED => Err(EwsFailure::Unauthorized),
+            status => Err(EwsFailure::Http {
+                status: status.as_u16(),
+                retry_after: resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+            }),
+        }
+    }
+
+    /// A non-streaming call: send, read the whole body, decode it.
+    async fn call<T>(
+        &self,
+        body: String,
+        affinity: bool,
+        decode: fn(&[u8]) -> Result<T, EwsError>,
+    ) -> Result<T, EwsFailure> {
+        let resp = self
+            .send(body, affinity, Some(self.request_timeout))
+            .await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(transport)?;
+        decode_body(status, &bytes, decode)
+    }
+
+    /// Subscribes to new mail in the inbox; returns the subscription id.
+    pub async fn subscribe(&self) -> Result<String, EwsFailure> {
+        let body = ews::request::subscribe_streaming(
+            &self.header,
+            &DistinguishedFolder::inbox(None),
+            &[EventType::NewMail, EventType::Created],
+        );
+        self.call(body, true, response::parse_subscribe).await
+    }
+
+    pub async fn unsubscribe(&self, subscription_id: &str) -> Result<(), EwsFailure> {
+        let body = ews::request::unsubscribe(&self.header, subscription_id);
+        self.call(body, true, response::parse_unsubscribe).await
+    }
+
+    /// Fetches messages with what Creatio needs; one result per id, in order.
+    pub async fn get_items(
+        &self,
+        ids: &[&str],
+    ) -> Result<Vec<Result<ews::Message, ews::ResponseError>>, EwsFailure> {
+        let body = ews::request::get_item(&self.header, ids, &ItemShape::full_message());
+        let results = self.call(body, false, response::parse_get_item).await?;
+        if results.len() != ids.len() {
+            return Err(EwsError::Malformed(format!(
+                "GetItem answered {} items for {} ids",
+                results.len(),
+                ids.len()
+            ))
+            .into());
+        }
+        Ok(results)
+    }
+
+    /// Reads the inbox folder: proves the credentials log in and reach the mailbox.
+    pub async fn get_inbox(&self) -> Result<ews::Folder, EwsFailure> {
+        let body = ews::request::get_folder(&self.header, &DistinguishedFolder::inbox(None));
+        let mut folders = self.call(body, false, response::parse_get_folder).await?;
+        match folders.pop() {
+            Some(Ok(folder)) => Ok(folder),
+            Some(Err(e)) => Err(EwsError::Response(e).into()),
+            None => Err(EwsError::Malformed("GetFolder answered no folder".into()).into()),
+        }
+    }
+
+    /// Opens a streaming connection for one subscription.
+    pub async fn open_stream(
+        &self,
+        subscription_id: &str,
+        timeout_minutes: u8,
+        idle_timeout: Duration,
+    ) -> Result<EventStream, EwsFailure> {
+        let body =
+            ews::request::get_streaming_events(&self.header, &[subscription_id], timeout_minutes);
+        let resp = self.send(body, true, None).await?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(transport)?;
+            // A 500 on open is a fault; decode it for its code and back-off.
+            return Err(decode_body(status, &bytes, response::parse_stream_envelope)
+                .err()
+                .unwrap_or(EwsFailure::Http {
+                    status: status.as_u16(),
+                    retry_after: None,
+                }));
+        }
+        Ok(EventStream {
+            response: resp,
+            splitter: EnvelopeSplitter::new(),
+            ready: VecDeque::new(),
+            idle_timeout,
+        })
+    }
+}
+
+/// Decodes a 200 or 500 body; a 500 that is not a SOAP fault is reported as HTTP 500.
+fn decode_body<T>(
+    status: StatusCode,
+    bytes: &Bytes,
+    decode: fn(&[u8]) -> Result<T, EwsError>,
+) -> Result<T, EwsFailure> {
+    match decode(bytes) {
+        Err(EwsError::Malformed(_)) if status != StatusCode::OK => Err(EwsFailure::Http {
+            status: status.as_u16(),
+            retry_after: None,
+        }),
+        other => other.map_err(EwsFailure::from),
+    }
+}
+
+/// An open `GetStreamingEvents` response, read envelope by envelope.
+#[derive(Debug)]
+pub struct EventStream {
+    response: reqwest::Response,
+    splitter: EnvelopeSplitter,
+    ready: VecDeque<Vec<u8>>,
+    idle_timeout: Duration,
+}
+
+impl EventStream {
+    /// The next message on the stream; `None` when the server ended the body cleanly.
+    /// Silence longer than the idle timeout is [`EwsFailure::Idle`].
+    pub async fn next(&mut self) -> Result<Option<StreamBatch>, EwsFailure> {
+        loop {
+            if let Some(envelope) = self.ready.pop_front() {
+                return Ok(Some(response::parse_stream_envelope(&envelope)?));
+            }
+            match tokio::time::timeout(self.idle_timeout, self.response.chunk()).await {
+                Err(_) => return Err(EwsFailure::Idle(self.idle_timeout)),
+                Ok(Err(e)) => return Err(transport(e)),
+                Ok(Ok(None)) if self.splitter.is_idle() => return Ok(None),
+                Ok(Ok(None)) => {
+                    return Err(EwsFailure::Transport(
+                        "the stream ended inside an envelope".into(),
+                    ));
+                }
+                Ok(Ok(Some(chunk))) => self.ready.extend(self.splitter.push(&chunk)?),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_from_server_address() {
+        let url = |a: &str, ssl| ews_url(Some(a), ssl).unwrap();
+        assert_eq!(
+            url("mail.contoso.com", None),
+            "https://mail.contoso.com/EWS/Exchange.asmx"
+        );
+        assert_eq!(
+            url("mail.contoso.com:8080/", Some(false)),
+            "http://mail.contoso.com:8080/EWS/Exchange.asmx"
+        );
+        assert_eq!(
+            url("https://mail.contoso.com", None),
+            "https://mail.contoso.com/EWS/Exchange.asmx"
+        );
+        assert_eq!(
+            url("http://127.0.0.1:1/EWS/Exchange.asmx", None),
+            "http://127.0.0.1:1/EWS/Exchange.asmx"
+        );
+        assert!(ews_url(None, None).is_err());
+        assert!(ews_url(Some("  "), None).is_err());
+    }
+
+    #[test]
+    fn dispositions() {
+        let ews = |code: &str| {
+            EwsFailure::Ews(EwsError::Response(ews::ResponseError {
+                code: code.into(),
+                message: String::new(),
+                back_off: None,
+            }))
+        };
+        assert_eq!(EwsFailure::Unauthorized.disposition(), Disposition::Fatal);
+        assert_eq!(
+            ews("ErrorInvalidSubscription").disposition(),
+            Disposition::Resubscribe
+        );
+        assert_eq!(
+            ews("ErrorNonExistentMailbox").disposition(),
+            Disposition::Fatal
+        );
+        assert_eq!(
+            ews("ErrorServerBusy").disposition(),
+            Disposition::Retry { after: None }
+        );
+        let busy = EwsFailure::Ews(EwsError::Fault(ews::Fault {
+            code: "ErrorServerBusy".into(),
+            message: String::new(),
+            back_off: Some(Duration::from_millis(1500)),
+        }));
+        assert_eq!(
+            busy.disposition(),
+            Disposition::Retry {
+                after: Some(Duration::from_millis(1500))
+            }
+        );
+        let unavailable = EwsFailure::Http {
+            status: 503,
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        assert_eq!(
+            unavailable.disposition(),
+            Disposition::Retry {
+                after: Some(Duration::from_secs(7))
+            }
+        );
+    }
+}

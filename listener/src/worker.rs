@@ -1,0 +1,426 @@
+//! One task per mailbox: subscribe, stream, fetch each new item, hand it to Creatio.
+//!
+//! The worker is an explicit state machine (`Subscribing → Streaming → Backoff / Failed`)
+//! whose state, last error and counters live in the [`Registry`], so any caller can see them.
+//! A streaming connection that ends (`Closed`, end of body, idle watchdog) is reopened at once
+//! with the same subscription when it had been healthy, and after a backoff otherwise; a lost
+//! subscription is replaced; credentials the server rejects put the mailbox in `Failed`, which
+//! is reported to Creatio and retried only slowly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ews::ServerVersion;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::contract::{self, CallbackMode, Credentials};
+use crate::delivery::{Delivery, DeliveryError};
+use crate::ews_client::{Disposition, EwsClient, EwsFailure};
+use crate::mail::to_email;
+use crate::registry::{Registry, WorkerState};
+
+/// How workers behave; shared by all of them.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub server_version: ServerVersion,
+    /// `ConnectionTimeout` asked of the server, in minutes (1..=30).
+    pub connection_timeout_minutes: u8,
+    /// Silence on a stream longer than this reopens it.
+    pub idle_timeout: Duration,
+    /// Timeout of every non-streaming EWS call.
+    pub request_timeout: Duration,
+    /// Backoff after transient EWS failures.
+    pub retry: BackoffPolicy,
+    /// Backoff while the mailbox is `Failed` (rejected credentials, wrong configuration).
+    pub failed_retry: BackoffPolicy,
+}
+
+/// A connection that lived at least this long was healthy: when it ends, reopen at once.
+const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
+
+/// What a worker needs from the rest of the service.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    pub registry: Registry,
+    pub http: reqwest::Client,
+    pub delivery: Delivery,
+    pub settings: Arc<WorkerSettings>,
+}
+
+enum StreamEnd {
+    Cancelled,
+    /// The server ended the connection (Closed or end of body); the subscription lives.
+    Ended,
+    /// The subscription is gone.
+    SubscriptionLost(EwsFailure),
+}
+
+enum Flow {
+    Cancelled,
+    Resubscribe,
+    Failed(EwsFailure),
+}
+
+struct Worker {
+    ctx: WorkerContext,
+    creds: Credentials,
+    mode: CallbackMode,
+    cancel: CancellationToken,
+    retry: Backoff,
+    failed_retry: Backoff,
+    /// Creatio was told this mailbox is unavailable and has not been told otherwise since.
+    reported_unavailable: bool,
+}
+
+/// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
+pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationToken) {
+    let mode = match contract::callback_mode(&creds.bpm_endpoint) {
+        Ok(mode) => mode,
+        Err(e) => {
+            // The API validates this before a worker starts; keep the state truthful anyway.
+            ctx.registry.update_status(&creds.id, |s| {
+                s.state = WorkerState::Failed;
+                s.last_error = Some(e.to_string());
+            });
+            return;
+        }
+    };
+    let settings = ctx.settings.clone();
+    let mut worker = Worker {
+        retry: settings.retry.start(),
+        failed_retry: settings.failed_retry.start(),
+        ctx,
+        creds,
+        mode,
+        cancel,
+        reported_unavailable: false,
+    };
+    let span = tracing::info_span!("mailbox", id = %worker.creds.id);
+    worker.run().instrument(span).await;
+}
+
+impl Worker {
+    fn id(&self) -> &str {
+        &self.creds.id
+    }
+
+    fn set_state(&self, state: WorkerState, error: Option<String>) {
+        self.ctx.registry.update_status(self.id(), |s| {
+            s.state = state;
+            if error.is_some() {
+                s.last_error = error;
+            }
+        });
+    }
+
+    /// Sleeps unless cancelled first; false when cancelled.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn run(&mut self) {
+        let client = match EwsClient::new(
+            self.ctx.http.clone(),
+            &self.creds,
+            self.ctx.settings.server_version,
+            self.ctx.settings.request_timeout,
+        ) {
+            Ok(c) => c,
+            Err(f) => {
+                // Nothing to retry until Creatio sends other credentials.
+                self.report_failed(&f).await;
+                self.cancel.cancelled().await;
+                return;
+            }
+        };
+        tracing::info!(url = client.url(), "mailbox worker started");
+        loop {
+            self.set_state(WorkerState::Subscribing, None);
+            let subscribed = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                r = client.subscribe() => r,
+            };
+            let sub_id = match subscribed {
+                Ok(id) => id,
+                Err(f) => {
+                    if self.pause(&f).await {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            tracing::info!("subscribed");
+            self.recovered().await;
+            match self.stream_subscription(&client, &sub_id).await {
+                Flow::Cancelled => {
+                    self.unsubscribe(&client, &sub_id).await;
+                    return;
+                }
+                Flow::Resubscribe => continue,
+                Flow::Failed(f) => {
+                    if !self.pause(&f).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps one subscription streamed until it is lost, fails for good, or is cancelled.
+    async fn stream_subscription(&mut self, client: &EwsClient, sub_id: &str) -> Flow {
+        loop {
+            self.set_state(WorkerState::Streaming, None);
+            let opened = Instant::now();
+            let end = self.stream_once(client, sub_id).await;
+            let retry_after = match end {
+                Ok(StreamEnd::Cancelled) => return Flow::Cancelled,
+                Ok(StreamEnd::SubscriptionLost(f)) => {
+                    tracing::info!(error = %f, "subscription lost, subscribing again");
+                    self.set_state(WorkerState::Subscribing, Some(f.to_string()));
+                    return Flow::Resubscribe;
+                }
+                Ok(StreamEnd::Ended) => None,
+                Err(f) => match f.disposition() {
+                    Disposition::Resubscribe => {
+                        self.set_state(WorkerState::Subscribing, Some(f.to_string()));
+                        return Flow::Resubscribe;
+                    }
+                    Disposition::Fatal => return Flow::Failed(f),
+                    Disposition::Retry { after } => {
+                        tracing::info!(error = %f, "event stream interrupted");
+                        self.set_state(WorkerState::Streaming, Some(f.to_string()));
+                        Some(after)
+                    }
+                },
+            };
+            self.ctx
+                .registry
+                .update_status(self.id(), |s| s.reconnects += 1);
+            let healthy = opened.elapsed() >= HEALTHY_CONNECTION;
+            match retry_after {
+                Some(None) | None if healthy => self.retry.reset(),
+                after => {
+                    let d = self.retry.next_delay_at_least(after.flatten());
+                    self.set_state(WorkerState::Backoff, None);
+                    if !self.sleep(d).await {
+                        return Flow::Cancelled;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One streaming connection, from open to end.
+    async fn stream_once(
+        &mut self,
+        client: &EwsClient,
+        sub_id: &str,
+    ) -> Result<StreamEnd, EwsFailure> {
+        let settings = self.ctx.settings.clone();
+        let mut stream = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
+            s = client.open_stream(sub_id, settings.connection_timeout_minutes, settings.idle_timeout) => s?,
+        };
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
+                b = stream.next() => b?,
+            };
+            let Some(batch) = batch else {
+                return Ok(StreamEnd::Ended);
+            };
+            let mut new_items: Vec<String> = Vec::new();
+            for n in batch
+                .notifications
+                .iter()
+                .filter(|n| n.subscription_id == sub_id)
+            {
+                for item in n.events.iter().filter_map(ews::Event::new_item) {
+                    if !new_items.contains(&item.id) {
+                        new_items.push(item.id.clone());
+                    }
+                }
+            }
+            if !new_items.is_empty() && !self.deliver(client, new_items).await? {
+                return Ok(StreamEnd::Cancelled);
+            }
+            for err in &batch.errors {
+                if err.subscription_ids.is_empty()
+                    || err.subscription_ids.iter().any(|id| id == sub_id)
+                {
+                    let failure = EwsFailure::Ews(ews::EwsError::Response(err.error.clone()));
+                    return match failure.disposition() {
+                        Disposition::Resubscribe => Ok(StreamEnd::SubscriptionLost(failure)),
+                        _ => Err(failure),
+                    };
+                }
+            }
+            if batch.closed() {
+                return Ok(StreamEnd::Ended);
+            }
+        }
+    }
+
+    /// Hands new items to Creatio; false when cancelled on the way.
+    async fn deliver(
+        &mut self,
+        client: &EwsClient,
+        item_ids: Vec<String>,
+    ) -> Result<bool, EwsFailure> {
+        let fresh: Vec<String> = item_ids
+            .into_iter()
+            .filter(|id| self.ctx.registry.is_new(self.id(), id))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(true);
+        }
+        match self.mode {
+            CallbackMode::NewEmail => {
+                // Creatio fetches the items itself; one call announces them all.
+                let body = contract::new_email_payload(&self.creds, &fresh, now_ms());
+                let key = format!("{}:{}", self.id(), fresh.join(","));
+                Ok(self
+                    .post(&self.creds.bpm_endpoint.clone(), &body, &key, &fresh)
+                    .await)
+            }
+            CallbackMode::ProcessFullEmail => {
+                let refs: Vec<&str> = fresh.iter().map(String::as_str).collect();
+                let fetched = tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => return Ok(false),
+                    r = client.get_items(&refs) => r?,
+                };
+                for (id, result) in fresh.iter().zip(fetched) {
+                    match result {
+                        Ok(msg) => {
+                            let email = to_email(id, msg);
+                            let body = contract::full_email_payload(
+                                &self.creds,
+                                std::slice::from_ref(&email),
+                            );
+                            let key = format!("{}:{}", self.id(), email.message_id);
+                            if !self
+                                .post(
+                                    &self.creds.bpm_endpoint.clone(),
+                                    &body,
+                                    &key,
+                                    std::slice::from_ref(id),
+                                )
+                                .await
+                            {
+                                return Ok(false);
+                            }
+                        }
+                        Err(e) => {
+                            // Deleted or moved before it could be read: nothing to deliver.
+                            tracing::info!(item = %id, code = %e.code, "new item could not be fetched; skipped");
+                        }
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Posts one callback and records the items as delivered or dead-lettered; false when
+    /// cancelled before it got through.
+    async fn post(&self, url: &str, body: &serde_json::Value, key: &str, items: &[String]) -> bool {
+        let outcome = self
+            .ctx
+            .delivery
+            .post(url, body, Some(key), &self.cancel)
+            .await;
+        let dead_letter = match outcome {
+            Ok(()) => false,
+            Err(DeliveryError::Cancelled) => return false,
+            Err(e) => {
+                tracing::error!(items = items.len(), error = %e, "delivery to Creatio failed; mail dead-lettered");
+                self.set_state(WorkerState::Streaming, Some(e.to_string()));
+                true
+            }
+        };
+        for item in items {
+            self.ctx
+                .registry
+                .mark_delivered(self.id(), item, dead_letter);
+        }
+        if !dead_letter {
+            tracing::debug!(items = items.len(), "delivered to Creatio");
+        }
+        true
+    }
+
+    /// Waits after a failure as its disposition says; false when cancelled meanwhile.
+    async fn pause(&mut self, f: &EwsFailure) -> bool {
+        let delay = match f.disposition() {
+            Disposition::Fatal => {
+                self.report_failed(f).await;
+                self.failed_retry.next_delay()
+            }
+            Disposition::Retry { after } => {
+                self.set_state(WorkerState::Backoff, Some(f.to_string()));
+                self.retry.next_delay_at_least(after)
+            }
+            Disposition::Resubscribe => {
+                self.set_state(WorkerState::Backoff, Some(f.to_string()));
+                self.retry.next_delay()
+            }
+        };
+        tracing::warn!(error = %f, retry_in_ms = delay.as_millis() as u64, "EWS call failed");
+        self.sleep(delay).await
+    }
+
+    /// Marks the mailbox failed and tells Creatio, once per failure episode.
+    async fn report_failed(&mut self, f: &EwsFailure) {
+        self.set_state(WorkerState::Failed, Some(f.to_string()));
+        if !self.reported_unavailable {
+            self.reported_unavailable = true;
+            tracing::warn!(error = %f, "mailbox unavailable; reporting to Creatio");
+            let body = contract::mailbox_state_payload(
+                &self.creds,
+                false,
+                Some((f.class_name(), &f.to_string())),
+            );
+            let url = contract::sibling_url(&self.creds.bpm_endpoint, "ProcessMailboxState");
+            self.ctx.delivery.post_once_quietly(&url, &body).await;
+        }
+    }
+
+    /// After a successful subscribe: reset backoffs, and tell Creatio if it was told otherwise.
+    async fn recovered(&mut self) {
+        self.retry.reset();
+        self.failed_retry.reset();
+        if self.reported_unavailable {
+            self.reported_unavailable = false;
+            let body = contract::mailbox_state_payload(&self.creds, true, None);
+            let url = contract::sibling_url(&self.creds.bpm_endpoint, "ProcessMailboxState");
+            self.ctx.delivery.post_once_quietly(&url, &body).await;
+        }
+    }
+
+    async fn unsubscribe(&self, client: &EwsClient, sub_id: &str) {
+        match client.unsubscribe(sub_id).await {
+            Ok(()) => tracing::info!("unsubscribed"),
+            Err(e) => {
+                tracing::info!(error = %e, "unsubscribe failed; the server will expire the subscription")
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,214 @@
+//! A small world for end-to-end tests: mock-ews and mock-creatio in-process, the real
+//! `exchange-listener` binary as a child process, and helpers that poll with a deadline.
+
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mock_creatio::MockCreatio;
+use mock_ews::{Config, MockEws};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// How long a condition may take before a test fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `probe` every 20 ms until it yields a value, or fails the test after `patience`.
+pub async fn eventually<T>(
+    what: &str,
+    patience: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {patience:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real listener binary, on a free loopback port, its output captured.
+pub struct Listener {
+    child: Child,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Listener {
+    pub async fn spawn(extra: &[&str]) -> Listener {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_exchange-listener"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "info,exchange_listener=debug",
+            ])
+            .args([
+                "--retry-base-ms",
+                "100",
+                "--retry-max-ms",
+                "1000",
+                "--stream-idle-secs",
+                "5",
+            ])
+            .args([
+                "--delivery-retry-base-ms",
+                "50",
+                "--delivery-retry-max-ms",
+                "200",
+            ])
+            .args(extra)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn exchange-listener");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let base = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                logs.lock().unwrap().push(line.clone());
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    return rest.split_whitespace().next().unwrap().to_owned();
+                }
+            }
+            panic!(
+                "exchange-listener exited before listening: {:?}",
+                logs.lock().unwrap()
+            );
+        })
+        .await
+        .expect("exchange-listener did not start listening");
+        // Keep draining output so the child never blocks on a full pipe.
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Listener {
+            child,
+            base,
+            http: reqwest::Client::new(),
+            logs,
+        }
+    }
+
+    /// POSTs a Creatio call; answers the status and the body (JSON, or a string).
+    pub async fn call(&self, action: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/api/listeners/{action}", self.base))
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn state_of(&self, id: &str) -> String {
+        let (status, body) = self
+            .call("subscriptionsState", json!([id]).to_string())
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body[id]["State"].as_str().unwrap_or("").to_owned()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("listener still running")
+    }
+
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("listener did not exit")
+            .unwrap()
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+pub struct World {
+    pub ews: MockEws,
+    pub creatio: MockCreatio,
+}
+
+impl World {
+    /// Mocks on loopback; streams are cut every two seconds so reconnects happen in every test.
+    pub async fn start() -> World {
+        let config = Config {
+            keepalive: Duration::from_secs(1),
+            max_connection_time: Some(Duration::from_secs(2)),
+        };
+        World {
+            ews: MockEws::start("127.0.0.1:0".parse().unwrap(), config)
+                .await
+                .unwrap(),
+            creatio: MockCreatio::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// A credentials object as Creatio sends it.
+    pub fn credentials(&self, id: &str, email: &str, password: &str, operation: &str) -> Value {
+        json!({
+            "Id": id,
+            "SenderEmailAddress": email,
+            "UserName": email,
+            "UserPassword": password,
+            "ServerAddress": self.ews.ews_url(),
+            "UseSSL": false,
+            "BpmEndpoint": self.creatio.url(operation),
+            "SysAdminUnitName": "Supervisor",
+            "TimeZoneId": "UTC",
+        })
+    }
+
+    /// Creates the mailbox in mock-ews and in the listener, and waits until it streams.
+    pub async fn subscribe(&self, listener: &Listener, id: &str, email: &str, operation: &str) {
+        self.ews.create_mailbox(email, "secret").unwrap();
+        let streams_before = self.ews.stats().open_streams;
+        let (status, body) = listener
+            .call(
+                "create",
+                json!([self.credentials(id, email, "secret", operation)]).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        eventually("the mailbox to stream", PATIENCE, async || {
+            (self.ews.stats().open_streams > streams_before).then_some(())
+        })
+        .await;
+    }
+}

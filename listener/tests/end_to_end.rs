@@ -1,0 +1,358 @@
+//! The whole path, Exchange to Creatio: mock-ews, the real listener binary, mock-creatio.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Listener, PATIENCE, World, eventually};
+use mock_ews::NewMail;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+fn mail(n: usize) -> NewMail {
+    NewMail {
+        from: format!("sender{n}@example.com"),
+        from_name: Some(format!("Sender {n}")),
+        subject: format!("Subject {n} <&> ünïcode"),
+        body: format!("Body of mail {n}"),
+        message_id: Some(format!("<mail-{n}@example.com>")),
+        ..NewMail::default()
+    }
+}
+
+/// The emails in every ProcessFullEmail call so far, in arrival order, with arrival times.
+fn full_emails(world: &World) -> Vec<(Value, Instant)> {
+    world
+        .creatio
+        .calls_of("ProcessFullEmail")
+        .into_iter()
+        .flat_map(|c| {
+            let at = c.received;
+            c.body["Emails"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |e| (e, at))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn three_mails_arrive_once_each_with_their_headers() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    world
+        .subscribe(
+            &listener,
+            "mbx-1",
+            "alice@contoso.example",
+            "ProcessFullEmail",
+        )
+        .await;
+    assert_eq!(listener.state_of("mbx-1").await, "exists");
+
+    let mut injected = HashMap::new();
+    for n in 1..=3 {
+        let sent = world.ews.inject("alice@contoso.example", mail(n)).unwrap();
+        injected.insert(sent.message_id.clone(), (n, Instant::now()));
+        // Spread the mails over the two-second stream lifetime, so some cross a reconnect.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    eventually("three emails at Creatio", PATIENCE, async || {
+        (full_emails(&world).len() >= 3).then_some(())
+    })
+    .await;
+
+    // A fourth mail after them: anything delivered twice would have arrived before it.
+    world.ews.inject("alice@contoso.example", mail(4)).unwrap();
+    eventually("the sentinel email", PATIENCE, async || {
+        (full_emails(&world).len() >= 4).then_some(())
+    })
+    .await;
+
+    let emails = full_emails(&world);
+    assert_eq!(emails.len(), 4, "each mail exactly once: {emails:#?}");
+    let mut latencies = Vec::new();
+    for (email, arrived) in emails.iter().take(3) {
+        let message_id = email["MessageId"].as_str().unwrap();
+        let (n, sent_at) = injected
+            .remove(message_id)
+            .unwrap_or_else(|| panic!("unexpected or repeated {message_id}"));
+        assert_eq!(email["Subject"], format!("Subject {n} <&> ünïcode"));
+        assert_eq!(email["Sender"], format!("sender{n}@example.com"));
+        assert_eq!(email["SenderName"], format!("Sender {n}"));
+        assert_eq!(email["To"], json!(["alice@contoso.example"]));
+        assert_eq!(email["Body"], format!("Body of mail {n}"));
+        assert!(email["SendDateTimeStamp"].as_i64().unwrap() > 1_700_000_000_000);
+        latencies.push(arrived.duration_since(sent_at));
+    }
+    assert!(injected.is_empty());
+    let call = &world.creatio.calls_of("ProcessFullEmail")[0].body;
+    assert_eq!(call["SubscriptionInfo"]["MailboxId"], "mbx-1");
+    assert_eq!(call["SubscriptionInfo"]["SysAdminUnit"], "Supervisor");
+    println!("injection-to-arrival latency: {latencies:?}");
+
+    // No secret ever reaches the log.
+    assert!(
+        listener.logs().iter().all(|l| !l.contains("secret")),
+        "a password was logged"
+    );
+}
+
+#[tokio::test]
+async fn api_answers_status_state_and_rejects_bad_input() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+
+    let (status, body) = listener.get("/api/listeners/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["ServiceStatus"], "Started");
+    assert_eq!(body["Version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(listener.state_of("never-created").await, "notExists");
+
+    let good = world.credentials(
+        "mbx-1",
+        "alice@contoso.example",
+        "secret",
+        "ProcessFullEmail",
+    );
+    for (field, expected) in [
+        ("Id", "Id is required"),
+        ("SenderEmailAddress", "SenderEmailAddress is required"),
+        ("BpmEndpoint", "BpmEndpoint is required"),
+    ] {
+        let mut body = good.clone();
+        body.as_object_mut().unwrap().remove(field);
+        let (status, answer) = listener.call("create", json!([body]).to_string()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"], expected);
+    }
+    let (status, answer) = listener.call("Create", "[{\"Id\": ").await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body is not valid JSON"),
+        "{answer}"
+    );
+    let (status, _) = listener.call("frobnicate", "{}").await;
+    assert_eq!(status, 404);
+    let (status, _) = listener.get("/api/listeners/nobody").await;
+    assert_eq!(status, 404);
+
+    // Still serving after all of that.
+    let (status, _) = listener.get("/api/listeners/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(listener.get("/healthz").await.0, 200);
+    assert_eq!(listener.get("/readyz").await.0, 200);
+}
+
+#[tokio::test]
+async fn wrong_password_is_invalid_backs_off_and_recovers_on_update() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    world
+        .ews
+        .create_mailbox("bob@contoso.example", "right")
+        .unwrap();
+
+    let (status, answer) = listener
+        .call(
+            "validate",
+            world
+                .credentials("", "bob@contoso.example", "wrong", "NewEmail")
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["IsValid"], false);
+    assert!(
+        answer["Message"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid credentials"),
+        "{answer}"
+    );
+    let (_, answer) = listener
+        .call(
+            "validate",
+            world
+                .credentials("", "bob@contoso.example", "right", "NewEmail")
+                .to_string(),
+        )
+        .await;
+    assert_eq!(answer["IsValid"], true, "{answer}");
+
+    let (status, _) = listener
+        .call(
+            "create",
+            json!([world.credentials("mbx-b", "bob@contoso.example", "wrong", "ProcessFullEmail")])
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let view = eventually("the mailbox to be Failed", PATIENCE, async || {
+        let (_, view) = listener.get("/api/listeners/mbx-b").await;
+        (view["Status"]["State"] == "Failed").then_some(view)
+    })
+    .await;
+    assert!(
+        view["Status"]["LastError"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{view}"
+    );
+    assert_ne!(listener.state_of("mbx-b").await, "exists");
+    let report = eventually("a ProcessMailboxState report", PATIENCE, async || {
+        world.creatio.calls_of("ProcessMailboxState").pop()
+    })
+    .await;
+    assert_eq!(report.body["Avaliable"], false);
+    assert_eq!(report.body["SenderEmailAddress"], "bob@contoso.example");
+
+    // No tight loop: over the next two seconds the listener does not try again.
+    let subscribes = || {
+        world
+            .ews
+            .stats()
+            .requests
+            .get("Subscribe")
+            .copied()
+            .unwrap_or(0)
+    };
+    let tried = subscribes();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            subscribes(),
+            tried,
+            "the listener retried a rejected password at once"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Creatio sends the right password: the mailbox recovers and mail flows.
+    let (status, _) = listener
+        .call(
+            "update",
+            json!([world.credentials("mbx-b", "bob@contoso.example", "right", "ProcessFullEmail")])
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("the mailbox to stream", PATIENCE, async || {
+        (world.ews.stats().open_streams > 0).then_some(())
+    })
+    .await;
+    assert_eq!(listener.state_of("mbx-b").await, "exists");
+    world.ews.inject("bob@contoso.example", mail(1)).unwrap();
+    eventually("the mail after recovery", PATIENCE, async || {
+        (full_emails(&world).len() == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn close_stops_one_mailbox_and_new_email_mode_sends_ids() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    world
+        .subscribe(
+            &listener,
+            "mbx-a",
+            "alice@contoso.example",
+            "ProcessFullEmail",
+        )
+        .await;
+    world
+        .subscribe(&listener, "mbx-c", "carol@contoso.example", "NewEmail")
+        .await;
+    assert_eq!(world.ews.stats().live_subscriptions, 2);
+
+    let (status, _) = listener.call("close", json!(["mbx-a"]).to_string()).await;
+    assert_eq!(status, 200);
+    assert_ne!(listener.state_of("mbx-a").await, "exists");
+    assert_eq!(listener.state_of("mbx-c").await, "exists");
+    assert_eq!(
+        world.ews.stats().live_subscriptions,
+        1,
+        "Close unsubscribes"
+    );
+
+    // Mail to the closed mailbox, then to the open one: only the second arrives.
+    world.ews.inject("alice@contoso.example", mail(1)).unwrap();
+    let sent = world.ews.inject("carol@contoso.example", mail(2)).unwrap();
+    let call = eventually("carol's NewEmail", PATIENCE, async || {
+        world.creatio.calls_of("NewEmail").pop()
+    })
+    .await;
+    assert_eq!(call.body["newEvent"]["Id"], "mbx-c");
+    assert_eq!(call.body["newEvent"]["UniqueIds"], json!([sent.item_id]));
+    assert!(
+        world.creatio.calls_of("ProcessFullEmail").is_empty(),
+        "a closed mailbox delivered mail"
+    );
+}
+
+#[tokio::test]
+async fn creatio_outage_is_retried_not_lost() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    world
+        .subscribe(
+            &listener,
+            "mbx-1",
+            "alice@contoso.example",
+            "ProcessFullEmail",
+        )
+        .await;
+    world.creatio.fail_next(3);
+    world.ews.inject("alice@contoso.example", mail(1)).unwrap();
+    eventually("the mail after Creatio recovers", PATIENCE, async || {
+        (full_emails(&world).len() == 1).then_some(())
+    })
+    .await;
+    world.ews.inject("alice@contoso.example", mail(2)).unwrap();
+    eventually("the next mail", PATIENCE, async || {
+        (full_emails(&world).len() == 2).then_some(())
+    })
+    .await;
+    let ids: Vec<_> = full_emails(&world)
+        .iter()
+        .map(|(e, _)| e["MessageId"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [json!("<mail-1@example.com>"), json!("<mail-2@example.com>")]
+    );
+}
+
+#[tokio::test]
+async fn sigterm_unsubscribes_and_exits_cleanly() {
+    let world = World::start().await;
+    let mut listener = Listener::spawn(&[]).await;
+    world
+        .subscribe(
+            &listener,
+            "mbx-1",
+            "alice@contoso.example",
+            "ProcessFullEmail",
+        )
+        .await;
+    assert_eq!(world.ews.stats().live_subscriptions, 1);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &listener.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(listener.wait().await.success());
+    assert_eq!(
+        world.ews.stats().live_subscriptions,
+        0,
+        "shutdown unsubscribes"
+    );
+}

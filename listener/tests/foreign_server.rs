@@ -1,0 +1,80 @@
+//! The listener against an EWS server that is not mock-ews: real Exchange 2013 wire shapes
+//! (default-namespace Envelope, `soap11:` Header and Body, unprefixed messages), the stream cut
+//! into 7-byte chunks, and the same notification replayed on every connection.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::routing::post;
+use common::{Listener, PATIENCE, eventually};
+use mock_creatio::MockCreatio;
+use serde_json::json;
+
+const STREAM: &str = include_str!("../../ews/fixtures/stream_exchange2013.xml");
+
+const SUBSCRIBED: &str = r#"<?xml version="1.0" encoding="utf-8"?><Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><soap11:Header xmlns:soap11="http://schemas.xmlsoap.org/soap/envelope/"><ServerVersionInfo xmlns="http://schemas.microsoft.com/exchange/services/2006/types" MajorVersion="15" MinorVersion="0" MajorBuildNumber="1210" MinorBuildNumber="3"/></soap11:Header><soap11:Body xmlns:soap11="http://schemas.xmlsoap.org/soap/envelope/"><SubscribeResponse xmlns="http://schemas.microsoft.com/exchange/services/2006/messages"><ResponseMessages><SubscribeResponseMessage ResponseClass="Success"><ResponseCode>NoError</ResponseCode><SubscriptionId>SUB1</SubscriptionId></SubscribeResponseMessage></ResponseMessages></SubscribeResponse></soap11:Body></Envelope>"#;
+
+const ITEM: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Header><ServerVersionInfo xmlns="http://schemas.microsoft.com/exchange/services/2006/types" MajorVersion="15" MinorVersion="0" MajorBuildNumber="1210" MinorBuildNumber="3"/></soap:Header><soap:Body><GetItemResponse xmlns="http://schemas.microsoft.com/exchange/services/2006/messages" xmlns:ty="http://schemas.microsoft.com/exchange/services/2006/types"><ResponseMessages><GetItemResponseMessage ResponseClass="Success"><ResponseCode>NoError</ResponseCode><Items><ty:Message><ty:ItemId Id="AAMkAD1" ChangeKey="CQAAAA=="/><ty:Subject>From a real Exchange</ty:Subject><ty:Body BodyType="HTML">&lt;b&gt;hi&lt;/b&gt;</ty:Body><ty:DateTimeSent>2024-05-01T09:59:58Z</ty:DateTimeSent><ty:Sender><ty:Mailbox><ty:Name>Bob</ty:Name><ty:EmailAddress>bob@example.com</ty:EmailAddress></ty:Mailbox></ty:Sender><ty:InternetMessageId>&lt;real@example.com&gt;</ty:InternetMessageId></ty:Message></Items></GetItemResponseMessage></ResponseMessages></GetItemResponse></soap:Body></soap:Envelope>"#;
+
+const UNSUBSCRIBED: &str = r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Header/><s:Body><m:UnsubscribeResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><m:ResponseMessages><m:UnsubscribeResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode></m:UnsubscribeResponseMessage></m:ResponseMessages></m:UnsubscribeResponse></s:Body></s:Envelope>"#;
+
+#[tokio::test]
+async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    let app = Router::new().route(
+        "/EWS/Exchange.asmx",
+        post(move |body: String| {
+            let seen = seen.clone();
+            async move {
+                if body.contains("GetStreamingEvents") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let chunks: Vec<Result<Bytes, std::convert::Infallible>> = STREAM
+                        .as_bytes()
+                        .chunks(7)
+                        .map(|c| Ok(Bytes::copy_from_slice(c)))
+                        .collect();
+                    Body::from_stream(futures_util::stream::iter(chunks))
+                } else if body.contains("GetItem") {
+                    Body::from(ITEM)
+                } else if body.contains("Unsubscribe") {
+                    Body::from(UNSUBSCRIBED)
+                } else {
+                    Body::from(SUBSCRIBED)
+                }
+            }
+        }),
+    );
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/EWS/Exchange.asmx", server.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(server, app).await });
+
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listener = Listener::spawn(&[]).await;
+    let creds = json!([{
+        "Id": "mbx-x", "SenderEmailAddress": "alice@contoso.example", "UserPassword": "pw",
+        "ServerAddress": url, "BpmEndpoint": creatio.url("ProcessFullEmail"),
+    }]);
+    assert_eq!(listener.call("create", creds.to_string()).await.0, 200);
+
+    // The stream replays the same notification on each connection; wait for several.
+    eventually("three stream connections", PATIENCE, async || {
+        (connections.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+    let calls = creatio.calls_of("ProcessFullEmail");
+    assert_eq!(calls.len(), 1, "one mail, delivered once: {calls:#?}");
+    let email = &calls[0].body["Emails"][0];
+    assert_eq!(email["MessageId"], "<real@example.com>");
+    assert_eq!(email["Subject"], "From a real Exchange");
+    assert_eq!(email["Sender"], "bob@example.com");
+    assert_eq!(email["Body"], "<b>hi</b>");
+    assert_eq!(email["IsHtmlBody"], true);
+    assert_eq!(email["SendDateTimeStamp"], 1_714_557_598_000i64);
+}
