@@ -38,6 +38,9 @@ pub struct WorkerSettings {
     pub failed_retry: BackoffPolicy,
 }
 
+/// Attempts to fetch announced items before the connection is given up.
+const FETCH_ATTEMPTS: u32 = 5;
+
 /// A connection that lived at least this long was healthy: when it ends, reopen at once.
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
 
@@ -294,11 +297,8 @@ impl Worker {
                     .await)
             }
             CallbackMode::ProcessFullEmail => {
-                let refs: Vec<&str> = fresh.iter().map(String::as_str).collect();
-                let fetched = tokio::select! {
-                    biased;
-                    _ = self.cancel.cancelled() => return Ok(false),
-                    r = client.get_items(&refs) => r?,
+                let Some(fetched) = self.fetch(client, &fresh).await? else {
+                    return Ok(false);
                 };
                 for (id, result) in fresh.iter().zip(fetched) {
                     match result {
@@ -328,6 +328,37 @@ impl Worker {
                     }
                 }
                 Ok(true)
+            }
+        }
+    }
+
+    /// Fetches announced items, retrying transient failures in place: the notification is
+    /// already consumed, so giving up here would lose the mail. `None` when cancelled.
+    async fn fetch(
+        &mut self,
+        client: &EwsClient,
+        ids: &[String],
+    ) -> Result<Option<Vec<Result<ews::Message, ews::ResponseError>>>, EwsFailure> {
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut backoff = self.ctx.settings.retry.start();
+        loop {
+            let result = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(None),
+                r = client.get_items(&refs) => r,
+            };
+            match result {
+                Ok(items) => return Ok(Some(items)),
+                Err(f) => match f.disposition() {
+                    Disposition::Retry { after } if backoff.attempts() + 1 < FETCH_ATTEMPTS => {
+                        let delay = backoff.next_delay_at_least(after);
+                        tracing::info!(error = %f, retry_in_ms = delay.as_millis() as u64, "fetching new items failed");
+                        if !self.sleep(delay).await {
+                            return Ok(None);
+                        }
+                    }
+                    _ => return Err(f),
+                },
             }
         }
     }

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::post;
 use common::{Listener, PATIENCE, eventually};
 use mock_creatio::MockCreatio;
@@ -22,29 +24,58 @@ const ITEM: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns
 
 const UNSUBSCRIBED: &str = r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Header/><s:Body><m:UnsubscribeResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><m:ResponseMessages><m:UnsubscribeResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode></m:UnsubscribeResponseMessage></m:ResponseMessages></m:UnsubscribeResponse></s:Body></s:Envelope>"#;
 
-#[tokio::test]
-async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
+/// What the stub server does beyond the happy path.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    /// Announce the mail on every connection, not only the first.
+    replay: bool,
+    /// Answer the first GetItem with HTTP 503.
+    fail_first_fetch: bool,
+}
+
+/// The stream without the envelope that announces the mail.
+fn quiet_stream() -> String {
+    let decl_end = STREAM.find("?>").unwrap() + 2;
+    let kept: String = STREAM[decl_end..]
+        .split_inclusive("</Envelope>")
+        .filter(|envelope| !envelope.contains("CreatedEvent"))
+        .collect();
+    format!("{}{kept}", &STREAM[..decl_end])
+}
+
+/// Starts the stub; answers its EWS URL and its count of streaming connections.
+async fn stub(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
     let connections = Arc::new(AtomicUsize::new(0));
+    let fetches = Arc::new(AtomicUsize::new(0));
     let seen = connections.clone();
     let app = Router::new().route(
         "/EWS/Exchange.asmx",
         post(move |body: String| {
-            let seen = seen.clone();
+            let (seen, fetches) = (seen.clone(), fetches.clone());
             async move {
                 if body.contains("GetStreamingEvents") {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    let chunks: Vec<Result<Bytes, std::convert::Infallible>> = STREAM
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    let text = if n == 0 || behaviour.replay {
+                        STREAM.to_owned()
+                    } else {
+                        quiet_stream()
+                    };
+                    let chunks: Vec<Result<Bytes, std::convert::Infallible>> = text
                         .as_bytes()
                         .chunks(7)
                         .map(|c| Ok(Bytes::copy_from_slice(c)))
                         .collect();
-                    Body::from_stream(futures_util::stream::iter(chunks))
+                    Body::from_stream(futures_util::stream::iter(chunks)).into_response()
                 } else if body.contains("GetItem") {
-                    Body::from(ITEM)
+                    if fetches.fetch_add(1, Ordering::SeqCst) == 0 && behaviour.fail_first_fetch {
+                        StatusCode::SERVICE_UNAVAILABLE.into_response()
+                    } else {
+                        ITEM.into_response()
+                    }
                 } else if body.contains("Unsubscribe") {
-                    Body::from(UNSUBSCRIBED)
+                    UNSUBSCRIBED.into_response()
                 } else {
-                    Body::from(SUBSCRIBED)
+                    SUBSCRIBED.into_response()
                 }
             }
         }),
@@ -52,7 +83,13 @@ async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/EWS/Exchange.asmx", server.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(server, app).await });
+    (url, connections)
+}
 
+/// Runs the listener against the stub until it has opened `connections` streams; answers
+/// what reached Creatio.
+async fn run(behaviour: Behaviour, connections: usize) -> Vec<mock_creatio::Call> {
+    let (url, opened) = stub(behaviour).await;
     let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -62,13 +99,24 @@ async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
         "ServerAddress": url, "BpmEndpoint": creatio.url("ProcessFullEmail"),
     }]);
     assert_eq!(listener.call("create", creds.to_string()).await.0, 200);
-
-    // The stream replays the same notification on each connection; wait for several.
-    eventually("three stream connections", PATIENCE, async || {
-        (connections.load(Ordering::SeqCst) >= 3).then_some(())
+    eventually("stream connections", PATIENCE, async || {
+        (opened.load(Ordering::SeqCst) >= connections).then_some(())
     })
     .await;
-    let calls = creatio.calls_of("ProcessFullEmail");
+    creatio.calls_of("ProcessFullEmail")
+}
+
+#[tokio::test]
+async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
+    // The same notification on every connection: delivered once all the same.
+    let calls = run(
+        Behaviour {
+            replay: true,
+            fail_first_fetch: false,
+        },
+        3,
+    )
+    .await;
     assert_eq!(calls.len(), 1, "one mail, delivered once: {calls:#?}");
     let email = &calls[0].body["Emails"][0];
     assert_eq!(email["MessageId"], "<real@example.com>");
@@ -77,4 +125,22 @@ async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
     assert_eq!(email["Body"], "<b>hi</b>");
     assert_eq!(email["IsHtmlBody"], true);
     assert_eq!(email["SendDateTimeStamp"], 1_714_557_598_000i64);
+}
+
+#[tokio::test]
+async fn a_failed_fetch_is_retried_not_lost() {
+    // Announced once only, and the first fetch fails: only a retry in place delivers it.
+    let calls = run(
+        Behaviour {
+            replay: false,
+            fail_first_fetch: true,
+        },
+        3,
+    )
+    .await;
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert_eq!(
+        calls[0].body["Emails"][0]["MessageId"],
+        "<real@example.com>"
+    );
 }
