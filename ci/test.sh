@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, as a newcomer and CI run it: installs what the tests need when it is
+# missing, then checks formatting and lints and runs every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_updated=""
+# need COMMAND DEBIAN-PACKAGE: install the package when the command is missing, or fail saying how.
+need() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "ci/test.sh: installing $2 (for $1)"
+        if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    fi
+    command -v "$1" >/dev/null 2>&1 || {
+        echo "ci/test.sh: '$1' is missing; install the Debian package '$2' (apt-get install $2)" >&2
+        exit 1
+    }
+}
+
+command -v cargo >/dev/null 2>&1 || {
+    echo "ci/test.sh: cargo is missing; install a Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+}
+need kill procps
+for component in rustfmt clippy; do
+    cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
+done
+
+echo "== format"
+cargo fmt --all --check
+echo "== lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== test"
+cargo test --workspace --locked
