@@ -39,8 +39,8 @@ fn full_emails(world: &World) -> Vec<(Value, Instant)> {
         .collect()
 }
 
-#[tokio::test]
-async fn three_mails_arrive_once_each_with_their_headers() {
+/// The mocks, a listener, and mailbox `mbx-1` (alice, full-email mode) streaming.
+async fn alice_streaming() -> (World, Listener) {
     let world = World::start().await;
     let listener = Listener::spawn(&[]).await;
     world
@@ -51,6 +51,12 @@ async fn three_mails_arrive_once_each_with_their_headers() {
             "ProcessFullEmail",
         )
         .await;
+    (world, listener)
+}
+
+#[tokio::test]
+async fn three_mails_arrive_once_each_with_their_headers() {
+    let (world, listener) = alice_streaming().await;
     assert_eq!(listener.state_of("mbx-1").await, "exists");
 
     let mut injected = HashMap::new();
@@ -300,16 +306,7 @@ async fn close_stops_one_mailbox_and_new_email_mode_sends_ids() {
 
 #[tokio::test]
 async fn creatio_outage_is_retried_not_lost() {
-    let world = World::start().await;
-    let listener = Listener::spawn(&[]).await;
-    world
-        .subscribe(
-            &listener,
-            "mbx-1",
-            "alice@contoso.example",
-            "ProcessFullEmail",
-        )
-        .await;
+    let (world, listener) = alice_streaming().await;
     world.creatio.fail_next(3);
     world.ews.inject("alice@contoso.example", mail(1)).unwrap();
     eventually("the mail after Creatio recovers", PATIENCE, async || {
@@ -333,16 +330,7 @@ async fn creatio_outage_is_retried_not_lost() {
 
 #[tokio::test]
 async fn sigterm_unsubscribes_and_exits_cleanly() {
-    let world = World::start().await;
-    let mut listener = Listener::spawn(&[]).await;
-    world
-        .subscribe(
-            &listener,
-            "mbx-1",
-            "alice@contoso.example",
-            "ProcessFullEmail",
-        )
-        .await;
+    let (world, mut listener) = alice_streaming().await;
     assert_eq!(world.ews.stats().live_subscriptions, 1);
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &listener.pid().to_string()])
