@@ -20,6 +20,6 @@ pub use request::{
 };
 pub use response::{
     ConnectionStatus, Event, EventKind, EventTarget, Folder, ItemId, Mailbox, Message,
-    Notification, StreamBatch, SubscriptionError,
+    Notification, StreamBatch, SubscriptionError, SyncChange, SyncPage,
 };
 pub use stream::EnvelopeSplitter;

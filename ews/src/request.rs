@@ -278,6 +278,32 @@ pub fn unsubscribe(header: &RequestHeader, subscription_id: &str) -> String {
     })
 }
 
+/// The most changes one `SyncFolderItems` may ask for.
+pub const MAX_SYNC_CHANGES: u16 = 512;
+
+/// `SyncFolderItems` with the id shape, from `sync_state` (or from the beginning when `None`).
+/// `max_changes` is clamped into 1..=512.
+pub fn sync_folder_items(
+    header: &RequestHeader,
+    folder: &DistinguishedFolder,
+    sync_state: Option<&str>,
+    max_changes: u16,
+) -> String {
+    envelope(header, |out| {
+        out.push_str("<m:SyncFolderItems><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:SyncFolderId>");
+        folder.write(out);
+        out.push_str("</m:SyncFolderId>");
+        if let Some(state) = sync_state {
+            let _ = write!(out, "<m:SyncState>{}</m:SyncState>", escape(state));
+        }
+        let _ = write!(
+            out,
+            "<m:MaxChangesReturned>{}</m:MaxChangesReturned></m:SyncFolderItems>",
+            max_changes.clamp(1, MAX_SYNC_CHANGES)
+        );
+    })
+}
+
 /// `GetFolder` with the id shape plus display name and counts: a cheap authenticated call
 /// that proves the credentials reach the folder.
 pub fn get_folder(header: &RequestHeader, folder: &DistinguishedFolder) -> String {
@@ -356,6 +382,34 @@ mod tests {
             .children_named(TYPES, "SubscriptionId")
             .count();
         assert_eq!(n, MAX_STREAM_SUBSCRIPTIONS);
+    }
+
+    #[test]
+    fn sync_request_carries_state_and_clamped_limit() {
+        let xml = sync_folder_items(
+            &header(),
+            &DistinguishedFolder::inbox(None),
+            Some("H4sI&"),
+            9999,
+        );
+        let root = parse(xml.as_bytes()).unwrap();
+        let sync = root
+            .path(&[(SOAP, "Body"), (MESSAGES, "SyncFolderItems")])
+            .unwrap();
+        assert_eq!(sync.child_text(MESSAGES, "SyncState"), Some("H4sI&"));
+        assert_eq!(sync.child_text(MESSAGES, "MaxChangesReturned"), Some("512"));
+        let names: Vec<_> = sync.children.iter().map(|c| c.local.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ItemShape",
+                "SyncFolderId",
+                "SyncState",
+                "MaxChangesReturned"
+            ]
+        );
+        let fresh = sync_folder_items(&header(), &DistinguishedFolder::inbox(None), None, 10);
+        assert!(!fresh.contains("SyncState"));
     }
 
     proptest! {

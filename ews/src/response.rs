@@ -198,6 +198,85 @@ pub fn parse_get_folder(bytes: &[u8]) -> Result<Vec<Result<Folder, ResponseError
         .collect()
 }
 
+/// One change a `SyncFolderItems` response reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncChange {
+    Create(ItemId),
+    Update(ItemId),
+    Delete(String),
+    ReadFlagChange { id: String, is_read: bool },
+}
+
+/// A page of folder changes and the state to continue from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPage {
+    pub sync_state: String,
+    /// False when more changes wait: call again with `sync_state`.
+    pub includes_last_item_in_range: bool,
+    pub changes: Vec<SyncChange>,
+}
+
+/// Decodes a `SyncFolderItems` response.
+pub fn parse_sync_folder_items(bytes: &[u8]) -> Result<SyncPage, EwsError> {
+    let root = parse(bytes)?;
+    let msg = single_message(&root, "SyncFolderItems")?;
+    check_class(msg).map_err(EwsError::Response)?;
+    let sync_state = msg
+        .child_text(MESSAGES, "SyncState")
+        .map(|s| s.trim().to_owned())
+        .ok_or_else(|| {
+            EwsError::Malformed("SyncFolderItemsResponseMessage without SyncState".into())
+        })?;
+    let includes_last_item_in_range = msg
+        .child_text(MESSAGES, "IncludesLastItemInRange")
+        .is_none_or(|t| t.trim() != "false");
+    let item_of = |change: &Element| {
+        change
+            .children
+            .iter()
+            .find_map(|item| item.child(TYPES, "ItemId").and_then(item_id))
+            .ok_or_else(|| {
+                EwsError::Malformed(format!("{} change without an ItemId", change.local))
+            })
+    };
+    let mut changes = Vec::new();
+    for change in msg
+        .child(MESSAGES, "Changes")
+        .map(|c| c.children.as_slice())
+        .unwrap_or_default()
+    {
+        if change.ns.as_deref() != Some(TYPES) {
+            continue;
+        }
+        let id_attr = || {
+            change
+                .child(TYPES, "ItemId")
+                .and_then(|i| i.attr("Id"))
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    EwsError::Malformed(format!("{} change without an ItemId", change.local))
+                })
+        };
+        changes.push(match change.local.as_str() {
+            "Create" => SyncChange::Create(item_of(change)?),
+            "Update" => SyncChange::Update(item_of(change)?),
+            "Delete" => SyncChange::Delete(id_attr()?),
+            "ReadFlagChange" => SyncChange::ReadFlagChange {
+                id: id_attr()?,
+                is_read: change
+                    .child_text(TYPES, "IsRead")
+                    .is_some_and(|t| t.trim() == "true"),
+            },
+            _ => continue,
+        });
+    }
+    Ok(SyncPage {
+        sync_state,
+        includes_last_item_in_range,
+        changes,
+    })
+}
+
 /// Decodes one envelope cut from a `GetStreamingEvents` response body.
 pub fn parse_stream_envelope(bytes: &[u8]) -> Result<StreamBatch, EwsError> {
     let root = parse(bytes)?;

@@ -244,3 +244,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn sync_page_lists_every_change_kind() {
+    let page = parse_sync_folder_items(&fixture("sync_folder_items_page.xml")).unwrap();
+    assert_eq!(page.sync_state, "H4sIAAAB");
+    assert!(!page.includes_last_item_in_range);
+    let id = |s: &str| ItemId {
+        id: s.into(),
+        change_key: Some("CQAAAA==".into()),
+    };
+    assert_eq!(
+        page.changes,
+        [
+            SyncChange::Create(id("AAMkC1")),
+            SyncChange::Update(ItemId {
+                id: "AAMkU1".into(),
+                change_key: Some("CQAAAB==".into())
+            }),
+            SyncChange::Delete("AAMkD1".into()),
+            SyncChange::ReadFlagChange {
+                id: "AAMkR1".into(),
+                is_read: true
+            },
+            SyncChange::Create(id("AAMkC2")),
+        ]
+    );
+}
+
+#[test]
+fn invalid_sync_state_is_typed() {
+    let err = parse_sync_folder_items(&fixture("sync_folder_items_invalid_state.xml")).unwrap_err();
+    assert_eq!(err.code(), Some("ErrorInvalidSyncStateData"));
+}
