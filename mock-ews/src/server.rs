@@ -202,6 +202,41 @@ async fn ews(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respons
             }
             xml(StatusCode::OK, soap::response("GetFolder", &messages))
         }
+        Operation::SyncFolderItems {
+            folder: (folder, mailbox),
+            state,
+            max_changes,
+        } => {
+            let mailbox = mailbox
+                .map(|m| m.to_ascii_lowercase())
+                .unwrap_or_else(|| acting.clone());
+            let msg = if mailbox != acting {
+                soap::error(
+                    "SyncFolderItems",
+                    "ErrorAccessDenied",
+                    "Access is denied.",
+                    "",
+                )
+            } else if folder != "inbox" && folder != crate::state::inbox_id(&mailbox) {
+                soap::error(
+                    "SyncFolderItems",
+                    "ErrorFolderNotFound",
+                    "The specified folder could not be found in the store.",
+                    "",
+                )
+            } else {
+                match app.world.sync(&mailbox, state.as_deref(), max_changes) {
+                    Some(page) => soap::success("SyncFolderItems", &soap::sync_page(&page)),
+                    None => soap::error(
+                        "SyncFolderItems",
+                        "ErrorInvalidSyncStateData",
+                        "Synchronization state data is corrupt or otherwise invalid.",
+                        "",
+                    ),
+                }
+            };
+            xml(StatusCode::OK, soap::response("SyncFolderItems", &msg))
+        }
         Operation::GetStreamingEvents {
             ids,
             timeout_minutes,

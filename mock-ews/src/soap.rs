@@ -67,6 +67,12 @@ pub(crate) enum Operation {
     GetFolder {
         folders: Vec<(String, Option<String>)>,
     },
+    SyncFolderItems {
+        /// The distinguished id or folder id, and the mailbox named with it.
+        folder: (String, Option<String>),
+        state: Option<String>,
+        max_changes: usize,
+    },
     /// An operation this server does not implement, by name.
     Unsupported(String),
 }
@@ -79,6 +85,7 @@ impl Operation {
             Operation::GetItem { .. } => "GetItem",
             Operation::Unsubscribe { .. } => "Unsubscribe",
             Operation::GetFolder { .. } => "GetFolder",
+            Operation::SyncFolderItems { .. } => "SyncFolderItems",
             Operation::Unsupported(name) => name,
         }
     }
@@ -208,6 +215,27 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
                 })
                 .unwrap_or_default();
             Operation::GetFolder { folders }
+        }
+        "SyncFolderItems" => {
+            let folder = child(op, MESSAGES, "SyncFolderId")
+                .and_then(|f| f.children().find(Node::is_element))
+                .and_then(|f| Some((f.attribute("Id")?.to_owned(), mailbox_of(f))))
+                .ok_or("SyncFolderItems without SyncFolderId")?;
+            let max_changes: usize = child(op, MESSAGES, "MaxChangesReturned")
+                .map(text)
+                .ok_or("SyncFolderItems without MaxChangesReturned")?
+                .parse()
+                .map_err(|_| "MaxChangesReturned is not an integer")?;
+            if !(1..=512).contains(&max_changes) {
+                return Err("MaxChangesReturned must be between 1 and 512".into());
+            }
+            Operation::SyncFolderItems {
+                folder,
+                state: child(op, MESSAGES, "SyncState")
+                    .map(text)
+                    .filter(|s| !s.is_empty()),
+                max_changes,
+            }
         }
         other => Operation::Unsupported(other.to_owned()),
     };
@@ -371,6 +399,29 @@ pub(crate) fn stream_notifications(
     }
     inner.push_str("</m:Notifications>");
     response("GetStreamingEvents", &success("GetStreamingEvents", &inner))
+}
+
+/// The body of a SyncFolderItems success message.
+pub(crate) fn sync_page(page: &state::SyncPage) -> String {
+    let mut out = format!(
+        "<m:SyncState>{}</m:SyncState><m:IncludesLastItemInRange>{}</m:IncludesLastItemInRange><m:Changes>",
+        esc(&page.state),
+        page.includes_last
+    );
+    for change in &page.changes {
+        match change {
+            state::Change::Create { id, change_key } => {
+                let _ = write!(
+                    out,
+                    r#"<t:Create><t:Message><t:ItemId Id="{}" ChangeKey="{}"/></t:Message></t:Create>"#,
+                    esc(id),
+                    esc(change_key)
+                );
+            }
+        }
+    }
+    out.push_str("</m:Changes>");
+    out
 }
 
 fn mailbox_xml(name: Option<&str>, email: &str) -> String {

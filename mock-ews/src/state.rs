@@ -37,6 +37,22 @@ struct Mailbox {
     email: String,
     password: String,
     items: Vec<Item>,
+    /// Every change to the inbox, in order: what SyncFolderItems replays from a sync state.
+    changes: Vec<Change>,
+}
+
+/// One entry of a mailbox's change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    Create { id: String, change_key: String },
+}
+
+/// A page of changes for SyncFolderItems.
+#[derive(Debug)]
+pub(crate) struct SyncPage {
+    pub state: String,
+    pub includes_last: bool,
+    pub changes: Vec<Change>,
 }
 
 #[derive(Debug)]
@@ -134,6 +150,7 @@ impl World {
                 email: email.trim().to_owned(),
                 password: password.to_owned(),
                 items: Vec::new(),
+                changes: Vec::new(),
             },
         );
         Ok(())
@@ -201,6 +218,10 @@ impl World {
             message_id: item.message_id.clone(),
         };
         let (at, change_key) = (item.received, item.change_key.clone());
+        mb.changes.push(Change::Create {
+            id: item.id.clone(),
+            change_key: change_key.clone(),
+        });
         mb.items.push(item);
         let unread = mb.items.len();
         // One delivery fires what real Exchange fires: the item's CreatedEvent and
@@ -249,6 +270,35 @@ impl World {
         ids.iter()
             .map(|id| mb.and_then(|m| m.items.iter().find(|i| &i.id == id).cloned()))
             .collect()
+    }
+
+    /// The changes after `state` (all of them without one), at most `max`; `None` when the
+    /// state is not one this mailbox issued.
+    pub fn sync(&self, mailbox: &str, state: Option<&str>, max: usize) -> Option<SyncPage> {
+        let inner = self.lock();
+        let k = key(mailbox);
+        let mb = inner.mailboxes.get(&k)?;
+        let from = match state {
+            None => 0,
+            Some(s) => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(s.trim())
+                    .ok()?;
+                let raw = String::from_utf8(raw).ok()?;
+                let (owner, at) = raw.strip_prefix("sync:")?.rsplit_once(':')?;
+                let at: usize = at.parse().ok()?;
+                if owner != k || at > mb.changes.len() {
+                    return None;
+                }
+                at
+            }
+        };
+        let to = (from + max).min(mb.changes.len());
+        Some(SyncPage {
+            state: base64::engine::general_purpose::STANDARD.encode(format!("sync:{k}:{to}")),
+            includes_last: to == mb.changes.len(),
+            changes: mb.changes[from..to].to_vec(),
+        })
     }
 
     pub fn item_count(&self, mailbox: &str) -> usize {

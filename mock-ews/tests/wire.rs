@@ -193,3 +193,62 @@ async fn get_item_returns_asked_properties_mime_and_per_id_errors() {
     );
     assert!(second.contains("<m:ResponseCode>ErrorItemNotFound</m:ResponseCode><m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"));
 }
+
+#[tokio::test]
+async fn sync_folder_items_pages_through_the_change_log() {
+    let ews = start().await;
+    let ids: Vec<String> = (0..3)
+        .map(|n| {
+            ews.inject(
+                "alice@contoso.example",
+                NewMail {
+                    from: "bob@example.com".into(),
+                    subject: format!("m{n}"),
+                    ..NewMail::default()
+                },
+            )
+            .unwrap()
+            .item_id
+        })
+        .collect();
+    let sync = |state: Option<&str>| {
+        let state = state
+            .map(|s| format!("<m:SyncState>{s}</m:SyncState>"))
+            .unwrap_or_default();
+        envelope(&format!(
+            r#"<m:SyncFolderItems><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:SyncFolderId><t:DistinguishedFolderId Id="inbox"/></m:SyncFolderId>{state}<m:MaxChangesReturned>2</m:MaxChangesReturned></m:SyncFolderItems>"#
+        ))
+    };
+    let first = post(&ews, "secret", sync(None)).await.text().await.unwrap();
+    assert!(
+        first.contains("<m:IncludesLastItemInRange>false</m:IncludesLastItemInRange>"),
+        "{first}"
+    );
+    assert!(first.contains(&format!(
+        r#"<t:Create><t:Message><t:ItemId Id="{}""#,
+        ids[0]
+    )));
+    assert!(first.contains(&ids[1]) && !first.contains(&ids[2]));
+    let state = between(&first, "<m:SyncState>", "</m:SyncState>").to_owned();
+
+    let second = post(&ews, "secret", sync(Some(&state)))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        second.contains("<m:IncludesLastItemInRange>true</m:IncludesLastItemInRange>"),
+        "{second}"
+    );
+    assert!(second.contains(&ids[2]) && !second.contains(&ids[0]));
+
+    let bad = post(&ews, "secret", sync(Some("Ym9ndXM=")))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        bad.contains("<m:ResponseCode>ErrorInvalidSyncStateData</m:ResponseCode>"),
+        "{bad}"
+    );
+}
