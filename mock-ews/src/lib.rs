@@ -6,10 +6,13 @@
 //! handle whose typed methods do what the control API does; the binary is a thin wrapper.
 
 mod clock;
+mod control;
 mod mail;
+mod ops;
 mod server;
 mod soap;
 mod state;
+mod streaming;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,173 @@
+//! One function per EWS operation (streaming aside): the acting mailbox and the decoded
+//! request in, the HTTP response out.
+
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+
+use crate::server::xml;
+use crate::soap::{self, Shape};
+use crate::state::{self, World};
+
+/// The mailbox a request names, or the acting one.
+fn named_or_acting(mailbox: Option<String>, acting: &str) -> String {
+    mailbox
+        .map(|m| m.to_ascii_lowercase())
+        .unwrap_or_else(|| acting.to_owned())
+}
+
+pub(crate) fn subscribe(
+    world: &World,
+    acting: &str,
+    streaming: bool,
+    mailbox: Option<String>,
+    event_types: Vec<String>,
+) -> Response {
+    let target = named_or_acting(mailbox, acting);
+    if target != acting {
+        let msg = soap::error(
+            "Subscribe",
+            "ErrorSubscriptionDelegateAccessNotSupported",
+            "Delegate access is not supported by this server.",
+            "",
+        );
+        return xml(StatusCode::OK, soap::response("Subscribe", &msg));
+    }
+    let id = world.subscribe(&target, event_types);
+    let mut inner = format!("<m:SubscriptionId>{}</m:SubscriptionId>", soap::esc(&id));
+    if !streaming {
+        inner.push_str("<m:Watermark>AQAAAA==</m:Watermark>");
+    }
+    let mut response = xml(
+        StatusCode::OK,
+        soap::response("Subscribe", &soap::success("Subscribe", &inner)),
+    );
+    // The affinity cookie, without `secure` over plain http so cookie jars send it back.
+    if let Ok(v) = "X-BackEndOverrideCookie=mock-ews~1; path=/; HttpOnly".parse() {
+        response.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    response
+}
+
+pub(crate) fn unsubscribe(world: &World, acting: &str, id: &str) -> Response {
+    let msg = if world.unsubscribe(acting, id) {
+        soap::success("Unsubscribe", "")
+    } else {
+        soap::error(
+            "Unsubscribe",
+            "ErrorSubscriptionNotFound",
+            "The specified subscription was not found.",
+            "",
+        )
+    };
+    xml(StatusCode::OK, soap::response("Unsubscribe", &msg))
+}
+
+pub(crate) fn get_item(world: &World, acting: &str, ids: &[String], shape: &Shape) -> Response {
+    let mut messages = String::new();
+    for item in world.items(acting, ids) {
+        messages.push_str(&match item {
+            Some(item) => soap::success(
+                "GetItem",
+                &format!("<m:Items>{}</m:Items>", soap::message(acting, &item, shape)),
+            ),
+            None => soap::error(
+                "GetItem",
+                "ErrorItemNotFound",
+                "The specified object was not found in the store.",
+                "<m:Items/>",
+            ),
+        });
+    }
+    xml(StatusCode::OK, soap::response("GetItem", &messages))
+}
+
+pub(crate) fn get_folder(
+    world: &World,
+    acting: &str,
+    folders: Vec<(String, Option<String>)>,
+) -> Response {
+    let mut messages = String::new();
+    for (id, mailbox) in folders {
+        let mailbox = named_or_acting(mailbox, acting);
+        messages.push_str(&match id.as_str() {
+            "inbox" | "root" if mailbox == acting => {
+                soap::success("GetFolder", &folder_xml(world, &mailbox, &id))
+            }
+            "inbox" | "root" => {
+                soap::error("GetFolder", "ErrorAccessDenied", "Access is denied.", "")
+            }
+            _ => soap::error(
+                "GetFolder",
+                "ErrorFolderNotFound",
+                "The specified folder could not be found in the store.",
+                "",
+            ),
+        });
+    }
+    xml(StatusCode::OK, soap::response("GetFolder", &messages))
+}
+
+pub(crate) fn sync_folder_items(
+    world: &World,
+    acting: &str,
+    folder: &str,
+    mailbox: Option<String>,
+    sync_state: Option<&str>,
+    max_changes: usize,
+) -> Response {
+    let mailbox = named_or_acting(mailbox, acting);
+    let msg = if mailbox != acting {
+        soap::error(
+            "SyncFolderItems",
+            "ErrorAccessDenied",
+            "Access is denied.",
+            "",
+        )
+    } else if folder != "inbox" && folder != state::inbox_id(&mailbox) {
+        soap::error(
+            "SyncFolderItems",
+            "ErrorFolderNotFound",
+            "The specified folder could not be found in the store.",
+            "",
+        )
+    } else {
+        match world.sync(&mailbox, sync_state, max_changes) {
+            Some(page) => soap::success("SyncFolderItems", &soap::sync_page(&page)),
+            None => soap::error(
+                "SyncFolderItems",
+                "ErrorInvalidSyncStateData",
+                "Synchronization state data is corrupt or otherwise invalid.",
+                "",
+            ),
+        }
+    };
+    xml(StatusCode::OK, soap::response("SyncFolderItems", &msg))
+}
+
+fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {
+    let (id, parent, name) = if which == "inbox" {
+        (state::inbox_id(mailbox), state::root_id(mailbox), "Inbox")
+    } else {
+        (
+            state::root_id(mailbox),
+            state::root_id(mailbox),
+            "Top of Information Store",
+        )
+    };
+    let total = if which == "inbox" {
+        world.item_count(mailbox)
+    } else {
+        0
+    };
+    format!(
+        concat!(
+            r#"<m:Folders><t:Folder><t:FolderId Id="{id}" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="{parent}" ChangeKey="AQAAAA=="/>"#,
+            "<t:FolderClass>IPF.Note</t:FolderClass><t:DisplayName>{name}</t:DisplayName><t:TotalCount>{total}</t:TotalCount>",
+            "<t:ChildFolderCount>0</t:ChildFolderCount><t:UnreadCount>{total}</t:UnreadCount></t:Folder></m:Folders>"
+        ),
+        id = soap::esc(&id),
+        parent = soap::esc(&parent),
+        name = name,
+        total = total
+    )
+}
