@@ -55,15 +55,13 @@ pub enum Disposition {
 }
 
 /// Response codes that mean the subscription no longer exists on the server.
-const SUBSCRIPTION_GONE: [&str; 7] = [
+const SUBSCRIPTION_GONE: [&str; 6] = [
     "ErrorSubscriptionNotFound",
     "ErrorInvalidSubscription",
     "ErrorExpiredSubscription",
     "ErrorSubscriptionUnsubsribed",
     "ErrorReadEventsFailed",
     "ErrorInvalidWatermark",
-    // Events were dropped; until a catch-up sync exists, a fresh subscription is the remedy.
-    "ErrorMissedNotificationEvents",
 ];
 
 /// Response codes that retries at full speed cannot fix.
@@ -94,6 +92,14 @@ impl EwsFailure {
                     after: e.back_off(),
                 },
             },
+        }
+    }
+
+    /// The EWS response code behind the failure, if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            EwsFailure::Ews(e) => e.code(),
+            _ => None,
         }
     }
 
@@ -317,6 +323,22 @@ impl EwsClient {
             .into());
         }
         Ok(results)
+    }
+
+    /// One page of inbox changes after `sync_state` (from the beginning when `None`).
+    pub async fn sync_inbox(
+        &self,
+        sync_state: Option<&str>,
+        max_changes: u16,
+    ) -> Result<ews::SyncPage, EwsFailure> {
+        let body = ews::request::sync_folder_items(
+            &self.header,
+            &DistinguishedFolder::inbox(None),
+            sync_state,
+            max_changes,
+        );
+        self.call(body, false, response::parse_sync_folder_items)
+            .await
     }
 
     /// Reads the inbox folder: proves the credentials log in and reach the mailbox.

@@ -16,6 +16,8 @@ use crate::contract::Credentials;
 pub enum WorkerState {
     Starting,
     Subscribing,
+    /// Reading what arrived while no stream was open (SyncFolderItems).
+    CatchingUp,
     Streaming,
     /// Waiting before a retry after a transient failure.
     Backoff,
@@ -86,6 +88,8 @@ struct Entry {
     credentials: Credentials,
     status: MailboxStatus,
     delivered: DeliveredSet,
+    /// Where the inbox's SyncFolderItems catch-up stands; `None` until the first sync.
+    sync_state: Option<String>,
 }
 
 /// A cheap, cloneable handle to the store.
@@ -99,7 +103,8 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores a mailbox's credentials; its status restarts, its delivered set is kept.
+    /// Stores a mailbox's credentials; its status restarts, its delivered set and sync state
+    /// are kept (so a recreated mailbox catches up on what arrived meanwhile).
     pub fn upsert(&self, credentials: Credentials) {
         let mut map = self.lock();
         match map.get_mut(&credentials.id) {
@@ -118,6 +123,7 @@ impl Registry {
                         credentials,
                         status: MailboxStatus::default(),
                         delivered: DeliveredSet::default(),
+                        sync_state: None,
                     },
                 );
             }
@@ -142,6 +148,16 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn sync_state(&self, id: &str) -> Option<String> {
+        self.lock().get(id).and_then(|e| e.sync_state.clone())
+    }
+
+    pub fn set_sync_state(&self, id: &str, state: &str) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.sync_state = Some(state.to_owned());
+        }
     }
 
     /// Changes a mailbox's status in place (nothing happens if it was removed meanwhile).

@@ -38,6 +38,9 @@ pub struct WorkerSettings {
     pub failed_retry: BackoffPolicy,
 }
 
+/// Changes asked for per SyncFolderItems page.
+const SYNC_PAGE: u16 = 512;
+
 /// Attempts to fetch announced items before the connection is given up.
 const FETCH_ATTEMPTS: u32 = 5;
 
@@ -182,7 +185,11 @@ impl Worker {
         loop {
             self.set_state(WorkerState::Streaming, None);
             let opened = Instant::now();
-            let end = self.stream_once(client, sub_id).await;
+            let end = match self.catch_up(client).await {
+                Ok(true) => self.stream_once(client, sub_id).await,
+                Ok(false) => Ok(StreamEnd::Cancelled),
+                Err(f) => Err(f),
+            };
             let retry_after = match end {
                 Ok(StreamEnd::Cancelled) => return Flow::Cancelled,
                 Ok(StreamEnd::SubscriptionLost(f)) => {
@@ -218,6 +225,61 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Delivers what arrived while no stream was open, from the stored sync state. A
+    /// mailbox's first sync only sets the baseline: its existing mail is not new. Runs before
+    /// every connection; events that arrive meanwhile wait on the subscription. False when
+    /// cancelled.
+    async fn catch_up(&mut self, client: &EwsClient) -> Result<bool, EwsFailure> {
+        self.set_state(WorkerState::CatchingUp, None);
+        let mut state = self.ctx.registry.sync_state(self.id());
+        let mut baseline = state.is_none();
+        loop {
+            let page = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(false),
+                r = client.sync_inbox(state.as_deref(), SYNC_PAGE) => r,
+            };
+            let page = match page {
+                Ok(page) => page,
+                Err(f) if state.is_some() && f.code() == Some("ErrorInvalidSyncStateData") => {
+                    // The server no longer knows our state; mail in the gap cannot be found
+                    // without posting the whole inbox again, so start a new baseline.
+                    tracing::warn!("sync state rejected by the server; starting a new baseline");
+                    state = None;
+                    baseline = true;
+                    continue;
+                }
+                Err(f) => return Err(f),
+            };
+            if !baseline {
+                let created: Vec<String> = page
+                    .changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        ews::SyncChange::Create(id) => Some(id.id.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if !created.is_empty() {
+                    tracing::info!(
+                        items = created.len(),
+                        "catching up on mail that arrived while not streaming"
+                    );
+                    if !self.deliver(client, created).await? {
+                        return Ok(false);
+                    }
+                }
+            }
+            self.ctx
+                .registry
+                .set_sync_state(self.id(), &page.sync_state);
+            if page.includes_last_item_in_range {
+                return Ok(true);
+            }
+            state = Some(page.sync_state);
         }
     }
 

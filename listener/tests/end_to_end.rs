@@ -306,7 +306,7 @@ async fn close_stops_one_mailbox_and_new_email_mode_sends_ids() {
 
 #[tokio::test]
 async fn creatio_outage_is_retried_not_lost() {
-    let (world, listener) = alice_streaming().await;
+    let (world, _listener) = alice_streaming().await;
     world.creatio.fail_next(3);
     world.ews.inject("alice@contoso.example", mail(1)).unwrap();
     eventually("the mail after Creatio recovers", PATIENCE, async || {

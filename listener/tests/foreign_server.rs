@@ -22,6 +22,8 @@ const SUBSCRIBED: &str = r#"<?xml version="1.0" encoding="utf-8"?><Envelope xmln
 
 const ITEM: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Header><ServerVersionInfo xmlns="http://schemas.microsoft.com/exchange/services/2006/types" MajorVersion="15" MinorVersion="0" MajorBuildNumber="1210" MinorBuildNumber="3"/></soap:Header><soap:Body><GetItemResponse xmlns="http://schemas.microsoft.com/exchange/services/2006/messages" xmlns:ty="http://schemas.microsoft.com/exchange/services/2006/types"><ResponseMessages><GetItemResponseMessage ResponseClass="Success"><ResponseCode>NoError</ResponseCode><Items><ty:Message><ty:ItemId Id="AAMkAD1" ChangeKey="CQAAAA=="/><ty:Subject>From a real Exchange</ty:Subject><ty:Body BodyType="HTML">&lt;b&gt;hi&lt;/b&gt;</ty:Body><ty:DateTimeSent>2024-05-01T09:59:58Z</ty:DateTimeSent><ty:Sender><ty:Mailbox><ty:Name>Bob</ty:Name><ty:EmailAddress>bob@example.com</ty:EmailAddress></ty:Mailbox></ty:Sender><ty:InternetMessageId>&lt;real@example.com&gt;</ty:InternetMessageId></ty:Message></Items></GetItemResponseMessage></ResponseMessages></GetItemResponse></soap:Body></soap:Envelope>"#;
 
+const SYNCED: &str = r#"<?xml version="1.0" encoding="utf-8"?><Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><soap11:Header xmlns:soap11="http://schemas.xmlsoap.org/soap/envelope/"><ServerVersionInfo xmlns="http://schemas.microsoft.com/exchange/services/2006/types" MajorVersion="15" MinorVersion="0" MajorBuildNumber="1210" MinorBuildNumber="3"/></soap11:Header><soap11:Body xmlns:soap11="http://schemas.xmlsoap.org/soap/envelope/"><m:SyncFolderItemsResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><m:ResponseMessages><m:SyncFolderItemsResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode><m:SyncState>H4sIAAAA</m:SyncState><m:IncludesLastItemInRange>true</m:IncludesLastItemInRange><m:Changes/></m:SyncFolderItemsResponseMessage></m:ResponseMessages></m:SyncFolderItemsResponse></soap11:Body></Envelope>"#;
+
 const UNSUBSCRIBED: &str = r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Header/><s:Body><m:UnsubscribeResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><m:ResponseMessages><m:UnsubscribeResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode></m:UnsubscribeResponseMessage></m:ResponseMessages></m:UnsubscribeResponse></s:Body></s:Envelope>"#;
 
 /// What the stub server does beyond the happy path.
@@ -72,6 +74,8 @@ async fn stub(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
                     } else {
                         ITEM.into_response()
                     }
+                } else if body.contains("SyncFolderItems") {
+                    SYNCED.into_response()
                 } else if body.contains("Unsubscribe") {
                     UNSUBSCRIBED.into_response()
                 } else {
