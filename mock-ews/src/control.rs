@@ -3,10 +3,11 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
+use crate::faults::{Fault, Settings};
 use crate::mail::NewMail;
 use crate::server::App;
 use crate::state::ControlError;
@@ -16,7 +17,14 @@ pub(crate) fn routes() -> Router<App> {
         .route("/_control/mailboxes", post(create_mailbox))
         .route("/_control/mailboxes/{email}/password", put(set_password))
         .route("/_control/mailboxes/{email}/messages", post(inject))
+        .route("/_control/mailboxes/{email}", delete(delete_mailbox))
         .route("/_control/stats", get(stats))
+        .route("/_control/requests", get(requests))
+        .route(
+            "/_control/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
+        .route("/_control/settings", get(get_settings).put(put_settings))
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,4 +78,40 @@ async fn inject(
 
 async fn stats(State(app): State<App>) -> Response {
     Json(app.world.stats()).into_response()
+}
+
+async fn delete_mailbox(State(app): State<App>, Path(email): Path<String>) -> Response {
+    match app.world.delete_mailbox(&email) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn list_faults(State(app): State<App>) -> Response {
+    Json(app.world.faults()).into_response()
+}
+
+async fn add_fault(State(app): State<App>, Json(fault): Json<Fault>) -> Response {
+    match app.world.add_fault(fault) {
+        Ok(()) => StatusCode::CREATED.into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn clear_faults(State(app): State<App>) -> Response {
+    app.world.clear_faults();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_settings(State(app): State<App>) -> Response {
+    Json(app.world.settings()).into_response()
+}
+
+async fn put_settings(State(app): State<App>, Json(settings): Json<Settings>) -> Response {
+    app.world.set_settings(settings);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn requests(State(app): State<App>) -> Response {
+    Json(app.world.request_log()).into_response()
 }

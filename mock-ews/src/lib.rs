@@ -7,6 +7,7 @@
 
 mod clock;
 mod control;
+pub mod faults;
 mod mail;
 mod ops;
 mod server;
@@ -21,8 +22,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use faults::{Fault, FaultKind, Settings};
 pub use mail::{InjectedMail, NewMail};
-pub use state::{ControlError, Stats};
+pub use state::{ControlError, RequestRecord, Stats};
 
 /// How the server behaves on streaming connections.
 #[derive(Debug, Clone)]
@@ -100,8 +102,40 @@ impl MockEws {
         self.world.inject(mailbox, mail)
     }
 
+    /// The most recent EWS requests (up to 10,000), oldest first.
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        self.world.request_log()
+    }
+
+    pub fn delete_mailbox(&self, email: &str) -> Result<(), ControlError> {
+        self.world.delete_mailbox(email)
+    }
+
     pub fn stats(&self) -> Stats {
         self.world.stats()
+    }
+
+    /// Arms a fault (see [`FaultKind`] for what each does).
+    pub fn inject_fault(&self, fault: Fault) -> Result<(), ControlError> {
+        self.world.add_fault(fault)
+    }
+
+    /// The faults still armed.
+    pub fn faults(&self) -> Vec<Fault> {
+        self.world.faults()
+    }
+
+    pub fn clear_faults(&self) {
+        self.world.clear_faults()
+    }
+
+    /// Limits and subscription expiry.
+    pub fn set_settings(&self, settings: Settings) {
+        self.world.set_settings(settings)
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.world.settings()
     }
 
     /// Ends every stream with `Closed`, stops accepting, and waits for the server to finish.

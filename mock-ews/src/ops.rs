@@ -32,7 +32,15 @@ pub(crate) fn subscribe(
         );
         return xml(StatusCode::OK, soap::response("Subscribe", &msg));
     }
-    let id = world.subscribe(&target, event_types);
+    let Ok(id) = world.subscribe(&target, event_types) else {
+        let msg = soap::error(
+            "Subscribe",
+            "ErrorExceededSubscriptionCount",
+            "You have exceeded the maximum number of subscriptions for this mailbox.",
+            "",
+        );
+        return xml(StatusCode::OK, soap::response("Subscribe", &msg));
+    };
     let mut inner = format!("<m:SubscriptionId>{}</m:SubscriptionId>", soap::esc(&id));
     if !streaming {
         inner.push_str("<m:Watermark>AQAAAA==</m:Watermark>");

@@ -13,6 +13,7 @@ use base64::Engine as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::faults::FaultKind;
 use crate::soap::{self, Operation};
 use crate::state::World;
 use crate::{control, ops, streaming};
@@ -30,6 +31,44 @@ pub(crate) fn router(app: App) -> Router {
         .route("/ews/exchange.asmx", post(ews))
         .merge(control::routes())
         .with_state(app)
+}
+
+/// Applies the request faults armed for this mailbox and operation: latency first, then the
+/// first failure, if any.
+async fn request_faults(world: &World, mailbox: &str, op: &str) -> Option<Response> {
+    if let Some((FaultKind::Latency { ms }, _)) =
+        world.take_fault(mailbox, op, |k| matches!(k, FaultKind::Latency { .. }))
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    let failing = |k: &FaultKind| {
+        matches!(
+            k,
+            FaultKind::ServerBusy { .. } | FaultKind::Unauthorized | FaultKind::Unavailable { .. }
+        )
+    };
+    match world.take_fault(mailbox, op, failing)?.0 {
+        FaultKind::ServerBusy { back_off_ms } => Some(xml(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            soap::fault(
+                "ErrorServerBusy",
+                "The server cannot service this request right now. Try again later.",
+                Some(back_off_ms),
+            ),
+        )),
+        FaultKind::Unauthorized => {
+            world.count_unauthorized();
+            Some(unauthorized())
+        }
+        FaultKind::Unavailable { retry_after_secs } => {
+            let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+            if let Some(v) = retry_after_secs.and_then(|s| s.to_string().parse().ok()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Some(response)
+        }
+        _ => None,
+    }
 }
 
 pub(crate) fn xml(status: StatusCode, body: String) -> Response {
@@ -64,63 +103,75 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 async fn ews(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return xml(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            soap::fault("ErrorSchemaValidation", "The request is not UTF-8.", None),
-        );
-    };
-    let request = match soap::parse_request(text) {
+    let at = tokio::time::Instant::now();
+    let (operation, mailbox, response) = handle(app.clone(), headers, body).await;
+    app.world
+        .record(&operation, &mailbox, response.status().as_u16(), at);
+    response
+}
+
+/// Answers one request; also names its operation and acting mailbox for the request log.
+async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, Response) {
+    let request = match std::str::from_utf8(&body)
+        .map_err(|_| "The request is not UTF-8.".to_owned())
+        .and_then(soap::parse_request)
+    {
         Ok(r) => r,
         Err(why) => {
             app.world.count_request("Invalid");
-            return xml(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                soap::fault("ErrorSchemaValidation", &why, None),
+            let fault = soap::fault("ErrorSchemaValidation", &why, None);
+            return (
+                "Invalid".into(),
+                String::new(),
+                xml(StatusCode::INTERNAL_SERVER_ERROR, fault),
             );
         }
     };
     let op = request.operation.name().to_owned();
     app.world.count_request(&op);
-    let principal =
-        match basic_credentials(&headers).and_then(|(u, p)| app.world.authenticate(&u, &p)) {
-            Some(p) => p,
-            None => {
-                app.world.count_unauthorized();
-                return unauthorized();
-            }
-        };
+    let Some(principal) =
+        basic_credentials(&headers).and_then(|(u, p)| app.world.authenticate(&u, &p))
+    else {
+        app.world.count_unauthorized();
+        return (op, String::new(), unauthorized());
+    };
     // Impersonation: act as another existing mailbox.
     let acting = match &request.impersonate {
         Some(target) if !app.world.mailbox_exists(target) => {
-            return xml(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                soap::fault(
-                    "ErrorNonExistentMailbox",
-                    "The SMTP address has no mailbox associated with it.",
-                    None,
-                ),
+            let fault = soap::fault(
+                "ErrorNonExistentMailbox",
+                "The SMTP address has no mailbox associated with it.",
+                None,
             );
+            return (op, principal, xml(StatusCode::INTERNAL_SERVER_ERROR, fault));
         }
         Some(target) => target.to_ascii_lowercase(),
         None => principal,
     };
-    match request.operation {
+    let response = match request_faults(&app.world, &acting, &op).await {
+        Some(response) => response,
+        None => dispatch(app, &acting, request.operation),
+    };
+    (op, acting, response)
+}
+
+fn dispatch(app: App, acting: &str, operation: Operation) -> Response {
+    match operation {
         Operation::Subscribe {
             streaming,
             mailbox,
             event_types,
-        } => ops::subscribe(&app.world, &acting, streaming, mailbox, event_types),
-        Operation::Unsubscribe { id } => ops::unsubscribe(&app.world, &acting, &id),
-        Operation::GetItem { ids, shape } => ops::get_item(&app.world, &acting, &ids, &shape),
-        Operation::GetFolder { folders } => ops::get_folder(&app.world, &acting, folders),
+        } => ops::subscribe(&app.world, acting, streaming, mailbox, event_types),
+        Operation::Unsubscribe { id } => ops::unsubscribe(&app.world, acting, &id),
+        Operation::GetItem { ids, shape } => ops::get_item(&app.world, acting, &ids, &shape),
+        Operation::GetFolder { folders } => ops::get_folder(&app.world, acting, folders),
         Operation::SyncFolderItems {
             folder: (folder, mailbox),
             state,
             max_changes,
         } => ops::sync_folder_items(
             &app.world,
-            &acting,
+            acting,
             &folder,
             mailbox,
             state.as_deref(),
@@ -129,7 +180,7 @@ async fn ews(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respons
         Operation::GetStreamingEvents {
             ids,
             timeout_minutes,
-        } => streaming::stream(app, acting, ids, timeout_minutes),
+        } => streaming::stream(app, acting.to_owned(), ids, timeout_minutes),
         Operation::Unsupported(name) => xml(
             StatusCode::INTERNAL_SERVER_ERROR,
             soap::fault(

@@ -343,13 +343,22 @@ pub(crate) fn stream_status(closed: bool) -> String {
     )
 }
 
+/// `m:ErrorSubscriptionIds` naming these subscriptions.
+pub(crate) fn error_subscription_ids(ids: &[String]) -> String {
+    let mut out = String::from("<m:ErrorSubscriptionIds>");
+    for id in ids {
+        let _ = write!(out, "<m:SubscriptionId>{}</m:SubscriptionId>", esc(id));
+    }
+    out.push_str("</m:ErrorSubscriptionIds>");
+    out
+}
+
 /// A streaming error for some subscriptions, closing the connection.
 pub(crate) fn stream_error(code: &str, text: &str, ids: &[String]) -> String {
-    let mut inner = String::from("<m:ErrorSubscriptionIds>");
-    for id in ids {
-        let _ = write!(inner, "<m:SubscriptionId>{}</m:SubscriptionId>", esc(id));
-    }
-    inner.push_str("</m:ErrorSubscriptionIds><m:ConnectionStatus>Closed</m:ConnectionStatus>");
+    let inner = format!(
+        "{}<m:ConnectionStatus>Closed</m:ConnectionStatus>",
+        error_subscription_ids(ids)
+    );
     response(
         "GetStreamingEvents",
         &error("GetStreamingEvents", code, text, &inner),

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tokio::time::{Duration, Instant};
 
+use crate::faults::{Armed, Fault, FaultKind, Settings};
 use crate::mail::{InjectedMail, Item, NewMail};
 
 /// One queued notification event.
@@ -62,6 +64,8 @@ struct Subscription {
     queue: VecDeque<QueuedEvent>,
     /// The streaming connection currently serving this subscription, if any.
     waker: Option<Arc<Notify>>,
+    /// Since when no connection has served it (for idle expiry).
+    idle_since: Option<Instant>,
 }
 
 impl Subscription {
@@ -80,8 +84,28 @@ pub struct Stats {
     pub open_streams: usize,
     pub live_subscriptions: usize,
     pub events_queued: u64,
+    /// Events written to a stream.
     pub events_delivered: u64,
+    /// Events dropped by a fault (missed notifications, a cut connection).
+    pub events_dropped: u64,
 }
+
+/// One EWS request as the server answered it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub operation: String,
+    /// The mailbox the request acted as (empty when it did not authenticate).
+    pub mailbox: String,
+    pub status: u16,
+    /// Arrival, milliseconds since the Unix epoch.
+    pub at_unix_ms: u128,
+    /// Arrival on the server's monotonic clock, for in-process tests.
+    #[serde(skip, default = "Instant::now")]
+    pub at: Instant,
+}
+
+/// How many requests the log keeps (the oldest are dropped first).
+const REQUEST_LOG: usize = 10_000;
 
 /// Why a control call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,11 +118,47 @@ pub enum ControlError {
     Invalid { field: &'static str, reason: String },
 }
 
+/// A limit a request ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    TooManySubscriptions,
+    TooManyStreams,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     mailboxes: HashMap<String, Mailbox>,
     subscriptions: HashMap<String, Subscription>,
+    /// Open streaming connections by mailbox.
+    streams: HashMap<String, usize>,
+    faults: Vec<Armed>,
+    settings: Settings,
     stats: Stats,
+    log: VecDeque<RequestRecord>,
+}
+
+impl Inner {
+    /// Forgets subscriptions idle past the expiry setting.
+    fn expire(&mut self) {
+        let Some(ms) = self.settings.subscription_expiry_ms else {
+            return;
+        };
+        let horizon = Instant::now().checked_sub(Duration::from_millis(ms));
+        self.subscriptions.retain(
+            |_, s| !matches!((s.idle_since, horizon), (Some(since), Some(h)) if since <= h),
+        );
+    }
+
+    /// Wakes the streams serving `mailbox`'s subscriptions (all streams for `None`).
+    fn wake(&self, mailbox: Option<&str>) {
+        for sub in self.subscriptions.values() {
+            if mailbox.is_none_or(|m| key(m) == sub.mailbox) {
+                if let Some(w) = &sub.waker {
+                    w.notify_one();
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -188,12 +248,37 @@ impl World {
             .or_default() += 1;
     }
 
+    pub fn record(&self, operation: &str, mailbox: &str, status: u16, at: Instant) {
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+            .saturating_sub(at.elapsed().as_millis());
+        let mut inner = self.lock();
+        if inner.log.len() == REQUEST_LOG {
+            inner.log.pop_front();
+        }
+        inner.log.push_back(RequestRecord {
+            operation: operation.to_owned(),
+            mailbox: mailbox.to_owned(),
+            status,
+            at_unix_ms,
+            at,
+        });
+    }
+
+    /// The most recent requests, oldest first.
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        self.lock().log.iter().cloned().collect()
+    }
+
     pub fn count_unauthorized(&self) {
         self.lock().stats.unauthorized += 1;
     }
 
     pub fn stats(&self) -> Stats {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        inner.expire();
         let mut stats = inner.stats.clone();
         stats.live_subscriptions = inner.subscriptions.len();
         stats
@@ -308,18 +393,33 @@ impl World {
             .map_or(0, |m| m.items.len())
     }
 
-    pub fn subscribe(&self, mailbox: &str, event_types: Vec<String>) -> String {
+    pub fn subscribe(&self, mailbox: &str, event_types: Vec<String>) -> Result<String, Refused> {
+        let mut inner = self.lock();
+        inner.expire();
+        let k = key(mailbox);
+        if let Some(max) = inner.settings.max_subscriptions_per_mailbox {
+            if inner
+                .subscriptions
+                .values()
+                .filter(|s| s.mailbox == k)
+                .count()
+                >= max
+            {
+                return Err(Refused::TooManySubscriptions);
+            }
+        }
         let id = opaque_id("sub");
-        self.lock().subscriptions.insert(
+        inner.subscriptions.insert(
             id.clone(),
             Subscription {
-                mailbox: key(mailbox),
+                mailbox: k,
                 event_types,
                 queue: VecDeque::new(),
                 waker: None,
+                idle_since: Some(Instant::now()),
             },
         );
-        id
+        Ok(id)
     }
 
     /// Removes a subscription the caller may act on; false when there is none.
@@ -341,7 +441,8 @@ impl World {
 
     /// The ids among `ids` that do not name a live subscription of `principal`.
     pub fn unknown_subscriptions(&self, principal: &str, ids: &[String]) -> Vec<String> {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        inner.expire();
         ids.iter()
             .filter(|id| {
                 inner
@@ -353,50 +454,153 @@ impl World {
             .collect()
     }
 
-    /// Points the subscriptions at a streaming connection's waker.
-    pub fn attach(&self, ids: &[String], waker: &Arc<Notify>) {
+    /// Points the subscriptions at a streaming connection's waker, unless `mailbox` already
+    /// has as many streams open as it may.
+    pub fn attach(
+        &self,
+        mailbox: &str,
+        ids: &[String],
+        waker: &Arc<Notify>,
+    ) -> Result<(), Refused> {
         let mut inner = self.lock();
+        let k = key(mailbox);
+        let open = inner.streams.get(&k).copied().unwrap_or(0);
+        if inner
+            .settings
+            .max_streams_per_user
+            .is_some_and(|max| open >= max)
+        {
+            return Err(Refused::TooManyStreams);
+        }
         for id in ids {
             if let Some(sub) = inner.subscriptions.get_mut(id) {
                 sub.waker = Some(waker.clone());
+                sub.idle_since = None;
             }
         }
+        *inner.streams.entry(k).or_default() += 1;
         inner.stats.open_streams += 1;
         waker.notify_one();
+        Ok(())
     }
 
     /// Releases the subscriptions still pointing at this connection's waker.
-    pub fn detach(&self, ids: &[String], waker: &Arc<Notify>) {
+    pub fn detach(&self, mailbox: &str, ids: &[String], waker: &Arc<Notify>) {
         let mut inner = self.lock();
+        let now = Instant::now();
         for id in ids {
             if let Some(sub) = inner.subscriptions.get_mut(id) {
                 if sub.waker.as_ref().is_some_and(|w| Arc::ptr_eq(w, waker)) {
                     sub.waker = None;
+                    sub.idle_since = Some(now);
                 }
             }
         }
+        if let Some(n) = inner.streams.get_mut(&key(mailbox)) {
+            *n = n.saturating_sub(1);
+        }
         inner.stats.open_streams = inner.stats.open_streams.saturating_sub(1);
+    }
+
+    /// Forgets subscriptions, as a server that lost them would.
+    pub fn forget(&self, ids: &[String]) {
+        let mut inner = self.lock();
+        for id in ids {
+            inner.subscriptions.remove(id);
+        }
+    }
+
+    /// Arms a fault; stream faults wake the streams they may act on.
+    pub fn add_fault(&self, fault: Fault) -> Result<(), ControlError> {
+        let armed = Armed::new(fault).map_err(|reason| ControlError::Invalid {
+            field: "times",
+            reason,
+        })?;
+        let mut inner = self.lock();
+        if armed.fault.kind.on_stream() {
+            inner.wake(armed.fault.mailbox.as_deref());
+        }
+        inner.faults.push(armed);
+        Ok(())
+    }
+
+    /// The faults still armed.
+    pub fn faults(&self) -> Vec<Fault> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.faults.retain(|a| !a.expired(now));
+        inner.faults.iter().map(|a| a.fault.clone()).collect()
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Fires the first armed fault that matches and that `wanted` accepts; answers its kind and,
+    /// for a timed fault, when it ends.
+    pub fn take_fault(
+        &self,
+        mailbox: &str,
+        operation: &str,
+        wanted: impl Fn(&FaultKind) -> bool,
+    ) -> Option<(FaultKind, Option<Instant>)> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.faults.retain(|a| !a.expired(now));
+        let armed = inner
+            .faults
+            .iter_mut()
+            .find(|a| wanted(&a.fault.kind) && a.matches(mailbox, operation))?;
+        Some((armed.fire(), armed.silence_until()))
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.lock().settings.clone()
+    }
+
+    pub fn set_settings(&self, settings: Settings) {
+        self.lock().settings = settings;
+    }
+
+    pub fn delete_mailbox(&self, email: &str) -> Result<(), ControlError> {
+        let mut inner = self.lock();
+        let k = key(email);
+        inner
+            .mailboxes
+            .remove(&k)
+            .ok_or_else(|| ControlError::NoSuchMailbox(email.to_owned()))?;
+        inner.wake(Some(&k));
+        inner.subscriptions.retain(|_, s| s.mailbox != k);
+        Ok(())
     }
 
     /// Takes the queued events of these subscriptions: `(id, events)` for each that has some,
     /// and the ids that no longer exist.
     pub fn drain(&self, ids: &[String]) -> (Vec<(String, Vec<QueuedEvent>)>, Vec<String>) {
         let mut inner = self.lock();
+        inner.expire();
         let mut out = Vec::new();
         let mut gone = Vec::new();
-        let mut delivered = 0;
         for id in ids {
             match inner.subscriptions.get_mut(id) {
                 Some(sub) if !sub.queue.is_empty() => {
                     let events: Vec<_> = sub.queue.drain(..).collect();
-                    delivered += events.len() as u64;
                     out.push((id.clone(), events));
                 }
                 Some(_) => {}
                 None => gone.push(id.clone()),
             }
         }
-        inner.stats.events_delivered += delivered;
         (out, gone)
+    }
+
+    /// Counts drained events as written to a stream, or as dropped.
+    pub fn count_events(&self, n: u64, dropped: bool) {
+        let mut inner = self.lock();
+        if dropped {
+            inner.stats.events_dropped += n;
+        } else {
+            inner.stats.events_delivered += n;
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! GetStreamingEvents: one chunked HTTP body per connection, filled by a writer task until
-//! the connection times out, the client goes away, or the server shuts down.
+//! the connection times out, the client goes away, a fault ends it, or the server shuts down.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,119 +8,267 @@ use axum::body::{Body, Bytes};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
+use crate::faults::FaultKind;
 use crate::server::App;
 use crate::soap;
-use crate::state::World;
+use crate::state::{Refused, World};
 
-/// Answers GetStreamingEvents with a chunked body that a writer task fills until the
-/// connection times out, the client goes away, or the server shuts down.
+const OPERATION: &str = "GetStreamingEvents";
+
+fn chunked(body: Body) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A whole stream that is one closing error message.
+fn refuse(code: &str, text: &str) -> Response {
+    let body = soap::response(
+        OPERATION,
+        &soap::error(
+            OPERATION,
+            code,
+            text,
+            "<m:ConnectionStatus>Closed</m:ConnectionStatus>",
+        ),
+    );
+    chunked(Body::from(format!("{}{body}", soap::XML_DECL)))
+}
+
+/// Answers GetStreamingEvents: a closing error for bad arguments or unknown subscriptions,
+/// else a body that a writer task fills.
 pub(crate) fn stream(app: App, acting: String, ids: Vec<String>, timeout_minutes: u64) -> Response {
-    let chunked = |body: Body| {
-        Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .body(body)
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-    };
+    if ids.is_empty() || ids.len() > 200 || !(1..=30).contains(&timeout_minutes) {
+        return refuse(
+            "ErrorInvalidArgument",
+            "Between 1 and 200 subscription ids and a ConnectionTimeout of 1 to 30 minutes are required.",
+        );
+    }
     let unknown = app.world.unknown_subscriptions(&acting, &ids);
-    if ids.is_empty()
-        || ids.len() > 200
-        || !(1..=30).contains(&timeout_minutes)
-        || !unknown.is_empty()
-    {
-        let body = if unknown.is_empty() {
-            soap::response(
-                "GetStreamingEvents",
-                &soap::error(
-                    "GetStreamingEvents",
-                    "ErrorInvalidArgument",
-                    "Between 1 and 200 subscription ids and a ConnectionTimeout of 1 to 30 minutes are required.",
-                    "<m:ConnectionStatus>Closed</m:ConnectionStatus>",
-                ),
-            )
-        } else {
-            soap::stream_error(
-                "ErrorSubscriptionNotFound",
-                "The specified subscription was not found.",
-                &unknown,
-            )
-        };
+    if !unknown.is_empty() {
+        let body = soap::stream_error(
+            "ErrorSubscriptionNotFound",
+            "The specified subscription was not found.",
+            &unknown,
+        );
         return chunked(Body::from(format!("{}{body}", soap::XML_DECL)));
     }
+    let waker = Arc::new(Notify::new());
+    if let Err(Refused::TooManyStreams | Refused::TooManySubscriptions) =
+        app.world.attach(&acting, &ids, &waker)
+    {
+        return refuse(
+            "ErrorExceededConnectionCount",
+            "You have exceeded the available concurrent connections for your account.",
+        );
+    }
+    let attached = Attached {
+        world: app.world.clone(),
+        mailbox: acting,
+        ids,
+        waker,
+    };
     let mut lifetime = Duration::from_secs(timeout_minutes * 60);
     if let Some(cap) = app.config.max_connection_time {
         lifetime = lifetime.min(cap);
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
-    tokio::spawn(write_stream(app, acting, ids, lifetime, tx));
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(
+        Writer {
+            app,
+            attached,
+            tx,
+            silent: None,
+        }
+        .run(lifetime),
+    );
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+        rx.recv().await.map(|chunk| (chunk, rx))
     });
     chunked(Body::from_stream(body))
 }
 
-/// Releases a connection's subscriptions however its writer ends.
+/// A connection's hold on its subscriptions, released however the writer ends.
 struct Attached {
     world: Arc<World>,
+    mailbox: String,
     ids: Vec<String>,
     waker: Arc<Notify>,
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        self.world.detach(&self.ids, &self.waker);
+        self.world.detach(&self.mailbox, &self.ids, &self.waker);
     }
 }
 
-async fn write_stream(
+/// Whether the connection goes on after a step.
+enum Next {
+    Continue,
+    /// Send `Closed` and end.
+    Close,
+    /// End now (the client is gone, or the connection was cut).
+    Stop,
+}
+
+struct Writer {
     app: App,
-    acting: String,
-    ids: Vec<String>,
-    lifetime: Duration,
-    tx: mpsc::Sender<Bytes>,
-) {
-    let waker = Arc::new(Notify::new());
-    app.world.attach(&ids, &waker);
-    let attached = Attached {
-        world: app.world.clone(),
-        ids,
-        waker,
-    };
-    let send = |s: String| {
-        let tx = tx.clone();
-        async move { tx.send(Bytes::from(s)).await.is_ok() }
-    };
-    if !send(format!("{}{}", soap::XML_DECL, soap::stream_status(false))).await {
-        return;
+    attached: Attached,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    /// While silenced: until when (`Some(None)`: until the connection ends).
+    silent: Option<Option<Instant>>,
+}
+
+impl Writer {
+    async fn run(mut self, lifetime: Duration) {
+        if !self
+            .send_raw(format!("{}{}", soap::XML_DECL, soap::stream_status(false)))
+            .await
+        {
+            return;
+        }
+        let deadline = tokio::time::sleep(lifetime);
+        tokio::pin!(deadline);
+        let period = self.app.config.keepalive;
+        let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
+        let shutdown = self.app.shutdown.clone();
+        let waker = self.attached.waker.clone();
+        loop {
+            let next = tokio::select! {
+                _ = waker.notified() => self.step(false).await,
+                _ = keepalive.tick() => self.step(true).await,
+                _ = &mut deadline => Next::Close,
+                _ = shutdown.cancelled() => Next::Close,
+                _ = self.tx.closed() => Next::Stop,
+            };
+            match next {
+                Next::Continue => {}
+                Next::Close => break,
+                Next::Stop => return,
+            }
+        }
+        let _ = self.send_raw(soap::stream_status(true)).await;
     }
-    let deadline = tokio::time::sleep(lifetime);
-    tokio::pin!(deadline);
-    let period = app.config.keepalive;
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    loop {
-        tokio::select! {
-            _ = attached.waker.notified() => {
-                let (batches, gone) = attached.world.drain(&attached.ids);
-                if !batches.is_empty() && !send(soap::stream_notifications(&acting, &batches)).await {
-                    return;
-                }
-                if !gone.is_empty() {
-                    let _ = send(soap::stream_error("ErrorSubscriptionNotFound", "The specified subscription was not found.", &gone)).await;
-                    return;
-                }
+
+    fn fault(&self, wanted: impl Fn(&FaultKind) -> bool) -> Option<(FaultKind, Option<Instant>)> {
+        self.app
+            .world
+            .take_fault(&self.attached.mailbox, OPERATION, wanted)
+    }
+
+    fn silenced(&mut self) -> bool {
+        if let Some((_, until)) = self.fault(|k| *k == FaultKind::Silence) {
+            self.silent = Some(until);
+        }
+        match self.silent {
+            Some(Some(until)) if Instant::now() >= until => {
+                self.silent = None;
+                false
             }
-            _ = keepalive.tick() => {
-                if !send(soap::stream_status(false)).await {
-                    return;
-                }
-            }
-            _ = &mut deadline => break,
-            _ = app.shutdown.cancelled() => break,
-            _ = tx.closed() => return,
+            Some(_) => true,
+            None => false,
         }
     }
-    let _ = send(soap::stream_status(true)).await;
+
+    /// One turn of the connection: after a wake-up, or at a keep-alive tick.
+    async fn step(&mut self, tick: bool) -> Next {
+        let lost = self.fault(|k| {
+            matches!(
+                k,
+                FaultKind::SubscriptionNotFound | FaultKind::InvalidSubscription
+            )
+        });
+        if let Some((kind, _)) = lost {
+            let (code, text) = match kind {
+                FaultKind::InvalidSubscription => {
+                    ("ErrorInvalidSubscription", "Subscription is invalid.")
+                }
+                _ => (
+                    "ErrorSubscriptionNotFound",
+                    "The specified subscription was not found.",
+                ),
+            };
+            self.attached.world.forget(&self.attached.ids);
+            let _ = self
+                .send(soap::stream_error(code, text, &self.attached.ids))
+                .await;
+            return Next::Stop;
+        }
+        if self.silenced() {
+            return Next::Continue;
+        }
+        let (batches, gone) = self.attached.world.drain(&self.attached.ids);
+        if !batches.is_empty() {
+            let n = batches.iter().map(|(_, e)| e.len() as u64).sum();
+            if self
+                .fault(|k| *k == FaultKind::MissedNotificationEvents)
+                .is_some()
+            {
+                self.app.world.count_events(n, true);
+                let ids: Vec<String> = batches.into_iter().map(|(id, _)| id).collect();
+                let body = soap::response(
+                    OPERATION,
+                    &soap::error(
+                        OPERATION,
+                        "ErrorMissedNotificationEvents",
+                        "Events were missed for the subscription.",
+                        &soap::error_subscription_ids(&ids),
+                    ),
+                );
+                return self.outcome(self.send(body).await);
+            }
+            let sent = self
+                .send(soap::stream_notifications(&self.attached.mailbox, &batches))
+                .await;
+            self.app.world.count_events(n, !sent);
+            return self.outcome(sent);
+        }
+        if !gone.is_empty() {
+            let _ = self
+                .send(soap::stream_error(
+                    "ErrorSubscriptionNotFound",
+                    "The specified subscription was not found.",
+                    &gone,
+                ))
+                .await;
+            return Next::Stop;
+        }
+        if tick {
+            return self.outcome(self.send(soap::stream_status(false)).await);
+        }
+        Next::Continue
+    }
+
+    fn outcome(&self, sent: bool) -> Next {
+        if sent { Next::Continue } else { Next::Stop }
+    }
+
+    /// Sends one envelope, unless a `close_mid_envelope` fault cuts it and resets the
+    /// connection; false when the connection is gone.
+    async fn send(&self, envelope: String) -> bool {
+        if self.fault(|k| *k == FaultKind::CloseMidEnvelope).is_some() {
+            let half = envelope.len() / 2;
+            let _ = self
+                .tx
+                .send(Ok(Bytes::from(envelope[..half].to_owned())))
+                .await;
+            let _ = self
+                .tx
+                .send(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fault: close mid-envelope",
+                )))
+                .await;
+            return false;
+        }
+        self.send_raw(envelope).await
+    }
+
+    async fn send_raw(&self, envelope: String) -> bool {
+        self.tx.send(Ok(Bytes::from(envelope))).await.is_ok()
+    }
 }
