@@ -45,29 +45,25 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Spawns the binary with fast test timings; `extra` adds flags or overrides a default.
     pub async fn spawn(extra: &[&str]) -> Listener {
+        let defaults = [
+            ("--listen", "127.0.0.1:0"),
+            ("--log", "info,exchange_listener=debug"),
+            ("--retry-base-ms", "100"),
+            ("--retry-max-ms", "1000"),
+            ("--stream-idle-secs", "5"),
+            ("--delivery-retry-base-ms", "50"),
+            ("--delivery-retry-max-ms", "200"),
+        ];
+        let mut args: Vec<&str> = defaults
+            .iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [*flag, *value])
+            .collect();
+        args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_exchange-listener"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log",
-                "info,exchange_listener=debug",
-            ])
-            .args([
-                "--retry-base-ms",
-                "100",
-                "--retry-max-ms",
-                "1000",
-                "--stream-idle-secs",
-                "5",
-            ])
-            .args([
-                "--delivery-retry-base-ms",
-                "50",
-                "--delivery-retry-max-ms",
-                "200",
-            ])
-            .args(extra)
+            .args(&args)
             .env("NO_PROXY", "127.0.0.1,localhost")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -166,10 +162,14 @@ pub struct World {
 impl World {
     /// Mocks on loopback; streams are cut every two seconds so reconnects happen in every test.
     pub async fn start() -> World {
-        let config = Config {
+        World::start_with(Config {
             keepalive: Duration::from_secs(1),
             max_connection_time: Some(Duration::from_secs(2)),
-        };
+        })
+        .await
+    }
+
+    pub async fn start_with(config: Config) -> World {
         World {
             ews: MockEws::start("127.0.0.1:0".parse().unwrap(), config)
                 .await
@@ -198,6 +198,11 @@ impl World {
     /// Creates the mailbox in mock-ews and in the listener, and waits until it streams.
     pub async fn subscribe(&self, listener: &Listener, id: &str, email: &str, operation: &str) {
         self.ews.create_mailbox(email, "secret").unwrap();
+        self.create(listener, id, email, operation).await;
+    }
+
+    /// Creates the mailbox (already in mock-ews) in the listener and waits until it streams.
+    pub async fn create(&self, listener: &Listener, id: &str, email: &str, operation: &str) {
         let streams_before = self.ews.stats().open_streams;
         let (status, body) = listener
             .call(
@@ -210,5 +215,50 @@ impl World {
             (self.ews.stats().open_streams > streams_before).then_some(())
         })
         .await;
+    }
+}
+
+/// The Message-IDs of every email that reached Creatio through ProcessFullEmail, in order.
+pub fn delivered(world: &World) -> Vec<String> {
+    world
+        .creatio
+        .calls_of("ProcessFullEmail")
+        .iter()
+        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until every one of `sent` reached Creatio, then sends one more mail to `mailbox` and
+/// waits for it too (a duplicate would have arrived before it), and checks each arrived once.
+pub async fn assert_each_delivered_once(world: &World, mailbox: &str, sent: &[String]) {
+    eventually("every mail at Creatio", PATIENCE, async || {
+        let got = delivered(world);
+        sent.iter().all(|m| got.contains(m)).then_some(())
+    })
+    .await;
+    let sentinel = world
+        .ews
+        .inject(
+            mailbox,
+            mock_ews::NewMail {
+                from: "sentinel@example.com".into(),
+                subject: "sentinel".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .message_id;
+    eventually("the sentinel mail", PATIENCE, async || {
+        delivered(world).contains(&sentinel).then_some(())
+    })
+    .await;
+    let got = delivered(world);
+    for m in sent.iter().chain([&sentinel]) {
+        assert_eq!(
+            got.iter().filter(|g| *g == m).count(),
+            1,
+            "{m} not delivered exactly once: {got:?}"
+        );
     }
 }

@@ -1,0 +1,378 @@
+//! Every fault mock-ews can produce, one test each: the listener delivers every injected mail
+//! exactly once through it, or (for rejected credentials) backs off and reports the mailbox.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Listener, PATIENCE, World, assert_each_delivered_once, eventually};
+use mock_ews::{Config, Fault, FaultKind, NewMail, Settings};
+use serde_json::json;
+
+const ALICE: &str = "alice@contoso.example";
+
+fn mail(subject: &str) -> NewMail {
+    NewMail {
+        from: "bob@example.com".into(),
+        subject: subject.into(),
+        body: "hello".into(),
+        ..NewMail::default()
+    }
+}
+
+/// Mocks and a listener; alice exists in mock-ews but not yet in the listener.
+async fn start(extra: &[&str]) -> (World, Listener) {
+    let world = World::start().await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    (world, Listener::spawn(extra).await)
+}
+
+/// Mocks and a listener with alice streaming.
+async fn streaming() -> (World, Listener) {
+    let (world, listener) = start(&[]).await;
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    (world, listener)
+}
+
+fn inject(world: &World, subject: &str) -> String {
+    world.ews.inject(ALICE, mail(subject)).unwrap().message_id
+}
+
+/// Statuses and arrival times of every request of one operation, in order.
+fn requests(world: &World, operation: &str) -> Vec<(u16, tokio::time::Instant)> {
+    world
+        .ews
+        .request_log()
+        .into_iter()
+        .filter(|r| r.operation == operation)
+        .map(|r| (r.status, r.at))
+        .collect()
+}
+
+fn count(world: &World, operation: &str) -> usize {
+    requests(world, operation).len()
+}
+
+/// Waits for the first successful request after the first failed one; answers the gap.
+async fn retry_gap(world: &World, operation: &str) -> Duration {
+    eventually("a retry that succeeds", PATIENCE, async || {
+        let log = requests(world, operation);
+        let failed = log.iter().position(|(status, _)| *status != 200)?;
+        let (_, ok_at) = log[failed + 1..]
+            .iter()
+            .find(|(status, _)| *status == 200)?;
+        Some(ok_at.duration_since(log[failed].1))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn server_busy_back_off_is_honoured() {
+    let (world, listener) = start(&[]).await;
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::ServerBusy { back_off_ms: 1500 }).for_operation("Subscribe"),
+        )
+        .unwrap();
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    let gap = retry_gap(&world, "Subscribe").await;
+    assert!(
+        gap >= Duration::from_millis(1500),
+        "retried after {gap:?}, before the server's 1500 ms"
+    );
+    let sent = [inject(&world, "after busy")];
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+}
+
+#[tokio::test]
+async fn unavailable_with_retry_after_is_honoured() {
+    let (world, listener) = start(&[]).await;
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::Unavailable {
+                retry_after_secs: Some(1),
+            })
+            .for_operation("Subscribe"),
+        )
+        .unwrap();
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    let gap = retry_gap(&world, "Subscribe").await;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "retried after {gap:?}, before Retry-After"
+    );
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "after 503")]).await;
+}
+
+#[tokio::test]
+async fn unavailable_without_retry_after_backs_off_and_recovers() {
+    let (world, listener) = start(&[]).await;
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::Unavailable {
+                retry_after_secs: None,
+            })
+            .for_operation("GetStreamingEvents")
+            .times(3),
+        )
+        .unwrap();
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    let failed = requests(&world, "GetStreamingEvents")
+        .iter()
+        .filter(|(s, _)| *s == 503)
+        .count();
+    assert_eq!(failed, 3);
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "after 503s")]).await;
+}
+
+#[tokio::test]
+async fn unauthorized_marks_the_mailbox_failed_without_hammering() {
+    let (world, listener) = start(&[]).await;
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::Unauthorized)
+                .for_mailbox(ALICE)
+                .lasting(Duration::from_secs(60)),
+        )
+        .unwrap();
+    let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
+    assert_eq!(
+        listener.call("create", json!([creds]).to_string()).await.0,
+        200
+    );
+    eventually("the mailbox to be Failed", PATIENCE, async || {
+        let (_, view) = listener.get("/api/listeners/mbx-1").await;
+        (view["Status"]["State"] == "Failed").then_some(())
+    })
+    .await;
+    let report = eventually("a ProcessMailboxState report", PATIENCE, async || {
+        world.creatio.calls_of("ProcessMailboxState").pop()
+    })
+    .await;
+    assert_eq!(report.body["Avaliable"], false);
+    let tried = world.ews.stats().unauthorized;
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            world.ews.stats().unauthorized,
+            tried,
+            "retried a 401 at once"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn subscription_not_found_resubscribes_and_catches_up() {
+    let (world, _listener) = streaming().await;
+    let before = count(&world, "Subscribe");
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::SubscriptionNotFound).for_mailbox(ALICE))
+        .unwrap();
+    // Sent while the server has no subscription: only catch-up can find it.
+    let sent = [inject(&world, "while unsubscribed")];
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+    assert!(count(&world, "Subscribe") > before, "no new subscription");
+}
+
+#[tokio::test]
+async fn invalid_subscription_resubscribes_and_catches_up() {
+    let (world, _listener) = streaming().await;
+    let before = count(&world, "Subscribe");
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::InvalidSubscription).for_mailbox(ALICE))
+        .unwrap();
+    let sent = [inject(&world, "while invalid")];
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+    assert!(count(&world, "Subscribe") > before, "no new subscription");
+}
+
+#[tokio::test]
+async fn missed_notification_events_are_caught_up() {
+    let (world, _listener) = streaming().await;
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::MissedNotificationEvents).for_mailbox(ALICE))
+        .unwrap();
+    let sent = [inject(&world, "dropped by the server")];
+    eventually("the events to be dropped", PATIENCE, async || {
+        (world.ews.stats().events_dropped > 0).then_some(())
+    })
+    .await;
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+}
+
+#[tokio::test]
+async fn connection_cut_mid_envelope_loses_nothing() {
+    let (world, _listener) = streaming().await;
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::CloseMidEnvelope).for_mailbox(ALICE))
+        .unwrap();
+    let sent = [
+        inject(&world, "in the cut envelope"),
+        inject(&world, "right after"),
+    ];
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+    assert!(
+        world.ews.stats().events_dropped > 0,
+        "the fault never fired"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_stream_is_reopened_by_the_watchdog() {
+    // No connection cap here: only the listener's idle watchdog can end a silent stream.
+    let world = World::start_with(Config {
+        keepalive: Duration::from_millis(300),
+        max_connection_time: None,
+    })
+    .await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    let listener = Listener::spawn(&["--stream-idle-secs", "1"]).await;
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    let before = count(&world, "GetStreamingEvents");
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::Silence)
+                .for_mailbox(ALICE)
+                .lasting(Duration::from_secs(3)),
+        )
+        .unwrap();
+    let sent = [inject(&world, "during silence")];
+    eventually(
+        "the watchdog to reopen the stream twice",
+        PATIENCE,
+        async || (count(&world, "GetStreamingEvents") >= before + 2).then_some(()),
+    )
+    .await;
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+}
+
+#[tokio::test]
+async fn an_expired_subscription_is_replaced() {
+    let (world, _listener) = streaming().await;
+    world.ews.set_settings(Settings {
+        subscription_expiry_ms: Some(300),
+        ..Settings::default()
+    });
+    let before = count(&world, "Subscribe");
+    // Keep the listener from reconnecting long enough for its subscription to expire.
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::Unavailable {
+                retry_after_secs: None,
+            })
+            .for_operation("GetStreamingEvents")
+            .lasting(Duration::from_millis(2500)),
+        )
+        .unwrap();
+    eventually("the subscription to expire", PATIENCE, async || {
+        (world.ews.stats().live_subscriptions == 0).then_some(())
+    })
+    .await;
+    // Sent while the server has forgotten the subscription: only catch-up can find it.
+    let sent = [inject(&world, "while expired")];
+    eventually("a new subscription", PATIENCE, async || {
+        (count(&world, "Subscribe") > before).then_some(())
+    })
+    .await;
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+}
+
+#[tokio::test]
+async fn connection_limit_backs_off_until_lifted() {
+    let (world, listener) = start(&[]).await;
+    world.ews.set_settings(Settings {
+        max_streams_per_user: Some(0),
+        ..Settings::default()
+    });
+    let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
+    assert_eq!(
+        listener.call("create", json!([creds]).to_string()).await.0,
+        200
+    );
+    eventually(
+        "the limit to show in the mailbox state",
+        PATIENCE,
+        async || {
+            let (_, view) = listener.get("/api/listeners/mbx-1").await;
+            view["Status"]["LastError"]
+                .as_str()?
+                .contains("ErrorExceededConnectionCount")
+                .then_some(())
+        },
+    )
+    .await;
+    world.ews.set_settings(Settings::default());
+    eventually("a stream", PATIENCE, async || {
+        (world.ews.stats().open_streams > 0).then_some(())
+    })
+    .await;
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "after the limit")]).await;
+}
+
+#[tokio::test]
+async fn subscription_limit_backs_off_until_lifted() {
+    let (world, listener) = start(&[]).await;
+    world.ews.set_settings(Settings {
+        max_subscriptions_per_mailbox: Some(0),
+        ..Settings::default()
+    });
+    let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
+    assert_eq!(
+        listener.call("create", json!([creds]).to_string()).await.0,
+        200
+    );
+    eventually(
+        "the limit to show in the mailbox state",
+        PATIENCE,
+        async || {
+            let (_, view) = listener.get("/api/listeners/mbx-1").await;
+            view["Status"]["LastError"]
+                .as_str()?
+                .contains("ErrorExceededSubscriptionCount")
+                .then_some(())
+        },
+    )
+    .await;
+    world.ews.set_settings(Settings::default());
+    eventually("a stream", PATIENCE, async || {
+        (world.ews.stats().open_streams > 0).then_some(())
+    })
+    .await;
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "after the limit")]).await;
+}
+
+#[tokio::test]
+async fn slow_operations_still_deliver() {
+    let (world, _listener) = streaming().await;
+    world
+        .ews
+        .inject_fault(
+            Fault::once(FaultKind::Latency { ms: 400 })
+                .for_operation("GetItem")
+                .lasting(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let sent = [inject(&world, "slow one"), inject(&world, "slow two")];
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+}
