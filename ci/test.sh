@@ -24,6 +24,20 @@ command -v cargo >/dev/null 2>&1 || {
     exit 1
 }
 need kill procps
+need python3 python3
+
+# exchangelib, the third-party EWS client that mock-ews must satisfy, in a private venv.
+venv=target/exchangelib-venv
+if ! "$venv/bin/python" -c 'import exchangelib' >/dev/null 2>&1; then
+    echo "ci/test.sh: installing exchangelib 5.6.0 into $venv"
+    python3 -m venv "$venv" 2>/dev/null || {
+        need apt-get apt
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv "$venv"
+    }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check exchangelib==5.6.0
+fi
+export EXCHANGELIB_PYTHON="$PWD/$venv/bin/python"
 for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done

@@ -16,7 +16,10 @@ pub(crate) fn routes() -> Router<App> {
     Router::new()
         .route("/_control/mailboxes", post(create_mailbox))
         .route("/_control/mailboxes/{email}/password", put(set_password))
-        .route("/_control/mailboxes/{email}/messages", post(inject))
+        .route(
+            "/_control/mailboxes/{email}/messages",
+            post(inject).get(list_sent),
+        )
         .route("/_control/mailboxes/{email}", delete(delete_mailbox))
         .route("/_control/stats", get(stats))
         .route("/_control/requests", get(requests))
@@ -114,4 +117,11 @@ async fn put_settings(State(app): State<App>, Json(settings): Json<Settings>) ->
 
 async fn requests(State(app): State<App>) -> Response {
     Json(app.world.request_log()).into_response()
+}
+
+async fn list_sent(State(app): State<App>, Path(email): Path<String>) -> Response {
+    match app.world.sent(&email) {
+        Ok(sent) => Json(sent).into_response(),
+        Err(e) => control_error(e),
+    }
 }

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Fault, FaultKind, Settings};
-pub use mail::{InjectedMail, NewMail};
+pub use mail::{InjectedMail, NewMail, SentMail};
 pub use state::{ControlError, RequestRecord, Stats};
 
 /// How the server behaves on streaming connections.
@@ -109,6 +109,11 @@ impl MockEws {
 
     pub fn delete_mailbox(&self, email: &str) -> Result<(), ControlError> {
         self.world.delete_mailbox(email)
+    }
+
+    /// Every mail in a mailbox, in delivery order.
+    pub fn sent(&self, mailbox: &str) -> Result<Vec<SentMail>, ControlError> {
+        self.world.sent(mailbox)
     }
 
     pub fn stats(&self) -> Stats {

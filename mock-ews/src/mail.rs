@@ -21,6 +21,17 @@ pub struct NewMail {
     pub message_id: Option<String>,
 }
 
+/// A mail as the control API lists it: what the server holds, MIME in base64.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SentMail {
+    pub item_id: String,
+    pub message_id: String,
+    pub subject: String,
+    pub from: String,
+    /// The RFC 5322 message exactly as GetItem serves it, base64-encoded.
+    pub mime_base64: String,
+}
+
 /// What the server assigned to an injected mail.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InjectedMail {
@@ -68,6 +79,16 @@ impl Item {
         };
         item.mime = item.render_mime();
         item
+    }
+
+    pub fn summary(&self) -> SentMail {
+        SentMail {
+            item_id: self.id.clone(),
+            message_id: self.message_id.clone(),
+            subject: self.subject.clone(),
+            from: self.from.clone(),
+            mime_base64: base64::engine::general_purpose::STANDARD.encode(&self.mime),
+        }
     }
 
     fn render_mime(&self) -> Vec<u8> {

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 
 use crate::faults::{Armed, Fault, FaultKind, Settings};
-use crate::mail::{InjectedMail, Item, NewMail};
+use crate::mail::{InjectedMail, Item, NewMail, SentMail};
 
 /// One queued notification event.
 #[derive(Debug, Clone)]
@@ -384,6 +384,16 @@ impl World {
             includes_last: to == mb.changes.len(),
             changes: mb.changes[from..to].to_vec(),
         })
+    }
+
+    /// Every mail in a mailbox, in delivery order.
+    pub fn sent(&self, mailbox: &str) -> Result<Vec<SentMail>, ControlError> {
+        let inner = self.lock();
+        let mb = inner
+            .mailboxes
+            .get(&key(mailbox))
+            .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
+        Ok(mb.items.iter().map(Item::summary).collect())
     }
 
     pub fn item_count(&self, mailbox: &str) -> usize {

@@ -1,0 +1,90 @@
+"""An unmodified exchangelib client against mock-ews.
+
+Usage: exchangelib_client.py BASE_URL EMAIL PASSWORD
+
+Streams the inbox, receives the events of a mail injected through the control API, fetches
+it with its MIME content and compares the bytes, syncs the folder, unsubscribes, and checks
+that exchangelib raises its documented errors for an injected ErrorServerBusy and a 401.
+Prints one line per step; exits non-zero at the first failure.
+"""
+
+import base64
+import json
+import sys
+import urllib.request
+
+from exchangelib import BASIC, DELEGATE, UTC, Account, Build, Configuration, Credentials, FailFast, Version
+from exchangelib.errors import ErrorServerBusy, UnauthorizedError
+from exchangelib.properties import CreatedEvent, NewMailEvent
+
+BASE, EMAIL, PASSWORD = sys.argv[1:4]
+
+
+def control(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(BASE + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read()
+        return json.loads(text) if text else None
+
+
+def step(text):
+    print(text, flush=True)
+
+
+config = Configuration(
+    service_endpoint=f"{BASE}/EWS/Exchange.asmx",
+    credentials=Credentials(EMAIL, PASSWORD),
+    auth_type=BASIC,
+    version=Version(build=Build(15, 1, 2507, 6), api_version="Exchange2016"),
+    max_connections=4,
+    retry_policy=FailFast(),
+)
+account = Account(EMAIL, config=config, autodiscover=False, access_type=DELEGATE, default_timezone=UTC)
+
+with account.inbox.streaming_subscription() as subscription_id:
+    step(f"subscribed {subscription_id}")
+    injected = control("POST", f"/_control/mailboxes/{EMAIL}/messages", {
+        "from": "bob@example.com", "from_name": "Bob", "subject": "Hello from mock-ews",
+        "body": "First line\nSecond line", "message_id": "<exchangelib-test@example.com>",
+    })
+    item_id = injected["item_id"]
+    seen = []
+    for notification in account.inbox.get_streaming_events(subscription_id, connection_timeout=1):
+        seen.extend(notification.events)
+        if any(isinstance(e, NewMailEvent) and e.item_id.id == item_id for e in seen):
+            break
+    kinds = sorted({type(e).__name__ for e in seen})
+    assert any(isinstance(e, CreatedEvent) and e.item_id.id == item_id for e in seen), kinds
+    step(f"streamed events {kinds}")
+
+    [message] = list(account.fetch(ids=[(item_id, None)], only_fields=["mime_content", "subject", "sender"]))
+    sent = {m["item_id"]: m for m in control("GET", f"/_control/mailboxes/{EMAIL}/messages")}
+    assert message.mime_content == base64.b64decode(sent[item_id]["mime_base64"]), message.mime_content
+    assert message.subject == "Hello from mock-ews", message.subject
+    assert message.sender.email_address == "bob@example.com", message.sender
+    step(f"fetched {len(message.mime_content)} MIME bytes, identical to what was injected")
+
+    changes = list(account.inbox.sync_items())
+    created = [item.id for change, item in changes if change == "create"]
+    assert item_id in created, changes
+    assert account.inbox.item_sync_state, "no sync state kept"
+    step(f"synced {len(changes)} changes")
+step("unsubscribed")
+assert control("GET", "/_control/stats")["live_subscriptions"] == 0
+
+control("POST", "/_control/faults", {"kind": "server_busy", "back_off_ms": 2000, "operation": "GetItem"})
+try:
+    list(account.fetch(ids=[(item_id, None)], only_fields=["subject"]))
+    raise AssertionError("no ErrorServerBusy raised")
+except ErrorServerBusy as e:
+    assert e.back_off == 2, e.back_off
+    step(f"ErrorServerBusy raised, back off {e.back_off} s")
+
+control("POST", "/_control/faults", {"kind": "unauthorized", "operation": "GetItem"})
+try:
+    list(account.fetch(ids=[(item_id, None)], only_fields=["subject"]))
+    raise AssertionError("no UnauthorizedError raised")
+except UnauthorizedError as e:
+    step(f"UnauthorizedError raised: {e}")
+step("ok")
