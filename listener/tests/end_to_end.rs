@@ -17,6 +17,13 @@ fn mail(n: usize) -> NewMail {
         subject: format!("Subject {n} <&> ünïcode"),
         body: format!("Body of mail {n}"),
         message_id: Some(format!("<mail-{n}@example.com>")),
+        // Mail 2 is multipart with an HTML body and a Cc.
+        html: (n == 2).then(|| format!("<p>Body of mail {n}</p>")),
+        cc: if n == 2 {
+            vec!["cc@example.com".into()]
+        } else {
+            vec![]
+        },
         ..NewMail::default()
     }
 }
@@ -90,7 +97,14 @@ async fn three_mails_arrive_once_each_with_their_headers() {
         assert_eq!(email["Sender"], format!("sender{n}@example.com"));
         assert_eq!(email["SenderName"], format!("Sender {n}"));
         assert_eq!(email["To"], json!(["alice@contoso.example"]));
-        assert_eq!(email["Body"], format!("Body of mail {n}"));
+        if n == 2 {
+            assert_eq!(email["Body"], "<p>Body of mail 2</p>");
+            assert_eq!(email["IsHtmlBody"], true);
+            assert_eq!(email["Copy"], json!(["cc@example.com"]));
+        } else {
+            assert_eq!(email["Body"], format!("Body of mail {n}"));
+            assert_eq!(email["IsHtmlBody"], false);
+        }
         assert!(email["SendDateTimeStamp"].as_i64().unwrap() > 1_700_000_000_000);
         latencies.push(arrived.duration_since(sent_at));
     }

@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::faults::{Fault, Settings};
-use crate::mail::NewMail;
+use crate::mail::{NewMail, Rate};
 use crate::server::App;
 use crate::state::ControlError;
 
@@ -21,6 +21,11 @@ pub(crate) fn routes() -> Router<App> {
             post(inject).get(list_sent),
         )
         .route("/_control/mailboxes/{email}", delete(delete_mailbox))
+        .route(
+            "/_control/mailboxes/{email}/messages/batch",
+            post(inject_batch),
+        )
+        .route("/_control/rate", post(start_rate))
         .route("/_control/stats", get(stats))
         .route("/_control/requests", get(requests))
         .route(
@@ -124,4 +129,44 @@ async fn list_sent(State(app): State<App>, Path(email): Path<String>) -> Respons
         Ok(sent) => Json(sent).into_response(),
         Err(e) => control_error(e),
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct Batch {
+    count: u64,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    first: u64,
+}
+
+async fn inject_batch(
+    State(app): State<App>,
+    Path(email): Path<String>,
+    Json(batch): Json<Batch>,
+) -> Response {
+    match crate::traffic::batch(&app.world, &email, batch.seed, batch.first, batch.count) {
+        Ok(injected) => (StatusCode::CREATED, Json(injected)).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn start_rate(State(app): State<App>, Json(rate): Json<Rate>) -> Response {
+    if let Err(reason) = rate.validate() {
+        return control_error(ControlError::Invalid {
+            field: "rate",
+            reason,
+        });
+    }
+    let expected = rate.expected();
+    tokio::spawn(crate::traffic::at_rate(
+        app.world.clone(),
+        rate,
+        app.shutdown.clone(),
+    ));
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "expected": expected })),
+    )
+        .into_response()
 }

@@ -14,6 +14,7 @@ mod server;
 mod soap;
 mod state;
 mod streaming;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Fault, FaultKind, Settings};
-pub use mail::{InjectedMail, NewMail, SentMail};
+pub use mail::{Attachment, InjectedMail, NewMail, Rate, SentMail, generated};
 pub use state::{ControlError, RequestRecord, Stats};
 
 /// How the server behaves on streaming connections.
@@ -109,6 +110,31 @@ impl MockEws {
 
     pub fn delete_mailbox(&self, email: &str) -> Result<(), ControlError> {
         self.world.delete_mailbox(email)
+    }
+
+    /// Delivers generated mails `first..first + count` of sequence `seed` (see [`generated`]).
+    pub fn inject_batch(
+        &self,
+        mailbox: &str,
+        seed: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<InjectedMail>, ControlError> {
+        traffic::batch(&self.world, mailbox, seed, first, count)
+    }
+
+    /// Delivers generated mail at a steady rate in the background; the task answers how many
+    /// mails it delivered. It stops early when the server shuts down.
+    pub fn inject_at_rate(&self, rate: Rate) -> Result<JoinHandle<u64>, ControlError> {
+        rate.validate().map_err(|reason| ControlError::Invalid {
+            field: "rate",
+            reason,
+        })?;
+        Ok(tokio::spawn(traffic::at_rate(
+            self.world.clone(),
+            rate,
+            self.shutdown.clone(),
+        )))
     }
 
     /// Every mail in a mailbox, in delivery order.

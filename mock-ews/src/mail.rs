@@ -1,9 +1,21 @@
-//! The mail model: what a mailbox holds and how an injected mail becomes an RFC 5322 message.
+//! The mail model: what a mailbox holds, how an injected mail becomes an RFC 5322 message
+//! (plain, multipart/alternative with HTML, multipart/mixed with attachments), and seeded
+//! generation of mail for batches and steady rates.
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
+
+/// A file attached to a mail.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub name: String,
+    /// `application/pdf`, `text/plain`, ...
+    pub content_type: String,
+    /// The file's bytes, base64-encoded.
+    pub content_base64: String,
+}
 
 /// A mail to put into a mailbox, as the control API and the library handle take it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -14,9 +26,13 @@ pub struct NewMail {
     pub from_name: Option<String>,
     /// Recipients; the mailbox itself when empty.
     pub to: Vec<String>,
+    pub cc: Vec<String>,
     pub subject: String,
     /// Plain-text body.
     pub body: String,
+    /// An HTML alternative of the body; the message becomes multipart/alternative.
+    pub html: Option<String>,
+    pub attachments: Vec<Attachment>,
     /// The RFC 5322 Message-ID including angle brackets; generated when absent.
     pub message_id: Option<String>,
 }
@@ -32,6 +48,38 @@ pub struct SentMail {
     pub mime_base64: String,
 }
 
+/// A steady stream of generated mail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rate {
+    /// Mails per second (more than 0, at most 10,000).
+    pub per_second: f64,
+    /// For how long, in milliseconds (at most a day).
+    pub duration_ms: u64,
+    /// Seeds the generated mail and the choice of mailboxes.
+    #[serde(default)]
+    pub seed: u64,
+    /// Every mail to this mailbox; to mailboxes picked at random among all when absent.
+    #[serde(default)]
+    pub mailbox: Option<String>,
+}
+
+impl Rate {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.per_second > 0.0 && self.per_second <= 10_000.0) {
+            return Err("per_second must be more than 0 and at most 10000".into());
+        }
+        if self.duration_ms == 0 || self.duration_ms > 86_400_000 {
+            return Err("duration_ms must be between 1 and 86400000".into());
+        }
+        Ok(())
+    }
+
+    /// How many mails the rate delivers in all.
+    pub fn expected(&self) -> u64 {
+        (self.per_second * self.duration_ms as f64 / 1000.0).floor() as u64
+    }
+}
+
 /// What the server assigned to an injected mail.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InjectedMail {
@@ -44,70 +92,117 @@ pub struct InjectedMail {
 pub(crate) struct Item {
     pub id: String,
     pub change_key: String,
-    pub subject: String,
-    pub from_name: Option<String>,
-    pub from: String,
-    pub to: Vec<String>,
-    pub body: String,
+    pub mail: NewMail,
     pub message_id: String,
     pub received: i64,
     pub mime: Vec<u8>,
 }
 
 impl Item {
-    pub fn new(id: String, mailbox: &str, mail: NewMail) -> Item {
-        let now = clock::now_unix();
+    pub fn new(id: String, mailbox: &str, mut mail: NewMail) -> Item {
         let message_id = mail
             .message_id
+            .take()
             .unwrap_or_else(|| format!("<{}@mock-ews.invalid>", uuid::Uuid::new_v4().simple()));
-        let to = if mail.to.is_empty() {
-            vec![mailbox.to_owned()]
-        } else {
-            mail.to
-        };
-        let mut item = Item {
+        if mail.to.is_empty() {
+            mail.to = vec![mailbox.to_owned()];
+        }
+        let received = clock::now_unix();
+        let mime = render_mime(&id, &mail, &message_id, received);
+        Item {
             id,
             change_key: "CQAAABYAAAA=".into(),
-            subject: mail.subject,
-            from_name: mail.from_name,
-            from: mail.from,
-            to,
-            body: mail.body,
+            mail,
             message_id,
-            received: now,
-            mime: Vec::new(),
-        };
-        item.mime = item.render_mime();
-        item
+            received,
+            mime,
+        }
     }
 
     pub fn summary(&self) -> SentMail {
         SentMail {
             item_id: self.id.clone(),
             message_id: self.message_id.clone(),
-            subject: self.subject.clone(),
-            from: self.from.clone(),
+            subject: self.mail.subject.clone(),
+            from: self.mail.from.clone(),
             mime_base64: base64::engine::general_purpose::STANDARD.encode(&self.mime),
         }
     }
+}
 
-    fn render_mime(&self) -> Vec<u8> {
-        let from = match &self.from_name {
-            Some(name) => format!("{} <{}>", encode_word(name), self.from),
-            None => self.from.clone(),
-        };
-        let body = self.body.replace("\r\n", "\n").replace('\n', "\r\n");
-        format!(
-            "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nDate: {date}\r\nMessage-ID: {mid}\r\n\
-             MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Transfer-Encoding: 8bit\r\n\r\n{body}\r\n",
-            to = self.to.join(", "),
-            subject = encode_word(&self.subject),
-            date = clock::rfc5322(self.received),
-            mid = self.message_id,
-        )
-        .into_bytes()
+/// CRLF line endings, as RFC 5322 requires.
+fn crlf(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+fn text_part(content_type: &str, text: &str) -> String {
+    format!(
+        "Content-Type: {content_type}; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{}\r\n",
+        crlf(text)
+    )
+}
+
+/// The body entity: text, or multipart/alternative with an HTML part.
+fn body_entity(mail: &NewMail, boundary: &str) -> String {
+    match &mail.html {
+        None => text_part("text/plain", &mail.body),
+        Some(html) => format!(
+            "Content-Type: multipart/alternative; boundary=\"{boundary}\"\r\n\r\n--{boundary}\r\n{}--{boundary}\r\n{}--{boundary}--\r\n",
+            text_part("text/plain", &mail.body),
+            text_part("text/html", html),
+        ),
     }
+}
+
+fn render_mime(id: &str, mail: &NewMail, message_id: &str, received: i64) -> Vec<u8> {
+    // Boundaries derive from the item id: the same mail always renders the same bytes.
+    let tag: String = id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(24)
+        .collect();
+    let from = match &mail.from_name {
+        Some(name) => format!("{} <{}>", encode_word(name), mail.from),
+        None => mail.from.clone(),
+    };
+    let mut out = format!(
+        "From: {from}\r\nTo: {}\r\n{}Subject: {}\r\nDate: {}\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n",
+        mail.to.join(", "),
+        if mail.cc.is_empty() {
+            String::new()
+        } else {
+            format!("Cc: {}\r\n", mail.cc.join(", "))
+        },
+        encode_word(&mail.subject),
+        clock::rfc5322(received),
+    );
+    let alternative = format!("alt-{tag}");
+    if mail.attachments.is_empty() {
+        out.push_str(&body_entity(mail, &alternative));
+    } else {
+        let mixed = format!("mixed-{tag}");
+        out.push_str(&format!(
+            "Content-Type: multipart/mixed; boundary=\"{mixed}\"\r\n\r\n--{mixed}\r\n{}",
+            body_entity(mail, &alternative)
+        ));
+        for a in &mail.attachments {
+            let wrapped: Vec<&str> = a
+                .content_base64
+                .as_bytes()
+                .chunks(76)
+                .map(|c| std::str::from_utf8(c).unwrap_or(""))
+                .collect();
+            out.push_str(&format!(
+                "--{mixed}\r\nContent-Type: {}; name=\"{}\"\r\nContent-Disposition: attachment; filename=\"{}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n",
+                a.content_type,
+                a.name,
+                a.name,
+                wrapped.join("\r\n")
+            ));
+        }
+        out.push_str(&format!("--{mixed}--\r\n"));
+    }
+    out.into_bytes()
 }
 
 /// An RFC 2047 encoded word for header text that is not plain printable ASCII.
@@ -122,28 +217,103 @@ fn encode_word(text: &str) -> String {
     }
 }
 
+const WORDS: [&str; 16] = [
+    "quarterly",
+    "invoice",
+    "meeting",
+    "contract",
+    "renewal",
+    "proposal",
+    "update",
+    "request",
+    "schedule",
+    "report",
+    "delivery",
+    "question",
+    "order",
+    "review",
+    "reminder",
+    "offer",
+];
+
+/// Mail number `n` of the sequence `seed`: the same seed and number always give the same mail.
+pub fn generated(seed: u64, n: u64) -> NewMail {
+    let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n);
+    let mut words = || WORDS[rng.usize(..WORDS.len())];
+    let subject = format!("{} {} {n}", words(), words());
+    let body = format!(
+        "Dear customer,\n\nabout the {} {}.\n\nRegards",
+        words(),
+        words()
+    );
+    let sender = rng.u32(..1000);
+    NewMail {
+        from: format!("sender{sender}@example.com"),
+        from_name: Some(format!("Sender {sender}")),
+        html: (n % 2 == 1).then(|| format!("<p>{}</p>", body.replace('\n', "<br>"))),
+        subject,
+        body,
+        message_id: Some(format!("<seed-{seed}-{n}@mock-ews.invalid>")),
+        ..NewMail::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn mime(mail: NewMail) -> String {
+        String::from_utf8(Item::new("aXRlbTox".into(), "alice@contoso.example", mail).mime).unwrap()
+    }
+
     #[test]
-    fn mime_carries_the_headers_and_crlf_body() {
-        let item = Item::new(
-            "id1".into(),
-            "alice@contoso.example",
-            NewMail {
-                from: "bob@example.com".into(),
-                from_name: Some("Bob".into()),
-                subject: "Grüße".into(),
-                body: "line1\nline2".into(),
-                message_id: Some("<m1@example.com>".into()),
-                ..NewMail::default()
-            },
-        );
-        let mime = String::from_utf8(item.mime).unwrap();
+    fn plain_mail_carries_the_headers_and_crlf_body() {
+        let mime = mime(NewMail {
+            from: "bob@example.com".into(),
+            from_name: Some("Bob".into()),
+            subject: "Grüße".into(),
+            body: "line1\nline2".into(),
+            message_id: Some("<m1@example.com>".into()),
+            ..NewMail::default()
+        });
         assert!(mime.starts_with("From: Bob <bob@example.com>\r\nTo: alice@contoso.example\r\n"));
         assert!(mime.contains("Subject: =?utf-8?B?R3LDvMOfZQ==?=\r\n"));
         assert!(mime.contains("Message-ID: <m1@example.com>\r\n"));
         assert!(mime.ends_with("\r\n\r\nline1\r\nline2\r\n"));
+    }
+
+    #[test]
+    fn html_and_attachments_nest_multiparts() {
+        let mime = mime(NewMail {
+            from: "bob@example.com".into(),
+            cc: vec!["carol@example.com".into()],
+            body: "text".into(),
+            html: Some("<b>html</b>".into()),
+            attachments: vec![Attachment {
+                name: "a.txt".into(),
+                content_type: "text/plain".into(),
+                content_base64: base64::engine::general_purpose::STANDARD.encode("x".repeat(100)),
+            }],
+            ..NewMail::default()
+        });
+        assert!(mime.contains("Cc: carol@example.com\r\n"));
+        assert!(mime.contains("Content-Type: multipart/mixed; boundary=\"mixed-aXRlbTox\"\r\n"));
+        assert!(
+            mime.contains("Content-Type: multipart/alternative; boundary=\"alt-aXRlbTox\"\r\n")
+        );
+        assert!(mime.contains("Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n<b>html</b>\r\n"));
+        assert!(mime.contains("Content-Disposition: attachment; filename=\"a.txt\"\r\n"));
+        assert!(mime.trim_end().ends_with("--mixed-aXRlbTox--"));
+        assert!(mime.lines().all(|l| l.len() <= 998), "RFC 5322 line limit");
+    }
+
+    #[test]
+    fn generation_is_reproducible() {
+        assert_eq!(generated(7, 3), generated(7, 3));
+        assert_ne!(generated(7, 3), generated(8, 3));
+        assert_eq!(
+            generated(7, 3).message_id.as_deref(),
+            Some("<seed-7-3@mock-ews.invalid>")
+        );
     }
 }

@@ -470,14 +470,15 @@ pub(crate) fn message(mailbox: &str, item: &Item, shape: &Shape) -> String {
         out.push_str("<t:ItemClass>IPM.Note</t:ItemClass>");
     }
     if shape.wants("item:Subject") {
-        let _ = write!(out, "<t:Subject>{}</t:Subject>", esc(&item.subject));
+        let _ = write!(out, "<t:Subject>{}</t:Subject>", esc(&item.mail.subject));
     }
     if shape.wants("item:Body") {
-        let _ = write!(
-            out,
-            r#"<t:Body BodyType="Text">{}</t:Body>"#,
-            esc(&item.body)
-        );
+        // Exchange serves the HTML body when the message has one.
+        let (kind, body) = match &item.mail.html {
+            Some(html) => ("HTML", html),
+            None => ("Text", &item.mail.body),
+        };
+        let _ = write!(out, r#"<t:Body BodyType="{kind}">{}</t:Body>"#, esc(body));
     }
     if shape.wants("item:DateTimeReceived") {
         let _ = write!(
@@ -503,21 +504,26 @@ pub(crate) fn message(mailbox: &str, item: &Item, shape: &Shape) -> String {
         let _ = write!(
             out,
             "<t:Sender>{}</t:Sender>",
-            mailbox_xml(item.from_name.as_deref(), &item.from)
+            mailbox_xml(item.mail.from_name.as_deref(), &item.mail.from)
         );
     }
-    if shape.wants("message:ToRecipients") {
-        out.push_str("<t:ToRecipients>");
-        for to in &item.to {
-            out.push_str(&mailbox_xml(None, to));
+    for (field, element, list) in [
+        ("message:ToRecipients", "ToRecipients", &item.mail.to),
+        ("message:CcRecipients", "CcRecipients", &item.mail.cc),
+    ] {
+        if shape.wants(field) && !list.is_empty() {
+            let _ = write!(out, "<t:{element}>");
+            for address in list {
+                out.push_str(&mailbox_xml(None, address));
+            }
+            let _ = write!(out, "</t:{element}>");
         }
-        out.push_str("</t:ToRecipients>");
     }
     if shape.wants("message:From") {
         let _ = write!(
             out,
             "<t:From>{}</t:From>",
-            mailbox_xml(item.from_name.as_deref(), &item.from)
+            mailbox_xml(item.mail.from_name.as_deref(), &item.mail.from)
         );
     }
     if shape.wants("message:InternetMessageId") {

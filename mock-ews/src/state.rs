@@ -386,6 +386,13 @@ impl World {
         })
     }
 
+    /// Every mailbox's address key, sorted (so seeded picks are reproducible).
+    pub fn mailbox_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.lock().mailboxes.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
     /// Every mail in a mailbox, in delivery order.
     pub fn sent(&self, mailbox: &str) -> Result<Vec<SentMail>, ControlError> {
         let inner = self.lock();

@@ -252,3 +252,62 @@ async fn sync_folder_items_pages_through_the_change_log() {
         "{bad}"
     );
 }
+
+#[tokio::test]
+async fn generated_traffic_is_reproducible_and_bounded() {
+    let ews = start().await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", ews.addr());
+    let batch: Vec<serde_json::Value> = http
+        .post(format!(
+            "{base}/_control/mailboxes/alice@contoso.example/messages/batch"
+        ))
+        .json(&serde_json::json!({"count": 3, "seed": 42}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<_> = batch
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "<seed-42-0@mock-ews.invalid>",
+            "<seed-42-1@mock-ews.invalid>",
+            "<seed-42-2@mock-ews.invalid>"
+        ]
+    );
+    let sent = ews.sent("alice@contoso.example").unwrap();
+    assert_eq!(sent[1].subject, mock_ews::generated(42, 1).subject);
+
+    let resp = http
+        .post(format!("{base}/_control/rate"))
+        .json(&serde_json::json!({"per_second": 50.0, "duration_ms": 200, "seed": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let expected = resp.json::<serde_json::Value>().await.unwrap()["expected"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(expected, 10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ews.sent("alice@contoso.example").unwrap().len() < 3 + 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rate did not deliver its 10 mails"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bad = http
+        .post(format!("{base}/_control/rate"))
+        .json(&serde_json::json!({"per_second": 0.0, "duration_ms": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
