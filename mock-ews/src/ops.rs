@@ -115,6 +115,34 @@ pub(crate) fn get_folder(
     xml(StatusCode::OK, soap::response("GetFolder", &messages))
 }
 
+/// The inbox of the acting mailbox, as a folder reference names it; else the error message
+/// for operation `op`.
+fn inbox_of(
+    acting: &str,
+    op: &str,
+    folder: &str,
+    mailbox: Option<String>,
+) -> Result<String, String> {
+    let mailbox = named_or_acting(mailbox, acting);
+    if mailbox != acting {
+        Err(soap::error(
+            op,
+            "ErrorAccessDenied",
+            "Access is denied.",
+            "",
+        ))
+    } else if folder != "inbox" && folder != state::inbox_id(&mailbox) {
+        Err(soap::error(
+            op,
+            "ErrorFolderNotFound",
+            "The specified folder could not be found in the store.",
+            "",
+        ))
+    } else {
+        Ok(mailbox)
+    }
+}
+
 pub(crate) fn sync_folder_items(
     world: &World,
     acting: &str,
@@ -123,33 +151,60 @@ pub(crate) fn sync_folder_items(
     sync_state: Option<&str>,
     max_changes: usize,
 ) -> Response {
-    let mailbox = named_or_acting(mailbox, acting);
-    let msg = if mailbox != acting {
-        soap::error(
-            "SyncFolderItems",
-            "ErrorAccessDenied",
-            "Access is denied.",
-            "",
-        )
-    } else if folder != "inbox" && folder != state::inbox_id(&mailbox) {
-        soap::error(
-            "SyncFolderItems",
-            "ErrorFolderNotFound",
-            "The specified folder could not be found in the store.",
-            "",
-        )
-    } else {
+    const OP: &str = "SyncFolderItems";
+    let msg = inbox_of(acting, OP, folder, mailbox).map(|mailbox| {
         match world.sync(&mailbox, sync_state, max_changes) {
-            Some(page) => soap::success("SyncFolderItems", &soap::sync_page(&page)),
+            Some(page) => soap::success(OP, &soap::sync_page(&page)),
             None => soap::error(
-                "SyncFolderItems",
+                OP,
                 "ErrorInvalidSyncStateData",
                 "Synchronization state data is corrupt or otherwise invalid.",
                 "",
             ),
         }
-    };
-    xml(StatusCode::OK, soap::response("SyncFolderItems", &msg))
+    });
+    xml(
+        StatusCode::OK,
+        soap::response(OP, &msg.unwrap_or_else(|e| e)),
+    )
+}
+
+/// FindItem on the inbox: a page of items, newest first, with exchangelib's paging attributes.
+pub(crate) fn find_item(
+    world: &World,
+    acting: &str,
+    (folder, mailbox): (String, Option<String>),
+    shape: &Shape,
+    offset: usize,
+    max_entries: usize,
+) -> Response {
+    const OP: &str = "FindItem";
+    let msg = inbox_of(acting, OP, &folder, mailbox).map(|mailbox| {
+        let (items, total) = world.page(&mailbox, offset, max_entries);
+        let next = offset + items.len();
+        let listed: String = items.iter().map(|item| soap::message(&mailbox, item, shape)).collect();
+        soap::success(
+            OP,
+            &format!(
+                r#"<m:RootFolder IndexedPagingOffset="{next}" TotalItemsInView="{total}" IncludesLastItemInRange="{}"><t:Items>{listed}</t:Items></m:RootFolder>"#,
+                next >= total
+            ),
+        )
+    });
+    xml(
+        StatusCode::OK,
+        soap::response(OP, &msg.unwrap_or_else(|e| e)),
+    )
+}
+
+/// ConvertId: every id is reported malformed. A client probing the server version needs only
+/// a well-formed answer with `ServerVersionInfo`.
+pub(crate) fn convert_id(ids: usize) -> Response {
+    const OP: &str = "ConvertId";
+    let messages: String = (0..ids.max(1))
+        .map(|_| soap::error(OP, "ErrorInvalidIdMalformed", "Id is malformed.", ""))
+        .collect();
+    xml(StatusCode::OK, soap::response(OP, &messages))
 }
 
 fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {

@@ -177,6 +177,13 @@ fn dispatch(app: App, acting: &str, operation: Operation) -> Response {
             state.as_deref(),
             max_changes,
         ),
+        Operation::FindItem {
+            folder,
+            shape,
+            offset,
+            max_entries,
+        } => ops::find_item(&app.world, acting, folder, &shape, offset, max_entries),
+        Operation::ConvertId { ids } => ops::convert_id(ids),
         Operation::GetStreamingEvents {
             ids,
             timeout_minutes,

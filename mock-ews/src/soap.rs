@@ -67,6 +67,16 @@ pub(crate) enum Operation {
     GetFolder {
         folders: Vec<(String, Option<String>)>,
     },
+    FindItem {
+        folder: (String, Option<String>),
+        shape: Shape,
+        offset: usize,
+        max_entries: usize,
+    },
+    /// Answered only so that a client probing the server version gets a well-formed reply.
+    ConvertId {
+        ids: usize,
+    },
     SyncFolderItems {
         /// The distinguished id or folder id, and the mailbox named with it.
         folder: (String, Option<String>),
@@ -86,6 +96,8 @@ impl Operation {
             Operation::Unsubscribe { .. } => "Unsubscribe",
             Operation::GetFolder { .. } => "GetFolder",
             Operation::SyncFolderItems { .. } => "SyncFolderItems",
+            Operation::FindItem { .. } => "FindItem",
+            Operation::ConvertId { .. } => "ConvertId",
             Operation::Unsupported(name) => name,
         }
     }
@@ -123,6 +135,31 @@ fn mailbox_of(folder: Node<'_, '_>) -> Option<String> {
     child(folder, TYPES, "Mailbox")
         .and_then(|m| child(m, TYPES, "EmailAddress"))
         .map(text)
+}
+
+/// The `m:ItemShape` of a GetItem or FindItem.
+fn item_shape(op: Node<'_, '_>) -> Result<Shape, String> {
+    let node = child(op, MESSAGES, "ItemShape")
+        .ok_or_else(|| format!("{} without ItemShape", op.tag_name().name()))?;
+    Ok(Shape {
+        base: child(node, TYPES, "BaseShape")
+            .map(text)
+            .unwrap_or_default(),
+        mime: child(node, TYPES, "IncludeMimeContent").is_some_and(|n| text(n) == "true"),
+        fields: child(node, TYPES, "AdditionalProperties")
+            .map(|a| {
+                elements(a, "FieldURI")
+                    .filter_map(|f| f.attribute("FieldURI").map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+/// The first folder id element under `container` (distinguished or not) and its mailbox.
+fn folder_ref(container: Option<Node<'_, '_>>) -> Option<(String, Option<String>)> {
+    let folder = container?.children().find(Node::is_element)?;
+    Some((folder.attribute("Id")?.to_owned(), mailbox_of(folder)))
 }
 
 /// Decodes a request envelope; the error says what is wrong, for a schema-validation fault.
@@ -176,21 +213,7 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
             }
         }
         "GetItem" => {
-            let shape_node = child(op, MESSAGES, "ItemShape").ok_or("GetItem without ItemShape")?;
-            let shape = Shape {
-                base: child(shape_node, TYPES, "BaseShape")
-                    .map(text)
-                    .unwrap_or_default(),
-                mime: child(shape_node, TYPES, "IncludeMimeContent")
-                    .is_some_and(|n| text(n) == "true"),
-                fields: child(shape_node, TYPES, "AdditionalProperties")
-                    .map(|a| {
-                        elements(a, "FieldURI")
-                            .filter_map(|f| f.attribute("FieldURI").map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            };
+            let shape = item_shape(op)?;
             let ids = child(op, MESSAGES, "ItemIds")
                 .map(|ids| {
                     elements(ids, "ItemId")
@@ -216,10 +239,30 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
                 .unwrap_or_default();
             Operation::GetFolder { folders }
         }
+        "FindItem" => {
+            let view = child(op, MESSAGES, "IndexedPageItemView");
+            let number = |name: &str, default: usize| -> Result<usize, String> {
+                match view.and_then(|v| v.attribute(name)) {
+                    None => Ok(default),
+                    Some(v) => v
+                        .parse()
+                        .map_err(|_| format!("IndexedPageItemView {name} is not an integer")),
+                }
+            };
+            Operation::FindItem {
+                folder: folder_ref(child(op, MESSAGES, "ParentFolderIds"))
+                    .ok_or("FindItem without ParentFolderIds")?,
+                shape: item_shape(op)?,
+                offset: number("Offset", 0)?,
+                max_entries: number("MaxEntriesReturned", 1000)?.clamp(1, 1000),
+            }
+        }
+        "ConvertId" => Operation::ConvertId {
+            ids: child(op, MESSAGES, "SourceIds")
+                .map_or(0, |ids| ids.children().filter(Node::is_element).count()),
+        },
         "SyncFolderItems" => {
-            let folder = child(op, MESSAGES, "SyncFolderId")
-                .and_then(|f| f.children().find(Node::is_element))
-                .and_then(|f| Some((f.attribute("Id")?.to_owned(), mailbox_of(f))))
+            let folder = folder_ref(child(op, MESSAGES, "SyncFolderId"))
                 .ok_or("SyncFolderItems without SyncFolderId")?;
             let max_changes: usize = child(op, MESSAGES, "MaxChangesReturned")
                 .map(text)

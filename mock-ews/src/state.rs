@@ -79,6 +79,8 @@ impl Subscription {
 pub struct Stats {
     /// Requests by SOAP operation (`Subscribe`, `GetItem`, ...), counted before auth.
     pub requests: BTreeMap<String, u64>,
+    /// Answers by SOAP operation and HTTP status (`{"Subscribe": {"200": 3, "503": 1}}`).
+    pub responses: BTreeMap<String, BTreeMap<u16, u64>>,
     /// Requests answered 401.
     pub unauthorized: u64,
     pub open_streams: usize,
@@ -255,6 +257,13 @@ impl World {
             .unwrap_or(0)
             .saturating_sub(at.elapsed().as_millis());
         let mut inner = self.lock();
+        *inner
+            .stats
+            .responses
+            .entry(operation.to_owned())
+            .or_default()
+            .entry(status)
+            .or_default() += 1;
         if inner.log.len() == REQUEST_LOG {
             inner.log.pop_front();
         }
@@ -401,6 +410,23 @@ impl World {
             .get(&key(mailbox))
             .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
         Ok(mb.items.iter().map(Item::summary).collect())
+    }
+
+    /// A page of a mailbox's items, newest first, and how many there are in all.
+    pub fn page(&self, mailbox: &str, offset: usize, max: usize) -> (Vec<Item>, usize) {
+        let inner = self.lock();
+        let Some(mb) = inner.mailboxes.get(&key(mailbox)) else {
+            return (Vec::new(), 0);
+        };
+        let page = mb
+            .items
+            .iter()
+            .rev()
+            .skip(offset)
+            .take(max)
+            .cloned()
+            .collect();
+        (page, mb.items.len())
     }
 
     pub fn item_count(&self, mailbox: &str) -> usize {

@@ -64,6 +64,8 @@ async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
         "GetItem",
         "SyncFolderItems",
         "Unsubscribe",
+        "FindItem",
+        "ConvertId",
     ] {
         assert!(ops.contains_key(op), "exchangelib never sent {op}: {ops:?}");
     }

@@ -73,6 +73,18 @@ with account.inbox.streaming_subscription() as subscription_id:
 step("unsubscribed")
 assert control("GET", "/_control/stats")["live_subscriptions"] == 0
 
+subjects = [m.subject for m in account.inbox.all().only("subject")]
+assert subjects == ["Hello from mock-ews"], subjects
+step(f"listed the inbox with FindItem: {subjects}")
+
+# Without pinned auth and version, exchangelib probes both with ConvertId first. Other
+# credentials, so that exchangelib's cache of detected protocols does not answer for the server.
+control("POST", "/_control/mailboxes", {"email": "bob@contoso.example", "password": "bobs secret"})
+probing = Configuration(service_endpoint=f"{BASE}/EWS/Exchange.asmx", credentials=Credentials("bob@contoso.example", "bobs secret"))
+probed = Account("bob@contoso.example", config=probing, autodiscover=False, access_type=DELEGATE, default_timezone=UTC)
+assert probed.inbox.total_count == 0, probed.inbox.total_count
+step(f"probed auth {probed.protocol.auth_type} and version {probed.protocol.version.api_version}")
+
 control("POST", "/_control/faults", {"kind": "server_busy", "back_off_ms": 2000, "operation": "GetItem"})
 try:
     list(account.fetch(ids=[(item_id, None)], only_fields=["subject"]))

@@ -56,6 +56,7 @@ async fn wrong_password_gets_401_with_basic_challenge() {
             .starts_with("Basic ")
     );
     assert_eq!(ews.stats().unauthorized, 1);
+    assert_eq!(ews.stats().responses["Unsubscribe"][&401], 1);
 }
 
 #[tokio::test]
