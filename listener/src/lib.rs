@@ -34,6 +34,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
+        // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
+        // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
+        // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
+        .tcp_user_timeout(None)
         .user_agent(concat!("exchange-listener/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")?;
