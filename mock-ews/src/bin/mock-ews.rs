@@ -30,6 +30,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    // Thousands of streams are thousands of sockets.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "could not raise the open-files limit");
+    }
     let config = mock_ews::Config {
         keepalive: Duration::from_secs(args.keepalive_secs.max(1)),
         max_connection_time: args.max_connection_secs.map(Duration::from_secs),
