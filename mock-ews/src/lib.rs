@@ -27,6 +27,21 @@ pub use faults::{Fault, FaultKind, Settings};
 pub use mail::{Attachment, InjectedMail, NewMail, Rate, SentMail, generated};
 pub use state::{ControlError, RequestRecord, Stats};
 
+/// A SOAP request envelope around `body` (an operation element using the `m:` and `t:`
+/// prefixes), as the mock's own tests and tools send it. The listener builds its requests with
+/// the `ews` crate instead, so the two never share one writer.
+pub fn request_envelope(body: &str) -> String {
+    format!(
+        concat!(
+            r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/""#,
+            r#" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types""#,
+            r#" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages">"#,
+            r#"<soap:Header><t:RequestServerVersion Version="Exchange2013_SP1"/></soap:Header><soap:Body>{}</soap:Body></soap:Envelope>"#
+        ),
+        body
+    )
+}
+
 /// How the server behaves on streaming connections.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -94,18 +94,6 @@ fn assert_golden(fixture: &str, actual: &str) {
     }
 }
 
-fn envelope(body: &str) -> String {
-    format!(
-        concat!(
-            r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/""#,
-            r#" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types""#,
-            r#" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages">"#,
-            r#"<soap:Header><t:RequestServerVersion Version="Exchange2013_SP1"/></soap:Header><soap:Body>{}</soap:Body></soap:Envelope>"#
-        ),
-        body
-    )
-}
-
 struct Client {
     ews: MockEws,
     http: reqwest::Client,
@@ -126,7 +114,7 @@ impl Client {
     }
 
     async fn op(&self, soap_body: &str) -> (u16, String) {
-        self.post(envelope(soap_body)).await
+        self.post(mock_ews::request_envelope(soap_body)).await
     }
 
     async fn subscribe(&self) -> String {

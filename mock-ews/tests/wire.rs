@@ -2,13 +2,8 @@
 
 use std::time::Duration;
 
+use mock_ews::request_envelope as envelope;
 use mock_ews::{Config, MockEws, NewMail};
-
-const SOAP_HEAD: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><soap:Header><t:RequestServerVersion Version="Exchange2013_SP1"/></soap:Header><soap:Body>"#;
-
-fn envelope(body: &str) -> String {
-    format!("{SOAP_HEAD}{body}</soap:Body></soap:Envelope>")
-}
 
 async fn start() -> MockEws {
     let config = Config {

@@ -72,18 +72,6 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn envelope(body: &str) -> String {
-    format!(
-        concat!(
-            r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/""#,
-            r#" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types""#,
-            r#" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages">"#,
-            r#"<soap:Header><t:RequestServerVersion Version="Exchange2013_SP1"/></soap:Header><soap:Body>{}</soap:Body></soap:Envelope>"#
-        ),
-        body
-    )
-}
-
 /// Counts occurrences of a marker in a byte stream that arrives in arbitrary pieces.
 struct Counter {
     tail: Vec<u8>,
@@ -178,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
                     .post(&ews_url)
                     .basic_auth(&email, Some("pw"))
                     .header("Content-Type", "text/xml; charset=utf-8")
-                    .body(envelope(r#"<m:Subscribe><m:StreamingSubscriptionRequest><t:FolderIds><t:DistinguishedFolderId Id="inbox"/></t:FolderIds><t:EventTypes><t:EventType>NewMailEvent</t:EventType></t:EventTypes></m:StreamingSubscriptionRequest></m:Subscribe>"#))
+                    .body(mock_ews::request_envelope(r#"<m:Subscribe><m:StreamingSubscriptionRequest><t:FolderIds><t:DistinguishedFolderId Id="inbox"/></t:FolderIds><t:EventTypes><t:EventType>NewMailEvent</t:EventType></t:EventTypes></m:StreamingSubscriptionRequest></m:Subscribe>"#))
                     .send()
                     .await?
                     .text()
@@ -193,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
                     .post(&ews_url)
                     .basic_auth(&email, Some("pw"))
                     .header("Content-Type", "text/xml; charset=utf-8")
-                    .body(envelope(&format!("<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{id}</t:SubscriptionId></m:SubscriptionIds><m:ConnectionTimeout>30</m:ConnectionTimeout></m:GetStreamingEvents>")))
+                    .body(mock_ews::request_envelope(&format!("<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{id}</t:SubscriptionId></m:SubscriptionIds><m:ConnectionTimeout>30</m:ConnectionTimeout></m:GetStreamingEvents>")))
                     .send()
                     .await?;
                 let n = opened.fetch_add(1, Ordering::Relaxed) + 1;
