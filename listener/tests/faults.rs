@@ -248,12 +248,14 @@ async fn a_silent_stream_is_reopened_by_the_watchdog() {
         .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
         .await;
     let before = count(&world, "GetStreamingEvents");
+    // Six seconds of silence against a one-second watchdog: two reconnects fit with room to
+    // spare on a loaded machine.
     world
         .ews
         .inject_fault(
             Fault::once(FaultKind::Silence)
                 .for_mailbox(ALICE)
-                .lasting(Duration::from_secs(3)),
+                .lasting(Duration::from_secs(6)),
         )
         .unwrap();
     let sent = [inject(&world, "during silence")];
