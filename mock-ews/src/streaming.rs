@@ -141,7 +141,8 @@ impl Writer {
             let next = tokio::select! {
                 _ = waker.notified() => self.step(false).await,
                 _ = keepalive.tick() => self.step(true).await,
-                _ = &mut deadline => Next::Close,
+                // A silenced server says nothing at the end either.
+                _ = &mut deadline => if self.still_silent() { Next::Stop } else { Next::Close },
                 _ = shutdown.cancelled() => Next::Close,
                 _ = self.tx.closed() => Next::Stop,
             };
@@ -160,18 +161,24 @@ impl Writer {
             .take_fault(&self.attached.mailbox, OPERATION, wanted)
     }
 
+    /// True while a silence that already fired lasts.
+    fn still_silent(&self) -> bool {
+        match self.silent {
+            Some(Some(until)) => Instant::now() < until,
+            Some(None) => true,
+            None => false,
+        }
+    }
+
+    /// Takes a `silence` fault if one is armed; true while the connection must say nothing.
     fn silenced(&mut self) -> bool {
         if let Some((_, until)) = self.fault(|k| *k == FaultKind::Silence) {
             self.silent = Some(until);
         }
-        match self.silent {
-            Some(Some(until)) if Instant::now() >= until => {
-                self.silent = None;
-                false
-            }
-            Some(_) => true,
-            None => false,
+        if !self.still_silent() {
+            self.silent = None;
         }
+        self.silent.is_some()
     }
 
     /// One turn of the connection: after a wake-up, or at a keep-alive tick.

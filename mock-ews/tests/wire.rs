@@ -307,3 +307,44 @@ async fn generated_traffic_is_reproducible_and_bounded() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test]
+async fn a_silenced_stream_says_nothing_after_its_first_envelope() {
+    let ews = start().await;
+    let resp = post(&ews, "secret", envelope(concat!(
+        r#"<m:Subscribe><m:StreamingSubscriptionRequest><t:FolderIds><t:DistinguishedFolderId Id="inbox"/></t:FolderIds>"#,
+        "<t:EventTypes><t:EventType>NewMailEvent</t:EventType></t:EventTypes></m:StreamingSubscriptionRequest></m:Subscribe>"
+    ))).await;
+    let sub = between(
+        &resp.text().await.unwrap(),
+        "<m:SubscriptionId>",
+        "</m:SubscriptionId>",
+    )
+    .to_owned();
+    let silence =
+        mock_ews::Fault::once(mock_ews::FaultKind::Silence).lasting(Duration::from_secs(5));
+    ews.inject_fault(silence).unwrap();
+    ews.inject(
+        "alice@contoso.example",
+        NewMail {
+            from: "bob@example.com".into(),
+            ..NewMail::default()
+        },
+    )
+    .unwrap();
+    // Keep-alives every 200 ms and a one-second connection: none of it may show.
+    let body = post(&ews, "secret", envelope(&format!(
+        "<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{sub}</t:SubscriptionId></m:SubscriptionIds><m:ConnectionTimeout>1</m:ConnectionTimeout></m:GetStreamingEvents>"
+    ))).await.text().await.unwrap();
+    assert_eq!(body.matches("<s:Envelope ").count(), 1, "{body}");
+    assert!(body.contains("<m:ConnectionStatus>OK</m:ConnectionStatus>"));
+    assert!(
+        !body.contains("Closed") && !body.contains("NewMailEvent"),
+        "{body}"
+    );
+    assert_eq!(
+        ews.stats().events_delivered,
+        0,
+        "the mail waits on the subscription"
+    );
+}
