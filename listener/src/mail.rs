@@ -31,6 +31,14 @@ pub fn to_email(item_id: &str, msg: Message) -> Email {
     }
 }
 
+/// Milliseconds since the Unix epoch, now: the unit of every timestamp sent to Creatio.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Milliseconds since the Unix epoch of an `xs:dateTime` such as `2024-05-01T10:00:00Z`,
 /// `2024-05-01T10:00:00.123+02:00` or (taken as UTC) `2024-05-01T10:00:00`.
 pub fn parse_xs_datetime(s: &str) -> Option<i64> {

@@ -5,11 +5,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::contract::Credentials;
+use crate::mail::unix_now_ms;
 
 /// Where a mailbox's worker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,7 +35,7 @@ pub struct MailboxStatus {
     pub delivered: u64,
     pub dead_letters: u64,
     pub reconnects: u64,
-    pub updated_unix_ms: u128,
+    pub updated_unix_ms: i64,
 }
 
 impl Default for MailboxStatus {
@@ -46,16 +46,9 @@ impl Default for MailboxStatus {
             delivered: 0,
             dead_letters: 0,
             reconnects: 0,
-            updated_unix_ms: now_ms(),
+            updated_unix_ms: unix_now_ms(),
         }
     }
-}
-
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 /// Item ids already delivered, bounded: the oldest are forgotten first.
@@ -164,7 +157,7 @@ impl Registry {
     pub fn update_status(&self, id: &str, f: impl FnOnce(&mut MailboxStatus)) {
         if let Some(entry) = self.lock().get_mut(id) {
             f(&mut entry.status);
-            entry.status.updated_unix_ms = now_ms();
+            entry.status.updated_unix_ms = unix_now_ms();
         }
     }
 

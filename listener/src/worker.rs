@@ -19,7 +19,7 @@ use crate::backoff::{Backoff, BackoffPolicy};
 use crate::contract::{self, CallbackMode, Credentials};
 use crate::delivery::{Delivery, DeliveryError};
 use crate::ews_client::{Disposition, EwsClient, EwsFailure};
-use crate::mail::to_email;
+use crate::mail::{to_email, unix_now_ms};
 use crate::registry::{Registry, WorkerState};
 
 /// How workers behave; shared by all of them.
@@ -190,7 +190,8 @@ impl Worker {
                 Ok(false) => Ok(StreamEnd::Cancelled),
                 Err(f) => Err(f),
             };
-            let retry_after = match end {
+            // How long the server asked us to wait before reconnecting, if it said.
+            let server_asked = match end {
                 Ok(StreamEnd::Cancelled) => return Flow::Cancelled,
                 Ok(StreamEnd::SubscriptionLost(f)) => {
                     tracing::info!(error = %f, "subscription lost, subscribing again");
@@ -207,7 +208,7 @@ impl Worker {
                     Disposition::Retry { after } => {
                         tracing::info!(error = %f, "event stream interrupted");
                         self.set_state(WorkerState::Streaming, Some(f.to_string()));
-                        Some(after)
+                        after
                     }
                 },
             };
@@ -215,10 +216,10 @@ impl Worker {
                 .registry
                 .update_status(self.id(), |s| s.reconnects += 1);
             let healthy = opened.elapsed() >= HEALTHY_CONNECTION;
-            match retry_after {
-                Some(None) | None if healthy => self.retry.reset(),
+            match server_asked {
+                None if healthy => self.retry.reset(),
                 after => {
-                    let d = self.retry.next_delay_at_least(after.flatten());
+                    let d = self.retry.next_delay_at_least(after);
                     self.set_state(WorkerState::Backoff, None);
                     if !self.sleep(d).await {
                         return Flow::Cancelled;
@@ -352,7 +353,7 @@ impl Worker {
         match self.mode {
             CallbackMode::NewEmail => {
                 // Creatio fetches the items itself; one call announces them all.
-                let body = contract::new_email_payload(&self.creds, &fresh, now_ms());
+                let body = contract::new_email_payload(&self.creds, &fresh, unix_now_ms());
                 let key = format!("{}:{}", self.id(), fresh.join(","));
                 Ok(self
                     .post(&self.creds.bpm_endpoint.clone(), &body, &key, &fresh)
@@ -509,11 +510,4 @@ impl Worker {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
