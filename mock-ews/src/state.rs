@@ -251,11 +251,7 @@ impl World {
     }
 
     pub fn record(&self, operation: &str, mailbox: &str, status: u16, at: Instant) {
-        let at_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
-            .saturating_sub(at.elapsed().as_millis());
+        let at_unix_ms = crate::clock::now_unix_ms().saturating_sub(at.elapsed().as_millis());
         let mut inner = self.lock();
         *inner
             .stats

@@ -58,9 +58,7 @@ pub(crate) fn stream(app: App, acting: String, ids: Vec<String>, timeout_minutes
         return chunked(Body::from(format!("{}{body}", soap::XML_DECL)));
     }
     let waker = Arc::new(Notify::new());
-    if let Err(Refused::TooManyStreams | Refused::TooManySubscriptions) =
-        app.world.attach(&acting, &ids, &waker)
-    {
+    if let Err(Refused::TooManyStreams) = app.world.attach(&acting, &ids, &waker) {
         return refuse(
             "ErrorExceededConnectionCount",
             "You have exceeded the available concurrent connections for your account.",
