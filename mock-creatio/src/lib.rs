@@ -37,6 +37,9 @@ pub struct Call {
     /// `NewEmail`, `ProcessFullEmail`, ...
     pub operation: String,
     pub body: serde_json::Value,
+    /// The `Idempotency-Key` header, when the call carried one.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     /// Wall-clock arrival, milliseconds since the Unix epoch.
     pub received_unix_ms: u128,
     /// Monotonic arrival, for latency measured in the same process.
@@ -44,11 +47,33 @@ pub struct Call {
     pub received: Instant,
 }
 
+/// How the next calls fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// How many of the next calls fail.
+    pub count: u32,
+    /// Their HTTP status (503 when absent).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// A `Retry-After` header, in seconds.
+    #[serde(default)]
+    pub retry_after_secs: Option<u64>,
+}
+
+/// One call that arrived, answered or failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    pub operation: String,
+    pub status: u16,
+    #[serde(skip, default = "Instant::now")]
+    pub received: Instant,
+}
+
 #[derive(Debug, Default)]
 struct Recorder {
     calls: Vec<Call>,
-    /// How many of the next calls to answer with 503.
-    failures: u32,
+    attempts: Vec<Attempt>,
+    failure: Failure,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -120,9 +145,22 @@ impl MockCreatio {
             .collect()
     }
 
-    /// Answers the next `n` calls with HTTP 503 (they are not recorded).
+    /// Answers the next `n` calls with HTTP 503 (they are not recorded as calls).
     pub fn fail_next(&self, n: u32) {
-        self.shared.lock().failures = n;
+        self.fail_with(Failure {
+            count: n,
+            ..Failure::default()
+        });
+    }
+
+    /// Fails the next calls as `failure` says (they are not recorded as calls).
+    pub fn fail_with(&self, failure: Failure) {
+        self.shared.lock().failure = failure;
+    }
+
+    /// Every call that arrived, with the status it got, in arrival order.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.shared.lock().attempts.clone()
     }
 
     pub async fn shutdown(mut self) -> std::io::Result<()> {
@@ -143,6 +181,7 @@ impl Drop for MockCreatio {
 async fn record(
     State(shared): State<Shared>,
     Path(operation): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if !OPERATIONS.contains(&operation.as_str()) {
@@ -155,12 +194,37 @@ async fn record(
         }
     };
     let mut rec = shared.lock();
-    if rec.failures > 0 {
-        rec.failures -= 1;
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    if rec.failure.count > 0 {
+        rec.failure.count -= 1;
+        let status = rec
+            .failure
+            .status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        rec.attempts.push(Attempt {
+            operation,
+            status: status.as_u16(),
+            received: Instant::now(),
+        });
+        let mut response = status.into_response();
+        if let Some(v) = rec.failure.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v.into());
+        }
+        return response;
     }
+    rec.attempts.push(Attempt {
+        operation: operation.clone(),
+        status: 200,
+        received: Instant::now(),
+    });
     rec.calls.push(Call {
         operation,
+        idempotency_key: headers
+            .get("Idempotency-Key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         body,
         received_unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -197,12 +261,7 @@ async fn clear(State(shared): State<Shared>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-#[derive(Debug, Deserialize)]
-struct Failures {
-    count: u32,
-}
-
-async fn set_failures(State(shared): State<Shared>, Json(f): Json<Failures>) -> StatusCode {
-    shared.lock().failures = f.count;
+async fn set_failures(State(shared): State<Shared>, Json(f): Json<Failure>) -> StatusCode {
+    shared.lock().failure = f;
     StatusCode::NO_CONTENT
 }

@@ -23,6 +23,9 @@ pub enum FaultKind {
     },
     /// Extra delay before the request is answered.
     Latency { ms: u64 },
+    /// GetItem answers every requested item with this per-item error code (for example
+    /// `ErrorMailboxStoreUnavailable`) instead of the item.
+    ItemError { code: String },
     /// The server forgets the stream's subscriptions: `ErrorSubscriptionNotFound`, `Closed`.
     SubscriptionNotFound,
     /// The server forgets the stream's subscriptions: `ErrorInvalidSubscription`, `Closed`.

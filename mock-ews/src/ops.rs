@@ -89,6 +89,22 @@ pub(crate) fn get_item(world: &World, acting: &str, ids: &[String], shape: &Shap
     xml(StatusCode::OK, soap::response("GetItem", &messages))
 }
 
+/// GetItem under an `item_error` fault: every item fails with `code`.
+pub(crate) fn get_item_failing(ids: &[String], code: &str) -> Response {
+    let messages: String = ids
+        .iter()
+        .map(|_| {
+            soap::error(
+                "GetItem",
+                code,
+                "The item cannot be read right now.",
+                "<m:Items/>",
+            )
+        })
+        .collect();
+    xml(StatusCode::OK, soap::response("GetItem", &messages))
+}
+
 pub(crate) fn get_folder(
     world: &World,
     acting: &str,

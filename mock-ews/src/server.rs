@@ -112,11 +112,19 @@ async fn ews(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respons
 
 /// Answers one request; also names its operation and acting mailbox for the request log.
 async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, Response) {
+    // IIS authenticates before Exchange reads the body: bad credentials get 401 whatever the
+    // envelope holds.
+    let principal = basic_credentials(&headers).and_then(|(u, p)| app.world.authenticate(&u, &p));
     let request = match std::str::from_utf8(&body)
         .map_err(|_| "The request is not UTF-8.".to_owned())
         .and_then(soap::parse_request)
     {
         Ok(r) => r,
+        Err(_) if principal.is_none() => {
+            app.world.count_request("Invalid");
+            app.world.count_unauthorized();
+            return ("Invalid".into(), String::new(), unauthorized());
+        }
         Err(why) => {
             app.world.count_request("Invalid");
             let fault = soap::fault("ErrorSchemaValidation", &why, None);
@@ -129,9 +137,7 @@ async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, R
     };
     let op = request.operation.name().to_owned();
     app.world.count_request(&op);
-    let Some(principal) =
-        basic_credentials(&headers).and_then(|(u, p)| app.world.authenticate(&u, &p))
-    else {
+    let Some(principal) = principal else {
         app.world.count_unauthorized();
         return (op, String::new(), unauthorized());
     };
@@ -163,7 +169,14 @@ fn dispatch(app: App, acting: &str, operation: Operation) -> Response {
             event_types,
         } => ops::subscribe(&app.world, acting, streaming, mailbox, event_types),
         Operation::Unsubscribe { id } => ops::unsubscribe(&app.world, acting, &id),
-        Operation::GetItem { ids, shape } => ops::get_item(&app.world, acting, &ids, &shape),
+        Operation::GetItem { ids, shape } => {
+            match app.world.take_fault(acting, "GetItem", |k| {
+                matches!(k, FaultKind::ItemError { .. })
+            }) {
+                Some((FaultKind::ItemError { code }, _)) => ops::get_item_failing(&ids, &code),
+                _ => ops::get_item(&app.world, acting, &ids, &shape),
+            }
+        }
         Operation::GetFolder { folders } => ops::get_folder(&app.world, acting, folders),
         Operation::SyncFolderItems {
             folder: (folder, mailbox),

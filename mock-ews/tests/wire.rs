@@ -35,6 +35,17 @@ fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
 }
 
 #[tokio::test]
+async fn bad_credentials_get_401_before_the_body_is_read() {
+    // IIS authenticates first: a malformed envelope with a wrong password is a 401, not a
+    // SOAP fault that would tell an unauthenticated caller about the server.
+    let ews = start().await;
+    let resp = post(&ews, "wrong", "<not-an-envelope".into()).await;
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = post(&ews, "secret", "<not-an-envelope".into()).await;
+    assert_eq!(resp.status().as_u16(), 500);
+}
+
+#[tokio::test]
 async fn wrong_password_gets_401_with_basic_challenge() {
     let ews = start().await;
     let resp = post(
