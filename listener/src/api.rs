@@ -3,18 +3,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use crate::contract::{self, ContractError};
-use crate::ews_client::{EwsClient, EwsFailure};
+use crate::ews_client::{EwsClient, EwsFailure, Limits};
 use crate::supervisor::Supervisor;
 
 /// Shared state of the API handlers.
@@ -23,8 +22,8 @@ pub struct ApiState {
     pub supervisor: Arc<Supervisor>,
     pub http: reqwest::Client,
     pub server_version: ews::ServerVersion,
-    /// How long Validate may spend logging in to EWS.
-    pub validate_timeout: Duration,
+    /// Limits on Validate's call to EWS.
+    pub limits: Limits,
     /// Set once the service accepts work; cleared when it shuts down.
     pub ready: Arc<AtomicBool>,
 }
@@ -36,6 +35,8 @@ pub enum ApiError {
     BadRequest(#[from] ContractError),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl IntoResponse for ApiError {
@@ -43,6 +44,7 @@ impl IntoResponse for ApiError {
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
     }
@@ -55,6 +57,8 @@ pub fn router(state: ApiState) -> Router {
             "/api/listeners/{action}",
             get(mailbox).post(action).delete(delete_mailbox),
         )
+        .route("/api/listeners/{id}/dead-letters", get(dead_letters))
+        .route("/api/listeners/{id}/dead-letters/replay", post(replay))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .with_state(state)
@@ -86,16 +90,17 @@ async fn action(
         "create" | "recreate" | "update" => {
             let list = contract::parse_credentials_list(&body)?;
             let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+            // Recorded now, started in the background at a paced rate.
             for creds in list {
-                state.supervisor.start(creds).await;
+                state.supervisor.start(creds);
             }
-            tracing::info!(action = %action, mailboxes = ?ids, "mailboxes started");
+            tracing::info!(action = ?action, mailboxes = ?ids, "mailboxes recorded");
             Ok(Json(json!({})).into_response())
         }
         "close" => {
             let ids = contract::parse_ids(&body)?;
             for id in &ids {
-                state.supervisor.stop(id).await;
+                state.supervisor.stop(id);
             }
             tracing::info!(mailboxes = ?ids, "mailboxes closed");
             Ok(Json(json!({})).into_response())
@@ -118,7 +123,7 @@ async fn action(
             Ok(Json(json!({ "IsValid": valid, "Message": message })).into_response())
         }
         _ => {
-            tracing::warn!(action = %action, body = %contract::body_shape(&body), "unknown listener call");
+            tracing::warn!(action = ?action, body = %contract::body_shape(&body), "unknown listener call");
             Err(ApiError::NotFound(format!("unknown action {action:?}")))
         }
     }
@@ -130,18 +135,39 @@ async fn validate(state: &ApiState, creds: &contract::Credentials) -> (bool, Str
         state.http.clone(),
         creds,
         state.server_version,
-        state.validate_timeout,
+        state.limits,
     ) {
         Ok(c) => c,
         Err(e) => return (false, e.to_string()),
     };
     match client.get_inbox().await {
         Ok(_) => (true, String::new()),
-        Err(EwsFailure::Unauthorized) => (
-            false,
-            "Invalid credentials: Exchange rejected the user name or password".into(),
+        Err(e) => (false, validation_message(&e)),
+    }
+}
+
+/// One message per class of failure: enough for an administrator to fix the settings, too
+/// little to map a network through the API (a closed port, a reset and a silent host read
+/// the same).
+fn validation_message(e: &EwsFailure) -> String {
+    match e {
+        EwsFailure::Unauthorized => {
+            "Invalid credentials: Exchange rejected the user name or password".into()
+        }
+        EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
+            "Exchange could not be reached at ServerAddress".into()
+        }
+        EwsFailure::Http { .. } | EwsFailure::TooLarge { .. } => {
+            "ServerAddress did not answer as an Exchange EWS endpoint".into()
+        }
+        EwsFailure::Ews(ews::EwsError::Malformed(_)) => {
+            "ServerAddress did not answer as an Exchange EWS endpoint".into()
+        }
+        EwsFailure::Ews(err) => format!(
+            "Exchange refused the mailbox: {}",
+            err.code().unwrap_or("unknown error")
         ),
-        Err(e) => (false, e.to_string()),
+        EwsFailure::Config(why) => why.clone(),
     }
 }
 
@@ -168,9 +194,32 @@ async fn delete_mailbox(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.supervisor.stop(&id).await {
+    if state.supervisor.stop(&id) {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no mailbox {id:?}")))
+    }
+}
+
+/// `GET /api/listeners/{id}/dead-letters`: the mail Creatio never took, oldest first (kept
+/// after the mailbox is closed).
+async fn dead_letters(State(state): State<ApiState>, Path(id): Path<String>) -> Json<Value> {
+    let letters = state.supervisor.registry().dead_letters(&id);
+    Json(json!({ "Id": id, "DeadLetters": letters }))
+}
+
+/// `POST /api/listeners/{id}/dead-letters/replay`: delivers every dead letter again.
+async fn replay(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state.supervisor.registry().replay_dead_letters(&id) {
+        Some(n) => {
+            tracing::info!(mailbox = ?id, items = n, "dead letters handed back for delivery");
+            Ok(Json(json!({ "Replaying": n })))
+        }
+        None => Err(ApiError::Conflict(format!(
+            "mailbox {id:?} is not open; create it before replaying its dead letters"
+        ))),
     }
 }

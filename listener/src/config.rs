@@ -75,15 +75,16 @@ pub struct Config {
     )]
     pub failed_retry_max_secs: u64,
 
-    /// Attempts to post one mail to Creatio before it is dead-lettered.
-    #[arg(long, env = "EXCHANGE_LISTENER_DELIVERY_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    pub delivery_attempts: u32,
+    /// How long one mail is retried against Creatio before it becomes a dead letter, in
+    /// seconds. Creatio may be down this long without losing mail.
+    #[arg(long, env = "EXCHANGE_LISTENER_DELIVERY_GIVE_UP_AFTER_SECS", default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub delivery_give_up_after_secs: u64,
 
     /// First delay between attempts to post to Creatio, in milliseconds.
     #[arg(
         long,
         env = "EXCHANGE_LISTENER_DELIVERY_RETRY_BASE_MS",
-        default_value_t = 500
+        default_value_t = 1_000
     )]
     pub delivery_retry_base_ms: u64,
 
@@ -91,9 +92,45 @@ pub struct Config {
     #[arg(
         long,
         env = "EXCHANGE_LISTENER_DELIVERY_RETRY_MAX_MS",
-        default_value_t = 30_000
+        default_value_t = 60_000
     )]
     pub delivery_retry_max_ms: u64,
+
+    /// Most mailboxes this replica serves at once; more wait, in state `Queued`.
+    #[arg(long, env = "EXCHANGE_LISTENER_MAX_ACTIVE_MAILBOXES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_active_mailboxes: u64,
+
+    /// Subscribe calls a second, at most, paced and jittered (starts and resubscriptions).
+    #[arg(long, env = "EXCHANGE_LISTENER_SUBSCRIBE_RATE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub subscribe_rate: u32,
+
+    /// Largest answer read from Exchange, in bytes (a batch of mails past it is fetched one by
+    /// one; a single mail past it is dead-lettered).
+    #[arg(long, env = "EXCHANGE_LISTENER_EWS_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub ews_max_body_bytes: u64,
+
+    /// Seconds without a healthy stream after which SubscriptionsState reports a mailbox
+    /// `failed` (so Creatio's diagnostics show it).
+    #[arg(long, env = "EXCHANGE_LISTENER_UNHEALTHY_AFTER_SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub unhealthy_after_secs: u64,
+
+    /// Most API connections open at once.
+    #[arg(long, env = "EXCHANGE_LISTENER_MAX_CONNECTIONS", default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Seconds a client has to send a request's head.
+    #[arg(long, env = "EXCHANGE_LISTENER_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_timeout_secs: u64,
+
+    /// Seconds to receive a request's body and answer it (Validate waits for Exchange
+    /// within this).
+    #[arg(long, env = "EXCHANGE_LISTENER_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_request_timeout_secs: u64,
+
+    /// Seconds after SIGTERM before open requests are dropped and unfinished unsubscribes
+    /// abandoned (keep below Kubernetes' termination grace period).
+    #[arg(long, env = "EXCHANGE_LISTENER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub shutdown_timeout_secs: u64,
 }
 
 fn parse_version(s: &str) -> Result<ews::ServerVersion, String> {

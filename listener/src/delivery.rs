@@ -1,10 +1,13 @@
 //! Posting to Creatio: one JSON POST, retried with jittered backoff on what may pass
-//! (connection errors, timeouts, 408, 429, 5xx) and given up at once on what will not (other
-//! 4xx). Each mail carries a stable `Idempotency-Key`.
+//! (connection errors, timeouts, 408, 429, 5xx; a `Retry-After` is honoured) for as long as
+//! the retry budget lasts, and given up at once on what will not (other 4xx). Each mail
+//! carries a stable `Idempotency-Key`.
 
 use std::time::Duration;
 
+use reqwest::header::RETRY_AFTER;
 use serde_json::Value;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::BackoffPolicy;
@@ -13,7 +16,8 @@ use crate::backoff::BackoffPolicy;
 pub struct Delivery {
     http: reqwest::Client,
     policy: BackoffPolicy,
-    attempts: u32,
+    /// How long one mail is retried before it becomes a dead letter.
+    give_up_after: Duration,
     timeout: Duration,
 }
 
@@ -22,29 +26,48 @@ pub struct Delivery {
 pub enum DeliveryError {
     #[error("Creatio rejected the call with HTTP {0}")]
     Rejected(u16),
-    #[error("Creatio did not accept the call after {attempts} attempts; last: {last}")]
-    Exhausted { attempts: u32, last: String },
+    #[error(
+        "Creatio did not accept the call in {attempts} attempts over {elapsed:?}; last: {last}"
+    )]
+    Exhausted {
+        attempts: u32,
+        elapsed: Duration,
+        last: String,
+    },
     #[error("stopped before the call got through")]
     Cancelled,
 }
+
+/// The `Idempotency-Key` of one mail of one mailbox: 32 hex digits, the same on every retry,
+/// replay and replica, whatever the length of the ids.
+pub fn idempotency_key(mailbox_id: &str, item_id: &str) -> String {
+    let mut input = Vec::with_capacity(mailbox_id.len() + item_id.len() + 1);
+    input.extend_from_slice(mailbox_id.as_bytes());
+    input.push(0);
+    input.extend_from_slice(item_id.as_bytes());
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&input))
+}
+
+/// The longest `Retry-After` honoured; a larger one is taken as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 impl Delivery {
     pub fn new(
         http: reqwest::Client,
         policy: BackoffPolicy,
-        attempts: u32,
+        give_up_after: Duration,
         timeout: Duration,
     ) -> Self {
         Delivery {
             http,
             policy,
-            attempts: attempts.max(1),
+            give_up_after,
             timeout,
         }
     }
 
     /// Posts `body` to `url`, retrying under the policy until accepted, rejected, out of
-    /// attempts, or cancelled.
+    /// time, or cancelled. A call under way when `cancel` fires completes first.
     pub async fn post(
         &self,
         url: &str,
@@ -52,29 +75,32 @@ impl Delivery {
         idempotency_key: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<(), DeliveryError> {
+        let started = Instant::now();
         let mut backoff = self.policy.start();
-        let mut last = String::new();
-        for attempt in 1..=self.attempts {
-            match self.post_once(url, body, idempotency_key).await {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (why, asked) = match self.post_once(url, body, idempotency_key).await {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Rejected(status)) => return Err(DeliveryError::Rejected(status)),
-                Err(Attempt::Transient(why)) => {
-                    tracing::debug!(url, attempt, error = %why, "Creatio call failed, will retry");
-                    last = why;
-                }
+                Err(Attempt::Transient { why, retry_after }) => (why, retry_after),
+            };
+            let delay = backoff.next_delay_at_least(asked.map(|d| d.min(MAX_RETRY_AFTER)));
+            let elapsed = started.elapsed();
+            if elapsed + delay > self.give_up_after {
+                return Err(DeliveryError::Exhausted {
+                    attempts,
+                    elapsed,
+                    last: why,
+                });
             }
-            if attempt < self.attempts {
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => return Err(DeliveryError::Cancelled),
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                }
+            tracing::debug!(attempt = attempts, error = %why, retry_in_ms = delay.as_millis() as u64, "Creatio call failed, will retry");
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(DeliveryError::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
             }
         }
-        Err(DeliveryError::Exhausted {
-            attempts: self.attempts,
-            last,
-        })
     }
 
     /// Posts once, without retrying: for reports whose loss is harmless.
@@ -82,9 +108,9 @@ impl Delivery {
         if let Err(e) = self.post_once(url, body, None).await {
             let why = match e {
                 Attempt::Rejected(status) => format!("HTTP {status}"),
-                Attempt::Transient(why) => why,
+                Attempt::Transient { why, .. } => why,
             };
-            tracing::warn!(url, error = %why, "Creatio did not take a mailbox state report");
+            tracing::warn!(error = %why, "Creatio did not take a mailbox state report");
         }
     }
 
@@ -98,15 +124,23 @@ impl Delivery {
         if let Some(key) = idempotency_key {
             req = req.header("Idempotency-Key", key);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Attempt::Transient(e.without_url().to_string()))?;
+        let resp = req.send().await.map_err(|e| Attempt::Transient {
+            why: e.without_url().to_string(),
+            retry_after: None,
+        })?;
         let status = resp.status();
         if status.is_success() {
             Ok(())
         } else if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
-            Err(Attempt::Transient(format!("HTTP {}", status.as_u16())))
+            Err(Attempt::Transient {
+                why: format!("HTTP {}", status.as_u16()),
+                retry_after: resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+            })
         } else {
             Err(Attempt::Rejected(status.as_u16()))
         }
@@ -115,5 +149,24 @@ impl Delivery {
 
 enum Attempt {
     Rejected(u16),
-    Transient(String),
+    Transient {
+        why: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_short_stable_and_distinct() {
+        let long_id = "A".repeat(200);
+        let k = idempotency_key("mbx", &long_id);
+        assert_eq!(k.len(), 32);
+        assert_eq!(k, idempotency_key("mbx", &long_id));
+        assert_ne!(k, idempotency_key("mbx2", &long_id));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(idempotency_key("ab", "c"), idempotency_key("a", "bc"));
+    }
 }

@@ -19,7 +19,7 @@ use ews::{
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
 
-use crate::contract::Credentials;
+use crate::contract::{Credentials, Secret};
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
@@ -39,6 +39,8 @@ pub enum EwsFailure {
     Ews(#[from] EwsError),
     #[error("no data on the event stream for {0:?}")]
     Idle(Duration),
+    #[error("EWS answer larger than the {limit}-byte limit")]
+    TooLarge { limit: u64 },
     #[error("{0}")]
     Config(String),
 }
@@ -77,10 +79,46 @@ const CONFIGURATION: [&str; 9] = [
     "ErrorInvalidSchemaVersionForMailboxVersion",
 ];
 
+/// What a per-item error in a GetItem answer means for that item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemFate {
+    /// Deleted or moved: there is nothing to deliver.
+    Gone,
+    /// The server could not serve it now: ask again.
+    Retry,
+    /// The server will not serve it: keep it as a dead letter.
+    Dead,
+}
+
+/// Per-item codes that say "not now" rather than "never".
+const TRANSIENT_ITEM: [&str; 9] = [
+    "ErrorServerBusy",
+    "ErrorMailboxStoreUnavailable",
+    "ErrorTimeoutExpired",
+    "ErrorInternalServerTransientError",
+    "ErrorMailboxMoveInProgress",
+    "ErrorConnectionFailed",
+    "ErrorBatchProcessingStopped",
+    "ErrorInsufficientResources",
+    "ErrorADUnavailable",
+];
+
+pub fn item_fate(code: &str) -> ItemFate {
+    if code == "ErrorItemNotFound" {
+        ItemFate::Gone
+    } else if TRANSIENT_ITEM.contains(&code) {
+        ItemFate::Retry
+    } else {
+        ItemFate::Dead
+    }
+}
+
 impl EwsFailure {
     pub fn disposition(&self) -> Disposition {
         match self {
-            EwsFailure::Unauthorized | EwsFailure::Config(_) => Disposition::Fatal,
+            EwsFailure::Unauthorized | EwsFailure::Config(_) | EwsFailure::TooLarge { .. } => {
+                Disposition::Fatal
+            }
             EwsFailure::Http { retry_after, .. } => Disposition::Retry {
                 after: *retry_after,
             },
@@ -111,6 +149,7 @@ impl EwsFailure {
             EwsFailure::Transport(_) => "EwsUnreachable",
             EwsFailure::Ews(_) => "EwsError",
             EwsFailure::Idle(_) => "EwsStreamIdle",
+            EwsFailure::TooLarge { .. } => "EwsAnswerTooLarge",
             EwsFailure::Config(_) => "EwsConfiguration",
         }
     }
@@ -124,8 +163,7 @@ fn transport(e: reqwest::Error) -> EwsFailure {
     } else {
         "request failed"
     };
-    // reqwest's text names the URL, which carries no credentials here.
-    EwsFailure::Transport(format!("{kind}: {e}"))
+    EwsFailure::Transport(format!("{kind}: {}", e.without_url()))
 }
 
 /// The EWS endpoint for `ServerAddress`: a full URL as given (with `/EWS/Exchange.asmx` added
@@ -156,10 +194,28 @@ pub fn ews_url(server_address: Option<&str>, use_ssl: Option<bool>) -> Result<St
     ))
 }
 
-#[derive(Debug)]
 enum Auth {
-    Basic { user: String, password: String },
-    Bearer(String),
+    Basic { user: String, password: Secret },
+    Bearer(Secret),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Basic { user, .. } => write!(f, "Basic({user:?}, ***)"),
+            Auth::Bearer(_) => f.write_str("Bearer(***)"),
+        }
+    }
+}
+
+/// Limits on one mailbox's conversation with Exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Timeout of every non-streaming call, and of the wait for a stream's response head.
+    pub request_timeout: Duration,
+    /// The largest non-streaming answer read from Exchange (the `ews` crate caps each
+    /// streaming envelope).
+    pub max_body_bytes: u64,
 }
 
 /// One mailbox's EWS client.
@@ -170,7 +226,7 @@ pub struct EwsClient {
     auth: Auth,
     anchor: String,
     header: RequestHeader,
-    request_timeout: Duration,
+    limits: Limits,
     /// The affinity cookie the last Subscribe set, replayed on the subscription's requests.
     cookie: Mutex<Option<String>>,
 }
@@ -180,17 +236,17 @@ impl EwsClient {
         http: reqwest::Client,
         creds: &Credentials,
         version: ServerVersion,
-        request_timeout: Duration,
+        limits: Limits,
     ) -> Result<Self, EwsFailure> {
         let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
         let auth = match (&creds.access_token, &creds.password) {
-            (Some(token), _) => Auth::Bearer(token.expose().to_owned()),
+            (Some(token), _) => Auth::Bearer(token.clone()),
             (None, Some(password)) => Auth::Basic {
                 user: creds
                     .user_name
                     .clone()
                     .unwrap_or_else(|| creds.sender_email.clone()),
-                password: password.expose().to_owned(),
+                password: password.clone(),
             },
             (None, None) => {
                 return Err(EwsFailure::Config(
@@ -207,13 +263,14 @@ impl EwsClient {
                 version,
                 impersonate: None,
             },
-            request_timeout,
+            limits,
             cookie: Mutex::new(None),
         })
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The endpoint, for logs: without any user information it may carry.
+    pub fn url(&self) -> String {
+        redact_url(&self.url)
     }
 
     fn cookie(&self) -> Option<String> {
@@ -238,8 +295,8 @@ impl EwsClient {
             .header("X-AnchorMailbox", &self.anchor)
             .body(body);
         req = match &self.auth {
-            Auth::Basic { user, password } => req.basic_auth(user, Some(password)),
-            Auth::Bearer(token) => req.bearer_auth(token),
+            Auth::Basic { user, password } => req.basic_auth(user, Some(password.expose())),
+            Auth::Bearer(token) => req.bearer_auth(token.expose()),
         };
         if affinity {
             req = req.header("X-PreferServerAffinity", "true");
@@ -265,6 +322,10 @@ impl EwsClient {
         match resp.status() {
             StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => Ok(resp),
             StatusCode::UNAUTHORIZED => Err(EwsFailure::Unauthorized),
+            status if status.is_redirection() => Err(EwsFailure::Config(format!(
+                "EWS answered with a redirect (HTTP {}); set ServerAddress to the EWS URL it points to",
+                status.as_u16()
+            ))),
             status => Err(EwsFailure::Http {
                 status: status.as_u16(),
                 retry_after: resp
@@ -285,10 +346,10 @@ impl EwsClient {
         decode: fn(&[u8]) -> Result<T, EwsError>,
     ) -> Result<T, EwsFailure> {
         let resp = self
-            .send(body, affinity, Some(self.request_timeout))
+            .send(body, affinity, Some(self.limits.request_timeout))
             .await?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
         decode_body(status, &bytes, decode)
     }
 
@@ -361,10 +422,24 @@ impl EwsClient {
     ) -> Result<EventStream, EwsFailure> {
         let body =
             ews::request::get_streaming_events(&self.header, &[subscription_id], timeout_minutes);
-        let resp = self.send(body, true, None).await?;
+        // The idle watchdog starts with the response: until its head arrives, the request
+        // timeout bounds the wait.
+        let resp = tokio::time::timeout(self.limits.request_timeout, self.send(body, true, None))
+            .await
+            .map_err(|_| {
+                EwsFailure::Transport(format!(
+                    "no answer to GetStreamingEvents within {:?}",
+                    self.limits.request_timeout
+                ))
+            })??;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let bytes = resp.bytes().await.map_err(transport)?;
+            let bytes = tokio::time::timeout(
+                self.limits.request_timeout,
+                read_capped(resp, self.limits.max_body_bytes),
+            )
+            .await
+            .map_err(|_| EwsFailure::Transport("timed out reading an error answer".into()))??;
             // A 500 on open is a fault; decode it for its code and back-off.
             return Err(decode_body(status, &bytes, response::parse_stream_envelope)
                 .err()
@@ -380,6 +455,34 @@ impl EwsClient {
             idle_timeout,
         })
     }
+}
+
+/// The URL without user information, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..scheme_end], &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Reads a whole answer, failing as soon as it passes `limit` bytes.
+async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Bytes, EwsFailure> {
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(EwsFailure::TooLarge { limit });
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(EwsFailure::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// Decodes a 200 or 500 body; a 500 that is not a SOAP fault is reported as HTTP 500.

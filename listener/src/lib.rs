@@ -12,40 +12,50 @@ pub mod config;
 pub mod contract;
 pub mod delivery;
 pub mod ews_client;
+pub mod gate;
 pub mod mail;
 pub mod registry;
+pub mod server;
 pub mod supervisor;
 pub mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 
 pub use config::Config;
 
 /// Serves the API on `listener` until `shutdown` completes, then stops every mailbox (each
-/// unsubscribes) and returns.
+/// unsubscribes) and returns, within the configured shutdown timeout.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10))
         // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
         // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
         // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
         .tcp_user_timeout(None)
+        // A redirect would re-post a SOAP body with its credentials, or a mail, to another
+        // host: never follow one; the EWS client reports it as a configuration error.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("exchange-listener/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")?;
+    let limits = ews_client::Limits {
+        request_timeout: config.request_timeout(),
+        max_body_bytes: config.ews_max_body_bytes,
+    };
     let settings = worker::WorkerSettings {
         server_version: config.ews_version,
         connection_timeout_minutes: config.stream_minutes,
-        idle_timeout: std::time::Duration::from_secs(config.stream_idle_secs),
-        request_timeout: config.request_timeout(),
+        idle_timeout: Duration::from_secs(config.stream_idle_secs),
+        limits,
         retry: config.retry().context("EWS retry settings")?,
         failed_retry: config
             .failed_retry()
@@ -54,34 +64,61 @@ pub async fn serve(
     let delivery = delivery::Delivery::new(
         http.clone(),
         config.delivery_retry().context("delivery retry settings")?,
-        config.delivery_attempts,
+        Duration::from_secs(config.delivery_give_up_after_secs),
         config.request_timeout(),
     );
-    let supervisor = Arc::new(supervisor::Supervisor::new(worker::WorkerContext {
-        registry: registry::Registry::default(),
-        http: http.clone(),
-        delivery,
-        settings: Arc::new(settings),
-    }));
-    let ready = Arc::new(AtomicBool::new(true));
+    let supervisor = supervisor::Supervisor::new(
+        worker::WorkerContext {
+            registry: registry::Registry::new(registry::SeenLimits::default()),
+            http: http.clone(),
+            delivery,
+            settings: Arc::new(settings),
+            gate: Arc::new(gate::Gate::new(
+                usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX),
+                config.subscribe_rate,
+            )),
+        },
+        Duration::from_secs(config.unhealthy_after_secs),
+    );
+    let ready = Arc::new(AtomicBool::new(false));
     let state = api::ApiState {
         supervisor: supervisor.clone(),
         http,
         server_version: config.ews_version,
-        validate_timeout: config.request_timeout(),
+        limits,
         ready: ready.clone(),
     };
+    let http_limits = server::HttpLimits {
+        max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+        header_timeout: Duration::from_secs(config.http_header_timeout_secs),
+        request_timeout: Duration::from_secs(config.http_request_timeout_secs),
+    };
+    let grace = Duration::from_secs(config.shutdown_timeout_secs);
+    let router = server::with_limits(api::router(state), http_limits);
     let addr = listener.local_addr().context("reading the bound address")?;
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let stop_flag = ready.clone();
+    let signal = async move {
+        shutdown.await;
+        stop_flag.store(false, Ordering::Relaxed);
+        tracing::info!("shutting down");
+        let _ = stopping_tx.send(());
+    };
+    // Everything is in place: from here on the service takes work.
+    ready.store(true, Ordering::Relaxed);
     tracing::info!(store = "memory", "listening on http://{addr}");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            ready.store(false, Ordering::Relaxed);
-            tracing::info!("shutting down");
-        })
-        .await
-        .context("serving the API")?;
-    supervisor.shutdown().await;
+    let api = server::serve(listener, router, http_limits, signal, grace);
+    // Mailboxes stop (and unsubscribe) while the last requests drain, both within the grace.
+    let mailboxes = async {
+        let _ = stopping.await;
+        if tokio::time::timeout(grace, supervisor.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some mailboxes had not unsubscribed when the shutdown timeout passed");
+        }
+    };
+    tokio::join!(api, mailboxes);
     tracing::info!("stopped");
     Ok(())
 }

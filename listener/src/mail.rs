@@ -62,22 +62,25 @@ pub fn parse_xs_datetime(s: &str) -> Option<i64> {
     {
         return None;
     }
-    let mut rest = &s[19..];
+    let mut rest = s.get(19..)?;
     let mut millis = 0;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
             return None;
         }
-        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
+        let padded = format!("{:0<3}", frac.get(..digits.min(3))?);
         millis = padded.parse::<i64>().ok()?;
-        rest = &frac[digits..];
+        rest = frac.get(digits..)?;
     }
     let offset_minutes = match rest {
         "" | "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
+        tz if tz.len() == 6
+            && (tz.starts_with('+') || tz.starts_with('-'))
+            && tz.get(3..4)? == ":" =>
+        {
             let sign = if tz.starts_with('-') { -1 } else { 1 };
-            sign * (tz[1..3].parse::<i64>().ok()? * 60 + tz[4..6].parse::<i64>().ok()?)
+            sign * (tz.get(1..3)?.parse::<i64>().ok()? * 60 + tz.get(4..6)?.parse::<i64>().ok()?)
         }
         _ => return None,
     };
@@ -126,6 +129,35 @@ mod tests {
             "2024-05-01T10:00:00.",
         ] {
             assert_eq!(parse_xs_datetime(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn never_panics_on_what_a_server_sends() {
+        // Multi-byte characters where the parser expects ASCII once panicked it.
+        for odd in [
+            "2024-05-01T10:00:00+0é00",
+            "2024-05-01T10:00:00é",
+            "2024-05-01T10:00:00.é",
+            "2024-05-01T10:0é:00Z",
+            "é024-05-01T10:00:00Z",
+        ] {
+            assert_eq!(parse_xs_datetime(odd), None, "{odd}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_is_refused(s in "\\PC{0,40}", tail in "[0-9:+.Zé-]{0,8}") {
+            let _ = parse_xs_datetime(&s);
+            let _ = parse_xs_datetime(&format!("2024-05-01T10:00:00{tail}"));
+        }
+
+        #[test]
+        fn any_message_maps_to_an_email(subject in proptest::option::of("\\PC{0,20}"), id in proptest::option::of("\\PC{0,20}"), sent in proptest::option::of("\\PC{0,30}")) {
+            let msg = Message { subject, internet_message_id: id, date_time_sent: sent.clone(), date_time_received: sent, ..Message::default() };
+            let email = to_email("AAMk", msg);
+            proptest::prop_assert!(!email.message_id.trim().is_empty());
         }
     }
 

@@ -1,11 +1,14 @@
 //! One task per mailbox: subscribe, stream, fetch each new item, hand it to Creatio.
 //!
-//! The worker is an explicit state machine (`Subscribing → Streaming → Backoff / Failed`)
-//! whose state, last error and counters live in the [`Registry`], so any caller can see them.
-//! A streaming connection that ends (`Closed`, end of body, idle watchdog) is reopened at once
-//! with the same subscription when it had been healthy, and after a backoff otherwise; a lost
-//! subscription is replaced; credentials the server rejects put the mailbox in `Failed`, which
-//! is reported to Creatio and retried only slowly.
+//! The worker is an explicit state machine (`Queued → Subscribing → CatchingUp → Streaming`,
+//! with `Backoff` and `Failed` on the way) whose transitions are the only writers of its
+//! state in the [`Registry`], so any caller sees the truth. A streaming connection that ends
+//! (`Closed`, end of body, idle watchdog) is reopened at once with the same subscription when
+//! it had been healthy, and after a backoff otherwise; a lost subscription is replaced;
+//! credentials the server rejects put the mailbox in `Failed`, which is reported to Creatio and
+//! retried only slowly. Before every connection it catches up from the stored sync state,
+//! and the cursor only moves past items that were delivered, skipped as gone, or
+//! dead-lettered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +20,11 @@ use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::contract::{self, CallbackMode, Credentials};
-use crate::delivery::{Delivery, DeliveryError};
-use crate::ews_client::{Disposition, EwsClient, EwsFailure};
+use crate::delivery::{Delivery, DeliveryError, idempotency_key};
+use crate::ews_client::{Disposition, EwsClient, EwsFailure, ItemFate, Limits, item_fate};
+use crate::gate::Gate;
 use crate::mail::{to_email, unix_now_ms};
-use crate::registry::{Registry, WorkerState};
+use crate::registry::{DeadLetter, Outcome, Registry, WorkerState};
 
 /// How workers behave; shared by all of them.
 #[derive(Debug, Clone)]
@@ -30,16 +34,18 @@ pub struct WorkerSettings {
     pub connection_timeout_minutes: u8,
     /// Silence on a stream longer than this reopens it.
     pub idle_timeout: Duration,
-    /// Timeout of every non-streaming EWS call.
-    pub request_timeout: Duration,
+    pub limits: Limits,
     /// Backoff after transient EWS failures.
     pub retry: BackoffPolicy,
     /// Backoff while the mailbox is `Failed` (rejected credentials, wrong configuration).
     pub failed_retry: BackoffPolicy,
 }
 
-/// Changes asked for per SyncFolderItems page.
+/// Changes asked for per SyncFolderItems page (ids only, so a page is small).
 const SYNC_PAGE: u16 = 512;
+
+/// Items asked for per GetItem: a batch of full mails is read whole, so it stays small.
+pub const FETCH_BATCH: usize = 16;
 
 /// Attempts to fetch announced items before the connection is given up.
 const FETCH_ATTEMPTS: u32 = 5;
@@ -54,6 +60,7 @@ pub struct WorkerContext {
     pub http: reqwest::Client,
     pub delivery: Delivery,
     pub settings: Arc<WorkerSettings>,
+    pub gate: Arc<Gate>,
 }
 
 enum StreamEnd {
@@ -68,6 +75,15 @@ enum Flow {
     Cancelled,
     Resubscribe,
     Failed(EwsFailure),
+}
+
+/// What one fetched item turned out to be.
+enum Fetched {
+    Mail(Box<ews::Message>),
+    /// Deleted or moved before it could be read.
+    Gone,
+    /// Exchange will not give it; the reason is kept with the dead letter.
+    Dead(String),
 }
 
 struct Worker {
@@ -87,10 +103,8 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationTok
         Ok(mode) => mode,
         Err(e) => {
             // The API validates this before a worker starts; keep the state truthful anyway.
-            ctx.registry.update_status(&creds.id, |s| {
-                s.state = WorkerState::Failed;
-                s.last_error = Some(e.to_string());
-            });
+            ctx.registry
+                .transition(&creds.id, WorkerState::Failed, Some(e.to_string()));
             return;
         }
     };
@@ -104,7 +118,8 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationTok
         cancel,
         reported_unavailable: false,
     };
-    let span = tracing::info_span!("mailbox", id = %worker.creds.id);
+    // Debug formatting escapes what an Id may carry into a text log.
+    let span = tracing::info_span!("mailbox", id = ?worker.creds.id);
     worker.run().instrument(span).await;
 }
 
@@ -114,12 +129,7 @@ impl Worker {
     }
 
     fn set_state(&self, state: WorkerState, error: Option<String>) {
-        self.ctx.registry.update_status(self.id(), |s| {
-            s.state = state;
-            if error.is_some() {
-                s.last_error = error;
-            }
-        });
+        self.ctx.registry.transition(self.id(), state, error);
     }
 
     /// Sleeps unless cancelled first; false when cancelled.
@@ -136,7 +146,7 @@ impl Worker {
             self.ctx.http.clone(),
             &self.creds,
             self.ctx.settings.server_version,
-            self.ctx.settings.request_timeout,
+            self.ctx.settings.limits,
         ) {
             Ok(c) => c,
             Err(f) => {
@@ -146,15 +156,30 @@ impl Worker {
                 return;
             }
         };
-        tracing::info!(url = client.url(), "mailbox worker started");
+        let gate = self.ctx.gate.clone();
+        if gate.full() {
+            self.set_state(WorkerState::Queued, None);
+        }
+        let _place = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return,
+            p = gate.admit() => p,
+        };
+        tracing::info!(url = ?client.url(), "mailbox worker started");
         loop {
             self.set_state(WorkerState::Subscribing, None);
-            let subscribed = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
-                r = client.subscribe() => r,
-            };
-            let sub_id = match subscribed {
+                _ = gate.pace() => {}
+            }
+            // Not cancelled half-way: a Subscribe the server has taken must be answered by
+            // an Unsubscribe, or the subscription lingers on the server.
+            let sub_id = match client.subscribe().await {
+                Ok(id) if self.cancel.is_cancelled() => {
+                    self.unsubscribe(&client, &id).await;
+                    return;
+                }
                 Ok(id) => id,
                 Err(f) => {
                     if self.pause(&f).await {
@@ -172,6 +197,9 @@ impl Worker {
                 }
                 Flow::Resubscribe => continue,
                 Flow::Failed(f) => {
+                    // The subscription may still live on the server: give it back before
+                    // the next one, or they pile up toward Exchange's per-mailbox limit.
+                    self.unsubscribe(&client, &sub_id).await;
                     if !self.pause(&f).await {
                         return;
                     }
@@ -183,7 +211,6 @@ impl Worker {
     /// Keeps one subscription streamed until it is lost, fails for good, or is cancelled.
     async fn stream_subscription(&mut self, client: &EwsClient, sub_id: &str) -> Flow {
         loop {
-            self.set_state(WorkerState::Streaming, None);
             let opened = Instant::now();
             let end = match self.catch_up(client).await {
                 Ok(true) => self.stream_once(client, sub_id).await,
@@ -207,14 +234,12 @@ impl Worker {
                     Disposition::Fatal => return Flow::Failed(f),
                     Disposition::Retry { after } => {
                         tracing::info!(error = %f, "event stream interrupted");
-                        self.set_state(WorkerState::Streaming, Some(f.to_string()));
+                        self.set_state(WorkerState::Backoff, Some(f.to_string()));
                         after
                     }
                 },
             };
-            self.ctx
-                .registry
-                .update_status(self.id(), |s| s.reconnects += 1);
+            self.ctx.registry.count(self.id(), |s| s.reconnects += 1);
             let healthy = opened.elapsed() >= HEALTHY_CONNECTION;
             match server_asked {
                 None if healthy => self.retry.reset(),
@@ -296,10 +321,21 @@ impl Worker {
             _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
             s = client.open_stream(sub_id, settings.connection_timeout_minutes, settings.idle_timeout) => s?,
         };
+        // The server accepted the stream: it is open and healthy until it says otherwise.
+        self.set_state(WorkerState::Streaming, None);
+        let replay = self.ctx.registry.replay_signal(self.id());
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
+                _ = async { match &replay { Some(r) => r.notified().await, None => std::future::pending().await } } => {
+                    let items = self.ctx.registry.take_replay(self.id());
+                    tracing::info!(items = items.len(), "replaying dead letters");
+                    if !self.deliver(client, items).await? {
+                        return Ok(StreamEnd::Cancelled);
+                    }
+                    continue;
+                }
                 b = stream.next() => b?,
             };
             let Some(batch) = batch else {
@@ -337,7 +373,8 @@ impl Worker {
         }
     }
 
-    /// Hands new items to Creatio; false when cancelled on the way.
+    /// Hands new items to Creatio, each recorded as delivered, skipped or dead-lettered;
+    /// false when cancelled on the way (what was not recorded is found again by catch-up).
     async fn deliver(
         &mut self,
         client: &EwsClient,
@@ -347,46 +384,46 @@ impl Worker {
             .into_iter()
             .filter(|id| self.ctx.registry.is_new(self.id(), id))
             .collect();
-        if fresh.is_empty() {
-            return Ok(true);
-        }
         match self.mode {
             CallbackMode::NewEmail => {
-                // Creatio fetches the items itself; one call announces them all.
-                let body = contract::new_email_payload(&self.creds, &fresh, unix_now_ms());
-                let key = format!("{}:{}", self.id(), fresh.join(","));
-                Ok(self
-                    .post(&self.creds.bpm_endpoint.clone(), &body, &key, &fresh)
-                    .await)
+                // Creatio fetches the items itself; one call per item, so each carries its
+                // own idempotency key.
+                for id in &fresh {
+                    let body = contract::new_email_payload(
+                        &self.creds,
+                        std::slice::from_ref(id),
+                        unix_now_ms(),
+                    );
+                    if !self.post(&body, id, None).await {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
             }
             CallbackMode::ProcessFullEmail => {
-                let Some(fetched) = self.fetch(client, &fresh).await? else {
-                    return Ok(false);
-                };
-                for (id, result) in fresh.iter().zip(fetched) {
-                    match result {
-                        Ok(msg) => {
-                            let email = to_email(id, msg);
-                            let body = contract::full_email_payload(
-                                &self.creds,
-                                std::slice::from_ref(&email),
-                            );
-                            let key = format!("{}:{}", self.id(), email.message_id);
-                            if !self
-                                .post(
-                                    &self.creds.bpm_endpoint.clone(),
-                                    &body,
-                                    &key,
-                                    std::slice::from_ref(id),
-                                )
-                                .await
-                            {
-                                return Ok(false);
+                for batch in fresh.chunks(FETCH_BATCH) {
+                    let Some(fetched) = self.fetch(client, batch).await? else {
+                        return Ok(false);
+                    };
+                    for (id, item) in batch.iter().zip(fetched) {
+                        match item {
+                            Fetched::Mail(msg) => {
+                                let email = to_email(id, *msg);
+                                let body = contract::full_email_payload(
+                                    &self.creds,
+                                    std::slice::from_ref(&email),
+                                );
+                                if !self.post(&body, id, Some(&email)).await {
+                                    return Ok(false);
+                                }
                             }
-                        }
-                        Err(e) => {
-                            // Deleted or moved before it could be read: nothing to deliver.
-                            tracing::info!(item = %id, code = %e.code, "new item could not be fetched; skipped");
+                            Fetched::Gone => {
+                                tracing::info!(item = ?id, "new item gone before it could be read; skipped");
+                                self.ctx.registry.record(self.id(), id, Outcome::Skipped);
+                            }
+                            Fetched::Dead(why) => {
+                                self.dead_letter(id, None, why);
+                            }
                         }
                     }
                 }
@@ -395,63 +432,126 @@ impl Worker {
         }
     }
 
-    /// Fetches announced items, retrying transient failures in place: the notification is
-    /// already consumed, so giving up here would lose the mail. `None` when cancelled.
+    /// Fetches a batch of items, one result per id in order. Transient failures, of the call
+    /// or of single items, are retried in place: the notification is already consumed. A
+    /// batch too large to read is fetched one by one; one mail too large is a dead letter.
+    /// `None` when cancelled.
     async fn fetch(
         &mut self,
         client: &EwsClient,
         ids: &[String],
-    ) -> Result<Option<Vec<Result<ews::Message, ews::ResponseError>>>, EwsFailure> {
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    ) -> Result<Option<Vec<Fetched>>, EwsFailure> {
+        let mut results: Vec<Option<Fetched>> = ids.iter().map(|_| None).collect();
+        // Indices into `ids` still to fetch, and how many go in one call.
+        let mut pending: Vec<usize> = (0..ids.len()).collect();
+        let mut per_call = ids.len();
         let mut backoff = self.ctx.settings.retry.start();
-        loop {
+        while !pending.is_empty() {
+            let call: Vec<usize> = pending.iter().copied().take(per_call).collect();
+            let refs: Vec<&str> = call.iter().map(|&i| ids[i].as_str()).collect();
             let result = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(None),
                 r = client.get_items(&refs) => r,
             };
-            match result {
-                Ok(items) => return Ok(Some(items)),
-                Err(f) => match f.disposition() {
-                    Disposition::Retry { after } if backoff.attempts() + 1 < FETCH_ATTEMPTS => {
-                        let delay = backoff.next_delay_at_least(after);
-                        tracing::info!(error = %f, retry_in_ms = delay.as_millis() as u64, "fetching new items failed");
-                        if !self.sleep(delay).await {
-                            return Ok(None);
+            let failure = match result {
+                Ok(items) => {
+                    let mut transient = None;
+                    for (&i, item) in call.iter().zip(items) {
+                        match item {
+                            Ok(msg) => results[i] = Some(Fetched::Mail(Box::new(msg))),
+                            Err(e) => match item_fate(&e.code) {
+                                ItemFate::Gone => results[i] = Some(Fetched::Gone),
+                                ItemFate::Dead => {
+                                    results[i] = Some(Fetched::Dead(format!(
+                                        "Exchange would not give the item: {}",
+                                        e.code
+                                    )))
+                                }
+                                ItemFate::Retry => transient = Some(e),
+                            },
                         }
                     }
-                    _ => return Err(f),
-                },
+                    pending.retain(|&i| results[i].is_none());
+                    match transient {
+                        None => {
+                            backoff.reset();
+                            continue;
+                        }
+                        Some(e) => EwsFailure::Ews(ews::EwsError::Response(e)),
+                    }
+                }
+                Err(EwsFailure::TooLarge { limit }) => {
+                    if call.len() == 1 {
+                        let i = call[0];
+                        results[i] = Some(Fetched::Dead(format!(
+                            "the mail is larger than the {limit}-byte limit on EWS answers"
+                        )));
+                        pending.retain(|&p| p != i);
+                    }
+                    per_call = 1;
+                    continue;
+                }
+                Err(f) => f,
+            };
+            match failure.disposition() {
+                Disposition::Retry { after } if backoff.attempts() + 1 < FETCH_ATTEMPTS => {
+                    let delay = backoff.next_delay_at_least(after);
+                    tracing::info!(error = %failure, retry_in_ms = delay.as_millis() as u64, "fetching new items failed");
+                    if !self.sleep(delay).await {
+                        return Ok(None);
+                    }
+                }
+                _ => return Err(failure),
             }
         }
+        Ok(Some(results.into_iter().flatten().collect()))
     }
 
-    /// Posts one callback and records the items as delivered or dead-lettered; false when
-    /// cancelled before it got through.
-    async fn post(&self, url: &str, body: &serde_json::Value, key: &str, items: &[String]) -> bool {
+    /// Posts one mail's callback and records the outcome; false when cancelled before it
+    /// got through.
+    async fn post(
+        &self,
+        body: &serde_json::Value,
+        item_id: &str,
+        email: Option<&contract::Email>,
+    ) -> bool {
+        let key = idempotency_key(self.id(), item_id);
         let outcome = self
             .ctx
             .delivery
-            .post(url, body, Some(key), &self.cancel)
+            .post(&self.creds.bpm_endpoint, body, Some(&key), &self.cancel)
             .await;
-        let dead_letter = match outcome {
-            Ok(()) => false,
-            Err(DeliveryError::Cancelled) => return false,
-            Err(e) => {
-                tracing::error!(items = items.len(), error = %e, "delivery to Creatio failed; mail dead-lettered");
-                self.set_state(WorkerState::Streaming, Some(e.to_string()));
-                true
+        match outcome {
+            Ok(()) => {
+                self.ctx
+                    .registry
+                    .record(self.id(), item_id, Outcome::Delivered);
+                tracing::debug!(item = ?item_id, "delivered to Creatio");
             }
-        };
-        for item in items {
-            self.ctx
-                .registry
-                .mark_delivered(self.id(), item, dead_letter);
-        }
-        if !dead_letter {
-            tracing::debug!(items = items.len(), "delivered to Creatio");
+            Err(DeliveryError::Cancelled) => return false,
+            Err(e) => self.dead_letter(item_id, email, e.to_string()),
         }
         true
+    }
+
+    fn dead_letter(&self, item_id: &str, email: Option<&contract::Email>, error: String) {
+        let message_id = email.map(|e| e.message_id.clone());
+        tracing::error!(item = ?item_id, message_id = ?message_id, error = %error, "mail dead-lettered");
+        let letter = DeadLetter {
+            item_id: item_id.to_owned(),
+            message_id,
+            subject: email.map(|e| e.subject.clone()),
+            error: error.clone(),
+            unix_ms: unix_now_ms(),
+        };
+        self.ctx
+            .registry
+            .record(self.id(), item_id, Outcome::DeadLettered(letter));
+        self.ctx.registry.count(self.id(), |s| {
+            s.last_error = Some(error);
+            s.last_error_unix_ms = Some(unix_now_ms());
+        });
     }
 
     /// Waits after a failure as its disposition says; false when cancelled meanwhile.

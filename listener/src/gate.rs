@@ -1,0 +1,98 @@
+//! Admission to Exchange: a cap on the mailboxes one replica serves at once, and a paced,
+//! jittered rate of Subscribe calls, so that a Create of thousands of mailboxes (or a restart)
+//! reaches Exchange as a steady trickle instead of a burst that trips its throttling.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+#[derive(Debug)]
+pub struct Gate {
+    active: Arc<Semaphore>,
+    /// Time between two Subscribe calls.
+    interval: Duration,
+    /// When the next Subscribe may go out.
+    next: Mutex<Option<Instant>>,
+}
+
+impl Gate {
+    /// At most `max_active` mailboxes served at once; `per_second` Subscribe calls a second.
+    pub fn new(max_active: usize, per_second: u32) -> Self {
+        Gate {
+            active: Arc::new(Semaphore::new(max_active.min(Semaphore::MAX_PERMITS))),
+            interval: Duration::from_secs(1) / per_second.max(1),
+            next: Mutex::new(None),
+        }
+    }
+
+    /// A place among the active mailboxes, held for as long as the mailbox is served.
+    pub async fn admit(&self) -> OwnedSemaphorePermit {
+        self.active
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the gate's semaphore is never closed")
+    }
+
+    /// True when a mailbox asking now would have to wait for a place.
+    pub fn full(&self) -> bool {
+        self.active.available_permits() == 0
+    }
+
+    /// Waits for this caller's turn to subscribe: turns are `interval` apart, each moved by a
+    /// random part of an interval so replicas that start together do not stay in step.
+    pub async fn pace(&self) {
+        let now = Instant::now();
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = next.map_or(now, |n| n.max(now));
+            *next = Some(slot + self.interval);
+            slot
+        };
+        let at = slot + self.interval.mul_f64(fastrand::f64());
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn turns_are_spaced_by_the_rate() {
+        let gate = Arc::new(Gate::new(10, 10));
+        let start = Instant::now();
+        let turns: Vec<_> = (0..20)
+            .map(|_| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    gate.pace().await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        let mut at = Vec::new();
+        for t in turns {
+            at.push(t.await.unwrap() - start);
+        }
+        at.sort();
+        // Twenty turns at ten a second: the last one no sooner than 1.9 s, none later than 2 s.
+        assert!(at[19] >= Duration::from_millis(1_900), "{at:?}");
+        assert!(at[19] <= Duration::from_secs(2), "{at:?}");
+        assert!(at[0] < Duration::from_millis(100), "{at:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_holds_until_a_place_is_given_back() {
+        let gate = Gate::new(2, 1000);
+        let a = gate.admit().await;
+        let _b = gate.admit().await;
+        assert!(gate.full());
+        let third = tokio::time::timeout(Duration::from_secs(60), gate.admit()).await;
+        assert!(third.is_err(), "a third mailbox waits");
+        drop(a);
+        let _c = gate.admit().await;
+    }
+}
