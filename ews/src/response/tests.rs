@@ -277,3 +277,63 @@ fn invalid_sync_state_is_typed() {
     let err = parse_sync_folder_items(&fixture("sync_folder_items_invalid_state.xml")).unwrap_err();
     assert_eq!(err.code(), Some("ErrorInvalidSyncStateData"));
 }
+
+/// Every decoder, fed any bytes: arbitrary ones, and real fixtures with bytes flipped, cut or
+/// spliced with multi-byte text. Whatever a server sends, a decoder answers; it never panics.
+fn decode_everything(bytes: &[u8]) {
+    let _ = parse_subscribe(bytes);
+    let _ = parse_unsubscribe(bytes);
+    let _ = parse_get_item(bytes);
+    let _ = parse_get_folder(bytes);
+    let _ = parse_sync_folder_items(bytes);
+    let _ = parse_stream_envelope(bytes);
+    let mut splitter = crate::EnvelopeSplitter::new();
+    if let Ok(envelopes) = splitter.push(bytes) {
+        for e in envelopes {
+            let _ = parse_stream_envelope(&e);
+        }
+    }
+}
+
+fn all_fixtures() -> Vec<Vec<u8>> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
+    let mut out: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    out.sort();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn decoders_never_panic_on_damaged_fixtures(
+        which in any::<prop::sample::Index>(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let fixtures = all_fixtures();
+        let mut bytes = fixtures[which.index(fixtures.len())].clone();
+        for (at, byte, how) in edits {
+            if bytes.is_empty() {
+                break;
+            }
+            let i = at.index(bytes.len());
+            match how {
+                0 => bytes[i] = byte,
+                1 => { bytes.splice(i..i, "é€\u{1F600}".bytes()); }
+                _ => { bytes.remove(i); }
+            }
+        }
+        let len = bytes.len();
+        decode_everything(&bytes);
+        decode_everything(&bytes[..cut.index(len + 1)]);
+    }
+}
