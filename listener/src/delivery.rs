@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use reqwest::header::RETRY_AFTER;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::BackoffPolicy;
+use crate::backoff::{BackoffPolicy, retry_after};
 
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -134,12 +133,7 @@ impl Delivery {
         } else if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
             Err(Attempt::Transient {
                 why: format!("HTTP {}", status.as_u16()),
-                retry_after: resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
+                retry_after: retry_after(resp.headers()),
             })
         } else {
             Err(Attempt::Rejected(status.as_u16()))

@@ -17,8 +17,9 @@ use ews::{
     ServerVersion,
 };
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
+use reqwest::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
 
+use crate::backoff::retry_after;
 use crate::contract::{Credentials, Secret};
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
@@ -328,12 +329,7 @@ impl EwsClient {
             ))),
             status => Err(EwsFailure::Http {
                 status: status.as_u16(),
-                retry_after: resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
+                retry_after: retry_after(resp.headers()),
             }),
         }
     }
