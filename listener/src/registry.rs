@@ -223,13 +223,13 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores a mailbox's credentials; false when they are the ones already stored. New
+    /// Stores a mailbox's credentials; the ones already stored change nothing. New
     /// credentials restart the status (counters are kept); the delivered set and sync state
     /// are kept, so a recreated mailbox catches up on what arrived meanwhile.
-    pub fn upsert(&self, credentials: Credentials) -> bool {
+    pub fn upsert(&self, credentials: Credentials) {
         let mut inner = self.lock();
         match inner.mailboxes.get_mut(&credentials.id) {
-            Some(entry) if entry.credentials == credentials => false,
+            Some(entry) if entry.credentials == credentials => {}
             Some(entry) => {
                 entry.credentials = credentials;
                 entry.status = MailboxStatus {
@@ -239,7 +239,6 @@ impl Registry {
                     restarts: entry.status.restarts,
                     ..MailboxStatus::default()
                 };
-                true
             }
             None => {
                 inner.mailboxes.insert(
@@ -253,7 +252,6 @@ impl Registry {
                         replay_signal: Arc::new(Notify::new()),
                     },
                 );
-                true
             }
         }
     }

@@ -205,15 +205,6 @@ impl Supervisor {
         };
         futures_util::future::join_all(all.into_iter().map(Running::stop)).await;
     }
-
-    /// Live workers, for tests and metrics.
-    pub fn running(&self) -> usize {
-        self.lock()
-            .map
-            .values()
-            .filter(|s| s.running.is_some())
-            .count()
-    }
 }
 
 /// Runs a mailbox's worker; a worker that dies (a bug, never an input) is noticed, marked
