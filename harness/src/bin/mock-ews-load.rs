@@ -5,7 +5,6 @@
 //! /proc. Loopback only; it stops by itself after the run.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::StreamExt as _;
+use harness::process::{Process, release_binaries, run_dir};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -32,44 +31,12 @@ struct Args {
     /// The server's keep-alive interval on idle streams, in seconds.
     #[arg(long, default_value_t = 45)]
     keepalive_secs: u64,
-    /// The mock-ews binary (default: next to this one).
+    /// The mock-ews binary (default: the workspace's release build).
     #[arg(long)]
     mock_ews: Option<PathBuf>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report: Option<PathBuf>,
-}
-
-/// Resident memory (current and peak, KiB) and CPU time (clock ticks) of a process.
-fn sample(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |field: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses: utime and stime are 12th and 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Ok((kib("VmRSS:"), kib("VmHWM:"), ticks))
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Counts occurrences of a marker in a byte stream that arrives in arbitrary pieces.
@@ -101,49 +68,38 @@ async fn main() -> anyhow::Result<()> {
     }
     let binary = match &args.mock_ews {
         Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("mock-ews"),
+        None => release_binaries(&["mock-ews"])?.remove(0),
     };
-    let mut child = tokio::process::Command::new(&binary)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--keepalive-secs",
-            &args.keepalive_secs.to_string(),
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("MOCK_EWS_LOG").unwrap_or_else(|_| "warn,mock_ews=info".into()),
-        )
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let pid = child.id().context("mock-ews exited at once")?;
-    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
-    let base = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .context("mock-ews exited before listening")?;
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap_or("").to_owned();
-        }
-    };
-    // Pass the server's own output on, so its warnings show in the run.
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            println!("mock-ews: {line}");
-        }
-    });
+    let log = run_dir("mock-ews-load")?.join("mock-ews.log");
+    let env = [(
+        "RUST_LOG",
+        std::env::var("MOCK_EWS_LOG").unwrap_or_else(|_| "warn,mock_ews=info".into()),
+    )];
+    let server = Process::start(
+        "mock-ews",
+        &binary,
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--keepalive-secs".into(),
+            args.keepalive_secs.to_string(),
+        ],
+        &env,
+        &log,
+    )
+    .await?;
+    let base = server.base.clone();
+    println!("mock-ews logs to {}", log.display());
     // No TCP_USER_TIMEOUT: reqwest's default (30 s) cuts streams that idle between keep-alives.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .tcp_user_timeout(None)
         .build()?;
     let ews_url = format!("{base}/EWS/Exchange.asmx");
-    let (rss_idle, _, _) = sample(pid)?;
+    let rss_idle = server.usage()?.rss_kib;
     println!(
-        "mock-ews pid {pid} at {base}, {:.1} MiB resident when idle",
+        "mock-ews pid {} at {base}, {:.1} MiB resident when idle",
+        server.pid,
         rss_idle as f64 / 1024.0
     );
 
@@ -217,8 +173,8 @@ async fn main() -> anyhow::Result<()> {
         setup.as_secs_f64()
     );
 
-    let tick = clock_ticks_per_second();
-    let (rss_open, _, cpu_start) = sample(pid)?;
+    let at_start = server.usage()?;
+    let rss_open = at_start.rss_kib;
     let flow_start = Instant::now();
     let rate =
         json!({ "per_second": args.rate, "duration_ms": args.duration_secs * 1000, "seed": 1 });
@@ -233,28 +189,28 @@ async fn main() -> anyhow::Result<()> {
         .as_u64()
         .unwrap_or(0);
     let mut peak_cpu: f64 = 0.0;
-    let (mut last_ticks, mut last_at) = (cpu_start, Instant::now());
+    let (mut last, mut last_at) = (at_start, Instant::now());
     let finish = flow_start + Duration::from_secs(args.duration_secs) + Duration::from_secs(2);
     while Instant::now() < finish {
         tokio::time::sleep(
             Duration::from_secs(5).min(finish.saturating_duration_since(Instant::now())),
         )
         .await;
-        let (rss, _, ticks) = sample(pid)?;
-        let cpu = (ticks - last_ticks) as f64 / tick / last_at.elapsed().as_secs_f64() * 100.0;
+        let now = server.usage()?;
+        let cpu = now.cpu_percent_since(&last, last_at.elapsed().as_secs_f64());
         peak_cpu = peak_cpu.max(cpu);
-        (last_ticks, last_at) = (ticks, Instant::now());
+        (last, last_at) = (now, Instant::now());
         println!(
             "t={:>3.0}s  events received {:>5}  streams ended {:>4}  mock-ews {:.1} MiB, {cpu:.1}% CPU",
             flow_start.elapsed().as_secs_f64(),
             received.load(Ordering::Relaxed),
             ended.load(Ordering::Relaxed),
-            rss as f64 / 1024.0
+            now.rss_kib as f64 / 1024.0
         );
     }
-    let (rss_end, rss_peak, cpu_end) = sample(pid)?;
-    let flow_secs = flow_start.elapsed().as_secs_f64();
-    let avg_cpu = (cpu_end - cpu_start) as f64 / tick / flow_secs * 100.0;
+    let end = server.usage()?;
+    let (rss_end, rss_peak) = (end.rss_kib, end.peak_rss_kib);
+    let avg_cpu = end.cpu_percent_since(&at_start, flow_start.elapsed().as_secs_f64());
     let report = json!({
         "streams": args.streams,
         "setup_secs": setup.as_secs_f64(),
@@ -274,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
-    child.kill().await.ok();
+    server.kill().await;
     let received = received.load(Ordering::Relaxed);
     if received != expected {
         bail!("{expected} mails injected but {received} NewMailEvents received");

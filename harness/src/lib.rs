@@ -1,0 +1,4 @@
+//! The harness: the workspace's real binaries run as processes, driven and measured.
+
+pub mod process;
+pub mod stats;
