@@ -40,8 +40,9 @@ pub struct Call {
     /// The `Idempotency-Key` header, when the call carried one.
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// Wall-clock arrival, milliseconds since the Unix epoch.
-    pub received_unix_ms: u128,
+    /// Wall-clock arrival, microseconds since the Unix epoch (for latency measured from
+    /// another process on the same host).
+    pub received_unix_us: u64,
     /// Monotonic arrival, for latency measured in the same process.
     #[serde(skip, default = "Instant::now")]
     pub received: Instant,
@@ -105,6 +106,7 @@ impl MockCreatio {
             .route(&format!("{SERVICE_PATH}/{{operation}}"), post(record))
             .route("/_control/calls", get(list).delete(clear))
             .route("/_control/failures", post(set_failures))
+            .route("/_control/stats", get(stats))
             .with_state(shared.clone());
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -156,6 +158,11 @@ impl MockCreatio {
     /// Fails the next calls as `failure` says (they are not recorded as calls).
     pub fn fail_with(&self, failure: Failure) {
         self.shared.lock().failure = failure;
+    }
+
+    /// How many calls were recorded per operation, and how many failed.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats()
     }
 
     /// Every call that arrived, with the status it got, in arrival order.
@@ -226,9 +233,9 @@ async fn record(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         body,
-        received_unix_ms: SystemTime::now()
+        received_unix_us: SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
+            .map(|d| d.as_micros() as u64)
             .unwrap_or(0),
         received: Instant::now(),
     });
@@ -254,6 +261,30 @@ async fn list(State(shared): State<Shared>, Query(filter): Query<Filter>) -> Jso
             .cloned()
             .collect(),
     )
+}
+
+/// Counts without bodies, cheap enough to poll while mail flows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Recorded (answered 200) calls per operation.
+    pub calls: std::collections::BTreeMap<String, u64>,
+    /// Calls answered with a failure.
+    pub failed: u64,
+}
+
+impl Recorder {
+    fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        for call in &self.calls {
+            *stats.calls.entry(call.operation.clone()).or_default() += 1;
+        }
+        stats.failed = self.attempts.iter().filter(|a| a.status != 200).count() as u64;
+        stats
+    }
+}
+
+async fn stats(State(shared): State<Shared>) -> Json<Stats> {
+    Json(shared.lock().stats())
 }
 
 async fn clear(State(shared): State<Shared>) -> StatusCode {

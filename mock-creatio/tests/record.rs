@@ -53,4 +53,16 @@ async fn records_calls_and_fails_on_demand() {
         .await
         .unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    let stats: mock_creatio::Stats = http
+        .get(format!("http://{}/_control/stats", creatio.addr()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats.calls.get("NewEmail"), Some(&1));
+    assert_eq!(stats.failed, 1);
+    assert_eq!(stats, creatio.stats());
 }
