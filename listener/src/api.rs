@@ -69,6 +69,7 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
         "ServiceStatus": "Started",
         "Version": env!("CARGO_PKG_VERSION"),
         "Mailboxes": state.supervisor.registry().len(),
+        "States": state.supervisor.registry().count_by_state(),
     }))
 }
 

@@ -8,7 +8,7 @@
 //! cursor says what was seen for good, the digests only bridge the minutes between a streamed
 //! delivery and the next catch-up, so an idle mailbox remembers nothing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
 
 /// Where a mailbox's worker stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum WorkerState {
     Starting,
     /// Waiting for a free slot under the replica's cap on active mailboxes.
@@ -274,6 +274,15 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many mailboxes are in each state (states with none are left out).
+    pub fn count_by_state(&self) -> BTreeMap<WorkerState, usize> {
+        let mut counts = BTreeMap::new();
+        for entry in self.lock().mailboxes.values() {
+            *counts.entry(entry.status.state).or_default() += 1;
+        }
+        counts
     }
 
     pub fn sync_state(&self, id: &str) -> Option<String> {

@@ -168,6 +168,25 @@ async fn api_answers_status_state_and_rejects_bad_input() {
     assert_eq!(status, 200);
     assert_eq!(listener.get("/healthz").await.0, 200);
     assert_eq!(listener.get("/readyz").await.0, 200);
+
+    // The status counts mailboxes by state.
+    world
+        .subscribe(
+            &listener,
+            "mbx-1",
+            "alice@contoso.example",
+            "ProcessFullEmail",
+        )
+        .await;
+    eventually(
+        "the status to count one mailbox streaming",
+        PATIENCE,
+        async || {
+            let (_, body) = listener.get("/api/listeners/status").await;
+            (body["Mailboxes"] == 1 && body["States"] == json!({ "Streaming": 1 })).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
