@@ -1,0 +1,489 @@
+//! `listener-bench`: measures one release `exchange-listener` between mock-ews and mock-creatio,
+//! all three started as processes on loopback. It creates N mailboxes through Creatio's API,
+//! waits until every one streams, lets them idle, then injects mail at a steady rate to mailboxes
+//! picked at random and follows each mail to its arrival at mock-creatio. It prints the time
+//! until all N streamed, the listener's memory (idle and under load, per mailbox) and CPU, the
+//! latency from injection to arrival, and what was lost or duplicated. It exits non-zero when a
+//! mail is lost or doubled. It stops by itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures_util::StreamExt as _;
+use harness::process::{Process, Usage, release_binaries, run_dir};
+use harness::stats::Percentiles;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+#[derive(Debug, Parser)]
+#[command(about = "Measure one release exchange-listener between mock-ews and mock-creatio")]
+struct Args {
+    /// Mailboxes to create and keep streaming.
+    #[arg(long, default_value_t = 50)]
+    mailboxes: usize,
+    /// Mails per second once every mailbox streams, each to a mailbox picked at random.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Seconds of mail flow.
+    #[arg(long, default_value_t = 30)]
+    duration_secs: u64,
+    /// Size of each mail's text body, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    mail_bytes: usize,
+    /// Seconds every mailbox idles before memory is read.
+    #[arg(long, default_value_t = 10)]
+    settle_secs: u64,
+    /// Seconds allowed for every mailbox to stream before the run fails.
+    #[arg(long, default_value_t = 300)]
+    start_timeout_secs: u64,
+    /// Seconds allowed after the flow for the last mails to arrive.
+    #[arg(long, default_value_t = 60)]
+    drain_timeout_secs: u64,
+    /// mock-ews's keep-alive interval on idle streams, in seconds.
+    #[arg(long, default_value_t = 45)]
+    keepalive_secs: u64,
+    /// Seed for picking mailboxes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// An extra flag for the listener (repeat for several), e.g. `--listener-arg=--subscribe-rate=200`.
+    #[arg(long = "listener-arg", allow_hyphen_values = true)]
+    listener_args: Vec<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn unix_now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The three processes of a run.
+struct Rig {
+    listener: Process,
+    ews: Process,
+    creatio: Process,
+    http: reqwest::Client,
+}
+
+impl Rig {
+    async fn start(args: &Args) -> anyhow::Result<Rig> {
+        let [listener_bin, ews_bin, creatio_bin]: [PathBuf; 3] =
+            release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+        let dir = run_dir("listener-bench")?;
+        let ews = Process::start(
+            "mock-ews",
+            &ews_bin,
+            &[
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--keepalive-secs".into(),
+                args.keepalive_secs.to_string(),
+            ],
+            &[("RUST_LOG", "warn,mock_ews=info".into())],
+            &dir.join("mock-ews.log"),
+        )
+        .await?;
+        let creatio = Process::start(
+            "mock-creatio",
+            &creatio_bin,
+            &["--listen".into(), "127.0.0.1:0".into()],
+            &[("RUST_LOG", "warn,mock_creatio=info".into())],
+            &dir.join("mock-creatio.log"),
+        )
+        .await?;
+        let mut listener_args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn,exchange_listener=info",
+        ]
+        .map(String::from)
+        .into();
+        listener_args.extend(args.listener_args.iter().cloned());
+        let listener = Process::start(
+            "exchange-listener",
+            &listener_bin,
+            &listener_args,
+            &[],
+            &dir.join("exchange-listener.log"),
+        )
+        .await?;
+        println!(
+            "listener pid {} at {}, mock-ews at {}, mock-creatio at {}; logs in {}",
+            listener.pid,
+            listener.base,
+            ews.base,
+            creatio.base,
+            dir.display()
+        );
+        // No TCP_USER_TIMEOUT: reqwest's default cuts connections idle between calls.
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_user_timeout(None)
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Rig {
+            listener,
+            ews,
+            creatio,
+            http,
+        })
+    }
+
+    async fn get(&self, url: String) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("GET {url}"))?
+            .json()
+            .await?)
+    }
+
+    async fn post(&self, url: String, body: Value) -> anyhow::Result<Value> {
+        let resp = self.http.post(&url).json(&body).send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("POST {url}: {status} {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn email(i: usize) -> String {
+        format!("user{i}@bench.test")
+    }
+
+    /// Creates every mailbox in mock-ews, then asks the listener to create each with one call
+    /// per mailbox, as Creatio does; answers how long each Create call took, in milliseconds.
+    async fn create_mailboxes(&self, n: usize) -> anyhow::Result<Vec<f64>> {
+        let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(0..n)
+            .map(|i| {
+                self.post(
+                    format!("{}/_control/mailboxes", self.ews.base),
+                    json!({ "email": Self::email(i), "password": "pw" }),
+                )
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        let ews_url = format!("{}/EWS/Exchange.asmx", self.ews.base);
+        let endpoint = format!(
+            "{}/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+            self.creatio.base
+        );
+        let timings: Vec<anyhow::Result<f64>> = futures_util::stream::iter(0..n)
+            .map(|i| {
+                let body = json!([{
+                    "Id": format!("bench-{i}"),
+                    "SenderEmailAddress": Self::email(i),
+                    "UserName": Self::email(i),
+                    "UserPassword": "pw",
+                    "ServerAddress": ews_url,
+                    "UseSSL": false,
+                    "BpmEndpoint": endpoint,
+                    "SysAdminUnitName": "Supervisor",
+                }]);
+                async move {
+                    let sent = Instant::now();
+                    self.post(format!("{}/api/listeners/create", self.listener.base), body)
+                        .await?;
+                    Ok(sent.elapsed().as_secs_f64() * 1000.0)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        timings.into_iter().collect()
+    }
+
+    async fn states(&self) -> anyhow::Result<HashMap<String, u64>> {
+        let status = self
+            .get(format!("{}/api/listeners/status", self.listener.base))
+            .await?;
+        Ok(serde_json::from_value(status["States"].clone()).unwrap_or_default())
+    }
+
+    async fn delivered_count(&self) -> anyhow::Result<u64> {
+        let stats = self
+            .get(format!("{}/_control/stats", self.creatio.base))
+            .await?;
+        Ok(stats["calls"]["ProcessFullEmail"].as_u64().unwrap_or(0))
+    }
+
+    /// Every Message-ID that reached Creatio, with the arrival time of each delivery.
+    async fn arrivals(&self) -> anyhow::Result<HashMap<String, Vec<u64>>> {
+        let calls = self
+            .get(format!(
+                "{}/_control/calls?operation=ProcessFullEmail",
+                self.creatio.base
+            ))
+            .await?;
+        let mut arrivals: HashMap<String, Vec<u64>> = HashMap::new();
+        for call in calls.as_array().into_iter().flatten() {
+            let at = call["received_unix_us"].as_u64().unwrap_or(0);
+            for email in call["body"]["Emails"].as_array().into_iter().flatten() {
+                if let Some(id) = email["MessageId"].as_str() {
+                    arrivals.entry(id.to_owned()).or_default().push(at);
+                }
+            }
+        }
+        Ok(arrivals)
+    }
+}
+
+/// Waits until every mailbox streams, printing the states as they change.
+async fn wait_streaming(
+    rig: &Rig,
+    n: usize,
+    started: Instant,
+    patience: Duration,
+) -> anyhow::Result<Duration> {
+    let mut last_print = Instant::now();
+    loop {
+        let states = rig.states().await?;
+        let streaming = states.get("Streaming").copied().unwrap_or(0);
+        if streaming as usize >= n {
+            return Ok(started.elapsed());
+        }
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            let mut others: Vec<String> = states
+                .iter()
+                .filter(|(s, _)| s.as_str() != "Streaming")
+                .map(|(s, c)| format!("{s} {c}"))
+                .collect();
+            others.sort();
+            println!(
+                "t={:>5.1}s  streaming {streaming}/{n}  {}",
+                started.elapsed().as_secs_f64(),
+                others.join(", ")
+            );
+            last_print = Instant::now();
+        }
+        if started.elapsed() > patience {
+            bail!("only {streaming} of {n} mailboxes streamed within {patience:?}: {states:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One injected mail: its Message-ID and when it was sent to mock-ews.
+type Injected = (String, u64);
+
+/// Injects mail at `rate` for `duration`, printing progress; answers what was injected and the
+/// listener's highest resident memory seen.
+async fn flow(rig: &Rig, args: &Args) -> anyhow::Result<(Vec<Injected>, u64, Usage, f64)> {
+    let total = (args.rate * args.duration_secs as f64).round() as u64;
+    let injected: Arc<Mutex<Vec<Injected>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let body = "x".repeat(args.mail_bytes);
+    let mut rng = fastrand::Rng::with_seed(args.seed);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    let start = rig.listener.usage()?;
+    let started = Instant::now();
+    let mut peak_rss = start.rss_kib;
+    let (mut last, mut last_at) = (start, started);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tick.tick().await;
+        let url = format!(
+            "{}/_control/mailboxes/{}/messages",
+            rig.ews.base,
+            Rig::email(rng.usize(0..args.mailboxes))
+        );
+        let mail = json!({
+            "from": "sender@bench.test",
+            "subject": format!("bench {i}"),
+            "body": body,
+        });
+        let (http, injected, failures) = (rig.http.clone(), injected.clone(), failures.clone());
+        tasks.spawn(async move {
+            let sent = unix_now_us();
+            let answer = async {
+                let resp = http
+                    .post(&url)
+                    .json(&mail)
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                let v: Value = resp.json().await?;
+                v["message_id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("no message_id in mock-ews's answer")
+            }
+            .await;
+            match answer {
+                Ok(id) => injected.lock().unwrap().push((id, sent)),
+                Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
+            }
+        });
+        if last_at.elapsed() >= Duration::from_secs(5) {
+            let now = rig.listener.usage()?;
+            peak_rss = peak_rss.max(now.rss_kib);
+            println!(
+                "t={:>5.1}s  injected {:>6}  delivered {:>6}  listener {:.1} MiB, {:.0}% CPU",
+                started.elapsed().as_secs_f64(),
+                i + 1,
+                rig.delivered_count().await?,
+                mib(now.rss_kib),
+                now.cpu_percent_since(&last, last_at.elapsed().as_secs_f64()),
+            );
+            (last, last_at) = (now, Instant::now());
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let end = rig.listener.usage()?;
+    let cpu = end.cpu_percent_since(&start, started.elapsed().as_secs_f64());
+    peak_rss = peak_rss.max(end.rss_kib);
+    if let Some(first) = failures.lock().unwrap().first() {
+        bail!(
+            "{} injections failed, the first: {first}",
+            failures.lock().unwrap().len()
+        );
+    }
+    let injected = std::mem::take(&mut *injected.lock().unwrap());
+    Ok((injected, peak_rss, end, cpu))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.mailboxes == 0 || !(args.rate > 0.0) {
+        bail!("--mailboxes and --rate must be positive");
+    }
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("could not raise the open-files limit: {e}");
+    }
+    let rig = Rig::start(&args).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let empty = rig.listener.usage()?;
+
+    let n = args.mailboxes;
+    let started = Instant::now();
+    let create_ms = rig.create_mailboxes(n).await?;
+    let created = started.elapsed();
+    println!(
+        "{n} Create calls answered in {:.1} s",
+        created.as_secs_f64()
+    );
+    let to_streaming = wait_streaming(
+        &rig,
+        n,
+        started,
+        Duration::from_secs(args.start_timeout_secs),
+    )
+    .await?;
+    println!(
+        "all {n} mailboxes streaming after {:.1} s",
+        to_streaming.as_secs_f64()
+    );
+
+    let settle_start = rig.listener.usage()?;
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let idle = rig.listener.usage()?;
+    let idle_cpu = idle.cpu_percent_since(&settle_start, args.settle_secs as f64);
+    let idle_per_mailbox_kib = idle.rss_kib.saturating_sub(empty.rss_kib) as f64 / n as f64;
+    println!(
+        "idle: {:.1} MiB resident ({:.1} MiB with no mailbox), {idle_per_mailbox_kib:.1} KiB per mailbox, {idle_cpu:.1}% CPU",
+        mib(idle.rss_kib),
+        mib(empty.rss_kib)
+    );
+
+    let (injected, load_peak_rss, _, load_cpu) = flow(&rig, &args).await?;
+    let drain_start = Instant::now();
+    loop {
+        let delivered = rig.delivered_count().await?;
+        if delivered >= injected.len() as u64
+            || drain_start.elapsed() > Duration::from_secs(args.drain_timeout_secs)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A duplicate would come soon after the first delivery.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let arrivals = rig.arrivals().await?;
+    let mut latencies_ms = Vec::with_capacity(injected.len());
+    let (mut lost, mut duplicated) = (Vec::new(), 0usize);
+    for (id, sent) in &injected {
+        match arrivals.get(id) {
+            None => lost.push(id.clone()),
+            Some(at) => {
+                duplicated += at.len() - 1;
+                let first = at.iter().min().copied().unwrap_or(*sent);
+                latencies_ms.push(first.saturating_sub(*sent) as f64 / 1000.0);
+            }
+        }
+    }
+    let latency = Percentiles::of(&latencies_ms);
+    let report = json!({
+        "mailboxes": n,
+        "create_calls_secs": created.as_secs_f64(),
+        "create_call_ms": Percentiles::of(&create_ms),
+        "all_streaming_secs": to_streaming.as_secs_f64(),
+        "listener_rss_empty_mib": mib(empty.rss_kib),
+        "listener_rss_idle_mib": mib(idle.rss_kib),
+        "listener_rss_idle_per_mailbox_kib": idle_per_mailbox_kib,
+        "listener_cpu_idle_percent": idle_cpu,
+        "rate_per_second": args.rate,
+        "duration_secs": args.duration_secs,
+        "mail_bytes": args.mail_bytes,
+        "listener_rss_load_peak_mib": mib(load_peak_rss),
+        "listener_rss_load_per_mailbox_kib":
+            load_peak_rss.saturating_sub(empty.rss_kib) as f64 / n as f64,
+        "listener_cpu_load_percent": load_cpu,
+        "injected": injected.len(),
+        "delivered": injected.len() - lost.len(),
+        "lost": lost.len(),
+        "duplicated": duplicated,
+        "latency_ms": latency,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let Some(l) = latency {
+        println!(
+            "| {n} | {:.1} s | {:.1} KiB | {:.1}% | {:.0} / s | {:.1} ms | {:.1} ms | {:.1} ms | {} / {} / {} | {:.0}% |",
+            to_streaming.as_secs_f64(),
+            idle_per_mailbox_kib,
+            idle_cpu,
+            args.rate,
+            l.p50,
+            l.p99,
+            l.max,
+            injected.len(),
+            lost.len(),
+            duplicated,
+            load_cpu,
+        );
+    }
+    rig.listener.kill().await;
+    rig.ews.kill().await;
+    rig.creatio.kill().await;
+    if !lost.is_empty() || duplicated > 0 {
+        bail!(
+            "{} lost (the first: {:?}), {duplicated} duplicated",
+            lost.len(),
+            lost.first()
+        );
+    }
+    Ok(())
+}
