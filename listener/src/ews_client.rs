@@ -409,33 +409,19 @@ impl EwsClient {
         }
     }
 
-    /// Opens a streaming connection for one subscription.
+    /// Opens a streaming connection for one subscription. Nothing here bounds the wait: the
+    /// worker does, for the head and for each envelope.
     pub async fn open_stream(
         &self,
         subscription_id: &str,
         timeout_minutes: u8,
-        idle_timeout: Duration,
     ) -> Result<EventStream, EwsFailure> {
         let body =
             ews::request::get_streaming_events(&self.header, &[subscription_id], timeout_minutes);
-        // The idle watchdog starts with the response: until its head arrives, the request
-        // timeout bounds the wait.
-        let resp = tokio::time::timeout(self.limits.request_timeout, self.send(body, true, None))
-            .await
-            .map_err(|_| {
-                EwsFailure::Transport(format!(
-                    "no answer to GetStreamingEvents within {:?}",
-                    self.limits.request_timeout
-                ))
-            })??;
+        let resp = self.send(body, true, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let bytes = tokio::time::timeout(
-                self.limits.request_timeout,
-                read_capped(resp, self.limits.max_body_bytes),
-            )
-            .await
-            .map_err(|_| EwsFailure::Transport("timed out reading an error answer".into()))??;
+            let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
             // A 500 on open is a fault; decode it for its code and back-off.
             return Err(decode_body(status, &bytes, response::parse_stream_envelope)
                 .err()
@@ -448,7 +434,6 @@ impl EwsClient {
             response: resp,
             splitter: EnvelopeSplitter::new(),
             ready: VecDeque::new(),
-            idle_timeout,
         })
     }
 }
@@ -502,27 +487,25 @@ pub struct EventStream {
     response: reqwest::Response,
     splitter: EnvelopeSplitter,
     ready: VecDeque<Vec<u8>>,
-    idle_timeout: Duration,
 }
 
 impl EventStream {
-    /// The next message on the stream; `None` when the server ended the body cleanly.
-    /// Silence longer than the idle timeout is [`EwsFailure::Idle`].
+    /// The next message on the stream; `None` when the server ended the body cleanly. It
+    /// waits as long as the server is silent.
     pub async fn next(&mut self) -> Result<Option<StreamBatch>, EwsFailure> {
         loop {
             if let Some(envelope) = self.ready.pop_front() {
                 return Ok(Some(response::parse_stream_envelope(&envelope)?));
             }
-            match tokio::time::timeout(self.idle_timeout, self.response.chunk()).await {
-                Err(_) => return Err(EwsFailure::Idle(self.idle_timeout)),
-                Ok(Err(e)) => return Err(transport(e)),
-                Ok(Ok(None)) if self.splitter.is_idle() => return Ok(None),
-                Ok(Ok(None)) => {
+            match self.response.chunk().await {
+                Err(e) => return Err(transport(e)),
+                Ok(None) if self.splitter.is_idle() => return Ok(None),
+                Ok(None) => {
                     return Err(EwsFailure::Transport(
                         "the stream ended inside an envelope".into(),
                     ));
                 }
-                Ok(Ok(Some(chunk))) => self.ready.extend(self.splitter.push(&chunk)?),
+                Ok(Some(chunk)) => self.ready.extend(self.splitter.push(&chunk)?),
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod mail;
 pub mod registry;
 pub mod server;
 pub mod supervisor;
+pub mod transport;
 pub mod worker;
 
 use std::future::Future;
@@ -52,7 +53,6 @@ pub async fn serve(
         max_body_bytes: config.ews_max_body_bytes,
     };
     let settings = worker::WorkerSettings {
-        server_version: config.ews_version,
         connection_timeout_minutes: config.stream_minutes,
         idle_timeout: Duration::from_secs(config.stream_idle_secs),
         limits,
@@ -70,8 +70,12 @@ pub async fn serve(
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
             registry: registry::Registry::new(registry::SeenLimits::default()),
-            http: http.clone(),
-            delivery,
+            exchange: Arc::new(transport::HttpExchange {
+                http: http.clone(),
+                server_version: config.ews_version,
+                limits,
+            }),
+            creatio: Arc::new(delivery),
             settings: Arc::new(settings),
             gate: Arc::new(gate::Gate::new(
                 usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX),

@@ -13,27 +13,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ews::ServerVersion;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::contract::{self, CallbackMode, Credentials};
-use crate::delivery::{Delivery, DeliveryError, idempotency_key};
-use crate::ews_client::{Disposition, EwsClient, EwsFailure, ItemFate, Limits, item_fate};
+use crate::delivery::{DeliveryError, idempotency_key};
+use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 use crate::gate::Gate;
 use crate::mail::{to_email, unix_now_ms};
 use crate::registry::{DeadLetter, Outcome, Registry, WorkerState};
+use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
 /// How workers behave; shared by all of them.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    pub server_version: ServerVersion,
     /// `ConnectionTimeout` asked of the server, in minutes (1..=30).
     pub connection_timeout_minutes: u8,
     /// Silence on a stream longer than this reopens it.
     pub idle_timeout: Duration,
+    /// Bounds every call; a stream's response head and its first envelope must arrive within
+    /// `request_timeout` too.
     pub limits: Limits,
     /// Backoff after transient EWS failures.
     pub retry: BackoffPolicy,
@@ -50,15 +51,17 @@ pub const FETCH_BATCH: usize = 16;
 /// Attempts to fetch announced items before the connection is given up.
 const FETCH_ATTEMPTS: u32 = 5;
 
-/// A connection that lived at least this long was healthy: when it ends, reopen at once.
+/// A connection that streamed at least this long from its first message was healthy: when it
+/// ends, reopen at once.
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
 
 /// What a worker needs from the rest of the service.
 #[derive(Debug, Clone)]
 pub struct WorkerContext {
     pub registry: Registry,
-    pub http: reqwest::Client,
-    pub delivery: Delivery,
+    /// Makes each mailbox's Exchange client.
+    pub exchange: Arc<dyn Connect>,
+    pub creatio: Arc<dyn Creatio>,
     pub settings: Arc<WorkerSettings>,
     pub gate: Arc<Gate>,
 }
@@ -88,6 +91,7 @@ enum Fetched {
 
 struct Worker {
     ctx: WorkerContext,
+    exchange: Box<dyn Exchange>,
     creds: Credentials,
     mode: CallbackMode,
     cancel: CancellationToken,
@@ -95,32 +99,50 @@ struct Worker {
     failed_retry: Backoff,
     /// Creatio was told this mailbox is unavailable and has not been told otherwise since.
     reported_unavailable: bool,
+    /// When the current connection's first message came.
+    streaming_since: Option<Instant>,
 }
 
 /// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
 pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationToken) {
-    let mode = match contract::callback_mode(&creds.bpm_endpoint) {
-        Ok(mode) => mode,
-        Err(e) => {
-            // The API validates this before a worker starts; keep the state truthful anyway.
-            ctx.registry
-                .transition(&creds.id, WorkerState::Failed, Some(e.to_string()));
-            return;
-        }
-    };
-    let settings = ctx.settings.clone();
-    let mut worker = Worker {
-        retry: settings.retry.start(),
-        failed_retry: settings.failed_retry.start(),
-        ctx,
-        creds,
-        mode,
-        cancel,
-        reported_unavailable: false,
-    };
     // Debug formatting escapes what an Id may carry into a text log.
-    let span = tracing::info_span!("mailbox", id = ?worker.creds.id);
-    worker.run().instrument(span).await;
+    let span = tracing::info_span!("mailbox", id = ?creds.id);
+    async move {
+        let mode = match contract::callback_mode(&creds.bpm_endpoint) {
+            Ok(mode) => mode,
+            Err(e) => {
+                // The API validates this before a worker starts; keep the state truthful.
+                ctx.registry
+                    .transition(&creds.id, WorkerState::Failed, Some(e.to_string()));
+                return;
+            }
+        };
+        let exchange = match ctx.exchange.connect(&creds) {
+            Ok(exchange) => exchange,
+            Err(f) => {
+                // Nothing to retry until Creatio sends other credentials.
+                report_unavailable(&ctx, &creds, &f).await;
+                cancel.cancelled().await;
+                return;
+            }
+        };
+        let settings = ctx.settings.clone();
+        Worker {
+            retry: settings.retry.start(),
+            failed_retry: settings.failed_retry.start(),
+            ctx,
+            exchange,
+            creds,
+            mode,
+            cancel,
+            reported_unavailable: false,
+            streaming_since: None,
+        }
+        .run()
+        .await;
+    }
+    .instrument(span)
+    .await;
 }
 
 impl Worker {
@@ -142,20 +164,6 @@ impl Worker {
     }
 
     async fn run(&mut self) {
-        let client = match EwsClient::new(
-            self.ctx.http.clone(),
-            &self.creds,
-            self.ctx.settings.server_version,
-            self.ctx.settings.limits,
-        ) {
-            Ok(c) => c,
-            Err(f) => {
-                // Nothing to retry until Creatio sends other credentials.
-                self.report_failed(&f).await;
-                self.cancel.cancelled().await;
-                return;
-            }
-        };
         let gate = self.ctx.gate.clone();
         if gate.full() {
             self.set_state(WorkerState::Queued, None);
@@ -165,7 +173,7 @@ impl Worker {
             _ = self.cancel.cancelled() => return,
             p = gate.admit() => p,
         };
-        tracing::info!(url = ?client.url(), "mailbox worker started");
+        tracing::info!(url = ?self.exchange.url(), "mailbox worker started");
         loop {
             self.set_state(WorkerState::Subscribing, None);
             tokio::select! {
@@ -175,9 +183,9 @@ impl Worker {
             }
             // Not cancelled half-way: a Subscribe the server has taken must be answered by
             // an Unsubscribe, or the subscription lingers on the server.
-            let sub_id = match client.subscribe().await {
+            let sub_id = match self.exchange.subscribe().await {
                 Ok(id) if self.cancel.is_cancelled() => {
-                    self.unsubscribe(&client, &id).await;
+                    self.unsubscribe(&id).await;
                     return;
                 }
                 Ok(id) => id,
@@ -190,16 +198,16 @@ impl Worker {
             };
             tracing::info!("subscribed");
             self.recovered().await;
-            match self.stream_subscription(&client, &sub_id).await {
+            match self.stream_subscription(&sub_id).await {
                 Flow::Cancelled => {
-                    self.unsubscribe(&client, &sub_id).await;
+                    self.unsubscribe(&sub_id).await;
                     return;
                 }
                 Flow::Resubscribe => continue,
                 Flow::Failed(f) => {
                     // The subscription may still live on the server: give it back before
                     // the next one, or they pile up toward Exchange's per-mailbox limit.
-                    self.unsubscribe(&client, &sub_id).await;
+                    self.unsubscribe(&sub_id).await;
                     if !self.pause(&f).await {
                         return;
                     }
@@ -209,11 +217,11 @@ impl Worker {
     }
 
     /// Keeps one subscription streamed until it is lost, fails for good, or is cancelled.
-    async fn stream_subscription(&mut self, client: &EwsClient, sub_id: &str) -> Flow {
+    async fn stream_subscription(&mut self, sub_id: &str) -> Flow {
         loop {
-            let opened = Instant::now();
-            let end = match self.catch_up(client).await {
-                Ok(true) => self.stream_once(client, sub_id).await,
+            self.streaming_since = None;
+            let end = match self.catch_up().await {
+                Ok(true) => self.stream_once(sub_id).await,
                 Ok(false) => Ok(StreamEnd::Cancelled),
                 Err(f) => Err(f),
             };
@@ -240,7 +248,9 @@ impl Worker {
                 },
             };
             self.ctx.registry.count(self.id(), |s| s.reconnects += 1);
-            let healthy = opened.elapsed() >= HEALTHY_CONNECTION;
+            let healthy = self
+                .streaming_since
+                .is_some_and(|since| since.elapsed() >= HEALTHY_CONNECTION);
             match server_asked {
                 None if healthy => self.retry.reset(),
                 after => {
@@ -258,7 +268,7 @@ impl Worker {
     /// mailbox's first sync only sets the baseline: its existing mail is not new. Runs before
     /// every connection; events that arrive meanwhile wait on the subscription. False when
     /// cancelled.
-    async fn catch_up(&mut self, client: &EwsClient) -> Result<bool, EwsFailure> {
+    async fn catch_up(&mut self) -> Result<bool, EwsFailure> {
         self.set_state(WorkerState::CatchingUp, None);
         let mut state = self.ctx.registry.sync_state(self.id());
         let mut baseline = state.is_none();
@@ -266,7 +276,7 @@ impl Worker {
             let page = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(false),
-                r = client.sync_inbox(state.as_deref(), SYNC_PAGE) => r,
+                r = self.exchange.sync_inbox(state.as_deref(), SYNC_PAGE) => r,
             };
             let page = match page {
                 Ok(page) => page,
@@ -294,7 +304,7 @@ impl Worker {
                         items = created.len(),
                         "catching up on mail that arrived while not streaming"
                     );
-                    if !self.deliver(client, created).await? {
+                    if !self.deliver(created).await? {
                         return Ok(false);
                     }
                 }
@@ -309,21 +319,31 @@ impl Worker {
         }
     }
 
-    /// One streaming connection, from open to end.
-    async fn stream_once(
-        &mut self,
-        client: &EwsClient,
-        sub_id: &str,
-    ) -> Result<StreamEnd, EwsFailure> {
+    /// One streaming connection, from open to end. The response head and the first envelope
+    /// (Exchange sends one at once) must come within the request timeout, and each later one
+    /// within the idle timeout.
+    async fn stream_once(&mut self, sub_id: &str) -> Result<StreamEnd, EwsFailure> {
         let settings = self.ctx.settings.clone();
+        let head_timeout = settings.limits.request_timeout;
+        let open = within(
+            head_timeout,
+            self.exchange
+                .open_stream(sub_id, settings.connection_timeout_minutes),
+            || {
+                EwsFailure::Transport(format!(
+                    "no answer to GetStreamingEvents within {head_timeout:?}"
+                ))
+            },
+        );
         let mut stream = tokio::select! {
             biased;
             _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
-            s = client.open_stream(sub_id, settings.connection_timeout_minutes, settings.idle_timeout) => s?,
+            s = open => s?,
         };
         // The server accepted the stream: it is open and healthy until it says otherwise.
         self.set_state(WorkerState::Streaming, None);
         let replay = self.ctx.registry.replay_signal(self.id());
+        let mut silence_allowed = head_timeout.min(settings.idle_timeout);
         loop {
             let batch = tokio::select! {
                 biased;
@@ -331,13 +351,17 @@ impl Worker {
                 _ = async { match &replay { Some(r) => r.notified().await, None => std::future::pending().await } } => {
                     let items = self.ctx.registry.take_replay(self.id());
                     tracing::info!(items = items.len(), "replaying dead letters");
-                    if !self.deliver(client, items).await? {
+                    if !self.deliver(items).await? {
                         return Ok(StreamEnd::Cancelled);
                     }
                     continue;
                 }
-                b = stream.next() => b?,
+                b = next_within(stream.as_mut(), silence_allowed) => b?,
             };
+            if self.streaming_since.is_none() {
+                self.streaming_since = Some(Instant::now());
+                silence_allowed = settings.idle_timeout;
+            }
             let Some(batch) = batch else {
                 return Ok(StreamEnd::Ended);
             };
@@ -353,7 +377,7 @@ impl Worker {
                     }
                 }
             }
-            if !new_items.is_empty() && !self.deliver(client, new_items).await? {
+            if !new_items.is_empty() && !self.deliver(new_items).await? {
                 return Ok(StreamEnd::Cancelled);
             }
             for err in &batch.errors {
@@ -375,11 +399,7 @@ impl Worker {
 
     /// Hands new items to Creatio, each recorded as delivered, skipped or dead-lettered;
     /// false when cancelled on the way (what was not recorded is found again by catch-up).
-    async fn deliver(
-        &mut self,
-        client: &EwsClient,
-        item_ids: Vec<String>,
-    ) -> Result<bool, EwsFailure> {
+    async fn deliver(&mut self, item_ids: Vec<String>) -> Result<bool, EwsFailure> {
         let fresh: Vec<String> = item_ids
             .into_iter()
             .filter(|id| self.ctx.registry.is_new(self.id(), id))
@@ -402,7 +422,7 @@ impl Worker {
             }
             CallbackMode::ProcessFullEmail => {
                 for batch in fresh.chunks(FETCH_BATCH) {
-                    let Some(fetched) = self.fetch(client, batch).await? else {
+                    let Some(fetched) = self.fetch(batch).await? else {
                         return Ok(false);
                     };
                     for (id, item) in batch.iter().zip(fetched) {
@@ -436,11 +456,7 @@ impl Worker {
     /// or of single items, are retried in place: the notification is already consumed. A
     /// batch too large to read is fetched one by one; one mail too large is a dead letter.
     /// `None` when cancelled.
-    async fn fetch(
-        &mut self,
-        client: &EwsClient,
-        ids: &[String],
-    ) -> Result<Option<Vec<Fetched>>, EwsFailure> {
+    async fn fetch(&mut self, ids: &[String]) -> Result<Option<Vec<Fetched>>, EwsFailure> {
         let mut results: Vec<Option<Fetched>> = ids.iter().map(|_| None).collect();
         // Indices into `ids` still to fetch, and how many go in one call.
         let mut pending: Vec<usize> = (0..ids.len()).collect();
@@ -452,7 +468,7 @@ impl Worker {
             let result = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(None),
-                r = client.get_items(&refs) => r,
+                r = self.exchange.get_items(&refs) => r,
             };
             let failure = match result {
                 Ok(items) => {
@@ -519,7 +535,7 @@ impl Worker {
         let key = idempotency_key(self.id(), item_id);
         let outcome = self
             .ctx
-            .delivery
+            .creatio
             .post(&self.creds.bpm_endpoint, body, Some(&key), &self.cancel)
             .await;
         match outcome {
@@ -576,17 +592,11 @@ impl Worker {
 
     /// Marks the mailbox failed and tells Creatio, once per failure episode.
     async fn report_failed(&mut self, f: &EwsFailure) {
-        self.set_state(WorkerState::Failed, Some(f.to_string()));
-        if !self.reported_unavailable {
+        if self.reported_unavailable {
+            self.set_state(WorkerState::Failed, Some(f.to_string()));
+        } else {
             self.reported_unavailable = true;
-            tracing::warn!(error = %f, "mailbox unavailable; reporting to Creatio");
-            let body = contract::mailbox_state_payload(
-                &self.creds,
-                false,
-                Some((f.class_name(), &f.to_string())),
-            );
-            let url = contract::sibling_url(&self.creds.bpm_endpoint, "ProcessMailboxState");
-            self.ctx.delivery.post_once_quietly(&url, &body).await;
+            report_unavailable(&self.ctx, &self.creds, f).await;
         }
     }
 
@@ -598,12 +608,12 @@ impl Worker {
             self.reported_unavailable = false;
             let body = contract::mailbox_state_payload(&self.creds, true, None);
             let url = contract::sibling_url(&self.creds.bpm_endpoint, "ProcessMailboxState");
-            self.ctx.delivery.post_once_quietly(&url, &body).await;
+            self.ctx.creatio.report(&url, &body).await;
         }
     }
 
-    async fn unsubscribe(&self, client: &EwsClient, sub_id: &str) {
-        match client.unsubscribe(sub_id).await {
+    async fn unsubscribe(&self, sub_id: &str) {
+        match self.exchange.unsubscribe(sub_id).await {
             Ok(()) => tracing::info!("unsubscribed"),
             Err(e) => {
                 tracing::info!(error = %e, "unsubscribe failed; the server will expire the subscription")
@@ -611,3 +621,25 @@ impl Worker {
         }
     }
 }
+
+/// Marks the mailbox failed and tells Creatio it is unavailable.
+async fn report_unavailable(ctx: &WorkerContext, creds: &Credentials, f: &EwsFailure) {
+    ctx.registry
+        .transition(&creds.id, WorkerState::Failed, Some(f.to_string()));
+    tracing::warn!(error = %f, "mailbox unavailable; reporting to Creatio");
+    let body =
+        contract::mailbox_state_payload(creds, false, Some((f.class_name(), &f.to_string())));
+    let url = contract::sibling_url(&creds.bpm_endpoint, "ProcessMailboxState");
+    ctx.creatio.report(&url, &body).await;
+}
+
+/// The stream's next message, or [`EwsFailure::Idle`] after `silence` without one.
+async fn next_within(
+    stream: &mut dyn Events,
+    silence: Duration,
+) -> Result<Option<ews::StreamBatch>, EwsFailure> {
+    within(silence, stream.next(), || EwsFailure::Idle(silence)).await
+}
+
+#[cfg(test)]
+mod tests;

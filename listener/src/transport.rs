@@ -1,0 +1,164 @@
+//! What a mailbox worker asks of the outside world, as traits: Exchange (subscribe, sync,
+//! fetch, stream) and Creatio (post). The service's implementations speak HTTP
+//! ([`EwsClient`], [`Delivery`]); the worker's unit tests script others, so its state machine
+//! runs under paused time without a socket.
+//!
+//! Every call is a network round trip, so the methods return boxed futures and the worker holds
+//! trait objects: the indirection costs nothing next to the call, and keeps the worker, the
+//! supervisor and the service free of type parameters.
+
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::contract::Credentials;
+use crate::delivery::{Delivery, DeliveryError};
+use crate::ews_client::{EventStream, EwsClient, EwsFailure, Limits};
+
+/// An answer from Exchange, later.
+pub type Answer<'a, T> = BoxFuture<'a, Result<T, EwsFailure>>;
+
+/// One per-item result of a GetItem.
+pub type ItemResult = Result<ews::Message, ews::ResponseError>;
+
+/// One mailbox's Exchange.
+pub trait Exchange: Send + Sync {
+    /// The endpoint, for logs (without credentials).
+    fn url(&self) -> String;
+    /// Subscribes to new mail in the inbox; answers the subscription id.
+    fn subscribe(&self) -> Answer<'_, String>;
+    fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()>;
+    /// One result per id, in order.
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>>;
+    /// One page of inbox changes after `sync_state` (from the beginning when `None`).
+    fn sync_inbox<'a>(
+        &'a self,
+        sync_state: Option<&'a str>,
+        max_changes: u16,
+    ) -> Answer<'a, ews::SyncPage>;
+    /// Opens a streaming connection; answers once the server has accepted it.
+    fn open_stream<'a>(
+        &'a self,
+        subscription_id: &'a str,
+        timeout_minutes: u8,
+    ) -> Answer<'a, Box<dyn Events>>;
+}
+
+/// An open streaming connection.
+pub trait Events: Send {
+    /// The next message; `None` when the server ended the connection cleanly. It may wait for
+    /// ever: the worker bounds the wait.
+    fn next(&mut self) -> Answer<'_, Option<ews::StreamBatch>>;
+}
+
+/// Makes a mailbox's [`Exchange`] from its credentials.
+pub trait Connect: Send + Sync + std::fmt::Debug {
+    fn connect(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure>;
+}
+
+/// Creatio's callbacks.
+pub trait Creatio: Send + Sync + std::fmt::Debug {
+    /// Posts one mail's callback, retried until accepted, rejected, out of time or cancelled.
+    fn post<'a>(
+        &'a self,
+        url: &'a str,
+        body: &'a Value,
+        idempotency_key: Option<&'a str>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>>;
+    /// Posts a report once; its loss is harmless.
+    fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()>;
+}
+
+/// EWS over HTTP, one [`EwsClient`] per mailbox.
+#[derive(Debug, Clone)]
+pub struct HttpExchange {
+    pub http: reqwest::Client,
+    pub server_version: ews::ServerVersion,
+    pub limits: Limits,
+}
+
+impl Connect for HttpExchange {
+    fn connect(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure> {
+        Ok(Box::new(EwsClient::new(
+            self.http.clone(),
+            creds,
+            self.server_version,
+            self.limits,
+        )?))
+    }
+}
+
+impl Exchange for EwsClient {
+    fn url(&self) -> String {
+        EwsClient::url(self)
+    }
+
+    fn subscribe(&self) -> Answer<'_, String> {
+        EwsClient::subscribe(self).boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()> {
+        EwsClient::unsubscribe(self, subscription_id).boxed()
+    }
+
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>> {
+        EwsClient::get_items(self, ids).boxed()
+    }
+
+    fn sync_inbox<'a>(
+        &'a self,
+        sync_state: Option<&'a str>,
+        max_changes: u16,
+    ) -> Answer<'a, ews::SyncPage> {
+        EwsClient::sync_inbox(self, sync_state, max_changes).boxed()
+    }
+
+    fn open_stream<'a>(
+        &'a self,
+        subscription_id: &'a str,
+        timeout_minutes: u8,
+    ) -> Answer<'a, Box<dyn Events>> {
+        async move {
+            let stream = EwsClient::open_stream(self, subscription_id, timeout_minutes).await?;
+            Ok(Box::new(stream) as Box<dyn Events>)
+        }
+        .boxed()
+    }
+}
+
+impl Events for EventStream {
+    fn next(&mut self) -> Answer<'_, Option<ews::StreamBatch>> {
+        EventStream::next(self).boxed()
+    }
+}
+
+impl Creatio for Delivery {
+    fn post<'a>(
+        &'a self,
+        url: &'a str,
+        body: &'a Value,
+        idempotency_key: Option<&'a str>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Delivery::post(self, url, body, idempotency_key, cancel).boxed()
+    }
+
+    fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()> {
+        Delivery::post_once_quietly(self, url, body).boxed()
+    }
+}
+
+/// Waits for `fut` at most `limit`; past it, the failure `late` names.
+pub async fn within<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, EwsFailure>>,
+    late: impl FnOnce() -> EwsFailure,
+) -> Result<T, EwsFailure> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(late()))
+}
