@@ -1,0 +1,621 @@
+//! The worker's state machine against a scripted Exchange and Creatio, under tokio's paused
+//! clock: hours of backoff pass in milliseconds and every delay is read exactly.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::registry::SeenLimits;
+use crate::supervisor::Supervisor;
+use crate::transport::{Answer, ItemResult};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// How one GetStreamingEvents goes.
+enum Open {
+    Fail(EwsFailure),
+    /// No answer at all, not even a response head.
+    Hang,
+    /// These messages, then silence.
+    Then(Vec<Step>),
+}
+
+enum Step {
+    Batch(ews::StreamBatch),
+    /// The server ends the body.
+    End,
+}
+
+/// What the fake Exchange answers, call by call; a call with nothing scripted succeeds, and a
+/// stream with nothing scripted stays healthy with a keep-alive every 30 s.
+#[derive(Default)]
+struct Script {
+    subscribe: VecDeque<Result<(), EwsFailure>>,
+    open: VecDeque<Open>,
+    /// Subscribe calls that panic, as a bug would.
+    panics: usize,
+}
+
+/// A scripted Exchange that logs each call with the virtual time it came at.
+#[derive(Clone)]
+struct FakeExchange {
+    script: Arc<Mutex<Script>>,
+    calls: Arc<Mutex<Vec<(Duration, String)>>>,
+    ids: Arc<AtomicUsize>,
+    start: Instant,
+}
+
+impl std::fmt::Debug for FakeExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeExchange")
+    }
+}
+
+impl FakeExchange {
+    fn new(script: Script) -> Self {
+        FakeExchange {
+            script: Arc::new(Mutex::new(script)),
+            calls: Arc::default(),
+            ids: Arc::default(),
+            start: Instant::now(),
+        }
+    }
+
+    fn log(&self, call: String) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((self.start.elapsed(), call));
+    }
+
+    /// When each call named `name` came, since the start.
+    fn times(&self, name: &str) -> Vec<Duration> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, c)| c.split(' ').next() == Some(name))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+}
+
+impl Connect for FakeExchange {
+    fn connect(&self, _creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+fn status_batch(status: ews::ConnectionStatus) -> ews::StreamBatch {
+    ews::StreamBatch {
+        notifications: Vec::new(),
+        errors: Vec::new(),
+        status: Some(status),
+    }
+}
+
+impl Exchange for FakeExchange {
+    fn url(&self) -> String {
+        "http://exchange.test/EWS/Exchange.asmx".into()
+    }
+
+    fn subscribe(&self) -> Answer<'_, String> {
+        self.log("subscribe".into());
+        let answer = {
+            let mut script = self.script.lock().unwrap();
+            if script.panics > 0 {
+                script.panics -= 1;
+                None
+            } else {
+                Some(script.subscribe.pop_front().unwrap_or(Ok(())))
+            }
+        };
+        let Some(answer) = answer else {
+            panic!("a bug in the worker");
+        };
+        let id = format!("sub-{}", self.ids.fetch_add(1, Ordering::Relaxed) + 1);
+        async move { answer.map(|()| id) }.boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()> {
+        self.log(format!("unsubscribe {subscription_id}"));
+        async { Ok(()) }.boxed()
+    }
+
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>> {
+        self.log(format!("get_items {}", ids.join(",")));
+        async { Err(EwsFailure::Transport("no mail in this script".into())) }.boxed()
+    }
+
+    fn sync_inbox<'a>(
+        &'a self,
+        _sync_state: Option<&'a str>,
+        _max_changes: u16,
+    ) -> Answer<'a, ews::SyncPage> {
+        self.log("sync".into());
+        async {
+            Ok(ews::SyncPage {
+                sync_state: "state".into(),
+                includes_last_item_in_range: true,
+                changes: Vec::new(),
+            })
+        }
+        .boxed()
+    }
+
+    fn open_stream<'a>(
+        &'a self,
+        subscription_id: &'a str,
+        _timeout_minutes: u8,
+    ) -> Answer<'a, Box<dyn Events>> {
+        self.log(format!("open {subscription_id}"));
+        let next = self.script.lock().unwrap().open.pop_front();
+        async move {
+            match next {
+                Some(Open::Fail(f)) => Err(f),
+                Some(Open::Hang) => std::future::pending().await,
+                Some(Open::Then(steps)) => Ok(Box::new(FakeStream {
+                    steps: steps.into(),
+                    healthy: false,
+                }) as Box<dyn Events>),
+                None => Ok(Box::new(FakeStream {
+                    steps: VecDeque::new(),
+                    healthy: true,
+                }) as Box<dyn Events>),
+            }
+        }
+        .boxed()
+    }
+}
+
+struct FakeStream {
+    steps: VecDeque<Step>,
+    /// With no step left: keep-alives every 30 s (true), or silence (false).
+    healthy: bool,
+}
+
+impl Events for FakeStream {
+    fn next(&mut self) -> Answer<'_, Option<ews::StreamBatch>> {
+        let step = self.steps.pop_front();
+        let healthy = self.healthy;
+        async move {
+            match step {
+                Some(Step::Batch(b)) => Ok(Some(b)),
+                Some(Step::End) => Ok(None),
+                None if healthy => {
+                    tokio::time::sleep(30 * SECOND).await;
+                    Ok(Some(status_batch(ews::ConnectionStatus::Ok)))
+                }
+                None => std::future::pending().await,
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Creatio that takes everything and remembers what it was sent.
+#[derive(Debug, Default)]
+struct FakeCreatio {
+    reports: Mutex<Vec<Value>>,
+}
+
+impl Creatio for FakeCreatio {
+    fn post<'a>(
+        &'a self,
+        _url: &'a str,
+        _body: &'a Value,
+        _idempotency_key: Option<&'a str>,
+        _cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn report<'a>(&'a self, _url: &'a str, body: &'a Value) -> BoxFuture<'a, ()> {
+        self.reports.lock().unwrap().push(body.clone());
+        async {}.boxed()
+    }
+}
+
+struct Rig {
+    exchange: FakeExchange,
+    creatio: Arc<FakeCreatio>,
+    ctx: WorkerContext,
+    creds: Credentials,
+}
+
+/// Retries from 1 s doubling to 60 s; a failed mailbox from 60 s to 30 min; a stream's head
+/// and first envelope within 30 s, later ones within 120 s; Subscribe paced at 1,000 a second.
+fn rig(script: Script) -> Rig {
+    let exchange = FakeExchange::new(script);
+    let creatio = Arc::new(FakeCreatio::default());
+    let ctx = WorkerContext {
+        registry: Registry::new(SeenLimits::default()),
+        exchange: Arc::new(exchange.clone()),
+        creatio: creatio.clone(),
+        settings: Arc::new(WorkerSettings {
+            connection_timeout_minutes: 30,
+            idle_timeout: 120 * SECOND,
+            limits: Limits {
+                request_timeout: 30 * SECOND,
+                max_body_bytes: 1 << 20,
+            },
+            retry: BackoffPolicy::new(SECOND, 60 * SECOND).unwrap(),
+            failed_retry: BackoffPolicy::new(60 * SECOND, 1800 * SECOND).unwrap(),
+        }),
+        gate: Arc::new(Gate::new(100, 1000)),
+    };
+    let body = json!([{
+        "Id": "mbx",
+        "SenderEmailAddress": "alice@contoso.test",
+        "UserPassword": "secret",
+        "ServerAddress": "http://exchange.test",
+        "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+    }]);
+    let creds = contract::parse_credentials_list(body.to_string().as_bytes())
+        .unwrap()
+        .remove(0);
+    Rig {
+        exchange,
+        creatio,
+        ctx,
+        creds,
+    }
+}
+
+impl Rig {
+    /// Runs the mailbox's worker on its own, as the supervisor would.
+    fn spawn(&self) -> CancellationToken {
+        self.ctx.registry.upsert(self.creds.clone());
+        let cancel = CancellationToken::new();
+        tokio::spawn(run(self.ctx.clone(), self.creds.clone(), cancel.clone()));
+        cancel
+    }
+
+    fn status(&self) -> crate::registry::MailboxStatus {
+        self.ctx.registry.status("mbx").unwrap()
+    }
+}
+
+/// The gaps between consecutive times.
+fn gaps(times: &[Duration]) -> Vec<Duration> {
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// Subscribe turns are paced: at 1,000 a second a turn may come up to 1 ms late.
+const PACE_SLACK: Duration = Duration::from_millis(2);
+
+fn transport_failure() -> Result<(), EwsFailure> {
+    Err(EwsFailure::Transport("connection refused".into()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_back_off_doubling_to_the_maximum() {
+    let rig = rig(Script {
+        subscribe: std::iter::repeat_with(transport_failure).take(8).collect(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(400 * SECOND).await;
+
+    let times = rig.exchange.times("subscribe");
+    assert_eq!(times.len(), 9, "eight failures, then success: {times:?}");
+    for (k, gap) in gaps(&times).into_iter().enumerate() {
+        // Retry k waits a uniform draw from the upper half of min(1 s × 2^k, 60 s).
+        let ceiling = (SECOND * (1 << k)).min(60 * SECOND);
+        assert!(
+            gap >= ceiling / 2 && gap <= ceiling + PACE_SLACK,
+            "retry {k} came after {gap:?}, not within [{:?}, {ceiling:?}]",
+            ceiling / 2
+        );
+    }
+    let status = rig.status();
+    assert_eq!(status.state, WorkerState::Streaming);
+    assert_eq!(status.error, None);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("connection refused")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_servers_back_off_is_a_floor() {
+    let busy = EwsFailure::Ews(ews::EwsError::Fault(ews::Fault {
+        code: "ErrorServerBusy".into(),
+        message: "The server cannot service this request right now.".into(),
+        back_off: Some(45 * SECOND),
+    }));
+    let rig = rig(Script {
+        subscribe: [Err(busy)].into(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(100 * SECOND).await;
+
+    let times = rig.exchange.times("subscribe");
+    assert_eq!(times.len(), 2, "{times:?}");
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= 45 * SECOND && gap <= 45 * SECOND + PACE_SLACK,
+        "retried after {gap:?}, not after the 45 s the server asked for"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_mailbox_retries_slowly_and_tells_creatio_once() {
+    let rig = rig(Script {
+        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized))
+            .take(1000)
+            .collect(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(4 * 3600 * SECOND).await;
+
+    let times = rig.exchange.times("subscribe");
+    for (k, gap) in gaps(&times).into_iter().enumerate() {
+        let ceiling = (60 * SECOND * (1 << k)).min(1800 * SECOND);
+        assert!(
+            gap >= ceiling / 2 && gap <= ceiling + PACE_SLACK,
+            "login {} came {gap:?} after the one before, not within [{:?}, {ceiling:?}]",
+            k + 2,
+            ceiling / 2
+        );
+    }
+    // 30 s, 1, 2, 4, 8, 15, 15, ... minutes at the least: no more than 20 logins in 4 hours.
+    assert!(
+        (8..=20).contains(&times.len()),
+        "{} logins in 4 hours",
+        times.len()
+    );
+    assert_eq!(rig.status().state, WorkerState::Failed);
+    let reports = rig.creatio.reports.lock().unwrap().clone();
+    assert_eq!(reports.len(), 1, "Creatio is told once: {reports:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn creatios_recreate_every_minute_keeps_the_slow_retry() {
+    let rig = rig(Script {
+        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized))
+            .take(1000)
+            .collect(),
+        ..Script::default()
+    });
+    let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
+    // Creatio's loop: the mailbox answers `failed`, so it sends Recreate every minute, with
+    // the same credentials, for an hour.
+    for _ in 0..60 {
+        supervisor.start(rig.creds.clone());
+        tokio::time::sleep(60 * SECOND).await;
+    }
+
+    let logins = rig.exchange.times("subscribe").len();
+    // The slow schedule alone allows at most 8 in an hour (30 s, 1, 2, 4, 8, 15, 15 minutes).
+    assert!(
+        (6..=8).contains(&logins),
+        "{logins} logins in an hour of Recreates"
+    );
+    assert_eq!(rig.creatio.reports.lock().unwrap().len(), 1);
+    assert_eq!(rig.status().restarts, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_whose_head_never_comes_is_given_up_after_the_request_timeout() {
+    let rig = rig(Script {
+        open: [Open::Hang].into(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(100 * SECOND).await;
+
+    let opens = rig.exchange.times("open");
+    assert!(opens.len() >= 2, "{:?}", rig.exchange.calls());
+    let gap = opens[1] - opens[0];
+    // The 30 s request timeout, then the first retry's wait (0.5-1 s).
+    assert!(
+        gap >= 30 * SECOND + SECOND / 2 && gap <= 31 * SECOND,
+        "the hanging stream was given up after {gap:?}"
+    );
+    assert_eq!(
+        rig.exchange.times("subscribe").len(),
+        1,
+        "the subscription lives on"
+    );
+    let status = rig.status();
+    assert_eq!(status.state, WorkerState::Streaming);
+    assert_eq!(status.reconnects, 1);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("GetStreamingEvents")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_without_its_first_envelope_is_reopened_after_the_request_timeout() {
+    let rig = rig(Script {
+        open: [Open::Then(Vec::new())].into(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(100 * SECOND).await;
+
+    let opens = rig.exchange.times("open");
+    assert!(opens.len() >= 2, "{:?}", rig.exchange.calls());
+    let gap = opens[1] - opens[0];
+    // Not the 120 s idle timeout: Exchange answers a new stream at once. A connection that
+    // never said anything was not healthy, so the first retry's wait (0.5-1 s) comes first.
+    assert!(
+        gap >= 30 * SECOND + SECOND / 2 && gap <= 31 * SECOND,
+        "reopened after {gap:?}"
+    );
+    assert_eq!(rig.exchange.times("subscribe").len(), 1);
+    assert_eq!(rig.status().state, WorkerState::Streaming);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_silent_after_its_first_envelope_is_reopened_after_the_idle_timeout() {
+    let rig = rig(Script {
+        open: [Open::Then(vec![Step::Batch(status_batch(
+            ews::ConnectionStatus::Ok,
+        ))])]
+        .into(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(300 * SECOND).await;
+
+    let opens = rig.exchange.times("open");
+    assert!(opens.len() >= 2, "{:?}", rig.exchange.calls());
+    assert_eq!(opens[1] - opens[0], 120 * SECOND);
+    assert_eq!(rig.exchange.times("subscribe").len(), 1);
+    let status = rig.status();
+    assert_eq!(status.reconnects, 1);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no data on the event stream")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_keeps_ending_at_once_backs_off() {
+    // Each connection ends as soon as it opens: reopening at once would be a tight loop.
+    let rig = rig(Script {
+        open: std::iter::repeat_with(|| Open::Then(vec![Step::End]))
+            .take(6)
+            .collect(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(120 * SECOND).await;
+
+    let opens = rig.exchange.times("open");
+    assert_eq!(opens.len(), 7, "{:?}", rig.exchange.calls());
+    for (k, gap) in gaps(&opens).into_iter().enumerate() {
+        let ceiling = SECOND * (1 << k);
+        assert!(
+            gap >= ceiling / 2 && gap <= ceiling,
+            "reopen {k} after {gap:?}, not within [{:?}, {ceiling:?}]",
+            ceiling / 2
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_panics_is_restarted_after_a_delay() {
+    let rig = rig(Script {
+        panics: 1,
+        ..Script::default()
+    });
+    let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
+    supervisor.start(rig.creds.clone());
+    tokio::time::sleep(10 * SECOND).await;
+
+    let times = rig.exchange.times("subscribe");
+    assert_eq!(times.len(), 2, "{:?}", rig.exchange.calls());
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= SECOND / 2 && gap <= SECOND + PACE_SLACK,
+        "restarted after {gap:?}"
+    );
+    let status = rig.status();
+    assert_eq!(status.restarts, 1);
+    assert_eq!(status.state, WorkerState::Streaming);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("worker died")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_lost_on_the_stream_is_given_back_and_replaced() {
+    let lost = ews::StreamBatch {
+        notifications: Vec::new(),
+        errors: vec![ews::SubscriptionError {
+            subscription_ids: vec!["sub-1".into()],
+            error: ews::ResponseError {
+                code: "ErrorSubscriptionNotFound".into(),
+                message: String::new(),
+                back_off: None,
+            },
+        }],
+        status: Some(ews::ConnectionStatus::Closed),
+    };
+    let rig = rig(Script {
+        open: [Open::Then(vec![Step::Batch(lost)])].into(),
+        ..Script::default()
+    });
+    let cancel = rig.spawn();
+    tokio::time::sleep(10 * SECOND).await;
+    cancel.cancel();
+    tokio::time::sleep(SECOND).await;
+
+    assert_eq!(
+        rig.exchange.calls(),
+        [
+            "subscribe",
+            "sync",
+            "open sub-1",
+            "subscribe",
+            "sync",
+            "open sub-2",
+            "unsubscribe sub-2",
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_failure_on_the_stream_gives_the_subscription_back() {
+    let rig = rig(Script {
+        open: [Open::Fail(EwsFailure::Unauthorized)].into(),
+        ..Script::default()
+    });
+    let _cancel = rig.spawn();
+    tokio::time::sleep(120 * SECOND).await;
+
+    let calls = rig.exchange.calls();
+    assert_eq!(
+        calls[..5],
+        [
+            "subscribe",
+            "sync",
+            "open sub-1",
+            "unsubscribe sub-1",
+            "subscribe"
+        ],
+        "{calls:?}"
+    );
+    // The second login waits the failed schedule (30-60 s), not the fast one.
+    let subscribes = rig.exchange.times("subscribe");
+    assert!(
+        subscribes[1] - subscribes[0] >= 30 * SECOND,
+        "{subscribes:?}"
+    );
+}
