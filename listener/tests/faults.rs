@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Listener, PATIENCE, World, assert_each_delivered_once, eventually};
+use common::{
+    Listener, PATIENCE, World, assert_each_delivered_once, assert_slow_second_login, eventually,
+};
 use mock_ews::{Config, Fault, FaultKind, NewMail, Settings};
 use serde_json::json;
 
@@ -128,17 +130,25 @@ async fn unavailable_without_retry_after_backs_off_and_recovers() {
     world
         .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
         .await;
-    let failed = requests(&world, "GetStreamingEvents")
-        .iter()
-        .filter(|(s, _)| *s == 503)
-        .count();
-    assert_eq!(failed, 3);
+    let opens = requests(&world, "GetStreamingEvents");
+    let statuses: Vec<u16> = opens.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses[..4], [503, 503, 503, 200], "{statuses:?}");
+    // Retry k waits at least half of 100 ms × 2^k (the listener runs with a 100 ms base):
+    // the waits grow, and none is skipped.
+    for k in 0..3 {
+        let gap = opens[k + 1].1.duration_since(opens[k].1);
+        let floor = Duration::from_millis(50 << k);
+        assert!(
+            gap >= floor,
+            "retry {k} came {gap:?} after the 503, before its {floor:?} backoff"
+        );
+    }
     assert_each_delivered_once(&world, ALICE, &[inject(&world, "after 503s")]).await;
 }
 
 #[tokio::test]
 async fn unauthorized_marks_the_mailbox_failed_without_hammering() {
-    let (world, listener) = start(&[]).await;
+    let (world, listener) = start(&["--failed-retry-base-secs", "4"]).await;
     world
         .ews
         .inject_fault(
@@ -162,16 +172,7 @@ async fn unauthorized_marks_the_mailbox_failed_without_hammering() {
     })
     .await;
     assert_eq!(report.body["Avaliable"], false);
-    let tried = world.ews.stats().unauthorized;
-    let until = tokio::time::Instant::now() + Duration::from_secs(2);
-    while tokio::time::Instant::now() < until {
-        assert_eq!(
-            world.ews.stats().unauthorized,
-            tried,
-            "retried a 401 at once"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_slow_second_login(&world, Duration::from_secs(4)).await;
 }
 
 /// The server forgets the subscription: the listener subscribes again, and a mail sent while

@@ -639,3 +639,70 @@ async fn an_id_that_would_forge_a_log_line_is_refused() {
         "no forged line in the log"
     );
 }
+
+/// Every path that handles credentials, at debug level: a rejected login and its report, an
+/// Update, Validate failing three ways, a token, a refused body and a call the listener does
+/// not know. The secret must appear on none of their log lines.
+#[tokio::test]
+async fn no_secret_reaches_the_log_on_any_path() {
+    const SECRET: &str = "Zebra-Pa55";
+    let world = World::start().await;
+    let listener = Listener::spawn(&["--log", "debug"]).await;
+    world.ews.create_mailbox(ALICE, "the-right-one").unwrap();
+    let with_secret = |id: &str| world.credentials(id, ALICE, SECRET, "ProcessFullEmail");
+
+    let (code, _) = listener
+        .call("create", json!([with_secret("mbx-1")]).to_string())
+        .await;
+    assert_eq!(code, 200);
+    let mut updated = with_secret("mbx-1");
+    updated["UserPassword"] = json!(format!("{SECRET}-2"));
+    assert_eq!(
+        listener
+            .call("update", json!([updated]).to_string())
+            .await
+            .0,
+        200
+    );
+    let mut token = with_secret("mbx-2");
+    token["AccessToken"] = json!(format!("{SECRET}-token"));
+    assert_eq!(
+        listener.call("create", json!([token]).to_string()).await.0,
+        200
+    );
+    let mut unreachable = with_secret("");
+    unreachable["ServerAddress"] = json!("http://127.0.0.1:1/EWS/Exchange.asmx");
+    let mut not_ews = with_secret("");
+    not_ews["ServerAddress"] = json!(format!("{}/nothing-here", world.creatio.url("x")));
+    for creds in [with_secret(""), unreachable, not_ews] {
+        let (code, body) = listener.call("validate", creds.to_string()).await;
+        assert_eq!((code, &body["IsValid"]), (200, &json!(false)), "{body}");
+    }
+    let mut refused = with_secret("mbx-3");
+    refused["BpmEndpoint"] = json!("not a url");
+    assert_eq!(
+        listener
+            .call("create", json!([refused]).to_string())
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        listener
+            .call("frobnicate", json!([with_secret("mbx-4")]).to_string())
+            .await
+            .0,
+        404
+    );
+    eventually(
+        "both mailboxes reported unavailable",
+        PATIENCE,
+        async || (world.creatio.calls_of("ProcessMailboxState").len() >= 2).then_some(()),
+    )
+    .await;
+
+    let logs = listener.logs();
+    assert!(logs.len() > 10, "the paths were logged: {logs:#?}");
+    let leaks: Vec<&String> = logs.iter().filter(|l| l.contains(SECRET)).collect();
+    assert!(leaks.is_empty(), "secrets in the log: {leaks:#?}");
+}

@@ -262,3 +262,26 @@ pub async fn assert_each_delivered_once(world: &World, mailbox: &str, sent: &[St
         );
     }
 }
+
+/// Waits for a second Subscribe after a first one rejected with 401, and checks that it came
+/// no sooner than half of `failed_retry_base` (the listener's `--failed-retry-base-secs`):
+/// the slow schedule, not the fast retries of transient failures.
+pub async fn assert_slow_second_login(world: &World, failed_retry_base: Duration) {
+    let (rejected, retried) = eventually("a second login", PATIENCE, async || {
+        let subscribes: Vec<_> = world
+            .ews
+            .request_log()
+            .into_iter()
+            .filter(|r| r.operation == "Subscribe")
+            .collect();
+        let first = subscribes.iter().position(|r| r.status == 401)?;
+        let next = subscribes.get(first + 1)?;
+        Some((subscribes[first].at, next.at))
+    })
+    .await;
+    let gap = retried.duration_since(rejected);
+    assert!(
+        gap >= failed_retry_base / 2,
+        "a rejected login was tried again after {gap:?}, before half of {failed_retry_base:?}"
+    );
+}
