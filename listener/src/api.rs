@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::contract::{self, ContractError};
 use crate::ews_client::{EwsClient, EwsFailure, Limits};
+use crate::reach::Reach;
 use crate::supervisor::Supervisor;
 
 /// Shared state of the API handlers.
@@ -24,6 +25,8 @@ pub struct ApiState {
     pub server_version: ews::ServerVersion,
     /// Limits on Validate's call to EWS.
     pub limits: Limits,
+    /// Where Creatio's calls may send the listener.
+    pub reach: Reach,
     /// Set once the service accepts work; cleared when it shuts down.
     pub ready: Arc<AtomicBool>,
 }
@@ -90,6 +93,9 @@ async fn action(
     match action.to_ascii_lowercase().as_str() {
         "create" | "recreate" | "update" => {
             let list = contract::parse_credentials_list(&body)?;
+            for creds in &list {
+                state.reach.check(creds)?;
+            }
             let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
             // Recorded now, started in the background at a paced rate.
             for creds in list {
@@ -119,6 +125,7 @@ async fn action(
         }
         "validate" => {
             let creds = contract::parse_validation(&body)?;
+            state.reach.check(&creds)?;
             let (valid, message) = validate(&state, &creds).await;
             tracing::info!(mailbox = %creds.sender_email, valid, "credentials validated");
             Ok(Json(json!({ "IsValid": valid, "Message": message })).into_response())

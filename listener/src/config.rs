@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::backoff::{BackoffPolicy, InvalidBackoff};
+use crate::reach::{HostList, Reach};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -127,6 +128,20 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub http_request_timeout_secs: u64,
 
+    /// Allow Exchange and Creatio addresses that are link-local (169.254.0.0/16, fe80::/10),
+    /// where cloud metadata services answer; refused by default.
+    #[arg(long, env = "EXCHANGE_LISTENER_ALLOW_LINK_LOCAL")]
+    pub allow_link_local: bool,
+
+    /// Exchange hosts mailboxes may name in ServerAddress, comma-separated (`mail.contoso.com`,
+    /// `*.contoso.com`); any host when empty.
+    #[arg(long, env = "EXCHANGE_LISTENER_EXCHANGE_HOSTS", value_delimiter = ',')]
+    pub exchange_hosts: Vec<String>,
+
+    /// Creatio hosts mailboxes may name in BpmEndpoint, comma-separated; any host when empty.
+    #[arg(long, env = "EXCHANGE_LISTENER_CREATIO_HOSTS", value_delimiter = ',')]
+    pub creatio_hosts: Vec<String>,
+
     /// Seconds after SIGTERM before open requests are dropped and unfinished unsubscribes
     /// abandoned (keep below Kubernetes' termination grace period).
     #[arg(long, env = "EXCHANGE_LISTENER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
@@ -159,6 +174,17 @@ impl Config {
             Duration::from_millis(self.delivery_retry_base_ms),
             Duration::from_millis(self.delivery_retry_max_ms),
         )
+    }
+
+    /// Where Creatio's calls may send the listener.
+    pub fn reach(&self) -> Result<Reach, String> {
+        Ok(Reach {
+            allow_link_local: self.allow_link_local,
+            exchange_hosts: HostList::parse(&self.exchange_hosts)
+                .map_err(|e| format!("--exchange-hosts: {e}"))?,
+            creatio_hosts: HostList::parse(&self.creatio_hosts)
+                .map_err(|e| format!("--creatio-hosts: {e}"))?,
+        })
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod ews_client;
 pub mod gate;
 pub mod mail;
+pub mod reach;
 pub mod registry;
 pub mod server;
 pub mod supervisor;
@@ -36,8 +37,13 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let reach = config.reach().map_err(|e| anyhow::anyhow!(e))?;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
+        // No host name may lead where an address written in a call may not.
+        .dns_resolver(Arc::new(reach::GuardedResolver {
+            allow_link_local: reach.allow_link_local,
+        }))
         // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
         // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
         // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
@@ -90,6 +96,7 @@ pub async fn serve(
         http,
         server_version: config.ews_version,
         limits,
+        reach,
         ready: ready.clone(),
     };
     let http_limits = server::HttpLimits {

@@ -706,3 +706,53 @@ async fn no_secret_reaches_the_log_on_any_path() {
     let leaks: Vec<&String> = logs.iter().filter(|l| l.contains(SECRET)).collect();
     assert!(leaks.is_empty(), "secrets in the log: {leaks:#?}");
 }
+
+#[tokio::test]
+async fn link_local_addresses_and_hosts_off_the_allow_lists_are_refused() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    let mut metadata = world.credentials("m", ALICE, "secret", "ProcessFullEmail");
+    metadata["ServerAddress"] = json!("http://169.254.169.254/EWS/Exchange.asmx");
+    for action in ["create", "validate"] {
+        let body = if action == "create" {
+            json!([metadata]).to_string()
+        } else {
+            metadata.to_string()
+        };
+        let (code, answer) = listener.call(action, body).await;
+        assert_eq!(code, 400, "{action}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("ServerAddress") && error.contains("link-local"),
+            "{error}"
+        );
+    }
+    assert_eq!(listener.state_of("m").await, "notExists");
+
+    // A locked-down install names its Exchange and Creatio hosts.
+    let locked = Listener::spawn(&[
+        "--exchange-hosts",
+        "mail.contoso.example,*.corp.example",
+        "--creatio-hosts",
+        "127.0.0.1",
+    ])
+    .await;
+    let creds = world.credentials("m", ALICE, "secret", "ProcessFullEmail");
+    let (code, answer) = locked.call("create", json!([creds]).to_string()).await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("not among the hosts this listener may reach (--exchange-hosts)"),
+        "{answer}"
+    );
+    let open = Listener::spawn(&[
+        "--exchange-hosts",
+        "127.0.0.1",
+        "--creatio-hosts",
+        "127.0.0.1",
+    ])
+    .await;
+    world.subscribe(&open, "m", ALICE, "ProcessFullEmail").await;
+}
