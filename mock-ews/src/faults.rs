@@ -26,6 +26,9 @@ pub enum FaultKind {
     /// GetItem answers every requested item with this per-item error code (for example
     /// `ErrorMailboxStoreUnavailable`) instead of the item.
     ItemError { code: String },
+    /// SyncFolderItems with a `SyncState` answers `ErrorInvalidSyncStateData`, as Exchange
+    /// does for a state it no longer accepts (a first sync, without a state, is not affected).
+    InvalidSyncState,
     /// The server forgets the stream's subscriptions: `ErrorSubscriptionNotFound`, `Closed`.
     SubscriptionNotFound,
     /// The server forgets the stream's subscriptions: `ErrorInvalidSubscription`, `Closed`.

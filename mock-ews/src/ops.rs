@@ -167,21 +167,34 @@ pub(crate) fn sync_folder_items(
     sync_state: Option<&str>,
     max_changes: usize,
 ) -> Response {
-    const OP: &str = "SyncFolderItems";
-    let msg = inbox_of(acting, OP, folder, mailbox).map(|mailbox| {
+    let msg = inbox_of(acting, SYNC, folder, mailbox).map(|mailbox| {
         match world.sync(&mailbox, sync_state, max_changes) {
-            Some(page) => soap::success(OP, &soap::sync_page(&page)),
-            None => soap::error(
-                OP,
-                "ErrorInvalidSyncStateData",
-                "Synchronization state data is corrupt or otherwise invalid.",
-                "",
-            ),
+            Some(page) => soap::success(SYNC, &soap::sync_page(&page)),
+            None => invalid_sync_state_message(),
         }
     });
     xml(
         StatusCode::OK,
-        soap::response(OP, &msg.unwrap_or_else(|e| e)),
+        soap::response(SYNC, &msg.unwrap_or_else(|e| e)),
+    )
+}
+
+const SYNC: &str = "SyncFolderItems";
+
+fn invalid_sync_state_message() -> String {
+    soap::error(
+        SYNC,
+        "ErrorInvalidSyncStateData",
+        "Synchronization state data is corrupt or otherwise invalid.",
+        "",
+    )
+}
+
+/// The answer to a SyncFolderItems whose state the server will not take.
+pub(crate) fn invalid_sync_state() -> Response {
+    xml(
+        StatusCode::OK,
+        soap::response(SYNC, &invalid_sync_state_message()),
     )
 }
 

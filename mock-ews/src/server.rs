@@ -182,14 +182,27 @@ fn dispatch(app: App, acting: &str, operation: Operation) -> Response {
             folder: (folder, mailbox),
             state,
             max_changes,
-        } => ops::sync_folder_items(
-            &app.world,
-            acting,
-            &folder,
-            mailbox,
-            state.as_deref(),
-            max_changes,
-        ),
+        } => {
+            let rejected = state.is_some()
+                && app
+                    .world
+                    .take_fault(acting, "SyncFolderItems", |k| {
+                        *k == FaultKind::InvalidSyncState
+                    })
+                    .is_some();
+            if rejected {
+                ops::invalid_sync_state()
+            } else {
+                ops::sync_folder_items(
+                    &app.world,
+                    acting,
+                    &folder,
+                    mailbox,
+                    state.as_deref(),
+                    max_changes,
+                )
+            }
+        }
         Operation::FindItem {
             folder,
             shape,

@@ -258,6 +258,27 @@ async fn sync_folder_items_pages_through_the_change_log() {
         bad.contains("<m:ResponseCode>ErrorInvalidSyncStateData</m:ResponseCode>"),
         "{bad}"
     );
+
+    // The invalid_sync_state fault rejects the next valid state once; a first sync is spared.
+    ews.inject_fault(mock_ews::Fault::once(mock_ews::FaultKind::InvalidSyncState))
+        .unwrap();
+    let fresh = post(&ews, "secret", sync(None)).await.text().await.unwrap();
+    assert!(fresh.contains("NoError"), "{fresh}");
+    let rejected = post(&ews, "secret", sync(Some(&state)))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        rejected.contains("<m:ResponseCode>ErrorInvalidSyncStateData</m:ResponseCode>"),
+        "{rejected}"
+    );
+    let again = post(&ews, "secret", sync(Some(&state)))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(again.contains("NoError"), "{again}");
 }
 
 #[tokio::test]
