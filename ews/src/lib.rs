@@ -19,7 +19,7 @@ pub use request::{
     BaseShape, DistinguishedFolder, EventType, ItemShape, RequestHeader, ServerVersion,
 };
 pub use response::{
-    ConnectionStatus, Event, EventKind, EventTarget, Folder, ItemId, Mailbox, Message,
-    Notification, StreamBatch, SubscriptionError, SyncChange, SyncPage,
+    ConnectionStatus, Event, EventKind, EventTarget, FindPage, Folder, FoundItem, ItemId, Mailbox,
+    Message, Notification, StreamBatch, SubscriptionError, SyncChange, SyncPage,
 };
 pub use stream::EnvelopeSplitter;

@@ -277,6 +277,67 @@ pub fn parse_sync_folder_items(bytes: &[u8]) -> Result<SyncPage, EwsError> {
     })
 }
 
+/// One item a `FindItem` listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundItem {
+    pub id: ItemId,
+    /// `xs:dateTime`, when the server gave it.
+    pub date_time_received: Option<String>,
+}
+
+/// One page of a `FindItem`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FindPage {
+    pub items: Vec<FoundItem>,
+    /// The offset of the next page, when the server said.
+    pub next_offset: Option<u32>,
+    /// True when this page holds the last item of the view.
+    pub includes_last_item_in_range: bool,
+}
+
+/// Decodes a `FindItem` response.
+pub fn parse_find_item(bytes: &[u8]) -> Result<FindPage, EwsError> {
+    let root = parse(bytes)?;
+    let msg = single_message(&root, "FindItem")?;
+    check_class(msg).map_err(EwsError::Response)?;
+    let folder = msg
+        .child(MESSAGES, "RootFolder")
+        .ok_or_else(|| EwsError::Malformed("FindItemResponseMessage without RootFolder".into()))?;
+    let items = folder
+        .child(TYPES, "Items")
+        .map(|items| items.children.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|item| item.ns.as_deref() == Some(TYPES))
+        .map(|item| {
+            let id = item
+                .child(TYPES, "ItemId")
+                .and_then(item_id)
+                .ok_or_else(|| {
+                    EwsError::Malformed(format!(
+                        "FindItem listed a {} without an ItemId",
+                        item.local
+                    ))
+                })?;
+            Ok(FoundItem {
+                id,
+                date_time_received: item
+                    .child_text(TYPES, "DateTimeReceived")
+                    .map(|t| t.trim().to_owned()),
+            })
+        })
+        .collect::<Result<Vec<_>, EwsError>>()?;
+    Ok(FindPage {
+        items,
+        next_offset: folder
+            .attr("IndexedPagingOffset")
+            .and_then(|v| v.trim().parse().ok()),
+        includes_last_item_in_range: folder
+            .attr("IncludesLastItemInRange")
+            .is_none_or(|v| v.trim() != "false"),
+    })
+}
+
 /// Decodes one envelope cut from a `GetStreamingEvents` response body.
 pub fn parse_stream_envelope(bytes: &[u8]) -> Result<StreamBatch, EwsError> {
     let root = parse(bytes)?;

@@ -286,6 +286,7 @@ fn decode_everything(bytes: &[u8]) {
     let _ = parse_get_item(bytes);
     let _ = parse_get_folder(bytes);
     let _ = parse_sync_folder_items(bytes);
+    let _ = parse_find_item(bytes);
     let _ = parse_stream_envelope(bytes);
     let mut splitter = crate::EnvelopeSplitter::new();
     if let Ok(envelopes) = splitter.push(bytes) {
@@ -336,4 +337,30 @@ proptest! {
         decode_everything(&bytes);
         decode_everything(&bytes[..cut.index(len + 1)]);
     }
+}
+
+#[test]
+fn find_item_page_lists_ids_received_times_and_paging() {
+    let page = parse_find_item(&fixture("find_item_page.xml")).unwrap();
+    let found = |id: &str, key: &str, at: Option<&str>| FoundItem {
+        id: ItemId {
+            id: id.into(),
+            change_key: Some(key.into()),
+        },
+        date_time_received: at.map(str::to_owned),
+    };
+    assert_eq!(
+        page,
+        FindPage {
+            items: vec![
+                found("AAMkF3", "CQAAAA==", Some("2026-11-30T10:02:00Z")),
+                found("AAMkF2", "CQAAAB==", Some("2026-11-30T10:01:00Z")),
+                found("AAMkF1", "CQAAAC==", None),
+            ],
+            next_offset: Some(3),
+            includes_last_item_in_range: false,
+        }
+    );
+    let fault = parse_find_item(&fixture("fault_server_busy.xml")).unwrap_err();
+    assert_eq!(fault.code(), Some("ErrorServerBusy"));
 }
