@@ -398,6 +398,21 @@ impl EwsClient {
             .await
     }
 
+    /// One page of inbox items, newest first by received time, from `offset`.
+    pub async fn find_recent_items(
+        &self,
+        offset: u32,
+        max_entries: u16,
+    ) -> Result<ews::FindPage, EwsFailure> {
+        let body = ews::request::find_recent_items(
+            &self.header,
+            &DistinguishedFolder::inbox(None),
+            offset,
+            max_entries,
+        );
+        self.call(body, false, response::parse_find_item).await
+    }
+
     /// Reads the inbox folder: proves the credentials log in and reach the mailbox.
     pub async fn get_inbox(&self) -> Result<ews::Folder, EwsFailure> {
         let body = ews::request::get_folder(&self.header, &DistinguishedFolder::inbox(None));

@@ -182,13 +182,22 @@ impl SeenSet {
     }
 }
 
+/// Where a mailbox's inbox sync stands, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncCursor {
+    /// Exchange's SyncFolderItems state.
+    pub state: String,
+    /// When the server last gave it: everything received before then was seen.
+    pub at_unix_ms: i64,
+}
+
 #[derive(Debug)]
 struct Entry {
     credentials: Credentials,
     status: MailboxStatus,
     seen: SeenSet,
     /// Where the inbox's SyncFolderItems catch-up stands; `None` until the first sync.
-    sync_state: Option<String>,
+    sync: Option<SyncCursor>,
     /// Dead-lettered items an administrator asked to deliver again.
     replay: Vec<String>,
     replay_signal: Arc<Notify>,
@@ -247,7 +256,7 @@ impl Registry {
                         credentials,
                         status: MailboxStatus::default(),
                         seen: SeenSet::default(),
-                        sync_state: None,
+                        sync: None,
                         replay: Vec::new(),
                         replay_signal: Arc::new(Notify::new()),
                     },
@@ -285,16 +294,17 @@ impl Registry {
         counts
     }
 
-    pub fn sync_state(&self, id: &str) -> Option<String> {
-        self.lock()
-            .mailboxes
-            .get(id)
-            .and_then(|e| e.sync_state.clone())
+    pub fn sync_state(&self, id: &str) -> Option<SyncCursor> {
+        self.lock().mailboxes.get(id).and_then(|e| e.sync.clone())
     }
 
+    /// Stores where the catch-up stands, as of now.
     pub fn set_sync_state(&self, id: &str, state: &str) {
         if let Some(entry) = self.lock().mailboxes.get_mut(id) {
-            entry.sync_state = Some(state.to_owned());
+            entry.sync = Some(SyncCursor {
+                state: state.to_owned(),
+                at_unix_ms: unix_now_ms(),
+            });
         }
     }
 

@@ -39,6 +39,8 @@ pub trait Exchange: Send + Sync {
         sync_state: Option<&'a str>,
         max_changes: u16,
     ) -> Answer<'a, ews::SyncPage>;
+    /// One page of inbox items, newest first by received time, from `offset`.
+    fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage>;
     /// Opens a streaming connection; answers once the server has accepted it.
     fn open_stream<'a>(
         &'a self,
@@ -115,6 +117,10 @@ impl Exchange for EwsClient {
         max_changes: u16,
     ) -> Answer<'a, ews::SyncPage> {
         EwsClient::sync_inbox(self, sync_state, max_changes).boxed()
+    }
+
+    fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage> {
+        EwsClient::find_recent_items(self, offset, max_entries).boxed()
     }
 
     fn open_stream<'a>(

@@ -22,7 +22,7 @@ use crate::contract::{self, CallbackMode, Credentials};
 use crate::delivery::{DeliveryError, idempotency_key};
 use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 use crate::gate::Gate;
-use crate::mail::{to_email, unix_now_ms};
+use crate::mail::{parse_xs_datetime, to_email, unix_now_ms};
 use crate::registry::{DeadLetter, Outcome, Registry, WorkerState};
 use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
@@ -44,6 +44,16 @@ pub struct WorkerSettings {
 
 /// Changes asked for per SyncFolderItems page (ids only, so a page is small).
 const SYNC_PAGE: u16 = 512;
+
+/// Items listed per FindItem page when recovering a gap (ids and times only).
+const FIND_PAGE: u16 = 200;
+
+/// The most items one gap recovery delivers: the newest, when more arrived.
+const MAX_GAP_ITEMS: usize = 10_000;
+
+/// How far before the last sync a gap recovery looks: covers the difference between the
+/// listener's clock and Exchange's. What it finds twice is filtered as already delivered.
+const GAP_MARGIN_MS: i64 = 5 * 60 * 1000;
 
 /// Items asked for per GetItem: a batch of full mails is read whole, so it stays small.
 pub const FETCH_BATCH: usize = 16;
@@ -270,8 +280,12 @@ impl Worker {
     /// cancelled.
     async fn catch_up(&mut self) -> Result<bool, EwsFailure> {
         self.set_state(WorkerState::CatchingUp, None);
-        let mut state = self.ctx.registry.sync_state(self.id());
-        let mut baseline = state.is_none();
+        let stored = self.ctx.registry.sync_state(self.id());
+        let mut baseline = stored.is_none();
+        let mut state = stored.as_ref().map(|c| c.state.clone());
+        // Set when the server rejects the stored state: what arrived after this moment must
+        // be found another way.
+        let mut gap_since = None;
         loop {
             let page = tokio::select! {
                 biased;
@@ -281,9 +295,12 @@ impl Worker {
             let page = match page {
                 Ok(page) => page,
                 Err(f) if state.is_some() && f.code() == Some("ErrorInvalidSyncStateData") => {
-                    // The server no longer knows our state; mail in the gap cannot be found
-                    // without posting the whole inbox again, so start a new baseline.
-                    tracing::warn!("sync state rejected by the server; starting a new baseline");
+                    // The server no longer knows our state: take a new baseline, then find
+                    // what arrived since the last sync by its received time.
+                    tracing::warn!(
+                        "sync state rejected by the server; taking a new baseline and recovering the gap"
+                    );
+                    gap_since = stored.as_ref().map(|c| c.at_unix_ms - GAP_MARGIN_MS);
                     state = None;
                     baseline = true;
                     continue;
@@ -313,10 +330,64 @@ impl Worker {
                 .registry
                 .set_sync_state(self.id(), &page.sync_state);
             if page.includes_last_item_in_range {
-                return Ok(true);
+                return match gap_since {
+                    Some(since) => self.recover_gap(since).await,
+                    None => Ok(true),
+                };
             }
             state = Some(page.sync_state);
         }
+    }
+
+    /// Delivers what the inbox received since `since_unix_ms` (newest first from FindItem,
+    /// handed on oldest first); what was already delivered is filtered out on the way. Runs
+    /// after a new baseline, so mail arriving meanwhile is found by the next sync as well,
+    /// and posted once. False when cancelled.
+    async fn recover_gap(&mut self, since_unix_ms: i64) -> Result<bool, EwsFailure> {
+        let mut found: Vec<String> = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let page = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(false),
+                r = self.exchange.find_recent_items(offset, FIND_PAGE) => r?,
+            };
+            let listed = page.items.len();
+            let mut reached_older = false;
+            for item in page.items {
+                // An item without a readable time is kept: a duplicate is filtered, a loss is not.
+                let received = item
+                    .date_time_received
+                    .as_deref()
+                    .and_then(parse_xs_datetime);
+                if received.is_some_and(|t| t < since_unix_ms) {
+                    reached_older = true;
+                    break;
+                }
+                found.push(item.id.id);
+            }
+            if found.len() >= MAX_GAP_ITEMS {
+                tracing::warn!(
+                    items = found.len(),
+                    "the gap holds more mail than is recovered at once; older mail in it is not posted"
+                );
+                found.truncate(MAX_GAP_ITEMS);
+                break;
+            }
+            if reached_older || listed == 0 || page.includes_last_item_in_range {
+                break;
+            }
+            offset = page
+                .next_offset
+                .filter(|&next| next > offset)
+                .unwrap_or(offset + listed as u32);
+        }
+        found.reverse();
+        tracing::info!(
+            items = found.len(),
+            "recovering mail received since the last sync"
+        );
+        self.deliver(found).await
     }
 
     /// One streaming connection, from open to end. The response head and the first envelope

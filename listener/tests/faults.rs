@@ -215,6 +215,41 @@ async fn missed_notification_events_are_caught_up() {
     assert_each_delivered_once(&world, ALICE, &sent).await;
 }
 
+/// The server drops a mail's event and then rejects the sync state the catch-up presents:
+/// only a search by received time can find that mail.
+#[tokio::test]
+async fn a_rejected_sync_state_loses_no_mail() {
+    // Streams are not cut on a timer here: the catch-up after the dropped event is the first
+    // sync the rejection meets, with the mail already in the inbox.
+    let world = World::start_with(Config {
+        keepalive: Duration::from_secs(1),
+        max_connection_time: None,
+    })
+    .await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    let listener = Listener::spawn(&[]).await;
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    let delivered_before = inject(&world, "before the gap");
+    assert_each_delivered_once(&world, ALICE, std::slice::from_ref(&delivered_before)).await;
+    for kind in [
+        FaultKind::InvalidSyncState,
+        FaultKind::MissedNotificationEvents,
+    ] {
+        world
+            .ews
+            .inject_fault(Fault::once(kind).for_mailbox(ALICE))
+            .unwrap();
+    }
+    let sent = [inject(&world, "in the gap")];
+    assert_each_delivered_once(&world, ALICE, &sent).await;
+    assert!(world.ews.faults().is_empty(), "both faults fired");
+    assert!(count(&world, "FindItem") > 0, "the gap was searched");
+    // The mail delivered before the gap is in the search too; it is not posted again.
+    assert_each_delivered_once(&world, ALICE, &[delivered_before]).await;
+}
+
 #[tokio::test]
 async fn connection_cut_mid_envelope_loses_nothing() {
     let (world, _listener) = streaming().await;

@@ -40,6 +40,8 @@ enum Step {
 struct Script {
     subscribe: VecDeque<Result<(), EwsFailure>>,
     open: VecDeque<Open>,
+    sync: VecDeque<Result<ews::SyncPage, EwsFailure>>,
+    find: VecDeque<ews::FindPage>,
     /// Subscribe calls that panic, as a bug would.
     panics: usize,
 }
@@ -141,7 +143,8 @@ impl Exchange for FakeExchange {
 
     fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>> {
         self.log(format!("get_items {}", ids.join(",")));
-        async { Err(EwsFailure::Transport("no mail in this script".into())) }.boxed()
+        let mails = ids.iter().map(|_| Ok(ews::Message::default())).collect();
+        async { Ok(mails) }.boxed()
     }
 
     fn sync_inbox<'a>(
@@ -150,12 +153,28 @@ impl Exchange for FakeExchange {
         _max_changes: u16,
     ) -> Answer<'a, ews::SyncPage> {
         self.log("sync".into());
+        let answer = self.script.lock().unwrap().sync.pop_front();
         async {
-            Ok(ews::SyncPage {
-                sync_state: "state".into(),
-                includes_last_item_in_range: true,
-                changes: Vec::new(),
+            answer.unwrap_or_else(|| {
+                Ok(ews::SyncPage {
+                    sync_state: "state".into(),
+                    includes_last_item_in_range: true,
+                    changes: Vec::new(),
+                })
             })
+        }
+        .boxed()
+    }
+
+    fn find_recent_items(&self, offset: u32, _max_entries: u16) -> Answer<'_, ews::FindPage> {
+        self.log(format!("find {offset}"));
+        let page = self.script.lock().unwrap().find.pop_front();
+        async {
+            Ok(page.unwrap_or(ews::FindPage {
+                items: Vec::new(),
+                next_offset: None,
+                includes_last_item_in_range: true,
+            }))
         }
         .boxed()
     }
@@ -214,16 +233,24 @@ impl Events for FakeStream {
 #[derive(Debug, Default)]
 struct FakeCreatio {
     reports: Mutex<Vec<Value>>,
+    /// The item id of every mail posted, in order.
+    posted: Mutex<Vec<String>>,
 }
 
 impl Creatio for FakeCreatio {
     fn post<'a>(
         &'a self,
         _url: &'a str,
-        _body: &'a Value,
+        body: &'a Value,
         _idempotency_key: Option<&'a str>,
         _cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        let ids = body["Emails"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["Id"].as_str().map(str::to_owned));
+        self.posted.lock().unwrap().extend(ids);
         async { Ok(()) }.boxed()
     }
 
@@ -618,4 +645,58 @@ async fn a_fatal_failure_on_the_stream_gives_the_subscription_back() {
         subscribes[1] - subscribes[0] >= 30 * SECOND,
         "{subscribes:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
+    let found = |id: &str, at: &str| ews::FoundItem {
+        id: ews::ItemId {
+            id: id.into(),
+            change_key: None,
+        },
+        date_time_received: Some(at.into()),
+    };
+    // Newest first, over two pages; the first item older than the last sync ends the search.
+    let later = "2999-01-01T00:00:00Z";
+    let rejected = EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
+        code: "ErrorInvalidSyncStateData".into(),
+        message: String::new(),
+        back_off: None,
+    }));
+    let rig = rig(Script {
+        sync: [Err(rejected)].into(),
+        find: [
+            ews::FindPage {
+                items: vec![found("i5", later), found("i4", later)],
+                next_offset: Some(2),
+                includes_last_item_in_range: false,
+            },
+            ews::FindPage {
+                items: vec![
+                    found("i3", later),
+                    found("i2", "2000-01-01T00:00:00Z"),
+                    found("i1", later),
+                ],
+                next_offset: Some(5),
+                includes_last_item_in_range: false,
+            },
+        ]
+        .into(),
+        ..Script::default()
+    });
+    rig.ctx.registry.upsert(rig.creds.clone());
+    rig.ctx.registry.set_sync_state("mbx", "a state Exchange forgot");
+    // Delivered by the stream before the gap: found again, not posted again.
+    rig.ctx.registry.record("mbx", "i4", Outcome::Delivered);
+    let _cancel = rig.spawn();
+    tokio::time::sleep(10 * SECOND).await;
+
+    let calls = rig.exchange.calls();
+    assert_eq!(
+        calls[..6],
+        ["subscribe", "sync", "sync", "find 0", "find 2", "get_items i3,i5"],
+        "{calls:?}"
+    );
+    assert_eq!(*rig.creatio.posted.lock().unwrap(), ["i3", "i5"]);
+    assert_eq!(rig.status().state, WorkerState::Streaming);
 }
