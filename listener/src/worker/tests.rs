@@ -685,7 +685,9 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
         ..Script::default()
     });
     rig.ctx.registry.upsert(rig.creds.clone());
-    rig.ctx.registry.set_sync_state("mbx", "a state Exchange forgot");
+    rig.ctx
+        .registry
+        .set_sync_state("mbx", "a state Exchange forgot");
     // Delivered by the stream before the gap: found again, not posted again.
     rig.ctx.registry.record("mbx", "i4", Outcome::Delivered);
     let _cancel = rig.spawn();
@@ -694,7 +696,14 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
     let calls = rig.exchange.calls();
     assert_eq!(
         calls[..6],
-        ["subscribe", "sync", "sync", "find 0", "find 2", "get_items i3,i5"],
+        [
+            "subscribe",
+            "sync",
+            "sync",
+            "find 0",
+            "find 2",
+            "get_items i3,i5"
+        ],
         "{calls:?}"
     );
     assert_eq!(*rig.creatio.posted.lock().unwrap(), ["i3", "i5"]);
