@@ -365,7 +365,7 @@ async fn flow(rig: &Rig, args: &Args) -> anyhow::Result<(Vec<Injected>, u64, Usa
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.mailboxes == 0 || !(args.rate > 0.0) {
+    if args.mailboxes == 0 || args.rate.is_nan() || args.rate <= 0.0 {
         bail!("--mailboxes and --rate must be positive");
     }
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
