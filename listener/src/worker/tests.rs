@@ -315,8 +315,32 @@ impl Rig {
         cancel
     }
 
+    /// Runs the worker on its own for `d` of virtual time.
+    async fn run_for(&self, d: Duration) {
+        let _cancel = self.spawn();
+        tokio::time::sleep(d).await;
+    }
+
     fn status(&self) -> crate::registry::MailboxStatus {
         self.ctx.registry.status("mbx").unwrap()
+    }
+
+    fn assert_last_error(&self, part: &str) {
+        let status = self.status();
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(part)),
+            "the last error should mention {part:?}: {status:?}"
+        );
+    }
+
+    /// The time between the first two stream opens.
+    fn reopened_after(&self) -> Duration {
+        let opens = self.exchange.times("open");
+        assert!(opens.len() >= 2, "{:?}", self.exchange.calls());
+        opens[1] - opens[0]
     }
 }
 
@@ -338,8 +362,7 @@ async fn transient_failures_back_off_doubling_to_the_maximum() {
         subscribe: std::iter::repeat_with(transport_failure).take(8).collect(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(400 * SECOND).await;
+    rig.run_for(400 * SECOND).await;
 
     let times = rig.exchange.times("subscribe");
     assert_eq!(times.len(), 9, "eight failures, then success: {times:?}");
@@ -355,13 +378,7 @@ async fn transient_failures_back_off_doubling_to_the_maximum() {
     let status = rig.status();
     assert_eq!(status.state, WorkerState::Streaming);
     assert_eq!(status.error, None);
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("connection refused")),
-        "{status:?}"
-    );
+    rig.assert_last_error("connection refused");
 }
 
 #[tokio::test(start_paused = true)]
@@ -375,8 +392,7 @@ async fn the_servers_back_off_is_a_floor() {
         subscribe: [Err(busy)].into(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(100 * SECOND).await;
+    rig.run_for(100 * SECOND).await;
 
     let times = rig.exchange.times("subscribe");
     assert_eq!(times.len(), 2, "{times:?}");
@@ -395,8 +411,7 @@ async fn a_failed_mailbox_retries_slowly_and_tells_creatio_once() {
             .collect(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(4 * 3600 * SECOND).await;
+    rig.run_for(4 * 3600 * SECOND).await;
 
     let times = rig.exchange.times("subscribe");
     for (k, gap) in gaps(&times).into_iter().enumerate() {
@@ -451,12 +466,9 @@ async fn a_stream_whose_head_never_comes_is_given_up_after_the_request_timeout()
         open: [Open::Hang].into(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(100 * SECOND).await;
+    rig.run_for(100 * SECOND).await;
 
-    let opens = rig.exchange.times("open");
-    assert!(opens.len() >= 2, "{:?}", rig.exchange.calls());
-    let gap = opens[1] - opens[0];
+    let gap = rig.reopened_after();
     // The 30 s request timeout, then the first retry's wait (0.5-1 s).
     assert!(
         gap >= 30 * SECOND + SECOND / 2 && gap <= 31 * SECOND,
@@ -470,13 +482,7 @@ async fn a_stream_whose_head_never_comes_is_given_up_after_the_request_timeout()
     let status = rig.status();
     assert_eq!(status.state, WorkerState::Streaming);
     assert_eq!(status.reconnects, 1);
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("GetStreamingEvents")),
-        "{status:?}"
-    );
+    rig.assert_last_error("GetStreamingEvents");
 }
 
 #[tokio::test(start_paused = true)]
@@ -485,12 +491,9 @@ async fn a_stream_without_its_first_envelope_is_reopened_after_the_request_timeo
         open: [Open::Then(Vec::new())].into(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(100 * SECOND).await;
+    rig.run_for(100 * SECOND).await;
 
-    let opens = rig.exchange.times("open");
-    assert!(opens.len() >= 2, "{:?}", rig.exchange.calls());
-    let gap = opens[1] - opens[0];
+    let gap = rig.reopened_after();
     // Not the 120 s idle timeout: Exchange answers a new stream at once. A connection that
     // never said anything was not healthy, so the first retry's wait (0.5-1 s) comes first.
     assert!(
@@ -510,22 +513,13 @@ async fn a_stream_silent_after_its_first_envelope_is_reopened_after_the_idle_tim
         .into(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(300 * SECOND).await;
+    rig.run_for(300 * SECOND).await;
 
-    let opens = rig.exchange.times("open");
-    assert!(opens.len() >= 2, "{:?}", rig.exchange.calls());
-    assert_eq!(opens[1] - opens[0], 120 * SECOND);
+    assert_eq!(rig.reopened_after(), 120 * SECOND);
     assert_eq!(rig.exchange.times("subscribe").len(), 1);
     let status = rig.status();
     assert_eq!(status.reconnects, 1);
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("no data on the event stream")),
-        "{status:?}"
-    );
+    rig.assert_last_error("no data on the event stream");
 }
 
 #[tokio::test(start_paused = true)]
@@ -537,8 +531,7 @@ async fn a_stream_that_keeps_ending_at_once_backs_off() {
             .collect(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(120 * SECOND).await;
+    rig.run_for(120 * SECOND).await;
 
     let opens = rig.exchange.times("open");
     assert_eq!(opens.len(), 7, "{:?}", rig.exchange.calls());
@@ -572,13 +565,7 @@ async fn a_worker_that_panics_is_restarted_after_a_delay() {
     let status = rig.status();
     assert_eq!(status.restarts, 1);
     assert_eq!(status.state, WorkerState::Streaming);
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("worker died")),
-        "{status:?}"
-    );
+    rig.assert_last_error("worker died");
 }
 
 #[tokio::test(start_paused = true)]
@@ -624,8 +611,7 @@ async fn a_fatal_failure_on_the_stream_gives_the_subscription_back() {
         open: [Open::Fail(EwsFailure::Unauthorized)].into(),
         ..Script::default()
     });
-    let _cancel = rig.spawn();
-    tokio::time::sleep(120 * SECOND).await;
+    rig.run_for(120 * SECOND).await;
 
     let calls = rig.exchange.calls();
     assert_eq!(
@@ -690,8 +676,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
         .set_sync_state("mbx", "a state Exchange forgot");
     // Delivered by the stream before the gap: found again, not posted again.
     rig.ctx.registry.record("mbx", "i4", Outcome::Delivered);
-    let _cancel = rig.spawn();
-    tokio::time::sleep(10 * SECOND).await;
+    rig.run_for(10 * SECOND).await;
 
     let calls = rig.exchange.calls();
     assert_eq!(
