@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::contract::{self, ContractError};
 use crate::ews_client::{EwsClient, EwsFailure, Limits};
 use crate::reach::Reach;
+use crate::store::StoreError;
 use crate::supervisor::Supervisor;
 
 /// Shared state of the API handlers.
@@ -40,6 +41,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error(transparent)]
+    Unavailable(#[from] StoreError),
 }
 
 impl IntoResponse for ApiError {
@@ -48,6 +51,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
     }
@@ -67,13 +71,14 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-async fn status(State(state): State<ApiState>) -> Json<Value> {
-    Json(json!({
+async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let states = state.supervisor.store().count_by_state().await?;
+    Ok(Json(json!({
         "ServiceStatus": "Started",
         "Version": env!("CARGO_PKG_VERSION"),
-        "Mailboxes": state.supervisor.registry().len(),
-        "States": state.supervisor.registry().count_by_state(),
-    }))
+        "Mailboxes": states.values().sum::<usize>(),
+        "States": states,
+    })))
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
@@ -99,7 +104,7 @@ async fn action(
             let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
             // Recorded now, started in the background at a paced rate.
             for creds in list {
-                state.supervisor.start(creds);
+                state.supervisor.start(creds).await?;
             }
             tracing::info!(action = ?action, mailboxes = ?ids, "mailboxes recorded");
             Ok(Json(json!({})).into_response())
@@ -107,20 +112,18 @@ async fn action(
         "close" => {
             let ids = contract::parse_ids(&body)?;
             for id in &ids {
-                state.supervisor.stop(id);
+                state.supervisor.stop(id).await?;
             }
             tracing::info!(mailboxes = ?ids, "mailboxes closed");
             Ok(Json(json!({})).into_response())
         }
         "subscriptionsstate" => {
             let ids = contract::parse_ids(&body)?;
-            let states: Map<String, Value> = ids
-                .into_iter()
-                .map(|id| {
-                    let s = state.supervisor.state(&id);
-                    (id, contract::state_entry(s))
-                })
-                .collect();
+            let mut states = Map::new();
+            for id in ids {
+                let s = state.supervisor.state(&id).await?;
+                states.insert(id, contract::state_entry(s));
+            }
             Ok(Json(Value::Object(states)).into_response())
         }
         "validate" => {
@@ -176,6 +179,7 @@ fn validation_message(e: &EwsFailure) -> String {
             err.code().unwrap_or("unknown error")
         ),
         EwsFailure::Config(why) => why.clone(),
+        EwsFailure::Store(_) => "The listener cannot reach its store; try again".into(),
     }
 }
 
@@ -184,15 +188,15 @@ async fn mailbox(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let registry = state.supervisor.registry();
-    let (Some(status), Some(creds)) = (registry.status(&id), registry.credentials(&id)) else {
+    let store = state.supervisor.store();
+    let (Some(status), Some(wanted)) = (store.status(&id).await?, store.wanted(&id).await?) else {
         return Err(ApiError::NotFound(format!("no mailbox {id:?}")));
     };
     Ok(Json(json!({
         "Id": id,
-        "SenderEmailAddress": creds.sender_email,
-        "BpmEndpoint": creds.bpm_endpoint,
-        "SubscriptionState": state.supervisor.state(&id),
+        "SenderEmailAddress": wanted.creds.sender_email,
+        "BpmEndpoint": wanted.creds.bpm_endpoint,
+        "SubscriptionState": state.supervisor.state(&id).await?,
         "Status": status,
     })))
 }
@@ -202,7 +206,7 @@ async fn delete_mailbox(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.supervisor.stop(&id) {
+    if state.supervisor.stop(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no mailbox {id:?}")))
@@ -211,9 +215,12 @@ async fn delete_mailbox(
 
 /// `GET /api/listeners/{id}/dead-letters`: the mail Creatio never took, oldest first (kept
 /// after the mailbox is closed).
-async fn dead_letters(State(state): State<ApiState>, Path(id): Path<String>) -> Json<Value> {
-    let letters = state.supervisor.registry().dead_letters(&id);
-    Json(json!({ "Id": id, "DeadLetters": letters }))
+async fn dead_letters(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let letters = state.supervisor.store().dead_letters(&id).await?;
+    Ok(Json(json!({ "Id": id, "DeadLetters": letters })))
 }
 
 /// `POST /api/listeners/{id}/dead-letters/replay`: delivers every dead letter again.
@@ -221,7 +228,7 @@ async fn replay(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.supervisor.registry().replay_dead_letters(&id) {
+    match state.supervisor.store().replay_dead_letters(&id).await? {
         Some(n) => {
             tracing::info!(mailbox = ?id, items = n, "dead letters handed back for delivery");
             Ok(Json(json!({ "Replaying": n })))

@@ -21,6 +21,7 @@ use reqwest::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
 
 use crate::backoff::retry_after;
 use crate::contract::{Credentials, Secret};
+use crate::store::StoreError;
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
@@ -44,6 +45,9 @@ pub enum EwsFailure {
     TooLarge { limit: u64 },
     #[error("{0}")]
     Config(String),
+    /// Not Exchange's fault: the listener's own store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What to do about a failure.
@@ -123,7 +127,9 @@ impl EwsFailure {
             EwsFailure::Http { retry_after, .. } => Disposition::Retry {
                 after: *retry_after,
             },
-            EwsFailure::Transport(_) | EwsFailure::Idle(_) => Disposition::Retry { after: None },
+            EwsFailure::Transport(_) | EwsFailure::Idle(_) | EwsFailure::Store(_) => {
+                Disposition::Retry { after: None }
+            }
             EwsFailure::Ews(e) => match e.code() {
                 Some(code) if SUBSCRIPTION_GONE.contains(&code) => Disposition::Resubscribe,
                 Some(code) if CONFIGURATION.contains(&code) => Disposition::Fatal,
@@ -152,6 +158,7 @@ impl EwsFailure {
             EwsFailure::Idle(_) => "EwsStreamIdle",
             EwsFailure::TooLarge { .. } => "EwsAnswerTooLarge",
             EwsFailure::Config(_) => "EwsConfiguration",
+            EwsFailure::Store(_) => "StoreUnavailable",
         }
     }
 }

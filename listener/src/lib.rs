@@ -4,7 +4,7 @@
 //! [`supervisor`] runs one [`worker`] per mailbox, which keeps an EWS streaming subscription
 //! open through the [`ews_client`], fetches each new mail and posts it to the mailbox's Creatio
 //! callback through [`delivery`]. Mailboxes, their status and what was delivered live in the
-//! [`registry`]. Creatio's wire contract is in [`contract`].
+//! [`store`]. Creatio's wire contract is in [`contract`].
 
 pub mod api;
 pub mod backoff;
@@ -15,8 +15,8 @@ pub mod ews_client;
 pub mod gate;
 pub mod mail;
 pub mod reach;
-pub mod registry;
 pub mod server;
+pub mod store;
 pub mod supervisor;
 pub mod transport;
 pub mod worker;
@@ -75,7 +75,7 @@ pub async fn serve(
     );
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
-            registry: registry::Registry::new(registry::SeenLimits::default()),
+            store: Arc::new(store::memory::MemoryStore::new(store::SeenLimits::default())),
             exchange: Arc::new(transport::HttpExchange {
                 http: http.clone(),
                 server_version: config.ews_version,

@@ -1,13 +1,15 @@
 //! Starts, replaces and stops mailbox workers.
 //!
-//! Creatio's calls only record what is wanted (the credentials a mailbox should run with, or
-//! that it should be closed) and return at once; one reconciler task per mailbox then brings
-//! the running worker to what is wanted, stopping the old worker (which unsubscribes) before
-//! it starts a new one. So a mailbox never has two workers, whatever Creatio sends and however
-//! its calls interleave, and a Create of thousands of mailboxes answers in milliseconds.
-//! Credentials equal to the running ones change nothing: the worker keeps its state and its
-//! backoff, which is what keeps Creatio's once-a-minute Recreate of a failing mailbox from
-//! turning into a login attempt a minute.
+//! Creatio's calls only write what is wanted to the store (the credentials a mailbox should run
+//! with, or that it is closed) and poke the supervisor, which returns at once; one reconciler
+//! task per mailbox then reads what the store wants and brings the running worker to it,
+//! stopping the old worker (which unsubscribes) before it starts a new one. The store is the
+//! truth and the reconciler converges on it, so a mailbox never has two workers, whatever
+//! Creatio sends and however its calls interleave, and a Create of thousands of mailboxes
+//! answers in milliseconds. Credentials equal to the running ones change nothing (the store
+//! keeps the generation): the worker keeps its state and its backoff, which is what keeps
+//! Creatio's once-a-minute Recreate of a failing mailbox from turning into a login attempt a
+//! minute.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
-use crate::registry::{Registry, WorkerState};
+use crate::store::{Counter, Store, StoreError, Wanted, WorkerState};
 use crate::worker::{self, WorkerContext};
 
 #[derive(Debug)]
 struct Running {
-    creds: Credentials,
+    generation: u64,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -41,14 +43,11 @@ impl Running {
 
 #[derive(Debug, Default)]
 struct Slot {
-    /// What the mailbox should run with; `None` once closed.
-    wanted: Option<Credentials>,
     running: Option<Running>,
-    /// A reconciler task is bringing `running` to `wanted`.
+    /// A reconciler task is bringing `running` to what the store wants.
     reconciling: bool,
-    /// The mailbox was closed since `running` started: even the same credentials start a
-    /// new worker, whose status starts afresh.
-    restart: bool,
+    /// The store changed while the reconciler was at work: it looks again before it ends.
+    dirty: bool,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +56,9 @@ struct Slots {
     /// Shutting down: no worker starts any more.
     closed: bool,
 }
+
+/// How long a reconciler waits before asking an unavailable store again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Supervisor {
@@ -75,8 +77,8 @@ impl Supervisor {
         })
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.ctx.registry
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.ctx.store
     }
 
     fn lock(&self) -> MutexGuard<'_, Slots> {
@@ -85,39 +87,30 @@ impl Supervisor {
 
     /// Records that the mailbox should run with these credentials; its worker is (re)started
     /// in the background unless it already runs with exactly these.
-    pub fn start(self: &Arc<Self>, creds: Credentials) {
-        let mut slots = self.lock();
-        if slots.closed {
-            return;
-        }
+    pub async fn start(self: &Arc<Self>, creds: Credentials) -> Result<(), StoreError> {
         let id = creds.id.clone();
-        // The store changes under the same lock as the wish, so calls take effect in order.
-        self.ctx.registry.upsert(creds.clone());
-        let slot = slots.map.entry(id.clone()).or_default();
-        slot.wanted = Some(creds);
-        self.reconcile_soon(&id, slot);
+        self.ctx.store.put_mailbox(creds).await?;
+        self.poke(&id);
+        Ok(())
     }
 
     /// Records that the mailbox should be closed and forgets it; its worker stops (and
     /// unsubscribes) in the background. False if the mailbox was unknown.
-    pub fn stop(self: &Arc<Self>, id: &str) -> bool {
-        let mut slots = self.lock();
-        let known = self.ctx.registry.remove(id);
-        if let Some(slot) = slots.map.get_mut(id) {
-            slot.wanted = None;
-            slot.restart = slot.running.is_some();
-            self.reconcile_soon(id, slot);
-        }
-        known
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<bool, StoreError> {
+        let known = self.ctx.store.remove_mailbox(id).await?;
+        self.poke(id);
+        Ok(known)
     }
 
-    fn reconcile_soon(self: &Arc<Self>, id: &str, slot: &mut Slot) {
-        let settled = match (&slot.wanted, &slot.running) {
-            (Some(wanted), Some(running)) => !slot.restart && *wanted == running.creds,
-            (None, None) => true,
-            _ => false,
-        };
-        if settled || slot.reconciling {
+    /// Tells the mailbox's reconciler that the store changed.
+    pub fn poke(self: &Arc<Self>, id: &str) {
+        let mut slots = self.lock();
+        if slots.closed {
+            return;
+        }
+        let slot = slots.map.entry(id.to_owned()).or_default();
+        if slot.reconciling {
+            slot.dirty = true;
             return;
         }
         slot.reconciling = true;
@@ -126,36 +119,45 @@ impl Supervisor {
         tokio::spawn(async move { this.reconcile(id).await });
     }
 
-    /// Brings the mailbox's worker to what is wanted, one step at a time; the only place
+    /// Brings the mailbox's worker to what the store wants, one step at a time; the only place
     /// that starts or stops workers.
     async fn reconcile(self: Arc<Self>, id: String) {
         loop {
+            let wanted = match self.ctx.store.wanted(&id).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(id = ?id, error = %e, "cannot read the mailbox; trying again");
+                    tokio::time::sleep(STORE_RETRY).await;
+                    continue;
+                }
+            };
             let old = {
                 let mut slots = self.lock();
                 let closed = slots.closed;
                 let Some(slot) = slots.map.get_mut(&id) else {
                     return;
                 };
-                match (&slot.wanted, &slot.running) {
-                    (Some(wanted), Some(running)) if !slot.restart && *wanted == running.creds => {
-                        slot.reconciling = false;
-                        return;
+                let settled = match (&wanted, &slot.running) {
+                    (Some(w), Some(r)) => w.generation == r.generation,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if settled || closed {
+                    if std::mem::take(&mut slot.dirty) && !closed {
+                        continue;
                     }
-                    (None, None) => {
+                    slot.reconciling = false;
+                    if slot.running.is_none() {
                         slots.map.remove(&id);
-                        return;
                     }
-                    (Some(wanted), None) => {
-                        if !closed {
-                            slot.running = Some(self.spawn_worker(wanted.clone()));
-                        }
-                        slot.reconciling = false;
-                        return;
+                    return;
+                }
+                match (wanted, slot.running.take()) {
+                    (Some(w), None) => {
+                        slot.running = Some(self.spawn_worker(w));
+                        None
                     }
-                    (_, Some(_)) => {
-                        slot.restart = false;
-                        slot.running.take()
-                    }
+                    (_, running) => running,
                 }
             };
             if let Some(old) = old {
@@ -164,11 +166,11 @@ impl Supervisor {
         }
     }
 
-    fn spawn_worker(&self, creds: Credentials) -> Running {
+    fn spawn_worker(&self, wanted: Wanted) -> Running {
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(supervise(self.ctx.clone(), creds.clone(), cancel.clone()));
+        let task = tokio::spawn(supervise(self.ctx.clone(), wanted.creds, cancel.clone()));
         Running {
-            creds,
+            generation: wanted.generation,
             cancel,
             task,
         }
@@ -176,8 +178,8 @@ impl Supervisor {
 
     /// What Creatio's SubscriptionsState reports: `exists` for a mailbox being served and
     /// not failing for longer than it may.
-    pub fn state(&self, id: &str) -> &'static str {
-        match self.ctx.registry.status(id) {
+    pub async fn state(&self, id: &str) -> Result<&'static str, StoreError> {
+        Ok(match self.ctx.store.status(id).await? {
             None => "notExists",
             Some(s) if s.state == WorkerState::Failed => "failed",
             Some(s) => match s.unhealthy_since_unix_ms {
@@ -189,7 +191,7 @@ impl Supervisor {
                 }
                 _ => "exists",
             },
-        }
+        })
     }
 
     /// Stops every worker (each unsubscribes), in parallel, and starts no new one.
@@ -224,12 +226,15 @@ async fn supervise(ctx: WorkerContext, creds: Credentials, cancel: CancellationT
                     .unwrap_or_default();
                 let delay = backoff.next_delay();
                 tracing::error!(id = ?creds.id, panic = ?what, retry_in_ms = delay.as_millis() as u64, "mailbox worker died; restarting it");
-                ctx.registry.count(&creds.id, |s| s.restarts += 1);
-                ctx.registry.transition(
-                    &creds.id,
-                    WorkerState::Backoff,
-                    Some("internal error: the mailbox worker died and is restarted".into()),
-                );
+                let _ = ctx.store.bump(&creds.id, Counter::Restarts).await;
+                let _ = ctx
+                    .store
+                    .transition(
+                        &creds.id,
+                        WorkerState::Backoff,
+                        Some("internal error: the mailbox worker died and is restarted".into()),
+                    )
+                    .await;
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return,

@@ -23,7 +23,7 @@ use crate::delivery::{DeliveryError, idempotency_key};
 use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 use crate::gate::Gate;
 use crate::mail::{parse_xs_datetime, to_email, unix_now_ms};
-use crate::registry::{DeadLetter, Outcome, Registry, WorkerState};
+use crate::store::{Counter, DeadLetter, Outcome, Store, WorkerState};
 use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
 /// How workers behave; shared by all of them.
@@ -68,7 +68,7 @@ const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
 /// What a worker needs from the rest of the service.
 #[derive(Debug, Clone)]
 pub struct WorkerContext {
-    pub registry: Registry,
+    pub store: Arc<dyn Store>,
     /// Makes each mailbox's Exchange client.
     pub exchange: Arc<dyn Connect>,
     pub creatio: Arc<dyn Creatio>,
@@ -122,8 +122,10 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationTok
             Ok(mode) => mode,
             Err(e) => {
                 // The API validates this before a worker starts; keep the state truthful.
-                ctx.registry
-                    .transition(&creds.id, WorkerState::Failed, Some(e.to_string()));
+                let _ = ctx
+                    .store
+                    .transition(&creds.id, WorkerState::Failed, Some(e.to_string()))
+                    .await;
                 return;
             }
         };
@@ -160,8 +162,11 @@ impl Worker {
         &self.creds.id
     }
 
-    fn set_state(&self, state: WorkerState, error: Option<String>) {
-        self.ctx.registry.transition(self.id(), state, error);
+    /// Records the worker's state; the store being unavailable does not stop the worker.
+    async fn set_state(&self, state: WorkerState, error: Option<String>) {
+        if let Err(e) = self.ctx.store.transition(self.id(), state, error).await {
+            tracing::warn!(error = %e, state = ?state, "could not record the mailbox's state");
+        }
     }
 
     /// Sleeps unless cancelled first; false when cancelled.
@@ -176,7 +181,7 @@ impl Worker {
     async fn run(&mut self) {
         let gate = self.ctx.gate.clone();
         if gate.full() {
-            self.set_state(WorkerState::Queued, None);
+            self.set_state(WorkerState::Queued, None).await;
         }
         let _place = tokio::select! {
             biased;
@@ -185,7 +190,7 @@ impl Worker {
         };
         tracing::info!(url = ?self.exchange.url(), "mailbox worker started");
         loop {
-            self.set_state(WorkerState::Subscribing, None);
+            self.set_state(WorkerState::Subscribing, None).await;
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
@@ -240,24 +245,29 @@ impl Worker {
                 Ok(StreamEnd::Cancelled) => return Flow::Cancelled,
                 Ok(StreamEnd::SubscriptionLost(f)) => {
                     tracing::info!(error = %f, "subscription lost, subscribing again");
-                    self.set_state(WorkerState::Subscribing, Some(f.to_string()));
+                    self.set_state(WorkerState::Subscribing, Some(f.to_string()))
+                        .await;
                     return Flow::Resubscribe;
                 }
                 Ok(StreamEnd::Ended) => None,
                 Err(f) => match f.disposition() {
                     Disposition::Resubscribe => {
-                        self.set_state(WorkerState::Subscribing, Some(f.to_string()));
+                        self.set_state(WorkerState::Subscribing, Some(f.to_string()))
+                            .await;
                         return Flow::Resubscribe;
                     }
                     Disposition::Fatal => return Flow::Failed(f),
                     Disposition::Retry { after } => {
                         tracing::info!(error = %f, "event stream interrupted");
-                        self.set_state(WorkerState::Backoff, Some(f.to_string()));
+                        self.set_state(WorkerState::Backoff, Some(f.to_string()))
+                            .await;
                         after
                     }
                 },
             };
-            self.ctx.registry.count(self.id(), |s| s.reconnects += 1);
+            if let Err(e) = self.ctx.store.bump(self.id(), Counter::Reconnects).await {
+                tracing::warn!(error = %e, "could not count a reconnect");
+            }
             let healthy = self
                 .streaming_since
                 .is_some_and(|since| since.elapsed() >= HEALTHY_CONNECTION);
@@ -265,7 +275,7 @@ impl Worker {
                 None if healthy => self.retry.reset(),
                 after => {
                     let d = self.retry.next_delay_at_least(after);
-                    self.set_state(WorkerState::Backoff, None);
+                    self.set_state(WorkerState::Backoff, None).await;
                     if !self.sleep(d).await {
                         return Flow::Cancelled;
                     }
@@ -279,8 +289,8 @@ impl Worker {
     /// every connection; events that arrive meanwhile wait on the subscription. False when
     /// cancelled.
     async fn catch_up(&mut self) -> Result<bool, EwsFailure> {
-        self.set_state(WorkerState::CatchingUp, None);
-        let stored = self.ctx.registry.sync_state(self.id());
+        self.set_state(WorkerState::CatchingUp, None).await;
+        let stored = self.ctx.store.sync_state(self.id()).await?;
         let mut baseline = stored.is_none();
         let mut state = stored.as_ref().map(|c| c.state.clone());
         // Set when the server rejects the stored state: what arrived after this moment must
@@ -327,8 +337,9 @@ impl Worker {
                 }
             }
             self.ctx
-                .registry
-                .set_sync_state(self.id(), &page.sync_state);
+                .store
+                .set_sync_state(self.id(), &page.sync_state)
+                .await?;
             if page.includes_last_item_in_range {
                 return match gap_since {
                     Some(since) => self.recover_gap(since).await,
@@ -412,15 +423,15 @@ impl Worker {
             s = open => s?,
         };
         // The server accepted the stream: it is open and healthy until it says otherwise.
-        self.set_state(WorkerState::Streaming, None);
-        let replay = self.ctx.registry.replay_signal(self.id());
+        self.set_state(WorkerState::Streaming, None).await;
+        let replay = self.ctx.store.replay_signal(self.id());
         let mut silence_allowed = head_timeout.min(settings.idle_timeout);
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
                 _ = async { match &replay { Some(r) => r.notified().await, None => std::future::pending().await } } => {
-                    let items = self.ctx.registry.take_replay(self.id());
+                    let items = self.ctx.store.take_replay(self.id()).await?;
                     tracing::info!(items = items.len(), "replaying dead letters");
                     if !self.deliver(items).await? {
                         return Ok(StreamEnd::Cancelled);
@@ -471,10 +482,12 @@ impl Worker {
     /// Hands new items to Creatio, each recorded as delivered, skipped or dead-lettered;
     /// false when cancelled on the way (what was not recorded is found again by catch-up).
     async fn deliver(&mut self, item_ids: Vec<String>) -> Result<bool, EwsFailure> {
-        let fresh: Vec<String> = item_ids
-            .into_iter()
-            .filter(|id| self.ctx.registry.is_new(self.id(), id))
-            .collect();
+        let mut fresh: Vec<String> = Vec::with_capacity(item_ids.len());
+        for id in item_ids {
+            if self.ctx.store.is_new(self.id(), &id).await? {
+                fresh.push(id);
+            }
+        }
         match self.mode {
             CallbackMode::NewEmail => {
                 // Creatio fetches the items itself; one call per item, so each carries its
@@ -510,10 +523,10 @@ impl Worker {
                             }
                             Fetched::Gone => {
                                 tracing::info!(item = ?id, "new item gone before it could be read; skipped");
-                                self.ctx.registry.record(self.id(), id, Outcome::Skipped);
+                                self.record(id, Outcome::Skipped).await;
                             }
                             Fetched::Dead(why) => {
-                                self.dead_letter(id, None, why);
+                                self.dead_letter(id, None, why).await;
                             }
                         }
                     }
@@ -611,34 +624,35 @@ impl Worker {
             .await;
         match outcome {
             Ok(()) => {
-                self.ctx
-                    .registry
-                    .record(self.id(), item_id, Outcome::Delivered);
+                self.record(item_id, Outcome::Delivered).await;
                 tracing::debug!(item = ?item_id, "delivered to Creatio");
             }
             Err(DeliveryError::Cancelled) => return false,
-            Err(e) => self.dead_letter(item_id, email, e.to_string()),
+            Err(e) => self.dead_letter(item_id, email, e.to_string()).await,
         }
         true
     }
 
-    fn dead_letter(&self, item_id: &str, email: Option<&contract::Email>, error: String) {
+    async fn dead_letter(&self, item_id: &str, email: Option<&contract::Email>, error: String) {
         let message_id = email.map(|e| e.message_id.clone());
         tracing::error!(item = ?item_id, message_id = ?message_id, error = %error, "mail dead-lettered");
         let letter = DeadLetter {
             item_id: item_id.to_owned(),
             message_id,
             subject: email.map(|e| e.subject.clone()),
-            error: error.clone(),
+            error,
             unix_ms: unix_now_ms(),
         };
-        self.ctx
-            .registry
-            .record(self.id(), item_id, Outcome::DeadLettered(letter));
-        self.ctx.registry.count(self.id(), |s| {
-            s.last_error = Some(error);
-            s.last_error_unix_ms = Some(unix_now_ms());
-        });
+        self.record(item_id, Outcome::DeadLettered(letter)).await;
+    }
+
+    /// Records what became of an item. Should the store fail here, the item may be posted
+    /// again later, under the same idempotency key: a duplicate Creatio can recognise, never
+    /// a loss.
+    async fn record(&self, item_id: &str, outcome: Outcome) {
+        if let Err(e) = self.ctx.store.record(self.id(), item_id, outcome).await {
+            tracing::warn!(item = ?item_id, error = %e, "could not record a delivered item");
+        }
     }
 
     /// Waits after a failure as its disposition says; false when cancelled meanwhile.
@@ -649,11 +663,13 @@ impl Worker {
                 self.failed_retry.next_delay()
             }
             Disposition::Retry { after } => {
-                self.set_state(WorkerState::Backoff, Some(f.to_string()));
+                self.set_state(WorkerState::Backoff, Some(f.to_string()))
+                    .await;
                 self.retry.next_delay_at_least(after)
             }
             Disposition::Resubscribe => {
-                self.set_state(WorkerState::Backoff, Some(f.to_string()));
+                self.set_state(WorkerState::Backoff, Some(f.to_string()))
+                    .await;
                 self.retry.next_delay()
             }
         };
@@ -664,7 +680,8 @@ impl Worker {
     /// Marks the mailbox failed and tells Creatio, once per failure episode.
     async fn report_failed(&mut self, f: &EwsFailure) {
         if self.reported_unavailable {
-            self.set_state(WorkerState::Failed, Some(f.to_string()));
+            self.set_state(WorkerState::Failed, Some(f.to_string()))
+                .await;
         } else {
             self.reported_unavailable = true;
             report_unavailable(&self.ctx, &self.creds, f).await;
@@ -695,8 +712,10 @@ impl Worker {
 
 /// Marks the mailbox failed and tells Creatio it is unavailable.
 async fn report_unavailable(ctx: &WorkerContext, creds: &Credentials, f: &EwsFailure) {
-    ctx.registry
-        .transition(&creds.id, WorkerState::Failed, Some(f.to_string()));
+    let _ = ctx
+        .store
+        .transition(&creds.id, WorkerState::Failed, Some(f.to_string()))
+        .await;
     tracing::warn!(error = %f, "mailbox unavailable; reporting to Creatio");
     let body =
         contract::mailbox_state_payload(creds, false, Some((f.class_name(), &f.to_string())));

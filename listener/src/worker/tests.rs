@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::registry::SeenLimits;
+use crate::store::SeenLimits;
+use crate::store::memory::MemoryStore;
 use crate::supervisor::Supervisor;
 use crate::transport::{Answer, ItemResult};
 
@@ -273,7 +274,7 @@ fn rig(script: Script) -> Rig {
     let exchange = FakeExchange::new(script);
     let creatio = Arc::new(FakeCreatio::default());
     let ctx = WorkerContext {
-        registry: Registry::new(SeenLimits::default()),
+        store: Arc::new(MemoryStore::new(SeenLimits::default())),
         exchange: Arc::new(exchange.clone()),
         creatio: creatio.clone(),
         settings: Arc::new(WorkerSettings {
@@ -308,8 +309,12 @@ fn rig(script: Script) -> Rig {
 
 impl Rig {
     /// Runs the mailbox's worker on its own, as the supervisor would.
-    fn spawn(&self) -> CancellationToken {
-        self.ctx.registry.upsert(self.creds.clone());
+    async fn spawn(&self) -> CancellationToken {
+        self.ctx
+            .store
+            .put_mailbox(self.creds.clone())
+            .await
+            .unwrap();
         let cancel = CancellationToken::new();
         tokio::spawn(run(self.ctx.clone(), self.creds.clone(), cancel.clone()));
         cancel
@@ -317,16 +322,16 @@ impl Rig {
 
     /// Runs the worker on its own for `d` of virtual time.
     async fn run_for(&self, d: Duration) {
-        let _cancel = self.spawn();
+        let _cancel = self.spawn().await;
         tokio::time::sleep(d).await;
     }
 
-    fn status(&self) -> crate::registry::MailboxStatus {
-        self.ctx.registry.status("mbx").unwrap()
+    async fn status(&self) -> crate::store::MailboxStatus {
+        self.ctx.store.status("mbx").await.unwrap().unwrap()
     }
 
-    fn assert_last_error(&self, part: &str) {
-        let status = self.status();
+    async fn assert_last_error(&self, part: &str) {
+        let status = self.status().await;
         assert!(
             status
                 .last_error
@@ -375,10 +380,10 @@ async fn transient_failures_back_off_doubling_to_the_maximum() {
             ceiling / 2
         );
     }
-    let status = rig.status();
+    let status = rig.status().await;
     assert_eq!(status.state, WorkerState::Streaming);
     assert_eq!(status.error, None);
-    rig.assert_last_error("connection refused");
+    rig.assert_last_error("connection refused").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -429,7 +434,7 @@ async fn a_failed_mailbox_retries_slowly_and_tells_creatio_once() {
         "{} logins in 4 hours",
         times.len()
     );
-    assert_eq!(rig.status().state, WorkerState::Failed);
+    assert_eq!(rig.status().await.state, WorkerState::Failed);
     let reports = rig.creatio.reports.lock().unwrap().clone();
     assert_eq!(reports.len(), 1, "Creatio is told once: {reports:?}");
 }
@@ -446,7 +451,7 @@ async fn creatios_recreate_every_minute_keeps_the_slow_retry() {
     // Creatio's loop: the mailbox answers `failed`, so it sends Recreate every minute, with
     // the same credentials, for an hour.
     for _ in 0..60 {
-        supervisor.start(rig.creds.clone());
+        supervisor.start(rig.creds.clone()).await.unwrap();
         tokio::time::sleep(60 * SECOND).await;
     }
 
@@ -457,7 +462,7 @@ async fn creatios_recreate_every_minute_keeps_the_slow_retry() {
         "{logins} logins in an hour of Recreates"
     );
     assert_eq!(rig.creatio.reports.lock().unwrap().len(), 1);
-    assert_eq!(rig.status().restarts, 0);
+    assert_eq!(rig.status().await.restarts, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -479,10 +484,10 @@ async fn a_stream_whose_head_never_comes_is_given_up_after_the_request_timeout()
         1,
         "the subscription lives on"
     );
-    let status = rig.status();
+    let status = rig.status().await;
     assert_eq!(status.state, WorkerState::Streaming);
     assert_eq!(status.reconnects, 1);
-    rig.assert_last_error("GetStreamingEvents");
+    rig.assert_last_error("GetStreamingEvents").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -501,7 +506,7 @@ async fn a_stream_without_its_first_envelope_is_reopened_after_the_request_timeo
         "reopened after {gap:?}"
     );
     assert_eq!(rig.exchange.times("subscribe").len(), 1);
-    assert_eq!(rig.status().state, WorkerState::Streaming);
+    assert_eq!(rig.status().await.state, WorkerState::Streaming);
 }
 
 #[tokio::test(start_paused = true)]
@@ -517,9 +522,9 @@ async fn a_stream_silent_after_its_first_envelope_is_reopened_after_the_idle_tim
 
     assert_eq!(rig.reopened_after(), 120 * SECOND);
     assert_eq!(rig.exchange.times("subscribe").len(), 1);
-    let status = rig.status();
+    let status = rig.status().await;
     assert_eq!(status.reconnects, 1);
-    rig.assert_last_error("no data on the event stream");
+    rig.assert_last_error("no data on the event stream").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -552,7 +557,7 @@ async fn a_worker_that_panics_is_restarted_after_a_delay() {
         ..Script::default()
     });
     let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
-    supervisor.start(rig.creds.clone());
+    supervisor.start(rig.creds.clone()).await.unwrap();
     tokio::time::sleep(10 * SECOND).await;
 
     let times = rig.exchange.times("subscribe");
@@ -562,10 +567,10 @@ async fn a_worker_that_panics_is_restarted_after_a_delay() {
         gap >= SECOND / 2 && gap <= SECOND + PACE_SLACK,
         "restarted after {gap:?}"
     );
-    let status = rig.status();
+    let status = rig.status().await;
     assert_eq!(status.restarts, 1);
     assert_eq!(status.state, WorkerState::Streaming);
-    rig.assert_last_error("worker died");
+    rig.assert_last_error("worker died").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -586,7 +591,7 @@ async fn a_subscription_lost_on_the_stream_is_given_back_and_replaced() {
         open: [Open::Then(vec![Step::Batch(lost)])].into(),
         ..Script::default()
     });
-    let cancel = rig.spawn();
+    let cancel = rig.spawn().await;
     tokio::time::sleep(10 * SECOND).await;
     cancel.cancel();
     tokio::time::sleep(SECOND).await;
@@ -670,12 +675,14 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
         .into(),
         ..Script::default()
     });
-    rig.ctx.registry.upsert(rig.creds.clone());
-    rig.ctx
-        .registry
-        .set_sync_state("mbx", "a state Exchange forgot");
+    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let store = &rig.ctx.store;
+    store
+        .set_sync_state("mbx", "a state Exchange forgot")
+        .await
+        .unwrap();
     // Delivered by the stream before the gap: found again, not posted again.
-    rig.ctx.registry.record("mbx", "i4", Outcome::Delivered);
+    store.record("mbx", "i4", Outcome::Delivered).await.unwrap();
     rig.run_for(10 * SECOND).await;
 
     let calls = rig.exchange.calls();
@@ -692,5 +699,5 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
         "{calls:?}"
     );
     assert_eq!(*rig.creatio.posted.lock().unwrap(), ["i3", "i5"]);
-    assert_eq!(rig.status().state, WorkerState::Streaming);
+    assert_eq!(rig.status().await.state, WorkerState::Streaming);
 }

@@ -1,0 +1,219 @@
+//! Where the listener keeps what must outlive a worker, and what every replica may read: the
+//! mailboxes Creatio asked for, each worker's observable status, where each mailbox's catch-up
+//! stands, the items already handed to Creatio (so a mail announced twice, or found again after a
+//! reconnect, is posted once), and the mail Creatio never took (dead letters).
+//!
+//! [`Store`] is the one interface; [`memory::MemoryStore`] the embedded implementation (one
+//! process, no Redis). Calls are asynchronous and may fail, because a shared store is a network
+//! away; each one is a single atomic step, never a read and a write that another caller could
+//! interleave.
+//!
+//! Delivered items are remembered as 64-bit digests of their ids for a bounded time: the sync
+//! cursor says what was seen for good, the digests only bridge the minutes between a streamed
+//! delivery and the next catch-up.
+
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::contract::Credentials;
+use crate::mail::unix_now_ms;
+
+/// The store could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the store is unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// An answer from the store, later.
+pub type Stored<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// What a mailbox should run with. `generation` changes whenever the credentials change or the
+/// mailbox is created anew (after a Close): a worker started for an older generation is
+/// replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub creds: Credentials,
+    pub generation: u64,
+}
+
+/// Counters a worker or its supervisor moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Reconnects,
+    Restarts,
+}
+
+/// The store of mailboxes.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Records the credentials a mailbox should run with. Equal credentials change nothing;
+    /// new ones start a new generation and a fresh status (counters are kept), and keep the
+    /// delivered set and sync state, so a recreated mailbox catches up on what arrived meanwhile.
+    fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()>;
+    /// Forgets a mailbox (its dead letters are kept); false if it was unknown.
+    fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool>;
+    fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>>;
+    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>>;
+    /// How many mailboxes are in each state (states with none are left out).
+    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>>;
+    /// Moves the mailbox's worker to `state`, with the error that caused it, if any.
+    fn transition<'a>(
+        &'a self,
+        id: &'a str,
+        state: WorkerState,
+        error: Option<String>,
+    ) -> Stored<'a, ()>;
+    fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()>;
+    fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>>;
+    /// Stores where the catch-up stands, as of now.
+    fn set_sync_state<'a>(&'a self, id: &'a str, state: &'a str) -> Stored<'a, ()>;
+    /// True if this item was neither delivered nor dead-lettered before for this mailbox.
+    fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool>;
+    /// Records what became of a new item: it will not be posted again. A dead letter is kept
+    /// (the last 1,000 per mailbox) and becomes the mailbox's last error.
+    fn record<'a>(&'a self, id: &'a str, item_id: &'a str, outcome: Outcome) -> Stored<'a, ()>;
+    /// The mailbox's dead letters, oldest first (also after the mailbox was closed).
+    fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>>;
+    /// Hands every dead letter of an open mailbox back to its worker for another delivery;
+    /// answers how many, or `None` when the mailbox is not open.
+    fn replay_dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Option<usize>>;
+    /// Takes the items waiting to be replayed.
+    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>>;
+    /// What a mailbox's worker waits on for replays, in this process.
+    fn replay_signal(&self, id: &str) -> Option<Arc<Notify>>;
+}
+
+/// Where a mailbox's worker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum WorkerState {
+    Starting,
+    /// Waiting for a free slot under the replica's cap on active mailboxes.
+    Queued,
+    Subscribing,
+    /// Reading what arrived while no stream was open (SyncFolderItems).
+    CatchingUp,
+    /// A stream is open and healthy.
+    Streaming,
+    /// Waiting before a retry after a transient failure.
+    Backoff,
+    /// Stopped trying at full speed: the credentials or configuration are wrong. Retries
+    /// continue slowly, and new credentials restart at once.
+    Failed,
+}
+
+/// What any caller may see of a mailbox: no credentials.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct MailboxStatus {
+    pub state: WorkerState,
+    /// What keeps the mailbox from streaming now; none while it streams.
+    pub error: Option<String>,
+    /// The most recent failure, kept after recovery, and when it happened.
+    pub last_error: Option<String>,
+    pub last_error_unix_ms: Option<i64>,
+    /// Since when the mailbox has had no healthy stream; none while it streams.
+    pub unhealthy_since_unix_ms: Option<i64>,
+    pub delivered: u64,
+    pub dead_letters: u64,
+    /// New items that were gone (deleted or moved) before they could be read.
+    pub skipped: u64,
+    pub reconnects: u64,
+    /// Times the worker died unexpectedly and was restarted.
+    pub restarts: u64,
+    pub updated_unix_ms: i64,
+}
+
+impl Default for MailboxStatus {
+    fn default() -> Self {
+        let now = unix_now_ms();
+        MailboxStatus {
+            state: WorkerState::Starting,
+            error: None,
+            last_error: None,
+            last_error_unix_ms: None,
+            unhealthy_since_unix_ms: Some(now),
+            delivered: 0,
+            dead_letters: 0,
+            skipped: 0,
+            reconnects: 0,
+            restarts: 0,
+            updated_unix_ms: now,
+        }
+    }
+}
+
+impl MailboxStatus {
+    /// Moves to `state`; an error becomes both the current and the last error. Streaming
+    /// clears the current error and the unhealthy clock.
+    pub(crate) fn transition(&mut self, state: WorkerState, error: Option<String>, now: i64) {
+        self.state = state;
+        if let Some(e) = error {
+            self.error = Some(e.clone());
+            self.last_error = Some(e);
+            self.last_error_unix_ms = Some(now);
+        }
+        if state == WorkerState::Streaming {
+            self.error = None;
+            self.unhealthy_since_unix_ms = None;
+        } else if self.unhealthy_since_unix_ms.is_none() {
+            self.unhealthy_since_unix_ms = Some(now);
+        }
+    }
+}
+
+/// A mail Creatio did not take, kept so an administrator can see it and replay it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeadLetter {
+    pub item_id: String,
+    pub message_id: Option<String>,
+    pub subject: Option<String>,
+    pub error: String,
+    pub unix_ms: i64,
+}
+
+/// What became of a new item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Gone from the mailbox before it could be read.
+    Skipped,
+    DeadLettered(DeadLetter),
+}
+
+/// How long, and how many, delivered items a mailbox remembers.
+#[derive(Debug, Clone, Copy)]
+pub struct SeenLimits {
+    pub retention: Duration,
+    pub max: usize,
+}
+
+impl Default for SeenLimits {
+    fn default() -> Self {
+        // A stream lives at most 30 minutes before the next catch-up moves the cursor past
+        // what it delivered; twice that covers a reconnect that waits a while.
+        SeenLimits {
+            retention: Duration::from_secs(2 * 3600),
+            max: 10_000,
+        }
+    }
+}
+
+/// Where a mailbox's inbox sync stands, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncCursor {
+    /// Exchange's SyncFolderItems state.
+    pub state: String,
+    /// When the server last gave it: everything received before then was seen.
+    pub at_unix_ms: i64,
+}
+
+/// The digest under which an item id is remembered; stable across processes and versions.
+pub fn item_digest(item_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(item_id.as_bytes())
+}

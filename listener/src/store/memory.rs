@@ -1,0 +1,355 @@
+//! The embedded store: everything in this process's memory, gone when it exits (Creatio's
+//! one-minute SubscriptionsState loop recreates the mailboxes). One replica, no Redis.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::FutureExt as _;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{
+    Counter, DeadLetter, MailboxStatus, Outcome, SeenLimits, Store, Stored, SyncCursor, Wanted,
+    WorkerState, item_digest,
+};
+use crate::contract::Credentials;
+use crate::mail::unix_now_ms;
+
+/// Digests of delivered item ids, oldest first, forgotten after the retention time.
+#[derive(Debug, Default)]
+struct SeenSet {
+    order: VecDeque<(u64, Instant)>,
+    set: HashSet<u64>,
+}
+
+impl SeenSet {
+    fn trim(&mut self, limits: SeenLimits, now: Instant) {
+        while let Some(&(digest, at)) = self.order.front() {
+            if self.order.len() <= limits.max && now.duration_since(at) < limits.retention {
+                break;
+            }
+            self.order.pop_front();
+            self.set.remove(&digest);
+        }
+        if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to_fit();
+            self.set.shrink_to_fit();
+        }
+    }
+
+    fn contains(&self, digest: u64) -> bool {
+        self.set.contains(&digest)
+    }
+
+    fn insert(&mut self, digest: u64, limits: SeenLimits, now: Instant) -> bool {
+        if !self.set.insert(digest) {
+            return false;
+        }
+        self.order.push_back((digest, now));
+        self.trim(limits, now);
+        true
+    }
+
+    fn forget(&mut self, digest: u64) {
+        if self.set.remove(&digest) {
+            self.order.retain(|(d, _)| *d != digest);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    credentials: Credentials,
+    generation: u64,
+    status: MailboxStatus,
+    seen: SeenSet,
+    /// Where the inbox's SyncFolderItems catch-up stands; `None` until the first sync.
+    sync: Option<SyncCursor>,
+    /// Dead-lettered items an administrator asked to deliver again.
+    replay: Vec<String>,
+    replay_signal: Arc<Notify>,
+}
+
+/// Dead letters kept per mailbox; the oldest go first.
+const DEAD_LETTERS_KEPT: usize = 1_000;
+
+#[derive(Debug, Default)]
+struct Inner {
+    mailboxes: HashMap<String, Entry>,
+    /// Kept across Close so an administrator can still see what was lost.
+    dead: HashMap<String, VecDeque<DeadLetter>>,
+    /// The last generation given out.
+    generation: u64,
+}
+
+/// The in-memory [`Store`]; a cheap, cloneable handle.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+    seen_limits: SeenLimits,
+}
+
+/// An answer that is ready at once.
+fn ready<T: Send + 'static>(value: T) -> Stored<'static, T> {
+    std::future::ready(Ok(value)).boxed()
+}
+
+impl MemoryStore {
+    pub fn new(seen_limits: SeenLimits) -> Self {
+        MemoryStore {
+            inner: Arc::default(),
+            seen_limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_entry<T>(&self, id: &str, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+        self.lock().mailboxes.get_mut(id).map(f)
+    }
+
+    fn put(&self, credentials: Credentials) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        let generation = inner.generation;
+        match inner.mailboxes.get_mut(&credentials.id) {
+            Some(entry) if entry.credentials == credentials => {}
+            Some(entry) => {
+                entry.credentials = credentials;
+                entry.generation = generation;
+                entry.status = MailboxStatus {
+                    delivered: entry.status.delivered,
+                    dead_letters: entry.status.dead_letters,
+                    skipped: entry.status.skipped,
+                    restarts: entry.status.restarts,
+                    ..MailboxStatus::default()
+                };
+            }
+            None => {
+                inner.mailboxes.insert(
+                    credentials.id.clone(),
+                    Entry {
+                        credentials,
+                        generation,
+                        status: MailboxStatus::default(),
+                        seen: SeenSet::default(),
+                        sync: None,
+                        replay: Vec::new(),
+                        replay_signal: Arc::new(Notify::new()),
+                    },
+                );
+            }
+        }
+    }
+
+    fn count_by_state_now(&self) -> BTreeMap<WorkerState, usize> {
+        let mut counts = BTreeMap::new();
+        for entry in self.lock().mailboxes.values() {
+            *counts.entry(entry.status.state).or_default() += 1;
+        }
+        counts
+    }
+
+    fn is_new_now(&self, id: &str, item_id: &str) -> bool {
+        let limits = self.seen_limits;
+        self.with_entry(id, |entry| {
+            entry.seen.trim(limits, Instant::now());
+            !entry.seen.contains(item_digest(item_id))
+        })
+        .unwrap_or(false)
+    }
+
+    fn record_now(&self, id: &str, item_id: &str, outcome: Outcome) {
+        let limits = self.seen_limits;
+        let mut inner = self.lock();
+        let Some(entry) = inner.mailboxes.get_mut(id) else {
+            return;
+        };
+        if !entry
+            .seen
+            .insert(item_digest(item_id), limits, Instant::now())
+        {
+            return;
+        }
+        match outcome {
+            Outcome::Delivered => entry.status.delivered += 1,
+            Outcome::Skipped => entry.status.skipped += 1,
+            Outcome::DeadLettered(letter) => {
+                entry.status.dead_letters += 1;
+                entry.status.last_error = Some(letter.error.clone());
+                entry.status.last_error_unix_ms = Some(letter.unix_ms);
+                let kept = inner.dead.entry(id.to_owned()).or_default();
+                kept.push_back(letter);
+                if kept.len() > DEAD_LETTERS_KEPT {
+                    kept.pop_front();
+                }
+            }
+        }
+    }
+
+    fn replay_now(&self, id: &str) -> Option<usize> {
+        let mut inner = self.lock();
+        let letters = inner.dead.remove(id).unwrap_or_default();
+        let Some(entry) = inner.mailboxes.get_mut(id) else {
+            if !letters.is_empty() {
+                inner.dead.insert(id.to_owned(), letters);
+            }
+            return None;
+        };
+        for letter in &letters {
+            entry.seen.forget(item_digest(&letter.item_id));
+            entry.replay.push(letter.item_id.clone());
+        }
+        entry.replay_signal.notify_one();
+        Some(letters.len())
+    }
+}
+
+impl Store for MemoryStore {
+    fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()> {
+        self.put(creds);
+        ready(())
+    }
+
+    fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool> {
+        ready(self.lock().mailboxes.remove(id).is_some())
+    }
+
+    fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>> {
+        ready(self.with_entry(id, |e| Wanted {
+            creds: e.credentials.clone(),
+            generation: e.generation,
+        }))
+    }
+
+    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
+        ready(self.with_entry(id, |e| e.status.clone()))
+    }
+
+    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
+        ready(self.count_by_state_now())
+    }
+
+    fn transition<'a>(
+        &'a self,
+        id: &'a str,
+        state: WorkerState,
+        error: Option<String>,
+    ) -> Stored<'a, ()> {
+        self.with_entry(id, |entry| {
+            let now = unix_now_ms();
+            entry.status.transition(state, error, now);
+            entry.status.updated_unix_ms = now;
+        });
+        ready(())
+    }
+
+    fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()> {
+        self.with_entry(id, |entry| {
+            match counter {
+                Counter::Reconnects => entry.status.reconnects += 1,
+                Counter::Restarts => entry.status.restarts += 1,
+            }
+            entry.status.updated_unix_ms = unix_now_ms();
+        });
+        ready(())
+    }
+
+    fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>> {
+        ready(self.with_entry(id, |e| e.sync.clone()).flatten())
+    }
+
+    fn set_sync_state<'a>(&'a self, id: &'a str, state: &'a str) -> Stored<'a, ()> {
+        self.with_entry(id, |entry| {
+            entry.sync = Some(SyncCursor {
+                state: state.to_owned(),
+                at_unix_ms: unix_now_ms(),
+            });
+        });
+        ready(())
+    }
+
+    fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool> {
+        ready(self.is_new_now(id, item_id))
+    }
+
+    fn record<'a>(&'a self, id: &'a str, item_id: &'a str, outcome: Outcome) -> Stored<'a, ()> {
+        self.record_now(id, item_id, outcome);
+        ready(())
+    }
+
+    fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>> {
+        ready(
+            self.lock()
+                .dead
+                .get(id)
+                .map(|d| d.iter().cloned().collect())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn replay_dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Option<usize>> {
+        ready(self.replay_now(id))
+    }
+
+    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
+        ready(
+            self.with_entry(id, |e| std::mem::take(&mut e.replay))
+                .unwrap_or_default(),
+        )
+    }
+
+    fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
+        self.with_entry(id, |e| e.replay_signal.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const LIMITS: SeenLimits = SeenLimits {
+        retention: Duration::from_secs(60),
+        max: 100,
+    };
+
+    #[test]
+    fn seen_set_forgets_the_oldest_beyond_its_count() {
+        let now = Instant::now();
+        let mut s = SeenSet::default();
+        for i in 0..=LIMITS.max as u64 {
+            assert!(s.insert(i, LIMITS, now));
+        }
+        assert!(!s.insert(LIMITS.max as u64, LIMITS, now));
+        assert!(s.insert(0, LIMITS, now), "the oldest digest was forgotten");
+        assert_eq!(s.set.len(), LIMITS.max);
+        assert_eq!(s.order.len(), LIMITS.max);
+    }
+
+    #[test]
+    fn seen_set_forgets_after_the_retention_time_and_gives_memory_back() {
+        let start = Instant::now();
+        let mut s = SeenSet::default();
+        for i in 0..LIMITS.max as u64 {
+            s.insert(i, LIMITS, start);
+        }
+        assert!(s.contains(7));
+        s.trim(LIMITS, start + LIMITS.retention - Duration::from_secs(1));
+        assert!(s.contains(7), "still within the retention time");
+        s.trim(LIMITS, start + LIMITS.retention);
+        assert!(!s.contains(7));
+        assert!(s.order.is_empty() && s.set.is_empty());
+        assert!(s.order.capacity() <= 64, "an idle mailbox holds no memory");
+    }
+
+    #[test]
+    fn digests_are_stable() {
+        // Replicas and versions must agree on what was delivered.
+        assert_eq!(item_digest("AAMkAD"), item_digest("AAMkAD"));
+        assert_ne!(item_digest("AAMkAD"), item_digest("AAMkAE"));
+        assert_eq!(item_digest(""), 0x2d06800538d394c2);
+    }
+}
