@@ -13,6 +13,7 @@
 //! delivery and the next catch-up.
 
 pub mod memory;
+pub mod seal;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
