@@ -13,6 +13,7 @@
 //! delivery and the next catch-up.
 
 pub mod memory;
+pub mod redis;
 pub mod seal;
 
 use std::collections::BTreeMap;
@@ -168,7 +169,7 @@ impl MailboxStatus {
 }
 
 /// A mail Creatio did not take, kept so an administrator can see it and replay it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct DeadLetter {
     pub item_id: String,

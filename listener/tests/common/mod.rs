@@ -285,3 +285,65 @@ pub async fn assert_slow_second_login(world: &World, failed_retry_base: Duration
         "a rejected login was tried again after {gap:?}, before half of {failed_retry_base:?}"
     );
 }
+
+/// A throw-away `redis-server`, a child of the test on a Unix socket of its own (no port to
+/// race for), killed when dropped.
+pub struct Redis {
+    child: Child,
+    dir: std::path::PathBuf,
+    pub url: String,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let dir = std::env::temp_dir().join(format!("el-redis-{}", uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("redis.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); install it with `apt-get install redis-server` \
+                     (ci/test.sh does when run as root)"
+                )
+            });
+        let url = format!("redis+unix://{}", socket.display());
+        eventually("redis-server to accept connections", PATIENCE, async || {
+            tokio::net::UnixStream::connect(&socket)
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Redis { child, dir, url }
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A name no other test of this run uses.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,602 @@
+//! The shared store: Redis. Every state change is one Lua script, so no caller ever reads,
+//! decides and writes across round trips.
+//!
+//! Keys, under one prefix per deployment (`el:` by default), with the mailbox id in braces so a
+//! mailbox's keys share a slot should Redis Cluster ever be used:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `el:mbx:{id}` | hash | sealed credentials and their fingerprint, the generation, the status fields and counters, the sync state and when it was given |
+//! | `el:open` | set | every open mailbox id |
+//! | `el:generation` | string | the last generation given out (INCR) |
+//! | `el:seen:{id}` | sorted set | digests of delivered item ids → when, trimmed by time and count |
+//! | `el:dead:{id}` | list | dead letters, oldest first, the last 1,000 (kept after Close) |
+//! | `el:replay:{id}` | list | dead-lettered items handed back for delivery |
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt as _;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands as _, Script};
+use tokio::sync::Notify;
+
+use super::seal::Sealer;
+use super::{
+    Counter, DeadLetter, MailboxStatus, Outcome, SeenLimits, Store, StoreError, Stored, SyncCursor,
+    Wanted, WorkerState, item_digest,
+};
+use crate::contract::Credentials;
+use crate::mail::unix_now_ms;
+
+/// Dead letters kept per mailbox; the oldest go first.
+const DEAD_LETTERS_KEPT: i64 = 1_000;
+
+fn store_error(e: redis::RedisError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Records or updates a mailbox. KEYS: mbx, open, generation, seen, replay. ARGV: id,
+/// fingerprint, sealed credentials, now. Answers the generation, or 0 when nothing changed.
+const PUT: &str = r#"
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if fp == ARGV[2] then return 0 end
+local g = redis.call('INCR', KEYS[3])
+if fp then
+  redis.call('HDEL', KEYS[1], 'error', 'last_error', 'last_error_ms', 'reconnects')
+else
+  redis.call('DEL', KEYS[4], KEYS[5])
+end
+redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
+  'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+return g
+"#;
+
+/// Forgets a mailbox. KEYS: mbx, open, seen, replay. ARGV: id. Answers 1 if it existed.
+const REMOVE: &str = r#"
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('SREM', KEYS[2], ARGV[1])
+return existed
+"#;
+
+/// Moves a mailbox's state. KEYS: mbx. ARGV: state, error or '', now.
+const TRANSITION: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_ms', ARGV[3])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'error', ARGV[2], 'last_error', ARGV[2], 'last_error_ms', ARGV[3])
+end
+if ARGV[1] == 'Streaming' then
+  redis.call('HDEL', KEYS[1], 'error', 'unhealthy_since_ms')
+elseif redis.call('HEXISTS', KEYS[1], 'unhealthy_since_ms') == 0 then
+  redis.call('HSET', KEYS[1], 'unhealthy_since_ms', ARGV[3])
+end
+return 1
+"#;
+
+/// Sets fields of an existing mailbox. KEYS: mbx. ARGV: field, value, field, value, ...
+const SET_IF_EXISTS: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"#;
+
+/// Adds one to a counter of an existing mailbox. KEYS: mbx. ARGV: field, now.
+const BUMP: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
+return 1
+"#;
+
+/// Records what became of an item. KEYS: mbx, seen, dead. ARGV: digest, now, retention ms,
+/// most digests kept, counter field, dead-letter entry or '', its error, dead letters kept.
+const RECORD: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[3])))
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1) end
+redis.call('HINCRBY', KEYS[1], ARGV[5], 1)
+redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
+if ARGV[6] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[6])
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[8]), -1)
+  redis.call('HSET', KEYS[1], 'last_error', ARGV[7], 'last_error_ms', ARGV[2])
+end
+return 1
+"#;
+
+/// Hands dead letters back. KEYS: mbx, seen, dead, replay. Each dead-letter entry is
+/// "digest\nitem id\njson". Answers how many, or -1 when the mailbox is not open.
+const REPLAY: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local letters = redis.call('LRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[3])
+for _, entry in ipairs(letters) do
+  local digest, item = string.match(entry, '^([^\n]*)\n([^\n]*)\n')
+  if digest then
+    redis.call('ZREM', KEYS[2], digest)
+    redis.call('RPUSH', KEYS[4], item)
+  end
+end
+return #letters
+"#;
+
+/// Takes the items waiting to be replayed. KEYS: replay.
+const TAKE: &str = r#"
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return items
+"#;
+
+#[derive(Debug)]
+struct Scripts {
+    put: Script,
+    remove: Script,
+    transition: Script,
+    set_if_exists: Script,
+    bump: Script,
+    record: Script,
+    replay: Script,
+    take: Script,
+}
+
+/// The Redis [`Store`].
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    sealer: Sealer,
+    seen_limits: SeenLimits,
+    scripts: Arc<Scripts>,
+    /// Replay signals of the mailboxes this process runs.
+    signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("sealer", &self.sealer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects (and keeps reconnecting) to the Redis at `url`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        sealer: Sealer,
+        seen_limits: SeenLimits,
+    ) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(url).map_err(store_error)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(store_error)?;
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_owned(),
+            sealer,
+            seen_limits,
+            scripts: Arc::new(Scripts {
+                put: Script::new(PUT),
+                remove: Script::new(REMOVE),
+                transition: Script::new(TRANSITION),
+                set_if_exists: Script::new(SET_IF_EXISTS),
+                bump: Script::new(BUMP),
+                record: Script::new(RECORD),
+                replay: Script::new(REPLAY),
+                take: Script::new(TAKE),
+            }),
+            signals: Arc::default(),
+        })
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{{{id}}}", self.prefix)
+    }
+
+    fn open_set(&self) -> String {
+        format!("{}open", self.prefix)
+    }
+
+    fn signal(&self, id: &str) -> Arc<Notify> {
+        self.signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    async fn put(&self, creds: Credentials) -> Result<(), StoreError> {
+        let id = creds.id.clone();
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .put
+            .key(self.key("mbx", &id))
+            .key(self.open_set())
+            .key(format!("{}generation", self.prefix))
+            .key(self.key("seen", &id))
+            .key(self.key("replay", &id))
+            .arg(&id)
+            .arg(self.sealer.fingerprint(&creds))
+            .arg(self.sealer.seal(&creds))
+            .arg(unix_now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let existed: i64 = self
+            .scripts
+            .remove
+            .key(self.key("mbx", id))
+            .key(self.open_set())
+            .key(self.key("seen", id))
+            .key(self.key("replay", id))
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        self.signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(existed == 1)
+    }
+
+    async fn wanted_now(&self, id: &str) -> Result<Option<Wanted>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (blob, generation): (Option<Vec<u8>>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.key("mbx", id))
+            .arg("creds")
+            .arg("gen")
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let (Some(blob), Some(generation)) = (blob, generation) else {
+            return Ok(None);
+        };
+        let creds = self
+            .sealer
+            .open(id, &blob)
+            .map_err(|e| StoreError(e.to_string()))?;
+        Ok(Some(Wanted { creds, generation }))
+    }
+
+    async fn status_now(&self, id: &str) -> Result<Option<MailboxStatus>, StoreError> {
+        let mut conn = self.conn.clone();
+        // The sealed credentials are bytes, not text: read every field as bytes.
+        let fields: HashMap<String, Vec<u8>> = conn
+            .hgetall(self.key("mbx", id))
+            .await
+            .map_err(store_error)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let text = fields
+            .into_iter()
+            .filter(|(k, _)| k != "creds")
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        Ok(Some(status_from(&text)))
+    }
+
+    async fn count_by_state_now(&self) -> Result<BTreeMap<WorkerState, usize>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.smembers(self.open_set()).await.map_err(store_error)?;
+        let mut counts = BTreeMap::new();
+        for chunk in ids.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.hget(self.key("mbx", id), "state");
+            }
+            let states: Vec<Option<String>> =
+                pipe.query_async(&mut conn).await.map_err(store_error)?;
+            for state in states.into_iter().flatten() {
+                if let Some(s) = parse_state(&state) {
+                    *counts.entry(s).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn transition_now(
+        &self,
+        id: &str,
+        state: WorkerState,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .transition
+            .key(self.key("mbx", id))
+            .arg(state_name(state))
+            .arg(error.unwrap_or_default())
+            .arg(unix_now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn bump_now(&self, id: &str, counter: Counter) -> Result<(), StoreError> {
+        let field = match counter {
+            Counter::Reconnects => "reconnects",
+            Counter::Restarts => "restarts",
+        };
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .bump
+            .key(self.key("mbx", id))
+            .arg(field)
+            .arg(unix_now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn sync_state_now(&self, id: &str) -> Result<Option<SyncCursor>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (state, at): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.key("mbx", id))
+            .arg("sync_state")
+            .arg("sync_at_ms")
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(state.map(|state| SyncCursor {
+            state,
+            at_unix_ms: at.unwrap_or(0),
+        }))
+    }
+
+    async fn set_sync_state_now(&self, id: &str, state: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .set_if_exists
+            .key(self.key("mbx", id))
+            .arg("sync_state")
+            .arg(state)
+            .arg("sync_at_ms")
+            .arg(unix_now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn is_new_now(&self, id: &str, item_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let (exists, score): (bool, Option<f64>) = redis::pipe()
+            .exists(self.key("mbx", id))
+            .zscore(self.key("seen", id), item_digest(item_id).to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let fresh = score.is_some_and(|at| {
+            (unix_now_ms() as f64 - at) < self.seen_limits.retention.as_millis() as f64
+        });
+        Ok(exists && !fresh)
+    }
+
+    async fn record_now(
+        &self,
+        id: &str,
+        item_id: &str,
+        outcome: Outcome,
+    ) -> Result<(), StoreError> {
+        let digest = item_digest(item_id).to_string();
+        let (field, entry, error) = match &outcome {
+            Outcome::Delivered => ("delivered", String::new(), String::new()),
+            Outcome::Skipped => ("skipped", String::new(), String::new()),
+            Outcome::DeadLettered(letter) => (
+                "dead_letters",
+                format!(
+                    "{digest}\n{item_id}\n{}",
+                    serde_json::to_string(letter).unwrap_or_default()
+                ),
+                letter.error.clone(),
+            ),
+        };
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .record
+            .key(self.key("mbx", id))
+            .key(self.key("seen", id))
+            .key(self.key("dead", id))
+            .arg(&digest)
+            .arg(unix_now_ms())
+            .arg(self.seen_limits.retention.as_millis() as i64)
+            .arg(self.seen_limits.max)
+            .arg(field)
+            .arg(entry)
+            .arg(error)
+            .arg(DEAD_LETTERS_KEPT)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn dead_letters_now(&self, id: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut conn = self.conn.clone();
+        let entries: Vec<String> = conn
+            .lrange(self.key("dead", id), 0, -1)
+            .await
+            .map_err(store_error)?;
+        Ok(entries
+            .iter()
+            .filter_map(|e| e.splitn(3, '\n').nth(2))
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect())
+    }
+
+    async fn replay_now(&self, id: &str) -> Result<Option<usize>, StoreError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .scripts
+            .replay
+            .key(self.key("mbx", id))
+            .key(self.key("seen", id))
+            .key(self.key("dead", id))
+            .key(self.key("replay", id))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        if n < 0 {
+            return Ok(None);
+        }
+        self.signal(id).notify_one();
+        Ok(Some(n as usize))
+    }
+
+    async fn take_replay_now(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.scripts
+            .take
+            .key(self.key("replay", id))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)
+    }
+}
+
+fn state_name(state: WorkerState) -> &'static str {
+    match state {
+        WorkerState::Starting => "Starting",
+        WorkerState::Queued => "Queued",
+        WorkerState::Subscribing => "Subscribing",
+        WorkerState::CatchingUp => "CatchingUp",
+        WorkerState::Streaming => "Streaming",
+        WorkerState::Backoff => "Backoff",
+        WorkerState::Failed => "Failed",
+    }
+}
+
+fn parse_state(name: &str) -> Option<WorkerState> {
+    [
+        WorkerState::Starting,
+        WorkerState::Queued,
+        WorkerState::Subscribing,
+        WorkerState::CatchingUp,
+        WorkerState::Streaming,
+        WorkerState::Backoff,
+        WorkerState::Failed,
+    ]
+    .into_iter()
+    .find(|s| state_name(*s) == name)
+}
+
+fn status_from(fields: &HashMap<String, String>) -> MailboxStatus {
+    let text = |f: &str| fields.get(f).cloned();
+    let int = |f: &str| fields.get(f).and_then(|v| v.parse::<i64>().ok());
+    let count = |f: &str| {
+        fields
+            .get(f)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    MailboxStatus {
+        state: text("state")
+            .as_deref()
+            .and_then(parse_state)
+            .unwrap_or(WorkerState::Starting),
+        error: text("error"),
+        last_error: text("last_error"),
+        last_error_unix_ms: int("last_error_ms"),
+        unhealthy_since_unix_ms: int("unhealthy_since_ms"),
+        delivered: count("delivered"),
+        dead_letters: count("dead_letters"),
+        skipped: count("skipped"),
+        reconnects: count("reconnects"),
+        restarts: count("restarts"),
+        updated_unix_ms: int("updated_ms").unwrap_or(0),
+    }
+}
+
+impl Store for RedisStore {
+    fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()> {
+        self.put(creds).boxed()
+    }
+
+    fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool> {
+        self.remove(id).boxed()
+    }
+
+    fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>> {
+        self.wanted_now(id).boxed()
+    }
+
+    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
+        self.status_now(id).boxed()
+    }
+
+    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
+        self.count_by_state_now().boxed()
+    }
+
+    fn transition<'a>(
+        &'a self,
+        id: &'a str,
+        state: WorkerState,
+        error: Option<String>,
+    ) -> Stored<'a, ()> {
+        self.transition_now(id, state, error).boxed()
+    }
+
+    fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()> {
+        self.bump_now(id, counter).boxed()
+    }
+
+    fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>> {
+        self.sync_state_now(id).boxed()
+    }
+
+    fn set_sync_state<'a>(&'a self, id: &'a str, state: &'a str) -> Stored<'a, ()> {
+        self.set_sync_state_now(id, state).boxed()
+    }
+
+    fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool> {
+        self.is_new_now(id, item_id).boxed()
+    }
+
+    fn record<'a>(&'a self, id: &'a str, item_id: &'a str, outcome: Outcome) -> Stored<'a, ()> {
+        self.record_now(id, item_id, outcome).boxed()
+    }
+
+    fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>> {
+        self.dead_letters_now(id).boxed()
+    }
+
+    fn replay_dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Option<usize>> {
+        self.replay_now(id).boxed()
+    }
+
+    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
+        self.take_replay_now(id).boxed()
+    }
+
+    fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
+        Some(self.signal(id))
+    }
+}

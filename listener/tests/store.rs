@@ -1,0 +1,225 @@
+//! One contract for every store: the same checks run against the in-memory store and against
+//! the Redis store on a real `redis-server`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Redis;
+use exchange_listener::contract::{Credentials, parse_credentials_list};
+use exchange_listener::store::memory::MemoryStore;
+use exchange_listener::store::redis::RedisStore;
+use exchange_listener::store::seal::Sealer;
+use exchange_listener::store::{Counter, DeadLetter, Outcome, SeenLimits, Store, WorkerState};
+use serde_json::json;
+
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn creds(id: &str, password: &str) -> Credentials {
+    let body = json!([{
+        "Id": id, "SenderEmailAddress": format!("{id}@contoso.com"), "UserPassword": password,
+        "ServerAddress": "mail.contoso.com",
+        "BpmEndpoint": "https://creatio.contoso.com/0/ServiceModel/ExchangeListenerService.svc/NewEmail",
+    }]);
+    parse_credentials_list(body.to_string().as_bytes())
+        .unwrap()
+        .remove(0)
+}
+
+fn letter(item: &str, error: &str) -> DeadLetter {
+    DeadLetter {
+        item_id: item.into(),
+        message_id: Some(format!("<{item}@contoso.com>")),
+        subject: Some("Hello".into()),
+        error: error.into(),
+        unix_ms: 1_700_000_000_000,
+    }
+}
+
+/// Everything the worker, the supervisor and the API rely on.
+async fn contract(store: &dyn Store) {
+    // Generations: the same credentials keep theirs; changed or recreated ones get a new one.
+    assert!(store.wanted("m1").await.unwrap().is_none());
+    store.put_mailbox(creds("m1", "pw")).await.unwrap();
+    let first = store.wanted("m1").await.unwrap().unwrap();
+    assert_eq!(first.creds, creds("m1", "pw"));
+    store.put_mailbox(creds("m1", "pw")).await.unwrap();
+    assert_eq!(store.wanted("m1").await.unwrap().unwrap(), first);
+    store.put_mailbox(creds("m1", "pw2")).await.unwrap();
+    let changed = store.wanted("m1").await.unwrap().unwrap();
+    assert_ne!(changed.generation, first.generation);
+    assert_eq!(changed.creds, creds("m1", "pw2"));
+
+    // Status: the current error goes when streaming, the last one stays.
+    let status = store.status("m1").await.unwrap().unwrap();
+    assert_eq!(status.state, WorkerState::Starting);
+    assert!(status.unhealthy_since_unix_ms.is_some());
+    store
+        .transition("m1", WorkerState::Backoff, Some("refused".into()))
+        .await
+        .unwrap();
+    let status = store.status("m1").await.unwrap().unwrap();
+    assert_eq!(
+        (status.state, status.error.as_deref()),
+        (WorkerState::Backoff, Some("refused"))
+    );
+    store
+        .transition("m1", WorkerState::Streaming, None)
+        .await
+        .unwrap();
+    store.bump("m1", Counter::Reconnects).await.unwrap();
+    store.bump("m1", Counter::Restarts).await.unwrap();
+    let status = store.status("m1").await.unwrap().unwrap();
+    assert_eq!(status.state, WorkerState::Streaming);
+    assert_eq!(status.error, None);
+    assert_eq!(status.unhealthy_since_unix_ms, None);
+    assert_eq!(status.last_error.as_deref(), Some("refused"));
+    assert!(status.last_error_unix_ms.is_some());
+    assert_eq!((status.reconnects, status.restarts), (1, 1));
+    store.put_mailbox(creds("m2", "pw")).await.unwrap();
+    let counts = store.count_by_state().await.unwrap();
+    assert_eq!(counts.get(&WorkerState::Streaming), Some(&1));
+    assert_eq!(counts.get(&WorkerState::Starting), Some(&1));
+
+    // Sync state, and when it was given.
+    assert!(store.sync_state("m1").await.unwrap().is_none());
+    store.set_sync_state("m1", "H4sIAAA").await.unwrap();
+    let cursor = store.sync_state("m1").await.unwrap().unwrap();
+    assert_eq!(cursor.state, "H4sIAAA");
+    assert!(cursor.at_unix_ms > 1_700_000_000_000);
+
+    // Delivered, skipped and dead-lettered items are not new any more, and are counted once.
+    assert!(store.is_new("m1", "a").await.unwrap());
+    store.record("m1", "a", Outcome::Delivered).await.unwrap();
+    store.record("m1", "a", Outcome::Delivered).await.unwrap();
+    store.record("m1", "b", Outcome::Skipped).await.unwrap();
+    store
+        .record("m1", "c", Outcome::DeadLettered(letter("c", "HTTP 400")))
+        .await
+        .unwrap();
+    for item in ["a", "b", "c"] {
+        assert!(!store.is_new("m1", item).await.unwrap(), "{item}");
+    }
+    assert!(store.is_new("m1", "d").await.unwrap());
+    assert!(
+        !store.is_new("nobody", "a").await.unwrap(),
+        "nothing is new for an unknown mailbox"
+    );
+    let status = store.status("m1").await.unwrap().unwrap();
+    assert_eq!(
+        (status.delivered, status.skipped, status.dead_letters),
+        (1, 1, 1)
+    );
+    assert_eq!(status.last_error.as_deref(), Some("HTTP 400"));
+    assert_eq!(
+        store.dead_letters("m1").await.unwrap(),
+        [letter("c", "HTTP 400")]
+    );
+
+    // Changed credentials keep the counters, the cursor and the delivered set.
+    store.put_mailbox(creds("m1", "pw3")).await.unwrap();
+    let status = store.status("m1").await.unwrap().unwrap();
+    assert_eq!(status.state, WorkerState::Starting);
+    assert_eq!((status.delivered, status.restarts), (1, 1));
+    assert_eq!(status.reconnects, 0);
+    assert!(store.sync_state("m1").await.unwrap().is_some());
+    assert!(!store.is_new("m1", "a").await.unwrap());
+
+    // Replaying dead letters hands them back once and wakes the worker.
+    let signal = store.replay_signal("m1").unwrap();
+    assert_eq!(store.replay_dead_letters("m1").await.unwrap(), Some(1));
+    tokio::time::timeout(Duration::from_secs(1), signal.notified())
+        .await
+        .expect("the worker is woken");
+    assert!(
+        store.is_new("m1", "c").await.unwrap(),
+        "c may be posted again"
+    );
+    assert_eq!(store.take_replay("m1").await.unwrap(), ["c"]);
+    assert!(store.take_replay("m1").await.unwrap().is_empty());
+    assert!(store.dead_letters("m1").await.unwrap().is_empty());
+
+    // Close: gone, except its dead letters; created again, it starts afresh.
+    store
+        .record("m1", "e", Outcome::DeadLettered(letter("e", "HTTP 404")))
+        .await
+        .unwrap();
+    assert!(store.remove_mailbox("m1").await.unwrap());
+    assert!(!store.remove_mailbox("m1").await.unwrap());
+    assert!(store.status("m1").await.unwrap().is_none());
+    assert_eq!(store.dead_letters("m1").await.unwrap().len(), 1);
+    assert_eq!(store.replay_dead_letters("m1").await.unwrap(), None);
+    assert_eq!(store.dead_letters("m1").await.unwrap().len(), 1, "kept");
+    store.put_mailbox(creds("m1", "pw3")).await.unwrap();
+    let recreated = store.wanted("m1").await.unwrap().unwrap();
+    assert_ne!(recreated.generation, changed.generation);
+    assert!(store.sync_state("m1").await.unwrap().is_none());
+    assert!(store.is_new("m1", "a").await.unwrap());
+    assert_eq!(
+        store.status("m1").await.unwrap().unwrap().delivered,
+        0,
+        "a new mailbox counts afresh"
+    );
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_contract() {
+    contract(&MemoryStore::new(SeenLimits::default())).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_contract() {
+    let redis = Redis::start().await;
+    let sealer = Sealer::from_base64(KEY).unwrap();
+    let store = RedisStore::connect(&redis.url, "el:", sealer, SeenLimits::default())
+        .await
+        .unwrap();
+    contract(&store).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_holds_no_password_in_the_clear_and_keeps_deployments_apart() {
+    let redis = Redis::start().await;
+    let connect = async |prefix: &str, sealer: Sealer| {
+        Arc::new(
+            RedisStore::connect(&redis.url, prefix, sealer, SeenLimits::default())
+                .await
+                .unwrap(),
+        )
+    };
+    let a = connect("a:", Sealer::from_base64(KEY).unwrap()).await;
+    let b = connect("b:", Sealer::from_base64(KEY).unwrap()).await;
+    a.put_mailbox(creds("m1", "Zebra-Pa55")).await.unwrap();
+    assert!(
+        b.wanted("m1").await.unwrap().is_none(),
+        "prefixes keep apart"
+    );
+
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.iter().all(|k| k.starts_with("a:")), "{keys:?}");
+    for key in keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            !dump.windows(5).any(|w| w == b"Zebra"),
+            "{key} holds the password"
+        );
+    }
+    // Another key cannot open them, and says so rather than guessing.
+    let wrong = connect(
+        "a:",
+        Sealer::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap(),
+    )
+    .await;
+    assert!(wrong.wanted("m1").await.is_err());
+}
