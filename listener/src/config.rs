@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::backoff::{BackoffPolicy, InvalidBackoff};
+use crate::contract::Secret;
 use crate::reach::{HostList, Reach};
+use crate::store::seal::Sealer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -142,10 +144,57 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_CREATIO_HOSTS", value_delimiter = ',')]
     pub creatio_hosts: Vec<String>,
 
+    /// The shared store: `redis://[:password@]host:port/db`, or `rediss://` for TLS. Without
+    /// it (and without `ExchangeListenerRedisHost`) the listener runs alone on its in-memory
+    /// store.
+    #[arg(long, env = "EXCHANGE_LISTENER_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// The original service's Redis setting, `host:port`; used when `--redis-url` is absent.
+    #[arg(long, env = "ExchangeListenerRedisHost")]
+    pub redis_host: Option<String>,
+
+    /// The original service's Redis database number, with `ExchangeListenerRedisHost`.
+    #[arg(long, env = "ExchangeListenerRedisDatabase")]
+    pub redis_database: Option<u32>,
+
+    /// The original service's Redis password, with `ExchangeListenerRedisHost`.
+    #[arg(long, env = "ExchangeListenerRedisPassword", hide_env_values = true, value_parser = secret)]
+    pub redis_password: Option<Secret>,
+
+    /// Prefix of every key, so several deployments can share one Redis.
+    #[arg(long, env = "EXCHANGE_LISTENER_REDIS_PREFIX", default_value = "el:")]
+    pub redis_prefix: String,
+
+    /// The key that seals credentials in Redis: 32 bytes, base64-encoded.
+    #[arg(long, env = "EXCHANGE_LISTENER_SECRET_KEY", hide_env_values = true, value_parser = secret)]
+    pub secret_key: Option<Secret>,
+
+    /// A file holding the secret key (base64), e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "EXCHANGE_LISTENER_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<std::path::PathBuf>,
+
+    /// Keep credentials in Redis in plain text when no secret key is given (refused otherwise).
+    #[arg(long, env = "EXCHANGE_LISTENER_INSECURE_PLAINTEXT_CREDENTIALS")]
+    pub insecure_plaintext_credentials: bool,
+
+    /// This replica's name among the others (default: `PodName`, then the host name).
+    #[arg(long, env = "EXCHANGE_LISTENER_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Milliseconds a mailbox's lease lasts unless renewed: a dead replica's mailboxes move
+    /// after about this long.
+    #[arg(long, env = "EXCHANGE_LISTENER_LEASE_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
+    pub lease_ms: u64,
+
     /// Seconds after SIGTERM before open requests are dropped and unfinished unsubscribes
     /// abandoned (keep below Kubernetes' termination grace period).
     #[arg(long, env = "EXCHANGE_LISTENER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_timeout_secs: u64,
+}
+
+fn secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s.to_owned()))
 }
 
 fn parse_version(s: &str) -> Result<ews::ServerVersion, String> {
@@ -185,6 +234,58 @@ impl Config {
             creatio_hosts: HostList::parse(&self.creatio_hosts)
                 .map_err(|e| format!("--creatio-hosts: {e}"))?,
         })
+    }
+
+    /// The Redis to use, if any: `--redis-url`, else one built from the original's
+    /// `ExchangeListenerRedisHost`, `...Database` and `...Password`.
+    pub fn redis(&self) -> Result<Option<String>, String> {
+        if let Some(url) = &self.redis_url {
+            return Ok(Some(url.clone()));
+        }
+        let Some(host) = &self.redis_host else {
+            return Ok(None);
+        };
+        let mut url = url::Url::parse(&format!("redis://{}", host.trim()))
+            .map_err(|e| format!("ExchangeListenerRedisHost {host:?}: {e}"))?;
+        if let Some(password) = &self.redis_password {
+            url.set_password(Some(password.expose()))
+                .map_err(|()| "ExchangeListenerRedisPassword cannot be used with this host")?;
+        }
+        url.set_path(&self.redis_database.unwrap_or(0).to_string());
+        Ok(Some(url.to_string()))
+    }
+
+    /// How credentials are kept in a shared store: sealed with the secret key, or in plain
+    /// text only when asked for by name.
+    pub fn sealer(&self) -> Result<Sealer, String> {
+        let key = match (&self.secret_key, &self.secret_key_file) {
+            (Some(key), _) => Some(key.expose().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--secret-key-file {}: {e}", path.display()))?,
+            ),
+            (None, None) => None,
+        };
+        match key {
+            Some(key) => Sealer::from_base64(&key).map_err(|e| e.to_string()),
+            None if self.insecure_plaintext_credentials => Ok(Sealer::plaintext()),
+            None => Err(
+                "with Redis, credentials are sealed: set EXCHANGE_LISTENER_SECRET_KEY \
+                 (base64 of 32 random bytes, e.g. `head -c32 /dev/urandom | base64`) or \
+                 --secret-key-file, or accept plain text with --insecure-plaintext-credentials"
+                    .into(),
+            ),
+        }
+    }
+
+    /// This replica's name: `--replica-id`, else `PodName` (as the original's pods set),
+    /// else the host name, else a random one.
+    pub fn replica(&self) -> String {
+        let named = |v: Option<String>| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+        named(self.replica_id.clone())
+            .or_else(|| named(std::env::var("PodName").ok()))
+            .or_else(|| named(std::fs::read_to_string("/proc/sys/kernel/hostname").ok()))
+            .unwrap_or_else(|| format!("replica-{:016x}", fastrand::u64(..)))
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -8,8 +8,10 @@
 
 pub mod api;
 pub mod backoff;
+pub mod balance;
 pub mod config;
 pub mod contract;
+pub mod coordinator;
 pub mod delivery;
 pub mod ews_client;
 pub mod gate;
@@ -73,9 +75,39 @@ pub async fn serve(
         Duration::from_secs(config.delivery_give_up_after_secs),
         config.request_timeout(),
     );
+    let (store, store_kind): (Arc<dyn store::Store>, &str) = match config
+        .redis()
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        None => (
+            Arc::new(store::memory::MemoryStore::new(store::SeenLimits::default())),
+            "memory",
+        ),
+        Some(url) => {
+            let sealer = config.sealer().map_err(|e| anyhow::anyhow!(e))?;
+            if sealer.is_plaintext() {
+                tracing::warn!(
+                    "credentials are kept in Redis in plain text (--insecure-plaintext-credentials)"
+                );
+            }
+            let redis = store::redis::RedisStore::connect(
+                &url,
+                &config.redis_prefix,
+                sealer,
+                store::SeenLimits::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("Redis at {}: {e}", ews_client::redact_url(&url)))?;
+            (Arc::new(redis), "redis")
+        }
+    };
+    let replica = config.replica();
+    let leases = Arc::new(coordinator::Leases::new(&replica));
+    let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
-            store: Arc::new(store::memory::MemoryStore::new(store::SeenLimits::default())),
+            store: store.clone(),
+            leases: leases.clone(),
             exchange: Arc::new(transport::HttpExchange {
                 http: http.clone(),
                 server_version: config.ews_version,
@@ -90,6 +122,20 @@ pub async fn serve(
         },
         Duration::from_secs(config.unhealthy_after_secs),
     );
+    let coordinator = coordinator::Coordinator::new(
+        coordinator::CoordinatorSettings {
+            replica: replica.clone(),
+            lease: Duration::from_millis(config.lease_ms),
+            cap,
+        },
+        store,
+        leases,
+        supervisor.clone(),
+    );
+    // Registered, with its share claimed, before it says it is ready.
+    coordinator.pass(&Default::default()).await;
+    let coordinating = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(coordinator.clone().run(coordinating.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let state = api::ApiState {
         supervisor: supervisor.clone(),
@@ -117,17 +163,20 @@ pub async fn serve(
     };
     // Everything is in place: from here on the service takes work.
     ready.store(true, Ordering::Relaxed);
-    tracing::info!(store = "memory", "listening on http://{addr}");
+    tracing::info!(store = store_kind, replica = ?replica, "listening on http://{addr}");
     let api = server::serve(listener, router, http_limits, signal, grace);
     // Mailboxes stop (and unsubscribe) while the last requests drain, both within the grace.
     let mailboxes = async {
         let _ = stopping.await;
+        // No new claims; the workers stop; then the leases go back so others take over at once.
+        coordinating.cancel();
         if tokio::time::timeout(grace, supervisor.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("some mailboxes had not unsubscribed when the shutdown timeout passed");
         }
+        coordinator.leave().await;
     };
     tokio::join!(api, mailboxes);
     tracing::info!("stopped");

@@ -27,10 +27,23 @@ use tokio::sync::Notify;
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
 
-/// The store could not be read or written.
+/// Why the store did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the store is unavailable: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// A write under a lease this replica no longer holds: another replica owns the mailbox.
+    #[error("this replica no longer holds the mailbox's lease")]
+    Fenced,
+}
+
+/// The lease under which a worker writes: its replica and the fencing token it was given.
+/// A write under an older token is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub replica: String,
+    pub token: u64,
+}
 
 /// An answer from the store, later.
 pub type Stored<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
@@ -72,13 +85,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Stored<'a, ()>;
     fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()>;
     fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>>;
-    /// Stores where the catch-up stands, as of now.
-    fn set_sync_state<'a>(&'a self, id: &'a str, state: &'a str) -> Stored<'a, ()>;
+    /// Stores where the catch-up stands, as of now, if `fence` still holds the lease.
+    fn set_sync_state<'a>(
+        &'a self,
+        id: &'a str,
+        state: &'a str,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()>;
     /// True if this item was neither delivered nor dead-lettered before for this mailbox.
     fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool>;
-    /// Records what became of a new item: it will not be posted again. A dead letter is kept
-    /// (the last 1,000 per mailbox) and becomes the mailbox's last error.
-    fn record<'a>(&'a self, id: &'a str, item_id: &'a str, outcome: Outcome) -> Stored<'a, ()>;
+    /// Records what became of a new item, if `fence` still holds the lease: it will not be
+    /// posted again. A dead letter is kept (the last 1,000 per mailbox) and becomes the
+    /// mailbox's last error.
+    fn record<'a>(
+        &'a self,
+        id: &'a str,
+        item_id: &'a str,
+        outcome: Outcome,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()>;
     /// The mailbox's dead letters, oldest first (also after the mailbox was closed).
     fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>>;
     /// Hands every dead letter of an open mailbox back to its worker for another delivery;
@@ -88,6 +113,29 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>>;
     /// What a mailbox's worker waits on for replays, in this process.
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>>;
+
+    // Coordination of replicas.
+
+    /// Says this replica is alive for `ttl`; answers every live replica, sorted.
+    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>>;
+    /// Says this replica is gone (on shutdown), so others need not wait for its heartbeat to
+    /// lapse.
+    fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()>;
+    /// Every open mailbox id.
+    fn open_mailboxes(&self) -> Stored<'_, Vec<String>>;
+    /// Takes the mailbox's lease for `ttl` if no one holds it (or this replica already does);
+    /// answers the fencing token, which grows with every new holder.
+    fn claim<'a>(&'a self, id: &'a str, replica: &'a str, ttl: Duration)
+    -> Stored<'a, Option<u64>>;
+    /// Extends these leases by `ttl`; answers, for each, whether it is still held.
+    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>>;
+    /// Gives a lease back, if still held under `fence`.
+    fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
+    /// Which replica holds each mailbox's lease.
+    fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>>;
+    /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they
+    /// change; `None` when the store cannot say.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>>;
 }
 
 /// Where a mailbox's worker stands.

@@ -21,12 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
-use crate::store::{Counter, Store, StoreError, Wanted, WorkerState};
+use crate::store::{Counter, Fence, Store, StoreError, Wanted, WorkerState};
 use crate::worker::{self, WorkerContext};
 
 #[derive(Debug)]
 struct Running {
     generation: u64,
+    fence: Fence,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -123,13 +124,18 @@ impl Supervisor {
     /// that starts or stops workers.
     async fn reconcile(self: Arc<Self>, id: String) {
         loop {
-            let wanted = match self.ctx.store.wanted(&id).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!(id = ?id, error = %e, "cannot read the mailbox; trying again");
-                    tokio::time::sleep(STORE_RETRY).await;
-                    continue;
-                }
+            // A worker runs only under a lease this replica holds and trusts.
+            let fence = self.ctx.leases.fence(&id);
+            let wanted = match &fence {
+                None => None,
+                Some(_) => match self.ctx.store.wanted(&id).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(id = ?id, error = %e, "cannot read the mailbox; trying again");
+                        tokio::time::sleep(STORE_RETRY).await;
+                        continue;
+                    }
+                },
             };
             let old = {
                 let mut slots = self.lock();
@@ -138,7 +144,9 @@ impl Supervisor {
                     return;
                 };
                 let settled = match (&wanted, &slot.running) {
-                    (Some(w), Some(r)) => w.generation == r.generation,
+                    (Some(w), Some(r)) => {
+                        w.generation == r.generation && fence.as_ref() == Some(&r.fence)
+                    }
                     (None, None) => true,
                     _ => false,
                 };
@@ -152,9 +160,9 @@ impl Supervisor {
                     }
                     return;
                 }
-                match (wanted, slot.running.take()) {
-                    (Some(w), None) => {
-                        slot.running = Some(self.spawn_worker(w));
+                match (wanted.zip(fence), slot.running.take()) {
+                    (Some((w, fence)), None) => {
+                        slot.running = Some(self.spawn_worker(w, fence));
                         None
                     }
                     (_, running) => running,
@@ -166,13 +174,34 @@ impl Supervisor {
         }
     }
 
-    fn spawn_worker(&self, wanted: Wanted) -> Running {
+    fn spawn_worker(&self, wanted: Wanted, fence: Fence) -> Running {
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(supervise(self.ctx.clone(), wanted.creds, cancel.clone()));
+        let task = tokio::spawn(supervise(
+            self.ctx.clone(),
+            wanted.creds,
+            fence.clone(),
+            cancel.clone(),
+        ));
         Running {
             generation: wanted.generation,
+            fence,
             cancel,
             task,
+        }
+    }
+
+    /// Waits until no worker of the mailbox runs here.
+    pub async fn stopped(&self, id: &str) {
+        loop {
+            let busy = self
+                .lock()
+                .map
+                .get(id)
+                .is_some_and(|s| s.running.is_some() || s.reconciling);
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -211,11 +240,20 @@ impl Supervisor {
 
 /// Runs a mailbox's worker; a worker that dies (a bug, never an input) is noticed, marked
 /// and restarted after a growing delay, instead of leaving the mailbox silently dead.
-async fn supervise(ctx: WorkerContext, creds: Credentials, cancel: CancellationToken) {
+async fn supervise(
+    ctx: WorkerContext,
+    creds: Credentials,
+    fence: Fence,
+    cancel: CancellationToken,
+) {
     let mut backoff = ctx.settings.retry.start();
     loop {
-        let run =
-            std::panic::AssertUnwindSafe(worker::run(ctx.clone(), creds.clone(), cancel.clone()));
+        let run = std::panic::AssertUnwindSafe(worker::run(
+            ctx.clone(),
+            creds.clone(),
+            fence.clone(),
+            cancel.clone(),
+        ));
         match run.catch_unwind().await {
             Ok(()) => return,
             Err(panic) => {

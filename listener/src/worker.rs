@@ -19,11 +19,12 @@ use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::contract::{self, CallbackMode, Credentials};
+use crate::coordinator::Leases;
 use crate::delivery::{DeliveryError, idempotency_key};
 use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 use crate::gate::Gate;
 use crate::mail::{parse_xs_datetime, to_email, unix_now_ms};
-use crate::store::{Counter, DeadLetter, Outcome, Store, WorkerState};
+use crate::store::{Counter, DeadLetter, Fence, Outcome, Store, StoreError, WorkerState};
 use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
 /// How workers behave; shared by all of them.
@@ -69,6 +70,8 @@ const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct WorkerContext {
     pub store: Arc<dyn Store>,
+    /// The leases this replica holds.
+    pub leases: Arc<Leases>,
     /// Makes each mailbox's Exchange client.
     pub exchange: Arc<dyn Connect>,
     pub creatio: Arc<dyn Creatio>,
@@ -103,6 +106,8 @@ struct Worker {
     ctx: WorkerContext,
     exchange: Box<dyn Exchange>,
     creds: Credentials,
+    /// The lease this worker runs under; every write carries it.
+    fence: Fence,
     mode: CallbackMode,
     cancel: CancellationToken,
     retry: Backoff,
@@ -114,7 +119,7 @@ struct Worker {
 }
 
 /// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
-pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationToken) {
+pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: CancellationToken) {
     // Debug formatting escapes what an Id may carry into a text log.
     let span = tracing::info_span!("mailbox", id = ?creds.id);
     async move {
@@ -145,6 +150,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, cancel: CancellationTok
             ctx,
             exchange,
             creds,
+            fence,
             mode,
             cancel,
             reported_unavailable: false,
@@ -336,10 +342,19 @@ impl Worker {
                     }
                 }
             }
-            self.ctx
+            match self
+                .ctx
                 .store
-                .set_sync_state(self.id(), &page.sync_state)
-                .await?;
+                .set_sync_state(self.id(), &page.sync_state, &self.fence)
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Fenced) => {
+                    self.lost_lease();
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
             if page.includes_last_item_in_range {
                 return match gap_since {
                     Some(since) => self.recover_gap(since).await,
@@ -616,6 +631,11 @@ impl Worker {
         item_id: &str,
         email: Option<&contract::Email>,
     ) -> bool {
+        // Nothing is posted once the lease may have passed to another replica.
+        if self.cancel.is_cancelled() || !self.ctx.leases.holds(self.id(), &self.fence) {
+            self.lost_lease();
+            return false;
+        }
         let key = idempotency_key(self.id(), item_id);
         let outcome = self
             .ctx
@@ -650,8 +670,25 @@ impl Worker {
     /// again later, under the same idempotency key: a duplicate Creatio can recognise, never
     /// a loss.
     async fn record(&self, item_id: &str, outcome: Outcome) {
-        if let Err(e) = self.ctx.store.record(self.id(), item_id, outcome).await {
-            tracing::warn!(item = ?item_id, error = %e, "could not record a delivered item");
+        match self
+            .ctx
+            .store
+            .record(self.id(), item_id, outcome, &self.fence)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Fenced) => self.lost_lease(),
+            Err(e) => {
+                tracing::warn!(item = ?item_id, error = %e, "could not record a delivered item")
+            }
+        }
+    }
+
+    /// Another replica owns the mailbox now: stop at once, posting nothing more.
+    fn lost_lease(&self) {
+        if !self.cancel.is_cancelled() {
+            tracing::warn!("the mailbox's lease passed to another replica; stopping here");
+            self.cancel.cancel();
         }
     }
 

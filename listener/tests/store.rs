@@ -11,7 +11,9 @@ use exchange_listener::contract::{Credentials, parse_credentials_list};
 use exchange_listener::store::memory::MemoryStore;
 use exchange_listener::store::redis::RedisStore;
 use exchange_listener::store::seal::Sealer;
-use exchange_listener::store::{Counter, DeadLetter, Outcome, SeenLimits, Store, WorkerState};
+use exchange_listener::store::{
+    Counter, DeadLetter, Fence, Outcome, SeenLimits, Store, StoreError, WorkerState,
+};
 use serde_json::json;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -37,11 +39,18 @@ fn letter(item: &str, error: &str) -> DeadLetter {
     }
 }
 
+const LONG: Duration = Duration::from_secs(3600);
+
 /// Everything the worker, the supervisor and the API rely on.
 async fn contract(store: &dyn Store) {
+    let here = |token| Fence {
+        replica: "here".into(),
+        token,
+    };
     // Generations: the same credentials keep theirs; changed or recreated ones get a new one.
     assert!(store.wanted("m1").await.unwrap().is_none());
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
+    let fence = here(store.claim("m1", "here", LONG).await.unwrap().unwrap());
     let first = store.wanted("m1").await.unwrap().unwrap();
     assert_eq!(first.creds, creds("m1", "pw"));
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
@@ -84,18 +93,32 @@ async fn contract(store: &dyn Store) {
 
     // Sync state, and when it was given.
     assert!(store.sync_state("m1").await.unwrap().is_none());
-    store.set_sync_state("m1", "H4sIAAA").await.unwrap();
+    store.set_sync_state("m1", "H4sIAAA", &fence).await.unwrap();
     let cursor = store.sync_state("m1").await.unwrap().unwrap();
     assert_eq!(cursor.state, "H4sIAAA");
     assert!(cursor.at_unix_ms > 1_700_000_000_000);
 
     // Delivered, skipped and dead-lettered items are not new any more, and are counted once.
     assert!(store.is_new("m1", "a").await.unwrap());
-    store.record("m1", "a", Outcome::Delivered).await.unwrap();
-    store.record("m1", "a", Outcome::Delivered).await.unwrap();
-    store.record("m1", "b", Outcome::Skipped).await.unwrap();
     store
-        .record("m1", "c", Outcome::DeadLettered(letter("c", "HTTP 400")))
+        .record("m1", "a", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+    store
+        .record("m1", "a", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+    store
+        .record("m1", "b", Outcome::Skipped, &fence)
+        .await
+        .unwrap();
+    store
+        .record(
+            "m1",
+            "c",
+            Outcome::DeadLettered(letter("c", "HTTP 400")),
+            &fence,
+        )
         .await
         .unwrap();
     for item in ["a", "b", "c"] {
@@ -140,9 +163,36 @@ async fn contract(store: &dyn Store) {
     assert!(store.take_replay("m1").await.unwrap().is_empty());
     assert!(store.dead_letters("m1").await.unwrap().is_empty());
 
+    // Writes under another replica's fence, or an older token, are refused.
+    for stale in [
+        Fence {
+            replica: "there".into(),
+            token: fence.token,
+        },
+        here(fence.token + 1),
+    ] {
+        assert_eq!(
+            store.set_sync_state("m1", "forged", &stale).await,
+            Err(StoreError::Fenced)
+        );
+        assert_eq!(
+            store.record("m1", "x", Outcome::Delivered, &stale).await,
+            Err(StoreError::Fenced)
+        );
+    }
+    assert_eq!(
+        store.sync_state("m1").await.unwrap().unwrap().state,
+        "H4sIAAA"
+    );
+
     // Close: gone, except its dead letters; created again, it starts afresh.
     store
-        .record("m1", "e", Outcome::DeadLettered(letter("e", "HTTP 404")))
+        .record(
+            "m1",
+            "e",
+            Outcome::DeadLettered(letter("e", "HTTP 404")),
+            &fence,
+        )
         .await
         .unwrap();
     assert!(store.remove_mailbox("m1").await.unwrap());
@@ -161,6 +211,100 @@ async fn contract(store: &dyn Store) {
         0,
         "a new mailbox counts afresh"
     );
+}
+
+/// Leases: one holder at a time, tokens that only grow, renewals only by the holder.
+async fn leases(store: &dyn Store) {
+    let short = Duration::from_millis(300);
+    assert_eq!(store.heartbeat("b", LONG).await.unwrap(), ["b"]);
+    assert_eq!(store.heartbeat("a", LONG).await.unwrap(), ["a", "b"]);
+    let t1 = store.claim("m", "a", short).await.unwrap().unwrap();
+    assert_eq!(
+        store.claim("m", "a", short).await.unwrap(),
+        Some(t1),
+        "ours again"
+    );
+    assert_eq!(
+        store.claim("m", "b", short).await.unwrap(),
+        None,
+        "held by a"
+    );
+    assert_eq!(
+        store.owners(&["m".into(), "n".into()]).await.unwrap(),
+        [Some("a".to_owned()), None]
+    );
+    let a = Fence {
+        replica: "a".into(),
+        token: t1,
+    };
+    let b = Fence {
+        replica: "b".into(),
+        token: t1,
+    };
+    let held = [("m".to_owned(), a.clone()), ("m".to_owned(), b.clone())];
+    assert_eq!(store.renew(&held, short).await.unwrap(), [true, false]);
+    // Left to lapse, the lease passes to b with a greater token; a can no longer renew.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    let t2 = store.claim("m", "b", LONG).await.unwrap().unwrap();
+    assert!(t2 > t1);
+    assert_eq!(store.renew(&held[..1], short).await.unwrap(), [false]);
+    // Released by its holder only.
+    store.release("m", &a).await.unwrap();
+    assert_eq!(
+        store.owners(&["m".into()]).await.unwrap(),
+        [Some("b".to_owned())]
+    );
+    store
+        .release(
+            "m",
+            &Fence {
+                replica: "b".into(),
+                token: t2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.owners(&["m".into()]).await.unwrap(), [None]);
+    let t3 = store.claim("m", "a", LONG).await.unwrap().unwrap();
+    assert!(t3 > t2, "tokens only grow");
+    store.leave("b").await.unwrap();
+    assert_eq!(store.heartbeat("a", LONG).await.unwrap(), ["a"]);
+    // Every open mailbox is listed; changes are announced.
+    let mut changes = store.changes().expect("a store that announces changes");
+    store.put_mailbox(creds("x1", "pw")).await.unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+        .await
+        .expect("announced")
+        .unwrap();
+    assert_eq!(announced, "x1");
+    assert!(
+        store
+            .open_mailboxes()
+            .await
+            .unwrap()
+            .contains(&"x1".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_lease_contract() {
+    leases(&MemoryStore::new(SeenLimits::default())).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_lease_contract() {
+    let redis = Redis::start().await;
+    let store = RedisStore::connect(
+        &redis.url,
+        "el:",
+        Sealer::from_base64(KEY).unwrap(),
+        SeenLimits::default(),
+    )
+    .await
+    .unwrap();
+    // The change channel is listened to in the background; give it a moment to subscribe.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    leases(&store).await;
 }
 
 #[tokio::test]

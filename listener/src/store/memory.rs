@@ -3,14 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures_util::FutureExt as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Counter, DeadLetter, MailboxStatus, Outcome, SeenLimits, Store, Stored, SyncCursor, Wanted,
-    WorkerState, item_digest,
+    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SeenLimits, Store, StoreError, Stored,
+    SyncCursor, Wanted, WorkerState, item_digest,
 };
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
@@ -80,13 +81,45 @@ struct Inner {
     dead: HashMap<String, VecDeque<DeadLetter>>,
     /// The last generation given out.
     generation: u64,
+    /// Replica → until when it is alive.
+    replicas: BTreeMap<String, Instant>,
+    /// Mailbox → its lease.
+    leases: HashMap<String, Lease>,
+    /// Mailbox → the last fencing token given out (kept across Close, so tokens only grow).
+    fences: HashMap<String, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    replica: String,
+    token: u64,
+    until: Instant,
+}
+
+impl Inner {
+    /// The lease on `id`, unless it lapsed.
+    fn lease(&self, id: &str) -> Option<&Lease> {
+        self.leases.get(id).filter(|l| l.until > Instant::now())
+    }
+
+    fn holds(&self, id: &str, fence: &Fence) -> bool {
+        self.lease(id)
+            .is_some_and(|l| l.replica == fence.replica && l.token == fence.token)
+    }
 }
 
 /// The in-memory [`Store`]; a cheap, cloneable handle.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     seen_limits: SeenLimits,
+    changes: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(SeenLimits::default())
+    }
 }
 
 /// An answer that is ready at once.
@@ -99,6 +132,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::default(),
             seen_limits,
+            changes: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
@@ -209,12 +243,16 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()> {
+        let id = creds.id.clone();
         self.put(creds);
+        let _ = self.changes.send(id);
         ready(())
     }
 
     fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool> {
-        ready(self.lock().mailboxes.remove(id).is_some())
+        let existed = self.lock().mailboxes.remove(id).is_some();
+        let _ = self.changes.send(id.to_owned());
+        ready(existed)
     }
 
     fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>> {
@@ -261,13 +299,22 @@ impl Store for MemoryStore {
         ready(self.with_entry(id, |e| e.sync.clone()).flatten())
     }
 
-    fn set_sync_state<'a>(&'a self, id: &'a str, state: &'a str) -> Stored<'a, ()> {
-        self.with_entry(id, |entry| {
+    fn set_sync_state<'a>(
+        &'a self,
+        id: &'a str,
+        state: &'a str,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()> {
+        let mut inner = self.lock();
+        if !inner.holds(id, fence) {
+            return std::future::ready(Err(StoreError::Fenced)).boxed();
+        }
+        if let Some(entry) = inner.mailboxes.get_mut(id) {
             entry.sync = Some(SyncCursor {
                 state: state.to_owned(),
                 at_unix_ms: unix_now_ms(),
             });
-        });
+        }
         ready(())
     }
 
@@ -275,7 +322,16 @@ impl Store for MemoryStore {
         ready(self.is_new_now(id, item_id))
     }
 
-    fn record<'a>(&'a self, id: &'a str, item_id: &'a str, outcome: Outcome) -> Stored<'a, ()> {
+    fn record<'a>(
+        &'a self,
+        id: &'a str,
+        item_id: &'a str,
+        outcome: Outcome,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()> {
+        if !self.lock().holds(id, fence) {
+            return std::future::ready(Err(StoreError::Fenced)).boxed();
+        }
         self.record_now(id, item_id, outcome);
         ready(())
     }
@@ -304,12 +360,95 @@ impl Store for MemoryStore {
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
         self.with_entry(id, |e| e.replay_signal.clone())
     }
+
+    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.replicas.insert(replica.to_owned(), now + ttl);
+        inner.replicas.retain(|_, until| *until > now);
+        ready(inner.replicas.keys().cloned().collect())
+    }
+
+    fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
+        self.lock().replicas.remove(replica);
+        ready(())
+    }
+
+    fn open_mailboxes(&self) -> Stored<'_, Vec<String>> {
+        ready(self.lock().mailboxes.keys().cloned().collect())
+    }
+
+    fn claim<'a>(
+        &'a self,
+        id: &'a str,
+        replica: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Option<u64>> {
+        let mut inner = self.lock();
+        let until = Instant::now() + ttl;
+        let token = match inner.lease(id).cloned() {
+            Some(lease) if lease.replica == replica => Some(lease.token),
+            Some(_) => None,
+            None => {
+                let fence = inner.fences.entry(id.to_owned()).or_default();
+                *fence += 1;
+                Some(*fence)
+            }
+        };
+        if let Some(token) = token {
+            inner.leases.insert(
+                id.to_owned(),
+                Lease {
+                    replica: replica.to_owned(),
+                    token,
+                    until,
+                },
+            );
+        }
+        ready(token)
+    }
+
+    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
+        let mut inner = self.lock();
+        let until = Instant::now() + ttl;
+        let held = leases
+            .iter()
+            .map(|(id, fence)| {
+                let held = inner.holds(id, fence);
+                if held && let Some(lease) = inner.leases.get_mut(id) {
+                    lease.until = until;
+                }
+                held
+            })
+            .collect();
+        ready(held)
+    }
+
+    fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
+        let mut inner = self.lock();
+        if inner.holds(id, fence) {
+            inner.leases.remove(id);
+        }
+        ready(())
+    }
+
+    fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
+        let inner = self.lock();
+        ready(
+            ids.iter()
+                .map(|id| inner.lease(id).map(|l| l.replica.clone()))
+                .collect(),
+        )
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.changes.subscribe())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     const LIMITS: SeenLimits = SeenLimits {
         retention: Duration::from_secs(60),

@@ -12,9 +12,14 @@
 //! | `el:seen:{id}` | sorted set | digests of delivered item ids → when, trimmed by time and count |
 //! | `el:dead:{id}` | list | dead letters, oldest first, the last 1,000 (kept after Close) |
 //! | `el:replay:{id}` | list | dead-lettered items handed back for delivery |
+//! | `el:replicas` | sorted set | replica id → until when it is alive (Redis's clock) |
+//! | `el:lease:{id}` | string | `replica:token`, expiring unless renewed |
+//! | `el:fence:{id}` | string | the last fencing token given out (INCR) |
+//! | `el:changes` | channel | the id of every mailbox created, updated or closed |
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::FutureExt as _;
 use redis::aio::ConnectionManager;
@@ -23,8 +28,8 @@ use tokio::sync::Notify;
 
 use super::seal::Sealer;
 use super::{
-    Counter, DeadLetter, MailboxStatus, Outcome, SeenLimits, Store, StoreError, Stored, SyncCursor,
-    Wanted, WorkerState, item_digest,
+    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SeenLimits, Store, StoreError, Stored,
+    SyncCursor, Wanted, WorkerState, item_digest,
 };
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
@@ -33,7 +38,22 @@ use crate::mail::unix_now_ms;
 const DEAD_LETTERS_KEPT: i64 = 1_000;
 
 fn store_error(e: redis::RedisError) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Unavailable(e.to_string())
+}
+
+/// What a fenced script answers when the lease is not held under the fence.
+const FENCED: i64 = -1;
+
+fn fenced(answer: i64) -> Result<(), StoreError> {
+    if answer == FENCED {
+        Err(StoreError::Fenced)
+    } else {
+        Ok(())
+    }
+}
+
+fn fence_value(fence: &Fence) -> String {
+    format!("{}:{}", fence.replica, fence.token)
 }
 
 /// Records or updates a mailbox. KEYS: mbx, open, generation, seen, replay. ARGV: id,
@@ -50,14 +70,17 @@ end
 redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
   'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PUBLISH', KEYS[6], ARGV[1])
 return g
 "#;
 
-/// Forgets a mailbox. KEYS: mbx, open, seen, replay. ARGV: id. Answers 1 if it existed.
+/// Forgets a mailbox. KEYS: mbx, open, seen, replay, changes. ARGV: id. Answers 1 if it
+/// existed.
 const REMOVE: &str = r#"
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', KEYS[5], ARGV[1])
 return existed
 "#;
 
@@ -76,10 +99,12 @@ end
 return 1
 "#;
 
-/// Sets fields of an existing mailbox. KEYS: mbx. ARGV: field, value, field, value, ...
-const SET_IF_EXISTS: &str = r#"
+/// Sets fields of an existing mailbox under a lease. KEYS: mbx, lease. ARGV: fence, field,
+/// value, field, value, ...
+const SET_FENCED: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 "#;
 
@@ -91,9 +116,11 @@ redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
 return 1
 "#;
 
-/// Records what became of an item. KEYS: mbx, seen, dead. ARGV: digest, now, retention ms,
-/// most digests kept, counter field, dead-letter entry or '', its error, dead letters kept.
+/// Records what became of an item under a lease. KEYS: mbx, seen, dead, lease. ARGV: digest,
+/// now, retention ms, most digests kept, counter field, dead-letter entry or '', its error,
+/// dead letters kept, fence.
 const RECORD: &str = r#"
+if redis.call('GET', KEYS[4]) ~= ARGV[9] then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[3])))
@@ -125,6 +152,54 @@ end
 return #letters
 "#;
 
+/// Says a replica is alive. KEYS: replicas. ARGV: replica, ttl ms. Answers the live ones. The
+/// time is Redis's own, so replicas with skewed clocks agree.
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+/// Takes a lease if free or already ours. KEYS: lease, fence. ARGV: replica, ttl ms. Answers
+/// the token, or nil.
+const CLAIM: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local r, t = string.match(v, '^(.*):(%d+)$')
+  if r == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(t)
+  end
+  return false
+end
+local t = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. t, 'PX', ARGV[2])
+return t
+"#;
+
+/// Extends leases still held. KEYS: leases. ARGV: fences (one per key), then ttl ms. Answers
+/// 1 or 0 per lease.
+const RENEW: &str = r#"
+local ttl = ARGV[#ARGV]
+local held = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i] then
+    redis.call('PEXPIRE', key, ttl)
+    held[i] = 1
+  else
+    held[i] = 0
+  end
+end
+return held
+"#;
+
+/// Gives a lease back if still held. KEYS: lease. ARGV: fence.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
 /// Takes the items waiting to be replayed. KEYS: replay.
 const TAKE: &str = r#"
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -137,11 +212,15 @@ struct Scripts {
     put: Script,
     remove: Script,
     transition: Script,
-    set_if_exists: Script,
+    set_fenced: Script,
     bump: Script,
     record: Script,
     replay: Script,
     take: Script,
+    heartbeat: Script,
+    claim: Script,
+    renew: Script,
+    release: Script,
 }
 
 /// The Redis [`Store`].
@@ -154,6 +233,8 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     /// Replay signals of the mailboxes this process runs.
     signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    /// Fed from the `changes` channel.
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -174,6 +255,7 @@ impl RedisStore {
         seen_limits: SeenLimits,
     ) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(store_error)?;
+        let changes_client = client.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
@@ -190,13 +272,18 @@ impl RedisStore {
                 put: Script::new(PUT),
                 remove: Script::new(REMOVE),
                 transition: Script::new(TRANSITION),
-                set_if_exists: Script::new(SET_IF_EXISTS),
+                set_fenced: Script::new(SET_FENCED),
                 bump: Script::new(BUMP),
                 record: Script::new(RECORD),
                 replay: Script::new(REPLAY),
                 take: Script::new(TAKE),
+                heartbeat: Script::new(HEARTBEAT),
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                release: Script::new(RELEASE),
             }),
             signals: Arc::default(),
+            changes: follow_changes(changes_client, format!("{prefix}changes")),
         })
     }
 
@@ -206,6 +293,10 @@ impl RedisStore {
 
     fn open_set(&self) -> String {
         format!("{}open", self.prefix)
+    }
+
+    fn changes_channel(&self) -> String {
+        format!("{}changes", self.prefix)
     }
 
     fn signal(&self, id: &str) -> Arc<Notify> {
@@ -228,6 +319,7 @@ impl RedisStore {
             .key(format!("{}generation", self.prefix))
             .key(self.key("seen", &id))
             .key(self.key("replay", &id))
+            .key(self.changes_channel())
             .arg(&id)
             .arg(self.sealer.fingerprint(&creds))
             .arg(self.sealer.seal(&creds))
@@ -247,6 +339,7 @@ impl RedisStore {
             .key(self.open_set())
             .key(self.key("seen", id))
             .key(self.key("replay", id))
+            .key(self.changes_channel())
             .arg(id)
             .invoke_async(&mut conn)
             .await
@@ -273,7 +366,7 @@ impl RedisStore {
         let creds = self
             .sealer
             .open(id, &blob)
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Some(Wanted { creds, generation }))
     }
 
@@ -368,12 +461,19 @@ impl RedisStore {
         }))
     }
 
-    async fn set_sync_state_now(&self, id: &str, state: &str) -> Result<(), StoreError> {
+    async fn set_sync_state_now(
+        &self,
+        id: &str,
+        state: &str,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = self
+        let answer: i64 = self
             .scripts
-            .set_if_exists
+            .set_fenced
             .key(self.key("mbx", id))
+            .key(self.key("lease", id))
+            .arg(fence_value(fence))
             .arg("sync_state")
             .arg(state)
             .arg("sync_at_ms")
@@ -381,7 +481,7 @@ impl RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
-        Ok(())
+        fenced(answer)
     }
 
     async fn is_new_now(&self, id: &str, item_id: &str) -> Result<bool, StoreError> {
@@ -403,6 +503,7 @@ impl RedisStore {
         id: &str,
         item_id: &str,
         outcome: Outcome,
+        fence: &Fence,
     ) -> Result<(), StoreError> {
         let digest = item_digest(item_id).to_string();
         let (field, entry, error) = match &outcome {
@@ -418,12 +519,13 @@ impl RedisStore {
             ),
         };
         let mut conn = self.conn.clone();
-        let _: i64 = self
+        let answer: i64 = self
             .scripts
             .record
             .key(self.key("mbx", id))
             .key(self.key("seen", id))
             .key(self.key("dead", id))
+            .key(self.key("lease", id))
             .arg(&digest)
             .arg(unix_now_ms())
             .arg(self.seen_limits.retention.as_millis() as i64)
@@ -432,10 +534,11 @@ impl RedisStore {
             .arg(entry)
             .arg(error)
             .arg(DEAD_LETTERS_KEPT)
+            .arg(fence_value(fence))
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
-        Ok(())
+        fenced(answer)
     }
 
     async fn dead_letters_now(&self, id: &str) -> Result<Vec<DeadLetter>, StoreError> {
@@ -572,16 +675,27 @@ impl Store for RedisStore {
         self.sync_state_now(id).boxed()
     }
 
-    fn set_sync_state<'a>(&'a self, id: &'a str, state: &'a str) -> Stored<'a, ()> {
-        self.set_sync_state_now(id, state).boxed()
+    fn set_sync_state<'a>(
+        &'a self,
+        id: &'a str,
+        state: &'a str,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()> {
+        self.set_sync_state_now(id, state, fence).boxed()
     }
 
     fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool> {
         self.is_new_now(id, item_id).boxed()
     }
 
-    fn record<'a>(&'a self, id: &'a str, item_id: &'a str, outcome: Outcome) -> Stored<'a, ()> {
-        self.record_now(id, item_id, outcome).boxed()
+    fn record<'a>(
+        &'a self,
+        id: &'a str,
+        item_id: &'a str,
+        outcome: Outcome,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()> {
+        self.record_now(id, item_id, outcome, fence).boxed()
     }
 
     fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>> {
@@ -599,4 +713,149 @@ impl Store for RedisStore {
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
         Some(self.signal(id))
     }
+
+    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
+        async move {
+            let mut conn = self.conn.clone();
+            self.scripts
+                .heartbeat
+                .key(format!("{}replicas", self.prefix))
+                .arg(replica)
+                .arg(ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)
+        }
+        .boxed()
+    }
+
+    fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
+        async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = conn
+                .zrem(format!("{}replicas", self.prefix), replica)
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn open_mailboxes(&self) -> Stored<'_, Vec<String>> {
+        async move {
+            let mut conn = self.conn.clone();
+            conn.smembers(self.open_set()).await.map_err(store_error)
+        }
+        .boxed()
+    }
+
+    fn claim<'a>(
+        &'a self,
+        id: &'a str,
+        replica: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Option<u64>> {
+        async move {
+            let mut conn = self.conn.clone();
+            self.scripts
+                .claim
+                .key(self.key("lease", id))
+                .key(self.key("fence", id))
+                .arg(replica)
+                .arg(ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)
+        }
+        .boxed()
+    }
+
+    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
+        async move {
+            let mut held = Vec::with_capacity(leases.len());
+            let mut conn = self.conn.clone();
+            for chunk in leases.chunks(1000) {
+                let mut call = self.scripts.renew.prepare_invoke();
+                for (id, fence) in chunk {
+                    call.key(self.key("lease", id)).arg(fence_value(fence));
+                }
+                call.arg(ttl.as_millis() as u64);
+                let answers: Vec<i64> = call.invoke_async(&mut conn).await.map_err(store_error)?;
+                held.extend(answers.into_iter().map(|a| a == 1));
+            }
+            Ok(held)
+        }
+        .boxed()
+    }
+
+    fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
+        async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .scripts
+                .release
+                .key(self.key("lease", id))
+                .arg(fence_value(fence))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
+        async move {
+            let mut owners = Vec::with_capacity(ids.len());
+            let mut conn = self.conn.clone();
+            for chunk in ids.chunks(1000) {
+                let keys: Vec<String> = chunk.iter().map(|id| self.key("lease", id)).collect();
+                let values: Vec<Option<String>> = redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(store_error)?;
+                owners.extend(values.into_iter().map(|v| {
+                    v.and_then(|v| v.rsplit_once(':').map(|(replica, _)| replica.to_owned()))
+                }));
+            }
+            Ok(owners)
+        }
+        .boxed()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.changes.subscribe())
+    }
+}
+
+/// Follows the `changes` channel for as long as the process lives, listening again after a
+/// lost connection, and hands each id to the returned sender's subscribers.
+fn follow_changes(
+    client: redis::Client,
+    channel: String,
+) -> tokio::sync::broadcast::Sender<String> {
+    let (tx, _) = tokio::sync::broadcast::channel(4096);
+    let sender = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let listened = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = futures_util::StreamExt::next(&mut messages).await {
+                    if let Ok(id) = msg.get_payload::<String>() {
+                        let _ = sender.send(id);
+                    }
+                }
+                redis::RedisResult::Ok(())
+            }
+            .await;
+            if let Err(e) = listened {
+                tracing::warn!(error = %e, "lost the store's change channel; listening again");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    tx
 }

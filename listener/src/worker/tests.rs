@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::coordinator::Leases;
 use crate::store::SeenLimits;
 use crate::store::memory::MemoryStore;
 use crate::supervisor::Supervisor;
@@ -288,6 +289,7 @@ fn rig(script: Script) -> Rig {
             failed_retry: BackoffPolicy::new(60 * SECOND, 1800 * SECOND).unwrap(),
         }),
         gate: Arc::new(Gate::new(100, 1000)),
+        leases: Arc::new(Leases::new("here")),
     };
     let body = json!([{
         "Id": "mbx",
@@ -315,9 +317,32 @@ impl Rig {
             .put_mailbox(self.creds.clone())
             .await
             .unwrap();
+        let fence = self.lease().await;
         let cancel = CancellationToken::new();
-        tokio::spawn(run(self.ctx.clone(), self.creds.clone(), cancel.clone()));
+        tokio::spawn(run(
+            self.ctx.clone(),
+            self.creds.clone(),
+            fence,
+            cancel.clone(),
+        ));
         cancel
+    }
+
+    /// Takes the mailbox's lease for longer than any test runs, as the coordinator would.
+    async fn lease(&self) -> Fence {
+        let long = 100 * 24 * 3600 * SECOND;
+        let token = self
+            .ctx
+            .store
+            .claim("mbx", "here", long)
+            .await
+            .unwrap()
+            .expect("the lease is free");
+        self.ctx.leases.insert("mbx", token, Instant::now() + long);
+        Fence {
+            replica: "here".into(),
+            token,
+        }
     }
 
     /// Runs the worker on its own for `d` of virtual time.
@@ -448,6 +473,7 @@ async fn creatios_recreate_every_minute_keeps_the_slow_retry() {
         ..Script::default()
     });
     let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
+    rig.lease().await;
     // Creatio's loop: the mailbox answers `failed`, so it sends Recreate every minute, with
     // the same credentials, for an hour.
     for _ in 0..60 {
@@ -557,6 +583,7 @@ async fn a_worker_that_panics_is_restarted_after_a_delay() {
         ..Script::default()
     });
     let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
+    rig.lease().await;
     supervisor.start(rig.creds.clone()).await.unwrap();
     tokio::time::sleep(10 * SECOND).await;
 
@@ -677,12 +704,16 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
     });
     rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
     let store = &rig.ctx.store;
+    let fence = rig.lease().await;
     store
-        .set_sync_state("mbx", "a state Exchange forgot")
+        .set_sync_state("mbx", "a state Exchange forgot", &fence)
         .await
         .unwrap();
     // Delivered by the stream before the gap: found again, not posted again.
-    store.record("mbx", "i4", Outcome::Delivered).await.unwrap();
+    store
+        .record("mbx", "i4", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
     rig.run_for(10 * SECOND).await;
 
     let calls = rig.exchange.calls();

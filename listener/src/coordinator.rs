@@ -1,0 +1,349 @@
+//! Which mailboxes this replica serves. Each replica heartbeats into the store; every tick it
+//! computes the spread of open mailboxes over live replicas ([`balance::assign`]), claims the
+//! leases of its own share, renews the leases it holds in one batch, and gives back those that
+//! are no longer its own. The supervisor runs a worker only under a lease this replica holds,
+//! and every write a worker makes carries the lease's fencing token.
+//!
+//! A lease is trusted locally only until `renewed + ttl − margin`: a replica that cannot reach
+//! the store stops its workers before another replica could claim their mailboxes, so two
+//! replicas never serve one mailbox.
+//!
+//! [`balance::assign`]: crate::balance::assign
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance;
+use crate::store::{Fence, Store, WorkerState};
+use crate::supervisor::Supervisor;
+
+/// How a replica takes part.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    pub replica: String,
+    /// How long a lease and a heartbeat last unless renewed.
+    pub lease: Duration,
+    /// Most mailboxes this replica serves.
+    pub cap: usize,
+}
+
+impl CoordinatorSettings {
+    /// Renewals come three times per lease.
+    pub fn tick(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// A lease is acted on only while this much of it is left.
+    fn margin(&self) -> Duration {
+        self.lease / 3
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    token: u64,
+    /// Past this moment the lease may have passed to another replica.
+    safe_until: Instant,
+}
+
+/// The leases this replica holds, as far as it may trust them now.
+#[derive(Debug)]
+pub struct Leases {
+    replica: String,
+    held: Mutex<HashMap<String, Held>>,
+}
+
+impl Leases {
+    pub fn new(replica: &str) -> Self {
+        Leases {
+            replica: replica.to_owned(),
+            held: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The fence under which this replica may act on the mailbox now, if any.
+    pub fn fence(&self, id: &str) -> Option<Fence> {
+        self.lock()
+            .get(id)
+            .filter(|h| h.safe_until > Instant::now())
+            .map(|h| Fence {
+                replica: self.replica.clone(),
+                token: h.token,
+            })
+    }
+
+    /// True while `fence` is this replica's current, trusted lease on the mailbox.
+    pub fn holds(&self, id: &str, fence: &Fence) -> bool {
+        self.fence(id).is_some_and(|f| f == *fence)
+    }
+
+    /// Trusts a lease just claimed until `safe_until`.
+    pub fn insert(&self, id: &str, token: u64, safe_until: Instant) {
+        self.lock()
+            .insert(id.to_owned(), Held { token, safe_until });
+    }
+
+    fn remove(&self, id: &str) -> Option<u64> {
+        self.lock().remove(id).map(|h| h.token)
+    }
+
+    fn all(&self) -> Vec<(String, Fence)> {
+        self.lock()
+            .iter()
+            .map(|(id, h)| {
+                (
+                    id.clone(),
+                    Fence {
+                        replica: self.replica.clone(),
+                        token: h.token,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn extend(&self, id: &str, token: u64, safe_until: Instant) {
+        if let Some(h) = self.lock().get_mut(id).filter(|h| h.token == token) {
+            h.safe_until = safe_until;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One replica's part in sharing the mailboxes.
+#[derive(Debug)]
+pub struct Coordinator {
+    settings: CoordinatorSettings,
+    store: Arc<dyn Store>,
+    leases: Arc<Leases>,
+    supervisor: Arc<Supervisor>,
+    /// The live replicas at the last heartbeat.
+    live: Mutex<Vec<String>>,
+}
+
+impl Coordinator {
+    pub fn new(
+        settings: CoordinatorSettings,
+        store: Arc<dyn Store>,
+        leases: Arc<Leases>,
+        supervisor: Arc<Supervisor>,
+    ) -> Arc<Self> {
+        Arc::new(Coordinator {
+            live: Mutex::new(vec![settings.replica.clone()]),
+            settings,
+            store,
+            leases,
+            supervisor,
+        })
+    }
+
+    /// The live replicas at the last heartbeat.
+    pub fn live(&self) -> Vec<String> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs until `stop` fires: a pass every tick, and one soon after any mailbox changes.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes = self.store.changes();
+        let mut tick = tokio::time::interval(self.settings.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut changed: HashSet<String> = HashSet::new();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                id = async {
+                    match &mut changes {
+                        Some(rx) => rx.recv().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(id) = id {
+                        changed.insert(id);
+                    }
+                    // Let a burst of changes (a Create of many mailboxes) settle into one pass.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Some(rx) = &mut changes {
+                        while let Ok(id) = rx.try_recv() {
+                            changed.insert(id);
+                        }
+                    }
+                }
+            }
+            self.pass(&changed).await;
+        }
+    }
+
+    /// One round: heartbeat, spread, give back, renew, claim. Mailboxes in `changed` are
+    /// re-read by the supervisor even when their lease did not change.
+    pub async fn pass(&self, changed: &HashSet<String>) {
+        let started = Instant::now();
+        let replica = self.settings.replica.as_str();
+        let live = match self.store.heartbeat(replica, self.settings.lease).await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                self.drop_untrusted();
+                return;
+            }
+        };
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = live.clone();
+        let open = match self.store.open_mailboxes().await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the mailboxes");
+                self.drop_untrusted();
+                return;
+            }
+        };
+        let assigned = balance::assign(&live, &open, self.settings.cap);
+        let mine: HashSet<&str> = assigned
+            .iter()
+            .filter(|(_, r)| r.as_str() == replica)
+            .map(|(m, _)| m.as_str())
+            .collect();
+
+        // Mailboxes no replica has room for wait, and say so; one replica writes that.
+        if live.first().map(String::as_str) == Some(replica) && assigned.len() < open.len() {
+            self.mark_waiting(&open, &assigned).await;
+        }
+
+        // Give back what is no longer ours (closed, or another replica's share now). The
+        // workers stop first, so the next owner never overlaps them.
+        let leaving: Vec<(String, Fence)> = self
+            .leases
+            .all()
+            .into_iter()
+            .filter(|(id, _)| !mine.contains(id.as_str()))
+            .collect();
+        for (id, _) in &leaving {
+            self.leases.remove(id);
+            self.supervisor.poke(id);
+        }
+        futures_util::future::join_all(leaving.iter().map(|(id, _)| self.supervisor.stopped(id)))
+            .await;
+        for (id, fence) in &leaving {
+            if let Err(e) = self.store.release(id, fence).await {
+                tracing::warn!(id = ?id, error = %e, "could not give a lease back; it will lapse");
+            }
+        }
+
+        // Renew the rest in one batch; a lease found lost stops its worker at once.
+        let held = self.leases.all();
+        if !held.is_empty() {
+            match self.store.renew(&held, self.settings.lease).await {
+                Ok(still) => {
+                    let safe_until = started + self.settings.lease - self.settings.margin();
+                    for ((id, fence), ok) in held.iter().zip(still) {
+                        if ok {
+                            self.leases.extend(id, fence.token, safe_until);
+                        } else {
+                            tracing::warn!(id = ?id, "lease lost to another replica");
+                            self.leases.remove(id);
+                            self.supervisor.poke(id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease renewal failed");
+                    self.drop_untrusted();
+                }
+            }
+        }
+
+        // Claim our share.
+        let safe_until = started + self.settings.lease - self.settings.margin();
+        for id in mine {
+            if self.leases.fence(id).is_some() {
+                if changed.contains(id) {
+                    self.supervisor.poke(id);
+                }
+                continue;
+            }
+            match self.store.claim(id, replica, self.settings.lease).await {
+                Ok(Some(token)) => {
+                    self.leases.insert(id, token, safe_until);
+                    self.supervisor.poke(id);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(id = ?id, error = %e, "claim failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Marks `Queued` the open mailboxes left out of the spread (every replica at its cap).
+    async fn mark_waiting(&self, open: &[String], assigned: &HashMap<String, String>) {
+        for id in open.iter().filter(|id| !assigned.contains_key(*id)) {
+            let waiting = matches!(
+                self.store.status(id).await,
+                Ok(Some(s)) if s.state == WorkerState::Queued
+            );
+            if !waiting {
+                let _ = self
+                    .store
+                    .transition(
+                        id,
+                        WorkerState::Queued,
+                        Some(
+                            "every replica serves its most mailboxes (--max-active-mailboxes)"
+                                .into(),
+                        ),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Stops the workers whose leases can no longer be trusted.
+    fn drop_untrusted(&self) {
+        let now = Instant::now();
+        for (id, _) in self.leases.all() {
+            if self.leases.fence(&id).is_none() || now >= self.deadline_of(&id) {
+                tracing::warn!(id = ?id, "lease not renewed in time; stopping the mailbox here");
+                self.leases.remove(&id);
+                self.supervisor.poke(&id);
+            }
+        }
+    }
+
+    fn deadline_of(&self, id: &str) -> Instant {
+        self.leases
+            .lock()
+            .get(id)
+            .map(|h| h.safe_until)
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// On shutdown, after the workers stopped: every lease given back and the replica gone, so
+    /// the others take over at once instead of waiting for the leases to lapse.
+    pub async fn leave(&self) {
+        for (id, fence) in self.leases.all() {
+            self.leases.remove(&id);
+            let _ = self.store.release(&id, &fence).await;
+        }
+        let _ = self.store.leave(&self.settings.replica).await;
+    }
+}
