@@ -72,12 +72,20 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let states = state.supervisor.store().count_by_state().await?;
+    let store = state.supervisor.store();
+    let states = store.count_by_state().await?;
+    let open = store.open_mailboxes().await?;
+    let mut owned: std::collections::BTreeMap<String, usize> = Default::default();
+    for owner in store.owners(&open).await?.into_iter().flatten() {
+        *owned.entry(owner).or_default() += 1;
+    }
     Ok(Json(json!({
         "ServiceStatus": "Started",
         "Version": env!("CARGO_PKG_VERSION"),
+        "Replica": state.supervisor.replica(),
         "Mailboxes": states.values().sum::<usize>(),
         "States": states,
+        "Owners": owned,
     })))
 }
 
@@ -197,6 +205,7 @@ async fn mailbox(
         "SenderEmailAddress": wanted.creds.sender_email,
         "BpmEndpoint": wanted.creds.bpm_endpoint,
         "SubscriptionState": state.supervisor.state(&id).await?,
+        "Owner": store.owners(std::slice::from_ref(&id)).await?.pop().flatten(),
         "Status": status,
     })))
 }

@@ -82,6 +82,11 @@ impl Supervisor {
         &self.ctx.store
     }
 
+    /// This replica's name.
+    pub fn replica(&self) -> &str {
+        self.ctx.leases.replica()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -142,6 +142,20 @@ impl Listener {
         self.child.id().expect("listener still running")
     }
 
+    /// Kills the process outright (SIGKILL): no shutdown, no unsubscribe, leases left to lapse.
+    pub async fn kill9(&mut self) {
+        self.child.kill().await.expect("kill the listener");
+    }
+
+    /// Asks the process to stop (SIGTERM), as Kubernetes does.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
     pub async fn wait(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(PATIENCE, self.child.wait())
             .await

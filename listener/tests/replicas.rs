@@ -1,0 +1,232 @@
+//! Several real `exchange-listener` processes on one real `redis-server`: any replica answers,
+//! the mailboxes are spread, and a replica that dies or stops hands its mailboxes on with no
+//! mail lost and none doubled.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Listener, PATIENCE, Redis, World, delivered, eventually};
+use mock_ews::{Config, NewMail};
+use serde_json::{Value, json};
+
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// A replica on `redis`, with a short lease so failover tests stay short.
+async fn replica(redis: &Redis, name: &str) -> Listener {
+    Listener::spawn(&[
+        "--redis-url",
+        &redis.url,
+        "--secret-key",
+        KEY,
+        "--replica-id",
+        name,
+        "--lease-ms",
+        "1500",
+        "--log",
+        "info",
+    ])
+    .await
+}
+
+/// Mocks whose streams are not cut on a timer: with many mailboxes, reconnects every two
+/// seconds would be most of the work.
+async fn world() -> World {
+    World::start_with(Config {
+        keepalive: Duration::from_secs(1),
+        max_connection_time: None,
+    })
+    .await
+}
+
+fn email(i: usize) -> String {
+    format!("user{i}@contoso.example")
+}
+
+fn id(i: usize) -> String {
+    format!("mbx-{i}")
+}
+
+/// Mailboxes owned per replica and mailboxes per state, as one replica reports them.
+async fn spread(listener: &Listener) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let (_, status) = listener.get("/api/listeners/status").await;
+    let owners = serde_json::from_value(status["Owners"].clone()).unwrap_or_default();
+    let states = serde_json::from_value(status["States"].clone()).unwrap_or_default();
+    (owners, states)
+}
+
+/// Creates mailboxes `range` in mock-ews and sends each Create to the replicas in turn.
+async fn create(world: &World, replicas: &[&Listener], range: std::ops::Range<usize>) {
+    for i in range {
+        world.ews.create_mailbox(&email(i), "secret").unwrap();
+        let creds = world.credentials(&id(i), &email(i), "secret", "ProcessFullEmail");
+        let (code, body) = replicas[i % replicas.len()]
+            .call("create", json!([creds]).to_string())
+            .await;
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+fn inject(world: &World, i: usize, subject: &str) -> String {
+    world
+        .ews
+        .inject(
+            &email(i),
+            NewMail {
+                from: "sender@example.com".into(),
+                subject: subject.into(),
+                ..NewMail::default()
+            },
+        )
+        .unwrap()
+        .message_id
+}
+
+async fn assert_delivered_once(world: &World, sent: &[String]) {
+    eventually("every mail at Creatio", PATIENCE, async || {
+        let got = delivered(world);
+        sent.iter().all(|m| got.contains(m)).then_some(())
+    })
+    .await;
+    // Anything doubled arrives soon after the first copy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = delivered(world);
+    for m in sent {
+        assert_eq!(
+            got.iter().filter(|g| *g == m).count(),
+            1,
+            "{m} delivered twice"
+        );
+    }
+}
+
+#[tokio::test]
+async fn three_replicas_spread_150_mailboxes_and_any_one_answers_for_all() {
+    let redis = Redis::start().await;
+    let world = world().await;
+    let r = [
+        replica(&redis, "r0").await,
+        replica(&redis, "r1").await,
+        replica(&redis, "r2").await,
+    ];
+    create(&world, &[&r[0], &r[1], &r[2]], 0..150).await;
+    let (owners, _) = eventually("150 mailboxes spread and streaming", PATIENCE, async || {
+        let (owners, states) = spread(&r[1]).await;
+        (states.get("Streaming") == Some(&150) && world.ews.stats().open_streams == 150)
+            .then_some((owners, states))
+    })
+    .await;
+    assert_eq!(
+        owners,
+        BTreeMap::from([("r0".into(), 50), ("r1".into(), 50), ("r2".into(), 50)])
+    );
+
+    // Any replica answers for any mailbox.
+    let ids: Vec<String> = (0..150).map(id).collect();
+    for listener in &r {
+        let (code, states) = listener
+            .call("subscriptionsState", json!(ids).to_string())
+            .await;
+        assert_eq!(code, 200);
+        assert!(
+            ids.iter().all(|i| states[i]["State"] == "exists"),
+            "{states}"
+        );
+    }
+    let (_, view) = r[2].get("/api/listeners/mbx-7").await;
+    let owner = view["Owner"].as_str().expect("an owner").to_owned();
+    assert_eq!(view["Status"]["State"], "Streaming");
+
+    // Mail reaches Creatio once, whoever owns the mailbox.
+    let sent: Vec<String> = (0..150)
+        .step_by(10)
+        .map(|i| inject(&world, i, "hello"))
+        .collect();
+    assert_delivered_once(&world, &sent).await;
+
+    // A Close sent to a replica that does not own the mailbox stops it on its owner.
+    let other = &r[(owner[1..].parse::<usize>().unwrap() + 1) % 3];
+    let (code, _) = other.call("close", json!(["mbx-7"]).to_string()).await;
+    assert_eq!(code, 200);
+    eventually(
+        "the owner to stop the closed mailbox",
+        PATIENCE,
+        async || (world.ews.stats().open_streams == 149).then_some(()),
+    )
+    .await;
+    for listener in &r {
+        assert_eq!(listener.state_of("mbx-7").await, "notExists");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_replica_s_mailboxes_stream_again_elsewhere_with_nothing_lost() {
+    let redis = Redis::start().await;
+    let world = world().await;
+    let mut r = vec![
+        replica(&redis, "r0").await,
+        replica(&redis, "r1").await,
+        replica(&redis, "r2").await,
+    ];
+    create(&world, &[&r[0], &r[1], &r[2]], 0..30).await;
+    eventually("30 mailboxes streaming", PATIENCE, async || {
+        let (_, states) = spread(&r[0]).await;
+        (states.get("Streaming") == Some(&30) && world.ews.stats().open_streams == 30).then_some(())
+    })
+    .await;
+    let before: Vec<String> = (0..30).map(|i| inject(&world, i, "before")).collect();
+    assert_delivered_once(&world, &before).await;
+
+    let (owners, _) = spread(&r[0]).await;
+    assert_eq!(owners.get("r2"), Some(&10));
+    let mut dead = r.pop().unwrap();
+    dead.kill9().await;
+    let killed = tokio::time::Instant::now();
+    // Mail for every mailbox while r2's are served by no one: only catch-up can find those.
+    let during: Vec<String> = (0..30).map(|i| inject(&world, i, "during")).collect();
+    eventually("r2's mailboxes owned by the others", PATIENCE, async || {
+        let (owners, states) = spread(&r[0]).await;
+        (owners.get("r0") == Some(&15)
+            && owners.get("r1") == Some(&15)
+            && states.get("Streaming") == Some(&30))
+        .then_some(())
+    })
+    .await;
+    println!("failover took {:?}", killed.elapsed());
+    let after: Vec<String> = (0..30).map(|i| inject(&world, i, "after")).collect();
+    assert_delivered_once(&world, &[before, during, after].concat()).await;
+}
+
+#[tokio::test]
+async fn a_replica_stopped_with_sigterm_hands_over_without_waiting_for_its_leases() {
+    let redis = Redis::start().await;
+    let world = world().await;
+    let mut r = vec![replica(&redis, "r0").await, replica(&redis, "r1").await];
+    create(&world, &[&r[0], &r[1]], 0..20).await;
+    eventually("20 mailboxes streaming", PATIENCE, async || {
+        let (_, states) = spread(&r[0]).await;
+        (states.get("Streaming") == Some(&20)).then_some(())
+    })
+    .await;
+    let mut leaving = r.pop().unwrap();
+    leaving.terminate();
+    let stopped = tokio::time::Instant::now();
+    let status = leaving.wait().await;
+    assert!(status.success(), "{status:?}");
+    let during: Vec<String> = (0..20).map(|i| inject(&world, i, "during")).collect();
+    eventually(
+        "every mailbox on the remaining replica",
+        PATIENCE,
+        async || {
+            let (owners, states) = spread(&r[0]).await;
+            (owners.get("r0") == Some(&20) && states.get("Streaming") == Some(&20)).then_some(())
+        },
+    )
+    .await;
+    let handover = stopped.elapsed();
+    println!("handover took {handover:?}");
+    assert_delivered_once(&world, &during).await;
+    let (_, view): (u16, Value) = r[0].get("/api/listeners/status").await;
+    assert_eq!(view["Owners"], json!({ "r0": 20 }));
+}
