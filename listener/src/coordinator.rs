@@ -194,9 +194,29 @@ impl Coordinator {
         }
     }
 
+    /// Runs until `stop` fires, first trying until the store answers; `ready` is set once this
+    /// replica has registered and claimed its share.
+    pub async fn run_when_ready(
+        self: Arc<Self>,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+        stop: CancellationToken,
+    ) {
+        while !self.pass(&HashSet::new()).await {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.tick()) => {}
+            }
+        }
+        if !stop.is_cancelled() {
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.run(stop).await;
+    }
+
     /// One round: heartbeat, spread, give back, renew, claim. Mailboxes in `changed` are
-    /// re-read by the supervisor even when their lease did not change.
-    pub async fn pass(&self, changed: &HashSet<String>) {
+    /// re-read by the supervisor even when their lease did not change. False when the store
+    /// could not be reached.
+    pub async fn pass(&self, changed: &HashSet<String>) -> bool {
         let started = Instant::now();
         let replica = self.settings.replica.as_str();
         let live = match self.store.heartbeat(replica, self.settings.lease).await {
@@ -204,7 +224,7 @@ impl Coordinator {
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 self.drop_untrusted();
-                return;
+                return false;
             }
         };
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = live.clone();
@@ -213,7 +233,7 @@ impl Coordinator {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the mailboxes");
                 self.drop_untrusted();
-                return;
+                return false;
             }
         };
         let assigned = balance::assign(&live, &open, self.settings.cap);
@@ -292,6 +312,7 @@ impl Coordinator {
                 }
             }
         }
+        true
     }
 
     /// Marks `Queued` the open mailboxes left out of the spread (every replica at its cap).

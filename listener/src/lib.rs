@@ -132,11 +132,14 @@ pub async fn serve(
         leases,
         supervisor.clone(),
     );
-    // Registered, with its share claimed, before it says it is ready.
-    coordinator.pass(&Default::default()).await;
-    let coordinating = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(coordinator.clone().run(coordinating.clone()));
     let ready = Arc::new(AtomicBool::new(false));
+    // Ready once the store answered and this replica registered and claimed its share.
+    let coordinating = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(
+        coordinator
+            .clone()
+            .run_when_ready(ready.clone(), coordinating.clone()),
+    );
     let state = api::ApiState {
         supervisor: supervisor.clone(),
         http,
@@ -161,8 +164,6 @@ pub async fn serve(
         tracing::info!("shutting down");
         let _ = stopping_tx.send(());
     };
-    // Everything is in place: from here on the service takes work.
-    ready.store(true, Ordering::Relaxed);
     tracing::info!(store = store_kind, replica = ?replica, "listening on http://{addr}");
     let api = server::serve(listener, router, http_limits, signal, grace);
     // Mailboxes stop (and unsubscribe) while the last requests drain, both within the grace.

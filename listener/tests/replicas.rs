@@ -230,3 +230,18 @@ async fn a_replica_stopped_with_sigterm_hands_over_without_waiting_for_its_lease
     let (_, view): (u16, Value) = r[0].get("/api/listeners/status").await;
     assert_eq!(view["Owners"], json!({ "r0": 20 }));
 }
+
+#[tokio::test]
+async fn a_replica_is_ready_only_once_redis_answers() {
+    let mut redis = Redis::start().await;
+    redis.kill().await;
+    let listener = replica(&redis, "r0").await;
+    assert_eq!(listener.get("/healthz").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(listener.get("/readyz").await.0, 503, "no Redis, not ready");
+    redis.restart().await;
+    eventually("ready once Redis answers", PATIENCE, async || {
+        (listener.get("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+}

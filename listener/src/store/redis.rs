@@ -247,7 +247,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects (and keeps reconnecting) to the Redis at `url`.
+    /// Connects (and keeps reconnecting) to the Redis at `url`, on first use.
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -260,9 +260,9 @@ impl RedisStore {
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(store_error)?;
+        // Lazily: a replica started before its Redis runs, and says it is not ready until
+        // Redis answers.
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
         Ok(RedisStore {
             conn,
             prefix: prefix.to_owned(),

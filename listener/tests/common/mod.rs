@@ -312,13 +312,25 @@ impl Redis {
     pub async fn start() -> Redis {
         let dir = std::env::temp_dir().join(format!("el-redis-{}", uuid_like()));
         std::fs::create_dir_all(&dir).unwrap();
+        let (child, url) = Redis::serve(&dir).await;
+        Redis { child, dir, url }
+    }
+
+    /// Starts the server again on the same socket, empty.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill().await;
+        let _ = std::fs::remove_file(self.dir.join("redis.sock"));
+        self.child = Redis::serve(&self.dir).await.0;
+    }
+
+    async fn serve(dir: &std::path::Path) -> (Child, String) {
         let socket = dir.join("redis.sock");
         let child = Command::new("redis-server")
             .args(["--port", "0", "--save", "", "--appendonly", "no"])
             .arg("--unixsocket")
             .arg(&socket)
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -336,7 +348,7 @@ impl Redis {
                 .map(|_| ())
         })
         .await;
-        Redis { child, dir, url }
+        (child, url)
     }
 
     pub async fn kill(&mut self) {
