@@ -138,6 +138,8 @@ pub struct Coordinator {
     supervisor: Arc<Supervisor>,
     /// The live replicas at the last heartbeat.
     live: Mutex<Vec<String>>,
+    /// The store's epoch as first seen; another one means the store lost its data.
+    epoch: Mutex<Option<String>>,
 }
 
 impl Coordinator {
@@ -149,6 +151,7 @@ impl Coordinator {
     ) -> Arc<Self> {
         Arc::new(Coordinator {
             live: Mutex::new(vec![settings.replica.clone()]),
+            epoch: Mutex::new(None),
             settings,
             store,
             leases,
@@ -219,6 +222,15 @@ impl Coordinator {
     pub async fn pass(&self, changed: &HashSet<String>) -> bool {
         let started = Instant::now();
         let replica = self.settings.replica.as_str();
+        match self.check_epoch().await {
+            Ok(true) => {}
+            Ok(false) => self.heal(started).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "the store does not answer");
+                self.drop_untrusted();
+                return false;
+            }
+        }
         let live = match self.store.heartbeat(replica, self.settings.lease).await {
             Ok(live) => live,
             Err(e) => {
@@ -313,6 +325,44 @@ impl Coordinator {
             }
         }
         true
+    }
+
+    /// True while the store keeps the epoch first seen (and on first sight).
+    async fn check_epoch(&self) -> Result<bool, crate::store::StoreError> {
+        let proposal = format!("{:016x}", fastrand::u64(..));
+        let epoch = self.store.epoch(&proposal).await?;
+        let mut known = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        let same = known.as_ref().is_none_or(|k| *k == epoch);
+        *known = Some(epoch);
+        Ok(same)
+    }
+
+    /// The store lost its data (Redis restarted empty): this replica writes back the mailboxes
+    /// it serves and takes their leases again, so they go on; their workers restart under the
+    /// new leases and take a new baseline.
+    async fn heal(&self, started: Instant) {
+        let running = self.supervisor.running();
+        tracing::warn!(
+            mailboxes = running.len(),
+            "the store lost its data; writing back the mailboxes served here"
+        );
+        let safe_until = started + self.settings.lease - self.settings.margin();
+        for creds in running {
+            let id = creds.id.clone();
+            if let Err(e) = self.store.put_mailbox(creds).await {
+                tracing::warn!(id = ?id, error = %e, "could not write a mailbox back");
+                continue;
+            }
+            self.leases.remove(&id);
+            if let Ok(Some(token)) = self
+                .store
+                .claim(&id, &self.settings.replica, self.settings.lease)
+                .await
+            {
+                self.leases.insert(&id, token, safe_until);
+            }
+            self.supervisor.poke(&id);
+        }
     }
 
     /// Marks `Queued` the open mailboxes left out of the spread (every replica at its cap).

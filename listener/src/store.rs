@@ -116,6 +116,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     // Coordination of replicas.
 
+    /// The store's epoch: `proposal` if the store had none, else the one it has. A different
+    /// answer than before means the store lost its data.
+    fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String>;
     /// Says this replica is alive for `ttl`; answers every live replica, sorted.
     fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>>;
     /// Says this replica is gone (on shutdown), so others need not wait for its heartbeat to

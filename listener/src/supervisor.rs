@@ -26,6 +26,7 @@ use crate::worker::{self, WorkerContext};
 
 #[derive(Debug)]
 struct Running {
+    creds: Credentials,
     generation: u64,
     fence: Fence,
     cancel: CancellationToken,
@@ -183,16 +184,26 @@ impl Supervisor {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(supervise(
             self.ctx.clone(),
-            wanted.creds,
+            wanted.creds.clone(),
             fence.clone(),
             cancel.clone(),
         ));
         Running {
+            creds: wanted.creds,
             generation: wanted.generation,
             fence,
             cancel,
             task,
         }
+    }
+
+    /// The credentials of every worker running here.
+    pub fn running(&self) -> Vec<Credentials> {
+        self.lock()
+            .map
+            .values()
+            .filter_map(|s| s.running.as_ref().map(|r| r.creds.clone()))
+            .collect()
     }
 
     /// Waits until no worker of the mailbox runs here.
@@ -244,7 +255,9 @@ impl Supervisor {
 }
 
 /// Runs a mailbox's worker; a worker that dies (a bug, never an input) is noticed, marked
-/// and restarted after a growing delay, instead of leaving the mailbox silently dead.
+/// and restarted after a growing delay, instead of leaving the mailbox silently dead. So is a
+/// worker that stopped itself because the store refused its lease: by then either the
+/// coordinator has found the lease lost (and cancels this), or the store holds it again.
 async fn supervise(
     ctx: WorkerContext,
     creds: Credentials,
@@ -257,10 +270,19 @@ async fn supervise(
             ctx.clone(),
             creds.clone(),
             fence.clone(),
-            cancel.clone(),
+            cancel.child_token(),
         ));
         match run.catch_unwind().await {
-            Ok(()) => return,
+            Ok(()) if cancel.is_cancelled() => return,
+            Ok(()) => {
+                let delay = backoff.next_delay();
+                tracing::info!(id = ?creds.id, retry_in_ms = delay.as_millis() as u64, "mailbox worker stopped itself; starting it again unless its lease is gone");
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()

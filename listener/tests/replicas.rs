@@ -245,3 +245,37 @@ async fn a_replica_is_ready_only_once_redis_answers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
+    let mut redis = Redis::start().await;
+    let world = world().await;
+    let r = [replica(&redis, "r0").await, replica(&redis, "r1").await];
+    create(&world, &[&r[0], &r[1]], 0..10).await;
+    eventually("10 mailboxes streaming", PATIENCE, async || {
+        let (_, states) = spread(&r[0]).await;
+        (states.get("Streaming") == Some(&10)).then_some(())
+    })
+    .await;
+    redis.restart().await;
+    eventually(
+        "the mailboxes written back and streaming",
+        PATIENCE,
+        async || {
+            let (owners, states) = spread(&r[1]).await;
+            (owners.values().sum::<u64>() == 10 && states.get("Streaming") == Some(&10))
+                .then_some(())
+        },
+    )
+    .await;
+    let ids: Vec<String> = (0..10).map(id).collect();
+    let (_, states) = r[0]
+        .call("subscriptionsState", json!(ids).to_string())
+        .await;
+    assert!(
+        ids.iter().all(|i| states[i]["State"] == "exists"),
+        "{states}"
+    );
+    let after: Vec<String> = (0..10).map(|i| inject(&world, i, "after")).collect();
+    assert_delivered_once(&world, &after).await;
+}

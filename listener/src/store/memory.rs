@@ -361,6 +361,11 @@ impl Store for MemoryStore {
         self.with_entry(id, |e| e.replay_signal.clone())
     }
 
+    fn epoch<'a>(&'a self, _proposal: &'a str) -> Stored<'a, String> {
+        // Memory is lost only with the process.
+        ready("memory".to_owned())
+    }
+
     fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
         let mut inner = self.lock();
         let now = Instant::now();

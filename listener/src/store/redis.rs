@@ -16,6 +16,7 @@
 //! | `el:lease:{id}` | string | `replica:token`, expiring unless renewed |
 //! | `el:fence:{id}` | string | the last fencing token given out (INCR) |
 //! | `el:changes` | channel | the id of every mailbox created, updated or closed |
+//! | `el:epoch` | string | a random id written once; gone or changed means Redis lost its data |
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,11 @@ const PUT: &str = r#"
 local fp = redis.call('HGET', KEYS[1], 'fp')
 if fp == ARGV[2] then return 0 end
 local g = redis.call('INCR', KEYS[3])
+if g < tonumber(ARGV[4]) then
+  -- Never below the clock: a Redis that lost its data gives no generation twice.
+  g = tonumber(ARGV[4])
+  redis.call('SET', KEYS[3], g)
+end
 if fp then
   redis.call('HDEL', KEYS[1], 'error', 'last_error', 'last_error_ms', 'reconnects')
 else
@@ -174,6 +180,13 @@ if v then
   return false
 end
 local t = redis.call('INCR', KEYS[2])
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+if t < now then
+  -- Never below the clock: a Redis that lost its data gives no token twice.
+  t = now
+  redis.call('SET', KEYS[2], t)
+end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. t, 'PX', ARGV[2])
 return t
 "#;
@@ -712,6 +725,21 @@ impl Store for RedisStore {
 
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
         Some(self.signal(id))
+    }
+
+    fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String> {
+        async move {
+            let mut conn = self.conn.clone();
+            let key = format!("{}epoch", self.prefix);
+            let (_, epoch): (bool, String) = redis::pipe()
+                .set_nx(&key, proposal)
+                .get(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            Ok(epoch)
+        }
+        .boxed()
     }
 
     fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
