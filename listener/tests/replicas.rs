@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Listener, PATIENCE, Redis, World, delivered, eventually};
+use common::{Listener, PATIENCE, Redis, Relay, World, delivered, eventually};
 use mock_ews::{Config, NewMail};
 use serde_json::{Value, json};
 
@@ -278,4 +278,50 @@ async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
     );
     let after: Vec<String> = (0..10).map(|i| inject(&world, i, "after")).collect();
     assert_delivered_once(&world, &after).await;
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
+    let redis = Redis::start().await;
+    let relay = Relay::start(&redis).await;
+    let world = world().await;
+    let r0 = Listener::spawn(&[
+        "--redis-url",
+        &relay.url,
+        "--secret-key",
+        KEY,
+        "--replica-id",
+        "r0",
+        "--lease-ms",
+        "1500",
+    ])
+    .await;
+    let r1 = replica(&redis, "r1").await;
+    create(&world, &[&r0, &r1], 0..10).await;
+    eventually("10 mailboxes spread and streaming", PATIENCE, async || {
+        let (owners, states) = spread(&r1).await;
+        (owners.get("r0") == Some(&5) && states.get("Streaming") == Some(&10)).then_some(())
+    })
+    .await;
+
+    relay.cut();
+    // While r0 cannot reach Redis, mail arrives for every mailbox; r0 must not post it.
+    let during: Vec<String> = (0..10)
+        .map(|i| inject(&world, i, "during the cut"))
+        .collect();
+    eventually("r1 to serve all ten", PATIENCE, async || {
+        let (owners, states) = spread(&r1).await;
+        (owners.get("r1") == Some(&10) && states.get("Streaming") == Some(&10)).then_some(())
+    })
+    .await;
+    assert_delivered_once(&world, &during).await;
+
+    relay.mend();
+    eventually("r0 back with its share", PATIENCE, async || {
+        let (owners, states) = spread(&r1).await;
+        (owners.get("r0") == Some(&5) && states.get("Streaming") == Some(&10)).then_some(())
+    })
+    .await;
+    let after: Vec<String> = (0..10).map(|i| inject(&world, i, "after")).collect();
+    assert_delivered_once(&world, &[during, after].concat()).await;
 }

@@ -354,6 +354,10 @@ impl Redis {
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.join("redis.sock")
+    }
 }
 
 impl Drop for Redis {
@@ -372,4 +376,62 @@ fn uuid_like() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A Unix-socket relay in front of a Redis, to cut one replica off from it: while cut, open
+/// connections are closed and new ones refused at once.
+pub struct Relay {
+    pub url: String,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(redis: &Redis) -> Relay {
+        let target = redis.socket();
+        let path = target.with_file_name(format!("relay-{}.sock", uuid_like()));
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (c, l) = (cut.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let target = target.clone();
+                l.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::UnixStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Relay {
+            url: format!("redis+unix://{}", path.display()),
+            cut,
+            links,
+            accept,
+        }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn mend(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
 }
