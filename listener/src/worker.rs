@@ -116,6 +116,8 @@ struct Worker {
     reported_unavailable: bool,
     /// When the current connection's first message came.
     streaming_since: Option<Instant>,
+    /// Creatio was asked for a new access token since the last success.
+    token_refresh_asked: bool,
 }
 
 /// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
@@ -155,6 +157,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             cancel,
             reported_unavailable: false,
             streaming_since: None,
+            token_refresh_asked: false,
         }
         .run()
         .await;
@@ -695,6 +698,27 @@ impl Worker {
     /// Waits after a failure as its disposition says; false when cancelled meanwhile.
     async fn pause(&mut self, f: &EwsFailure) -> bool {
         let delay = match f.disposition() {
+            // An OAuth token expires: the first rejection asks Creatio for a new one, which
+            // arrives as an Update and restarts this mailbox; only a second one is a failure.
+            Disposition::Fatal
+                if matches!(f, EwsFailure::Unauthorized)
+                    && self.creds.access_token.is_some()
+                    && !self.token_refresh_asked =>
+            {
+                self.token_refresh_asked = true;
+                self.set_state(
+                    WorkerState::Backoff,
+                    Some(
+                        "Exchange rejected the access token; asked Creatio for a new one (RefreshToken)"
+                            .into(),
+                    ),
+                )
+                .await;
+                let body = contract::refresh_token_payload(&self.creds);
+                let url = contract::sibling_url(&self.creds.bpm_endpoint, "RefreshToken");
+                self.ctx.creatio.report(&url, &body).await;
+                self.failed_retry.next_delay()
+            }
             Disposition::Fatal => {
                 self.report_failed(f).await;
                 self.failed_retry.next_delay()
@@ -729,6 +753,7 @@ impl Worker {
     async fn recovered(&mut self) {
         self.retry.reset();
         self.failed_retry.reset();
+        self.token_refresh_asked = false;
         if self.reported_unavailable {
             self.reported_unavailable = false;
             let body = contract::mailbox_state_payload(&self.creds, true, None);

@@ -235,6 +235,8 @@ impl Events for FakeStream {
 #[derive(Debug, Default)]
 struct FakeCreatio {
     reports: Mutex<Vec<Value>>,
+    /// The operation (last URL segment) of each report, in order.
+    report_ops: Mutex<Vec<String>>,
     /// The item id of every mail posted, in order.
     posted: Mutex<Vec<String>>,
 }
@@ -256,8 +258,12 @@ impl Creatio for FakeCreatio {
         async { Ok(()) }.boxed()
     }
 
-    fn report<'a>(&'a self, _url: &'a str, body: &'a Value) -> BoxFuture<'a, ()> {
+    fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()> {
         self.reports.lock().unwrap().push(body.clone());
+        self.report_ops
+            .lock()
+            .unwrap()
+            .push(url.rsplit('/').next().unwrap_or_default().to_owned());
         async {}.boxed()
     }
 }
@@ -730,5 +736,52 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
         "{calls:?}"
     );
     assert_eq!(*rig.creatio.posted.lock().unwrap(), ["i3", "i5"]);
+    assert_eq!(rig.status().await.state, WorkerState::Streaming);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_token_asks_creatio_for_a_new_one_before_failing() {
+    let mut rig = rig(Script {
+        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized))
+            .take(2)
+            .collect(),
+        ..Script::default()
+    });
+    let body = json!([{
+        "Id": "mbx", "SenderEmailAddress": "alice@contoso.test", "AccessToken": "expired",
+        "SysAdminUnitName": "Supervisor", "ServerAddress": "http://exchange.test",
+        "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+    }]);
+    rig.creds = contract::parse_credentials_list(body.to_string().as_bytes())
+        .unwrap()
+        .remove(0);
+    let _cancel = rig.spawn().await;
+    tokio::time::sleep(SECOND).await;
+
+    // The first rejection: a RefreshToken call, and no failure yet.
+    assert_eq!(*rig.creatio.report_ops.lock().unwrap(), ["RefreshToken"]);
+    assert_eq!(
+        rig.creatio.reports.lock().unwrap()[0],
+        json!({
+            "MailboxId": "mbx",
+            "SenderEmailAddress": "alice@contoso.test",
+            "BpmUserName": "Supervisor",
+        })
+    );
+    assert_eq!(rig.status().await.state, WorkerState::Backoff);
+    rig.assert_last_error("RefreshToken").await;
+
+    // No new token came: the second rejection is a failure, reported as such; the third
+    // attempt gets through, and Creatio hears the mailbox is available again.
+    tokio::time::sleep(300 * SECOND).await;
+    assert_eq!(
+        *rig.creatio.report_ops.lock().unwrap(),
+        ["RefreshToken", "ProcessMailboxState", "ProcessMailboxState"]
+    );
+    let reports = rig.creatio.reports.lock().unwrap().clone();
+    assert_eq!(
+        (&reports[1]["Avaliable"], &reports[2]["Avaliable"]),
+        (&json!(false), &json!(true))
+    );
     assert_eq!(rig.status().await.state, WorkerState::Streaming);
 }
