@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::contract::{self, ContractError};
 use crate::ews_client::{EwsClient, EwsFailure, Limits};
+use crate::metrics::Metrics;
 use crate::reach::Reach;
 use crate::store::StoreError;
 use crate::supervisor::Supervisor;
@@ -28,6 +29,7 @@ pub struct ApiState {
     pub limits: Limits,
     /// Where Creatio's calls may send the listener.
     pub reach: Reach,
+    pub metrics: Metrics,
     /// Set once the service accepts work; cleared when it shuts down.
     pub ready: Arc<AtomicBool>,
 }
@@ -68,6 +70,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/listeners/{id}/dead-letters/replay", post(replay))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -87,6 +90,18 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "States": states,
         "Owners": owned,
     })))
+}
+
+/// `GET /metrics`: Prometheus's text format.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {

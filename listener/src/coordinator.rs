@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance;
+use crate::metrics::Metrics;
 use crate::store::{Fence, Store, WorkerState};
 use crate::supervisor::Supervisor;
 
@@ -140,6 +141,7 @@ pub struct Coordinator {
     live: Mutex<Vec<String>>,
     /// The store's epoch as first seen; another one means the store lost its data.
     epoch: Mutex<Option<String>>,
+    metrics: Metrics,
 }
 
 impl Coordinator {
@@ -148,10 +150,12 @@ impl Coordinator {
         store: Arc<dyn Store>,
         leases: Arc<Leases>,
         supervisor: Arc<Supervisor>,
+        metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Coordinator {
             live: Mutex::new(vec![settings.replica.clone()]),
             epoch: Mutex::new(None),
+            metrics,
             settings,
             store,
             leases,
@@ -314,6 +318,7 @@ impl Coordinator {
             }
             match self.store.claim(id, replica, self.settings.lease).await {
                 Ok(Some(token)) => {
+                    self.metrics.leases_taken.inc();
                     self.leases.insert(id, token, safe_until);
                     self.supervisor.poke(id);
                 }

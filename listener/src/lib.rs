@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod ews_client;
 pub mod gate;
 pub mod mail;
+pub mod metrics;
 pub mod reach;
 pub mod server;
 pub mod store;
@@ -104,10 +105,12 @@ pub async fn serve(
     let replica = config.replica();
     let leases = Arc::new(coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
+    let metrics = metrics::Metrics::new();
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
             store: store.clone(),
             leases: leases.clone(),
+            metrics: metrics.clone(),
             exchange: Arc::new(transport::HttpExchange {
                 http: http.clone(),
                 server_version: config.ews_version,
@@ -131,6 +134,7 @@ pub async fn serve(
         store,
         leases,
         supervisor.clone(),
+        metrics.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));
     // Ready once the store answered and this replica registered and claimed its share.
@@ -146,6 +150,7 @@ pub async fn serve(
         server_version: config.ews_version,
         limits,
         reach,
+        metrics,
         ready: ready.clone(),
     };
     let http_limits = server::HttpLimits {

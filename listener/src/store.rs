@@ -159,6 +159,31 @@ pub enum WorkerState {
     Failed,
 }
 
+impl WorkerState {
+    /// The name written to the store, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "Starting",
+            WorkerState::Queued => "Queued",
+            WorkerState::Subscribing => "Subscribing",
+            WorkerState::CatchingUp => "CatchingUp",
+            WorkerState::Streaming => "Streaming",
+            WorkerState::Backoff => "Backoff",
+            WorkerState::Failed => "Failed",
+        }
+    }
+
+    pub const ALL: [WorkerState; 7] = [
+        WorkerState::Starting,
+        WorkerState::Queued,
+        WorkerState::Subscribing,
+        WorkerState::CatchingUp,
+        WorkerState::Streaming,
+        WorkerState::Backoff,
+        WorkerState::Failed,
+    ];
+}
+
 /// What any caller may see of a mailbox: no credentials.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "PascalCase")]

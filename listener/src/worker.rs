@@ -24,6 +24,7 @@ use crate::delivery::{DeliveryError, idempotency_key};
 use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 use crate::gate::Gate;
 use crate::mail::{parse_xs_datetime, to_email, unix_now_ms};
+use crate::metrics::Metrics;
 use crate::store::{Counter, DeadLetter, Fence, Outcome, Store, StoreError, WorkerState};
 use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
@@ -72,6 +73,7 @@ pub struct WorkerContext {
     pub store: Arc<dyn Store>,
     /// The leases this replica holds.
     pub leases: Arc<Leases>,
+    pub metrics: Metrics,
     /// Makes each mailbox's Exchange client.
     pub exchange: Arc<dyn Connect>,
     pub creatio: Arc<dyn Creatio>,
@@ -118,6 +120,21 @@ struct Worker {
     streaming_since: Option<Instant>,
     /// Creatio was asked for a new access token since the last success.
     token_refresh_asked: bool,
+    /// The state this worker counts itself in, in the metrics.
+    counted_as: std::sync::Mutex<Option<WorkerState>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let counted = self.counted_as.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = *counted {
+            self.ctx
+                .metrics
+                .mailboxes
+                .with_label_values(&[state.name()])
+                .dec();
+        }
+    }
 }
 
 /// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
@@ -158,6 +175,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             reported_unavailable: false,
             streaming_since: None,
             token_refresh_asked: false,
+            counted_as: std::sync::Mutex::new(None),
         }
         .run()
         .await;
@@ -173,8 +191,35 @@ impl Worker {
 
     /// Records the worker's state; the store being unavailable does not stop the worker.
     async fn set_state(&self, state: WorkerState, error: Option<String>) {
+        {
+            let mut counted = self.counted_as.lock().unwrap_or_else(|p| p.into_inner());
+            if *counted != Some(state) {
+                let gauge = &self.ctx.metrics.mailboxes;
+                if let Some(old) = *counted {
+                    gauge.with_label_values(&[old.name()]).dec();
+                }
+                gauge.with_label_values(&[state.name()]).inc();
+                *counted = Some(state);
+            }
+        }
         if let Err(e) = self.ctx.store.transition(self.id(), state, error).await {
+            self.store_failed("transition");
             tracing::warn!(error = %e, state = ?state, "could not record the mailbox's state");
+        }
+    }
+
+    fn store_failed(&self, operation: &str) {
+        self.ctx
+            .metrics
+            .store_errors
+            .with_label_values(&[operation])
+            .inc();
+    }
+
+    fn operation(&self) -> &'static str {
+        match self.mode {
+            CallbackMode::NewEmail => "NewEmail",
+            CallbackMode::ProcessFullEmail => "ProcessFullEmail",
         }
     }
 
@@ -477,6 +522,7 @@ impl Worker {
                     }
                 }
             }
+            self.ctx.metrics.events.inc_by(new_items.len() as u64);
             if !new_items.is_empty() && !self.deliver(new_items).await? {
                 return Ok(StreamEnd::Cancelled);
             }
@@ -530,6 +576,7 @@ impl Worker {
                     for (id, item) in batch.iter().zip(fetched) {
                         match item {
                             Fetched::Mail(msg) => {
+                                self.fetched("mail");
                                 let email = to_email(id, *msg);
                                 let body = contract::full_email_payload(
                                     &self.creds,
@@ -540,10 +587,12 @@ impl Worker {
                                 }
                             }
                             Fetched::Gone => {
+                                self.fetched("gone");
                                 tracing::info!(item = ?id, "new item gone before it could be read; skipped");
                                 self.record(id, Outcome::Skipped).await;
                             }
                             Fetched::Dead(why) => {
+                                self.fetched("dead");
                                 self.dead_letter(id, None, why).await;
                             }
                         }
@@ -640,11 +689,28 @@ impl Worker {
             return false;
         }
         let key = idempotency_key(self.id(), item_id);
+        let started = Instant::now();
         let outcome = self
             .ctx
             .creatio
             .post(&self.creds.bpm_endpoint, body, Some(&key), &self.cancel)
             .await;
+        let delivered = match &outcome {
+            Ok(()) => Some("delivered"),
+            Err(DeliveryError::Cancelled) => None,
+            Err(_) => Some("dead_letter"),
+        };
+        if let Some(result) = delivered {
+            let m = &self.ctx.metrics;
+            m.deliveries
+                .with_label_values(&[result, self.operation()])
+                .inc();
+            if outcome.is_ok() {
+                m.delivery_seconds
+                    .with_label_values(&[self.operation()])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+        }
         match outcome {
             Ok(()) => {
                 self.record(item_id, Outcome::Delivered).await;
@@ -682,9 +748,14 @@ impl Worker {
             Ok(()) => {}
             Err(StoreError::Fenced) => self.lost_lease(),
             Err(e) => {
+                self.store_failed("record");
                 tracing::warn!(item = ?item_id, error = %e, "could not record a delivered item")
             }
         }
+    }
+
+    fn fetched(&self, outcome: &str) {
+        self.ctx.metrics.fetches.with_label_values(&[outcome]).inc();
     }
 
     /// Another replica owns the mailbox now: stop at once, posting nothing more.

@@ -181,6 +181,22 @@ async fn api_answers_status_state_and_rejects_bad_input() {
         },
     )
     .await;
+    // And so do the metrics, in Prometheus's text format.
+    let metrics = listener
+        .http
+        .get(format!("{}/metrics", listener.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"exchange_listener_mailboxes{state="Streaming"} 1"#,
+        "exchange_listener_leases_taken_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]

@@ -598,29 +598,11 @@ impl RedisStore {
 }
 
 fn state_name(state: WorkerState) -> &'static str {
-    match state {
-        WorkerState::Starting => "Starting",
-        WorkerState::Queued => "Queued",
-        WorkerState::Subscribing => "Subscribing",
-        WorkerState::CatchingUp => "CatchingUp",
-        WorkerState::Streaming => "Streaming",
-        WorkerState::Backoff => "Backoff",
-        WorkerState::Failed => "Failed",
-    }
+    state.name()
 }
 
 fn parse_state(name: &str) -> Option<WorkerState> {
-    [
-        WorkerState::Starting,
-        WorkerState::Queued,
-        WorkerState::Subscribing,
-        WorkerState::CatchingUp,
-        WorkerState::Streaming,
-        WorkerState::Backoff,
-        WorkerState::Failed,
-    ]
-    .into_iter()
-    .find(|s| state_name(*s) == name)
+    WorkerState::ALL.into_iter().find(|s| s.name() == name)
 }
 
 fn status_from(fields: &HashMap<String, String>) -> MailboxStatus {

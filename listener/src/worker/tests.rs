@@ -296,6 +296,7 @@ fn rig(script: Script) -> Rig {
         }),
         gate: Arc::new(Gate::new(100, 1000)),
         leases: Arc::new(Leases::new("here")),
+        metrics: crate::metrics::Metrics::new(),
     };
     let body = json!([{
         "Id": "mbx",
