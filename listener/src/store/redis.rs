@@ -727,14 +727,18 @@ impl Store for RedisStore {
     fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
         async move {
             let mut conn = self.conn.clone();
-            self.scripts
+            let mut live: Vec<String> = self
+                .scripts
                 .heartbeat
                 .key(format!("{}replicas", self.prefix))
                 .arg(replica)
                 .arg(ttl.as_millis() as u64)
                 .invoke_async(&mut conn)
                 .await
-                .map_err(store_error)
+                .map_err(store_error)?;
+            // Redis lists them by deadline; every replica must see the same order.
+            live.sort();
+            Ok(live)
         }
         .boxed()
     }
