@@ -142,11 +142,12 @@ async fn action(
         }
         "subscriptionsstate" => {
             let ids = contract::parse_ids(&body)?;
-            let mut states = Map::new();
-            for id in ids {
-                let s = state.supervisor.state(&id).await?;
-                states.insert(id, contract::state_entry(s));
-            }
+            let answers = state.supervisor.states(&ids).await?;
+            let states: Map<String, Value> = ids
+                .into_iter()
+                .zip(answers)
+                .map(|(id, s)| (id, contract::state_entry(s)))
+                .collect();
             Ok(Json(Value::Object(states)).into_response())
         }
         "validate" => {

@@ -124,6 +124,7 @@ pub async fn serve(
             )),
         },
         Duration::from_secs(config.unhealthy_after_secs),
+        Duration::from_millis(config.lease_ms) * 2,
     );
     let coordinator = coordinator::Coordinator::new(
         coordinator::CoordinatorSettings {

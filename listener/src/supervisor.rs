@@ -68,14 +68,19 @@ pub struct Supervisor {
     slots: Mutex<Slots>,
     /// A mailbox this long without a healthy stream is reported `failed` to Creatio.
     unhealthy_after: Duration,
+    /// A mailbox this long without an owner is reported `notExists`.
+    orphan_grace: Duration,
 }
 
 impl Supervisor {
-    pub fn new(ctx: WorkerContext, unhealthy_after: Duration) -> Arc<Self> {
+    /// `orphan_grace`: how long a mailbox may be without an owner before SubscriptionsState
+    /// says so (longer than a takeover takes: two leases).
+    pub fn new(ctx: WorkerContext, unhealthy_after: Duration, orphan_grace: Duration) -> Arc<Self> {
         Arc::new(Supervisor {
             ctx,
             slots: Mutex::default(),
             unhealthy_after,
+            orphan_grace,
         })
     }
 
@@ -224,19 +229,39 @@ impl Supervisor {
     /// What Creatio's SubscriptionsState reports: `exists` for a mailbox being served and
     /// not failing for longer than it may.
     pub async fn state(&self, id: &str) -> Result<&'static str, StoreError> {
-        Ok(match self.ctx.store.status(id).await? {
-            None => "notExists",
-            Some(s) if s.state == WorkerState::Failed => "failed",
-            Some(s) => match s.unhealthy_since_unix_ms {
-                Some(since)
-                    if unix_now_ms().saturating_sub(since)
-                        > self.unhealthy_after.as_millis() as i64 =>
+        Ok(self.states(std::slice::from_ref(&id.to_owned())).await?[0])
+    }
+
+    /// [`Supervisor::state`] of each mailbox. A mailbox no replica holds the lease of (its
+    /// owner died, or every replica is full) is not `exists` once that has lasted longer than
+    /// a takeover takes: Creatio then recreates it, which changes nothing here but keeps its
+    /// own view true.
+    pub async fn states(&self, ids: &[String]) -> Result<Vec<&'static str>, StoreError> {
+        let owners = self.ctx.store.owners(ids).await?;
+        let now = unix_now_ms();
+        let mut states = Vec::with_capacity(ids.len());
+        for (id, owner) in ids.iter().zip(owners) {
+            states.push(match self.ctx.store.status(id).await? {
+                None => "notExists",
+                Some(s) if s.state == WorkerState::Failed => "failed",
+                Some(s)
+                    if owner.is_none()
+                        && now.saturating_sub(s.updated_unix_ms)
+                            > self.orphan_grace.as_millis() as i64 =>
                 {
-                    "failed"
+                    "notExists"
                 }
-                _ => "exists",
-            },
-        })
+                Some(s) => match s.unhealthy_since_unix_ms {
+                    Some(since)
+                        if now.saturating_sub(since) > self.unhealthy_after.as_millis() as i64 =>
+                    {
+                        "failed"
+                    }
+                    _ => "exists",
+                },
+            });
+        }
+        Ok(states)
     }
 
     /// Stops every worker (each unsubscribes), in parallel, and starts no new one.

@@ -325,3 +325,47 @@ async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
     let after: Vec<String> = (0..10).map(|i| inject(&world, i, "after")).collect();
     assert_delivered_once(&world, &[during, after].concat()).await;
 }
+
+#[tokio::test]
+async fn a_mailbox_no_replica_serves_is_not_reported_to_exist() {
+    let redis = Redis::start().await;
+    let world = world().await;
+    let full = |name: &'static str| {
+        let url = redis.url.clone();
+        async move {
+            Listener::spawn(&[
+                "--redis-url",
+                &url,
+                "--secret-key",
+                KEY,
+                "--replica-id",
+                name,
+                "--lease-ms",
+                "1500",
+                "--max-active-mailboxes",
+                "1",
+            ])
+            .await
+        }
+    };
+    let mut r0 = full("r0").await;
+    let r1 = full("r1").await;
+    create(&world, &[&r0, &r1], 0..2).await;
+    eventually("one mailbox on each replica", PATIENCE, async || {
+        let (owners, states) = spread(&r1).await;
+        (owners.len() == 2 && states.get("Streaming") == Some(&2)).then_some(())
+    })
+    .await;
+    // r0 dies; r1 is full, so one of the two is served by no one, and says so.
+    r0.kill9().await;
+    eventually(
+        "one mailbox served, the other reported notExists",
+        PATIENCE,
+        async || {
+            let mut states = [r1.state_of("mbx-0").await, r1.state_of("mbx-1").await];
+            states.sort();
+            (states == ["exists", "notExists"]).then_some(())
+        },
+    )
+    .await;
+}

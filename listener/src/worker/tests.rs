@@ -479,7 +479,7 @@ async fn creatios_recreate_every_minute_keeps_the_slow_retry() {
             .collect(),
         ..Script::default()
     });
-    let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
+    let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND, 6 * SECOND);
     rig.lease().await;
     // Creatio's loop: the mailbox answers `failed`, so it sends Recreate every minute, with
     // the same credentials, for an hour.
@@ -589,7 +589,7 @@ async fn a_worker_that_panics_is_restarted_after_a_delay() {
         panics: 1,
         ..Script::default()
     });
-    let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND);
+    let supervisor = Supervisor::new(rig.ctx.clone(), 900 * SECOND, 6 * SECOND);
     rig.lease().await;
     supervisor.start(rig.creds.clone()).await.unwrap();
     tokio::time::sleep(10 * SECOND).await;
