@@ -369,3 +369,33 @@ async fn a_mailbox_no_replica_serves_is_not_reported_to_exist() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn creatio_down_through_a_failover_delays_mail_but_loses_none() {
+    let redis = Redis::start().await;
+    let world = world().await;
+    let mut r = vec![replica(&redis, "r0").await, replica(&redis, "r1").await];
+    create(&world, &[&r[0], &r[1]], 0..10).await;
+    eventually("10 mailboxes streaming", PATIENCE, async || {
+        let (_, states) = spread(&r[0]).await;
+        (states.get("Streaming") == Some(&10)).then_some(())
+    })
+    .await;
+    // Creatio answers 503 to everything; mail arrives and is retried by both replicas.
+    world.creatio.fail_with(mock_creatio::Failure {
+        count: u32::MAX,
+        status: Some(503),
+        retry_after_secs: None,
+    });
+    let sent: Vec<String> = (0..10).map(|i| inject(&world, i, "while down")).collect();
+    eventually("deliveries failing", PATIENCE, async || {
+        (world.creatio.attempts().len() >= 10).then_some(())
+    })
+    .await;
+    // One replica dies with its mail still unaccepted; then Creatio comes back.
+    let mut dead = r.pop().unwrap();
+    dead.kill9().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    world.creatio.fail_with(mock_creatio::Failure::default());
+    assert_delivered_once(&world, &sent).await;
+}
