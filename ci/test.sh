@@ -26,6 +26,7 @@ command -v cargo >/dev/null 2>&1 || {
 need kill procps
 need python3 python3
 need redis-server redis-server
+need openssl openssl
 
 # exchangelib, the third-party EWS client that mock-ews must satisfy, in a private venv.
 venv=target/exchangelib-venv

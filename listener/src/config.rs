@@ -150,6 +150,11 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// A PEM file of the CA that signed Redis's certificate, for `rediss://` with an internal
+    /// CA (the system's roots otherwise).
+    #[arg(long, env = "EXCHANGE_LISTENER_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
     /// The original service's Redis setting, `host:port`; used when `--redis-url` is absent.
     #[arg(long, env = "ExchangeListenerRedisHost")]
     pub redis_host: Option<String>,

@@ -91,8 +91,16 @@ pub async fn serve(
                     "credentials are kept in Redis in plain text (--insecure-plaintext-credentials)"
                 );
             }
+            let ca = match &config.redis_ca_file {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("--redis-ca-file {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
             let redis = store::redis::RedisStore::connect(
                 &url,
+                ca,
                 &config.redis_prefix,
                 sealer,
                 store::SeenLimits::default(),

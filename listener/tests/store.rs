@@ -296,6 +296,7 @@ async fn the_redis_store_keeps_the_lease_contract() {
     let redis = Redis::start().await;
     let store = RedisStore::connect(
         &redis.url,
+        None,
         "el:",
         Sealer::from_base64(KEY).unwrap(),
         SeenLimits::default(),
@@ -316,7 +317,7 @@ async fn the_memory_store_keeps_the_contract() {
 async fn the_redis_store_keeps_the_contract() {
     let redis = Redis::start().await;
     let sealer = Sealer::from_base64(KEY).unwrap();
-    let store = RedisStore::connect(&redis.url, "el:", sealer, SeenLimits::default())
+    let store = RedisStore::connect(&redis.url, None, "el:", sealer, SeenLimits::default())
         .await
         .unwrap();
     contract(&store).await;
@@ -327,7 +328,7 @@ async fn the_redis_store_holds_no_password_in_the_clear_and_keeps_deployments_ap
     let redis = Redis::start().await;
     let connect = async |prefix: &str, sealer: Sealer| {
         Arc::new(
-            RedisStore::connect(&redis.url, prefix, sealer, SeenLimits::default())
+            RedisStore::connect(&redis.url, None, prefix, sealer, SeenLimits::default())
                 .await
                 .unwrap(),
         )
@@ -366,4 +367,23 @@ async fn the_redis_store_holds_no_password_in_the_clear_and_keeps_deployments_ap
     )
     .await;
     assert!(wrong.wanted("m1").await.is_err());
+}
+
+#[tokio::test]
+async fn the_redis_store_speaks_tls_to_a_server_with_an_internal_ca() {
+    let (redis, ca) = Redis::start_tls().await;
+    let sealer = || Sealer::from_base64(KEY).unwrap();
+    let store = RedisStore::connect(&redis.url, Some(ca), "el:", sealer(), SeenLimits::default())
+        .await
+        .unwrap();
+    store.put_mailbox(creds("m1", "pw")).await.unwrap();
+    assert_eq!(
+        store.wanted("m1").await.unwrap().unwrap().creds,
+        creds("m1", "pw")
+    );
+    // Without the CA the server's certificate is not trusted.
+    let untrusting = RedisStore::connect(&redis.url, None, "el:", sealer(), SeenLimits::default())
+        .await
+        .unwrap();
+    assert!(untrusting.wanted("m1").await.is_err());
 }

@@ -260,14 +260,27 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects (and keeps reconnecting) to the Redis at `url`, on first use.
+    /// Connects (and keeps reconnecting) to the Redis at `url`, on first use. With
+    /// `rediss://`, the server's certificate is checked against `ca_pem` when given (an
+    /// internal CA), else against the system's roots.
     pub async fn connect(
         url: &str,
+        ca_pem: Option<Vec<u8>>,
         prefix: &str,
         sealer: Sealer,
         seen_limits: SeenLimits,
     ) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(store_error)?;
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(store_error)?;
         let changes_client = client.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
