@@ -18,16 +18,24 @@ fn weight(replica: &str, mailbox: &str) -> u64 {
 }
 
 /// The replica for each mailbox. A mailbox is left out when every replica is full (more
-/// mailboxes than the replicas' caps allow); it waits for room.
-pub fn assign(replicas: &[String], mailboxes: &[String], cap: usize) -> HashMap<String, String> {
+/// mailboxes than the replicas' caps allow); it waits for room. Mailboxes a live replica
+/// serves now (`served`) are placed first, so when room is short the ones that wait are the
+/// ones no one serves, not ones that would have to stop.
+pub fn assign(
+    replicas: &[String],
+    mailboxes: &[String],
+    cap: usize,
+    served: &HashMap<String, String>,
+) -> HashMap<String, String> {
     let mut assigned = HashMap::with_capacity(mailboxes.len());
     if replicas.is_empty() || cap == 0 {
         return assigned;
     }
     let room = mailboxes.len().div_ceil(replicas.len()).min(cap);
     let mut load = vec![0usize; replicas.len()];
+    let live_owner = |m: &String| served.get(m).is_some_and(|r| replicas.contains(r));
     let mut order: Vec<&String> = mailboxes.iter().collect();
-    order.sort();
+    order.sort_by_key(|m| (!live_owner(m), *m));
     order.dedup();
     let mut ranked: Vec<usize> = (0..replicas.len()).collect();
     for mailbox in order {
@@ -59,14 +67,14 @@ mod tests {
     #[test]
     fn three_replicas_take_fifty_each() {
         let replicas = names("replica-", 3);
-        let assigned = assign(&replicas, &names("mbx-", 150), usize::MAX);
+        let assigned = assign(&replicas, &names("mbx-", 150), usize::MAX, &HashMap::new());
         assert_eq!(loads(&assigned, &replicas), [50, 50, 50]);
     }
 
     #[test]
     fn the_cap_leaves_the_rest_waiting() {
         let replicas = names("r", 2);
-        let assigned = assign(&replicas, &names("m", 10), 3);
+        let assigned = assign(&replicas, &names("m", 10), 3, &HashMap::new());
         assert_eq!(assigned.len(), 6);
         assert_eq!(loads(&assigned, &replicas), [3, 3]);
     }
@@ -74,8 +82,8 @@ mod tests {
     #[test]
     fn a_join_moves_about_its_share_and_no_more() {
         let mailboxes = names("mbx-", 3000);
-        let before = assign(&names("r", 3), &mailboxes, usize::MAX);
-        let after = assign(&names("r", 4), &mailboxes, usize::MAX);
+        let before = assign(&names("r", 3), &mailboxes, usize::MAX, &HashMap::new());
+        let after = assign(&names("r", 4), &mailboxes, usize::MAX, &HashMap::new());
         let moved = mailboxes.iter().filter(|m| before[*m] != after[*m]).count();
         // A quarter must move to the newcomer; bounded load may move a little more.
         assert!(
@@ -89,15 +97,31 @@ mod tests {
     #[test]
     fn a_leave_moves_only_the_leavers_mailboxes_when_there_is_room() {
         let mailboxes = names("mbx-", 300);
-        let before = assign(&names("r", 3), &mailboxes, usize::MAX);
+        let before = assign(&names("r", 3), &mailboxes, usize::MAX, &HashMap::new());
         let survivors = vec!["r0".to_owned(), "r2".to_owned()];
-        let after = assign(&survivors, &mailboxes, usize::MAX);
+        let after = assign(&survivors, &mailboxes, usize::MAX, &HashMap::new());
         assert_eq!(loads(&after, &survivors), [150, 150]);
         let kept = mailboxes
             .iter()
             .filter(|m| before[*m] != "r1" && before[*m] == after[*m])
             .count();
         assert!(kept >= 150, "only {kept} of 200 stayed where they were");
+    }
+
+    #[test]
+    fn when_room_is_short_the_served_mailboxes_keep_their_places() {
+        // One replica left, room for one: of two mailboxes, the one it serves stays.
+        let replicas = vec!["r1".to_owned()];
+        let mailboxes = names("mbx-", 2);
+        for served in ["mbx-0", "mbx-1"] {
+            let now = HashMap::from([
+                (served.to_owned(), "r1".to_owned()),
+                ("other".to_owned(), "r0".to_owned()),
+            ]);
+            let assigned = assign(&replicas, &mailboxes, 1, &now);
+            assert_eq!(assigned.len(), 1);
+            assert_eq!(assigned.get(served).map(String::as_str), Some("r1"));
+        }
     }
 
     proptest! {
@@ -107,7 +131,7 @@ mod tests {
         ) {
             let replicas = names("replica-", replicas);
             let mailboxes = names("m", mailboxes);
-            let assigned = assign(&replicas, &mailboxes, usize::MAX);
+            let assigned = assign(&replicas, &mailboxes, usize::MAX, &HashMap::new());
             prop_assert_eq!(assigned.len(), mailboxes.len());
             let ceiling = mailboxes.len().div_ceil(replicas.len());
             for load in loads(&assigned, &replicas) {
@@ -116,7 +140,7 @@ mod tests {
             // The order replicas are listed in changes nothing.
             let mut reversed = replicas.clone();
             reversed.reverse();
-            prop_assert_eq!(assign(&reversed, &mailboxes, usize::MAX), assigned);
+            prop_assert_eq!(assign(&reversed, &mailboxes, usize::MAX, &HashMap::new()), assigned);
         }
     }
 }

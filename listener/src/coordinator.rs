@@ -252,7 +252,23 @@ impl Coordinator {
                 return false;
             }
         };
-        let assigned = balance::assign(&live, &open, self.settings.cap);
+        // When the replicas' caps leave mailboxes waiting, those served now keep their places.
+        let served = if open.len() > live.len().saturating_mul(self.settings.cap) {
+            match self.store.owners(&open).await {
+                Ok(owners) => open
+                    .iter()
+                    .zip(owners)
+                    .filter_map(|(id, owner)| owner.map(|o| (id.clone(), o)))
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the lease holders");
+                    HashMap::new()
+                }
+            }
+        } else {
+            HashMap::new()
+        };
+        let assigned = balance::assign(&live, &open, self.settings.cap, &served);
         let mine: HashSet<&str> = assigned
             .iter()
             .filter(|(_, r)| r.as_str() == replica)

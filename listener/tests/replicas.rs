@@ -356,18 +356,21 @@ async fn a_mailbox_no_replica_serves_is_not_reported_to_exist() {
         (owners.len() == 2 && states.get("Streaming") == Some(&2)).then_some(())
     })
     .await;
-    // r0 dies; r1 is full, so one of the two is served by no one, and says so.
+    let (_, view) = r1.get("/api/listeners/mbx-0").await;
+    let (orphan, served) = if view["Owner"] == "r0" {
+        ("mbx-0", "mbx-1")
+    } else {
+        ("mbx-1", "mbx-0")
+    };
+    // r0 dies; r1 is full: r0's mailbox is served by no one and says so, r1's stays served.
     r0.kill9().await;
-    eventually(
-        "one mailbox served, the other reported notExists",
-        PATIENCE,
-        async || {
-            let mut states = [r1.state_of("mbx-0").await, r1.state_of("mbx-1").await];
-            states.sort();
-            (states == ["exists", "notExists"]).then_some(())
-        },
-    )
+    eventually("the orphan reported notExists", PATIENCE, async || {
+        (r1.state_of(orphan).await == "notExists").then_some(())
+    })
     .await;
+    assert_eq!(r1.state_of(served).await, "exists");
+    let (_, view) = r1.get(&format!("/api/listeners/{served}")).await;
+    assert_eq!(view["Owner"], "r1", "r1 kept the mailbox it served");
 }
 
 #[tokio::test]
