@@ -84,6 +84,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         error: Option<String>,
     ) -> Stored<'a, ()>;
     fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()>;
+    /// Notes that Exchange announced new mail for the mailbox, now.
+    fn note_event<'a>(&'a self, id: &'a str) -> Stored<'a, ()>;
     fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>>;
     /// Stores where the catch-up stands, as of now, if `fence` still holds the lease.
     fn set_sync_state<'a>(
@@ -196,6 +198,8 @@ pub struct MailboxStatus {
     pub last_error_unix_ms: Option<i64>,
     /// Since when the mailbox has had no healthy stream; none while it streams.
     pub unhealthy_since_unix_ms: Option<i64>,
+    /// When Exchange last announced new mail on the stream.
+    pub last_event_unix_ms: Option<i64>,
     pub delivered: u64,
     pub dead_letters: u64,
     /// New items that were gone (deleted or moved) before they could be read.
@@ -215,6 +219,7 @@ impl Default for MailboxStatus {
             last_error: None,
             last_error_unix_ms: None,
             unhealthy_since_unix_ms: Some(now),
+            last_event_unix_ms: None,
             delivered: 0,
             dead_letters: 0,
             skipped: 0,

@@ -523,6 +523,12 @@ impl Worker {
                 }
             }
             self.ctx.metrics.events.inc_by(new_items.len() as u64);
+            if !new_items.is_empty()
+                && let Err(e) = self.ctx.store.note_event(self.id()).await
+            {
+                self.store_failed("note_event");
+                tracing::warn!(error = %e, "could not note an event");
+            }
             if !new_items.is_empty() && !self.deliver(new_items).await? {
                 return Ok(StreamEnd::Cancelled);
             }

@@ -113,6 +113,11 @@ async fn three_mails_arrive_once_each_with_their_headers() {
     assert_eq!(call["SubscriptionInfo"]["MailboxId"], "mbx-1");
     assert_eq!(call["SubscriptionInfo"]["SysAdminUnit"], "Supervisor");
     println!("injection-to-arrival latency: {latencies:?}");
+    let (_, view) = listener.get("/api/listeners/mbx-1").await;
+    assert!(
+        view["Status"]["LastEventUnixMs"].as_i64().unwrap_or(0) > 1_700_000_000_000,
+        "the view says when mail was last announced: {view}"
+    );
 }
 
 #[tokio::test]

@@ -91,6 +91,27 @@ async fn contract(store: &dyn Store) {
     assert_eq!(counts.get(&WorkerState::Streaming), Some(&1));
     assert_eq!(counts.get(&WorkerState::Starting), Some(&1));
 
+    // The last event, as announced.
+    assert_eq!(
+        store
+            .status("m1")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_event_unix_ms,
+        None
+    );
+    store.note_event("m1").await.unwrap();
+    assert!(
+        store
+            .status("m1")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_event_unix_ms
+            .is_some_and(|t| t > 1_700_000_000_000)
+    );
+
     // Sync state, and when it was given.
     assert!(store.sync_state("m1").await.unwrap().is_none());
     store.set_sync_state("m1", "H4sIAAA", &fence).await.unwrap();

@@ -295,6 +295,13 @@ impl Store for MemoryStore {
         ready(())
     }
 
+    fn note_event<'a>(&'a self, id: &'a str) -> Stored<'a, ()> {
+        self.with_entry(id, |entry| {
+            entry.status.last_event_unix_ms = Some(unix_now_ms());
+        });
+        ready(())
+    }
+
     fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>> {
         ready(self.with_entry(id, |e| e.sync.clone()).flatten())
     }

@@ -114,6 +114,13 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 "#;
 
+/// Notes an event on an existing mailbox. KEYS: mbx. ARGV: now.
+const EVENT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_event_ms', ARGV[1])
+return 1
+"#;
+
 /// Adds one to a counter of an existing mailbox. KEYS: mbx. ARGV: field, now.
 const BUMP: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -227,6 +234,7 @@ struct Scripts {
     transition: Script,
     set_fenced: Script,
     bump: Script,
+    event: Script,
     record: Script,
     replay: Script,
     take: Script,
@@ -300,6 +308,7 @@ impl RedisStore {
                 transition: Script::new(TRANSITION),
                 set_fenced: Script::new(SET_FENCED),
                 bump: Script::new(BUMP),
+                event: Script::new(EVENT),
                 record: Script::new(RECORD),
                 replay: Script::new(REPLAY),
                 take: Script::new(TAKE),
@@ -636,6 +645,7 @@ fn status_from(fields: &HashMap<String, String>) -> MailboxStatus {
         last_error: text("last_error"),
         last_error_unix_ms: int("last_error_ms"),
         unhealthy_since_unix_ms: int("unhealthy_since_ms"),
+        last_event_unix_ms: int("last_event_ms"),
         delivered: count("delivered"),
         dead_letters: count("dead_letters"),
         skipped: count("skipped"),
@@ -677,6 +687,22 @@ impl Store for RedisStore {
 
     fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()> {
         self.bump_now(id, counter).boxed()
+    }
+
+    fn note_event<'a>(&'a self, id: &'a str) -> Stored<'a, ()> {
+        async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .scripts
+                .event
+                .key(self.key("mbx", id))
+                .arg(unix_now_ms())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>> {
