@@ -27,6 +27,7 @@ need kill procps
 need python3 python3
 need redis-server redis-server
 need openssl openssl
+need curl curl
 
 # exchangelib, the third-party EWS client that mock-ews must satisfy, in a private venv.
 venv=target/exchangelib-venv
@@ -50,3 +51,5 @@ echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== test"
 cargo test --workspace --locked
+echo "== image"
+ci/image-check.sh
