@@ -59,8 +59,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn router(state: ApiState) -> Router {
-    Router::new()
+/// The routes, at the root and, when `base_path` is set (e.g. `/exchangelistener`, the
+/// original chart's `ingress.path`), under it as well: an ingress that forwards the whole path
+/// reaches the same API.
+pub fn router(state: ApiState, base_path: &str) -> Router {
+    let routes = Router::new()
         .route("/api/listeners/status", get(status))
         .route(
             "/api/listeners/{action}",
@@ -70,8 +73,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/listeners/{id}/dead-letters/replay", post(replay))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let routes = match base_path.trim_end_matches('/') {
+        "" => routes,
+        base => routes.clone().nest(base, routes),
+    };
+    routes.with_state(state)
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {

@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
+    /// A path prefix the API also answers under, for an ingress that forwards the whole
+    /// path (the original chart's `ingress.path`, e.g. `/exchangelistener`).
+    #[arg(long, env = "EXCHANGE_LISTENER_BASE_PATH", default_value = "", value_parser = base_path)]
+    pub base_path: String,
+
     /// Log filter (tracing directives, e.g. `info` or `exchange_listener=debug`).
     #[arg(long, env = "EXCHANGE_LISTENER_LOG", default_value = "info")]
     pub log: String,
@@ -196,6 +201,25 @@ pub struct Config {
     /// abandoned (keep below Kubernetes' termination grace period).
     #[arg(long, env = "EXCHANGE_LISTENER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_timeout_secs: u64,
+}
+
+fn base_path(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let valid = s.starts_with('/')
+        && s[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.~".contains(c))
+        });
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a path such as /exchangelistener"))
+    }
 }
 
 fn secret(s: &str) -> Result<Secret, String> {

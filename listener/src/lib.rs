@@ -168,7 +168,7 @@ pub async fn serve(
         request_timeout: Duration::from_secs(config.http_request_timeout_secs),
     };
     let grace = Duration::from_secs(config.shutdown_timeout_secs);
-    let router = server::with_limits(api::router(state), http_limits);
+    let router = server::with_limits(api::router(state, &config.base_path), http_limits);
     let addr = listener.local_addr().context("reading the bound address")?;
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let stop_flag = ready.clone();

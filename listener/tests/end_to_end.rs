@@ -374,3 +374,28 @@ async fn sigterm_unsubscribes_and_exits_cleanly() {
         "shutdown unsubscribes"
     );
 }
+
+#[tokio::test]
+async fn the_api_answers_under_the_ingress_path_too() {
+    let listener = Listener::spawn(&["--base-path", "/exchangelistener/"]).await;
+    for path in [
+        "/api/listeners/status",
+        "/exchangelistener/api/listeners/status",
+    ] {
+        let (code, body) = listener.get(path).await;
+        assert_eq!(
+            (code, &body["ServiceStatus"]),
+            (200, &json!("Started")),
+            "{path}"
+        );
+    }
+    let (code, states) = listener
+        .call(
+            "../../exchangelistener/api/listeners/subscriptionsState",
+            "[\"x\"]",
+        )
+        .await;
+    assert_eq!(code, 200, "{states}");
+    assert_eq!(listener.get("/exchangelistener/readyz").await.0, 200);
+    assert_eq!(listener.get("/other/api/listeners/status").await.0, 404);
+}
