@@ -389,13 +389,18 @@ async fn the_api_answers_under_the_ingress_path_too() {
             "{path}"
         );
     }
-    let (code, states) = listener
-        .call(
-            "../../exchangelistener/api/listeners/subscriptionsState",
-            "[\"x\"]",
-        )
-        .await;
-    assert_eq!(code, 200, "{states}");
+    let answer = listener
+        .http
+        .post(format!(
+            "{}/exchangelistener/api/listeners/subscriptionsState",
+            listener.base
+        ))
+        .header("Content-Type", "application/json")
+        .body(r#"["x"]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
     assert_eq!(listener.get("/exchangelistener/readyz").await.0, 200);
     assert_eq!(listener.get("/other/api/listeners/status").await.0, 404);
 }
