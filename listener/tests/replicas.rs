@@ -13,21 +13,34 @@ use serde_json::{Value, json};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-/// A replica on `redis`, with a short lease so failover tests stay short.
-async fn replica(redis: &Redis, name: &str) -> Listener {
-    Listener::spawn(&[
+/// A replica on the Redis at `url`, with a short lease so failover tests stay short.
+async fn replica_at(url: &str, name: &str, extra: &[&str]) -> Listener {
+    let mut args = vec![
         "--redis-url",
-        &redis.url,
+        url,
         "--secret-key",
         KEY,
         "--replica-id",
         name,
         "--lease-ms",
         "1500",
-        "--log",
-        "info",
-    ])
-    .await
+    ];
+    args.extend_from_slice(extra);
+    Listener::spawn(&args).await
+}
+
+async fn replica(redis: &Redis, name: &str) -> Listener {
+    replica_at(&redis.url, name, &[]).await
+}
+
+/// Creates mailboxes `0..n` across `replicas` and waits until every one streams.
+async fn streaming(world: &World, replicas: &[&Listener], n: usize) {
+    create(world, replicas, 0..n).await;
+    eventually("every mailbox streaming", PATIENCE, async || {
+        let (_, states) = spread(replicas[0]).await;
+        (states.get("Streaming") == Some(&(n as u64))).then_some(())
+    })
+    .await;
 }
 
 /// Mocks whose streams are not cut on a timer: with many mailboxes, reconnects every two
@@ -203,12 +216,7 @@ async fn a_replica_stopped_with_sigterm_hands_over_without_waiting_for_its_lease
     let redis = Redis::start().await;
     let world = world().await;
     let mut r = vec![replica(&redis, "r0").await, replica(&redis, "r1").await];
-    create(&world, &[&r[0], &r[1]], 0..20).await;
-    eventually("20 mailboxes streaming", PATIENCE, async || {
-        let (_, states) = spread(&r[0]).await;
-        (states.get("Streaming") == Some(&20)).then_some(())
-    })
-    .await;
+    streaming(&world, &[&r[0], &r[1]], 20).await;
     let mut leaving = r.pop().unwrap();
     leaving.terminate();
     let stopped = tokio::time::Instant::now();
@@ -251,12 +259,7 @@ async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
     let mut redis = Redis::start().await;
     let world = world().await;
     let r = [replica(&redis, "r0").await, replica(&redis, "r1").await];
-    create(&world, &[&r[0], &r[1]], 0..10).await;
-    eventually("10 mailboxes streaming", PATIENCE, async || {
-        let (_, states) = spread(&r[0]).await;
-        (states.get("Streaming") == Some(&10)).then_some(())
-    })
-    .await;
+    streaming(&world, &[&r[0], &r[1]], 10).await;
     redis.restart().await;
     eventually(
         "the mailboxes written back and streaming",
@@ -285,17 +288,7 @@ async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
     let redis = Redis::start().await;
     let relay = Relay::start(&redis).await;
     let world = world().await;
-    let r0 = Listener::spawn(&[
-        "--redis-url",
-        &relay.url,
-        "--secret-key",
-        KEY,
-        "--replica-id",
-        "r0",
-        "--lease-ms",
-        "1500",
-    ])
-    .await;
+    let r0 = replica_at(&relay.url, "r0", &[]).await;
     let r1 = replica(&redis, "r1").await;
     create(&world, &[&r0, &r1], 0..10).await;
     eventually("10 mailboxes spread and streaming", PATIENCE, async || {
@@ -330,26 +323,9 @@ async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
 async fn a_mailbox_no_replica_serves_is_not_reported_to_exist() {
     let redis = Redis::start().await;
     let world = world().await;
-    let full = |name: &'static str| {
-        let url = redis.url.clone();
-        async move {
-            Listener::spawn(&[
-                "--redis-url",
-                &url,
-                "--secret-key",
-                KEY,
-                "--replica-id",
-                name,
-                "--lease-ms",
-                "1500",
-                "--max-active-mailboxes",
-                "1",
-            ])
-            .await
-        }
-    };
-    let mut r0 = full("r0").await;
-    let r1 = full("r1").await;
+    let full = ["--max-active-mailboxes", "1"];
+    let mut r0 = replica_at(&redis.url, "r0", &full).await;
+    let r1 = replica_at(&redis.url, "r1", &full).await;
     create(&world, &[&r0, &r1], 0..2).await;
     eventually("one mailbox on each replica", PATIENCE, async || {
         let (owners, states) = spread(&r1).await;
@@ -378,12 +354,7 @@ async fn creatio_down_through_a_failover_delays_mail_but_loses_none() {
     let redis = Redis::start().await;
     let world = world().await;
     let mut r = vec![replica(&redis, "r0").await, replica(&redis, "r1").await];
-    create(&world, &[&r[0], &r[1]], 0..10).await;
-    eventually("10 mailboxes streaming", PATIENCE, async || {
-        let (_, states) = spread(&r[0]).await;
-        (states.get("Streaming") == Some(&10)).then_some(())
-    })
-    .await;
+    streaming(&world, &[&r[0], &r[1]], 10).await;
     // Creatio answers 503 to everything; mail arrives and is retried by both replicas.
     world.creatio.fail_with(mock_creatio::Failure {
         count: u32::MAX,
