@@ -51,5 +51,15 @@ echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== test"
 cargo test --workspace --locked
+echo "== chart"
+# The chart's offline checks: Helm's library and the Kubernetes schemas, from PyPI.
+chart_venv=target/chart-venv
+if ! "$chart_venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1; then
+    echo "ci/test.sh: installing helm-python-sdk 0.2.2 and kubernetes-validate 1.37.0 into $chart_venv"
+    python3 -m venv "$chart_venv"
+    "$chart_venv/bin/pip" install --quiet --disable-pip-version-check \
+        helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pyyaml
+fi
+"$chart_venv/bin/python" ci/chart-check.py | tail -n 3
 echo "== image"
 ci/image-check.sh

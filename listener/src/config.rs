@@ -164,6 +164,10 @@ pub struct Config {
     #[arg(long, env = "ExchangeListenerRedisHost")]
     pub redis_host: Option<String>,
 
+    /// Speak TLS to the Redis named by `ExchangeListenerRedisHost` (`rediss://`).
+    #[arg(long, env = "EXCHANGE_LISTENER_REDIS_TLS")]
+    pub redis_tls: bool,
+
     /// The original service's Redis database number, with `ExchangeListenerRedisHost`.
     #[arg(long, env = "ExchangeListenerRedisDatabase")]
     pub redis_database: Option<u32>,
@@ -222,6 +226,54 @@ fn base_path(s: &str) -> Result<String, String> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("exchange-listener").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_original_redis_settings_make_a_url() {
+        assert_eq!(config(&[]).redis().unwrap(), None);
+        let c = config(&[
+            "--redis-host",
+            "redis.crm:6380",
+            "--redis-database",
+            "3",
+            "--redis-password",
+            "p@ss word",
+        ]);
+        assert_eq!(
+            c.redis().unwrap().unwrap(),
+            "redis://:p%40ss%20word@redis.crm:6380/3"
+        );
+        let tls = config(&["--redis-host", "redis.crm:6380", "--redis-tls"]);
+        assert_eq!(tls.redis().unwrap().unwrap(), "rediss://redis.crm:6380/0");
+        let url = config(&["--redis-url", "redis://x:1/2", "--redis-host", "y:3"]);
+        assert_eq!(
+            url.redis().unwrap().unwrap(),
+            "redis://x:1/2",
+            "the URL wins"
+        );
+    }
+
+    #[test]
+    fn base_paths() {
+        assert_eq!(
+            base_path("/exchangelistener/").unwrap(),
+            "/exchangelistener"
+        );
+        assert_eq!(base_path("").unwrap(), "");
+        assert_eq!(base_path("/").unwrap(), "");
+        assert!(base_path("exchangelistener").is_err());
+        assert!(base_path("/a//b").is_err());
+        assert!(base_path("/a b").is_err());
+    }
+}
+
 fn secret(s: &str) -> Result<Secret, String> {
     Ok(Secret::new(s.to_owned()))
 }
@@ -274,7 +326,8 @@ impl Config {
         let Some(host) = &self.redis_host else {
             return Ok(None);
         };
-        let mut url = url::Url::parse(&format!("redis://{}", host.trim()))
+        let scheme = if self.redis_tls { "rediss" } else { "redis" };
+        let mut url = url::Url::parse(&format!("{scheme}://{}", host.trim()))
             .map_err(|e| format!("ExchangeListenerRedisHost {host:?}: {e}"))?;
         if let Some(password) = &self.redis_password {
             url.set_password(Some(password.expose()))

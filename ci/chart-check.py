@@ -1,0 +1,148 @@
+"""The Helm chart, checked offline: rendered with representative value sets, every object
+validated against the Kubernetes schemas, and each of the original chart's values shown to
+change the output the way its table says. Run by ci/test.sh with helm-python-sdk and
+kubernetes-validate from PyPI; exits non-zero naming the first broken expectation."""
+
+import sys
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+CHART = "helm/exchangelistener"
+KUBE = "1.30"
+# Kinds whose schemas belong to operators, not to Kubernetes.
+CUSTOM = {"ScaledObject", "ServiceMonitor"}
+
+chart = helm.Chart.load(CHART)
+failures = []
+
+
+def render(expression="", name="el", namespace="crm"):
+    values = helm.parse_set_string(expression) if expression else {}
+    files = chart.render(values, name=name, namespace=namespace, is_install=True)
+    objects = []
+    for path, text in files.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.append(doc)
+    return objects, files
+
+
+def notes(files):
+    return next(text for path, text in files.items() if path.endswith("NOTES.txt"))
+
+
+def one(objects, kind):
+    found = [o for o in objects if o["kind"] == kind]
+    return found[0] if found else None
+
+
+def container(objects):
+    return one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(objects, name):
+    for e in container(objects)["env"]:
+        if e["name"] == name:
+            return e.get("value", e.get("valueFrom"))
+    return None
+
+
+def expect(what, ok):
+    print(("ok   " if ok else "FAIL ") + what)
+    if not ok:
+        failures.append(what)
+
+
+# Every value set renders, and every rendered object is valid Kubernetes.
+VALUE_SETS = {
+    "defaults, one replica": "replicaCount=1",
+    "Redis": "env.host=redis",
+    "NodePort": "env.host=redis,service.type=NodePort,service.nodePort=30080,ingress.enabled=false",
+    "ingress": "env.host=redis,ApiUrl=crm.example.com,ingress.path=/el",
+    "autoscaling, KEDA, ServiceMonitor": "env.host=redis,autoscaling.enabled=true,"
+    "serviceMonitor.enabled=true,keda.enabled=true,keda.prometheusServerAddress=http://prom:9090",
+    "Redis password and TLS": "env.host=redis,redis.passwordSecret=redis-auth,redis.tls=true,"
+    "redis.caSecret=redis-ca",
+    "the original's command line": "env.host=redis.crm,env.port=6379,env.base=0,"
+    "ApiUrl=crm.example.com,ingress.enabled=true,ingress.path=/exchangelistener,apiVersion=apps/v1",
+}
+for label, expression in VALUE_SETS.items():
+    try:
+        objects, _ = render(expression)
+    except helm.HelmError as e:
+        expect(f"{label}: renders ({e})", False)
+        continue
+    for obj in objects:
+        if obj["kind"] in CUSTOM:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBE, strict=True)
+            valid = True
+        except kubernetes_validate.ValidationError as e:
+            print(e)
+            valid = False
+        expect(f"{label}: {obj['kind']} {obj['metadata']['name']} is valid Kubernetes {KUBE}", valid)
+
+# Each of the original's values does what its table says.
+base, base_files = render("env.host=redis")
+expect("replicaCount sets the StatefulSet's replicas",
+       one(render("env.host=redis,replicaCount=5")[0], "StatefulSet")["spec"]["replicas"] == 5)
+expect("apiVersion sets the StatefulSet's apiVersion",
+       one(base, "StatefulSet")["apiVersion"] == "apps/v1")
+expect("service.type sets the Service's type",
+       one(render("env.host=redis,service.type=NodePort")[0], "Service")["spec"]["type"] == "NodePort")
+expect("service.nodePort sets the node port",
+       one(render("env.host=redis,service.type=NodePort,service.nodePort=30080")[0], "Service")
+       ["spec"]["ports"][0].get("nodePort") == 30080)
+expect("env.host and env.port become ExchangeListenerRedisHost",
+       env(render("env.host=redis.crm,env.port=6380")[0], "ExchangeListenerRedisHost") == "redis.crm:6380")
+expect("env.base becomes ExchangeListenerRedisDatabase",
+       env(render("env.host=redis,env.base=4")[0], "ExchangeListenerRedisDatabase") == "4")
+expect("no env.host: no Redis settings", env(render("replicaCount=1")[0], "ExchangeListenerRedisHost") is None)
+expect("ingress.enabled=false leaves the Ingress out",
+       one(render("env.host=redis,ingress.enabled=false")[0], "Ingress") is None)
+ingress = one(render("env.host=redis,ApiUrl=crm.example.com,ingress.path=/el")[0], "Ingress")
+expect("ApiUrl is the Ingress host", ingress["spec"]["rules"][0].get("host") == "crm.example.com")
+expect("ingress.path is the Ingress path",
+       ingress["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/el")
+expect("ingress.path is the listener's base path",
+       env(render("env.host=redis,ingress.path=/el")[0], "EXCHANGE_LISTENER_BASE_PATH") == "/el")
+expect("log4Net.level Debug becomes the debug log level",
+       env(render("env.host=redis,log4Net.level=Debug")[0], "EXCHANGE_LISTENER_LOG") == "debug")
+expect("log4Net.level defaults to info", env(base, "EXCHANGE_LISTENER_LOG") == "info")
+expect("the pod name is the replica id",
+       env(base, "PodName") == {"fieldRef": {"fieldPath": "metadata.name"}})
+probes = container(base)
+expect("probes on /healthz and /readyz",
+       probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+       and probes["readinessProbe"]["httpGet"]["path"] == "/readyz")
+expect("the secret key comes from a Secret the chart keeps",
+       one(base, "Secret")["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep")
+expect("NOTES names Creatio's ExchangeListenerServiceUri",
+       "http://crm.example.com/exchangelistener/api/listeners"
+       in notes(render("env.host=redis,ApiUrl=crm.example.com")[1]))
+
+# Mistakes are refused, with a message that says what is wrong.
+for label, expression, needle in [
+    ("a misspelt value", "env.host=redis,replicaCont=3", "replicaCont"),
+    ("a misspelt nested value", "env.host=redis,ingress.pth=/x", "pth"),
+    ("two replicas without Redis", "replicaCount=2", "env.host"),
+]:
+    try:
+        render(expression)
+        refused, message = False, "rendered"
+    except helm.HelmError as e:
+        refused, message = needle in str(e), str(e)
+    expect(f"{label} is refused naming {needle!r} ({message.splitlines()[0][:100]})", refused)
+
+lint = helm.lint(CHART, helm.parse_set_string("env.host=redis"), strict=True)
+expect(f"helm lint --strict: no errors ({lint.get('errors')})", not lint.get("errors"))
+
+if failures:
+    print(f"\n{len(failures)} chart check(s) failed", file=sys.stderr)
+    sys.exit(1)
+print("\nthe chart renders valid Kubernetes and honours the original's values")

@@ -1,0 +1,45 @@
+{{- define "el.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "el.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "el.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "el.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "el.labels" -}}
+{{ include "el.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* log4Net.level onto the listener's log filter. */}}
+{{- define "el.logLevel" -}}
+{{- $level := lower (toString .Values.log4Net.level) -}}
+{{- $map := dict "all" "trace" "trace" "trace" "debug" "debug" "info" "info" "warn" "warn" "warning" "warn" "error" "error" "fatal" "error" "off" "off" -}}
+{{- get $map $level | default "info" -}}
+{{- end -}}
+
+{{- define "el.secretKeyName" -}}
+{{- .Values.secretKey.existingSecret | default (printf "%s-secret-key" (include "el.fullname" .)) -}}
+{{- end -}}
+
+{{/* The listener's URL as Creatio should be given it. */}}
+{{- define "el.serviceUri" -}}
+{{- if and .Values.ingress.enabled .Values.ApiUrl -}}
+{{- printf "%s://%s%s/api/listeners" (ternary "https" "http" (gt (len .Values.ingress.tls) 0)) .Values.ApiUrl (trimSuffix "/" .Values.ingress.path) -}}
+{{- else if eq .Values.service.type "NodePort" -}}
+{{- printf "http://<node address>:%v/api/listeners" (.Values.service.nodePort | default "<node port>") -}}
+{{- else -}}
+{{- printf "http://%s.%s.svc.cluster.local:%v/api/listeners" (include "el.fullname" .) .Release.Namespace .Values.service.port -}}
+{{- end -}}
+{{- end -}}
