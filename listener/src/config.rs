@@ -226,54 +226,6 @@ fn base_path(s: &str) -> Result<String, String> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(args: &[&str]) -> Config {
-        Config::try_parse_from(std::iter::once("exchange-listener").chain(args.iter().copied()))
-            .unwrap()
-    }
-
-    #[test]
-    fn the_original_redis_settings_make_a_url() {
-        assert_eq!(config(&[]).redis().unwrap(), None);
-        let c = config(&[
-            "--redis-host",
-            "redis.crm:6380",
-            "--redis-database",
-            "3",
-            "--redis-password",
-            "p@ss word",
-        ]);
-        assert_eq!(
-            c.redis().unwrap().unwrap(),
-            "redis://:p%40ss%20word@redis.crm:6380/3"
-        );
-        let tls = config(&["--redis-host", "redis.crm:6380", "--redis-tls"]);
-        assert_eq!(tls.redis().unwrap().unwrap(), "rediss://redis.crm:6380/0");
-        let url = config(&["--redis-url", "redis://x:1/2", "--redis-host", "y:3"]);
-        assert_eq!(
-            url.redis().unwrap().unwrap(),
-            "redis://x:1/2",
-            "the URL wins"
-        );
-    }
-
-    #[test]
-    fn base_paths() {
-        assert_eq!(
-            base_path("/exchangelistener/").unwrap(),
-            "/exchangelistener"
-        );
-        assert_eq!(base_path("").unwrap(), "");
-        assert_eq!(base_path("/").unwrap(), "");
-        assert!(base_path("exchangelistener").is_err());
-        assert!(base_path("/a//b").is_err());
-        assert!(base_path("/a b").is_err());
-    }
-}
-
 fn secret(s: &str) -> Result<Secret, String> {
     Ok(Secret::new(s.to_owned()))
 }
@@ -372,5 +324,53 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("exchange-listener").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_original_redis_settings_make_a_url() {
+        assert_eq!(config(&[]).redis().unwrap(), None);
+        let c = config(&[
+            "--redis-host",
+            "redis.crm:6380",
+            "--redis-database",
+            "3",
+            "--redis-password",
+            "p@ss word",
+        ]);
+        assert_eq!(
+            c.redis().unwrap().unwrap(),
+            "redis://:p%40ss%20word@redis.crm:6380/3"
+        );
+        let tls = config(&["--redis-host", "redis.crm:6380", "--redis-tls"]);
+        assert_eq!(tls.redis().unwrap().unwrap(), "rediss://redis.crm:6380/0");
+        let url = config(&["--redis-url", "redis://x:1/2", "--redis-host", "y:3"]);
+        assert_eq!(
+            url.redis().unwrap().unwrap(),
+            "redis://x:1/2",
+            "the URL wins"
+        );
+    }
+
+    #[test]
+    fn base_paths() {
+        assert_eq!(
+            base_path("/exchangelistener/").unwrap(),
+            "/exchangelistener"
+        );
+        assert_eq!(base_path("").unwrap(), "");
+        assert_eq!(base_path("/").unwrap(), "");
+        assert!(base_path("exchangelistener").is_err());
+        assert!(base_path("/a//b").is_err());
+        assert!(base_path("/a b").is_err());
     }
 }
