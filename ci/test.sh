@@ -61,5 +61,6 @@ if ! "$chart_venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml'
         helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pyyaml
 fi
 "$chart_venv/bin/python" ci/chart-check.py | tail -n 3
-echo "== image"
+echo "== image, and the chart's pods run on Docker"
 ci/image-check.sh
+"$chart_venv/bin/python" ci/chart-run.py

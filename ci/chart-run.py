@@ -1,0 +1,161 @@
+"""The chart's wiring, run for real: the container spec of the rendered StatefulSet (image,
+environment, ports, user, read-only root, readiness probe) is started as two replicas on the
+Docker engine, named as the StatefulSet names its pods, next to Redis, mock-ews and
+mock-creatio containers on a private network. They become ready, share the mailboxes, and a
+mail injected into mock-ews reaches mock-creatio. What is rendered is what runs.
+
+Expects the images ci/image-check.sh builds (exchange-listener:check and
+exchange-listener-redis:check) and builds the mocks' images the same way."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import helm_python as helm
+import yaml
+
+RUN = f"elchart{os.getpid()}"
+NET = RUN
+started = []
+
+
+def sh(*args, capture=True):
+    done = subprocess.run(args, capture_output=capture, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"chart-run: {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip() if capture else ""
+
+
+def http(method, url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+        return resp.status, (json.loads(text) if text.startswith(("{", "[")) else text)
+
+
+def eventually(what, probe, patience=60):
+    deadline = time.time() + patience
+    while time.time() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"chart-run: timed out waiting for {what}")
+
+
+def image(binary, tag):
+    """An image of one of the workspace's release binaries, staged like the listener's."""
+    ctx = f"target/image/{binary}"
+    sh("ci/stage-rootfs.sh", f"target/release/{binary}", ctx)
+    with open(f"{ctx}/Dockerfile", "w") as f:
+        f.write(f'FROM scratch\nCOPY rootfs/ /\nUSER 10001:10001\n'
+                f'ENTRYPOINT ["/usr/local/bin/{binary}"]\n')
+    sh("docker", "build", "-q", "-t", tag, ctx)
+
+
+def run(name, img, *args, alias=None, publish=None, env=(), user=None, read_only=False):
+    cmd = ["docker", "run", "-d", "--name", name, "--network", NET,
+           "--network-alias", alias or name]
+    if publish:
+        cmd += ["-p", f"127.0.0.1::{publish}"]
+    for k, v in env:
+        cmd += ["-e", f"{k}={v}"]
+    if user:
+        cmd += ["--user", user]
+    if read_only:
+        cmd += ["--read-only"]
+    sh(*cmd, img, *args)
+    started.append(name)
+    if publish:
+        return "http://" + sh("docker", "port", name, f"{publish}/tcp").splitlines()[0]
+    return None
+
+
+def main():
+    sh("cargo", "build", "--release", "--locked", "-q", "-p", "mock-ews", "-p", "mock-creatio")
+    image("mock-ews", "exchange-listener-mock-ews:check")
+    image("mock-creatio", "exchange-listener-mock-creatio:check")
+
+    values = helm.parse_set_string(
+        "image.repository=exchange-listener,image.tag=check,env.host=redis,replicaCount=2,"
+        "ingress.enabled=true,ingress.path=/exchangelistener,leaseMs=1500")
+    files = helm.Chart.load("helm/exchangelistener").render(values, name="el", namespace="crm",
+                                                           is_install=True)
+    objects = [d for p, t in files.items() if not p.endswith("NOTES.txt")
+               for d in yaml.safe_load_all(t) if d]
+    sts = next(o for o in objects if o["kind"] == "StatefulSet")
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    pod = sts["spec"]["template"]["spec"]
+    spec = pod["containers"][0]
+    port = spec["ports"][0]["containerPort"]
+    ready_path = spec["readinessProbe"]["httpGet"]["path"]
+    user = f'{pod["securityContext"]["runAsUser"]}:{pod["securityContext"]["runAsGroup"]}'
+    read_only = spec["securityContext"]["readOnlyRootFilesystem"]
+
+    sh("docker", "network", "create", NET)
+    run(f"{RUN}-redis", "exchange-listener-redis:check", alias="redis")
+    ews = run(f"{RUN}-ews", "exchange-listener-mock-ews:check", "--listen", "0.0.0.0:7070",
+              alias="mock-ews", publish=7070)
+    creatio = run(f"{RUN}-creatio", "exchange-listener-mock-creatio:check", "--listen",
+                  "0.0.0.0:7080", alias="mock-creatio", publish=7080)
+
+    bases = []
+    for i in range(sts["spec"]["replicas"]):
+        name = f'{sts["metadata"]["name"]}-{i}'
+        env = []
+        for e in spec["env"]:
+            if "value" in e:
+                env.append((e["name"], e["value"]))
+            elif e["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
+                env.append((e["name"], name))
+            elif "secretKeyRef" in e["valueFrom"]:
+                ref = e["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == secret["metadata"]["name"], ref
+                env.append((e["name"], base64.b64decode(secret["data"][ref["key"]]).decode()))
+        bases.append(run(f"{RUN}-{name}", spec["image"], alias=name, publish=port, env=env,
+                         user=user, read_only=read_only))
+    for base in bases:
+        eventually(f"{base}{ready_path}", lambda b=base: http("GET", b + ready_path)[0] == 200)
+    print(f"chart-run: {len(bases)} replicas from the rendered StatefulSet are ready")
+
+    callback = "http://mock-creatio:7080/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail"
+    for i in range(4):
+        email = f"user{i}@contoso.example"
+        http("POST", f"{ews}/_control/mailboxes", {"email": email, "password": "secret"})
+        creds = {"Id": f"mbx-{i}", "SenderEmailAddress": email, "UserName": email,
+                 "UserPassword": "secret", "ServerAddress": "http://mock-ews:7070/EWS/Exchange.asmx",
+                 "UseSSL": False, "BpmEndpoint": callback}
+        # Creatio reaches the listener through the ingress path.
+        status, _ = http("POST", f"{bases[i % 2]}/exchangelistener/api/listeners/create", [creds])
+        assert status == 200
+    owners = eventually("four mailboxes streaming on both replicas", lambda: (
+        lambda s: s["Owners"] if s["States"].get("Streaming") == 4 and len(s["Owners"]) == 2
+        else None)(http("GET", f"{bases[1]}/api/listeners/status")[1]))
+    print(f"chart-run: mailboxes shared {owners}")
+
+    sent = http("POST", f"{ews}/_control/mailboxes/user3@contoso.example/messages",
+                {"from": "sender@example.com", "subject": "through the chart", "body": "hi"})[1]
+    eventually("the mail at mock-creatio", lambda: any(
+        e.get("MessageId") == sent["message_id"]
+        for c in http("GET", f"{creatio}/_control/calls?operation=ProcessFullEmail")[1]
+        for e in c["body"].get("Emails", [])))
+    print("chart-run: a mail injected into mock-ews reached mock-creatio")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        for name in started:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "network", "rm", NET], capture_output=True)
+    sys.exit(0)
