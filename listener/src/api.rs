@@ -196,6 +196,10 @@ fn validation_message(e: &EwsFailure) -> String {
         EwsFailure::Unauthorized => {
             "Invalid credentials: Exchange rejected the user name or password".into()
         }
+        EwsFailure::Transport(why) if why.contains("certificate") => {
+            "Exchange's TLS certificate is not trusted; give its CA to the listener with --ews-ca-file"
+                .into()
+        }
         EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
             "Exchange could not be reached at ServerAddress".into()
         }

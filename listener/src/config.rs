@@ -55,6 +55,16 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_STREAM_IDLE_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub stream_idle_secs: u64,
 
+    /// A PEM bundle of CAs Exchange's certificates may come from, besides the system's (an
+    /// on-premises server's internal CA).
+    #[arg(long, env = "EXCHANGE_LISTENER_EWS_CA_FILE")]
+    pub ews_ca_file: Option<std::path::PathBuf>,
+
+    /// Accept any certificate from Exchange. For a lab only: logged as a warning at start and
+    /// on every mailbox's connect.
+    #[arg(long, env = "EXCHANGE_LISTENER_EWS_TLS_INSECURE")]
+    pub ews_tls_insecure: bool,
+
     /// Timeout of each non-streaming EWS call and each Creatio call, in seconds.
     #[arg(long, env = "EXCHANGE_LISTENER_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_secs: u64,

@@ -171,7 +171,19 @@ fn transport(e: reqwest::Error) -> EwsFailure {
     } else {
         "request failed"
     };
-    EwsFailure::Transport(format!("{kind}: {}", e.without_url()))
+    // reqwest says "error sending request"; the cause (a refused certificate, a reset) is in
+    // the chain, and is what an administrator needs to read.
+    let e = e.without_url();
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !why.contains(&text) {
+            why = format!("{why}: {text}");
+        }
+        source = cause.source();
+    }
+    EwsFailure::Transport(format!("{kind}: {why}"))
 }
 
 /// The EWS endpoint for `ServerAddress`: a full URL as given (with `/EWS/Exchange.asmx` added

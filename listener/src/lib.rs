@@ -41,22 +41,40 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let reach = config.reach().map_err(|e| anyhow::anyhow!(e))?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        // No host name may lead where an address written in a call may not.
-        .dns_resolver(Arc::new(reach::GuardedResolver {
-            allow_link_local: reach.allow_link_local,
-        }))
-        // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
-        // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
-        // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
-        .tcp_user_timeout(None)
-        // A redirect would re-post a SOAP body with its credentials, or a mail, to another
-        // host: never follow one; the EWS client reports it as a configuration error.
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("exchange-listener/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("building the HTTP client")?;
+    let builder = || {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // No host name may lead where an address written in a call may not.
+            .dns_resolver(Arc::new(reach::GuardedResolver {
+                allow_link_local: reach.allow_link_local,
+            }))
+            // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
+            // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
+            // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
+            .tcp_user_timeout(None)
+            // A redirect would re-post a SOAP body with its credentials, or a mail, to another
+            // host: never follow one; the EWS client reports it as a configuration error.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("exchange-listener/", env!("CARGO_PKG_VERSION")))
+    };
+    // Creatio's calls trust the system's roots; Exchange's may also trust an internal CA, or,
+    // in a lab, anything.
+    let http = builder().build().context("building the HTTP client")?;
+    let mut ews = builder();
+    if let Some(path) = &config.ews_ca_file {
+        let pem =
+            std::fs::read(path).with_context(|| format!("--ews-ca-file {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ews-ca-file {}: not a PEM bundle", path.display()))?;
+        ews = ews.tls_certs_merge(certs);
+    }
+    if config.ews_tls_insecure {
+        tracing::warn!(
+            "--ews-tls-insecure: Exchange's certificates are not checked; anyone on the path can read the mailboxes' passwords"
+        );
+        ews = ews.tls_danger_accept_invalid_certs(true);
+    }
+    let ews_http = ews.build().context("building the EWS HTTP client")?;
     let limits = ews_client::Limits {
         request_timeout: config.request_timeout(),
         max_body_bytes: config.ews_max_body_bytes,
@@ -120,7 +138,8 @@ pub async fn serve(
             leases: leases.clone(),
             metrics: metrics.clone(),
             exchange: Arc::new(transport::HttpExchange {
-                http: http.clone(),
+                http: ews_http.clone(),
+                insecure: config.ews_tls_insecure,
                 server_version: config.ews_version,
                 limits,
             }),
@@ -155,7 +174,7 @@ pub async fn serve(
     );
     let state = api::ApiState {
         supervisor: supervisor.clone(),
-        http,
+        http: ews_http,
         server_version: config.ews_version,
         limits,
         reach,

@@ -79,12 +79,19 @@ pub trait Creatio: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct HttpExchange {
     pub http: reqwest::Client,
+    /// Exchange's certificates go unchecked (`--ews-tls-insecure`): said on every connect.
+    pub insecure: bool,
     pub server_version: ews::ServerVersion,
     pub limits: Limits,
 }
 
 impl Connect for HttpExchange {
     fn connect(&self, creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure> {
+        if self.insecure {
+            tracing::warn!(
+                "Exchange's certificate is not checked for this mailbox (--ews-tls-insecure)"
+            );
+        }
         Ok(Box::new(EwsClient::new(
             self.http.clone(),
             creds,

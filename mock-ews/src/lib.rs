@@ -65,6 +65,8 @@ impl Default for Config {
 #[derive(Debug)]
 pub struct MockEws {
     addr: SocketAddr,
+    /// `http`, or `https` when started with a certificate.
+    scheme: &'static str,
     world: Arc<state::World>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -90,6 +92,66 @@ impl MockEws {
         });
         Ok(MockEws {
             addr,
+            scheme: "http",
+            world,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// Like [`MockEws::start`], but serving HTTPS with this certificate chain and key (PEM), as
+    /// an on-premises Exchange does with a certificate from the company's own CA.
+    pub async fn start_tls(
+        addr: SocketAddr,
+        config: Config,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<MockEws> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| invalid(&e))?;
+        let tls = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid(&e))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let world = Arc::new(state::World::default());
+        let shutdown = CancellationToken::new();
+        let app = server::App {
+            world: world.clone(),
+            config,
+            shutdown: shutdown.clone(),
+        };
+        let router = server::router(app);
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    accepted = listener.accept() => accepted?,
+                };
+                let (acceptor, router) = (acceptor.clone(), router.clone());
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends the handshake: nothing to serve.
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(MockEws {
+            addr,
+            scheme: "https",
             world,
             shutdown,
             task: Some(task),
@@ -102,7 +164,7 @@ impl MockEws {
 
     /// The EWS endpoint URL, `http://ADDR/EWS/Exchange.asmx`.
     pub fn ews_url(&self) -> String {
-        format!("http://{}/EWS/Exchange.asmx", self.addr)
+        format!("{}://{}/EWS/Exchange.asmx", self.scheme, self.addr)
     }
 
     pub fn create_mailbox(&self, email: &str, password: &str) -> Result<(), ControlError> {

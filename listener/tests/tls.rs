@@ -1,0 +1,127 @@
+//! Exchange over HTTPS as on-premises servers have it: a certificate from the company's own
+//! CA is refused by default with a clear error, trusted with `--ews-ca-file`, and accepted
+//! unchecked only with `--ews-tls-insecure`, which says so.
+
+mod common;
+
+use common::{Listener, PATIENCE, World, eventually, temp_dir, test_certificates};
+use mock_creatio::MockCreatio;
+use mock_ews::{Config, MockEws, NewMail};
+use serde_json::json;
+
+const ALICE: &str = "alice@contoso.example";
+
+/// mock-ews over HTTPS with a certificate from a CA of its own; answers the world and the
+/// path of the CA's PEM.
+async fn world() -> (World, std::path::PathBuf) {
+    let dir = temp_dir("ews-tls");
+    let (_, cert, key) = test_certificates(&dir);
+    let ews = MockEws::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        Config::default(),
+        &cert,
+        &key,
+    )
+    .await
+    .unwrap();
+    ews.create_mailbox(ALICE, "secret").unwrap();
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    (World { ews, creatio }, dir.join("ca.crt"))
+}
+
+async fn create(world: &World, listener: &Listener) {
+    let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
+    assert!(world.ews.ews_url().starts_with("https://"));
+    let (code, body) = listener.call("create", json!([creds]).to_string()).await;
+    assert_eq!(code, 200, "{body}");
+}
+
+async fn delivers(world: &World) {
+    let sent = world
+        .ews
+        .inject(
+            ALICE,
+            NewMail {
+                from: "bob@example.com".into(),
+                subject: "over TLS".into(),
+                ..NewMail::default()
+            },
+        )
+        .unwrap()
+        .message_id;
+    eventually("the mail at Creatio", PATIENCE, async || {
+        common::delivered(world).contains(&sent).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_unknown_ca_is_refused_with_a_clear_error() {
+    let (world, _) = world().await;
+    let listener = Listener::spawn(&[]).await;
+    create(&world, &listener).await;
+    let error = eventually(
+        "the certificate error in the mailbox's state",
+        PATIENCE,
+        async || {
+            let (_, view) = listener.get("/api/listeners/mbx-1").await;
+            view["Status"]["LastError"]
+                .as_str()
+                .filter(|e| e.contains("certificate"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    let (_, answer) = listener
+        .call(
+            "validate",
+            world
+                .credentials("", ALICE, "secret", "ProcessFullEmail")
+                .to_string(),
+        )
+        .await;
+    assert_eq!(answer["IsValid"], false);
+    assert!(
+        answer["Message"]
+            .as_str()
+            .unwrap()
+            .contains("--ews-ca-file"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn the_internal_ca_is_trusted_when_given() {
+    let (world, ca) = world().await;
+    let listener = Listener::spawn(&["--ews-ca-file", ca.to_str().unwrap()]).await;
+    create(&world, &listener).await;
+    eventually("the mailbox to stream over TLS", PATIENCE, async || {
+        (world.ews.stats().open_streams == 1).then_some(())
+    })
+    .await;
+    delivers(&world).await;
+}
+
+#[tokio::test]
+async fn tls_insecure_accepts_any_certificate_and_says_so() {
+    let (world, _) = world().await;
+    let listener = Listener::spawn(&["--ews-tls-insecure"]).await;
+    create(&world, &listener).await;
+    eventually("the mailbox to stream over TLS", PATIENCE, async || {
+        (world.ews.stats().open_streams == 1).then_some(())
+    })
+    .await;
+    delivers(&world).await;
+    let warnings = listener
+        .logs()
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("--ews-tls-insecure"))
+        .count();
+    assert!(
+        warnings >= 2,
+        "a warning at start and on the mailbox's connect"
+    );
+}
