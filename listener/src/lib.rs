@@ -33,6 +33,9 @@ use anyhow::Context as _;
 
 pub use config::Config;
 
+/// The lease of a replica alone on its in-memory store.
+const LONE_LEASE: Duration = Duration::from_secs(3600);
+
 /// Serves the API on `listener` until `shutdown` completes, then stops every mailbox (each
 /// unsubscribes) and returns, within the configured shutdown timeout.
 pub async fn serve(
@@ -156,7 +159,13 @@ pub async fn serve(
     let coordinator = coordinator::Coordinator::new(
         coordinator::CoordinatorSettings {
             replica: replica.clone(),
-            lease: Duration::from_millis(config.lease_ms),
+            // Alone in memory, no other replica can take a lease: renewing them every second
+            // would only cost time. Changes still reach the coordinator at once.
+            lease: if store_kind == "memory" {
+                LONE_LEASE
+            } else {
+                Duration::from_millis(config.lease_ms)
+            },
             cap,
         },
         store,
