@@ -73,10 +73,14 @@ pub struct MockEws {
 }
 
 impl MockEws {
-    /// Binds `addr` (use port 0 for any free port) and serves until dropped or shut down.
-    pub async fn start(addr: SocketAddr, config: Config) -> std::io::Result<MockEws> {
+    /// Binds `addr` and makes the world a server serves; the handle comes back without its
+    /// task, which the caller spawns to serve `router`.
+    async fn prepare(
+        addr: SocketAddr,
+        config: Config,
+        scheme: &'static str,
+    ) -> std::io::Result<(MockEws, tokio::net::TcpListener, axum::Router)> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
         let world = Arc::new(state::World::default());
         let shutdown = CancellationToken::new();
         let app = server::App {
@@ -84,19 +88,26 @@ impl MockEws {
             config,
             shutdown: shutdown.clone(),
         };
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, server::router(app))
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
-        Ok(MockEws {
-            addr,
-            scheme: "http",
+        let handle = MockEws {
+            addr: listener.local_addr()?,
+            scheme,
             world,
             shutdown,
-            task: Some(task),
-        })
+            task: None,
+        };
+        Ok((handle, listener, server::router(app)))
+    }
+
+    /// Binds `addr` (use port 0 for any free port) and serves until dropped or shut down.
+    pub async fn start(addr: SocketAddr, config: Config) -> std::io::Result<MockEws> {
+        let (mut handle, listener, router) = MockEws::prepare(addr, config, "http").await?;
+        let stop = handle.shutdown.clone();
+        handle.task = Some(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }));
+        Ok(handle)
     }
 
     /// Like [`MockEws::start`], but serving HTTPS with this certificate chain and key (PEM), as
@@ -119,18 +130,9 @@ impl MockEws {
             .with_single_cert(certs, key)
             .map_err(|e| invalid(&e))?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let world = Arc::new(state::World::default());
-        let shutdown = CancellationToken::new();
-        let app = server::App {
-            world: world.clone(),
-            config,
-            shutdown: shutdown.clone(),
-        };
-        let router = server::router(app);
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
+        let (mut handle, listener, router) = MockEws::prepare(addr, config, "https").await?;
+        let stop = handle.shutdown.clone();
+        handle.task = Some(tokio::spawn(async move {
             loop {
                 let (tcp, _) = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
@@ -148,14 +150,8 @@ impl MockEws {
                         .await;
                 });
             }
-        });
-        Ok(MockEws {
-            addr,
-            scheme: "https",
-            world,
-            shutdown,
-            task: Some(task),
-        })
+        }));
+        Ok(handle)
     }
 
     pub fn addr(&self) -> SocketAddr {
