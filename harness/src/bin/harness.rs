@@ -1,0 +1,259 @@
+//! `harness`: the workspace's real binaries, composed. `harness demo` brings up mock-ews,
+//! mock-creatio, a Redis (a `redis-server` process the harness owns) and listener replicas,
+//! creates mailboxes through Creatio's API, injects a mail every few seconds and shows each one
+//! arrive, prints where every part listens, and stays up until Ctrl-C, so a person can poke at
+//! it with curl.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use harness::process::{Process, release_binaries, run_dir};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+#[derive(Debug, Parser)]
+#[command(about = "Compose and drive the workspace's real binaries")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bring everything up, show mail flowing, and stay up until Ctrl-C.
+    Demo {
+        /// Listener replicas; more than one share a Redis the harness starts.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// Mailboxes to create.
+        #[arg(long, default_value_t = 5)]
+        mailboxes: usize,
+        /// Seconds between injected mails (0: none).
+        #[arg(long, default_value_t = 3)]
+        mail_every_secs: u64,
+    },
+}
+
+/// A `redis-server` the harness owns: a foreground child on a free loopback port, killed
+/// with the harness.
+struct Redis {
+    _child: tokio::process::Child,
+    url: String,
+    _dir: PathBuf,
+}
+
+impl Redis {
+    async fn start(dir: PathBuf) -> anyhow::Result<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server; install it with `apt-get install redis-server`")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on port {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Redis {
+            _child: child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+            _dir: dir,
+        })
+    }
+}
+
+async fn post(http: &reqwest::Client, url: String, body: Value) -> anyhow::Result<Value> {
+    let resp = http.post(&url).json(&body).send().await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("POST {url}: {status} {text}");
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn demo(replicas: usize, mailboxes: usize, mail_every: Duration) -> anyhow::Result<()> {
+    if replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let [listener_bin, ews_bin, creatio_bin]: [PathBuf; 3] =
+        release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+    let dir = run_dir("demo")?;
+    let local = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    let ews = Process::start("mock-ews", &ews_bin, &local, &[], &dir.join("mock-ews.log")).await?;
+    let creatio = Process::start(
+        "mock-creatio",
+        &creatio_bin,
+        &local,
+        &[],
+        &dir.join("mock-creatio.log"),
+    )
+    .await?;
+    let redis = if replicas > 1 {
+        Some(Redis::start(dir.clone()).await?)
+    } else {
+        None
+    };
+    let mut listeners = Vec::new();
+    for i in 0..replicas {
+        let mut args = local.to_vec();
+        let mut env = Vec::new();
+        if let Some(redis) = &redis {
+            args.extend(["--redis-url".into(), redis.url.clone()]);
+            args.extend(["--replica-id".into(), format!("replica-{i}")]);
+            env.push((
+                "EXCHANGE_LISTENER_SECRET_KEY",
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned(),
+            ));
+        }
+        listeners.push(
+            Process::start(
+                &format!("exchange-listener-{i}"),
+                &listener_bin,
+                &args,
+                &env,
+                &dir.join(format!("exchange-listener-{i}.log")),
+            )
+            .await?,
+        );
+    }
+
+    let http = reqwest::Client::new();
+    let endpoint = format!(
+        "{}/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+        creatio.base
+    );
+    for m in 0..mailboxes {
+        let email = format!("user{m}@demo.test");
+        post(
+            &http,
+            format!("{}/_control/mailboxes", ews.base),
+            json!({ "email": email, "password": "secret" }),
+        )
+        .await?;
+        let creds = json!([{
+            "Id": format!("mbx-{m}"), "SenderEmailAddress": email, "UserName": email,
+            "UserPassword": "secret", "UseSSL": false, "BpmEndpoint": endpoint,
+            "ServerAddress": format!("{}/EWS/Exchange.asmx", ews.base),
+        }]);
+        let to = &listeners[m % listeners.len()];
+        post(&http, format!("{}/api/listeners/create", to.base), creds).await?;
+    }
+
+    // Mail sent before a mailbox's first sync is its existing mail, not new: wait for all.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: Value = http
+            .get(format!("{}/api/listeners/status", listeners[0].base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if status["States"]["Streaming"].as_u64() == Some(mailboxes as u64) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the mailboxes did not all stream within a minute: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    println!("\nEverything is up (logs in {}):", dir.display());
+    println!(
+        "  mock-ews       {}   (control API under /_control)",
+        ews.base
+    );
+    println!(
+        "  mock-creatio   {}   (calls under /_control/calls)",
+        creatio.base
+    );
+    if let Some(redis) = &redis {
+        println!("  redis          {}", redis.url);
+    }
+    for l in &listeners {
+        println!("  {:<14} {}/api/listeners/status", l.name, l.base);
+    }
+    println!("\nTry:");
+    println!("  curl {}/api/listeners/status", listeners[0].base);
+    println!(
+        "  curl -X POST {}/_control/mailboxes/user0@demo.test/messages -H 'Content-Type: application/json' -d '{{\"from\":\"a@b.c\",\"subject\":\"hi\",\"body\":\"hello\"}}'",
+        ews.base
+    );
+    println!(
+        "  curl {}/_control/calls?operation=ProcessFullEmail",
+        creatio.base
+    );
+    println!("\nCtrl-C stops everything.\n");
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(mail_every.max(Duration::from_secs(1)));
+    let mut injected = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {}
+        }
+        let stats: Value = http
+            .get(format!("{}/_control/stats", creatio.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let status: Value = http
+            .get(format!("{}/api/listeners/status", listeners[0].base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        println!(
+            "t={:>5.0}s  injected {injected:>4}  delivered {:>4}  states {}  owners {}",
+            started.elapsed().as_secs_f64(),
+            stats["calls"]["ProcessFullEmail"].as_u64().unwrap_or(0),
+            status["States"],
+            status["Owners"],
+        );
+        if !mail_every.is_zero() && mailboxes > 0 {
+            let m = injected as usize % mailboxes;
+            post(
+                &http,
+                format!("{}/_control/mailboxes/user{m}@demo.test/messages", ews.base),
+                json!({ "from": "demo@demo.test", "subject": format!("demo {injected}"), "body": "hello" }),
+            )
+            .await?;
+            injected += 1;
+        }
+    }
+    println!("stopping");
+    for l in listeners {
+        l.kill().await;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::Demo {
+            replicas,
+            mailboxes,
+            mail_every_secs,
+        } => demo(replicas, mailboxes, Duration::from_secs(mail_every_secs)).await,
+    }
+}
