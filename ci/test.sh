@@ -64,3 +64,6 @@ fi
 echo "== image, and the chart's pods run on Docker"
 ci/image-check.sh
 "$chart_venv/bin/python" ci/chart-run.py
+echo "== harness demo, timed"
+cargo run --release --locked -q -p harness --bin harness -- \
+    demo --replicas 2 --mailboxes 3 --mail-every-secs 1 --for-secs 6 | tail -n 3

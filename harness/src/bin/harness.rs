@@ -34,6 +34,10 @@ enum Command {
         /// Seconds between injected mails (0: none).
         #[arg(long, default_value_t = 3)]
         mail_every_secs: u64,
+        /// Stop by itself after this many seconds, and fail unless every injected mail arrived
+        /// once (0: run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        for_secs: u64,
     },
 }
 
@@ -87,7 +91,12 @@ async fn post(http: &reqwest::Client, url: String, body: Value) -> anyhow::Resul
     Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-async fn demo(replicas: usize, mailboxes: usize, mail_every: Duration) -> anyhow::Result<()> {
+async fn demo(
+    replicas: usize,
+    mailboxes: usize,
+    mail_every: Duration,
+    run_for: Option<Duration>,
+) -> anyhow::Result<()> {
     if replicas == 0 {
         bail!("--replicas must be at least 1");
     }
@@ -200,7 +209,10 @@ async fn demo(replicas: usize, mailboxes: usize, mail_every: Duration) -> anyhow
         "  curl {}/_control/calls?operation=ProcessFullEmail",
         creatio.base
     );
-    println!("\nCtrl-C stops everything.\n");
+    match run_for {
+        Some(d) => println!("\nStopping by itself after {d:?}.\n"),
+        None => println!("\nCtrl-C stops everything.\n"),
+    }
 
     let started = Instant::now();
     let mut tick = tokio::time::interval(mail_every.max(Duration::from_secs(1)));
@@ -209,6 +221,9 @@ async fn demo(replicas: usize, mailboxes: usize, mail_every: Duration) -> anyhow
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {}
+        }
+        if run_for.is_some_and(|d| started.elapsed() >= d) {
+            break;
         }
         let stats: Value = http
             .get(format!("{}/_control/stats", creatio.base))
@@ -240,11 +255,37 @@ async fn demo(replicas: usize, mailboxes: usize, mail_every: Duration) -> anyhow
             injected += 1;
         }
     }
+    let outcome = match run_for {
+        None => Ok(()),
+        // Timed: every injected mail must have arrived, once.
+        Some(_) => {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let stats: Value = http
+                    .get(format!("{}/_control/stats", creatio.base))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let delivered = stats["calls"]["ProcessFullEmail"].as_u64().unwrap_or(0);
+                if delivered == injected {
+                    println!("all {injected} injected mails delivered once");
+                    break Ok(());
+                }
+                if delivered > injected || Instant::now() > deadline {
+                    break Err(anyhow::anyhow!(
+                        "{injected} mails injected, {delivered} delivered"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     println!("stopping");
     for l in listeners {
         l.kill().await;
     }
-    Ok(())
+    outcome
 }
 
 #[tokio::main]
@@ -254,6 +295,15 @@ async fn main() -> anyhow::Result<()> {
             replicas,
             mailboxes,
             mail_every_secs,
-        } => demo(replicas, mailboxes, Duration::from_secs(mail_every_secs)).await,
+            for_secs,
+        } => {
+            demo(
+                replicas,
+                mailboxes,
+                Duration::from_secs(mail_every_secs),
+                (for_secs > 0).then(|| Duration::from_secs(for_secs)),
+            )
+            .await
+        }
     }
 }
