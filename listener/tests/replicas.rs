@@ -283,8 +283,9 @@ async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
     assert_delivered_once(&world, &after).await;
 }
 
-#[tokio::test]
-async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
+/// r0 loses Redis (`cut`: refused at once, or `silence`d: nothing answers); r1 takes over; no
+/// mail is lost or doubled, and r0 takes its share back once the link mends.
+async fn cut_off_replica_gives_way(silence: bool) {
     let redis = Redis::start().await;
     let relay = Relay::start(&redis).await;
     let world = world().await;
@@ -297,7 +298,11 @@ async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
     })
     .await;
 
-    relay.cut();
+    if silence {
+        relay.silence();
+    } else {
+        relay.cut();
+    }
     // While r0 cannot reach Redis, mail arrives for every mailbox; r0 must not post it.
     let during: Vec<String> = (0..10)
         .map(|i| inject(&world, i, "during the cut"))
@@ -317,6 +322,16 @@ async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
     .await;
     let after: Vec<String> = (0..10).map(|i| inject(&world, i, "after")).collect();
     assert_delivered_once(&world, &[during, after].concat()).await;
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_redis_stops_before_another_takes_over() {
+    cut_off_replica_gives_way(false).await;
+}
+
+#[tokio::test]
+async fn a_replica_whose_redis_falls_silent_stops_before_another_takes_over() {
+    cut_off_replica_gives_way(true).await;
 }
 
 #[tokio::test]

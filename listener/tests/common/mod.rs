@@ -430,6 +430,9 @@ fn uuid_like() -> String {
 pub struct Relay {
     pub url: String,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, nothing passes in either direction, but every connection stays open: a
+    /// network that drops packets rather than refusing them.
+    silent: Arc<std::sync::atomic::AtomicBool>,
     links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -440,17 +443,23 @@ impl Relay {
         let path = target.with_file_name(format!("relay-{}.sock", uuid_like()));
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (c, l) = (cut.clone(), links.clone());
+        let (c, q, l) = (cut.clone(), silent.clone(), links.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
-                let target = target.clone();
+                let (target, quiet) = (target.clone(), q.clone());
                 l.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::UnixStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::UnixStream::connect(&target).await {
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = outbound.into_split();
+                        tokio::join!(
+                            Relay::pump(ir, ow, quiet.clone()),
+                            Relay::pump(or, iw, quiet)
+                        );
                     }
                 }));
             }
@@ -458,9 +467,37 @@ impl Relay {
         Relay {
             url: format!("redis+unix://{}", path.display()),
             cut,
+            silent,
             links,
             accept,
         }
+    }
+
+    /// Copies one direction, holding everything back while `quiet` is set.
+    async fn pump(
+        mut from: impl tokio::io::AsyncRead + Unpin,
+        mut to: impl tokio::io::AsyncWrite + Unpin,
+        quiet: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::AsyncWriteExt as _;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match tokio::io::AsyncReadExt::read(&mut from, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while quiet.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stops every byte, keeping connections open.
+    pub fn silence(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Closes every relayed connection and refuses new ones.
@@ -473,6 +510,8 @@ impl Relay {
 
     pub fn mend(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.silent
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
