@@ -120,14 +120,6 @@ impl Leases {
             h.safe_until = safe_until;
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// One replica's part in sharing the mailboxes.
@@ -137,8 +129,6 @@ pub struct Coordinator {
     store: Arc<dyn Store>,
     leases: Arc<Leases>,
     supervisor: Arc<Supervisor>,
-    /// The live replicas at the last heartbeat.
-    live: Mutex<Vec<String>>,
     /// The store's epoch as first seen; another one means the store lost its data.
     epoch: Mutex<Option<String>>,
     metrics: Metrics,
@@ -153,7 +143,6 @@ impl Coordinator {
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Coordinator {
-            live: Mutex::new(vec![settings.replica.clone()]),
             epoch: Mutex::new(None),
             metrics,
             settings,
@@ -161,11 +150,6 @@ impl Coordinator {
             leases,
             supervisor,
         })
-    }
-
-    /// The live replicas at the last heartbeat.
-    pub fn live(&self) -> Vec<String> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Runs until `stop` fires: a pass every tick, and one soon after any mailbox changes.
@@ -243,7 +227,6 @@ impl Coordinator {
                 return false;
             }
         };
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = live.clone();
         let open = match self.store.open_mailboxes().await {
             Ok(open) => open,
             Err(e) => {
@@ -411,22 +394,13 @@ impl Coordinator {
 
     /// Stops the workers whose leases can no longer be trusted.
     fn drop_untrusted(&self) {
-        let now = Instant::now();
         for (id, _) in self.leases.all() {
-            if self.leases.fence(&id).is_none() || now >= self.deadline_of(&id) {
+            if self.leases.fence(&id).is_none() {
                 tracing::warn!(id = ?id, "lease not renewed in time; stopping the mailbox here");
                 self.leases.remove(&id);
                 self.supervisor.poke(&id);
             }
         }
-    }
-
-    fn deadline_of(&self, id: &str) -> Instant {
-        self.leases
-            .lock()
-            .get(id)
-            .map(|h| h.safe_until)
-            .unwrap_or_else(Instant::now)
     }
 
     /// On shutdown, after the workers stopped: every lease given back and the replica gone, so

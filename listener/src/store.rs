@@ -175,6 +175,11 @@ impl WorkerState {
         }
     }
 
+    /// The state of this name, as [`WorkerState::name`] writes it.
+    pub fn from_name(name: &str) -> Option<WorkerState> {
+        WorkerState::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     pub const ALL: [WorkerState; 7] = [
         WorkerState::Starting,
         WorkerState::Queued,

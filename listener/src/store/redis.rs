@@ -435,7 +435,7 @@ impl RedisStore {
             let states: Vec<Option<String>> =
                 pipe.query_async(&mut conn).await.map_err(store_error)?;
             for state in states.into_iter().flatten() {
-                if let Some(s) = parse_state(&state) {
+                if let Some(s) = WorkerState::from_name(&state) {
                     *counts.entry(s).or_default() += 1;
                 }
             }
@@ -454,7 +454,7 @@ impl RedisStore {
             .scripts
             .transition
             .key(self.key("mbx", id))
-            .arg(state_name(state))
+            .arg(state.name())
             .arg(error.unwrap_or_default())
             .arg(unix_now_ms())
             .invoke_async(&mut conn)
@@ -619,14 +619,6 @@ impl RedisStore {
     }
 }
 
-fn state_name(state: WorkerState) -> &'static str {
-    state.name()
-}
-
-fn parse_state(name: &str) -> Option<WorkerState> {
-    WorkerState::ALL.into_iter().find(|s| s.name() == name)
-}
-
 fn status_from(fields: &HashMap<String, String>) -> MailboxStatus {
     let text = |f: &str| fields.get(f).cloned();
     let int = |f: &str| fields.get(f).and_then(|v| v.parse::<i64>().ok());
@@ -639,7 +631,7 @@ fn status_from(fields: &HashMap<String, String>) -> MailboxStatus {
     MailboxStatus {
         state: text("state")
             .as_deref()
-            .and_then(parse_state)
+            .and_then(WorkerState::from_name)
             .unwrap_or(WorkerState::Starting),
         error: text("error"),
         last_error: text("last_error"),
