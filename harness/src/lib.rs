@@ -1,4 +1,5 @@
 //! The harness: the workspace's real binaries run as processes, driven and measured.
 
+pub mod http;
 pub mod process;
 pub mod stats;

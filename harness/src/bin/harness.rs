@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use harness::http::{full_emails_delivered, get_json, post_json};
 use harness::process::{Process, release_binaries, run_dir};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -81,16 +82,6 @@ impl Redis {
     }
 }
 
-async fn post(http: &reqwest::Client, url: String, body: Value) -> anyhow::Result<Value> {
-    let resp = http.post(&url).json(&body).send().await?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    if !status.is_success() {
-        bail!("POST {url}: {status} {text}");
-    }
-    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 async fn demo(
     replicas: usize,
     mailboxes: usize,
@@ -151,10 +142,10 @@ async fn demo(
     );
     for m in 0..mailboxes {
         let email = format!("user{m}@demo.test");
-        post(
+        post_json(
             &http,
-            format!("{}/_control/mailboxes", ews.base),
-            json!({ "email": email, "password": "secret" }),
+            &format!("{}/_control/mailboxes", ews.base),
+            &json!({ "email": email, "password": "secret" }),
         )
         .await?;
         let creds = json!([{
@@ -163,18 +154,17 @@ async fn demo(
             "ServerAddress": format!("{}/EWS/Exchange.asmx", ews.base),
         }]);
         let to = &listeners[m % listeners.len()];
-        post(&http, format!("{}/api/listeners/create", to.base), creds).await?;
+        post_json(&http, &format!("{}/api/listeners/create", to.base), &creds).await?;
     }
 
     // Mail sent before a mailbox's first sync is its existing mail, not new: wait for all.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status: Value = http
-            .get(format!("{}/api/listeners/status", listeners[0].base))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let status = get_json(
+            &http,
+            &format!("{}/api/listeners/status", listeners[0].base),
+        )
+        .await?;
         if status["States"]["Streaming"].as_u64() == Some(mailboxes as u64) {
             break;
         }
@@ -225,33 +215,28 @@ async fn demo(
         if run_for.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
-        let stats: Value = http
-            .get(format!("{}/_control/stats", creatio.base))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let status: Value = http
-            .get(format!("{}/api/listeners/status", listeners[0].base))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let delivered = full_emails_delivered(&http, &creatio.base).await?;
+        let status = get_json(
+            &http,
+            &format!("{}/api/listeners/status", listeners[0].base),
+        )
+        .await?;
         println!(
             "t={:>5.0}s  injected {injected:>4}  delivered {:>4}  states {}  owners {}",
             started.elapsed().as_secs_f64(),
-            stats["calls"]["ProcessFullEmail"].as_u64().unwrap_or(0),
+            delivered,
             status["States"],
             status["Owners"],
         );
         if !mail_every.is_zero() && mailboxes > 0 {
             let m = injected as usize % mailboxes;
-            post(
-                &http,
-                format!("{}/_control/mailboxes/user{m}@demo.test/messages", ews.base),
-                json!({ "from": "demo@demo.test", "subject": format!("demo {injected}"), "body": "hello" }),
-            )
-            .await?;
+            let mail = json!({
+                "from": "demo@demo.test",
+                "subject": format!("demo {injected}"),
+                "body": "hello",
+            });
+            let url = format!("{}/_control/mailboxes/user{m}@demo.test/messages", ews.base);
+            post_json(&http, &url, &mail).await?;
             injected += 1;
         }
     }
@@ -261,13 +246,7 @@ async fn demo(
         Some(_) => {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
-                let stats: Value = http
-                    .get(format!("{}/_control/stats", creatio.base))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let delivered = stats["calls"]["ProcessFullEmail"].as_u64().unwrap_or(0);
+                let delivered = full_emails_delivered(&http, &creatio.base).await?;
                 if delivered == injected {
                     println!("all {injected} injected mails delivered once");
                     break Ok(());

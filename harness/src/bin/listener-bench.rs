@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::StreamExt as _;
+use harness::http::{full_emails_delivered, get_json, post_json};
 use harness::process::{Process, Usage, release_binaries, run_dir};
 use harness::stats::Percentiles;
 use serde_json::{Value, json};
@@ -144,25 +145,11 @@ impl Rig {
     }
 
     async fn get(&self, url: String) -> anyhow::Result<Value> {
-        Ok(self
-            .http
-            .get(&url)
-            .send()
-            .await?
-            .error_for_status()
-            .with_context(|| format!("GET {url}"))?
-            .json()
-            .await?)
+        get_json(&self.http, &url).await
     }
 
     async fn post(&self, url: String, body: Value) -> anyhow::Result<Value> {
-        let resp = self.http.post(&url).json(&body).send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("POST {url}: {status} {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        post_json(&self.http, &url, &body).await
     }
 
     fn email(i: usize) -> String {
@@ -221,10 +208,7 @@ impl Rig {
     }
 
     async fn delivered_count(&self) -> anyhow::Result<u64> {
-        let stats = self
-            .get(format!("{}/_control/stats", self.creatio.base))
-            .await?;
-        Ok(stats["calls"]["ProcessFullEmail"].as_u64().unwrap_or(0))
+        full_emails_delivered(&self.http, &self.creatio.base).await
     }
 
     /// Every Message-ID that reached Creatio, with the arrival time of each delivery.
