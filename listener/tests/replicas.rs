@@ -384,7 +384,13 @@ async fn creatio_down_through_a_failover_delays_mail_but_loses_none() {
     // One replica dies with its mail still unaccepted; then Creatio comes back.
     let mut dead = r.pop().unwrap();
     dead.kill9().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The survivor takes the dead replica's mailboxes while Creatio is still down (their
+    // catch-up waits on Creatio, so they do not stream yet).
+    eventually("r0 to hold all ten leases", PATIENCE, async || {
+        let (owners, _) = spread(&r[0]).await;
+        (owners.get("r0") == Some(&10)).then_some(())
+    })
+    .await;
     world.creatio.fail_with(mock_creatio::Failure::default());
     assert_delivered_once(&world, &sent).await;
 }
