@@ -1,11 +1,12 @@
 //! What `/metrics` says, in Prometheus's text format: the mailboxes this replica serves by
 //! state, the events it received, its fetches and deliveries by outcome and how long a
-//! delivery took, the leases it took over, and the store's errors. One [`Metrics`] per
+//! delivery took, how many announced mails wait for Creatio, the leases it took over, and the
+//! store's errors. One [`Metrics`] per
 //! process, handed to whoever counts.
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// The process's metrics.
@@ -22,6 +23,10 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     /// Seconds from the moment a delivery started to Creatio's acceptance, retries included.
     pub delivery_seconds: HistogramVec,
+    /// New items announced or found and not yet delivered, dead-lettered or skipped: this
+    /// replica's outbox. Exchange keeps them, and the sync cursor does not pass them, until
+    /// their outcome is recorded.
+    pub pending: IntGauge,
     /// Leases this replica took (a start, or a takeover from another replica).
     pub leases_taken: IntCounter,
     /// Store calls that failed, by operation.
@@ -67,6 +72,11 @@ impl Metrics {
                 &["operation"],
             )
             .expect("valid metric"),
+            pending: IntGauge::new(
+                "deliveries_pending",
+                "New items waiting to be delivered to Creatio (the outbox's depth)",
+            )
+            .expect("valid metric"),
             leases_taken: IntCounter::new("leases_taken_total", "Mailbox leases this replica took")
                 .expect("valid metric"),
             store_errors: IntCounterVec::new(
@@ -85,6 +95,7 @@ impl Metrics {
             Box::new(metrics.fetches.clone()),
             Box::new(metrics.deliveries.clone()),
             Box::new(metrics.delivery_seconds.clone()),
+            Box::new(metrics.pending.clone()),
             Box::new(metrics.leases_taken.clone()),
             Box::new(metrics.store_errors.clone()),
         ] {
@@ -119,6 +130,7 @@ mod tests {
             .with_label_values(&["ProcessFullEmail"])
             .observe(0.002);
         m.mailboxes.with_label_values(&["Streaming"]).set(3);
+        m.pending.add(2);
         let text = m.render();
         assert!(text.contains("exchange_listener_events_total 1"), "{text}");
         assert!(text.contains(
@@ -126,5 +138,9 @@ mod tests {
         ));
         assert!(text.contains(r#"exchange_listener_mailboxes{state="Streaming"} 3"#));
         assert!(text.contains("exchange_listener_delivery_seconds_bucket"));
+        assert!(
+            text.contains("exchange_listener_deliveries_pending 2"),
+            "{text}"
+        );
     }
 }

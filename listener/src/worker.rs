@@ -558,6 +558,7 @@ impl Worker {
                 fresh.push(id);
             }
         }
+        let mut pending = Pending::new(self.ctx.metrics.pending.clone(), fresh.len());
         match self.mode {
             CallbackMode::NewEmail => {
                 // Creatio fetches the items itself; one call per item, so each carries its
@@ -571,6 +572,7 @@ impl Worker {
                     if !self.post(&body, id, None).await {
                         return Ok(false);
                     }
+                    pending.settle(1);
                 }
                 Ok(true)
             }
@@ -602,6 +604,7 @@ impl Worker {
                                 self.dead_letter(id, None, why).await;
                             }
                         }
+                        pending.settle(1);
                     }
                 }
                 Ok(true)
@@ -846,6 +849,33 @@ impl Worker {
                 tracing::info!(error = %e, "unsubscribe failed; the server will expire the subscription")
             }
         }
+    }
+}
+
+/// Items of one delivery counted in the outbox gauge until each is settled; what is left
+/// when the delivery ends early (cancelled, fetch failed) leaves the gauge with it, since
+/// catch-up finds it again.
+struct Pending {
+    gauge: prometheus::IntGauge,
+    left: usize,
+}
+
+impl Pending {
+    fn new(gauge: prometheus::IntGauge, items: usize) -> Self {
+        gauge.add(items as i64);
+        Pending { gauge, left: items }
+    }
+
+    fn settle(&mut self, items: usize) {
+        let n = items.min(self.left);
+        self.left -= n;
+        self.gauge.sub(n as i64);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.gauge.sub(self.left as i64);
     }
 }
 

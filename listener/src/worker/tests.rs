@@ -239,6 +239,8 @@ struct FakeCreatio {
     report_ops: Mutex<Vec<String>>,
     /// The item id of every mail posted, in order.
     posted: Mutex<Vec<String>>,
+    /// When set, each post waits for a permit: Creatio holding its answer.
+    held: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Creatio for FakeCreatio {
@@ -247,15 +249,27 @@ impl Creatio for FakeCreatio {
         _url: &'a str,
         body: &'a Value,
         _idempotency_key: Option<&'a str>,
-        _cancel: &'a CancellationToken,
+        cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), DeliveryError>> {
         let ids = body["Emails"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|e| e["Id"].as_str().map(str::to_owned));
-        self.posted.lock().unwrap().extend(ids);
-        async { Ok(()) }.boxed()
+        let ids: Vec<String> = ids.collect();
+        let held = self.held.clone();
+        async move {
+            if let Some(held) = held {
+                // As between two of Delivery's attempts: cancelling ends the wait.
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(DeliveryError::Cancelled),
+                    permit = held.acquire() => permit.expect("never closed").forget(),
+                }
+            }
+            self.posted.lock().unwrap().extend(ids);
+            Ok(())
+        }
+        .boxed()
     }
 
     fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()> {
@@ -785,4 +799,65 @@ async fn a_rejected_token_asks_creatio_for_a_new_one_before_failing() {
         (&json!(false), &json!(true))
     );
     assert_eq!(rig.status().await.state, WorkerState::Streaming);
+}
+
+#[tokio::test(start_paused = true)]
+async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
+    let created = |id: &str| {
+        ews::SyncChange::Create(ews::ItemId {
+            id: id.into(),
+            change_key: None,
+        })
+    };
+    let rig = rig(Script {
+        sync: [Ok(ews::SyncPage {
+            sync_state: "after".into(),
+            includes_last_item_in_range: true,
+            changes: vec![created("i1"), created("i2"), created("i3")],
+        })]
+        .into(),
+        ..Script::default()
+    });
+    let held = Arc::new(tokio::sync::Semaphore::new(0));
+    let rig = Rig {
+        creatio: Arc::new(FakeCreatio {
+            held: Some(held.clone()),
+            ..FakeCreatio::default()
+        }),
+        ..rig
+    };
+    let rig = Rig {
+        ctx: WorkerContext {
+            creatio: rig.creatio.clone(),
+            ..rig.ctx.clone()
+        },
+        ..rig
+    };
+    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let fence = rig.lease().await;
+    rig.ctx
+        .store
+        .set_sync_state("mbx", "before", &fence)
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(run(
+        rig.ctx.clone(),
+        rig.creds.clone(),
+        fence,
+        cancel.clone(),
+    ));
+    let pending = &rig.ctx.metrics.pending;
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(pending.get(), 3, "three mails wait for Creatio");
+
+    held.add_permits(1);
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(pending.get(), 2);
+    assert_eq!(*rig.creatio.posted.lock().unwrap(), ["i1"]);
+
+    // Stopped while Creatio holds the rest: they leave the gauge (catch-up finds them again).
+    cancel.cancel();
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(pending.get(), 0);
 }
