@@ -1,7 +1,9 @@
 //! Creatio's side of the listener contract, for tests: the anonymous
 //! `ExchangeListenerService.svc` operations (`NewEmail`, `ProcessFullEmail`,
 //! `ProcessMailboxState`, `RefreshToken`) under `/0/ServiceModel/`, each call recorded with its
-//! arrival time and listed through `/_control/calls`. It can be told to fail the next calls.
+//! arrival time and listed through `/_control/calls`. It can be told to fail the next calls, to
+//! answer slowly, and to lie: take a mail and lose it, or record one twice, so that whoever
+//! checks deliveries can be shown to notice.
 //!
 //! As a library it starts on any address and returns a [`MockCreatio`] handle; the binary is a
 //! thin wrapper.
@@ -61,6 +63,21 @@ pub struct Failure {
     pub retry_after_secs: Option<u64>,
 }
 
+/// How mock-creatio misbehaves while answering 200.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mischief {
+    /// The next this many mail calls (`NewEmail`, `ProcessFullEmail`) are answered 200 and
+    /// not recorded: mail lost after Creatio took it.
+    #[serde(default)]
+    pub drop: u32,
+    /// The next this many mail calls are recorded twice.
+    #[serde(default)]
+    pub duplicate: u32,
+    /// Every call waits this long before it is answered: a slow Creatio.
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
 /// One call that arrived, answered or failed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attempt {
@@ -75,6 +92,7 @@ struct Recorder {
     calls: Vec<Call>,
     attempts: Vec<Attempt>,
     failure: Failure,
+    mischief: Mischief,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -106,6 +124,7 @@ impl MockCreatio {
             .route(&format!("{SERVICE_PATH}/{{operation}}"), post(record))
             .route("/_control/calls", get(list).delete(clear))
             .route("/_control/failures", post(set_failures))
+            .route("/_control/mischief", post(set_mischief))
             .route("/_control/stats", get(stats))
             .with_state(shared.clone());
         let stop = shutdown.clone();
@@ -160,6 +179,11 @@ impl MockCreatio {
         self.shared.lock().failure = failure;
     }
 
+    /// Misbehaves as `mischief` says, from the next call on.
+    pub fn misbehave(&self, mischief: Mischief) {
+        self.shared.lock().mischief = mischief;
+    }
+
     /// How many calls were recorded per operation, and how many failed.
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats()
@@ -200,6 +224,10 @@ async fn record(
             return (StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")).into_response();
         }
     };
+    let delay = shared.lock().mischief.delay_ms;
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let mut rec = shared.lock();
     if rec.failure.count > 0 {
         rec.failure.count -= 1;
@@ -226,7 +254,17 @@ async fn record(
         status: 200,
         received: Instant::now(),
     });
-    rec.calls.push(Call {
+    let is_mail = operation == "NewEmail" || operation == "ProcessFullEmail";
+    let copies = if is_mail && rec.mischief.drop > 0 {
+        rec.mischief.drop -= 1;
+        0
+    } else if is_mail && rec.mischief.duplicate > 0 {
+        rec.mischief.duplicate -= 1;
+        2
+    } else {
+        1
+    };
+    let call = Call {
         operation,
         idempotency_key: headers
             .get("Idempotency-Key")
@@ -238,7 +276,10 @@ async fn record(
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0),
         received: Instant::now(),
-    });
+    };
+    for _ in 0..copies {
+        rec.calls.push(call.clone());
+    }
     Json(serde_json::json!({})).into_response()
 }
 
@@ -294,5 +335,10 @@ async fn clear(State(shared): State<Shared>) -> StatusCode {
 
 async fn set_failures(State(shared): State<Shared>, Json(f): Json<Failure>) -> StatusCode {
     shared.lock().failure = f;
+    StatusCode::NO_CONTENT
+}
+
+async fn set_mischief(State(shared): State<Shared>, Json(m): Json<Mischief>) -> StatusCode {
+    shared.lock().mischief = m;
     StatusCode::NO_CONTENT
 }
