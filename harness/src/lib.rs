@@ -3,4 +3,9 @@
 pub mod http;
 pub mod process;
 pub mod proxy;
+pub mod redis;
+pub mod report;
+pub mod run;
+pub mod scenario;
 pub mod stats;
+pub mod verdict;

@@ -124,8 +124,24 @@ impl Process {
         Usage::of(self.pid).with_context(|| format!("reading /proc of {}", self.name))
     }
 
+    /// `kill -9`.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits for the exit; after `patience` it is killed. Answers whether it
+    /// exited by itself with status 0.
+    pub async fn terminate(mut self, patience: Duration) -> bool {
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if sent && let Ok(Ok(status)) = tokio::time::timeout(patience, self.child.wait()).await {
+            return status.success();
+        }
+        let _ = self.child.kill().await;
+        false
     }
 }
 

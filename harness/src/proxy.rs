@@ -216,21 +216,30 @@ mod tests {
     async fn passes_swallows_holds_and_resets() {
         let proxy = Proxy::start(echo().await).await.unwrap();
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
-        assert_eq!(round_trip(&mut s, LONG).await.as_deref(), Some(&b"ping"[..]));
+        assert_eq!(
+            round_trip(&mut s, LONG).await.as_deref(),
+            Some(&b"ping"[..])
+        );
 
         // Held while paused, delivered on resume.
         proxy.set_mode(Mode::Pause);
         assert_eq!(round_trip(&mut s, SHORT).await, None);
         proxy.set_mode(Mode::Pass);
         let mut got = [0u8; 4];
-        timeout(LONG, s.read_exact(&mut got)).await.unwrap().unwrap();
+        timeout(LONG, s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&got, b"ping");
 
         // Swallowed in a blackhole: the connection stays open, nothing comes back.
         proxy.set_mode(Mode::Blackhole);
         assert_eq!(round_trip(&mut s, SHORT).await, None);
         proxy.set_mode(Mode::Pass);
-        assert_eq!(round_trip(&mut s, LONG).await.as_deref(), Some(&b"ping"[..]));
+        assert_eq!(
+            round_trip(&mut s, LONG).await.as_deref(),
+            Some(&b"ping"[..])
+        );
 
         // Reset: the open connection ends, and a new one is refused.
         proxy.set_mode(Mode::Reset);
@@ -255,7 +264,10 @@ mod tests {
         // 400 ms each way: nothing within 300 ms, the echo within five seconds.
         assert_eq!(round_trip(&mut s, SHORT).await, None);
         let mut got = [0u8; 4];
-        timeout(LONG, s.read_exact(&mut got)).await.unwrap().unwrap();
+        timeout(LONG, s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
 
         proxy.set_mode(Mode::Pass);
         proxy.set_upstream(echo().await);

@@ -1,8 +1,9 @@
-//! `harness`: the workspace's real binaries, composed. `harness demo` brings up mock-ews,
-//! mock-creatio, a Redis (a `redis-server` process the harness owns) and listener replicas,
-//! creates mailboxes through Creatio's API, injects a mail every few seconds and shows each one
-//! arrive, prints where every part listens, and stays up until Ctrl-C, so a person can poke at
-//! it with curl.
+//! `harness`: the workspace's real binaries, composed. `harness run` plays scenario files
+//! (`scenarios/`) and judges each run; `harness list` shows them; `harness demo` brings up
+//! mock-ews, mock-creatio, a Redis (a `redis-server` process the harness owns) and listener
+//! replicas, creates mailboxes through Creatio's API, injects a mail every few seconds and shows
+//! each one arrive, prints where every part listens, and stays up until Ctrl-C, so a person can
+//! poke at it with curl.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -12,6 +13,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use harness::http::{full_emails_delivered, get_json, post_json};
 use harness::process::{Process, release_binaries, run_dir};
+use harness::redis::Choice;
+use harness::run::{Binaries, Options, collect, suite_dir};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -24,6 +27,23 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run scenario files (a file, several, or a folder; the whole suite when none is named)
+    /// and judge each run. Exits non-zero when any rule broke.
+    Run {
+        paths: Vec<PathBuf>,
+        /// Where Redis runs: `auto` (a testcontainers container when a Docker engine answers,
+        /// else a redis-server process), `container`, `process`, or a redis:// URL.
+        #[arg(long, default_value = "auto")]
+        redis: String,
+        /// Reports and logs go to `<out>/<scenario>/` (default: target/harness/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds between progress lines.
+        #[arg(long, default_value_t = 5.0)]
+        progress_secs: f64,
+    },
+    /// List the scenarios of the suite.
+    List,
     /// Bring everything up, show mail flowing, and stay up until Ctrl-C.
     Demo {
         /// Listener replicas; more than one share a Redis the harness starts.
@@ -267,9 +287,115 @@ async fn demo(
     outcome
 }
 
+async fn run(
+    paths: Vec<PathBuf>,
+    redis: &str,
+    out: Option<PathBuf>,
+    progress_secs: f64,
+) -> anyhow::Result<bool> {
+    let paths = if paths.is_empty() {
+        vec![suite_dir()]
+    } else {
+        paths
+    };
+    let scenarios = collect(&paths)?;
+    if scenarios.is_empty() {
+        bail!("no scenario files in {paths:?}");
+    }
+    let redis = match redis {
+        "auto" => Choice::Auto,
+        "container" => Choice::Container,
+        "process" => Choice::Process,
+        url if url.starts_with("redis://") => Choice::External(url.to_owned()),
+        other => bail!("--redis {other:?}: say auto, container, process or a redis:// URL"),
+    };
+    if !(progress_secs.is_finite() && progress_secs > 0.0) {
+        bail!("--progress-secs must be positive");
+    }
+    let [listener, ews, creatio]: [PathBuf; 3] =
+        release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+    let bins = Binaries {
+        listener,
+        ews,
+        creatio,
+    };
+    let options = Options {
+        redis,
+        out: match out {
+            Some(o) => o,
+            None => run_dir("")?,
+        },
+        progress_every: Duration::from_secs_f64(progress_secs),
+    };
+    let mut results = Vec::new();
+    for scenario in &scenarios {
+        let outcome = harness::run::run(scenario, &bins, &options).await;
+        match outcome {
+            Ok(o) => {
+                println!("{}", o.report.summary());
+                println!("  report          {}", o.dir.join("report.json").display());
+                results.push((
+                    scenario.name.clone(),
+                    o.verdict.passed(),
+                    o.report.wall_secs,
+                    None,
+                ));
+            }
+            Err(e) => {
+                println!("\n{} — could not run: {e:#}", scenario.name);
+                results.push((scenario.name.clone(), false, 0.0, Some(format!("{e:#}"))));
+            }
+        }
+    }
+    println!("\n{:<30} {:>8}  verdict", "scenario", "wall");
+    for (name, passed, secs, error) in &results {
+        let verdict = match (passed, error) {
+            (_, Some(_)) => "COULD NOT RUN",
+            (true, None) => "passed",
+            (false, None) => "FAILED",
+        };
+        println!("{name:<30} {secs:>7.1}s  {verdict}");
+    }
+    Ok(results.iter().all(|(_, passed, _, _)| *passed))
+}
+
+fn list() -> anyhow::Result<()> {
+    let dir = suite_dir();
+    for s in collect_all(&dir)? {
+        let manual = if s.manual { " (manual)" } else { "" };
+        println!("{:<28} {}{manual}", s.name, s.description);
+    }
+    Ok(())
+}
+
+/// Every scenario in a folder, manual ones included.
+fn collect_all(dir: &std::path::Path) -> anyhow::Result<Vec<harness::scenario::Scenario>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    collect(&files)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
+        Command::Run {
+            paths,
+            redis,
+            out,
+            progress_secs,
+        } => {
+            if !run(paths, &redis, out, progress_secs).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::List => list(),
         Command::Demo {
             replicas,
             mailboxes,

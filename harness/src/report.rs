@@ -1,0 +1,186 @@
+//! A run's report: the summary table printed at the end, `report.json`, and `latency.svg`
+//! (each mail's latency against the time it was sent, the timeline's events marked).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::scenario::Scenario;
+use crate::stats::Percentiles;
+use crate::verdict::{Event, Recovery, Sample, Verdict, Violation};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    /// Where Redis ran, or the in-memory store.
+    pub store: String,
+    pub replicas_at_start: usize,
+    pub mailboxes: usize,
+    pub sent: usize,
+    pub delivered: usize,
+    pub lost: usize,
+    /// Missing mail sent while mailboxes were unserved, where the scenario allows it.
+    pub lost_while_unserved: usize,
+    pub duplicated: usize,
+    pub delivered_after_close: usize,
+    pub latency_ms: Option<Percentiles>,
+    pub recoveries: Vec<Recovery>,
+    /// Mailboxes per replica at the end.
+    pub owners_at_end: BTreeMap<String, usize>,
+    /// Mailboxes Creatio's failover loop created again.
+    pub recreated_by_creatio_loop: usize,
+    pub violations: Vec<Violation>,
+    pub passed: bool,
+    pub wall_secs: f64,
+}
+
+impl Report {
+    pub fn new(
+        scenario: &Scenario,
+        store: &str,
+        verdict: &Verdict,
+        samples: &[Sample],
+        _events: &[Event],
+        recreated: usize,
+        wall_secs: f64,
+    ) -> Report {
+        Report {
+            scenario: scenario.name.clone(),
+            description: scenario.description.clone(),
+            store: store.to_owned(),
+            replicas_at_start: scenario.replicas.count,
+            mailboxes: scenario.mailboxes.count,
+            sent: verdict.sent,
+            delivered: verdict.delivered,
+            lost: verdict.lost,
+            lost_while_unserved: verdict.lost_unserved,
+            duplicated: verdict.duplicated,
+            delivered_after_close: verdict.after_close,
+            latency_ms: verdict.latency_ms,
+            recoveries: verdict.recoveries.clone(),
+            owners_at_end: samples.last().map(|s| s.owners.clone()).unwrap_or_default(),
+            recreated_by_creatio_loop: recreated,
+            violations: verdict.violations.clone(),
+            passed: verdict.passed(),
+            wall_secs,
+        }
+    }
+
+    /// Writes `report.json` and `latency.svg` into `dir`.
+    pub fn write(&self, dir: &Path, verdict: &Verdict, events: &[Event]) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(dir.join("report.json"), json + "\n")?;
+        chart(
+            &dir.join("latency.svg"),
+            &self.scenario,
+            &verdict.latencies,
+            events,
+        )
+        .context("drawing latency.svg")
+    }
+
+    /// The summary table, as printed after a run.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let verdict = if self.passed { "PASSED" } else { "FAILED" };
+        out += &format!("\n{} — {verdict}\n  {}\n", self.scenario, self.description);
+        out += &format!("  store           {}\n", self.store);
+        out += &format!(
+            "  mail            sent {}  delivered {}  lost {}  duplicated {}  after close {}\n",
+            self.sent, self.delivered, self.lost, self.duplicated, self.delivered_after_close
+        );
+        if self.lost_while_unserved > 0 {
+            out += &format!(
+                "  allowed loss    {} mails sent while their mailboxes were unserved\n",
+                self.lost_while_unserved
+            );
+        }
+        if let Some(p) = &self.latency_ms {
+            out += &format!(
+                "  latency (ms)    p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}\n",
+                p.p50, p.p90, p.p99, p.max
+            );
+        }
+        for r in &self.recoveries {
+            let took = r
+                .recovery_secs
+                .map_or("not settled before the next step".to_owned(), |t| {
+                    format!("{t:.1} s")
+                });
+            out += &format!(
+                "  at {:>6.1} s     {:<34} streaming again after {took}\n",
+                r.secs, r.label
+            );
+        }
+        let owners: Vec<String> = self
+            .owners_at_end
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        out += &format!("  owners at end   {}\n", owners.join(", "));
+        if self.recreated_by_creatio_loop > 0 {
+            out += &format!(
+                "  Creatio's loop  created {} mailboxes again\n",
+                self.recreated_by_creatio_loop
+            );
+        }
+        for v in &self.violations {
+            out += &format!("  VIOLATION {:<10} {}\n", v.rule, v.detail);
+        }
+        out
+    }
+}
+
+/// Latency of each mail against when it was sent, with the timeline's events as labelled
+/// vertical lines.
+fn chart(path: &Path, title: &str, points: &[(f64, f64)], events: &[Event]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_max = points
+        .iter()
+        .map(|(x, _)| *x)
+        .chain(events.iter().map(|e| e.secs))
+        .fold(1.0f64, f64::max)
+        * 1.02;
+    let y_max = points.iter().map(|(_, y)| *y).fold(10.0f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}: latency from Exchange to Creatio"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the run (mail sent)")
+        .y_desc("latency (ms)")
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    chart.draw_series(
+        points
+            .iter()
+            .map(|(x, y)| Circle::new((*x, *y), 2, BLUE.mix(0.6).filled())),
+    )?;
+    for (i, e) in events.iter().enumerate() {
+        let color = if e.disrupts { RED } else { BLACK };
+        chart.draw_series(LineSeries::new(
+            [(e.secs, 0.0), (e.secs, y_max)],
+            color.mix(0.7).stroke_width(1),
+        ))?;
+        // Labels step down so neighbours do not overlap.
+        let y = y_max * (0.95 - 0.07 * (i % 6) as f64);
+        chart.draw_series(std::iter::once(Text::new(
+            e.label.clone(),
+            (e.secs, y),
+            ("sans-serif", 12).into_font().color(&color),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! A scenario file: the parts to run, the mail to send, what happens when, and what must hold.
+//! `scenarios/README.md` documents the format; [`Scenario::parse`] refuses unknown keys, so a
+//! misspelt setting is an error, not a default.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::proxy::Mode;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// The file's name without `.toml`.
+    #[serde(skip)]
+    pub name: String,
+    pub description: String,
+    /// How long mail is sent, in seconds, after every mailbox first streams.
+    pub duration_secs: f64,
+    /// How long, after the last mail, every mail may take to arrive.
+    #[serde(default = "default_drain")]
+    pub drain_secs: f64,
+    /// Left out of the default suite: long runs, or runs that must fail.
+    #[serde(default)]
+    pub manual: bool,
+    #[serde(default)]
+    pub replicas: Replicas,
+    #[serde(default)]
+    pub mailboxes: Mailboxes,
+    #[serde(default)]
+    pub mail: Mail,
+    /// Creatio's own loop: every so often it asks `subscriptionsState` for its mailboxes and
+    /// creates again those that are not `exists`.
+    #[serde(default)]
+    pub creatio_loop: Option<CreatioLoop>,
+    #[serde(default, rename = "at")]
+    pub timeline: Vec<Step>,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+fn default_drain() -> f64 {
+    30.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replicas {
+    pub count: usize,
+    /// The lease time given to every replica, in milliseconds.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// On Redis (the default with more than one replica), or on the in-memory store.
+    #[serde(default)]
+    pub store: Option<StoreKind>,
+    /// Extra flags for every replica.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+fn default_lease_ms() -> u64 {
+    1500
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Replicas {
+            count: 1,
+            lease_ms: default_lease_ms(),
+            store: None,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl Replicas {
+    pub fn store(&self) -> StoreKind {
+        self.store.unwrap_or(if self.count > 1 {
+            StoreKind::Redis
+        } else {
+            StoreKind::Memory
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mailboxes {
+    pub count: usize,
+    /// Which replica each Create goes to.
+    #[serde(default)]
+    pub create_via: CreateVia,
+    /// The callback the mailboxes post to.
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+impl Default for Mailboxes {
+    fn default() -> Self {
+        Mailboxes {
+            count: 3,
+            create_via: CreateVia::default(),
+            operation: Operation::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CreateVia {
+    #[default]
+    RoundRobin,
+    First,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    #[default]
+    ProcessFullEmail,
+    NewEmail,
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::ProcessFullEmail => "ProcessFullEmail",
+            Operation::NewEmail => "NewEmail",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mail {
+    /// Mails a second, spread over the mailboxes at random.
+    pub rate: f64,
+    /// Size of each mail's body.
+    #[serde(default = "default_bytes")]
+    pub bytes: usize,
+    /// The seed of the choice of mailboxes, so a run can be repeated.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_bytes() -> usize {
+    512
+}
+
+impl Default for Mail {
+    fn default() -> Self {
+        Mail {
+            rate: 5.0,
+            bytes: default_bytes(),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatioLoop {
+    pub every_secs: f64,
+}
+
+/// One entry of the timeline. (Unknown keys are refused by [`Action`], which gets every key
+/// but `secs`.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    /// Seconds after the mail starts.
+    pub secs: f64,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// What happens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Action {
+    /// `kill -9` of a replica.
+    Kill { replica: usize },
+    /// SIGTERM to a replica; it hands over and exits.
+    Term { replica: usize },
+    /// Starts a stopped replica again, under the same id.
+    Start { replica: usize },
+    /// Starts one more replica.
+    AddReplica,
+    /// Redis killed and started again without its data.
+    RedisRestart,
+    /// Redis frozen (answers nothing, connections stay) for a while.
+    RedisPause { secs: f64 },
+    /// The link from one replica (or every replica) to Redis, Exchange or Creatio.
+    Link {
+        to: Link,
+        #[serde(default)]
+        replica: Option<usize>,
+        mode: LinkMode,
+        /// With `mode = "latency"`.
+        #[serde(default)]
+        ms: Option<u64>,
+    },
+    /// A mock-ews fault, as its control API takes it (`kind`, `mailbox`, `times`, `for_ms`, …).
+    EwsFault { fault: toml::Table },
+    /// mock-creatio answers the next `count` calls with `status` (503 by default).
+    CreatioFail {
+        count: u32,
+        #[serde(default)]
+        status: Option<u16>,
+        #[serde(default)]
+        retry_after_secs: Option<u64>,
+    },
+    /// mock-creatio loses `drop` mails it took, records `duplicate` twice, answers after
+    /// `delay_ms`.
+    CreatioMischief {
+        #[serde(default)]
+        drop: u32,
+        #[serde(default)]
+        duplicate: u32,
+        #[serde(default)]
+        delay_ms: u64,
+    },
+    /// Creatio closes a mailbox (sent to a live replica).
+    Close { mailbox: usize },
+    /// Creatio sends a mailbox's credentials again.
+    Recreate { mailbox: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Link {
+    Redis,
+    Ews,
+    Creatio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkMode {
+    Pass,
+    Latency,
+    Blackhole,
+    Pause,
+    Reset,
+}
+
+impl Action {
+    /// True for what may stop mailboxes streaming for a while: recovery is timed from it.
+    pub fn disrupts(&self) -> bool {
+        match self {
+            Action::Kill { .. }
+            | Action::Term { .. }
+            | Action::AddReplica
+            | Action::Start { .. }
+            | Action::RedisRestart
+            | Action::RedisPause { .. }
+            | Action::EwsFault { .. } => true,
+            Action::Link { mode, .. } => *mode != LinkMode::Pass,
+            _ => false,
+        }
+    }
+
+    /// A short label for reports and the chart.
+    pub fn label(&self) -> String {
+        match self {
+            Action::Kill { replica } => format!("kill -9 r{replica}"),
+            Action::Term { replica } => format!("SIGTERM r{replica}"),
+            Action::Start { replica } => format!("start r{replica}"),
+            Action::AddReplica => "add a replica".into(),
+            Action::RedisRestart => "Redis restarted empty".into(),
+            Action::RedisPause { secs } => format!("Redis paused {secs} s"),
+            Action::Link {
+                to, replica, mode, ..
+            } => {
+                let who = replica.map_or("all".to_owned(), |r| format!("r{r}"));
+                format!("{to:?} link of {who}: {mode:?}").to_lowercase()
+            }
+            Action::EwsFault { fault } => format!(
+                "EWS fault {}",
+                fault.get("kind").and_then(|k| k.as_str()).unwrap_or("?")
+            ),
+            Action::CreatioFail { count, .. } => format!("Creatio fails {count} calls"),
+            Action::CreatioMischief {
+                drop, duplicate, ..
+            } => {
+                format!("Creatio drops {drop}, doubles {duplicate}")
+            }
+            Action::Close { mailbox } => format!("Close mbx-{mailbox}"),
+            Action::Recreate { mailbox } => format!("Recreate mbx-{mailbox}"),
+        }
+    }
+}
+
+impl LinkMode {
+    pub fn proxy_mode(self, ms: Option<u64>) -> Mode {
+        match self {
+            LinkMode::Pass => Mode::Pass,
+            LinkMode::Latency => Mode::Latency(ms.unwrap_or(100)),
+            LinkMode::Blackhole => Mode::Blackhole,
+            LinkMode::Pause => Mode::Pause,
+            LinkMode::Reset => Mode::Reset,
+        }
+    }
+}
+
+/// What must hold besides the invariants every run checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// The longest a disruption may keep any mailbox from streaming under a live owner.
+    #[serde(default = "default_recovery")]
+    pub recovery_secs: f64,
+    /// Mailboxes allowed to end `Failed`.
+    #[serde(default)]
+    pub failed: usize,
+    /// Check at the end that no live replica serves more than one mailbox above the mean.
+    #[serde(default = "yes")]
+    pub balanced: bool,
+    /// Mail sent while a disruption left mailboxes unserved may be missing: what the
+    /// in-memory store (which forgets on restart) can promise, and no more.
+    #[serde(default)]
+    pub unserved_loss: bool,
+}
+
+fn default_recovery() -> f64 {
+    10.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Expect {
+    fn default() -> Self {
+        Expect {
+            recovery_secs: default_recovery(),
+            failed: 0,
+            balanced: true,
+            unserved_loss: false,
+        }
+    }
+}
+
+impl Scenario {
+    pub fn parse(name: &str, text: &str) -> anyhow::Result<Scenario> {
+        let mut s: Scenario = toml::from_str(text).with_context(|| format!("scenario {name}"))?;
+        s.name = name.to_owned();
+        s.check().with_context(|| format!("scenario {name}"))?;
+        Ok(s)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let name = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .context("a scenario file needs a name")?;
+        Scenario::parse(name, &text)
+    }
+
+    /// Refuses what cannot run: numbers out of range, replicas and mailboxes that do not
+    /// exist, faults that need a Redis there is not.
+    fn check(&self) -> anyhow::Result<()> {
+        let positive = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bail!("{what} must be a positive number of seconds")
+            }
+        };
+        positive("duration_secs", self.duration_secs)?;
+        positive("drain_secs", self.drain_secs)?;
+        if !(self.mail.rate.is_finite() && self.mail.rate > 0.0) {
+            bail!("mail.rate must be positive");
+        }
+        if self.replicas.count == 0 {
+            bail!("replicas.count must be at least 1");
+        }
+        if self.mailboxes.count == 0 {
+            bail!("mailboxes.count must be at least 1");
+        }
+        let redis = self.replicas.store() == StoreKind::Redis;
+        if !redis && self.replicas.count > 1 {
+            bail!("more than one replica needs replicas.store = \"redis\"");
+        }
+        if let Some(l) = &self.creatio_loop {
+            positive("creatio_loop.every_secs", l.every_secs)?;
+        }
+        let mut replicas = self.replicas.count;
+        let mut closed = std::collections::BTreeSet::new();
+        for step in &self.timeline {
+            if !(step.secs.is_finite() && step.secs >= 0.0) {
+                bail!("at.secs must be zero or more");
+            }
+            let replica_ok = |r: usize| {
+                if r < replicas {
+                    Ok(())
+                } else {
+                    bail!("{}: there is no replica {r} then", step.action.label())
+                }
+            };
+            match &step.action {
+                Action::Kill { replica } | Action::Term { replica } | Action::Start { replica } => {
+                    replica_ok(*replica)?
+                }
+                Action::AddReplica if !redis => bail!("add-replica needs Redis"),
+                Action::AddReplica => replicas += 1,
+                Action::Link { replica, to, .. } => {
+                    if let Some(r) = replica {
+                        replica_ok(*r)?;
+                        if *to != Link::Redis {
+                            bail!("only the Redis link is per replica; leave out `replica`");
+                        }
+                    }
+                    if *to == Link::Redis && !redis {
+                        bail!("a Redis link needs replicas.store = \"redis\"");
+                    }
+                }
+                Action::RedisRestart | Action::RedisPause { .. } if !redis => {
+                    bail!("{} needs replicas.store = \"redis\"", step.action.label())
+                }
+                Action::Close { mailbox } | Action::Recreate { mailbox }
+                    if *mailbox >= self.mailboxes.count =>
+                {
+                    bail!("there is no mailbox {mailbox}")
+                }
+                Action::Close { mailbox } if !closed.insert(*mailbox) => {
+                    bail!("mailbox {mailbox} is closed twice")
+                }
+                Action::Recreate { mailbox } if closed.contains(mailbox) => {
+                    bail!("mailbox {mailbox} cannot be created again after its Close")
+                }
+                _ => {}
+            }
+        }
+        if self.timeline.windows(2).any(|w| w[1].secs < w[0].secs) {
+            bail!("the timeline must be in time order");
+        }
+        Ok(())
+    }
+
+    /// The most replicas that run at once.
+    pub fn max_replicas(&self) -> usize {
+        self.replicas.count
+            + self
+                .timeline
+                .iter()
+                .filter(|s| s.action == Action::AddReplica)
+                .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        description = "one replica, a little mail"
+        duration_secs = 5
+    "#;
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let s = Scenario::parse("minimal", MINIMAL).unwrap();
+        assert_eq!(s.replicas.count, 1);
+        assert_eq!(s.replicas.store(), StoreKind::Memory);
+        assert_eq!(s.mailboxes.count, 3);
+        assert_eq!(s.expect.recovery_secs, 10.0);
+        assert!(s.timeline.is_empty());
+    }
+
+    #[test]
+    fn a_timeline_reads_as_written() {
+        let s = Scenario::parse(
+            "t",
+            r#"
+            description = "x"
+            duration_secs = 10
+            [replicas]
+            count = 2
+            [[at]]
+            secs = 2
+            do = "kill"
+            replica = 1
+            [[at]]
+            secs = 3
+            do = "link"
+            to = "redis"
+            replica = 0
+            mode = "blackhole"
+            [[at]]
+            secs = 4
+            do = "ews-fault"
+            fault = { kind = "server_busy", back_off_ms = 500, times = 3 }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.replicas.store(), StoreKind::Redis);
+        assert_eq!(s.timeline[0].action, Action::Kill { replica: 1 });
+        assert!(matches!(
+            s.timeline[1].action,
+            Action::Link {
+                to: Link::Redis,
+                replica: Some(0),
+                mode: LinkMode::Blackhole,
+                ..
+            }
+        ));
+        let Action::EwsFault { fault } = &s.timeline[2].action else {
+            panic!("{:?}", s.timeline[2]);
+        };
+        assert_eq!(fault["back_off_ms"].as_integer(), Some(500));
+    }
+
+    #[test]
+    fn mistakes_are_refused_by_name() {
+        let refused = |extra: &str, says: &str| {
+            let text = format!("{MINIMAL}\n{extra}");
+            let e = format!("{:#}", Scenario::parse("bad", &text).unwrap_err());
+            assert!(e.contains(says), "{e:?} should say {says:?}");
+        };
+        refused("durration = 3", "unknown field");
+        refused(
+            "[[at]]\nsecs = 1\ndo = \"kill\"\nreplica = 4",
+            "no replica 4",
+        );
+        refused(
+            "[[at]]\nsecs = 1\ndo = \"redis-restart\"",
+            "needs replicas.store",
+        );
+        refused("[[at]]\nsecs = 1\ndo = \"explode\"", "unknown variant");
+        refused(
+            "[[at]]\nsecs = 1\ndo = \"kill\"\nreplica = 0\nbogus = 1",
+            "unknown field",
+        );
+        refused(
+            "[replicas]\ncount = 2\nstore = \"memory\"",
+            "more than one replica",
+        );
+        refused(
+            "[[at]]\nsecs = 2\ndo = \"close\"\nmailbox = 0\n[[at]]\nsecs = 1\ndo = \"close\"\nmailbox = 1",
+            "time order",
+        );
+    }
+
+    #[test]
+    fn every_scenario_in_the_suite_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Scenario::load(&path).unwrap();
+                n += 1;
+            }
+        }
+        assert!(n >= 10, "{n} scenarios in {}", dir.display());
+    }
+}
