@@ -342,8 +342,9 @@ impl Coordinator {
     }
 
     /// The store lost its data (Redis restarted empty): this replica writes back the mailboxes
-    /// it serves and takes their leases again, so they go on; their workers restart under the
-    /// new leases and take a new baseline.
+    /// it serves, takes their leases again and restores what it knows of their progress (sync
+    /// cursor, recent deliveries), so their workers, restarted under the new leases, catch up
+    /// from where they stood: mail that arrived meanwhile is delivered, and only once.
     async fn heal(&self, started: Instant) {
         let running = self.supervisor.running();
         tracing::warn!(
@@ -363,6 +364,14 @@ impl Coordinator {
                 .claim(&id, &self.settings.replica, self.settings.lease)
                 .await
             {
+                // Restored before the lease is trusted here, so no worker starts from nothing.
+                let fence = Fence {
+                    replica: self.settings.replica.clone(),
+                    token,
+                };
+                if let Err(e) = self.store.restore(&id, &fence).await {
+                    tracing::warn!(id = ?id, error = %e, "could not restore a mailbox's progress; it takes a new baseline");
+                }
                 self.leases.insert(&id, token, safe_until);
             }
             self.supervisor.poke(&id);

@@ -136,6 +136,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>>;
     /// Gives a lease back, if still held under `fence`.
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
+    /// Writes back, under `fence`, what this process remembers of the mailbox's progress (its
+    /// sync cursor, the items it recorded lately) into a store that lost its data, so the
+    /// mailbox's next catch-up starts where it stood instead of at a new baseline. A store
+    /// that cannot lose its data has nothing to do.
+    fn restore<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
     /// Which replica holds each mailbox's lease.
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>>;
     /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they

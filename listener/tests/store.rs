@@ -408,3 +408,58 @@ async fn the_redis_store_speaks_tls_to_a_server_with_an_internal_ca() {
         .unwrap();
     assert!(untrusting.wanted("m1").await.is_err());
 }
+
+#[tokio::test]
+async fn the_redis_store_restores_a_mailbox_s_progress_after_redis_lost_its_data() {
+    let mut redis = Redis::start().await;
+    let store = RedisStore::connect(
+        &redis.url,
+        None,
+        "el:",
+        Sealer::from_base64(KEY).unwrap(),
+        SeenLimits::default(),
+    )
+    .await
+    .unwrap();
+    let take = async |store: &RedisStore| {
+        store.put_mailbox(creds("m", "pw")).await.unwrap();
+        Fence {
+            replica: "a".into(),
+            token: store.claim("m", "a", LONG).await.unwrap().unwrap(),
+        }
+    };
+    let fence = take(&store).await;
+    store.set_sync_state("m", "S1", &fence).await.unwrap();
+    let before = store.sync_state("m").await.unwrap().unwrap();
+    store
+        .record("m", "i1", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+
+    redis.restart().await;
+    // Redis answers again, empty; the mailbox is written back under a new lease.
+    let fence = loop {
+        if store.epoch("e2").await.is_ok() {
+            break take(&store).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        store.sync_state("m").await.unwrap(),
+        None,
+        "lost with Redis"
+    );
+    assert!(store.is_new("m", "i1").await.unwrap());
+
+    store.restore("m", &fence).await.unwrap();
+    assert_eq!(store.sync_state("m").await.unwrap(), Some(before));
+    assert!(!store.is_new("m", "i1").await.unwrap(), "delivered before");
+    assert!(store.is_new("m", "i2").await.unwrap());
+
+    // Under a lease it does not hold, nothing is written.
+    let stale = Fence {
+        replica: "a".into(),
+        token: fence.token + 1,
+    };
+    assert_eq!(store.restore("m", &stale).await, Err(StoreError::Fenced));
+}

@@ -444,6 +444,11 @@ impl Store for MemoryStore {
         ready(())
     }
 
+    fn restore<'a>(&'a self, _id: &'a str, _fence: &'a Fence) -> Stored<'a, ()> {
+        // This store is the process's own memory: it never loses what the process knows.
+        async { Ok(()) }.boxed()
+    }
+
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         let inner = self.lock();
         ready(

@@ -256,6 +256,17 @@ pub struct RedisStore {
     signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     /// Fed from the `changes` channel.
     changes: tokio::sync::broadcast::Sender<String>,
+    /// What this process knows of each mailbox's progress, to write back should Redis lose
+    /// its data.
+    progress: Arc<Mutex<HashMap<String, Progress>>>,
+}
+
+/// A mailbox's progress as this process saw it: the last sync cursor read or written, and
+/// the digests of the items it recorded lately (with when), as the `seen` set keeps them.
+#[derive(Debug, Default)]
+struct Progress {
+    cursor: Option<(String, i64)>,
+    seen: std::collections::VecDeque<(String, i64)>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -319,6 +330,7 @@ impl RedisStore {
             }),
             signals: Arc::default(),
             changes: follow_changes(changes_client, format!("{prefix}changes")),
+            progress: Arc::default(),
         })
     }
 
@@ -332,6 +344,48 @@ impl RedisStore {
 
     fn changes_channel(&self) -> String {
         format!("{}changes", self.prefix)
+    }
+
+    /// Notes what this process knows of a mailbox's progress.
+    fn remember(&self, id: &str, note: impl FnOnce(&mut Progress)) {
+        let mut all = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        note(all.entry(id.to_owned()).or_default());
+    }
+
+    async fn restore_now(&self, id: &str, fence: &Fence) -> Result<(), StoreError> {
+        let (cursor, seen) = {
+            let all = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            match all.get(id) {
+                Some(p) => (p.cursor.clone(), p.seen.iter().cloned().collect::<Vec<_>>()),
+                None => return Ok(()),
+            }
+        };
+        let mut conn = self.conn.clone();
+        if let Some((state, at)) = cursor {
+            let answer: i64 = self
+                .scripts
+                .set_fenced
+                .key(self.key("mbx", id))
+                .key(self.key("lease", id))
+                .arg(fence_value(fence))
+                .arg("sync_state")
+                .arg(state)
+                .arg("sync_at_ms")
+                .arg(at)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            fenced(answer)?;
+        }
+        if !seen.is_empty() {
+            let mut add = redis::cmd("ZADD");
+            add.arg(self.key("seen", id));
+            for (digest, at) in &seen {
+                add.arg(*at).arg(digest);
+            }
+            let _: i64 = add.query_async(&mut conn).await.map_err(store_error)?;
+        }
+        Ok(())
     }
 
     fn signal(&self, id: &str) -> Arc<Notify> {
@@ -366,6 +420,10 @@ impl RedisStore {
     }
 
     async fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         let mut conn = self.conn.clone();
         let existed: i64 = self
             .scripts
@@ -490,10 +548,14 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(store_error)?;
-        Ok(state.map(|state| SyncCursor {
+        let cursor = state.map(|state| SyncCursor {
             state,
             at_unix_ms: at.unwrap_or(0),
-        }))
+        });
+        if let Some(c) = &cursor {
+            self.remember(id, |p| p.cursor = Some((c.state.clone(), c.at_unix_ms)));
+        }
+        Ok(cursor)
     }
 
     async fn set_sync_state_now(
@@ -502,6 +564,9 @@ impl RedisStore {
         state: &str,
         fence: &Fence,
     ) -> Result<(), StoreError> {
+        let now = unix_now_ms();
+        // The worker moves its cursor only past what it settled: true here whatever Redis says.
+        self.remember(id, |p| p.cursor = Some((state.to_owned(), now)));
         let mut conn = self.conn.clone();
         let answer: i64 = self
             .scripts
@@ -512,7 +577,7 @@ impl RedisStore {
             .arg("sync_state")
             .arg(state)
             .arg("sync_at_ms")
-            .arg(unix_now_ms())
+            .arg(now)
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
@@ -541,6 +606,16 @@ impl RedisStore {
         fence: &Fence,
     ) -> Result<(), StoreError> {
         let digest = item_digest(item_id).to_string();
+        let now = unix_now_ms();
+        // Posted (or settled) already: remembered here even if Redis does not take it.
+        let limits = self.seen_limits;
+        self.remember(id, |p| {
+            p.seen.push_back((digest.clone(), now));
+            let oldest = now - limits.retention.as_millis() as i64;
+            while p.seen.len() > limits.max || p.seen.front().is_some_and(|(_, at)| *at < oldest) {
+                p.seen.pop_front();
+            }
+        });
         let (field, entry, error) = match &outcome {
             Outcome::Delivered => ("delivered", String::new(), String::new()),
             Outcome::Skipped => ("skipped", String::new(), String::new()),
@@ -562,7 +637,7 @@ impl RedisStore {
             .key(self.key("dead", id))
             .key(self.key("lease", id))
             .arg(&digest)
-            .arg(unix_now_ms())
+            .arg(now)
             .arg(self.seen_limits.retention.as_millis() as i64)
             .arg(self.seen_limits.max)
             .arg(field)
@@ -847,6 +922,10 @@ impl Store for RedisStore {
             Ok(())
         }
         .boxed()
+    }
+
+    fn restore<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
+        self.restore_now(id, fence).boxed()
     }
 
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
