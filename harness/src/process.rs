@@ -28,7 +28,7 @@ pub fn release_binaries(names: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
     };
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut build = std::process::Command::new(cargo);
-        build.args(["build", "--release", "--quiet"]);
+        build.args(["build", "--release", "--quiet", "--workspace"]);
         for name in names {
             build.args(["--bin", name]);
         }

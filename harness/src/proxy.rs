@@ -1,7 +1,9 @@
 //! A TCP fault proxy: what a scenario puts between a replica and Redis, Exchange or Creatio.
-//! It passes bytes both ways, and on the timeline's word it delays each chunk, swallows
-//! everything (a blackhole: connections stay open and silent), holds everything until resumed
-//! (pause: TCP's own back-pressure), or resets every connection and refuses new ones.
+//! It passes bytes both ways, and on the timeline's word it delays each chunk, holds
+//! everything until resumed (pause: a short partition, which TCP survives), holds everything
+//! and then resets what was open (blackhole: a partition long enough that TCP gave up), or
+//! resets every connection and refuses new ones. Bytes are never lost from a connection that
+//! lives on, as no real network loses them.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -21,9 +23,9 @@ pub enum Mode {
     Pass,
     /// Each chunk waits this many milliseconds before it is passed on.
     Latency(u64),
-    /// Bytes are read and dropped; connections stay open.
+    /// Nothing passes; when the mode changes, the connections that were open are reset.
     Blackhole,
-    /// Bytes wait, unread, until another mode is set.
+    /// Bytes wait, unread, until another mode is set; then they pass.
     Pause,
     /// Every connection is reset, and new ones are reset as they come.
     Reset,
@@ -147,14 +149,17 @@ async fn pump(
     Option<tokio::net::tcp::OwnedWriteHalf>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut blackholed = false;
     loop {
         let current = *mode.borrow_and_update();
-        if current == Mode::Reset {
+        // A connection that lived through a blackhole is reset when it ends.
+        if current == Mode::Reset || (blackholed && current != Mode::Blackhole) {
             return (Some(from), Some(to));
         }
+        blackholed |= current == Mode::Blackhole;
+        let holding = matches!(current, Mode::Pause | Mode::Blackhole);
         let n = tokio::select! {
-            // Paused: read nothing until the mode changes.
-            r = from.read(&mut buf), if current != Mode::Pause => match r {
+            r = from.read(&mut buf), if !holding => match r {
                 Ok(0) | Err(_) => {
                     let _ = to.shutdown().await;
                     return (None, None);
@@ -168,18 +173,15 @@ async fn pump(
                 continue;
             }
         };
-        let now = *mode.borrow();
-        match now {
-            Mode::Blackhole => continue,
-            Mode::Latency(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-            Mode::Reset => return (Some(from), Some(to)),
-            Mode::Pass | Mode::Pause => {}
+        if let Mode::Latency(ms) = current {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return (None, None);
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,7 +215,7 @@ mod tests {
     const SHORT: Duration = Duration::from_millis(300);
 
     #[tokio::test]
-    async fn passes_swallows_holds_and_resets() {
+    async fn passes_holds_blackholes_and_resets() {
         let proxy = Proxy::start(echo().await).await.unwrap();
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
         assert_eq!(
@@ -232,10 +234,15 @@ mod tests {
             .unwrap();
         assert_eq!(&got, b"ping");
 
-        // Swallowed in a blackhole: the connection stays open, nothing comes back.
+        // A blackhole: nothing passes, and what was open is reset when it ends; a new
+        // connection then works.
         proxy.set_mode(Mode::Blackhole);
         assert_eq!(round_trip(&mut s, SHORT).await, None);
         proxy.set_mode(Mode::Pass);
+        let mut buf = [0u8; 1];
+        let ended = timeout(LONG, s.read(&mut buf)).await.unwrap();
+        assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
         assert_eq!(
             round_trip(&mut s, LONG).await.as_deref(),
             Some(&b"ping"[..])

@@ -260,8 +260,10 @@ impl Action {
             | Action::Start { .. }
             | Action::RedisRestart
             | Action::RedisPause { .. }
-            | Action::EwsFault { .. } => true,
-            Action::Link { mode, .. } => *mode != LinkMode::Pass,
+            | Action::EwsFault { .. }
+            // A link mended is a change too: the replica behind it comes back and the spread
+            // follows.
+            | Action::Link { .. } => true,
             _ => false,
         }
     }

@@ -116,6 +116,9 @@ impl Verdict {
     }
 }
 
+/// How long before a disruption a mail may still have been on its way through a replica.
+const IN_FLIGHT_SECS: f64 = 1.0;
+
 /// Judges a run. `samples` are in time order; the last one is taken when the run settled.
 pub fn judge(
     sent: &[Sent],
@@ -131,11 +134,17 @@ pub fn judge(
     }
     let known: HashMap<&str, &Sent> = sent.iter().map(|s| (s.key.as_str(), s)).collect();
     let recoveries = recoveries(samples, events);
+    // A disruption leaves mailboxes unserved from a moment before it (mail already on its
+    // way into a replica that died) until they settled, or until the next disruption.
     let unserved = |secs: f64| {
         bounds.unserved_loss
-            && recoveries
-                .iter()
-                .any(|r| secs >= r.secs && r.recovery_secs.is_none_or(|t| secs <= r.secs + t))
+            && recoveries.iter().enumerate().any(|(i, r)| {
+                let end = match r.recovery_secs {
+                    Some(t) => r.secs + t,
+                    None => recoveries.get(i + 1).map_or(f64::INFINITY, |n| n.secs),
+                };
+                secs >= r.secs - IN_FLIGHT_SECS && secs <= end
+            })
     };
     let (mut delivered, mut lost, mut duplicated, mut after_close) = (0, 0, 0, 0);
     let mut lost_unserved = 0;
