@@ -67,3 +67,6 @@ ci/image-check.sh
 echo "== harness demo, timed"
 cargo run --release --locked -q -p harness --bin harness -- \
     demo --replicas 2 --mailboxes 3 --mail-every-secs 1 --for-secs 6 | tail -n 3
+echo "== scenario suite (harness run scenarios/)"
+# Redis through testcontainers on the Docker engine; any broken rule fails the run.
+cargo run --release --locked -q -p harness --bin harness -- run --progress-secs 15

@@ -12,6 +12,13 @@ use crate::scenario::Scenario;
 use crate::stats::Percentiles;
 use crate::verdict::{Event, Recovery, Sample, Verdict, Violation};
 
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReplicaUsage {
+    pub rss_mib: f64,
+    /// Percent of one core, from the replica's start to the end of the run.
+    pub cpu_percent: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -33,6 +40,8 @@ pub struct Report {
     pub owners_at_end: BTreeMap<String, usize>,
     /// Mailboxes Creatio's failover loop created again.
     pub recreated_by_creatio_loop: usize,
+    /// Each replica running at the end: resident memory then, and CPU over its life.
+    pub replica_usage: BTreeMap<String, ReplicaUsage>,
     pub violations: Vec<Violation>,
     pub passed: bool,
     pub wall_secs: f64,
@@ -44,8 +53,8 @@ impl Report {
         store: &str,
         verdict: &Verdict,
         samples: &[Sample],
-        _events: &[Event],
         recreated: usize,
+        replica_usage: BTreeMap<String, ReplicaUsage>,
         wall_secs: f64,
     ) -> Report {
         Report {
@@ -64,6 +73,7 @@ impl Report {
             recoveries: verdict.recoveries.clone(),
             owners_at_end: samples.last().map(|s| s.owners.clone()).unwrap_or_default(),
             recreated_by_creatio_loop: recreated,
+            replica_usage,
             violations: verdict.violations.clone(),
             passed: verdict.passed(),
             wall_secs,
@@ -122,6 +132,14 @@ impl Report {
             .map(|(r, n)| format!("{r} {n}"))
             .collect();
         out += &format!("  owners at end   {}\n", owners.join(", "));
+        let usage: Vec<String> = self
+            .replica_usage
+            .iter()
+            .map(|(r, u)| format!("{r} {:.1} MiB {:.1}% CPU", u.rss_mib, u.cpu_percent))
+            .collect();
+        if !usage.is_empty() {
+            out += &format!("  replicas        {}\n", usage.join(", "));
+        }
         if self.recreated_by_creatio_loop > 0 {
             out += &format!(
                 "  Creatio's loop  created {} mailboxes again\n",

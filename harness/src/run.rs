@@ -88,6 +88,8 @@ struct Shared {
     sent: Arc<Mutex<Vec<Sent>>>,
     samples: Arc<Mutex<Vec<Sample>>>,
     mailboxes: usize,
+    /// Each mailbox's password, as Exchange has it now.
+    passwords: Arc<Mutex<BTreeMap<usize, String>>>,
     started: Instant,
     ews: String,
     creatio: String,
@@ -107,12 +109,21 @@ impl Shared {
         format!("user{m}@harness.test")
     }
 
+    fn password(&self, m: usize) -> String {
+        self.passwords
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&m)
+            .cloned()
+            .unwrap_or_else(|| "secret".to_owned())
+    }
+
     fn creds(&self, m: usize, ews_base: &str, creatio_base: &str) -> Value {
         json!({
             "Id": format!("mbx-{m}"),
             "SenderEmailAddress": Self::email(m),
             "UserName": Self::email(m),
-            "UserPassword": "secret",
+            "UserPassword": self.password(m),
             "ServerAddress": format!("{ews_base}/EWS/Exchange.asmx"),
             "UseSSL": false,
             "BpmEndpoint": format!("{creatio_base}/0/ServiceModel/ExchangeListenerService.svc/{}", self.operation),
@@ -188,6 +199,8 @@ impl Shared {
 struct Slot {
     id: String,
     process: Option<Process>,
+    /// When the process was started.
+    since: Instant,
     redis_link: Option<Proxy>,
 }
 
@@ -253,6 +266,7 @@ impl World {
             sent: Arc::default(),
             samples: Arc::default(),
             mailboxes: scenario.mailboxes.count,
+            passwords: Arc::default(),
             started: Instant::now(),
             ews: ews.base.clone(),
             creatio: creatio.base.clone(),
@@ -286,6 +300,7 @@ impl World {
         self.slots.push(Slot {
             id: format!("r{i}"),
             process: None,
+            since: Instant::now(),
             redis_link,
         });
         self.start_replica(i).await
@@ -316,6 +331,7 @@ impl World {
             .expect("a free log name");
         let process = Process::start(&slot.id, &self.bins.listener, &args, &env, &log).await?;
         self.slots[i].process = Some(process);
+        self.slots[i].since = Instant::now();
         self.publish_roster();
         Ok(())
     }
@@ -477,6 +493,28 @@ impl World {
                     Some(&json!([format!("mbx-{mailbox}")])),
                 )
                 .await?;
+            }
+            Action::Update { mailbox } => {
+                let password = format!("secret-{}", sh.secs().to_bits());
+                let url = format!(
+                    "{}/_control/mailboxes/{}/password",
+                    sh.ews,
+                    Shared::email(*mailbox)
+                );
+                sh.http
+                    .put(&url)
+                    .json(&json!({ "password": password }))
+                    .send()
+                    .await?
+                    .error_for_status()
+                    .with_context(|| format!("PUT {url}"))?;
+                sh.passwords
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*mailbox, password);
+                let creds = sh.creds(*mailbox, &self.ews_base(), &self.creatio_base());
+                sh.call_any(0, "/api/listeners/update", Some(&json!([creds])))
+                    .await?;
             }
             Action::Recreate { mailbox } => {
                 let creds = sh.creds(*mailbox, &self.ews_base(), &self.creatio_base());
@@ -796,13 +834,31 @@ pub async fn run(
         },
     );
     verdict.violations.append(&mut world.problems);
+    let usage = world
+        .slots
+        .iter()
+        .filter_map(|slot| {
+            let now = slot.process.as_ref()?.usage().ok()?;
+            let start = crate::process::Usage {
+                cpu_ticks: 0,
+                ..now
+            };
+            Some((
+                slot.id.clone(),
+                crate::report::ReplicaUsage {
+                    rss_mib: now.rss_kib as f64 / 1024.0,
+                    cpu_percent: now.cpu_percent_since(&start, slot.since.elapsed().as_secs_f64()),
+                },
+            ))
+        })
+        .collect();
     let report = crate::report::Report::new(
         scenario,
         &backend,
         &verdict,
         &samples,
-        &events,
         recreated.load(Ordering::Relaxed),
+        usage,
         wall.elapsed().as_secs_f64(),
     );
     report.write(&world.dir, &verdict, &events)?;

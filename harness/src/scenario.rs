@@ -230,6 +230,8 @@ pub enum Action {
     Close { mailbox: usize },
     /// Creatio sends a mailbox's credentials again.
     Recreate { mailbox: usize },
+    /// The mailbox's password changes in Exchange, and Creatio sends an Update with it.
+    Update { mailbox: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +297,7 @@ impl Action {
             }
             Action::Close { mailbox } => format!("Close mbx-{mailbox}"),
             Action::Recreate { mailbox } => format!("Recreate mbx-{mailbox}"),
+            Action::Update { mailbox } => format!("new password for mbx-{mailbox}"),
         }
     }
 }
@@ -428,7 +431,9 @@ impl Scenario {
                 Action::RedisRestart | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
                 }
-                Action::Close { mailbox } | Action::Recreate { mailbox }
+                Action::Close { mailbox }
+                | Action::Recreate { mailbox }
+                | Action::Update { mailbox }
                     if *mailbox >= self.mailboxes.count =>
                 {
                     bail!("there is no mailbox {mailbox}")
@@ -436,7 +441,9 @@ impl Scenario {
                 Action::Close { mailbox } if !closed.insert(*mailbox) => {
                     bail!("mailbox {mailbox} is closed twice")
                 }
-                Action::Recreate { mailbox } if closed.contains(mailbox) => {
+                Action::Recreate { mailbox } | Action::Update { mailbox }
+                    if closed.contains(mailbox) =>
+                {
                     bail!("mailbox {mailbox} cannot be created again after its Close")
                 }
                 _ => {}

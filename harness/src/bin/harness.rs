@@ -6,14 +6,13 @@
 //! poke at it with curl.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use harness::http::{full_emails_delivered, get_json, post_json};
 use harness::process::{Process, release_binaries, run_dir};
-use harness::redis::Choice;
+use harness::redis::{Choice, Redis};
 use harness::run::{Binaries, Options, collect, suite_dir};
 use serde_json::json;
 use tokio::time::Instant;
@@ -62,46 +61,6 @@ enum Command {
     },
 }
 
-/// A `redis-server` the harness owns: a foreground child on a free loopback port, killed
-/// with the harness.
-struct Redis {
-    _child: tokio::process::Child,
-    url: String,
-    _dir: PathBuf,
-}
-
-impl Redis {
-    async fn start(dir: PathBuf) -> anyhow::Result<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting redis-server; install it with `apt-get install redis-server`")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("redis-server did not listen on port {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Redis {
-            _child: child,
-            url: format!("redis://127.0.0.1:{port}/0"),
-            _dir: dir,
-        })
-    }
-}
-
 async fn demo(
     replicas: usize,
     mailboxes: usize,
@@ -126,17 +85,19 @@ async fn demo(
         &dir.join("mock-creatio.log"),
     )
     .await?;
+    // A process rather than a container: the demo's Redis is for poking at with redis-cli.
     let redis = if replicas > 1 {
-        Some(Redis::start(dir.clone()).await?)
+        Some(Redis::start(&Choice::Process, &dir).await?)
     } else {
         None
     };
+    let redis_url = redis.as_ref().map(|r| format!("redis://{}/0", r.addr()));
     let mut listeners = Vec::new();
     for i in 0..replicas {
         let mut args = local.to_vec();
         let mut env = Vec::new();
-        if let Some(redis) = &redis {
-            args.extend(["--redis-url".into(), redis.url.clone()]);
+        if let Some(url) = &redis_url {
+            args.extend(["--redis-url".into(), url.clone()]);
             args.extend(["--replica-id".into(), format!("replica-{i}")]);
             env.push((
                 "EXCHANGE_LISTENER_SECRET_KEY",
@@ -203,8 +164,8 @@ async fn demo(
         "  mock-creatio   {}   (calls under /_control/calls)",
         creatio.base
     );
-    if let Some(redis) = &redis {
-        println!("  redis          {}", redis.url);
+    if let Some(url) = &redis_url {
+        println!("  redis          {url}");
     }
     for l in &listeners {
         println!("  {:<14} {}/api/listeners/status", l.name, l.base);
