@@ -20,6 +20,6 @@ pub use request::{
 };
 pub use response::{
     ConnectionStatus, Event, EventKind, EventTarget, FindPage, Folder, FoundItem, ItemId, Mailbox,
-    Message, Notification, StreamBatch, SubscriptionError, SyncChange, SyncPage,
+    Message, Notification, ServerVersionInfo, StreamBatch, SubscriptionError, SyncChange, SyncPage,
 };
 pub use stream::EnvelopeSplitter;

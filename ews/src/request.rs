@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 use quick_xml::escape::escape;
 
 /// The `t:RequestServerVersion` a request claims. Streaming needs at least `Exchange2010_SP1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Ordered oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum ServerVersion {
     Exchange2010Sp1,
     Exchange2010Sp2,
@@ -30,17 +31,25 @@ impl ServerVersion {
         }
     }
 
+    /// Every version, oldest first; the first is the oldest with streaming notifications.
+    pub const ALL: [ServerVersion; 5] = [
+        ServerVersion::Exchange2010Sp1,
+        ServerVersion::Exchange2010Sp2,
+        ServerVersion::Exchange2013,
+        ServerVersion::Exchange2013Sp1,
+        ServerVersion::Exchange2016,
+    ];
+
     /// Parses the wire spelling (`Exchange2013_SP1`), case-insensitively.
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            ServerVersion::Exchange2010Sp1,
-            ServerVersion::Exchange2010Sp2,
-            ServerVersion::Exchange2013,
-            ServerVersion::Exchange2013Sp1,
-            ServerVersion::Exchange2016,
-        ]
-        .into_iter()
-        .find(|v| v.as_str().eq_ignore_ascii_case(s))
+        ServerVersion::ALL
+            .into_iter()
+            .find(|v| v.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// The version just below this one, if streaming has one.
+    pub fn older(self) -> Option<Self> {
+        ServerVersion::ALL.into_iter().rev().find(|v| *v < self)
     }
 }
 

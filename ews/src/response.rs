@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use crate::error::{EwsError, Fault, ResponseError};
+use crate::request::ServerVersion;
 use crate::ns::{MESSAGES, SOAP, TYPES};
 use crate::xml::{Element, parse};
 
@@ -379,6 +380,52 @@ pub fn parse_stream_envelope(bytes: &[u8]) -> Result<StreamBatch, EwsError> {
         }
     }
     Ok(batch)
+}
+
+/// What a server says of itself in every answer's `soap:Header` (`t:ServerVersionInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerVersionInfo {
+    pub major: u32,
+    pub minor: u32,
+    pub build: u32,
+    /// The `Version` attribute: `Exchange2010_SP2` on Exchange 2010, a schema date such as
+    /// `V2017_07_11` from Exchange 2013 on.
+    pub version: Option<String>,
+}
+
+impl ServerVersionInfo {
+    /// The newest request version this server accepts, or `None` for a server without
+    /// streaming notifications (older than Exchange 2010 SP1).
+    pub fn request_version(&self) -> Option<ServerVersion> {
+        if let Some(v) = self.version.as_deref().and_then(ServerVersion::parse) {
+            return Some(v);
+        }
+        match (self.major, self.minor) {
+            (m, _) if m < 14 => None,
+            (14, 0) => None,
+            (14, 1) => Some(ServerVersion::Exchange2010Sp1),
+            (14, _) => Some(ServerVersion::Exchange2010Sp2),
+            // Exchange 2013 SP1 is build 15.0.847.
+            (15, 0) if self.build < 847 => Some(ServerVersion::Exchange2013),
+            (15, 0) => Some(ServerVersion::Exchange2013Sp1),
+            _ => Some(ServerVersion::Exchange2016),
+        }
+    }
+}
+
+/// The `ServerVersionInfo` in an answer's header, whatever its body (faults included).
+pub fn server_version_info(bytes: &[u8]) -> Option<ServerVersionInfo> {
+    let root = parse(bytes).ok()?;
+    let info = root
+        .child(SOAP, "Header")?
+        .child_by_local("ServerVersionInfo")?;
+    let number = |name: &str| info.attr(name).and_then(|v| v.trim().parse::<u32>().ok());
+    Some(ServerVersionInfo {
+        major: number("MajorVersion")?,
+        minor: number("MinorVersion")?,
+        build: number("MajorBuildNumber").unwrap_or(0),
+        version: info.attr("Version").map(str::to_owned),
+    })
 }
 
 /// The `soap:Body` of an envelope, or the fault it carries.

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use crate::contract::{self, ContractError};
-use crate::ews_client::{EwsClient, EwsFailure, Limits};
+use crate::ews_client::{EwsClient, EwsFailure, Limits, ServerVersions};
 use crate::metrics::Metrics;
 use crate::reach::Reach;
 use crate::store::StoreError;
@@ -24,7 +24,8 @@ use crate::supervisor::Supervisor;
 pub struct ApiState {
     pub supervisor: Arc<Supervisor>,
     pub http: reqwest::Client,
-    pub server_version: ews::ServerVersion,
+    /// The request version each Exchange server takes.
+    pub versions: ServerVersions,
     /// Limits on Validate's call to EWS.
     pub limits: Limits,
     /// Where Creatio's calls may send the listener.
@@ -176,7 +177,7 @@ async fn validate(state: &ApiState, creds: &contract::Credentials) -> (bool, Str
     let client = match EwsClient::new(
         state.http.clone(),
         creds,
-        state.server_version,
+        state.versions.clone(),
         state.limits,
     ) {
         Ok(c) => c,

@@ -6,8 +6,8 @@
 //! the one place that decides whether a failure is retried, needs a new subscription, or is a
 //! configuration problem that fast retries cannot fix.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -238,6 +238,67 @@ pub struct Limits {
     pub max_body_bytes: u64,
 }
 
+/// The request version spoken to each Exchange server: the configured one until a server
+/// refuses it (`ErrorInvalidServerVersion`, as Exchange 2010 and 2013 do for versions newer
+/// than theirs); then the one that server names in `ServerVersionInfo`, or the next older,
+/// never below Exchange2010_SP1. Shared by every mailbox's client, so a server is asked once.
+#[derive(Debug, Clone)]
+pub struct ServerVersions {
+    preferred: ServerVersion,
+    learned: Arc<Mutex<HashMap<String, ServerVersion>>>,
+}
+
+impl ServerVersions {
+    pub fn new(preferred: ServerVersion) -> Self {
+        ServerVersions {
+            preferred,
+            learned: Arc::default(),
+        }
+    }
+
+    /// The server an EWS URL names: its scheme and authority.
+    fn server(url: &str) -> String {
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let rest = &url[scheme_end..];
+        let end = scheme_end + rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        url[..end].to_ascii_lowercase()
+    }
+
+    /// The version to speak to the server of `url`.
+    pub fn for_server(&self, url: &str) -> ServerVersion {
+        self.learned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&Self::server(url))
+            .copied()
+            .unwrap_or(self.preferred)
+    }
+
+    /// The server of `url` refused `tried`: answers the older version to try next, and
+    /// remembers it; `None` when there is none (the server is older than streaming).
+    pub fn refused(
+        &self,
+        url: &str,
+        tried: ServerVersion,
+        said: Option<ews::ServerVersionInfo>,
+    ) -> Option<ServerVersion> {
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let server = Self::server(url);
+        let known = learned.get(&server).copied().unwrap_or(self.preferred);
+        // Another mailbox learned an older one meanwhile: take it.
+        let next = if known < tried {
+            known
+        } else {
+            match said {
+                Some(info) => info.request_version().filter(|v| *v < tried)?,
+                None => tried.older()?,
+            }
+        };
+        learned.insert(server, next);
+        Some(next)
+    }
+}
+
 /// One mailbox's EWS client.
 #[derive(Debug)]
 pub struct EwsClient {
@@ -245,7 +306,7 @@ pub struct EwsClient {
     url: String,
     auth: Auth,
     anchor: String,
-    header: RequestHeader,
+    versions: ServerVersions,
     limits: Limits,
     /// The affinity cookie the last Subscribe set, replayed on the subscription's requests.
     cookie: Mutex<Option<String>>,
@@ -255,7 +316,7 @@ impl EwsClient {
     pub fn new(
         http: reqwest::Client,
         creds: &Credentials,
-        version: ServerVersion,
+        versions: ServerVersions,
         limits: Limits,
     ) -> Result<Self, EwsFailure> {
         let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
@@ -279,10 +340,7 @@ impl EwsClient {
             url,
             auth,
             anchor: creds.sender_email.clone(),
-            header: RequestHeader {
-                version,
-                impersonate: None,
-            },
+            versions,
             limits,
             cookie: Mutex::new(None),
         })
@@ -291,6 +349,14 @@ impl EwsClient {
     /// The endpoint, for logs: without any user information it may carry.
     pub fn url(&self) -> String {
         redact_url(&self.url)
+    }
+
+    /// The header of the next request: the version this server takes.
+    fn header(&self) -> RequestHeader {
+        RequestHeader {
+            version: self.versions.for_server(&self.url),
+            impersonate: None,
+        }
     }
 
     fn cookie(&self) -> Option<String> {
@@ -353,34 +419,54 @@ impl EwsClient {
         }
     }
 
-    /// A non-streaming call: send, read the whole body, decode it.
+    /// A non-streaming call: send, read the whole body, decode it. A server that refuses
+    /// the request's version is asked again in the older one it takes.
     async fn call<T>(
         &self,
-        body: String,
+        build: impl Fn(&RequestHeader) -> String,
         affinity: bool,
         decode: fn(&[u8]) -> Result<T, EwsError>,
     ) -> Result<T, EwsFailure> {
-        let resp = self
-            .send(body, affinity, Some(self.limits.request_timeout))
-            .await?;
-        let status = resp.status();
-        let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
-        decode_body(status, &bytes, decode)
+        loop {
+            let header = self.header();
+            let resp = self
+                .send(build(&header), affinity, Some(self.limits.request_timeout))
+                .await?;
+            let status = resp.status();
+            let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
+            match decode_body(status, &bytes, decode) {
+                Err(f) if f.code() == Some("ErrorInvalidServerVersion") => {
+                    let said = response::server_version_info(&bytes);
+                    let Some(next) = self.versions.refused(&self.url, header.version, said) else {
+                        return Err(f);
+                    };
+                    tracing::info!(
+                        url = ?self.url(),
+                        refused = header.version.as_str(),
+                        next = next.as_str(),
+                        "Exchange takes an older request version; speaking it to this server"
+                    );
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Subscribes to new mail in the inbox; returns the subscription id.
     pub async fn subscribe(&self) -> Result<String, EwsFailure> {
-        let body = ews::request::subscribe_streaming(
-            &self.header,
-            &DistinguishedFolder::inbox(None),
-            &[EventType::NewMail, EventType::Created],
-        );
-        self.call(body, true, response::parse_subscribe).await
+        let build = |h: &RequestHeader| {
+            ews::request::subscribe_streaming(
+                h,
+                &DistinguishedFolder::inbox(None),
+                &[EventType::NewMail, EventType::Created],
+            )
+        };
+        self.call(build, true, response::parse_subscribe).await
     }
 
     pub async fn unsubscribe(&self, subscription_id: &str) -> Result<(), EwsFailure> {
-        let body = ews::request::unsubscribe(&self.header, subscription_id);
-        self.call(body, true, response::parse_unsubscribe).await
+        let build = |h: &RequestHeader| ews::request::unsubscribe(h, subscription_id);
+        self.call(build, true, response::parse_unsubscribe).await
     }
 
     /// Fetches messages with what Creatio needs; one result per id, in order.
@@ -388,8 +474,9 @@ impl EwsClient {
         &self,
         ids: &[&str],
     ) -> Result<Vec<Result<ews::Message, ews::ResponseError>>, EwsFailure> {
-        let body = ews::request::get_item(&self.header, ids, &ItemShape::full_message());
-        let results = self.call(body, false, response::parse_get_item).await?;
+        let shape = ItemShape::full_message();
+        let build = |h: &RequestHeader| ews::request::get_item(h, ids, &shape);
+        let results = self.call(build, false, response::parse_get_item).await?;
         if results.len() != ids.len() {
             return Err(EwsError::Malformed(format!(
                 "GetItem answered {} items for {} ids",
@@ -407,13 +494,15 @@ impl EwsClient {
         sync_state: Option<&str>,
         max_changes: u16,
     ) -> Result<ews::SyncPage, EwsFailure> {
-        let body = ews::request::sync_folder_items(
-            &self.header,
-            &DistinguishedFolder::inbox(None),
-            sync_state,
-            max_changes,
-        );
-        self.call(body, false, response::parse_sync_folder_items)
+        let build = |h: &RequestHeader| {
+            ews::request::sync_folder_items(
+                h,
+                &DistinguishedFolder::inbox(None),
+                sync_state,
+                max_changes,
+            )
+        };
+        self.call(build, false, response::parse_sync_folder_items)
             .await
     }
 
@@ -423,19 +512,22 @@ impl EwsClient {
         offset: u32,
         max_entries: u16,
     ) -> Result<ews::FindPage, EwsFailure> {
-        let body = ews::request::find_recent_items(
-            &self.header,
-            &DistinguishedFolder::inbox(None),
-            offset,
-            max_entries,
-        );
-        self.call(body, false, response::parse_find_item).await
+        let build = |h: &RequestHeader| {
+            ews::request::find_recent_items(
+                h,
+                &DistinguishedFolder::inbox(None),
+                offset,
+                max_entries,
+            )
+        };
+        self.call(build, false, response::parse_find_item).await
     }
 
     /// Reads the inbox folder: proves the credentials log in and reach the mailbox.
     pub async fn get_inbox(&self) -> Result<ews::Folder, EwsFailure> {
-        let body = ews::request::get_folder(&self.header, &DistinguishedFolder::inbox(None));
-        let mut folders = self.call(body, false, response::parse_get_folder).await?;
+        let build =
+            |h: &RequestHeader| ews::request::get_folder(h, &DistinguishedFolder::inbox(None));
+        let mut folders = self.call(build, false, response::parse_get_folder).await?;
         match folders.pop() {
             Some(Ok(folder)) => Ok(folder),
             Some(Err(e)) => Err(EwsError::Response(e).into()),
@@ -450,8 +542,11 @@ impl EwsClient {
         subscription_id: &str,
         timeout_minutes: u8,
     ) -> Result<EventStream, EwsFailure> {
-        let body =
-            ews::request::get_streaming_events(&self.header, &[subscription_id], timeout_minutes);
+        let body = ews::request::get_streaming_events(
+            &self.header(),
+            &[subscription_id],
+            timeout_minutes,
+        );
         let resp = self.send(body, true, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();

@@ -135,6 +135,7 @@ pub async fn serve(
     let leases = Arc::new(coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
     let metrics = metrics::Metrics::new();
+    let versions = ews_client::ServerVersions::new(config.ews_version);
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
             store: store.clone(),
@@ -143,7 +144,7 @@ pub async fn serve(
             exchange: Arc::new(transport::HttpExchange {
                 http: ews_http.clone(),
                 insecure: config.ews_tls_insecure,
-                server_version: config.ews_version,
+                versions: versions.clone(),
                 limits,
             }),
             creatio: Arc::new(delivery),
@@ -184,7 +185,7 @@ pub async fn serve(
     let state = api::ApiState {
         supervisor: supervisor.clone(),
         http: ews_http,
-        server_version: config.ews_version,
+        versions,
         limits,
         reach,
         metrics,

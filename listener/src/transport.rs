@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::contract::Credentials;
 use crate::delivery::{Delivery, DeliveryError};
-use crate::ews_client::{EventStream, EwsClient, EwsFailure, Limits};
+use crate::ews_client::{EventStream, EwsClient, EwsFailure, Limits, ServerVersions};
 
 /// An answer from Exchange, later.
 pub type Answer<'a, T> = BoxFuture<'a, Result<T, EwsFailure>>;
@@ -81,7 +81,8 @@ pub struct HttpExchange {
     pub http: reqwest::Client,
     /// Exchange's certificates go unchecked (`--ews-tls-insecure`): said on every connect.
     pub insecure: bool,
-    pub server_version: ews::ServerVersion,
+    /// The request version each Exchange server takes.
+    pub versions: ServerVersions,
     pub limits: Limits,
 }
 
@@ -95,7 +96,7 @@ impl Connect for HttpExchange {
         Ok(Box::new(EwsClient::new(
             self.http.clone(),
             creds,
-            self.server_version,
+            self.versions.clone(),
             self.limits,
         )?))
     }

@@ -396,3 +396,34 @@ async fn slow_operations_still_deliver() {
     let sent = [inject(&world, "slow one"), inject(&world, "slow two")];
     assert_each_delivered_once(&world, ALICE, &sent).await;
 }
+
+/// Exchange 2010 SP2 refuses the listener's default `Exchange2013_SP1` with
+/// `ErrorInvalidServerVersion` and names its own version: the listener speaks that from then
+/// on, for every mailbox on the server, and streams.
+#[tokio::test]
+async fn an_older_server_is_spoken_to_in_the_version_it_names() {
+    const CAROL: &str = "carol@contoso.example";
+    let (world, listener) = start(&[]).await;
+    world.ews.create_mailbox(CAROL, "secret").unwrap();
+    world.ews.set_settings(Settings {
+        server_version: Some("Exchange2010_SP2".into()),
+        ..Settings::default()
+    });
+    let refused = |world: &World| {
+        world
+            .ews
+            .request_log()
+            .iter()
+            .filter(|r| r.status == 500)
+            .count()
+    };
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    assert_eq!(refused(&world), 1, "{:?}", world.ews.request_log());
+    world
+        .create(&listener, "mbx-2", CAROL, "ProcessFullEmail")
+        .await;
+    assert_eq!(refused(&world), 1, "the second mailbox is asked in the right version at once");
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "on Exchange 2010")]).await;
+}

@@ -116,6 +116,19 @@ async fn get_settings(State(app): State<App>) -> Response {
 }
 
 async fn put_settings(State(app): State<App>, Json(settings): Json<Settings>) -> Response {
+    if let Some(v) = &settings.server_version
+        && crate::soap::version_rank(v).is_none()
+    {
+        let error = format!(
+            "server_version {v:?} is not one of {}",
+            crate::soap::VERSIONS.map(|(name, ..)| name).join(", ")
+        );
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": error })),
+        )
+            .into_response();
+    }
     app.world.set_settings(settings);
     StatusCode::NO_CONTENT.into_response()
 }

@@ -180,6 +180,10 @@ pub struct Settings {
     pub max_streams_per_user: Option<usize>,
     /// More live subscriptions per mailbox are refused with `ErrorExceededSubscriptionCount`.
     pub max_subscriptions_per_mailbox: Option<usize>,
+    /// Behave as this older server (`Exchange2010_SP1`, `Exchange2010_SP2`, `Exchange2013`,
+    /// `Exchange2013_SP1`): a request claiming a newer `RequestServerVersion` is refused with
+    /// `ErrorInvalidServerVersion`, and answers carry this server's `ServerVersionInfo`.
+    pub server_version: Option<String>,
 }
 
 #[cfg(test)]

@@ -154,11 +154,37 @@ async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, R
         Some(target) => target.to_ascii_lowercase(),
         None => principal,
     };
+    // An older server refuses a request claiming a newer version than its own.
+    let older = app.world.settings().server_version;
+    if let Some(server) = &older {
+        let claimed = request.version.as_deref().unwrap_or("Exchange2007_SP1");
+        if soap::version_rank(claimed).unwrap_or(0) > soap::version_rank(server).unwrap_or(0) {
+            let fault = soap::invalid_server_version(server);
+            return (op, acting, xml(StatusCode::INTERNAL_SERVER_ERROR, fault));
+        }
+    }
     let response = match request_faults(&app.world, &acting, &op).await {
         Some(response) => response,
         None => dispatch(app, &acting, request.operation),
     };
+    let response = match &older {
+        Some(server) if op != "GetStreamingEvents" => as_version(response, server).await,
+        _ => response,
+    };
     (op, acting, response)
+}
+
+/// Rewrites a whole answer to carry an older server's `ServerVersionInfo`.
+async fn as_version(response: Response, server: &str) -> Response {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => {
+            let text = soap::as_version(&String::from_utf8_lossy(&bytes), server);
+            Response::from_parts(parts, axum::body::Body::from(text))
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 fn dispatch(app: App, acting: &str, operation: Operation) -> Response {

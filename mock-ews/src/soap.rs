@@ -108,6 +108,8 @@ pub(crate) struct Request {
     pub operation: Operation,
     /// The SMTP address in `ExchangeImpersonation`, if any.
     pub impersonate: Option<String>,
+    /// The `Version` of `RequestServerVersion`, if the request says.
+    pub version: Option<String>,
 }
 
 fn child<'a, 'i>(node: Node<'a, 'i>, ns: &str, name: &str) -> Option<Node<'a, 'i>> {
@@ -176,6 +178,10 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
             child_local(sid, "PrimarySmtpAddress").or_else(|| child_local(sid, "SmtpAddress"))
         })
         .map(text);
+    let version = child(env, SOAP, "Header")
+        .and_then(|h| child(h, TYPES, "RequestServerVersion"))
+        .and_then(|v| v.attribute("Version"))
+        .map(str::to_owned);
     let op = child(env, SOAP, "Body")
         .and_then(|b| b.children().find(Node::is_element))
         .ok_or("the SOAP Body holds no operation")?;
@@ -285,6 +291,7 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
     Ok(Request {
         operation,
         impersonate,
+        version,
     })
 }
 
@@ -306,18 +313,54 @@ pub(crate) fn esc(s: &str) -> String {
 
 pub(crate) const XML_DECL: &str = r#"<?xml version="1.0" encoding="utf-8"?>"#;
 
+/// The request versions an older server may be set to behave as, oldest first, with the
+/// `ServerVersionInfo` numbers such a server reports.
+pub(crate) const VERSIONS: [(&str, u32, u32, u32); 4] = [
+    ("Exchange2010_SP1", 14, 1, 218),
+    ("Exchange2010_SP2", 14, 2, 247),
+    ("Exchange2013", 15, 0, 516),
+    ("Exchange2013_SP1", 15, 0, 847),
+];
+
+/// Where a request version stands among [`VERSIONS`]; versions newer than all of them
+/// (`Exchange2016`) rank above.
+pub(crate) fn version_rank(name: &str) -> Option<usize> {
+    VERSIONS
+        .iter()
+        .position(|(n, ..)| n.eq_ignore_ascii_case(name))
+        .or_else(|| name.eq_ignore_ascii_case("Exchange2016").then_some(VERSIONS.len()))
+}
+
+/// The `ServerVersionInfo` header element of an older server; Exchange 2010 names its version,
+/// later servers a schema date.
+pub(crate) fn server_version_info(name: &str) -> String {
+    let (name, major, minor, build) = VERSIONS
+        .iter()
+        .find(|(n, ..)| n.eq_ignore_ascii_case(name))
+        .copied()
+        .unwrap_or(("Exchange2013_SP1", 15, 0, 847));
+    let version = if major == 14 { name } else { "V2_10" };
+    format!(
+        r#"<h:ServerVersionInfo xmlns:h="{TYPES}" MajorVersion="{major}" MinorVersion="{minor}" MajorBuildNumber="{build}" MinorBuildNumber="0" Version="{version}"/>"#
+    )
+}
+
+/// What mock-ews reports of itself unless told to be older: Exchange 2016.
+const CURRENT_VERSION_INFO: &str = concat!(
+    r#"<h:ServerVersionInfo xmlns:h="http://schemas.microsoft.com/exchange/services/2006/types" "#,
+    r#"MajorVersion="15" MinorVersion="1" MajorBuildNumber="2507" MinorBuildNumber="6" Version="V2017_07_11"/>"#
+);
+
+/// Puts an older server's `ServerVersionInfo` in place of the current one in a whole answer.
+pub(crate) fn as_version(answer: &str, name: &str) -> String {
+    answer.replacen(CURRENT_VERSION_INFO, &server_version_info(name), 1)
+}
+
 /// A whole envelope: a Header with ServerVersionInfo (strict clients require it) around `body`.
 /// It starts `<s:Envelope ` with a space, which exchangelib's splitter needs.
 pub(crate) fn envelope(body: &str) -> String {
     format!(
-        concat!(
-            r#"<s:Envelope xmlns:s="{soap}"><s:Header>"#,
-            r#"<h:ServerVersionInfo xmlns:h="{types}" MajorVersion="15" MinorVersion="1" MajorBuildNumber="2507" MinorBuildNumber="6" Version="V2017_07_11"/>"#,
-            r#"</s:Header><s:Body>{body}</s:Body></s:Envelope>"#
-        ),
-        soap = SOAP,
-        types = TYPES,
-        body = body
+        r#"<s:Envelope xmlns:s="{SOAP}"><s:Header>{CURRENT_VERSION_INFO}</s:Header><s:Body>{body}</s:Body></s:Envelope>"#
     )
 }
 
@@ -345,6 +388,21 @@ pub(crate) fn error(op: &str, code: &str, text: &str, inner: &str) -> String {
         text = esc(text),
         code = code,
         inner = inner
+    )
+}
+
+/// `ErrorInvalidServerVersion`, as an older server answers a request claiming a newer
+/// version: a fault whose header says which version the server is.
+pub(crate) fn invalid_server_version(server: &str) -> String {
+    fault(
+        "ErrorInvalidServerVersion",
+        "The specified server version is invalid.",
+        None,
+    )
+    .replacen(
+        "<s:Body>",
+        &format!("<s:Header>{}</s:Header><s:Body>", server_version_info(server)),
+        1,
     )
 }
 

@@ -380,3 +380,46 @@ async fn a_silenced_stream_says_nothing_after_its_first_envelope() {
         "the mail waits on the subscription"
     );
 }
+
+#[tokio::test]
+async fn an_older_server_refuses_newer_request_versions_and_names_its_own() {
+    let ews = start().await;
+    let settings_url = ews.ews_url().replace("/EWS/Exchange.asmx", "/_control/settings");
+    let put = |body: serde_json::Value| {
+        reqwest::Client::new()
+            .put(&settings_url)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        put(serde_json::json!({ "server_version": "Exchange2003" }))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        put(serde_json::json!({ "server_version": "Exchange2010_SP2" }))
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let get_folder = envelope(
+        r#"<m:GetFolder><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape></m:FolderShape><m:FolderIds><t:DistinguishedFolderId Id="inbox"/></m:FolderIds></m:GetFolder>"#,
+    );
+
+    let resp = post(&ews, "secret", get_folder.clone()).await;
+    assert_eq!(resp.status(), 500);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("ErrorInvalidServerVersion"), "{text}");
+    assert_eq!(between(&text, "MajorVersion=\"", "\""), "14");
+    assert_eq!(between(&text, " Version=\"", "\""), "Exchange2010_SP2");
+
+    let older = get_folder.replace("Exchange2013_SP1", "Exchange2010_SP2");
+    let resp = post(&ews, "secret", older).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("GetFolderResponse"), "{text}");
+    assert_eq!(between(&text, "MinorVersion=\"", "\""), "2");
+}

@@ -364,3 +364,43 @@ fn find_item_page_lists_ids_received_times_and_paging() {
     let fault = parse_find_item(&fixture("fault_server_busy.xml")).unwrap_err();
     assert_eq!(fault.code(), Some("ErrorServerBusy"));
 }
+
+#[test]
+fn an_older_server_says_which_version_it_takes() {
+    let body = fixture("fault_invalid_server_version.xml");
+    let err = parse_subscribe(&body).unwrap_err();
+    assert_eq!(err.code(), Some("ErrorInvalidServerVersion"));
+    let info = server_version_info(&body).unwrap();
+    assert_eq!((info.major, info.minor, info.build), (14, 2, 247));
+    assert_eq!(info.request_version(), Some(ServerVersion::Exchange2010Sp2));
+    // No header: nothing to say.
+    assert_eq!(server_version_info(&fixture("fault_server_busy.xml")), None);
+}
+
+#[test]
+fn server_versions_map_to_request_versions_by_number_when_the_name_is_a_schema_date() {
+    let info = |major, minor, build, version: &str| ServerVersionInfo {
+        major,
+        minor,
+        build,
+        version: Some(version.into()),
+    };
+    let cases = [
+        (info(14, 0, 639, "Exchange2010"), None),
+        (info(14, 1, 218, "Exchange2010_SP1"), Some(ServerVersion::Exchange2010Sp1)),
+        (info(14, 3, 123, "Exchange2010_SP2"), Some(ServerVersion::Exchange2010Sp2)),
+        (info(15, 0, 516, "V2_6"), Some(ServerVersion::Exchange2013)),
+        (info(15, 0, 847, "V2_10"), Some(ServerVersion::Exchange2013Sp1)),
+        (info(15, 1, 2507, "V2017_07_11"), Some(ServerVersion::Exchange2016)),
+        (info(15, 2, 1118, "V2017_07_11"), Some(ServerVersion::Exchange2016)),
+        (info(8, 3, 83, "Exchange2007_SP1"), None),
+    ];
+    for (info, want) in cases {
+        assert_eq!(info.request_version(), want, "{info:?}");
+    }
+    assert_eq!(
+        ServerVersion::Exchange2013.older(),
+        Some(ServerVersion::Exchange2010Sp2)
+    );
+    assert_eq!(ServerVersion::Exchange2010Sp1.older(), None);
+}
