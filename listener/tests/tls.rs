@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Listener, PATIENCE, World, eventually, temp_dir, test_certificates};
+use common::{
+    ForwardProxy, Listener, PATIENCE, World, eventually, temp_dir, test_certificates,
+};
 use mock_creatio::MockCreatio;
 use mock_ews::{Config, MockEws, NewMail};
 use serde_json::json;
@@ -124,4 +126,57 @@ async fn tls_insecure_accepts_any_certificate_and_says_so() {
         warnings >= 2,
         "a warning at start and on the mailbox's connect"
     );
+}
+
+/// Through the proxies the environment names, as administrators expect: Exchange over HTTPS
+/// through a `CONNECT` tunnel (`HTTPS_PROXY`), Creatio over HTTP as absolute-form requests
+/// (`HTTP_PROXY`).
+#[tokio::test]
+async fn exchange_and_creatio_are_reached_through_the_environment_s_proxies() {
+    let (world, ca) = world().await;
+    let proxy = ForwardProxy::start().await;
+    let listener = Listener::spawn_with_env(
+        &["--ews-ca-file", ca.to_str().unwrap()],
+        &[
+            ("HTTPS_PROXY", &proxy.url),
+            ("HTTP_PROXY", &proxy.url),
+            ("NO_PROXY", ""),
+        ],
+    )
+    .await;
+    create(&world, &listener).await;
+    delivers(&world).await;
+    let ews = world
+        .ews
+        .ews_url()
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let seen = proxy.seen();
+    assert!(seen.contains(&format!("CONNECT {ews}")), "{seen:?}");
+    assert!(
+        seen.contains(&format!("POST {}", world.creatio.addr())),
+        "{seen:?}"
+    );
+}
+
+/// `NO_PROXY` keeps the hosts it names off the proxy.
+#[tokio::test]
+async fn no_proxy_keeps_its_hosts_off_the_proxy() {
+    let (world, ca) = world().await;
+    let proxy = ForwardProxy::start().await;
+    let listener = Listener::spawn_with_env(
+        &["--ews-ca-file", ca.to_str().unwrap()],
+        &[
+            ("HTTPS_PROXY", &proxy.url),
+            ("HTTP_PROXY", &proxy.url),
+            ("NO_PROXY", "127.0.0.1"),
+        ],
+    )
+    .await;
+    create(&world, &listener).await;
+    delivers(&world).await;
+    assert_eq!(proxy.seen(), Vec::<String>::new());
 }

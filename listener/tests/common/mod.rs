@@ -47,6 +47,12 @@ pub struct Listener {
 impl Listener {
     /// Spawns the binary with fast test timings; `extra` adds flags or overrides a default.
     pub async fn spawn(extra: &[&str]) -> Listener {
+        Listener::spawn_with_env(extra, &[]).await
+    }
+
+    /// As [`Listener::spawn`], with environment variables set (or overridden: `NO_PROXY` is
+    /// `127.0.0.1,localhost` unless given).
+    pub async fn spawn_with_env(extra: &[&str], env: &[(&str, &str)]) -> Listener {
         let defaults = [
             ("--listen", "127.0.0.1:0"),
             ("--log", "info,exchange_listener=debug"),
@@ -65,6 +71,7 @@ impl Listener {
         let mut child = Command::new(env!("CARGO_BIN_EXE_exchange-listener"))
             .args(&args)
             .env("NO_PROXY", "127.0.0.1,localhost")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -587,4 +594,85 @@ pub fn temp_dir(what: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("el-{what}-{}", uuid_like()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A forward proxy as companies run one: `CONNECT` tunnels (what `HTTPS_PROXY` asks for) and
+/// absolute-form requests (`HTTP_PROXY`). It notes each connection's method and destination.
+pub struct ForwardProxy {
+    pub url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl ForwardProxy {
+    pub async fn start() -> ForwardProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let noted = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, noted.clone()));
+            }
+        });
+        ForwardProxy { url, seen }
+    }
+
+    /// `METHOD host:port` of every connection so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// One client connection: its first request says where it goes; the rest of the connection
+/// is passed through (a pooled connection keeps to one destination).
+async fn forward(mut client: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let rest = buf[head_end..].to_vec();
+    let first = head.lines().next().unwrap_or_default().to_owned();
+    let mut parts = first.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (authority, path) = if method == "CONNECT" {
+        (target.to_owned(), String::new())
+    } else {
+        let without = target.strip_prefix("http://").unwrap_or(target);
+        let slash = without.find('/').unwrap_or(without.len());
+        (without[..slash].to_owned(), without[slash..].to_owned())
+    };
+    seen.lock().unwrap().push(format!("{method} {authority}"));
+    let Ok(mut server) = tokio::net::TcpStream::connect(&authority).await else {
+        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n").await;
+        return;
+    };
+    if method == "CONNECT" {
+        if client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+    } else {
+        // To the origin server, the request line names the path only.
+        let origin_form = first.replacen(target, &path, 1);
+        let head = head.replacen(&first, &origin_form, 1);
+        if server.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+    if server.write_all(&rest).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
