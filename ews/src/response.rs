@@ -9,8 +9,8 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use crate::error::{EwsError, Fault, ResponseError};
-use crate::request::ServerVersion;
 use crate::ns::{MESSAGES, SOAP, TYPES};
+use crate::request::ServerVersion;
 use crate::xml::{Element, parse};
 
 /// An item's id and change key.

@@ -542,11 +542,8 @@ impl EwsClient {
         subscription_id: &str,
         timeout_minutes: u8,
     ) -> Result<EventStream, EwsFailure> {
-        let body = ews::request::get_streaming_events(
-            &self.header(),
-            &[subscription_id],
-            timeout_minutes,
-        );
+        let body =
+            ews::request::get_streaming_events(&self.header(), &[subscription_id], timeout_minutes);
         let resp = self.send(body, true, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
@@ -643,6 +640,64 @@ impl EventStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_version_steps_down_per_server_and_never_below_streaming() {
+        let versions = ServerVersions::new(ServerVersion::Exchange2013Sp1);
+        let a = "https://MAIL.contoso.local/EWS/Exchange.asmx";
+        let b = "https://other.contoso.local/EWS/Exchange.asmx";
+        let said = |major, minor, version: &str| {
+            Some(ews::ServerVersionInfo {
+                major,
+                minor,
+                build: 0,
+                version: Some(version.into()),
+            })
+        };
+        // The server names its version: taken, for that server only.
+        assert_eq!(
+            versions.refused(
+                a,
+                ServerVersion::Exchange2013Sp1,
+                said(14, 2, "Exchange2010_SP2")
+            ),
+            Some(ServerVersion::Exchange2010Sp2)
+        );
+        assert_eq!(
+            versions.for_server("https://mail.contoso.local/ews/exchange.asmx"),
+            ServerVersion::Exchange2010Sp2
+        );
+        assert_eq!(versions.for_server(b), ServerVersion::Exchange2013Sp1);
+        // A mailbox that tried the old version after another learned: the learned one.
+        assert_eq!(
+            versions.refused(a, ServerVersion::Exchange2013Sp1, None),
+            Some(ServerVersion::Exchange2010Sp2)
+        );
+        // Nothing said: one step down; at the floor, nothing left to try.
+        assert_eq!(
+            versions.refused(b, ServerVersion::Exchange2013Sp1, None),
+            Some(ServerVersion::Exchange2013)
+        );
+        assert_eq!(
+            versions.refused(
+                a,
+                ServerVersion::Exchange2010Sp2,
+                said(14, 0, "Exchange2010")
+            ),
+            None
+        );
+        let floor = ServerVersions::new(ServerVersion::Exchange2010Sp1);
+        assert_eq!(floor.refused(a, ServerVersion::Exchange2010Sp1, None), None);
+        // A server naming a version no older than the one refused is not believed.
+        assert_eq!(
+            floor.refused(
+                b,
+                ServerVersion::Exchange2010Sp1,
+                said(15, 1, "V2017_07_11")
+            ),
+            None
+        );
+    }
 
     #[test]
     fn url_from_server_address() {

@@ -424,6 +424,10 @@ async fn an_older_server_is_spoken_to_in_the_version_it_names() {
     world
         .create(&listener, "mbx-2", CAROL, "ProcessFullEmail")
         .await;
-    assert_eq!(refused(&world), 1, "the second mailbox is asked in the right version at once");
+    assert_eq!(
+        refused(&world),
+        1,
+        "the second mailbox is asked in the right version at once"
+    );
     assert_each_delivered_once(&world, ALICE, &[inject(&world, "on Exchange 2010")]).await;
 }

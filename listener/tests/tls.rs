@@ -4,9 +4,7 @@
 
 mod common;
 
-use common::{
-    ForwardProxy, Listener, PATIENCE, World, eventually, temp_dir, test_certificates,
-};
+use common::{ForwardProxy, Listener, PATIENCE, World, eventually, temp_dir, test_certificates};
 use mock_creatio::MockCreatio;
 use mock_ews::{Config, MockEws, NewMail};
 use serde_json::json;
@@ -38,6 +36,14 @@ async fn create(world: &World, listener: &Listener) {
     assert!(world.ews.ews_url().starts_with("https://"));
     let (code, body) = listener.call("create", json!([creds]).to_string()).await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// Waits until the mailbox streams over TLS: mail sent before its first sync is not new.
+async fn streams(world: &World) {
+    eventually("the mailbox to stream over TLS", PATIENCE, async || {
+        (world.ews.stats().open_streams == 1).then_some(())
+    })
+    .await;
 }
 
 async fn delivers(world: &World) {
@@ -100,10 +106,7 @@ async fn the_internal_ca_is_trusted_when_given() {
     let (world, ca) = world().await;
     let listener = Listener::spawn(&["--ews-ca-file", ca.to_str().unwrap()]).await;
     create(&world, &listener).await;
-    eventually("the mailbox to stream over TLS", PATIENCE, async || {
-        (world.ews.stats().open_streams == 1).then_some(())
-    })
-    .await;
+    streams(&world).await;
     delivers(&world).await;
 }
 
@@ -112,10 +115,7 @@ async fn tls_insecure_accepts_any_certificate_and_says_so() {
     let (world, _) = world().await;
     let listener = Listener::spawn(&["--ews-tls-insecure"]).await;
     create(&world, &listener).await;
-    eventually("the mailbox to stream over TLS", PATIENCE, async || {
-        (world.ews.stats().open_streams == 1).then_some(())
-    })
-    .await;
+    streams(&world).await;
     delivers(&world).await;
     let warnings = listener
         .logs()
@@ -145,6 +145,7 @@ async fn exchange_and_creatio_are_reached_through_the_environment_s_proxies() {
     )
     .await;
     create(&world, &listener).await;
+    streams(&world).await;
     delivers(&world).await;
     let ews = world
         .ews
@@ -177,6 +178,7 @@ async fn no_proxy_keeps_its_hosts_off_the_proxy() {
     )
     .await;
     create(&world, &listener).await;
+    streams(&world).await;
     delivers(&world).await;
     assert_eq!(proxy.seen(), Vec::<String>::new());
 }

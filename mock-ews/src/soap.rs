@@ -328,7 +328,10 @@ pub(crate) fn version_rank(name: &str) -> Option<usize> {
     VERSIONS
         .iter()
         .position(|(n, ..)| n.eq_ignore_ascii_case(name))
-        .or_else(|| name.eq_ignore_ascii_case("Exchange2016").then_some(VERSIONS.len()))
+        .or_else(|| {
+            name.eq_ignore_ascii_case("Exchange2016")
+                .then_some(VERSIONS.len())
+        })
 }
 
 /// The `ServerVersionInfo` header element of an older server; Exchange 2010 names its version,
@@ -401,7 +404,10 @@ pub(crate) fn invalid_server_version(server: &str) -> String {
     )
     .replacen(
         "<s:Body>",
-        &format!("<s:Header>{}</s:Header><s:Body>", server_version_info(server)),
+        &format!(
+            "<s:Header>{}</s:Header><s:Body>",
+            server_version_info(server)
+        ),
         1,
     )
 }

@@ -384,13 +384,11 @@ async fn a_silenced_stream_says_nothing_after_its_first_envelope() {
 #[tokio::test]
 async fn an_older_server_refuses_newer_request_versions_and_names_its_own() {
     let ews = start().await;
-    let settings_url = ews.ews_url().replace("/EWS/Exchange.asmx", "/_control/settings");
-    let put = |body: serde_json::Value| {
-        reqwest::Client::new()
-            .put(&settings_url)
-            .json(&body)
-            .send()
-    };
+    let settings_url = ews
+        .ews_url()
+        .replace("/EWS/Exchange.asmx", "/_control/settings");
+    let put =
+        |body: serde_json::Value| reqwest::Client::new().put(&settings_url).json(&body).send();
     assert_eq!(
         put(serde_json::json!({ "server_version": "Exchange2003" }))
             .await

@@ -387,12 +387,27 @@ fn server_versions_map_to_request_versions_by_number_when_the_name_is_a_schema_d
     };
     let cases = [
         (info(14, 0, 639, "Exchange2010"), None),
-        (info(14, 1, 218, "Exchange2010_SP1"), Some(ServerVersion::Exchange2010Sp1)),
-        (info(14, 3, 123, "Exchange2010_SP2"), Some(ServerVersion::Exchange2010Sp2)),
+        (
+            info(14, 1, 218, "Exchange2010_SP1"),
+            Some(ServerVersion::Exchange2010Sp1),
+        ),
+        (
+            info(14, 3, 123, "Exchange2010_SP2"),
+            Some(ServerVersion::Exchange2010Sp2),
+        ),
         (info(15, 0, 516, "V2_6"), Some(ServerVersion::Exchange2013)),
-        (info(15, 0, 847, "V2_10"), Some(ServerVersion::Exchange2013Sp1)),
-        (info(15, 1, 2507, "V2017_07_11"), Some(ServerVersion::Exchange2016)),
-        (info(15, 2, 1118, "V2017_07_11"), Some(ServerVersion::Exchange2016)),
+        (
+            info(15, 0, 847, "V2_10"),
+            Some(ServerVersion::Exchange2013Sp1),
+        ),
+        (
+            info(15, 1, 2507, "V2017_07_11"),
+            Some(ServerVersion::Exchange2016),
+        ),
+        (
+            info(15, 2, 1118, "V2017_07_11"),
+            Some(ServerVersion::Exchange2016),
+        ),
         (info(8, 3, 83, "Exchange2007_SP1"), None),
     ];
     for (info, want) in cases {

@@ -652,7 +652,9 @@ async fn forward(mut client: tokio::net::TcpStream, seen: Arc<Mutex<Vec<String>>
     };
     seen.lock().unwrap().push(format!("{method} {authority}"));
     let Ok(mut server) = tokio::net::TcpStream::connect(&authority).await else {
-        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n").await;
+        let _ = client
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+            .await;
         return;
     };
     if method == "CONNECT" {
