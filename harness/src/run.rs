@@ -883,13 +883,7 @@ pub fn collect(paths: &[PathBuf]) -> anyhow::Result<Vec<Scenario>> {
     let mut out = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            files.sort();
-            for f in files {
+            for f in toml_files(path)? {
                 let s = Scenario::load(&f)?;
                 if !s.manual {
                     out.push(s);
@@ -900,6 +894,17 @@ pub fn collect(paths: &[PathBuf]) -> anyhow::Result<Vec<Scenario>> {
         }
     }
     Ok(out)
+}
+
+/// The `.toml` files in a folder, sorted by name.
+pub fn toml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// Where the suite lives: `scenarios/` here, or in the workspace the harness was built from.

@@ -307,6 +307,19 @@ async fn leases(store: &dyn Store) {
     );
 }
 
+/// A Redis store on `redis`, under the prefix `el:`.
+async fn redis_store(redis: &Redis) -> RedisStore {
+    RedisStore::connect(
+        &redis.url,
+        None,
+        "el:",
+        Sealer::from_base64(KEY).unwrap(),
+        SeenLimits::default(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn the_memory_store_keeps_the_lease_contract() {
     leases(&MemoryStore::new(SeenLimits::default())).await;
@@ -315,15 +328,7 @@ async fn the_memory_store_keeps_the_lease_contract() {
 #[tokio::test]
 async fn the_redis_store_keeps_the_lease_contract() {
     let redis = Redis::start().await;
-    let store = RedisStore::connect(
-        &redis.url,
-        None,
-        "el:",
-        Sealer::from_base64(KEY).unwrap(),
-        SeenLimits::default(),
-    )
-    .await
-    .unwrap();
+    let store = redis_store(&redis).await;
     // The change channel is listened to in the background; give it a moment to subscribe.
     tokio::time::sleep(Duration::from_millis(200)).await;
     leases(&store).await;
@@ -337,11 +342,7 @@ async fn the_memory_store_keeps_the_contract() {
 #[tokio::test]
 async fn the_redis_store_keeps_the_contract() {
     let redis = Redis::start().await;
-    let sealer = Sealer::from_base64(KEY).unwrap();
-    let store = RedisStore::connect(&redis.url, None, "el:", sealer, SeenLimits::default())
-        .await
-        .unwrap();
-    contract(&store).await;
+    contract(&redis_store(&redis).await).await;
 }
 
 #[tokio::test]
@@ -412,15 +413,7 @@ async fn the_redis_store_speaks_tls_to_a_server_with_an_internal_ca() {
 #[tokio::test]
 async fn the_redis_store_restores_a_mailbox_s_progress_after_redis_lost_its_data() {
     let mut redis = Redis::start().await;
-    let store = RedisStore::connect(
-        &redis.url,
-        None,
-        "el:",
-        Sealer::from_base64(KEY).unwrap(),
-        SeenLimits::default(),
-    )
-    .await
-    .unwrap();
+    let store = redis_store(&redis).await;
     let take = async |store: &RedisStore| {
         store.put_mailbox(creds("m", "pw")).await.unwrap();
         Fence {

@@ -8,12 +8,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use harness::http::{full_emails_delivered, get_json, post_json};
 use harness::process::{Process, release_binaries, run_dir};
 use harness::redis::{Choice, Redis};
-use harness::run::{Binaries, Options, collect, suite_dir};
+use harness::run::{Binaries, Options, collect, suite_dir, toml_files};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -323,23 +323,12 @@ async fn run(
 }
 
 fn list() -> anyhow::Result<()> {
-    let dir = suite_dir();
-    for s in collect_all(&dir)? {
+    // Every scenario, manual ones included, each file named.
+    for s in collect(&toml_files(&suite_dir())?)? {
         let manual = if s.manual { " (manual)" } else { "" };
         println!("{:<28} {}{manual}", s.name, s.description);
     }
     Ok(())
-}
-
-/// Every scenario in a folder, manual ones included.
-fn collect_all(dir: &std::path::Path) -> anyhow::Result<Vec<harness::scenario::Scenario>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    files.sort();
-    collect(&files)
 }
 
 #[tokio::main]

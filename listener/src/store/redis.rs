@@ -360,23 +360,10 @@ impl RedisStore {
                 None => return Ok(()),
             }
         };
-        let mut conn = self.conn.clone();
         if let Some((state, at)) = cursor {
-            let answer: i64 = self
-                .scripts
-                .set_fenced
-                .key(self.key("mbx", id))
-                .key(self.key("lease", id))
-                .arg(fence_value(fence))
-                .arg("sync_state")
-                .arg(state)
-                .arg("sync_at_ms")
-                .arg(at)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(store_error)?;
-            fenced(answer)?;
+            self.write_cursor(id, &state, at, fence).await?;
         }
+        let mut conn = self.conn.clone();
         if !seen.is_empty() {
             let mut add = redis::cmd("ZADD");
             add.arg(self.key("seen", id));
@@ -567,6 +554,17 @@ impl RedisStore {
         let now = unix_now_ms();
         // The worker moves its cursor only past what it settled: true here whatever Redis says.
         self.remember(id, |p| p.cursor = Some((state.to_owned(), now)));
+        self.write_cursor(id, state, now, fence).await
+    }
+
+    /// Writes the sync cursor, given at `at`, if `fence` still holds the lease.
+    async fn write_cursor(
+        &self,
+        id: &str,
+        state: &str,
+        at: i64,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let answer: i64 = self
             .scripts
@@ -577,7 +575,7 @@ impl RedisStore {
             .arg("sync_state")
             .arg(state)
             .arg("sync_at_ms")
-            .arg(now)
+            .arg(at)
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
