@@ -76,8 +76,8 @@ impl Process {
     ) -> anyhow::Result<Process> {
         let mut child = Command::new(binary)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("NO_PROXY", "127.0.0.1,localhost")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

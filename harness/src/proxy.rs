@@ -5,6 +5,7 @@
 //! resets every connection and refuses new ones. Bytes are never lost from a connection that
 //! lives on, as no real network loses them.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,7 +64,15 @@ impl Proxy {
                 };
                 let Ok((client, _)) = accepted else { continue };
                 let to = *upstream.lock().unwrap_or_else(|p| p.into_inner());
-                tokio::spawn(connection(client, to, modes.subscribe(), stop.clone()));
+                let mode = modes.subscribe();
+                tokio::spawn(connection(
+                    client,
+                    to,
+                    Vec::new(),
+                    Vec::new(),
+                    mode,
+                    stop.clone(),
+                ));
             }
         });
         Ok(proxy)
@@ -94,15 +103,136 @@ impl Drop for Proxy {
     }
 }
 
+/// A forward proxy for one replica's HTTP clients (named by its `HTTPS_PROXY`/`HTTP_PROXY`):
+/// `CONNECT` tunnels and absolute-form requests, each passed to its destination under the
+/// mode set for that destination (pass for any other). So one replica can lose Exchange, or
+/// Creatio, while the others keep theirs.
+#[derive(Debug)]
+pub struct ForwardProxy {
+    addr: SocketAddr,
+    routes: Arc<Mutex<HashMap<SocketAddr, watch::Sender<Mode>>>>,
+    stop: CancellationToken,
+}
+
+impl ForwardProxy {
+    pub async fn start() -> std::io::Result<ForwardProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let routes: Arc<Mutex<HashMap<SocketAddr, watch::Sender<Mode>>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let (table, stopping) = (routes.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((client, _)) = accepted else { continue };
+                tokio::spawn(forward(client, table.clone(), stopping.clone()));
+            }
+        });
+        Ok(ForwardProxy { addr, routes, stop })
+    }
+
+    /// The URL to put in `HTTPS_PROXY` and `HTTP_PROXY`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What happens to connections to `destination`, from now on.
+    pub fn set_mode(&self, destination: SocketAddr, mode: Mode) {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes
+            .entry(destination)
+            .or_insert_with(|| watch::channel(Mode::Pass).0)
+            .send_replace(mode);
+    }
+}
+
+impl Drop for ForwardProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One client connection of a forward proxy: its first request names the destination; the
+/// rest of the connection goes there too (a pooled connection keeps to one destination).
+async fn forward(
+    mut client: TcpStream,
+    routes: Arc<Mutex<HashMap<SocketAddr, watch::Sender<Mode>>>>,
+    stop: CancellationToken,
+) {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = client.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return reset(client);
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let first = head.lines().next().unwrap_or_default().to_owned();
+    let mut words = first.split(' ');
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let connect = method == "CONNECT";
+    let (authority, path) = if connect {
+        (target, "")
+    } else {
+        let rest = target.strip_prefix("http://").unwrap_or(target);
+        rest.split_at(rest.find('/').unwrap_or(rest.len()))
+    };
+    let Some(destination) = tokio::net::lookup_host(authority)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        return reset(client);
+    };
+    let mode = routes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(destination)
+        .or_insert_with(|| watch::channel(Mode::Pass).0)
+        .subscribe();
+    // What goes to the destination first: nothing for a tunnel (the client speaks TLS once
+    // told it is open), else the request with its line in origin form.
+    let (to_server, to_client) = if connect {
+        (
+            buf[head_end..].to_vec(),
+            b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec(),
+        )
+    } else {
+        let origin = first.replacen(target, if path.is_empty() { "/" } else { path }, 1);
+        let mut first_bytes = head.replacen(&first, &origin, 1).into_bytes();
+        first_bytes.extend_from_slice(&buf[head_end..]);
+        (first_bytes, Vec::new())
+    };
+    connection(client, destination, to_server, to_client, mode, stop).await;
+}
+
 /// Closes a socket with a reset rather than an orderly close.
 fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
 }
 
+/// Passes one connection to `upstream` under `mode`, after sending `to_server` there and
+/// `to_client` back (what a forward proxy read or owes before the bytes flow).
 async fn connection(
-    client: TcpStream,
+    mut client: TcpStream,
     upstream: SocketAddr,
+    to_server: Vec<u8>,
+    to_client: Vec<u8>,
     mut mode: watch::Receiver<Mode>,
     stop: CancellationToken,
 ) {
@@ -113,10 +243,13 @@ async fn connection(
         _ = stop.cancelled() => return,
         s = TcpStream::connect(upstream) => s,
     };
-    let Ok(server) = server else {
+    let Ok(mut server) = server else {
         return reset(client);
     };
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
+    if server.write_all(&to_server).await.is_err() || client.write_all(&to_client).await.is_err() {
+        return reset(client);
+    }
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let up = pump(client_read, server_write, mode.clone());
@@ -261,6 +394,58 @@ mod tests {
             round_trip(&mut fresh, LONG).await.as_deref(),
             Some(&b"ping"[..])
         );
+    }
+
+    #[tokio::test]
+    async fn a_forward_proxy_tunnels_and_cuts_one_destination_only() {
+        let (a, b) = (echo().await, echo().await);
+        let proxy = ForwardProxy::start().await.unwrap();
+        let open = |to: SocketAddr| {
+            let proxy = proxy.addr;
+            async move {
+                let mut s = TcpStream::connect(proxy).await.unwrap();
+                s.write_all(format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let mut answer = vec![0u8; 39];
+                timeout(LONG, s.read_exact(&mut answer))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+                s
+            }
+        };
+        let (mut to_a, mut to_b) = (open(a).await, open(b).await);
+        assert_eq!(
+            round_trip(&mut to_a, LONG).await.as_deref(),
+            Some(&b"ping"[..])
+        );
+        proxy.set_mode(b, Mode::Pause);
+        assert_eq!(round_trip(&mut to_b, SHORT).await, None, "b is held");
+        assert_eq!(
+            round_trip(&mut to_a, LONG).await.as_deref(),
+            Some(&b"ping"[..]),
+            "a is not"
+        );
+        proxy.set_mode(b, Mode::Pass);
+        let mut got = [0u8; 4];
+        timeout(LONG, to_b.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // An absolute-form request reaches its destination in origin form.
+        let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!("GET http://{a}/x HTTP/1.1\r\nHost: {a}\r\n\r\n");
+        plain.write_all(request.as_bytes()).await.unwrap();
+        let want = format!("GET /x HTTP/1.1\r\nHost: {a}\r\n\r\n");
+        let mut echoed = vec![0u8; want.len()];
+        timeout(LONG, plain.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&echoed), want);
     }
 
     #[tokio::test]

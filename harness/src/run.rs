@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::http::{get_json, post_json};
 use crate::process::Process;
-use crate::proxy::Proxy;
+use crate::proxy::{ForwardProxy, Proxy};
 use crate::redis::{Choice, Redis};
 use crate::scenario::{Action, CreateVia, Link, Scenario, StoreKind};
 use crate::verdict::{self, Arrival, Bounds, Event, Sample, Sent, Verdict, Violation};
@@ -194,7 +194,8 @@ impl Shared {
     }
 }
 
-/// One replica's place: its id, its process while it runs, its own link to Redis.
+/// One replica's place: its id, its process while it runs, its own links to Redis and (as
+/// its HTTP proxy) to Exchange and Creatio.
 #[derive(Debug)]
 struct Slot {
     id: String,
@@ -202,6 +203,7 @@ struct Slot {
     /// When the process was started.
     since: Instant,
     redis_link: Option<Proxy>,
+    web_link: ForwardProxy,
 }
 
 /// Everything a run started; dropped, it all stops.
@@ -302,6 +304,7 @@ impl World {
             process: None,
             since: Instant::now(),
             redis_link,
+            web_link: ForwardProxy::start().await?,
         });
         self.start_replica(i).await
     }
@@ -318,7 +321,12 @@ impl World {
             slot.id.clone(),
             format!("--lease-ms={}", self.scenario.replicas.lease_ms),
         ];
-        let mut env = Vec::new();
+        // Exchange and Creatio through this replica's own proxy, so one replica can lose them.
+        let mut env = vec![
+            ("HTTPS_PROXY", slot.web_link.url()),
+            ("HTTP_PROXY", slot.web_link.url()),
+            ("NO_PROXY", String::new()),
+        ];
         if let Some(link) = &slot.redis_link {
             args.push(format!("--redis-url=redis://{}/0", link.addr()));
             env.push(("EXCHANGE_LISTENER_SECRET_KEY", SECRET.to_owned()));
@@ -436,10 +444,18 @@ impl World {
                 ms,
             } => {
                 let mode = mode.proxy_mode(*ms);
-                match to {
-                    Link::Ews => self.ews_link.set_mode(mode),
-                    Link::Creatio => self.creatio_link.set_mode(mode),
-                    Link::Redis => {
+                match (to, replica) {
+                    (Link::Ews, None) => self.ews_link.set_mode(mode),
+                    (Link::Creatio, None) => self.creatio_link.set_mode(mode),
+                    (Link::Ews, Some(r)) => {
+                        self.slots[*r].web_link.set_mode(self.ews_link.addr(), mode);
+                    }
+                    (Link::Creatio, Some(r)) => {
+                        self.slots[*r]
+                            .web_link
+                            .set_mode(self.creatio_link.addr(), mode);
+                    }
+                    (Link::Redis, _) => {
                         for (i, slot) in self.slots.iter().enumerate() {
                             if replica.is_none_or(|r| r == i)
                                 && let Some(link) = &slot.redis_link

@@ -420,9 +420,6 @@ impl Scenario {
                 Action::Link { replica, to, .. } => {
                     if let Some(r) = replica {
                         replica_ok(*r)?;
-                        if *to != Link::Redis {
-                            bail!("only the Redis link is per replica; leave out `replica`");
-                        }
                     }
                     if *to == Link::Redis && !redis {
                         bail!("a Redis link needs replicas.store = \"redis\"");
