@@ -184,6 +184,11 @@ pub struct Settings {
     /// `Exchange2013_SP1`): a request claiming a newer `RequestServerVersion` is refused with
     /// `ErrorInvalidServerVersion`, and answers carry this server's `ServerVersionInfo`.
     pub server_version: Option<String>,
+    /// How clients log in: `basic` (the default), `ntlm` (NTLM only, as where Basic is switched
+    /// off on the EWS virtual directory), or `both`.
+    pub auth: Option<String>,
+    /// With `auth = both`: these mailboxes log in with NTLM only.
+    pub ntlm_only: Vec<String>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod clock;
 mod control;
 pub mod faults;
 mod mail;
+mod ntlm;
 mod ops;
 mod server;
 mod soap;
@@ -87,6 +88,7 @@ impl MockEws {
             world: world.clone(),
             config,
             shutdown: shutdown.clone(),
+            ntlm: Arc::default(),
         };
         let handle = MockEws {
             addr: listener.local_addr()?,
@@ -103,7 +105,9 @@ impl MockEws {
         let (mut handle, listener, router) = MockEws::prepare(addr, config, "http").await?;
         let stop = handle.shutdown.clone();
         handle.task = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
+            // Each request knows its connection: NTLM authenticates connections.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, service)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         }));
@@ -134,7 +138,7 @@ impl MockEws {
         let stop = handle.shutdown.clone();
         handle.task = Some(tokio::spawn(async move {
             loop {
-                let (tcp, _) = tokio::select! {
+                let (tcp, peer) = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     accepted = listener.accept() => accepted?,
                 };
@@ -144,6 +148,7 @@ impl MockEws {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
                     let service = hyper_util::service::TowerToHyperService::new(router);
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)

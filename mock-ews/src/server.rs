@@ -1,11 +1,12 @@
 //! HTTP: the EWS endpoint (Basic auth, impersonation, dispatch by operation) and the routes
 //! of the JSON control API under `/_control/`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -23,6 +24,8 @@ pub(crate) struct App {
     pub world: Arc<World>,
     pub config: Config,
     pub shutdown: CancellationToken,
+    /// NTLM's per-connection state.
+    pub ntlm: Arc<crate::ntlm::Connections>,
 }
 
 pub(crate) fn router(app: App) -> Router {
@@ -81,11 +84,111 @@ pub(crate) fn xml(status: StatusCode, body: String) -> Response {
 }
 
 fn unauthorized() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, r#"Basic realm="mock-ews""#)],
-    )
-        .into_response()
+    challenge(Logins::Basic)
+}
+
+/// Which ways to log in a 401 offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logins {
+    Basic,
+    Ntlm,
+    Both,
+}
+
+impl Logins {
+    fn of(settings: &crate::Settings) -> Logins {
+        match settings.auth.as_deref() {
+            Some("ntlm") => Logins::Ntlm,
+            Some("both") => Logins::Both,
+            _ => Logins::Basic,
+        }
+    }
+
+    /// Whether Basic may log this user in.
+    fn basic_for(self, user: &str, settings: &crate::Settings) -> bool {
+        let user = user.rsplit('\\').next().unwrap_or(user);
+        match self {
+            Logins::Basic => true,
+            Logins::Ntlm => false,
+            Logins::Both => !settings
+                .ntlm_only
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(user)),
+        }
+    }
+}
+
+/// A 401 offering `logins`, as IIS sends it: NTLM (and Negotiate) first, Basic last.
+fn challenge(logins: Logins) -> Response {
+    let mut response = StatusCode::UNAUTHORIZED.into_response();
+    let headers = response.headers_mut();
+    if logins != Logins::Basic {
+        headers.append(
+            header::WWW_AUTHENTICATE,
+            "Negotiate".parse().expect("a header value"),
+        );
+        headers.append(
+            header::WWW_AUTHENTICATE,
+            "NTLM".parse().expect("a header value"),
+        );
+    }
+    if logins != Logins::Ntlm {
+        headers.append(
+            header::WWW_AUTHENTICATE,
+            r#"Basic realm="mock-ews""#.parse().expect("a header value"),
+        );
+    }
+    response
+}
+
+/// The token of an `Authorization: NTLM …` (or `Negotiate` carrying raw NTLM) header.
+fn ntlm_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let raw_ntlm = token.trim_start().starts_with("TlRMTVNTUA");
+    (scheme.eq_ignore_ascii_case("ntlm") || (scheme.eq_ignore_ascii_case("negotiate") && raw_ntlm))
+        .then_some(token)
+}
+
+/// Who the request acts as, by Basic or by NTLM on its connection; else the response that
+/// asks it to log in (or continues the handshake).
+fn principal(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    let settings = app.world.settings();
+    let logins = Logins::of(&settings);
+    if let Some(token) = ntlm_token(headers) {
+        if logins == Logins::Basic {
+            return Err(Box::new(challenge(logins)));
+        }
+        let world = app.world.clone();
+        return match app
+            .ntlm
+            .step(peer, token, |user, domain| world.password_of(user, domain))
+        {
+            crate::ntlm::Step::Challenge(c) => {
+                let mut response = StatusCode::UNAUTHORIZED.into_response();
+                let value = format!("NTLM {c}").parse().expect("a header value");
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+                Err(Box::new(response))
+            }
+            crate::ntlm::Step::Authenticated(user) => Ok(user),
+            crate::ntlm::Step::Refused => Err(Box::new(challenge(logins))),
+        };
+    }
+    if let Some((user, password)) = basic_credentials(headers) {
+        if !logins.basic_for(&user, &settings) {
+            return Err(Box::new(challenge(logins)));
+        }
+        return app
+            .world
+            .authenticate(&user, &password)
+            .ok_or_else(|| Box::new(challenge(logins)));
+    }
+    // No credentials: a connection NTLM authenticated acts as its user.
+    app.ntlm
+        .user(peer)
+        .ok_or_else(|| Box::new(challenge(logins)))
 }
 
 /// The user and password of a Basic `Authorization` header.
@@ -102,19 +205,33 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-async fn ews(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ews(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let at = tokio::time::Instant::now();
-    let (operation, mailbox, response) = handle(app.clone(), headers, body).await;
+    let (operation, mailbox, response) = handle(app.clone(), peer, headers, body).await;
     app.world
         .record(&operation, &mailbox, response.status().as_u16(), at);
     response
 }
 
 /// Answers one request; also names its operation and acting mailbox for the request log.
-async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, Response) {
+async fn handle(
+    app: App,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (String, String, Response) {
     // IIS authenticates before Exchange reads the body: bad credentials get 401 whatever the
     // envelope holds.
-    let principal = basic_credentials(&headers).and_then(|(u, p)| app.world.authenticate(&u, &p));
+    let principal = principal(&app, peer, &headers);
+    let (principal, refusal) = match principal {
+        Ok(p) => (Some(p), None),
+        Err(r) => (None, Some(*r)),
+    };
     let request = match std::str::from_utf8(&body)
         .map_err(|_| "The request is not UTF-8.".to_owned())
         .and_then(soap::parse_request)
@@ -123,7 +240,11 @@ async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, R
         Err(_) if principal.is_none() => {
             app.world.count_request("Invalid");
             app.world.count_unauthorized();
-            return ("Invalid".into(), String::new(), unauthorized());
+            return (
+                "Invalid".into(),
+                String::new(),
+                refusal.unwrap_or_else(unauthorized),
+            );
         }
         Err(why) => {
             app.world.count_request("Invalid");
@@ -139,7 +260,7 @@ async fn handle(app: App, headers: HeaderMap, body: Bytes) -> (String, String, R
     app.world.count_request(&op);
     let Some(principal) = principal else {
         app.world.count_unauthorized();
-        return (op, String::new(), unauthorized());
+        return (op, String::new(), refusal.unwrap_or_else(unauthorized));
     };
     // Impersonation: act as another existing mailbox.
     let acting = match &request.impersonate {

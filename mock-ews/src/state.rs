@@ -154,10 +154,10 @@ impl Inner {
     /// Wakes the streams serving `mailbox`'s subscriptions (all streams for `None`).
     fn wake(&self, mailbox: Option<&str>) {
         for sub in self.subscriptions.values() {
-            if mailbox.is_none_or(|m| key(m) == sub.mailbox) {
-                if let Some(w) = &sub.waker {
-                    w.notify_one();
-                }
+            if mailbox.is_none_or(|m| key(m) == sub.mailbox)
+                && let Some(w) = &sub.waker
+            {
+                w.notify_one();
             }
         }
     }
@@ -235,6 +235,25 @@ impl World {
         let user = user.rsplit('\\').next().unwrap_or(user);
         let mb = inner.mailboxes.get(&key(user))?;
         (mb.password == password).then(|| key(user))
+    }
+
+    /// The mailbox and password of a user as NTLM names it: a UPN (`alice@contoso.example`), or
+    /// an account name and domain (`alice`, `CONTOSO`), matched to the one mailbox whose
+    /// address starts with that name.
+    pub fn password_of(&self, user: &str, _domain: &str) -> Option<(String, String)> {
+        let inner = self.lock();
+        if let Some(mb) = inner.mailboxes.get(&key(user)) {
+            return Some((key(user), mb.password.clone()));
+        }
+        let prefix = format!("{}@", user.to_ascii_lowercase());
+        let mut matching = inner
+            .mailboxes
+            .iter()
+            .filter(|(email, _)| email.starts_with(&prefix));
+        match (matching.next(), matching.next()) {
+            (Some((email, mb)), None) => Some((email.clone(), mb.password.clone())),
+            _ => None,
+        }
     }
 
     pub fn mailbox_exists(&self, email: &str) -> bool {
@@ -436,16 +455,15 @@ impl World {
         let mut inner = self.lock();
         inner.expire();
         let k = key(mailbox);
-        if let Some(max) = inner.settings.max_subscriptions_per_mailbox {
-            if inner
+        if let Some(max) = inner.settings.max_subscriptions_per_mailbox
+            && inner
                 .subscriptions
                 .values()
                 .filter(|s| s.mailbox == k)
                 .count()
                 >= max
-            {
-                return Err(Refused::TooManySubscriptions);
-            }
+        {
+            return Err(Refused::TooManySubscriptions);
         }
         let id = opaque_id("sub");
         inner.subscriptions.insert(
@@ -528,11 +546,11 @@ impl World {
         let mut inner = self.lock();
         let now = Instant::now();
         for id in ids {
-            if let Some(sub) = inner.subscriptions.get_mut(id) {
-                if sub.waker.as_ref().is_some_and(|w| Arc::ptr_eq(w, waker)) {
-                    sub.waker = None;
-                    sub.idle_since = Some(now);
-                }
+            if let Some(sub) = inner.subscriptions.get_mut(id)
+                && sub.waker.as_ref().is_some_and(|w| Arc::ptr_eq(w, waker))
+            {
+                sub.waker = None;
+                sub.idle_since = Some(now);
             }
         }
         if let Some(n) = inner.streams.get_mut(&key(mailbox)) {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use mock_ews::{Config, MockEws};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
+/// Runs the client against a fresh mock-ews that takes `auth` (`basic` or `ntlm`).
+async fn run_client(auth: &str) -> MockEws {
     let python = std::env::var("EXCHANGELIB_PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = tokio::process::Command::new(&python)
         .args(["-c", "import exchangelib; assert exchangelib.__version__ == '5.6.0', exchangelib.__version__"])
@@ -31,6 +31,10 @@ async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
         .unwrap();
     ews.create_mailbox("alice@contoso.example", "secret")
         .unwrap();
+    ews.set_settings(mock_ews::Settings {
+        auth: Some(auth.into()),
+        ..mock_ews::Settings::default()
+    });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/exchangelib_client.py");
     let out = tokio::time::timeout(
         Duration::from_secs(120),
@@ -40,6 +44,7 @@ async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
                 &format!("http://{}", ews.addr()),
                 "alice@contoso.example",
                 "secret",
+                auth,
             ])
             .env("NO_PROXY", "127.0.0.1,localhost")
             .kill_on_drop(true)
@@ -56,6 +61,12 @@ async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
         "exchangelib client failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+    ews
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
+    let ews = run_client("basic").await;
     let ops = ews.stats().requests;
     for op in [
         "GetFolder",
@@ -69,4 +80,20 @@ async fn exchangelib_streams_fetches_syncs_and_sees_faults() {
     ] {
         assert!(ops.contains_key(op), "exchangelib never sent {op}: {ops:?}");
     }
+}
+
+/// With Basic switched off, as on many on-premises EWS virtual directories: exchangelib's
+/// NTLM (`auth_type=NTLM`, pyspnego underneath) logs in per connection, streams and fetches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchangelib_logs_in_with_ntlm_when_basic_is_off() {
+    let ews = run_client("ntlm").await;
+    let log = ews.request_log();
+    assert!(
+        log.iter().any(|r| r.status == 401),
+        "an NTLM handshake starts with a 401 challenge"
+    );
+    assert!(
+        log.iter()
+            .any(|r| r.operation == "GetStreamingEvents" && r.status == 200)
+    );
 }

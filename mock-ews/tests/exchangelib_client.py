@@ -1,6 +1,6 @@
 """An unmodified exchangelib client against mock-ews.
 
-Usage: exchangelib_client.py BASE_URL EMAIL PASSWORD
+Usage: exchangelib_client.py BASE_URL EMAIL PASSWORD [basic|ntlm]
 
 Streams the inbox, receives the events of a mail injected through the control API, fetches
 it with its MIME content and compares the bytes, syncs the folder, unsubscribes, and checks
@@ -13,11 +13,12 @@ import json
 import sys
 import urllib.request
 
-from exchangelib import BASIC, DELEGATE, UTC, Account, Build, Configuration, Credentials, FailFast, Version
+from exchangelib import BASIC, DELEGATE, NTLM, UTC, Account, Build, Configuration, Credentials, FailFast, Version
 from exchangelib.errors import ErrorServerBusy, UnauthorizedError
 from exchangelib.properties import CreatedEvent, NewMailEvent
 
 BASE, EMAIL, PASSWORD = sys.argv[1:4]
+AUTH = {"basic": BASIC, "ntlm": NTLM}[sys.argv[4] if len(sys.argv) > 4 else "basic"]
 
 
 def control(method, path, body=None):
@@ -35,7 +36,7 @@ def step(text):
 config = Configuration(
     service_endpoint=f"{BASE}/EWS/Exchange.asmx",
     credentials=Credentials(EMAIL, PASSWORD),
-    auth_type=BASIC,
+    auth_type=AUTH,
     version=Version(build=Build(15, 1, 2507, 6), api_version="Exchange2016"),
     max_connections=4,
     retry_policy=FailFast(),
@@ -83,6 +84,7 @@ control("POST", "/_control/mailboxes", {"email": "bob@contoso.example", "passwor
 probing = Configuration(service_endpoint=f"{BASE}/EWS/Exchange.asmx", credentials=Credentials("bob@contoso.example", "bobs secret"))
 probed = Account("bob@contoso.example", config=probing, autodiscover=False, access_type=DELEGATE, default_timezone=UTC)
 assert probed.inbox.total_count == 0, probed.inbox.total_count
+assert probed.protocol.auth_type == AUTH, probed.protocol.auth_type
 step(f"probed auth {probed.protocol.auth_type} and version {probed.protocol.version.api_version}")
 
 control("POST", "/_control/faults", {"kind": "server_busy", "back_off_ms": 2000, "operation": "GetItem"})
@@ -99,4 +101,16 @@ try:
     raise AssertionError("no UnauthorizedError raised")
 except UnauthorizedError as e:
     step(f"UnauthorizedError raised: {e}")
+wrong = Configuration(
+    service_endpoint=f"{BASE}/EWS/Exchange.asmx",
+    credentials=Credentials(EMAIL, "not the password"),
+    auth_type=AUTH,
+    version=Version(build=Build(15, 1, 2507, 6), api_version="Exchange2016"),
+    retry_policy=FailFast(),
+)
+try:
+    Account(EMAIL, config=wrong, autodiscover=False, access_type=DELEGATE, default_timezone=UTC).inbox.total_count
+    raise AssertionError("a wrong password was let in")
+except UnauthorizedError:
+    step("a wrong password is refused")
 step("ok")
