@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use crate::contract::{self, ContractError};
-use crate::ews_client::{EwsClient, EwsFailure, Limits, ServerVersions};
+use crate::ews_client::{EwsClient, EwsFailure, Limits, Servers};
 use crate::metrics::Metrics;
 use crate::reach::Reach;
 use crate::store::StoreError;
@@ -25,7 +25,7 @@ pub struct ApiState {
     pub supervisor: Arc<Supervisor>,
     pub http: reqwest::Client,
     /// The request version each Exchange server takes.
-    pub versions: ServerVersions,
+    pub servers: Servers,
     /// Limits on Validate's call to EWS.
     pub limits: Limits,
     /// Where Creatio's calls may send the listener.
@@ -177,7 +177,7 @@ async fn validate(state: &ApiState, creds: &contract::Credentials) -> (bool, Str
     let client = match EwsClient::new(
         state.http.clone(),
         creds,
-        state.versions.clone(),
+        state.servers.clone(),
         state.limits,
     ) {
         Ok(c) => c,

@@ -10,6 +10,16 @@ use crate::contract::Secret;
 use crate::reach::{HostList, Reach};
 use crate::store::seal::Sealer;
 
+/// How mailboxes with a password log in to Exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EwsAuth {
+    /// Basic, until a server's 401 offers NTLM (or Negotiate) and not Basic: then NTLM for
+    /// every mailbox on that server.
+    Auto,
+    Basic,
+    Ntlm,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -46,6 +56,17 @@ pub struct Config {
     /// `RequestServerVersion` sent to Exchange (at least Exchange2010_SP1 for streaming).
     #[arg(long, env = "EXCHANGE_LISTENER_EWS_VERSION", default_value = "Exchange2013_SP1", value_parser = parse_version)]
     pub ews_version: ews::ServerVersion,
+
+    /// How mailboxes with a password log in to Exchange: `auto` (Basic, or NTLM where the
+    /// server offers only NTLM or Negotiate), `basic` or `ntlm`. An `AccessToken` is always sent
+    /// as a bearer token.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_EWS_AUTH",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub ews_auth: EwsAuth,
 
     /// Lifetime of one streaming connection asked of Exchange, in minutes (1-30).
     #[arg(long, env = "EXCHANGE_LISTENER_STREAM_MINUTES", default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=30))]

@@ -6,8 +6,8 @@
 //! the one place that decides whether a failure is retried, needs a new subscription, or is a
 //! configuration problem that fast retries cannot fix.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,9 +17,10 @@ use ews::{
     ServerVersion,
 };
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 
 use crate::backoff::retry_after;
+use crate::config::EwsAuth;
 use crate::contract::{Credentials, Secret};
 use crate::store::StoreError;
 
@@ -238,22 +239,70 @@ pub struct Limits {
     pub max_body_bytes: u64,
 }
 
-/// The request version spoken to each Exchange server: the configured one until a server
-/// refuses it (`ErrorInvalidServerVersion`, as Exchange 2010 and 2013 do for versions newer
-/// than theirs); then the one that server names in `ServerVersionInfo`, or the next older,
-/// never below Exchange2010_SP1. Shared by every mailbox's client, so a server is asked once.
-#[derive(Debug, Clone)]
-pub struct ServerVersions {
+/// Makes an HTTP client with connections of its own, for a mailbox that logs in with NTLM.
+pub type ClientFactory = Arc<dyn Fn() -> reqwest::Client + Send + Sync>;
+
+/// What the listener learned of each Exchange server, shared by every mailbox's client so a
+/// server is asked once. The request version: the configured one until a server refuses it
+/// (`ErrorInvalidServerVersion`, as Exchange 2010 and 2013 do for versions newer than theirs);
+/// then the one that server names in `ServerVersionInfo`, or the next older, never below
+/// Exchange2010_SP1. The login: NTLM where configured, or where a server's 401 offers NTLM (or
+/// Negotiate) and not Basic.
+#[derive(Clone)]
+pub struct Servers {
     preferred: ServerVersion,
     learned: Arc<Mutex<HashMap<String, ServerVersion>>>,
+    auth: EwsAuth,
+    ntlm: Arc<Mutex<HashSet<String>>>,
+    private_client: ClientFactory,
 }
 
-impl ServerVersions {
-    pub fn new(preferred: ServerVersion) -> Self {
-        ServerVersions {
+impl std::fmt::Debug for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Servers")
+            .field("preferred", &self.preferred)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Servers {
+    pub fn new(preferred: ServerVersion, auth: EwsAuth, private_client: ClientFactory) -> Self {
+        Servers {
             preferred,
             learned: Arc::default(),
+            auth,
+            ntlm: Arc::default(),
+            private_client,
         }
+    }
+
+    /// Whether mailboxes with a password log in to the server of `url` with NTLM.
+    fn wants_ntlm(&self, url: &str) -> bool {
+        match self.auth {
+            EwsAuth::Ntlm => true,
+            EwsAuth::Basic => false,
+            EwsAuth::Auto => self
+                .ntlm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&Self::server(url)),
+        }
+    }
+
+    /// A 401 from the server of `url` offered these schemes to a Basic login: true (and
+    /// remembered) when the server takes NTLM and not Basic.
+    fn learn_ntlm(&self, url: &str, offered: &[String]) -> bool {
+        let ntlm = offered.iter().any(|s| s == "ntlm" || s == "negotiate");
+        let basic = offered.iter().any(|s| s == "basic");
+        if self.auth != EwsAuth::Auto || !ntlm || basic {
+            return false;
+        }
+        self.ntlm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Self::server(url));
+        true
     }
 
     /// The server an EWS URL names: its scheme and authority.
@@ -306,7 +355,9 @@ pub struct EwsClient {
     url: String,
     auth: Auth,
     anchor: String,
-    versions: ServerVersions,
+    servers: Servers,
+    /// Connections of this mailbox's own, once it logs in with NTLM.
+    ntlm_http: OnceLock<reqwest::Client>,
     limits: Limits,
     /// The affinity cookie the last Subscribe set, replayed on the subscription's requests.
     cookie: Mutex<Option<String>>,
@@ -316,7 +367,7 @@ impl EwsClient {
     pub fn new(
         http: reqwest::Client,
         creds: &Credentials,
-        versions: ServerVersions,
+        servers: Servers,
         limits: Limits,
     ) -> Result<Self, EwsFailure> {
         let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
@@ -340,7 +391,8 @@ impl EwsClient {
             url,
             auth,
             anchor: creds.sender_email.clone(),
-            versions,
+            servers,
+            ntlm_http: OnceLock::new(),
             limits,
             cookie: Mutex::new(None),
         })
@@ -354,7 +406,7 @@ impl EwsClient {
     /// The header of the next request: the version this server takes.
     fn header(&self) -> RequestHeader {
         RequestHeader {
-            version: self.versions.for_server(&self.url),
+            version: self.servers.for_server(&self.url),
             impersonate: None,
         }
     }
@@ -366,24 +418,19 @@ impl EwsClient {
             .clone()
     }
 
-    /// Sends one request; answers with the response when its body should be decoded
-    /// (200, or 500 that may carry a SOAP fault).
-    async fn send(
+    /// A request to the endpoint with every header but the login.
+    fn request(
         &self,
+        http: &reqwest::Client,
         body: String,
         affinity: bool,
         timeout: Option<Duration>,
-    ) -> Result<reqwest::Response, EwsFailure> {
-        let mut req = self
-            .http
+    ) -> reqwest::RequestBuilder {
+        let mut req = http
             .post(&self.url)
             .header(CONTENT_TYPE, "text/xml; charset=utf-8")
             .header("X-AnchorMailbox", &self.anchor)
             .body(body);
-        req = match &self.auth {
-            Auth::Basic { user, password } => req.basic_auth(user, Some(password.expose())),
-            Auth::Bearer(token) => req.bearer_auth(token.expose()),
-        };
         if affinity {
             req = req.header("X-PreferServerAffinity", "true");
             if let Some(cookie) = self.cookie() {
@@ -393,7 +440,97 @@ impl EwsClient {
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
-        let resp = req.send().await.map_err(transport)?;
+        req
+    }
+
+    /// Sends a request over connections NTLM authenticated. A connection that already is
+    /// takes it as it is; a new one answers 401, and the handshake (NEGOTIATE, the server's
+    /// CHALLENGE, AUTHENTICATE) runs on it with the same request.
+    async fn send_ntlm(
+        &self,
+        user: &str,
+        password: &Secret,
+        body: String,
+        affinity: bool,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, EwsFailure> {
+        let http = self
+            .ntlm_http
+            .get_or_init(|| (self.servers.private_client)());
+        let resp = self
+            .request(http, body.clone(), affinity, timeout)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        // Read to the end, so the connection is free for the handshake's next request.
+        let _ = read_capped(resp, self.limits.max_body_bytes).await;
+        let (handshake, negotiate) = crate::ntlm::Handshake::start(user, password.expose())
+            .map_err(|e| EwsFailure::Config(e.to_string()))?;
+        let resp = self
+            .request(http, body.clone(), affinity, timeout)
+            .header(AUTHORIZATION, format!("NTLM {negotiate}"))
+            .send()
+            .await
+            .map_err(transport)?;
+        let challenge = (resp.status() == StatusCode::UNAUTHORIZED)
+            .then(|| crate::ntlm::challenge_in(resp.headers()))
+            .flatten();
+        let Some(challenge) = challenge else {
+            return Ok(resp);
+        };
+        let _ = read_capped(resp, self.limits.max_body_bytes).await;
+        let authenticate = handshake
+            .answer(&challenge)
+            .map_err(|e| EwsFailure::Config(e.to_string()))?;
+        self.request(http, body, affinity, timeout)
+            .header(AUTHORIZATION, format!("NTLM {authenticate}"))
+            .send()
+            .await
+            .map_err(transport)
+    }
+
+    /// Sends one request; answers with the response when its body should be decoded
+    /// (200, or 500 that may carry a SOAP fault).
+    async fn send(
+        &self,
+        body: String,
+        affinity: bool,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, EwsFailure> {
+        let resp = match &self.auth {
+            Auth::Basic { user, password } if self.servers.wants_ntlm(&self.url) => {
+                self.send_ntlm(user, password, body, affinity, timeout)
+                    .await?
+            }
+            Auth::Basic { user, password } => {
+                let resp = self
+                    .request(&self.http, body.clone(), affinity, timeout)
+                    .basic_auth(user, Some(password.expose()))
+                    .send()
+                    .await
+                    .map_err(transport)?;
+                if resp.status() == StatusCode::UNAUTHORIZED
+                    && self
+                        .servers
+                        .learn_ntlm(&self.url, &crate::ntlm::offered(resp.headers()))
+                {
+                    tracing::info!(url = ?self.url(), "Exchange takes NTLM here, not Basic; logging in with NTLM");
+                    self.send_ntlm(user, password, body, affinity, timeout)
+                        .await?
+                } else {
+                    resp
+                }
+            }
+            Auth::Bearer(token) => self
+                .request(&self.http, body, affinity, timeout)
+                .bearer_auth(token.expose())
+                .send()
+                .await
+                .map_err(transport)?,
+        };
         for value in resp.headers().get_all(SET_COOKIE) {
             if let Some(v) = value
                 .to_str()
@@ -437,7 +574,7 @@ impl EwsClient {
             match decode_body(status, &bytes, decode) {
                 Err(f) if f.code() == Some("ErrorInvalidServerVersion") => {
                     let said = response::server_version_info(&bytes);
-                    let Some(next) = self.versions.refused(&self.url, header.version, said) else {
+                    let Some(next) = self.servers.refused(&self.url, header.version, said) else {
                         return Err(f);
                     };
                     tracing::info!(
@@ -643,7 +780,13 @@ mod tests {
 
     #[test]
     fn a_refused_version_steps_down_per_server_and_never_below_streaming() {
-        let versions = ServerVersions::new(ServerVersion::Exchange2013Sp1);
+        let shared = reqwest::Client::new();
+        let factory: ClientFactory = Arc::new(move || shared.clone());
+        let versions = Servers::new(
+            ServerVersion::Exchange2013Sp1,
+            EwsAuth::Auto,
+            factory.clone(),
+        );
         let a = "https://MAIL.contoso.local/EWS/Exchange.asmx";
         let b = "https://other.contoso.local/EWS/Exchange.asmx";
         let said = |major, minor, version: &str| {
@@ -686,7 +829,7 @@ mod tests {
             ),
             None
         );
-        let floor = ServerVersions::new(ServerVersion::Exchange2010Sp1);
+        let floor = Servers::new(ServerVersion::Exchange2010Sp1, EwsAuth::Auto, factory);
         assert_eq!(floor.refused(a, ServerVersion::Exchange2010Sp1, None), None);
         // A server naming a version no older than the one refused is not believed.
         assert_eq!(

@@ -17,6 +17,7 @@ pub mod ews_client;
 pub mod gate;
 pub mod mail;
 pub mod metrics;
+pub mod ntlm;
 pub mod reach;
 pub mod server;
 pub mod store;
@@ -44,13 +45,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let reach = config.reach().map_err(|e| anyhow::anyhow!(e))?;
-    let builder = || {
+    let allow_link_local = reach.allow_link_local;
+    let builder = move || {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // No host name may lead where an address written in a call may not.
-            .dns_resolver(Arc::new(reach::GuardedResolver {
-                allow_link_local: reach.allow_link_local,
-            }))
+            .dns_resolver(Arc::new(reach::GuardedResolver { allow_link_local }))
             // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
             // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
             // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
@@ -63,21 +63,37 @@ pub async fn serve(
     // Creatio's calls trust the system's roots; Exchange's may also trust an internal CA, or,
     // in a lab, anything.
     let http = builder().build().context("building the HTTP client")?;
-    let mut ews = builder();
-    if let Some(path) = &config.ews_ca_file {
-        let pem =
-            std::fs::read(path).with_context(|| format!("--ews-ca-file {}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("--ews-ca-file {}: not a PEM bundle", path.display()))?;
-        ews = ews.tls_certs_merge(certs);
-    }
+    let ews_certs = match &config.ews_ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).with_context(|| format!("--ews-ca-file {}", path.display()))?;
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ews-ca-file {}: not a PEM bundle", path.display()))?
+        }
+        None => Vec::new(),
+    };
     if config.ews_tls_insecure {
         tracing::warn!(
             "--ews-tls-insecure: Exchange's certificates are not checked; anyone on the path can read the mailboxes' passwords"
         );
-        ews = ews.tls_danger_accept_invalid_certs(true);
     }
-    let ews_http = ews.build().context("building the EWS HTTP client")?;
+    let insecure = config.ews_tls_insecure;
+    let ews_builder = move || {
+        builder()
+            .tls_certs_merge(ews_certs.clone())
+            .tls_danger_accept_invalid_certs(insecure)
+    };
+    let ews_http = ews_builder()
+        .build()
+        .context("building the EWS HTTP client")?;
+    // NTLM authenticates connections: an NTLM mailbox gets connections of its own.
+    let shared = ews_http.clone();
+    let ews_private: ews_client::ClientFactory = Arc::new(move || {
+        ews_builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap_or_else(|_| shared.clone())
+    });
     let limits = ews_client::Limits {
         request_timeout: config.request_timeout(),
         max_body_bytes: config.ews_max_body_bytes,
@@ -135,7 +151,7 @@ pub async fn serve(
     let leases = Arc::new(coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
     let metrics = metrics::Metrics::new();
-    let versions = ews_client::ServerVersions::new(config.ews_version);
+    let servers = ews_client::Servers::new(config.ews_version, config.ews_auth, ews_private);
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
             store: store.clone(),
@@ -144,7 +160,7 @@ pub async fn serve(
             exchange: Arc::new(transport::HttpExchange {
                 http: ews_http.clone(),
                 insecure: config.ews_tls_insecure,
-                versions: versions.clone(),
+                servers: servers.clone(),
                 limits,
             }),
             creatio: Arc::new(delivery),
@@ -185,7 +201,7 @@ pub async fn serve(
     let state = api::ApiState {
         supervisor: supervisor.clone(),
         http: ews_http,
-        versions,
+        servers,
         limits,
         reach,
         metrics,

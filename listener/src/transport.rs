@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::contract::Credentials;
 use crate::delivery::{Delivery, DeliveryError};
-use crate::ews_client::{EventStream, EwsClient, EwsFailure, Limits, ServerVersions};
+use crate::ews_client::{EventStream, EwsClient, EwsFailure, Limits, Servers};
 
 /// An answer from Exchange, later.
 pub type Answer<'a, T> = BoxFuture<'a, Result<T, EwsFailure>>;
@@ -82,7 +82,7 @@ pub struct HttpExchange {
     /// Exchange's certificates go unchecked (`--ews-tls-insecure`): said on every connect.
     pub insecure: bool,
     /// The request version each Exchange server takes.
-    pub versions: ServerVersions,
+    pub servers: Servers,
     pub limits: Limits,
 }
 
@@ -96,7 +96,7 @@ impl Connect for HttpExchange {
         Ok(Box::new(EwsClient::new(
             self.http.clone(),
             creds,
-            self.versions.clone(),
+            self.servers.clone(),
             self.limits,
         )?))
     }

@@ -431,3 +431,47 @@ async fn an_older_server_is_spoken_to_in_the_version_it_names() {
     );
     assert_each_delivered_once(&world, ALICE, &[inject(&world, "on Exchange 2010")]).await;
 }
+
+/// Where Basic is switched off on the EWS virtual directory, a 401 offers only NTLM: the
+/// listener logs in with NTLM from then on, on each connection it opens, and streams and
+/// delivers.
+#[tokio::test]
+async fn where_basic_is_off_the_listener_logs_in_with_ntlm() {
+    let (world, listener) = start(&[]).await;
+    world.ews.set_settings(Settings {
+        auth: Some("ntlm".into()),
+        ..Settings::default()
+    });
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "over NTLM")]).await;
+    // The stream and the other calls each took a connection, and each connection a handshake.
+    let challenges = world
+        .ews
+        .request_log()
+        .iter()
+        .filter(|r| r.status == 401)
+        .count();
+    assert!(challenges >= 2, "{:?}", world.ews.request_log());
+}
+
+/// `--ews-auth ntlm` logs in with NTLM even where Basic is offered too, and a down-level
+/// user name (`CONTOSO\alice`) works as well as a UPN.
+#[tokio::test]
+async fn ntlm_can_be_forced_and_takes_a_domain_user_name() {
+    let (world, listener) = start(&["--ews-auth", "ntlm"]).await;
+    world.ews.set_settings(Settings {
+        auth: Some("both".into()),
+        ..Settings::default()
+    });
+    let mut creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
+    creds["UserName"] = json!("CONTOSO\\alice");
+    let (status, body) = listener.call("create", json!([creds]).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the mailbox to stream", PATIENCE, async || {
+        (world.ews.stats().open_streams > 0).then_some(())
+    })
+    .await;
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "forced NTLM")]).await;
+}
