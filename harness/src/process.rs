@@ -124,6 +124,16 @@ impl Process {
         Usage::of(self.pid).with_context(|| format!("reading /proc of {}", self.name))
     }
 
+    /// How many sockets it holds open now (its TCP connections and listeners), from `/proc`.
+    pub fn sockets(&self) -> anyhow::Result<usize> {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .with_context(|| format!("reading /proc of {}", self.name))?;
+        Ok(fds
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count())
+    }
+
     /// `kill -9`.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

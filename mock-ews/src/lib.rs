@@ -262,3 +262,70 @@ impl Drop for MockEws {
         self.shutdown.cancel();
     }
 }
+
+/// A CA of its own and a certificate it signed for 127.0.0.1, made with `openssl` in `dir`
+/// (`ca.crt`, `server.crt`, `server.key`), for serving HTTPS as an on-premises Exchange with
+/// an internal CA does. Answers their PEM: CA, certificate, key.
+pub fn test_certificates(dir: &std::path::Path) -> std::io::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let openssl = |args: &[&str]| -> std::io::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| {
+                std::io::Error::other(format!("openssl is needed ({e}); apt-get install openssl"))
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("openssl {args:?}: {out:?}")))
+        }
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ])?;
+    let read = |name: &str| std::fs::read(dir.join(name));
+    Ok((read("ca.crt")?, read("server.crt")?, read("server.key")?))
+}

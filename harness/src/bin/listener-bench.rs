@@ -56,6 +56,14 @@ struct Args {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Serve Exchange over HTTPS, with a certificate from a CA of the run's own that the
+    /// listener is given with `--ews-ca-file`, as on premises.
+    #[arg(long)]
+    ews_tls: bool,
+    /// How mock-ews lets mailboxes log in: `basic`, or `ntlm` (Basic off, as the EWS virtual
+    /// directory's default); the listener finds out from the first 401.
+    #[arg(long, default_value = "basic")]
+    ews_auth: String,
 }
 
 fn unix_now_us() -> u64 {
@@ -84,15 +92,26 @@ impl Rig {
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
         let dir = run_dir("listener-bench")?;
+        let mut ews_args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--keepalive-secs".into(),
+            args.keepalive_secs.to_string(),
+        ];
+        let mut http = reqwest::Client::builder();
+        let mut listener_tls = Vec::new();
+        if args.ews_tls {
+            let (ca, _, _) = mock_ews::test_certificates(&dir)?;
+            let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+            ews_args.extend(["--tls-cert".into(), file("server.crt")]);
+            ews_args.extend(["--tls-key".into(), file("server.key")]);
+            listener_tls = vec!["--ews-ca-file".to_owned(), file("ca.crt")];
+            http = http.tls_certs_merge([reqwest::Certificate::from_pem(&ca)?]);
+        }
         let ews = Process::start(
             "mock-ews",
             &ews_bin,
-            &[
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--keepalive-secs".into(),
-                args.keepalive_secs.to_string(),
-            ],
+            &ews_args,
             &[("RUST_LOG", "warn,mock_ews=info".into())],
             &dir.join("mock-ews.log"),
         )
@@ -113,6 +132,7 @@ impl Rig {
         ]
         .map(String::from)
         .into();
+        listener_args.extend(listener_tls);
         listener_args.extend(args.listener_args.iter().cloned());
         let listener = Process::start(
             "exchange-listener",
@@ -131,11 +151,26 @@ impl Rig {
             dir.display()
         );
         // No TCP_USER_TIMEOUT: reqwest's default cuts connections idle between calls.
-        let http = reqwest::Client::builder()
+        let http = http
             .pool_max_idle_per_host(256)
             .tcp_user_timeout(None)
             .timeout(Duration::from_secs(60))
             .build()?;
+        if args.ews_auth != "basic" {
+            let settings = json!({ "auth": args.ews_auth });
+            let resp = http
+                .put(format!("{}/_control/settings", ews.base))
+                .json(&settings)
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!(
+                    "mock-ews refused --ews-auth {}: {}",
+                    args.ews_auth,
+                    resp.status()
+                );
+            }
+        }
         Ok(Rig {
             listener,
             ews,
@@ -384,8 +419,9 @@ async fn main() -> anyhow::Result<()> {
     let idle = rig.listener.usage()?;
     let idle_cpu = idle.cpu_percent_since(&settle_start, args.settle_secs as f64);
     let idle_per_mailbox_kib = idle.rss_kib.saturating_sub(empty.rss_kib) as f64 / n as f64;
+    let sockets = rig.listener.sockets()?;
     println!(
-        "idle: {:.1} MiB resident ({:.1} MiB with no mailbox), {idle_per_mailbox_kib:.1} KiB per mailbox, {idle_cpu:.1}% CPU",
+        "idle: {:.1} MiB resident ({:.1} MiB with no mailbox), {idle_per_mailbox_kib:.1} KiB per mailbox, {idle_cpu:.1}% CPU, {sockets} sockets open",
         mib(idle.rss_kib),
         mib(empty.rss_kib)
     );
@@ -426,6 +462,9 @@ async fn main() -> anyhow::Result<()> {
         "listener_rss_idle_mib": mib(idle.rss_kib),
         "listener_rss_idle_per_mailbox_kib": idle_per_mailbox_kib,
         "listener_cpu_idle_percent": idle_cpu,
+        "listener_sockets_idle": sockets,
+        "ews_tls": args.ews_tls,
+        "ews_auth": args.ews_auth,
         "rate_per_second": args.rate,
         "duration_secs": args.duration_secs,
         "mail_bytes": args.mail_bytes,

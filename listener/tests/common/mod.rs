@@ -529,64 +529,10 @@ impl Drop for Relay {
     }
 }
 
-/// A CA of its own and a certificate it signed for 127.0.0.1, made with openssl in `dir`:
-/// `ca.crt`, `server.crt`, `server.key`. Answers their PEM (CA, certificate, key).
+/// A CA of its own and a certificate it signed for 127.0.0.1 (see
+/// [`mock_ews::test_certificates`]); fails the test when openssl cannot make them.
 pub fn test_certificates(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| panic!("openssl is needed ({e}); apt-get install openssl"));
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
-    (read("ca.crt"), read("server.crt"), read("server.key"))
+    mock_ews::test_certificates(dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A fresh folder under the system's temporary one.

@@ -20,6 +20,12 @@ struct Args {
     /// Mailboxes to create at start, as `email:password` (repeatable).
     #[arg(long = "mailbox", value_name = "EMAIL:PASSWORD")]
     mailboxes: Vec<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -38,14 +44,28 @@ async fn main() -> anyhow::Result<()> {
         keepalive: Duration::from_secs(args.keepalive_secs.max(1)),
         max_connection_time: args.max_connection_secs.map(Duration::from_secs),
     };
-    let server = mock_ews::MockEws::start(args.listen, config).await?;
+    let server = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+            };
+            mock_ews::MockEws::start_tls(args.listen, config, &read(cert)?, &read(key)?).await?
+        }
+        _ => mock_ews::MockEws::start(args.listen, config).await?,
+    };
     for spec in &args.mailboxes {
         let (email, password) = spec
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("--mailbox {spec:?}: expected EMAIL:PASSWORD"))?;
         server.create_mailbox(email, password)?;
     }
-    tracing::info!("mock-ews listening on http://{}", server.addr());
+    let scheme = server
+        .ews_url()
+        .split("://")
+        .next()
+        .unwrap_or("http")
+        .to_owned();
+    tracing::info!("mock-ews listening on {scheme}://{}", server.addr());
     tracing::info!("EWS endpoint {}", server.ews_url());
     stop_signal().await;
     server.shutdown().await?;
