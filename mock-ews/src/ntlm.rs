@@ -10,8 +10,8 @@ use std::sync::Mutex;
 
 use base64::Engine as _;
 use sspi::{
-    AuthIdentity, BufferType, CredentialUse, DataRepresentation, Ntlm, SecurityBuffer,
-    SecurityStatus, ServerRequestFlags, Sspi as _, SspiImpl, Username,
+    AuthIdentity, AuthIdentityBuffers, BufferType, CredentialUse, DataRepresentation, Ntlm,
+    SecurityBuffer, SecurityStatus, ServerRequestFlags, Sspi as _, SspiImpl, Username,
 };
 
 /// Where one connection stands.
@@ -102,6 +102,28 @@ impl Connections {
     }
 }
 
+/// One AcceptSecurityContext step: `token` in; the status and the token to send back out.
+fn accept(
+    ntlm: &mut Ntlm,
+    creds: &mut Option<AuthIdentityBuffers>,
+    token: &[u8],
+) -> Option<(SecurityStatus, Vec<u8>)> {
+    let mut input = vec![SecurityBuffer::new(token.to_vec(), BufferType::Token)];
+    let mut output = vec![SecurityBuffer::new(Vec::new(), BufferType::Token)];
+    let builder = ntlm
+        .accept_security_context()
+        .with_credentials_handle(creds)
+        .with_context_requirements(ServerRequestFlags::ALLOCATE_MEMORY)
+        .with_target_data_representation(DataRepresentation::Native)
+        .with_input(&mut input)
+        .with_output(&mut output);
+    let result = SspiImpl::accept_security_context_impl(ntlm, builder)
+        .ok()?
+        .resolve_to_result()
+        .ok()?;
+    Some((result.status, std::mem::take(&mut output[0].buffer)))
+}
+
 /// Reads NEGOTIATE; answers the context and the CHALLENGE to send.
 fn challenge(negotiate: &[u8]) -> Option<(Ntlm, Vec<u8>)> {
     let mut ntlm = Ntlm::new();
@@ -111,21 +133,8 @@ fn challenge(negotiate: &[u8]) -> Option<(Ntlm, Vec<u8>)> {
         .execute(&mut ntlm)
         .ok()?
         .credentials_handle;
-    let mut input = vec![SecurityBuffer::new(negotiate.to_vec(), BufferType::Token)];
-    let mut output = vec![SecurityBuffer::new(Vec::new(), BufferType::Token)];
-    let builder = ntlm
-        .accept_security_context()
-        .with_credentials_handle(&mut creds)
-        .with_context_requirements(ServerRequestFlags::ALLOCATE_MEMORY)
-        .with_target_data_representation(DataRepresentation::Native)
-        .with_input(&mut input)
-        .with_output(&mut output);
-    let result = SspiImpl::accept_security_context_impl(&mut ntlm, builder)
-        .ok()?
-        .resolve_to_result()
-        .ok()?;
-    (result.status == SecurityStatus::ContinueNeeded)
-        .then(|| (ntlm, std::mem::take(&mut output[0].buffer)))
+    let (status, challenge) = accept(&mut ntlm, &mut creds, negotiate)?;
+    (status == SecurityStatus::ContinueNeeded).then_some((ntlm, challenge))
 }
 
 /// Verifies AUTHENTICATE against the password.
@@ -138,26 +147,12 @@ fn verify(ntlm: &mut Ntlm, authenticate: &[u8], mailbox: &str, password: &str) -
         password: password.to_owned().into(),
     };
     let mut creds = Some(identity.into());
-    let mut input = vec![SecurityBuffer::new(
-        authenticate.to_vec(),
-        BufferType::Token,
-    )];
-    let mut output = vec![SecurityBuffer::new(Vec::new(), BufferType::Token)];
-    let builder = ntlm
-        .accept_security_context()
-        .with_credentials_handle(&mut creds)
-        .with_context_requirements(ServerRequestFlags::ALLOCATE_MEMORY)
-        .with_target_data_representation(DataRepresentation::Native)
-        .with_input(&mut input)
-        .with_output(&mut output);
-    let accepted = SspiImpl::accept_security_context_impl(ntlm, builder)
-        .and_then(|mut g| g.resolve_to_result());
-    match accepted {
-        Ok(r) if r.status == SecurityStatus::CompleteNeeded => {
+    match accept(ntlm, &mut creds, authenticate) {
+        Some((SecurityStatus::CompleteNeeded, _)) => {
             matches!(ntlm.complete_auth_token(&mut []), Ok(SecurityStatus::Ok))
         }
-        Ok(r) => r.status == SecurityStatus::Ok,
-        Err(_) => false,
+        Some((status, _)) => status == SecurityStatus::Ok,
+        None => false,
     }
 }
 
