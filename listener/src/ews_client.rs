@@ -465,13 +465,16 @@ impl EwsClient {
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
+        let Some(scheme) = crate::ntlm::scheme(&crate::ntlm::offered(resp.headers())) else {
+            return Ok(resp);
+        };
         // Read to the end, so the connection is free for the handshake's next request.
         let _ = read_capped(resp, self.limits.max_body_bytes).await;
         let (handshake, negotiate) = crate::ntlm::Handshake::start(user, password.expose())
             .map_err(|e| EwsFailure::Config(e.to_string()))?;
         let resp = self
             .request(http, body.clone(), affinity, timeout)
-            .header(AUTHORIZATION, format!("NTLM {negotiate}"))
+            .header(AUTHORIZATION, format!("{scheme} {negotiate}"))
             .send()
             .await
             .map_err(transport)?;
@@ -486,7 +489,7 @@ impl EwsClient {
             .answer(&challenge)
             .map_err(|e| EwsFailure::Config(e.to_string()))?;
         self.request(http, body, affinity, timeout)
-            .header(AUTHORIZATION, format!("NTLM {authenticate}"))
+            .header(AUTHORIZATION, format!("{scheme} {authenticate}"))
             .send()
             .await
             .map_err(transport)

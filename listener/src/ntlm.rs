@@ -80,7 +80,8 @@ impl Handshake {
     }
 }
 
-/// The CHALLENGE in a 401's `WWW-Authenticate: NTLM …`, if there is one.
+/// The CHALLENGE in a 401's `WWW-Authenticate: NTLM …` (or `Negotiate …` carrying NTLM), if
+/// there is one.
 pub fn challenge_in(headers: &reqwest::header::HeaderMap) -> Option<String> {
     headers
         .get_all(reqwest::header::WWW_AUTHENTICATE)
@@ -88,10 +89,21 @@ pub fn challenge_in(headers: &reqwest::header::HeaderMap) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .find_map(|v| {
             let (scheme, token) = v.split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("ntlm")
+            (scheme.eq_ignore_ascii_case("ntlm") || scheme.eq_ignore_ascii_case("negotiate"))
                 .then(|| token.trim().to_owned())
         })
+}
+
+/// The scheme to carry NTLM under, from what a 401 offers: `NTLM`, or `Negotiate` where only
+/// that is offered (Windows takes NTLM's messages inside it as they are); none when neither.
+pub fn scheme(offered: &[String]) -> Option<&'static str> {
+    if offered.iter().any(|s| s == "ntlm") {
+        Some("NTLM")
+    } else if offered.iter().any(|s| s == "negotiate") {
+        Some("Negotiate")
+    } else {
+        None
+    }
 }
 
 /// The schemes a 401 offers, lowercased (`basic`, `ntlm`, `negotiate`, `bearer`).

@@ -475,3 +475,20 @@ async fn ntlm_can_be_forced_and_takes_a_domain_user_name() {
     .await;
     assert_each_delivered_once(&world, ALICE, &[inject(&world, "forced NTLM")]).await;
 }
+
+/// A server that offers only `Negotiate` gets NTLM's messages under that scheme.
+#[tokio::test]
+async fn a_server_offering_only_negotiate_gets_ntlm_inside_it() {
+    let (world, listener) = start(&[]).await;
+    world.ews.set_settings(Settings {
+        auth: Some("negotiate".into()),
+        ..Settings::default()
+    });
+    world
+        .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
+        .await;
+    assert_each_delivered_once(&world, ALICE, &[inject(&world, "over Negotiate")]).await;
+    for r in world.ews.request_log() {
+        eprintln!("REQ {} {}", r.operation, r.status);
+    }
+}

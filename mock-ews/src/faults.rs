@@ -185,7 +185,7 @@ pub struct Settings {
     /// `ErrorInvalidServerVersion`, and answers carry this server's `ServerVersionInfo`.
     pub server_version: Option<String>,
     /// How clients log in: `basic` (the default), `ntlm` (NTLM only, as where Basic is switched
-    /// off on the EWS virtual directory), or `both`.
+    /// off on the EWS virtual directory), `negotiate` (NTLM inside Negotiate only), or `both`.
     pub auth: Option<String>,
     /// With `auth = both`: these mailboxes log in with NTLM only.
     pub ntlm_only: Vec<String>,

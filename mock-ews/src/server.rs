@@ -92,6 +92,8 @@ fn unauthorized() -> Response {
 enum Logins {
     Basic,
     Ntlm,
+    /// NTLM inside `Negotiate` only, as where the NTLM provider is off and Negotiate on.
+    Negotiate,
     Both,
 }
 
@@ -99,6 +101,7 @@ impl Logins {
     fn of(settings: &crate::Settings) -> Logins {
         match settings.auth.as_deref() {
             Some("ntlm") => Logins::Ntlm,
+            Some("negotiate") => Logins::Negotiate,
             Some("both") => Logins::Both,
             _ => Logins::Basic,
         }
@@ -109,7 +112,7 @@ impl Logins {
         let user = user.rsplit('\\').next().unwrap_or(user);
         match self {
             Logins::Basic => true,
-            Logins::Ntlm => false,
+            Logins::Ntlm | Logins::Negotiate => false,
             Logins::Both => !settings
                 .ntlm_only
                 .iter()
@@ -127,12 +130,14 @@ fn challenge(logins: Logins) -> Response {
             header::WWW_AUTHENTICATE,
             "Negotiate".parse().expect("a header value"),
         );
+    }
+    if matches!(logins, Logins::Ntlm | Logins::Both) {
         headers.append(
             header::WWW_AUTHENTICATE,
             "NTLM".parse().expect("a header value"),
         );
     }
-    if logins != Logins::Ntlm {
+    if matches!(logins, Logins::Basic | Logins::Both) {
         headers.append(
             header::WWW_AUTHENTICATE,
             r#"Basic realm="mock-ews""#.parse().expect("a header value"),
@@ -141,13 +146,14 @@ fn challenge(logins: Logins) -> Response {
     response
 }
 
-/// The token of an `Authorization: NTLM …` (or `Negotiate` carrying raw NTLM) header.
-fn ntlm_token(headers: &HeaderMap) -> Option<&str> {
+/// The scheme and token of an `Authorization: NTLM …` (or `Negotiate` carrying raw NTLM)
+/// header.
+fn ntlm_token(headers: &HeaderMap) -> Option<(&str, &str)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let raw_ntlm = token.trim_start().starts_with("TlRMTVNTUA");
     (scheme.eq_ignore_ascii_case("ntlm") || (scheme.eq_ignore_ascii_case("negotiate") && raw_ntlm))
-        .then_some(token)
+        .then_some((scheme, token))
 }
 
 /// Who the request acts as, by Basic or by NTLM on its connection; else the response that
@@ -155,8 +161,10 @@ fn ntlm_token(headers: &HeaderMap) -> Option<&str> {
 fn principal(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let settings = app.world.settings();
     let logins = Logins::of(&settings);
-    if let Some(token) = ntlm_token(headers) {
-        if logins == Logins::Basic {
+    if let Some((scheme, token)) = ntlm_token(headers) {
+        // Only the schemes a 401 offered are taken.
+        let negotiate = scheme.eq_ignore_ascii_case("negotiate");
+        if logins == Logins::Basic || (logins == Logins::Negotiate && !negotiate) {
             return Err(Box::new(challenge(logins)));
         }
         let world = app.world.clone();
@@ -166,7 +174,7 @@ fn principal(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<String,
         {
             crate::ntlm::Step::Challenge(c) => {
                 let mut response = StatusCode::UNAUTHORIZED.into_response();
-                let value = format!("NTLM {c}").parse().expect("a header value");
+                let value = format!("{scheme} {c}").parse().expect("a header value");
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, value);
