@@ -34,6 +34,26 @@ use anyhow::Context as _;
 
 pub use config::Config;
 
+/// The TLS configuration that reqwest would build for Exchange (the system's roots through
+/// the platform verifier, with `extra_pem`'s CAs besides), built once to be shared.
+fn shared_ews_tls(extra_pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let extra = CertificateDer::pem_slice_iter(extra_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("--ews-ca-file: not a PEM bundle")?;
+    let verifier =
+        rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The lease of a replica alone on its in-memory store.
 const LONE_LEASE: Duration = Duration::from_secs(3600);
 
@@ -63,13 +83,15 @@ pub async fn serve(
     // Creatio's calls trust the system's roots; Exchange's may also trust an internal CA, or,
     // in a lab, anything.
     let http = builder().build().context("building the HTTP client")?;
-    let ews_certs = match &config.ews_ca_file {
+    let ews_ca_pem = match &config.ews_ca_file {
         Some(path) => {
-            let pem =
-                std::fs::read(path).with_context(|| format!("--ews-ca-file {}", path.display()))?;
-            reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("--ews-ca-file {}: not a PEM bundle", path.display()))?
+            std::fs::read(path).with_context(|| format!("--ews-ca-file {}", path.display()))?
         }
+        None => Vec::new(),
+    };
+    let ews_certs = match &config.ews_ca_file {
+        Some(path) => reqwest::Certificate::from_pem_bundle(&ews_ca_pem)
+            .with_context(|| format!("--ews-ca-file {}: not a PEM bundle", path.display()))?,
         None => Vec::new(),
     };
     if config.ews_tls_insecure {
@@ -86,13 +108,22 @@ pub async fn serve(
     let ews_http = ews_builder()
         .build()
         .context("building the EWS HTTP client")?;
-    // NTLM authenticates connections: an NTLM mailbox gets connections of its own.
+    // NTLM authenticates connections: an NTLM mailbox gets connections of its own, all with
+    // one TLS configuration (the trusted roots loaded once, not once per mailbox).
     let shared = ews_http.clone();
+    let shared_tls = if insecure {
+        None
+    } else {
+        Some(shared_ews_tls(&ews_ca_pem).context("the TLS configuration for Exchange")?)
+    };
     let ews_private: ews_client::ClientFactory = Arc::new(move || {
-        ews_builder()
-            .pool_max_idle_per_host(1)
-            .build()
-            .unwrap_or_else(|_| shared.clone())
+        let builder = ews_builder().pool_max_idle_per_host(1);
+        match &shared_tls {
+            Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
+            None => builder,
+        }
+        .build()
+        .unwrap_or_else(|_| shared.clone())
     });
     let limits = ews_client::Limits {
         request_timeout: config.request_timeout(),

@@ -175,3 +175,22 @@ async fn no_proxy_keeps_its_hosts_off_the_proxy() {
     let (_, seen) = through_proxy("127.0.0.1").await;
     assert_eq!(seen, Vec::<String>::new());
 }
+
+/// NTLM over HTTPS with the company's CA, as on premises: each NTLM mailbox's own connections
+/// trust the CA given with `--ews-ca-file` too.
+#[tokio::test]
+async fn ntlm_over_https_trusts_the_internal_ca() {
+    let (world, ca) = world().await;
+    world.ews.set_settings(mock_ews::Settings {
+        auth: Some("ntlm".into()),
+        ..mock_ews::Settings::default()
+    });
+    let listener = Listener::spawn(&["--ews-ca-file", ca.to_str().unwrap()]).await;
+    create(&world, &listener).await;
+    streams(&world).await;
+    delivers(&world).await;
+    assert!(
+        world.ews.request_log().iter().any(|r| r.status == 401),
+        "the mailbox logged in with NTLM"
+    );
+}
