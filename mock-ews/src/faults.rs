@@ -189,6 +189,9 @@ pub struct Settings {
     pub auth: Option<String>,
     /// With `auth = both`: these mailboxes log in with NTLM only.
     pub ntlm_only: Vec<String>,
+    /// Accounts holding the ApplicationImpersonation role: only they may act as another
+    /// mailbox (`ExchangeImpersonation`); others get `ErrorImpersonateUserDenied`.
+    pub impersonators: Vec<String>,
 }
 
 #[cfg(test)]

@@ -270,8 +270,23 @@ async fn handle(
         app.world.count_unauthorized();
         return (op, String::new(), refusal.unwrap_or_else(unauthorized));
     };
-    // Impersonation: act as another existing mailbox.
+    // Impersonation: act as another existing mailbox, with the ApplicationImpersonation role.
+    let may_impersonate = || {
+        app.world
+            .settings()
+            .impersonators
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&principal))
+    };
     let acting = match &request.impersonate {
+        Some(target) if !target.eq_ignore_ascii_case(&principal) && !may_impersonate() => {
+            let fault = soap::fault(
+                "ErrorImpersonateUserDenied",
+                "The account does not have permission to impersonate the requested user.",
+                None,
+            );
+            return (op, principal, xml(StatusCode::INTERNAL_SERVER_ERROR, fault));
+        }
         Some(target) if !app.world.mailbox_exists(target) => {
             let fault = soap::fault(
                 "ErrorNonExistentMailbox",

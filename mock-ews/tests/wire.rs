@@ -421,3 +421,35 @@ async fn an_older_server_refuses_newer_request_versions_and_names_its_own() {
     assert!(text.contains("GetFolderResponse"), "{text}");
     assert_eq!(between(&text, "MinorVersion=\"", "\""), "2");
 }
+
+#[tokio::test]
+async fn only_an_account_with_the_impersonation_role_acts_as_another_mailbox() {
+    let ews = start().await;
+    ews.create_mailbox("bob@contoso.example", "bobs").unwrap();
+    let as_bob = |body: &str| {
+        envelope(body).replace(
+            "</soap:Header>",
+            "<t:ExchangeImpersonation><t:ConnectingSID><t:PrimarySmtpAddress>bob@contoso.example</t:PrimarySmtpAddress></t:ConnectingSID></t:ExchangeImpersonation></soap:Header>",
+        )
+    };
+    let get_folder = as_bob(
+        r#"<m:GetFolder><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape></m:FolderShape><m:FolderIds><t:DistinguishedFolderId Id="inbox"/></m:FolderIds></m:GetFolder>"#,
+    );
+    let resp = post(&ews, "secret", get_folder.clone()).await;
+    assert_eq!(resp.status(), 500);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("ErrorImpersonateUserDenied"), "{text}");
+
+    ews.set_settings(mock_ews::Settings {
+        impersonators: vec!["alice@contoso.example".into()],
+        ..mock_ews::Settings::default()
+    });
+    let resp = post(&ews, "secret", get_folder).await;
+    assert_eq!(resp.status(), 200);
+    let log = ews.request_log();
+    assert_eq!(
+        log.last().map(|r| r.mailbox.as_str()),
+        Some("bob@contoso.example"),
+        "the request acted as bob"
+    );
+}
