@@ -53,6 +53,29 @@ pub fn release_binaries(names: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// The release binaries the harness runs together.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub listener: PathBuf,
+    pub ews: PathBuf,
+    pub creatio: PathBuf,
+}
+
+impl Binaries {
+    /// The listener, mock-ews and mock-creatio, as [`release_binaries`] finds them.
+    pub fn release() -> anyhow::Result<Binaries> {
+        let [listener, ews, creatio]: [PathBuf; 3] =
+            release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+        Ok(Binaries {
+            listener,
+            ews,
+            creatio,
+        })
+    }
+}
+
 /// A running child process, killed when dropped.
 #[derive(Debug)]
 pub struct Process {

@@ -25,6 +25,23 @@ pub enum Choice {
     External(String),
 }
 
+impl Choice {
+    /// `Auto` settled once: a container when a Docker engine answers, else a process (said
+    /// on stderr). Other choices stay as they are.
+    pub async fn resolved(self) -> Choice {
+        match self {
+            Choice::Auto if docker_answers().await => Choice::Container,
+            Choice::Auto => {
+                eprintln!(
+                    "harness: no Docker engine answers; running redis-server as a process instead"
+                );
+                Choice::Process
+            }
+            other => other,
+        }
+    }
+}
+
 const IMAGE: &str = "exchange-listener-redis";
 const INSTALL: &str = "install it with `apt-get install redis-server`";
 
@@ -61,7 +78,7 @@ impl std::fmt::Debug for Redis {
 impl Redis {
     /// Starts (or reaches) the Redis `choice` names; `dir` takes a process's files.
     pub async fn start(choice: &Choice, dir: &Path) -> anyhow::Result<Redis> {
-        match choice {
+        match choice.clone().resolved().await {
             Choice::External(url) => {
                 let rest = url
                     .strip_prefix("redis://")
@@ -80,17 +97,7 @@ impl Redis {
                 })
             }
             Choice::Container => Redis::container().await,
-            Choice::Process => Redis::process(dir).await,
-            Choice::Auto => {
-                if docker_answers().await {
-                    Redis::container().await
-                } else {
-                    eprintln!(
-                        "harness: no Docker engine answers; running redis-server as a process instead"
-                    );
-                    Redis::process(dir).await
-                }
-            }
+            Choice::Process | Choice::Auto => Redis::process(dir).await,
         }
     }
 

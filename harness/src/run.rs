@@ -15,19 +15,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::http::{get_json, post_json};
-use crate::process::Process;
+use crate::process::{Binaries, Process};
 use crate::proxy::{ForwardProxy, Proxy};
 use crate::redis::{Choice, Redis};
 use crate::scenario::{Action, CreateVia, Link, Scenario, StoreKind};
 use crate::verdict::{self, Arrival, Bounds, Event, Sample, Sent, Verdict, Violation};
-
-/// The release binaries a run starts.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    pub listener: PathBuf,
-    pub ews: PathBuf,
-    pub creatio: PathBuf,
-}
 
 /// How scenarios are run.
 #[derive(Debug, Clone)]

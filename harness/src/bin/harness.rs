@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use harness::http::{full_emails_delivered, get_json, post_json};
-use harness::process::{Process, release_binaries, run_dir};
+use harness::process::{Binaries, Process, run_dir};
 use harness::redis::{Choice, Redis};
-use harness::run::{Binaries, Options, collect, suite_dir, toml_files};
+use harness::run::{Options, collect, suite_dir, toml_files};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -70,16 +70,20 @@ async fn demo(
     if replicas == 0 {
         bail!("--replicas must be at least 1");
     }
-    let [listener_bin, ews_bin, creatio_bin]: [PathBuf; 3] =
-        release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+    let bins = Binaries::release()?;
     let dir = run_dir("demo")?;
     let local = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
-    let ews = Process::start("mock-ews", &ews_bin, &local, &[], &dir.join("mock-ews.log")).await?;
+    let ews = Process::start(
+        "mock-ews",
+        &bins.ews,
+        &local,
+        &[],
+        &dir.join("mock-ews.log"),
+    )
+    .await?;
     let creatio = Process::start(
         "mock-creatio",
-        &creatio_bin,
+        &bins.creatio,
         &local,
         &[],
         &dir.join("mock-creatio.log"),
@@ -107,7 +111,7 @@ async fn demo(
         listeners.push(
             Process::start(
                 &format!("exchange-listener-{i}"),
-                &listener_bin,
+                &bins.listener,
                 &args,
                 &env,
                 &dir.join(format!("exchange-listener-{i}.log")),
@@ -273,17 +277,10 @@ async fn run(
     if !(progress_secs.is_finite() && progress_secs > 0.0) {
         bail!("--progress-secs must be positive");
     }
-    let [listener, ews, creatio]: [PathBuf; 3] =
-        release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
-    let bins = Binaries {
-        listener,
-        ews,
-        creatio,
-    };
+    let bins = Binaries::release()?;
     let options = Options {
-        redis,
+        // Whether Docker answers is asked once, not once per scenario.
+        redis: redis.resolved().await,
         out: match out {
             Some(o) => o,
             None => run_dir("")?,

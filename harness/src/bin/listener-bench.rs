@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::StreamExt as _;
 use harness::http::{full_emails_delivered, get_json, post_json};
-use harness::process::{Process, Usage, release_binaries, run_dir};
+use harness::process::{Binaries, Process, Usage, run_dir};
 use harness::stats::Percentiles;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -87,10 +87,7 @@ struct Rig {
 
 impl Rig {
     async fn start(args: &Args) -> anyhow::Result<Rig> {
-        let [listener_bin, ews_bin, creatio_bin]: [PathBuf; 3] =
-            release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+        let bins = Binaries::release()?;
         let dir = run_dir("listener-bench")?;
         let mut ews_args: Vec<String> = vec![
             "--listen".into(),
@@ -110,7 +107,7 @@ impl Rig {
         }
         let ews = Process::start(
             "mock-ews",
-            &ews_bin,
+            &bins.ews,
             &ews_args,
             &[("RUST_LOG", "warn,mock_ews=info".into())],
             &dir.join("mock-ews.log"),
@@ -118,7 +115,7 @@ impl Rig {
         .await?;
         let creatio = Process::start(
             "mock-creatio",
-            &creatio_bin,
+            &bins.creatio,
             &["--listen".into(), "127.0.0.1:0".into()],
             &[("RUST_LOG", "warn,mock_creatio=info".into())],
             &dir.join("mock-creatio.log"),
@@ -136,7 +133,7 @@ impl Rig {
         listener_args.extend(args.listener_args.iter().cloned());
         let listener = Process::start(
             "exchange-listener",
-            &listener_bin,
+            &bins.listener,
             &listener_args,
             &[],
             &dir.join("exchange-listener.log"),
