@@ -192,6 +192,11 @@ pub struct Settings {
     /// Accounts holding the ApplicationImpersonation role: only they may act as another
     /// mailbox (`ExchangeImpersonation`); others get `ErrorImpersonateUserDenied`.
     pub impersonators: Vec<String>,
+    /// Mailbox servers behind the endpoint (one when unset). Each mailbox lives on one, chosen
+    /// by its address; Subscribe sets `X-BackEndOverrideCookie` to it, and a GetStreamingEvents
+    /// routed (by that cookie, else by `X-AnchorMailbox`) to another server does not find the
+    /// subscriptions of mailboxes living elsewhere (`ErrorSubscriptionNotFound`).
+    pub backends: Option<u32>,
 }
 
 #[cfg(test)]

@@ -186,6 +186,11 @@ impl MockEws {
         self.world.request_log()
     }
 
+    /// The mailbox server a mailbox lives on (see [`Settings::backends`]).
+    pub fn backend_of(&self, mailbox: &str) -> String {
+        self.world.backend_of(mailbox)
+    }
+
     pub fn delete_mailbox(&self, email: &str) -> Result<(), ControlError> {
         self.world.delete_mailbox(email)
     }

@@ -17,6 +17,7 @@ fn named_or_acting(mailbox: Option<String>, acting: &str) -> String {
 
 pub(crate) fn subscribe(
     world: &World,
+    principal: &str,
     acting: &str,
     streaming: bool,
     mailbox: Option<String>,
@@ -32,7 +33,7 @@ pub(crate) fn subscribe(
         );
         return xml(StatusCode::OK, soap::response("Subscribe", &msg));
     }
-    let Ok(id) = world.subscribe(&target, event_types) else {
+    let Ok(id) = world.subscribe(&target, principal, event_types) else {
         let msg = soap::error(
             "Subscribe",
             "ErrorExceededSubscriptionCount",
@@ -49,15 +50,20 @@ pub(crate) fn subscribe(
         StatusCode::OK,
         soap::response("Subscribe", &soap::success("Subscribe", &inner)),
     );
-    // The affinity cookie, without `secure` over plain http so cookie jars send it back.
-    if let Ok(v) = "X-BackEndOverrideCookie=mock-ews~1; path=/; HttpOnly".parse() {
+    // The affinity cookie names the mailbox's server; without `secure` over plain http so
+    // cookie jars send it back.
+    let cookie = format!(
+        "X-BackEndOverrideCookie={}~1; path=/; HttpOnly",
+        world.backend_of(&target)
+    );
+    if let Ok(v) = cookie.parse() {
         response.headers_mut().insert(header::SET_COOKIE, v);
     }
     response
 }
 
-pub(crate) fn unsubscribe(world: &World, acting: &str, id: &str) -> Response {
-    let msg = if world.unsubscribe(acting, id) {
+pub(crate) fn unsubscribe(world: &World, principal: &str, id: &str) -> Response {
+    let msg = if world.unsubscribe(principal, id) {
         soap::success("Unsubscribe", "")
     } else {
         soap::error(

@@ -296,7 +296,7 @@ async fn handle(
             return (op, principal, xml(StatusCode::INTERNAL_SERVER_ERROR, fault));
         }
         Some(target) => target.to_ascii_lowercase(),
-        None => principal,
+        None => principal.clone(),
     };
     // An older server refuses a request claiming a newer version than its own.
     let older = app.world.settings().server_version;
@@ -309,7 +309,7 @@ async fn handle(
     }
     let response = match request_faults(&app.world, &acting, &op).await {
         Some(response) => response,
-        None => dispatch(app, &acting, request.operation),
+        None => dispatch(app, &principal, &acting, &headers, request.operation),
     };
     let response = match &older {
         Some(server) if op != "GetStreamingEvents" => as_version(response, server).await,
@@ -331,14 +331,53 @@ async fn as_version(response: Response, server: &str) -> Response {
     }
 }
 
-fn dispatch(app: App, acting: &str, operation: Operation) -> Response {
+/// The mailbox server a request reaches: the one its affinity cookie names, else its
+/// `X-AnchorMailbox`'s, else the acting mailbox's; `None` when there is only one.
+fn backend(app: &App, headers: &HeaderMap, acting: &str) -> Option<String> {
+    if !app.world.has_backends() {
+        return None;
+    }
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix("X-BackEndOverrideCookie="))
+        .chain(
+            headers
+                .get("X-BackEndOverrideCookie")
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map(|v| v.split('~').next().unwrap_or(v).trim().to_owned())
+        .find(|v| !v.is_empty());
+    let anchor = headers
+        .get("X-AnchorMailbox")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(acting);
+    Some(cookie.unwrap_or_else(|| app.world.backend_of(anchor)))
+}
+
+fn dispatch(
+    app: App,
+    principal: &str,
+    acting: &str,
+    headers: &HeaderMap,
+    operation: Operation,
+) -> Response {
     match operation {
         Operation::Subscribe {
             streaming,
             mailbox,
             event_types,
-        } => ops::subscribe(&app.world, acting, streaming, mailbox, event_types),
-        Operation::Unsubscribe { id } => ops::unsubscribe(&app.world, acting, &id),
+        } => ops::subscribe(
+            &app.world,
+            principal,
+            acting,
+            streaming,
+            mailbox,
+            event_types,
+        ),
+        Operation::Unsubscribe { id } => ops::unsubscribe(&app.world, principal, &id),
         Operation::GetItem { ids, shape } => {
             match app.world.take_fault(acting, "GetItem", |k| {
                 matches!(k, FaultKind::ItemError { .. })
@@ -383,7 +422,17 @@ fn dispatch(app: App, acting: &str, operation: Operation) -> Response {
         Operation::GetStreamingEvents {
             ids,
             timeout_minutes,
-        } => streaming::stream(app, acting.to_owned(), ids, timeout_minutes),
+        } => {
+            let backend = backend(&app, headers, acting);
+            streaming::stream(
+                app,
+                principal,
+                acting.to_owned(),
+                backend,
+                ids,
+                timeout_minutes,
+            )
+        }
         Operation::Unsupported(name) => xml(
             StatusCode::INTERNAL_SERVER_ERROR,
             soap::fault(

@@ -10,7 +10,7 @@ use roxmltree::{Document, Node};
 
 use crate::clock;
 use crate::mail::Item;
-use crate::state::{self, QueuedEvent, Target};
+use crate::state::{self, Target};
 
 const SOAP: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 const TYPES: &str = "http://schemas.microsoft.com/exchange/services/2006/types";
@@ -473,14 +473,11 @@ pub(crate) fn stream_error(code: &str, text: &str, ids: &[String]) -> String {
 }
 
 /// A streaming message carrying events, never together with a ConnectionStatus.
-pub(crate) fn stream_notifications(
-    mailbox: &str,
-    batches: &[(String, Vec<QueuedEvent>)],
-) -> String {
-    let inbox = esc(&state::inbox_id(mailbox));
-    let root = esc(&state::root_id(mailbox));
+pub(crate) fn stream_notifications(batches: &[state::Drained]) -> String {
     let mut inner = String::from("<m:Notifications>");
-    for (sub, events) in batches {
+    for (sub, mailbox, events) in batches {
+        let inbox = esc(&state::inbox_id(mailbox));
+        let root = esc(&state::root_id(mailbox));
         let _ = write!(
             inner,
             "<m:Notification><t:SubscriptionId>{}</t:SubscriptionId>",

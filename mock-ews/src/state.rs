@@ -60,6 +60,8 @@ pub(crate) struct SyncPage {
 #[derive(Debug)]
 struct Subscription {
     mailbox: String,
+    /// The account that made it (impersonating or not): only it may stream or end it.
+    owner: String,
     event_types: Vec<String>,
     queue: VecDeque<QueuedEvent>,
     /// The streaming connection currently serving this subscription, if any.
@@ -120,6 +122,18 @@ pub enum ControlError {
     Invalid { field: &'static str, reason: String },
 }
 
+/// Queued events taken for a stream: subscription id, its mailbox, the events.
+pub(crate) type Drained = (String, String, Vec<QueuedEvent>);
+
+/// Subscription ids a stream may not carry.
+#[derive(Debug, Default)]
+pub(crate) struct Unfit {
+    /// Not known on the server the request reached.
+    pub unknown: Vec<String>,
+    /// Made by another account.
+    pub denied: Vec<String>,
+}
+
 /// A limit a request ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -149,6 +163,23 @@ impl Inner {
         self.subscriptions.retain(
             |_, s| !matches!((s.idle_since, horizon), (Some(since), Some(h)) if since <= h),
         );
+    }
+
+    /// The mailbox server a mailbox lives on: one of `mbx0`..`mbxN-1` by a hash of its
+    /// address, or `mock-ews` when there is one server.
+    fn backend_of(&self, mailbox: &str) -> String {
+        match self.settings.backends {
+            Some(n) if n > 1 => {
+                // FNV-1a: stable across runs and builds, so a test may name a mailbox's server.
+                let hash = key(mailbox)
+                    .bytes()
+                    .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+                    });
+                format!("mbx{}", hash % u64::from(n))
+            }
+            _ => "mock-ews".to_owned(),
+        }
     }
 
     /// Wakes the streams serving `mailbox`'s subscriptions (all streams for `None`).
@@ -451,7 +482,12 @@ impl World {
             .map_or(0, |m| m.items.len())
     }
 
-    pub fn subscribe(&self, mailbox: &str, event_types: Vec<String>) -> Result<String, Refused> {
+    pub fn subscribe(
+        &self,
+        mailbox: &str,
+        owner: &str,
+        event_types: Vec<String>,
+    ) -> Result<String, Refused> {
         let mut inner = self.lock();
         inner.expire();
         let k = key(mailbox);
@@ -470,6 +506,7 @@ impl World {
             id.clone(),
             Subscription {
                 mailbox: k,
+                owner: key(owner),
                 event_types,
                 queue: VecDeque::new(),
                 waker: None,
@@ -479,11 +516,11 @@ impl World {
         Ok(id)
     }
 
-    /// Removes a subscription the caller may act on; false when there is none.
+    /// Removes a subscription the account made; false when there is none.
     pub fn unsubscribe(&self, principal: &str, id: &str) -> bool {
         let mut inner = self.lock();
         match inner.subscriptions.get(id) {
-            Some(s) if s.mailbox == key(principal) => {
+            Some(s) if s.owner == key(principal) => {
                 if let Some(sub) = inner.subscriptions.remove(id) {
                     // A stream serving it learns at once that it is gone.
                     if let Some(w) = sub.waker {
@@ -496,19 +533,38 @@ impl World {
         }
     }
 
-    /// The ids among `ids` that do not name a live subscription of `principal`.
-    pub fn unknown_subscriptions(&self, principal: &str, ids: &[String]) -> Vec<String> {
+    /// Sorts out the ids a stream may not carry: those no live subscription on the `backend`
+    /// the request reached has (any backend when `None`), and those another account made.
+    pub fn check_subscriptions(
+        &self,
+        principal: &str,
+        backend: Option<&str>,
+        ids: &[String],
+    ) -> Unfit {
         let mut inner = self.lock();
         inner.expire();
-        ids.iter()
-            .filter(|id| {
-                inner
-                    .subscriptions
-                    .get(*id)
-                    .is_none_or(|s| s.mailbox != key(principal))
-            })
-            .cloned()
-            .collect()
+        let mut unfit = Unfit::default();
+        for id in ids {
+            match inner.subscriptions.get(id) {
+                Some(s) if backend.is_some_and(|b| inner.backend_of(&s.mailbox) != b) => {
+                    unfit.unknown.push(id.clone())
+                }
+                Some(s) if s.owner != key(principal) => unfit.denied.push(id.clone()),
+                Some(_) => {}
+                None => unfit.unknown.push(id.clone()),
+            }
+        }
+        unfit
+    }
+
+    /// The mailbox server `mailbox` lives on.
+    pub fn backend_of(&self, mailbox: &str) -> String {
+        self.lock().backend_of(mailbox)
+    }
+
+    /// Whether the endpoint fronts more than one mailbox server.
+    pub fn has_backends(&self) -> bool {
+        self.lock().settings.backends.is_some_and(|n| n > 1)
     }
 
     /// Points the subscriptions at a streaming connection's waker, unless `mailbox` already
@@ -631,9 +687,9 @@ impl World {
         Ok(())
     }
 
-    /// Takes the queued events of these subscriptions: `(id, events)` for each that has some,
-    /// and the ids that no longer exist.
-    pub fn drain(&self, ids: &[String]) -> (Vec<(String, Vec<QueuedEvent>)>, Vec<String>) {
+    /// Takes the queued events of these subscriptions: `(id, mailbox, events)` for each that
+    /// has some, and the ids that no longer exist.
+    pub fn drain(&self, ids: &[String]) -> (Vec<Drained>, Vec<String>) {
         let mut inner = self.lock();
         inner.expire();
         let mut out = Vec::new();
@@ -642,7 +698,7 @@ impl World {
             match inner.subscriptions.get_mut(id) {
                 Some(sub) if !sub.queue.is_empty() => {
                     let events: Vec<_> = sub.queue.drain(..).collect();
-                    out.push((id.clone(), events));
+                    out.push((id.clone(), sub.mailbox.clone(), events));
                 }
                 Some(_) => {}
                 None => gone.push(id.clone()),

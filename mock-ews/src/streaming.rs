@@ -39,22 +39,45 @@ fn refuse(code: &str, text: &str) -> Response {
     chunked(Body::from(format!("{}{body}", soap::XML_DECL)))
 }
 
-/// Answers GetStreamingEvents: a closing error for bad arguments or unknown subscriptions,
-/// else a body that a writer task fills.
-pub(crate) fn stream(app: App, acting: String, ids: Vec<String>, timeout_minutes: u64) -> Response {
+/// Answers GetStreamingEvents: a closing error for bad arguments, unknown subscriptions
+/// (or ones living on another mailbox server than `backend`, the one the request reached) and
+/// subscriptions another account made; else a body that a writer task fills. The connection
+/// counts against the acting mailbox's limit: the anchor's, when a service account
+/// impersonates one.
+pub(crate) fn stream(
+    app: App,
+    principal: &str,
+    acting: String,
+    backend: Option<String>,
+    ids: Vec<String>,
+    timeout_minutes: u64,
+) -> Response {
     if ids.is_empty() || ids.len() > 200 || !(1..=30).contains(&timeout_minutes) {
         return refuse(
             "ErrorInvalidArgument",
             "Between 1 and 200 subscription ids and a ConnectionTimeout of 1 to 30 minutes are required.",
         );
     }
-    let unknown = app.world.unknown_subscriptions(&acting, &ids);
-    if !unknown.is_empty() {
-        let body = soap::stream_error(
+    let unfit = app
+        .world
+        .check_subscriptions(principal, backend.as_deref(), &ids);
+    let refusal = if !unfit.unknown.is_empty() {
+        Some((
             "ErrorSubscriptionNotFound",
             "The specified subscription was not found.",
-            &unknown,
-        );
+            unfit.unknown,
+        ))
+    } else if !unfit.denied.is_empty() {
+        Some((
+            "ErrorSubscriptionAccessDenied",
+            "A subscription can only be used by the account that created it.",
+            unfit.denied,
+        ))
+    } else {
+        None
+    };
+    if let Some((code, text, named)) = refusal {
+        let body = soap::stream_error(code, text, &named);
         return chunked(Body::from(format!("{}{body}", soap::XML_DECL)));
     }
     let waker = Arc::new(Notify::new());
@@ -208,13 +231,13 @@ impl Writer {
         }
         let (batches, gone) = self.attached.world.drain(&self.attached.ids);
         if !batches.is_empty() {
-            let n = batches.iter().map(|(_, e)| e.len() as u64).sum();
+            let n = batches.iter().map(|(_, _, e)| e.len() as u64).sum();
             if self
                 .fault(|k| *k == FaultKind::MissedNotificationEvents)
                 .is_some()
             {
                 self.app.world.count_events(n, true);
-                let ids: Vec<String> = batches.into_iter().map(|(id, _)| id).collect();
+                let ids: Vec<String> = batches.into_iter().map(|(id, _, _)| id).collect();
                 let body = soap::response(
                     OPERATION,
                     &soap::error(
@@ -226,9 +249,7 @@ impl Writer {
                 );
                 return self.outcome(self.send(body).await);
             }
-            let sent = self
-                .send(soap::stream_notifications(&self.attached.mailbox, &batches))
-                .await;
+            let sent = self.send(soap::stream_notifications(&batches)).await;
             self.app.world.count_events(n, !sent);
             return self.outcome(sent);
         }

@@ -453,3 +453,166 @@ async fn only_an_account_with_the_impersonation_role_acts_as_another_mailbox() {
         "the request acted as bob"
     );
 }
+
+/// A request with Basic auth and extra headers.
+async fn post_as(
+    ews: &MockEws,
+    (user, password): (&str, &str),
+    headers: &[(&str, &str)],
+    body: String,
+) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
+        .post(ews.ews_url())
+        .basic_auth(user, Some(password))
+        .header("Content-Type", "text/xml; charset=utf-8");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(body).send().await.unwrap()
+}
+
+fn impersonating(who: &str, body: &str) -> String {
+    envelope(body).replace(
+        "</soap:Header>",
+        &format!("<t:ExchangeImpersonation><t:ConnectingSID><t:PrimarySmtpAddress>{who}</t:PrimarySmtpAddress></t:ConnectingSID></t:ExchangeImpersonation></soap:Header>"),
+    )
+}
+
+fn get_streaming_events(ids: &[&str]) -> String {
+    let ids: String = ids
+        .iter()
+        .map(|id| format!("<t:SubscriptionId>{id}</t:SubscriptionId>"))
+        .collect();
+    format!(
+        "<m:GetStreamingEvents><m:SubscriptionIds>{ids}</m:SubscriptionIds><m:ConnectionTimeout>1</m:ConnectionTimeout></m:GetStreamingEvents>"
+    )
+}
+
+#[tokio::test]
+async fn a_service_account_streams_one_servers_subscriptions_together_as_their_anchor() {
+    const SERVICE: (&str, &str) = ("alice@contoso.example", "secret");
+    let ews = start().await;
+    ews.set_settings(mock_ews::Settings {
+        impersonators: vec![SERVICE.0.into()],
+        backends: Some(2),
+        max_streams_per_user: Some(1),
+        ..mock_ews::Settings::default()
+    });
+    let users: Vec<String> = (0..12).map(|i| format!("u{i}@contoso.example")).collect();
+    for u in &users {
+        ews.create_mailbox(u, "own").unwrap();
+    }
+    let first = ews.backend_of(&users[0]);
+    let same: Vec<&String> = users
+        .iter()
+        .filter(|u| ews.backend_of(u) == first)
+        .collect();
+    let other = users
+        .iter()
+        .find(|u| ews.backend_of(u) != first)
+        .expect("twelve mailboxes over two servers");
+    let (a, b) = (same[0].as_str(), same[1].as_str());
+
+    // The service account subscribes each mailbox as that mailbox; the cookie names its server.
+    let mut subs = Vec::new();
+    for who in [a, b, other.as_str()] {
+        let resp = post_as(&ews, SERVICE, &[("X-AnchorMailbox", who)], impersonating(who, concat!(
+            r#"<m:Subscribe><m:StreamingSubscriptionRequest><t:FolderIds><t:DistinguishedFolderId Id="inbox"/></t:FolderIds>"#,
+            "<t:EventTypes><t:EventType>NewMailEvent</t:EventType></t:EventTypes></m:StreamingSubscriptionRequest></m:Subscribe>"
+        ))).await;
+        let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            cookie.starts_with(&format!("X-BackEndOverrideCookie={}~", ews.backend_of(who))),
+            "{cookie}"
+        );
+        let text = resp.text().await.unwrap();
+        subs.push(between(&text, "<m:SubscriptionId>", "</m:SubscriptionId>").to_owned());
+    }
+    for who in [a, b] {
+        let mail = NewMail {
+            from: "carol@example.com".into(),
+            ..NewMail::default()
+        };
+        ews.inject(who, mail).unwrap();
+    }
+
+    // One stream, acting as the anchor, carries both mailboxes of the server.
+    let cookie = format!("X-BackEndOverrideCookie={first}~1");
+    let affinity = [("X-AnchorMailbox", a), ("Cookie", cookie.as_str())];
+    let both = [subs[0].as_str(), subs[1].as_str()];
+    let held = post_as(
+        &ews,
+        SERVICE,
+        &affinity,
+        impersonating(a, &get_streaming_events(&both)),
+    )
+    .await;
+    assert_eq!(held.status(), 200);
+
+    // The connection counts against the anchor's limit, not the service account's.
+    let again = post_as(
+        &ews,
+        SERVICE,
+        &affinity,
+        impersonating(a, &get_streaming_events(&both[..1])),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(again.contains("ErrorExceededConnectionCount"), "{again}");
+    let other_anchor = post_as(
+        &ews,
+        SERVICE,
+        &[("X-AnchorMailbox", b), ("Cookie", cookie.as_str())],
+        impersonating(b, &get_streaming_events(&both[1..])),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        !other_anchor.contains("ErrorExceededConnectionCount"),
+        "{other_anchor}"
+    );
+
+    let body = held.text().await.unwrap();
+    for sub in both {
+        let note = format!("<t:SubscriptionId>{sub}</t:SubscriptionId><t:NewMailEvent>");
+        assert!(body.contains(&note), "{sub} streamed: {body}");
+    }
+
+    // A subscription living on the other server is not found there.
+    let wrong = post_as(
+        &ews,
+        SERVICE,
+        &affinity,
+        impersonating(a, &get_streaming_events(&[&subs[0], &subs[2]])),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(wrong.contains("ErrorSubscriptionNotFound"), "{wrong}");
+    assert_eq!(
+        between(
+            &wrong,
+            "<m:ErrorSubscriptionIds>",
+            "</m:ErrorSubscriptionIds>"
+        ),
+        format!("<m:SubscriptionId>{}</m:SubscriptionId>", subs[2])
+    );
+
+    // The subscriptions belong to the account that made them.
+    let own = post_as(
+        &ews,
+        (b, "own"),
+        &[],
+        envelope(&get_streaming_events(&both[1..])),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(own.contains("ErrorSubscriptionAccessDenied"), "{own}");
+}
