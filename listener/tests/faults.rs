@@ -488,7 +488,4 @@ async fn a_server_offering_only_negotiate_gets_ntlm_inside_it() {
         .create(&listener, "mbx-1", ALICE, "ProcessFullEmail")
         .await;
     assert_each_delivered_once(&world, ALICE, &[inject(&world, "over Negotiate")]).await;
-    for r in world.ews.request_log() {
-        eprintln!("REQ {} {}", r.operation, r.status);
-    }
 }
