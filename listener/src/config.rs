@@ -68,6 +68,13 @@ pub struct Config {
     )]
     pub ews_auth: EwsAuth,
 
+    /// A JSON file of service accounts, one per Exchange server, holding the
+    /// ApplicationImpersonation role: `[{"url": "https://mail.contoso.com/EWS/Exchange.asmx",
+    /// "user": "CONTOSO\\svc", "password": "…"}]`. Mailboxes Creatio sends without a password
+    /// are served through the account of their server, their streams shared.
+    #[arg(long, env = "EXCHANGE_LISTENER_EWS_SERVICE_ACCOUNTS")]
+    pub ews_service_accounts: Option<std::path::PathBuf>,
+
     /// Lifetime of one streaming connection asked of Exchange, in minutes (1-30).
     #[arg(long, env = "EXCHANGE_LISTENER_STREAM_MINUTES", default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=30))]
     pub stream_minutes: u8,

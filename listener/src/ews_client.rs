@@ -22,12 +22,13 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 use crate::backoff::retry_after;
 use crate::config::EwsAuth;
 use crate::contract::{Credentials, Secret};
+use crate::service_account::{ServiceAccount, ServiceAccounts};
 use crate::store::StoreError;
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
 /// Why an EWS call did not succeed. Displays carry no secrets.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EwsFailure {
     #[error("EWS rejected the credentials (HTTP 401)")]
     Unauthorized,
@@ -248,6 +249,8 @@ pub type ClientFactory = Arc<dyn Fn() -> reqwest::Client + Send + Sync>;
 /// then the one that server names in `ServerVersionInfo`, or the next older, never below
 /// Exchange2010_SP1. The login: NTLM where configured, or where a server's 401 offers NTLM (or
 /// Negotiate) and not Basic.
+/// And the service account, if one is configured for the server, that serves its mailboxes
+/// created without a password.
 #[derive(Clone)]
 pub struct Servers {
     preferred: ServerVersion,
@@ -255,6 +258,7 @@ pub struct Servers {
     auth: EwsAuth,
     ntlm: Arc<Mutex<HashSet<String>>>,
     private_client: ClientFactory,
+    accounts: Arc<ServiceAccounts>,
 }
 
 impl std::fmt::Debug for Servers {
@@ -274,7 +278,19 @@ impl Servers {
             auth,
             ntlm: Arc::default(),
             private_client,
+            accounts: Arc::default(),
         }
+    }
+
+    /// Serves mailboxes created without a password through these accounts.
+    pub fn with_accounts(mut self, accounts: ServiceAccounts) -> Self {
+        self.accounts = Arc::new(accounts);
+        self
+    }
+
+    /// The service account serving the server of `url`, if one is configured.
+    pub fn account_for(&self, url: &str) -> Option<Arc<ServiceAccount>> {
+        self.accounts.for_url(url)
     }
 
     /// Whether mailboxes with a password log in to the server of `url` with NTLM.
@@ -306,7 +322,7 @@ impl Servers {
     }
 
     /// The server an EWS URL names: its scheme and authority.
-    fn server(url: &str) -> String {
+    pub(crate) fn server(url: &str) -> String {
         let scheme_end = url.find("://").map_or(0, |i| i + 3);
         let rest = &url[scheme_end..];
         let end = scheme_end + rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -361,6 +377,8 @@ pub struct EwsClient {
     limits: Limits,
     /// The affinity cookie the last Subscribe set, replayed on the subscription's requests.
     cookie: Mutex<Option<String>>,
+    /// The mailbox a service account acts as (`ExchangeImpersonation`).
+    impersonate: Option<String>,
 }
 
 impl EwsClient {
@@ -371,6 +389,7 @@ impl EwsClient {
         limits: Limits,
     ) -> Result<Self, EwsFailure> {
         let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
+        let mut impersonate = None;
         let auth = match (&creds.access_token, &creds.password) {
             (Some(token), _) => Auth::Bearer(token.clone()),
             (None, Some(password)) => Auth::Basic {
@@ -380,11 +399,21 @@ impl EwsClient {
                     .unwrap_or_else(|| creds.sender_email.clone()),
                 password: password.clone(),
             },
-            (None, None) => {
-                return Err(EwsFailure::Config(
-                    "neither UserPassword nor AccessToken is set".into(),
-                ));
-            }
+            (None, None) => match servers.accounts.for_url(&url) {
+                Some(account) => {
+                    impersonate = Some(creds.sender_email.clone());
+                    Auth::Basic {
+                        user: account.user.clone(),
+                        password: account.password.clone(),
+                    }
+                }
+                None => {
+                    return Err(EwsFailure::Config(format!(
+                        "neither UserPassword nor AccessToken is set, and no service account is configured for {}",
+                        redact_url(&Servers::server(&url))
+                    )));
+                }
+            },
         };
         Ok(EwsClient {
             http,
@@ -395,7 +424,51 @@ impl EwsClient {
             ntlm_http: OnceLock::new(),
             limits,
             cookie: Mutex::new(None),
+            impersonate,
         })
+    }
+
+    /// A service account's client for one shared stream: it acts as the group's `anchor`
+    /// (so the connection counts against the anchor's budget) and carries the group's
+    /// affinity `cookie`.
+    pub fn for_group(
+        http: reqwest::Client,
+        url: &str,
+        account: &ServiceAccount,
+        anchor: &str,
+        cookie: Option<String>,
+        servers: Servers,
+        limits: Limits,
+    ) -> Self {
+        EwsClient {
+            http,
+            url: url.to_owned(),
+            auth: Auth::Basic {
+                user: account.user.clone(),
+                password: account.password.clone(),
+            },
+            anchor: anchor.to_owned(),
+            servers,
+            ntlm_http: OnceLock::new(),
+            limits,
+            cookie: Mutex::new(cookie),
+            impersonate: Some(anchor.to_owned()),
+        }
+    }
+
+    /// The mailbox a service account acts as, when one does.
+    pub fn impersonating(&self) -> Option<&str> {
+        self.impersonate.as_deref()
+    }
+
+    /// The endpoint, whole (it may carry user information: not for logs).
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.url
+    }
+
+    /// What Exchange's last Subscribe answered in its affinity cookie: the mailbox's server.
+    pub fn affinity(&self) -> Option<String> {
+        self.cookie()
     }
 
     /// The endpoint, for logs: without any user information it may carry.
@@ -407,7 +480,7 @@ impl EwsClient {
     fn header(&self) -> RequestHeader {
         RequestHeader {
             version: self.servers.for_server(&self.url),
-            impersonate: None,
+            impersonate: self.impersonate.clone(),
         }
     }
 
@@ -682,8 +755,19 @@ impl EwsClient {
         subscription_id: &str,
         timeout_minutes: u8,
     ) -> Result<EventStream, EwsFailure> {
+        self.open_stream_for(&[subscription_id], timeout_minutes)
+            .await
+    }
+
+    /// Opens one streaming connection for several subscriptions (at most 200, all on one
+    /// mailbox server).
+    pub async fn open_stream_for(
+        &self,
+        subscription_ids: &[&str],
+        timeout_minutes: u8,
+    ) -> Result<EventStream, EwsFailure> {
         let body =
-            ews::request::get_streaming_events(&self.header(), &[subscription_id], timeout_minutes);
+            ews::request::get_streaming_events(&self.header(), subscription_ids, timeout_minutes);
         let resp = self.send(body, true, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();

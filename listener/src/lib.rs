@@ -20,7 +20,9 @@ pub mod metrics;
 pub mod ntlm;
 pub mod reach;
 pub mod server;
+pub mod service_account;
 pub mod store;
+pub mod stream_groups;
 pub mod supervisor;
 pub mod transport;
 pub mod worker;
@@ -182,7 +184,21 @@ pub async fn serve(
     let leases = Arc::new(coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
     let metrics = metrics::Metrics::new();
-    let servers = ews_client::Servers::new(config.ews_version, config.ews_auth, ews_private);
+    let accounts = match &config.ews_service_accounts {
+        Some(path) => {
+            service_account::ServiceAccounts::load(path).map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => service_account::ServiceAccounts::default(),
+    };
+    if !accounts.is_empty() {
+        tracing::info!(
+            servers = accounts.len(),
+            "mailboxes without a password are served through a service account"
+        );
+    }
+    let servers = ews_client::Servers::new(config.ews_version, config.ews_auth, ews_private)
+        .with_accounts(accounts);
+    let groups = stream_groups::StreamGroups::new(ews_http.clone(), servers.clone(), limits);
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
             store: store.clone(),
@@ -193,6 +209,7 @@ pub async fn serve(
                 insecure: config.ews_tls_insecure,
                 servers: servers.clone(),
                 limits,
+                groups,
             }),
             creatio: Arc::new(delivery),
             settings: Arc::new(settings),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::contract::Credentials;
 use crate::delivery::{Delivery, DeliveryError};
 use crate::ews_client::{EventStream, EwsClient, EwsFailure, Limits, Servers};
+use crate::stream_groups::StreamGroups;
 
 /// An answer from Exchange, later.
 pub type Answer<'a, T> = BoxFuture<'a, Result<T, EwsFailure>>;
@@ -75,15 +76,17 @@ pub trait Creatio: Send + Sync + std::fmt::Debug {
     fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()>;
 }
 
-/// EWS over HTTP, one [`EwsClient`] per mailbox.
+/// EWS over HTTP, one [`EwsClient`] per mailbox; a mailbox a service account serves shares
+/// its group's streaming connection.
 #[derive(Debug, Clone)]
 pub struct HttpExchange {
     pub http: reqwest::Client,
     /// Exchange's certificates go unchecked (`--ews-tls-insecure`): said on every connect.
     pub insecure: bool,
-    /// The request version each Exchange server takes.
+    /// The request version each Exchange server takes, and its service account.
     pub servers: Servers,
     pub limits: Limits,
+    pub groups: StreamGroups,
 }
 
 impl Connect for HttpExchange {
@@ -93,12 +96,65 @@ impl Connect for HttpExchange {
                 "Exchange's certificate is not checked for this mailbox (--ews-tls-insecure)"
             );
         }
-        Ok(Box::new(EwsClient::new(
-            self.http.clone(),
-            creds,
-            self.servers.clone(),
-            self.limits,
-        )?))
+        let client = EwsClient::new(self.http.clone(), creds, self.servers.clone(), self.limits)?;
+        if client.impersonating().is_some() {
+            return Ok(Box::new(Grouped {
+                client,
+                groups: self.groups.clone(),
+            }));
+        }
+        Ok(Box::new(client))
+    }
+}
+
+/// A mailbox a service account serves: its own calls, its group's stream.
+struct Grouped {
+    client: EwsClient,
+    groups: StreamGroups,
+}
+
+impl Exchange for Grouped {
+    fn url(&self) -> String {
+        self.client.url()
+    }
+
+    fn subscribe(&self) -> Answer<'_, String> {
+        self.client.subscribe().boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()> {
+        self.client.unsubscribe(subscription_id).boxed()
+    }
+
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>> {
+        self.client.get_items(ids).boxed()
+    }
+
+    fn sync_inbox<'a>(
+        &'a self,
+        sync_state: Option<&'a str>,
+        max_changes: u16,
+    ) -> Answer<'a, ews::SyncPage> {
+        self.client.sync_inbox(sync_state, max_changes).boxed()
+    }
+
+    fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage> {
+        self.client.find_recent_items(offset, max_entries).boxed()
+    }
+
+    fn open_stream<'a>(
+        &'a self,
+        subscription_id: &'a str,
+        timeout_minutes: u8,
+    ) -> Answer<'a, Box<dyn Events>> {
+        async move {
+            let events = self
+                .groups
+                .join(&self.client, subscription_id, timeout_minutes)
+                .await?;
+            Ok(Box::new(events) as Box<dyn Events>)
+        }
+        .boxed()
     }
 }
 

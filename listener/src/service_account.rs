@@ -1,0 +1,154 @@
+//! Service accounts: one account per Exchange server, holding the ApplicationImpersonation
+//! role, that serves the server's mailboxes Creatio sends without a password.
+//!
+//! They come from a JSON file (`--ews-service-accounts`), typically a mounted Kubernetes
+//! Secret:
+//!
+//! ```json
+//! [{"url": "https://mail.contoso.com/EWS/Exchange.asmx", "user": "CONTOSO\\svc-creatio", "password": "…"}]
+//! ```
+//!
+//! An account is matched to a mailbox by the server of its EWS URL (scheme, host and port).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::contract::Secret;
+use crate::ews_client::Servers;
+
+/// One service account. Its password never reaches a log: `Secret` prints as `***`.
+#[derive(Debug, Clone)]
+pub struct ServiceAccount {
+    /// `DOMAIN\user` or a UPN.
+    pub user: String,
+    pub password: Secret,
+}
+
+/// The configured accounts, by server.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceAccounts {
+    by_server: HashMap<String, Arc<ServiceAccount>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    url: String,
+    user: String,
+    password: String,
+}
+
+impl ServiceAccounts {
+    /// Reads the accounts from a JSON file; errors name the entry and the field, never a
+    /// password.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read(path)
+            .map_err(|e| format!("--ews-service-accounts {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("--ews-service-accounts {}: {e}", path.display()))
+    }
+
+    /// Parses the file's JSON: an array of `{"url", "user", "password"}`.
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        // Read as values first: serde's own messages could quote a field's text.
+        let values: Vec<serde_json::Value> = serde_json::from_slice(json).map_err(|e| {
+            format!(
+                "not a JSON array of accounts (line {}, column {})",
+                e.line(),
+                e.column()
+            )
+        })?;
+        let mut by_server = HashMap::new();
+        for (i, value) in values.into_iter().enumerate() {
+            let entry: Entry = serde_json::from_value(value).map_err(|_| {
+                format!(
+                    "account {i}: needs exactly the string fields \"url\", \"user\" and \"password\""
+                )
+            })?;
+            let lower = entry.url.trim().to_ascii_lowercase();
+            if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+                return Err(format!(
+                    "account {i}: \"url\" must be the server's EWS URL (https://…)"
+                ));
+            }
+            if entry.user.trim().is_empty() {
+                return Err(format!("account {i}: \"user\" is empty"));
+            }
+            if entry.password.is_empty() {
+                return Err(format!("account {i}: \"password\" is empty"));
+            }
+            let server = Servers::server(entry.url.trim());
+            let account = ServiceAccount {
+                user: entry.user.trim().to_owned(),
+                password: Secret::new(entry.password),
+            };
+            if by_server.insert(server, Arc::new(account)).is_some() {
+                return Err(format!("account {i}: a second account for the same server"));
+            }
+        }
+        Ok(ServiceAccounts { by_server })
+    }
+
+    /// The account serving the server of `url`, if any.
+    pub fn for_url(&self, url: &str) -> Option<Arc<ServiceAccount>> {
+        self.by_server.get(&Servers::server(url)).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_server.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_server.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_are_found_by_server_and_errors_keep_passwords_out() {
+        let accounts = ServiceAccounts::parse(
+            br#"[{"url": "https://Mail.Contoso.com/EWS/Exchange.asmx", "user": "CONTOSO\\svc", "password": "hunter2"}]"#,
+        )
+        .unwrap();
+        let found = accounts
+            .for_url("https://mail.contoso.com/ews/exchange.asmx")
+            .unwrap();
+        assert_eq!(found.user, "CONTOSO\\svc");
+        assert_eq!(found.password.expose(), "hunter2");
+        assert!(
+            accounts
+                .for_url("https://mail.fabrikam.com/EWS/Exchange.asmx")
+                .is_none()
+        );
+        assert!(
+            accounts
+                .for_url("http://mail.contoso.com/EWS/Exchange.asmx")
+                .is_none()
+        );
+
+        for (bad, says) in [
+            (&br#"{"url": "x"}"#[..], "not a JSON array"),
+            (br#"[{"url": "https://a", "user": "u"}]"#, "account 0: needs"),
+            (
+                br#"[{"url": "https://a", "user": "u", "password": "hunter2", "pw": 1}]"#,
+                "account 0: needs",
+            ),
+            (br#"[{"url": "a.b", "user": "u", "password": "hunter2"}]"#, "\"url\""),
+            (br#"[{"url": "https://a", "user": " ", "password": "hunter2"}]"#, "\"user\""),
+            (br#"[{"url": "https://a", "user": "u", "password": ""}]"#, "\"password\""),
+            (
+                br#"[{"url": "https://a/x", "user": "u", "password": "hunter2"}, {"url": "https://A/y", "user": "v", "password": "hunter2"}]"#,
+                "account 1: a second account",
+            ),
+            (br#"[{"url": "https://a", "user": "u", "password": 7}]"#, "account 0"),
+        ] {
+            let e = ServiceAccounts::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
+}

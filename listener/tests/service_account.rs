@@ -1,0 +1,182 @@
+//! A service account with the ApplicationImpersonation role serves the mailboxes Creatio
+//! sends without a password; their subscriptions share one stream per mailbox server.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{Listener, PATIENCE, World, delivered, eventually, temp_dir};
+use mock_ews::{NewMail, Settings};
+use serde_json::json;
+
+const SERVICE: &str = "svc-creatio@contoso.example";
+
+/// mock-ews with two mailbox servers, a service account holding the role, `count` mailboxes
+/// (each with a password of its own the listener never learns), and the listener given the
+/// account; every mailbox created without a password.
+async fn start(count: usize) -> (World, Listener, Vec<String>) {
+    let world = World::start().await;
+    world.ews.create_mailbox(SERVICE, "svc-secret").unwrap();
+    world.ews.set_settings(Settings {
+        impersonators: vec![SERVICE.into()],
+        backends: Some(2),
+        // Per-mailbox streams would need `count`; grouped ones need one per server at a time,
+        // and one more while a connection Exchange ended is replaced.
+        max_streams_per_user: Some(2),
+        ..Settings::default()
+    });
+    let file = temp_dir("service-accounts").join("accounts.json");
+    let accounts =
+        json!([{ "url": world.ews.ews_url(), "user": SERVICE, "password": "svc-secret" }]);
+    std::fs::write(&file, accounts.to_string()).unwrap();
+    let listener = Listener::spawn(&["--ews-service-accounts", file.to_str().unwrap()]).await;
+    let mailboxes: Vec<String> = (0..count)
+        .map(|i| format!("user{i:02}@contoso.example"))
+        .collect();
+    let creds: Vec<_> = mailboxes
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            world.ews.create_mailbox(m, "their-own").unwrap();
+            let mut c = world.credentials(&format!("mbx-{i}"), m, "", "ProcessFullEmail");
+            let c_obj = c.as_object_mut().unwrap();
+            c_obj.remove("UserPassword");
+            c_obj.remove("UserName");
+            c
+        })
+        .collect();
+    let (status, body) = listener.call("create", json!(creds).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    (world, listener, mailboxes)
+}
+
+/// The mailboxes by the server they live on.
+fn by_server(world: &World, mailboxes: &[String]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut servers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for m in mailboxes {
+        servers
+            .entry(world.ews.backend_of(m))
+            .or_default()
+            .insert(m.clone());
+    }
+    servers
+}
+
+/// Mails each mailbox one message; answers their Message-IDs.
+fn mail_each(world: &World, mailboxes: &[String], subject: &str) -> Vec<String> {
+    mailboxes
+        .iter()
+        .map(|m| {
+            let mail = NewMail {
+                from: "customer@example.com".into(),
+                subject: subject.into(),
+                ..NewMail::default()
+            };
+            world.ews.inject(m, mail).unwrap().message_id
+        })
+        .collect()
+}
+
+async fn assert_delivered_once(world: &World, sent: &[String]) {
+    eventually("every mail at Creatio", PATIENCE, async || {
+        let got = delivered(world);
+        sent.iter().all(|m| got.contains(m)).then_some(())
+    })
+    .await;
+    let got = delivered(world);
+    for m in sent {
+        assert_eq!(got.iter().filter(|g| *g == m).count(), 1, "{m}: {got:?}");
+    }
+}
+
+/// Waits until the listener counts `count` mailboxes streaming.
+async fn all_streaming(listener: &Listener, count: usize) {
+    let line = format!(r#"exchange_listener_mailboxes{{state="Streaming"}} {count}"#);
+    eventually("every mailbox streaming", PATIENCE, async || {
+        let metrics = listener
+            .http
+            .get(format!("{}/metrics", listener.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics.lines().any(|l| l == line).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mailboxes_without_a_password_share_one_stream_per_mailbox_server() {
+    let (world, listener, mailboxes) = start(20).await;
+    all_streaming(&listener, mailboxes.len()).await;
+    let sent = mail_each(&world, &mailboxes, "through the service account");
+    assert_delivered_once(&world, &sent).await;
+
+    let servers = by_server(&world, &mailboxes);
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    let anchors: BTreeSet<&String> = servers.values().filter_map(|s| s.first()).collect();
+    let log = world.ews.request_log();
+    let streamed_as: BTreeSet<&String> = log
+        .iter()
+        .filter(|r| r.operation == "GetStreamingEvents")
+        .map(|r| &r.mailbox)
+        .collect();
+    assert_eq!(
+        streamed_as, anchors,
+        "each server's stream acts as its first mailbox"
+    );
+    assert!(
+        world.ews.stats().open_streams <= 2,
+        "{:?}",
+        world.ews.stats()
+    );
+    for m in &mailboxes {
+        let subscribes = log
+            .iter()
+            .filter(|r| r.operation == "Subscribe" && &r.mailbox == m)
+            .count();
+        assert_eq!(subscribes, 1, "{m} subscribed as itself, once");
+    }
+    let logs = listener.logs().join("\n");
+    assert!(!logs.contains("svc-secret"), "a secret in the logs");
+}
+
+#[tokio::test]
+async fn a_lost_subscription_in_a_shared_stream_touches_only_its_mailbox() {
+    let (world, listener, mailboxes) = start(8).await;
+    all_streaming(&listener, mailboxes.len()).await;
+    let servers = by_server(&world, &mailboxes);
+    // The anchor of a server with company: its stream goes on under another anchor.
+    let group = servers
+        .values()
+        .find(|s| s.len() > 1)
+        .expect("a server with two mailboxes");
+    let lost = group.first().unwrap().clone();
+    let deleted_at = tokio::time::Instant::now();
+    world.ews.delete_mailbox(&lost).unwrap();
+    let lost_id = format!("mbx-{}", mailboxes.iter().position(|m| *m == lost).unwrap());
+    eventually("the deleted mailbox to fail", PATIENCE, async || {
+        (listener.state_of(&lost_id).await == "failed").then_some(())
+    })
+    .await;
+
+    let others: Vec<String> = mailboxes.iter().filter(|m| **m != lost).cloned().collect();
+    let sent = mail_each(&world, &others, "after a neighbour left");
+    assert_delivered_once(&world, &sent).await;
+    let log = world.ews.request_log();
+    for m in &others {
+        let subscribes = log
+            .iter()
+            .filter(|r| r.operation == "Subscribe" && &r.mailbox == m)
+            .count();
+        assert_eq!(subscribes, 1, "{m} kept its subscription");
+        // A mailbox whose stream broke would catch up before streaming again.
+        let syncs = log
+            .iter()
+            .filter(|r| r.operation == "SyncFolderItems" && &r.mailbox == m && r.at > deleted_at)
+            .count();
+        assert_eq!(syncs, 0, "{m} kept streaming without a break");
+    }
+}
