@@ -64,7 +64,21 @@ struct Args {
     /// directory's default); the listener finds out from the first 401.
     #[arg(long, default_value = "basic")]
     ews_auth: String,
+    /// Create the mailboxes without passwords, served by one service account with the
+    /// ApplicationImpersonation role (`--ews-service-accounts`) on shared streams.
+    #[arg(long)]
+    service_account: bool,
+    /// Mailbox servers behind mock-ews, over which the mailboxes are spread.
+    #[arg(long, default_value_t = 4)]
+    ews_servers: u32,
+    /// Streaming connections mock-ews allows per account, as Exchange's
+    /// `HangingConnectionLimit` (10 on Exchange 2016 and 2019).
+    #[arg(long, default_value_t = 10)]
+    ews_streams_per_account: usize,
 }
+
+/// The service account of `--service-account` runs.
+const SERVICE_ACCOUNT: (&str, &str) = ("svc-creatio@bench.test", "svc-pw");
 
 fn unix_now_us() -> u64 {
     SystemTime::now()
@@ -83,6 +97,8 @@ struct Rig {
     ews: Process,
     creatio: Process,
     http: reqwest::Client,
+    /// Mailboxes are created without a password, for the service account.
+    service_account: bool,
 }
 
 impl Rig {
@@ -130,6 +146,19 @@ impl Rig {
         .map(String::from)
         .into();
         listener_args.extend(listener_tls);
+        if args.service_account {
+            let file = dir.join("service-accounts.json");
+            let accounts = json!([{
+                "url": format!("{}/EWS/Exchange.asmx", ews.base),
+                "user": SERVICE_ACCOUNT.0,
+                "password": SERVICE_ACCOUNT.1,
+            }]);
+            std::fs::write(&file, accounts.to_string())?;
+            listener_args.extend([
+                "--ews-service-accounts".to_owned(),
+                file.to_string_lossy().into_owned(),
+            ]);
+        }
         listener_args.extend(args.listener_args.iter().cloned());
         let listener = Process::start(
             "exchange-listener",
@@ -153,27 +182,39 @@ impl Rig {
             .tcp_user_timeout(None)
             .timeout(Duration::from_secs(60))
             .build()?;
-        if args.ews_auth != "basic" {
-            let settings = json!({ "auth": args.ews_auth });
+        let mut settings = json!({
+            "auth": args.ews_auth,
+            "backends": args.ews_servers,
+            "max_streams_per_user": args.ews_streams_per_account,
+        });
+        if args.service_account {
+            settings["impersonators"] = json!([SERVICE_ACCOUNT.0]);
+        }
+        {
             let resp = http
                 .put(format!("{}/_control/settings", ews.base))
                 .json(&settings)
                 .send()
                 .await?;
             if !resp.status().is_success() {
-                bail!(
-                    "mock-ews refused --ews-auth {}: {}",
-                    args.ews_auth,
-                    resp.status()
-                );
+                bail!("mock-ews refused the settings {settings}: {}", resp.status());
             }
         }
-        Ok(Rig {
+        let rig = Rig {
             listener,
             ews,
             creatio,
             http,
-        })
+            service_account: args.service_account,
+        };
+        if args.service_account {
+            rig.post(
+                format!("{}/_control/mailboxes", rig.ews.base),
+                json!({ "email": SERVICE_ACCOUNT.0, "password": SERVICE_ACCOUNT.1 }),
+            )
+            .await?;
+        }
+        Ok(rig)
     }
 
     async fn get(&self, url: String) -> anyhow::Result<Value> {
@@ -209,16 +250,18 @@ impl Rig {
         );
         let timings: Vec<anyhow::Result<f64>> = futures_util::stream::iter(0..n)
             .map(|i| {
-                let body = json!([{
+                let mut body = json!([{
                     "Id": format!("bench-{i}"),
                     "SenderEmailAddress": Self::email(i),
-                    "UserName": Self::email(i),
-                    "UserPassword": "pw",
                     "ServerAddress": ews_url,
                     "UseSSL": false,
                     "BpmEndpoint": endpoint,
                     "SysAdminUnitName": "Supervisor",
                 }]);
+                if !self.service_account {
+                    body[0]["UserName"] = json!(Self::email(i));
+                    body[0]["UserPassword"] = json!("pw");
+                }
                 async move {
                     let sent = Instant::now();
                     self.post(format!("{}/api/listeners/create", self.listener.base), body)
@@ -417,6 +460,9 @@ async fn main() -> anyhow::Result<()> {
     let idle_cpu = idle.cpu_percent_since(&settle_start, args.settle_secs as f64);
     let idle_per_mailbox_kib = idle.rss_kib.saturating_sub(empty.rss_kib) as f64 / n as f64;
     let sockets = rig.listener.sockets()?;
+    let ews_stats = rig.get(format!("{}/_control/stats", rig.ews.base)).await?;
+    let ews_streams = ews_stats["open_streams"].as_u64().unwrap_or(0);
+    println!("mock-ews holds {ews_streams} streaming connections");
     println!(
         "idle: {:.1} MiB resident ({:.1} MiB with no mailbox), {idle_per_mailbox_kib:.1} KiB per mailbox, {idle_cpu:.1}% CPU, {sockets} sockets open",
         mib(idle.rss_kib),
@@ -460,8 +506,10 @@ async fn main() -> anyhow::Result<()> {
         "listener_rss_idle_per_mailbox_kib": idle_per_mailbox_kib,
         "listener_cpu_idle_percent": idle_cpu,
         "listener_sockets_idle": sockets,
+        "ews_streams_idle": ews_streams,
         "ews_tls": args.ews_tls,
         "ews_auth": args.ews_auth,
+        "service_account": args.service_account,
         "rate_per_second": args.rate,
         "duration_secs": args.duration_secs,
         "mail_bytes": args.mail_bytes,
