@@ -379,6 +379,69 @@ pub struct EwsClient {
     cookie: Mutex<Option<String>>,
     /// The mailbox a service account acts as (`ExchangeImpersonation`).
     impersonate: Option<String>,
+    /// That service account.
+    account: Option<Arc<ServiceAccount>>,
+}
+
+/// Connections a service account's NTLM calls share: its mailboxes all log in as one user,
+/// so they may share authenticated connections, where one per mailbox would hold thousands
+/// open. NTLM authenticates a connection in three legs that must stay on it; a lane is one
+/// connection, used by one call at a time, so no other call slips between the legs.
+pub struct Lanes {
+    lanes: Vec<Lane>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+struct Lane {
+    http: reqwest::Client,
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lanes({})", self.lanes.len())
+    }
+}
+
+/// Lanes per service account: below Exchange's default of 27 concurrent calls per account.
+const NTLM_LANES: usize = 16;
+
+/// A lane held for one call.
+struct LaneGuard<'a> {
+    _busy: tokio::sync::MutexGuard<'a, ()>,
+    http: &'a reqwest::Client,
+}
+
+impl Lanes {
+    fn new(count: usize, make: &ClientFactory) -> Self {
+        Lanes {
+            lanes: (0..count)
+                .map(|_| Lane {
+                    http: make(),
+                    busy: tokio::sync::Mutex::new(()),
+                })
+                .collect(),
+            next: Default::default(),
+        }
+    }
+
+    /// A free lane, else the next in turn once it is free.
+    async fn acquire(&self) -> LaneGuard<'_> {
+        for lane in &self.lanes {
+            if let Ok(busy) = lane.busy.try_lock() {
+                return LaneGuard {
+                    _busy: busy,
+                    http: &lane.http,
+                };
+            }
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.lanes.len();
+        let lane = &self.lanes[i];
+        LaneGuard {
+            _busy: lane.busy.lock().await,
+            http: &lane.http,
+        }
+    }
 }
 
 impl EwsClient {
@@ -390,6 +453,7 @@ impl EwsClient {
     ) -> Result<Self, EwsFailure> {
         let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
         let mut impersonate = None;
+        let mut service = None;
         let auth = match (&creds.access_token, &creds.password) {
             (Some(token), _) => Auth::Bearer(token.clone()),
             (None, Some(password)) => Auth::Basic {
@@ -402,10 +466,12 @@ impl EwsClient {
             (None, None) => match servers.accounts.for_url(&url) {
                 Some(account) => {
                     impersonate = Some(creds.sender_email.clone());
-                    Auth::Basic {
+                    let auth = Auth::Basic {
                         user: account.user.clone(),
                         password: account.password.clone(),
-                    }
+                    };
+                    service = Some(account);
+                    auth
                 }
                 None => {
                     return Err(EwsFailure::Config(format!(
@@ -425,6 +491,7 @@ impl EwsClient {
             limits,
             cookie: Mutex::new(None),
             impersonate,
+            account: service,
         })
     }
 
@@ -434,7 +501,7 @@ impl EwsClient {
     pub fn for_group(
         http: reqwest::Client,
         url: &str,
-        account: &ServiceAccount,
+        account: &Arc<ServiceAccount>,
         anchor: &str,
         cookie: Option<String>,
         servers: Servers,
@@ -453,7 +520,20 @@ impl EwsClient {
             limits,
             cookie: Mutex::new(cookie),
             impersonate: Some(anchor.to_owned()),
+            account: Some(account.clone()),
         }
+    }
+
+    /// A service account's shared NTLM connection for one call; `None` for everyone else.
+    async fn lane(&self) -> Option<LaneGuard<'_>> {
+        let account = self.account.as_ref()?;
+        if !self.servers.wants_ntlm(&self.url) {
+            return None;
+        }
+        let lanes = account
+            .lanes
+            .get_or_init(|| Arc::new(Lanes::new(NTLM_LANES, &self.servers.private_client)));
+        Some(lanes.acquire().await)
     }
 
     /// The mailbox a service account acts as, when one does.
@@ -526,10 +606,14 @@ impl EwsClient {
         body: String,
         affinity: bool,
         timeout: Option<Duration>,
+        lane: Option<&reqwest::Client>,
     ) -> Result<reqwest::Response, EwsFailure> {
-        let http = self
-            .ntlm_http
-            .get_or_init(|| (self.servers.private_client)());
+        let http = match lane {
+            Some(http) => http,
+            None => self
+                .ntlm_http
+                .get_or_init(|| (self.servers.private_client)()),
+        };
         let resp = self
             .request(http, body.clone(), affinity, timeout)
             .send()
@@ -575,10 +659,11 @@ impl EwsClient {
         body: String,
         affinity: bool,
         timeout: Option<Duration>,
+        lane: Option<&reqwest::Client>,
     ) -> Result<reqwest::Response, EwsFailure> {
         let resp = match &self.auth {
             Auth::Basic { user, password } if self.servers.wants_ntlm(&self.url) => {
-                self.send_ntlm(user, password, body, affinity, timeout)
+                self.send_ntlm(user, password, body, affinity, timeout, lane)
                     .await?
             }
             Auth::Basic { user, password } => {
@@ -594,7 +679,7 @@ impl EwsClient {
                         .learn_ntlm(&self.url, &crate::ntlm::offered(resp.headers()))
                 {
                     tracing::info!(url = ?self.url(), "Exchange takes NTLM here, not Basic; logging in with NTLM");
-                    self.send_ntlm(user, password, body, affinity, timeout)
+                    self.send_ntlm(user, password, body, affinity, timeout, lane)
                         .await?
                 } else {
                     resp
@@ -642,11 +727,19 @@ impl EwsClient {
     ) -> Result<T, EwsFailure> {
         loop {
             let header = self.header();
+            // Held until the answer is read, so the connection is free for the next call.
+            let lane = self.lane().await;
             let resp = self
-                .send(build(&header), affinity, Some(self.limits.request_timeout))
+                .send(
+                    build(&header),
+                    affinity,
+                    Some(self.limits.request_timeout),
+                    lane.as_ref().map(|l| l.http),
+                )
                 .await?;
             let status = resp.status();
             let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
+            drop(lane);
             match decode_body(status, &bytes, decode) {
                 Err(f) if f.code() == Some("ErrorInvalidServerVersion") => {
                     let said = response::server_version_info(&bytes);
@@ -768,7 +861,7 @@ impl EwsClient {
     ) -> Result<EventStream, EwsFailure> {
         let body =
             ews::request::get_streaming_events(&self.header(), subscription_ids, timeout_minutes);
-        let resp = self.send(body, true, None).await?;
+        let resp = self.send(body, true, None, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
             let bytes = read_capped(resp, self.limits.max_body_bytes).await?;

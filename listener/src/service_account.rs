@@ -11,19 +11,21 @@
 //! An account is matched to a mailbox by the server of its EWS URL (scheme, host and port).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 
 use crate::contract::Secret;
-use crate::ews_client::Servers;
+use crate::ews_client::{Lanes, Servers};
 
 /// One service account. Its password never reaches a log: `Secret` prints as `***`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServiceAccount {
     /// `DOMAIN\user` or a UPN.
     pub user: String,
     pub password: Secret,
+    /// The connections its mailboxes' calls share once it logs in with NTLM.
+    pub(crate) lanes: OnceLock<Arc<Lanes>>,
 }
 
 /// The configured accounts, by server.
@@ -82,6 +84,7 @@ impl ServiceAccounts {
             let account = ServiceAccount {
                 user: entry.user.trim().to_owned(),
                 password: Secret::new(entry.password),
+                lanes: OnceLock::new(),
             };
             if by_server.insert(server, Arc::new(account)).is_some() {
                 return Err(format!("account {i}: a second account for the same server"));

@@ -245,6 +245,9 @@ impl Shared {
         minutes: u8,
         mut members: Vec<Member>,
     ) {
+        // Kept while the anchor stays: an NTLM login holds for the connection, which a
+        // reopened stream reuses.
+        let mut kept: Option<EwsClient> = None;
         loop {
             members.retain(|m| !m.left());
             self.top_up(&key, &mut members);
@@ -253,15 +256,18 @@ impl Shared {
             }
             members.sort_by(|a, b| a.mailbox.cmp(&b.mailbox));
             let anchor = members[0].mailbox.clone();
-            let client = EwsClient::for_group(
-                self.http.clone(),
-                &key.url,
-                &account,
-                &anchor,
-                key.affinity.clone(),
-                self.servers.clone(),
-                self.limits,
-            );
+            let client = match kept.take() {
+                Some(client) if client.impersonating() == Some(anchor.as_str()) => client,
+                _ => EwsClient::for_group(
+                    self.http.clone(),
+                    &key.url,
+                    &account,
+                    &anchor,
+                    key.affinity.clone(),
+                    self.servers.clone(),
+                    self.limits,
+                ),
+            };
             let ids: Vec<&str> = members.iter().map(|m| m.subscription_id.as_str()).collect();
             let limit = self.limits.request_timeout;
             let opened = within(limit, client.open_stream_for(&ids, minutes), || {
@@ -283,6 +289,8 @@ impl Shared {
             if !pump(&mut stream, &mut members).await {
                 return;
             }
+            drop(stream);
+            kept = Some(client);
             if opened_at.elapsed() < SHORT_CONNECTION {
                 tokio::time::sleep(SHORT_CONNECTION).await;
             }

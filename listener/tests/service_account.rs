@@ -13,11 +13,12 @@ const SERVICE: &str = "svc-creatio@contoso.example";
 
 /// mock-ews with two mailbox servers, a service account holding the role, `count` mailboxes
 /// (each with a password of its own the listener never learns), and the listener given the
-/// account; every mailbox created without a password.
-async fn start(count: usize) -> (World, Listener, Vec<String>) {
+/// account; every mailbox created without a password. `auth` as mock-ews's setting.
+async fn start(count: usize, auth: Option<&str>) -> (World, Listener, Vec<String>) {
     let world = World::start().await;
     world.ews.create_mailbox(SERVICE, "svc-secret").unwrap();
     world.ews.set_settings(Settings {
+        auth: auth.map(str::to_owned),
         impersonators: vec![SERVICE.into()],
         backends: Some(2),
         // Per-mailbox streams would need `count`; grouped ones need one per server at a time,
@@ -109,7 +110,7 @@ async fn all_streaming(listener: &Listener, count: usize) {
 
 #[tokio::test]
 async fn mailboxes_without_a_password_share_one_stream_per_mailbox_server() {
-    let (world, listener, mailboxes) = start(20).await;
+    let (world, listener, mailboxes) = start(20, None).await;
     all_streaming(&listener, mailboxes.len()).await;
     let sent = mail_each(&world, &mailboxes, "through the service account");
     assert_delivered_once(&world, &sent).await;
@@ -145,7 +146,7 @@ async fn mailboxes_without_a_password_share_one_stream_per_mailbox_server() {
 
 #[tokio::test]
 async fn a_lost_subscription_in_a_shared_stream_touches_only_its_mailbox() {
-    let (world, listener, mailboxes) = start(8).await;
+    let (world, listener, mailboxes) = start(8, None).await;
     all_streaming(&listener, mailboxes.len()).await;
     let servers = by_server(&world, &mailboxes);
     // The anchor of a server with company: its stream goes on under another anchor.
@@ -179,4 +180,26 @@ async fn a_lost_subscription_in_a_shared_stream_touches_only_its_mailbox() {
             .count();
         assert_eq!(syncs, 0, "{m} kept streaming without a break");
     }
+}
+
+/// Where Basic is off, the account logs in with NTLM: its mailboxes' calls share a few
+/// authenticated connections, where a connection per mailbox would each need a handshake.
+#[tokio::test]
+async fn a_service_account_logging_in_with_ntlm_shares_its_connections() {
+    let count = 30;
+    let (world, listener, mailboxes) = start(count, Some("ntlm")).await;
+    all_streaming(&listener, count).await;
+    let sent = mail_each(&world, &mailboxes, "over shared NTLM connections");
+    assert_delivered_once(&world, &sent).await;
+    // Each authenticated connection cost two 401s (the first request, then the challenge).
+    let challenges = world
+        .ews
+        .request_log()
+        .iter()
+        .filter(|r| r.status == 401)
+        .count();
+    assert!(
+        challenges > 0 && challenges < 2 * count,
+        "{challenges} challenges for {count} mailboxes"
+    );
 }

@@ -197,7 +197,10 @@ impl Rig {
                 .send()
                 .await?;
             if !resp.status().is_success() {
-                bail!("mock-ews refused the settings {settings}: {}", resp.status());
+                bail!(
+                    "mock-ews refused the settings {settings}: {}",
+                    resp.status()
+                );
             }
         }
         let rig = Rig {
