@@ -67,6 +67,8 @@ VALUE_SETS = {
     "serviceMonitor.enabled=true,keda.enabled=true,keda.prometheusServerAddress=http://prom:9090",
     "Redis password and TLS": "env.host=redis,redis.passwordSecret=redis-auth,redis.tls=true,"
     "redis.caSecret=redis-ca",
+    "on-premises Exchange": "env.host=redis,redis.caSecret=redis-ca,exchange.caSecret=ews-ca,"
+    "exchange.serviceAccountsSecret=ews-accounts,exchange.auth=ntlm",
     "the original's command line": "env.host=redis.crm,env.port=6379,env.base=0,"
     "ApiUrl=crm.example.com,ingress.enabled=true,ingress.path=/exchangelistener,apiVersion=apps/v1",
 }
@@ -126,11 +128,27 @@ expect("NOTES names Creatio's ExchangeListenerServiceUri",
        "http://crm.example.com/exchangelistener/api/listeners"
        in notes(render("env.host=redis,ApiUrl=crm.example.com")[1]))
 
+onprem = render("env.host=redis,exchange.caSecret=ews-ca,exchange.serviceAccountsSecret=ews-accounts,"
+                "exchange.auth=ntlm")[0]
+pod = one(onprem, "StatefulSet")["spec"]["template"]["spec"]
+mounts = {m["name"]: m["mountPath"] for m in container(onprem).get("volumeMounts", [])}
+secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", [])}
+expect("exchange.caSecret is mounted and named by --ews-ca-file",
+       secrets.get("ews-ca") == "ews-ca"
+       and env(onprem, "EXCHANGE_LISTENER_EWS_CA_FILE") == mounts.get("ews-ca") + "/ca.crt")
+expect("exchange.serviceAccountsSecret is mounted and named by --ews-service-accounts",
+       secrets.get("service-accounts") == "ews-accounts"
+       and env(onprem, "EXCHANGE_LISTENER_EWS_SERVICE_ACCOUNTS")
+       == mounts.get("service-accounts") + "/accounts.json")
+expect("exchange.auth becomes --ews-auth", env(onprem, "EXCHANGE_LISTENER_EWS_AUTH") == "ntlm")
+expect("no Exchange secrets: no volumes", "volumes" not in one(base, "StatefulSet")["spec"]["template"]["spec"])
+
 # Mistakes are refused, with a message that says what is wrong.
 for label, expression, needle in [
     ("a misspelt value", "env.host=redis,replicaCont=3", "replicaCont"),
     ("a misspelt nested value", "env.host=redis,ingress.pth=/x", "pth"),
     ("two replicas without Redis", "replicaCount=2", "env.host"),
+    ("an unknown Exchange login", "env.host=redis,exchange.auth=kerberos", "/exchange/auth"),
 ]:
     try:
         render(expression)
