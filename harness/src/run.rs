@@ -46,6 +46,9 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// How long the mailboxes may take to stream at the start.
 const START_PATIENCE: Duration = Duration::from_secs(90);
 /// A fixed sealing key for the run's replicas (test credentials only).
+/// The service account of `service_account` runs: mock-ews gives it the impersonation role.
+const SERVICE_ACCOUNT: (&str, &str) = ("svc-creatio@harness.test", "svc-secret");
+
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn unix_now_us() -> u64 {
@@ -86,6 +89,8 @@ struct Shared {
     ews: String,
     creatio: String,
     operation: &'static str,
+    /// Mailboxes are created without a password, for the service account.
+    service_account: bool,
 }
 
 impl Shared {
@@ -111,16 +116,19 @@ impl Shared {
     }
 
     fn creds(&self, m: usize, ews_base: &str, creatio_base: &str) -> Value {
-        json!({
+        let mut creds = json!({
             "Id": format!("mbx-{m}"),
             "SenderEmailAddress": Self::email(m),
-            "UserName": Self::email(m),
-            "UserPassword": self.password(m),
             "ServerAddress": format!("{ews_base}/EWS/Exchange.asmx"),
             "UseSSL": false,
             "BpmEndpoint": format!("{creatio_base}/0/ServiceModel/ExchangeListenerService.svc/{}", self.operation),
             "SysAdminUnitName": "Supervisor",
-        })
+        });
+        if !self.service_account {
+            creds["UserName"] = json!(Self::email(m));
+            creds["UserPassword"] = json!(self.password(m));
+        }
+        creds
     }
 
     /// Asks the running replicas in turn, from `first`, until one answers.
@@ -209,6 +217,8 @@ struct World {
     ews_link: Proxy,
     creatio_link: Proxy,
     redis: Option<Redis>,
+    /// The service accounts file every replica is given, in `service_account` runs.
+    accounts: Option<PathBuf>,
     slots: Vec<Slot>,
     /// Problems found while acting (a replica that would not stop on SIGTERM).
     problems: Vec<Violation>,
@@ -265,6 +275,34 @@ impl World {
             ews: ews.base.clone(),
             creatio: creatio.base.clone(),
             operation: scenario.mailboxes.operation.name(),
+            service_account: scenario.mailboxes.service_account,
+        };
+        let accounts = if scenario.mailboxes.service_account {
+            let file = dir.join("service-accounts.json");
+            let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
+            let (user, password) = SERVICE_ACCOUNT;
+            let entry = json!([{ "url": url, "user": user, "password": password }]);
+            std::fs::write(&file, entry.to_string())?;
+            post_json(
+                &shared.http,
+                &format!("{}/_control/mailboxes", shared.ews),
+                &json!({ "email": user, "password": password }),
+            )
+            .await?;
+            let settings =
+                json!({ "impersonators": [user], "backends": 2, "max_streams_per_user": 10 });
+            let resp = shared
+                .http
+                .put(format!("{}/_control/settings", shared.ews))
+                .json(&settings)
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!("mock-ews refused {settings}: {}", resp.status());
+            }
+            Some(file)
+        } else {
+            None
         };
         let mut world = World {
             scenario: scenario.clone(),
@@ -276,6 +314,7 @@ impl World {
             ews_link,
             creatio_link,
             redis,
+            accounts,
             slots: Vec::new(),
             problems: Vec::new(),
         };
@@ -322,6 +361,10 @@ impl World {
         if let Some(link) = &slot.redis_link {
             args.push(format!("--redis-url=redis://{}/0", link.addr()));
             env.push(("EXCHANGE_LISTENER_SECRET_KEY", SECRET.to_owned()));
+        }
+        if let Some(file) = &self.accounts {
+            args.push("--ews-service-accounts".to_owned());
+            args.push(file.to_string_lossy().into_owned());
         }
         args.extend(self.scenario.replicas.args.iter().cloned());
         // Each start gets its own log, so a restarted replica's first life is kept.

@@ -101,6 +101,11 @@ pub struct Mailboxes {
     /// The callback the mailboxes post to.
     #[serde(default)]
     pub operation: Operation,
+    /// Created without passwords and served through one service account with the
+    /// ApplicationImpersonation role, on shared streams; mock-ews spreads them over two mailbox
+    /// servers and allows an account 10 streams.
+    #[serde(default)]
+    pub service_account: bool,
 }
 
 impl Default for Mailboxes {
@@ -109,6 +114,7 @@ impl Default for Mailboxes {
             count: 3,
             create_via: CreateVia::default(),
             operation: Operation::default(),
+            service_account: false,
         }
     }
 }
