@@ -183,7 +183,6 @@ pub async fn serve(
     let replica = config.replica();
     let leases = Arc::new(coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
-    let metrics = metrics::Metrics::new();
     let accounts = match &config.ews_service_accounts {
         Some(path) => {
             service_account::ServiceAccounts::load(path).map_err(|e| anyhow::anyhow!(e))?
@@ -198,7 +197,13 @@ pub async fn serve(
     }
     let servers = ews_client::Servers::new(config.ews_version, config.ews_auth, ews_private)
         .with_accounts(accounts);
-    let groups = stream_groups::StreamGroups::new(ews_http.clone(), servers.clone(), limits);
+    let metrics = metrics::Metrics::new();
+    let groups = stream_groups::StreamGroups::new(
+        ews_http.clone(),
+        servers.clone(),
+        limits,
+        metrics.shared_streams.clone(),
+    );
     let supervisor = supervisor::Supervisor::new(
         worker::WorkerContext {
             store: store.clone(),

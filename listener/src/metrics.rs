@@ -1,7 +1,7 @@
 //! What `/metrics` says, in Prometheus's text format: the mailboxes this replica serves by
 //! state, the events it received, its fetches and deliveries by outcome and how long a
-//! delivery took, how many announced mails wait for Creatio, the leases it took over, and the
-//! store's errors. One [`Metrics`] per
+//! delivery took, how many announced mails wait for Creatio, the leases it took over, the
+//! store's errors, and the streams service accounts' mailboxes share. One [`Metrics`] per
 //! process, handed to whoever counts.
 
 use prometheus::{
@@ -31,6 +31,8 @@ pub struct Metrics {
     pub leases_taken: IntCounter,
     /// Store calls that failed, by operation.
     pub store_errors: IntCounterVec,
+    /// Streaming connections a service account's mailboxes share, open now.
+    pub shared_streams: IntGauge,
 }
 
 impl Default for Metrics {
@@ -87,6 +89,11 @@ impl Metrics {
                 &["operation"],
             )
             .expect("valid metric"),
+            shared_streams: IntGauge::new(
+                "shared_streams",
+                "Streaming connections service accounts' mailboxes share, open now",
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -98,6 +105,7 @@ impl Metrics {
             Box::new(metrics.pending.clone()),
             Box::new(metrics.leases_taken.clone()),
             Box::new(metrics.store_errors.clone()),
+            Box::new(metrics.shared_streams.clone()),
         ] {
             metrics
                 .registry

@@ -88,6 +88,8 @@ struct Shared {
     servers: Servers,
     limits: Limits,
     forming: Mutex<HashMap<GroupKey, Forming>>,
+    /// Connections open now.
+    open: prometheus::IntGauge,
 }
 
 /// The service accounts' shared streams.
@@ -103,13 +105,20 @@ impl std::fmt::Debug for StreamGroups {
 }
 
 impl StreamGroups {
-    pub fn new(http: reqwest::Client, servers: Servers, limits: Limits) -> Self {
+    /// `open` counts the connections open.
+    pub fn new(
+        http: reqwest::Client,
+        servers: Servers,
+        limits: Limits,
+        open: prometheus::IntGauge,
+    ) -> Self {
         StreamGroups {
             shared: Arc::new(Shared {
                 http,
                 servers,
                 limits,
                 forming: Mutex::default(),
+                open,
             }),
         }
     }
@@ -286,7 +295,10 @@ impl Shared {
             };
             tracing::debug!(members = members.len(), anchor = ?anchor, "shared stream open");
             let opened_at = Instant::now();
-            if !pump(&mut stream, &mut members).await {
+            self.open.inc();
+            let reopen = pump(&mut stream, &mut members).await;
+            self.open.dec();
+            if !reopen {
                 return;
             }
             drop(stream);

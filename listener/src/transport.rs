@@ -48,6 +48,11 @@ pub trait Exchange: Send + Sync {
         subscription_id: &'a str,
         timeout_minutes: u8,
     ) -> Answer<'a, Box<dyn Events>>;
+    /// How much longer than a call `open_stream` may take: a shared stream first waits for
+    /// its group to gather.
+    fn open_allowance(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// An open streaming connection.
@@ -155,6 +160,10 @@ impl Exchange for Grouped {
             Ok(Box::new(events) as Box<dyn Events>)
         }
         .boxed()
+    }
+
+    fn open_allowance(&self) -> Duration {
+        crate::stream_groups::FORM_MAX
     }
 }
 

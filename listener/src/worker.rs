@@ -470,13 +470,14 @@ impl Worker {
     async fn stream_once(&mut self, sub_id: &str) -> Result<StreamEnd, EwsFailure> {
         let settings = self.ctx.settings.clone();
         let head_timeout = settings.limits.request_timeout;
+        let open_timeout = head_timeout + self.exchange.open_allowance();
         let open = within(
-            head_timeout,
+            open_timeout,
             self.exchange
                 .open_stream(sub_id, settings.connection_timeout_minutes),
             || {
                 EwsFailure::Transport(format!(
-                    "no answer to GetStreamingEvents within {head_timeout:?}"
+                    "no answer to GetStreamingEvents within {open_timeout:?}"
                 ))
             },
         );

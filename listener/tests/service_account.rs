@@ -93,7 +93,12 @@ async fn assert_delivered_once(world: &World, sent: &[String]) {
 /// Waits until the listener counts `count` mailboxes streaming.
 async fn all_streaming(listener: &Listener, count: usize) {
     let line = format!(r#"exchange_listener_mailboxes{{state="Streaming"}} {count}"#);
-    eventually("every mailbox streaming", PATIENCE, async || {
+    metric(listener, &line).await;
+}
+
+/// Waits until `/metrics` has this line.
+async fn metric(listener: &Listener, line: &str) {
+    eventually(line, PATIENCE, async || {
         let metrics = listener
             .http
             .get(format!("{}/metrics", listener.base))
@@ -112,6 +117,7 @@ async fn all_streaming(listener: &Listener, count: usize) {
 async fn mailboxes_without_a_password_share_one_stream_per_mailbox_server() {
     let (world, listener, mailboxes) = start(20, None).await;
     all_streaming(&listener, mailboxes.len()).await;
+    metric(&listener, "exchange_listener_shared_streams 2").await;
     let sent = mail_each(&world, &mailboxes, "through the service account");
     assert_delivered_once(&world, &sent).await;
 
@@ -201,5 +207,35 @@ async fn a_service_account_logging_in_with_ntlm_shares_its_connections() {
     assert!(
         challenges > 0 && challenges < 2 * count,
         "{challenges} challenges for {count} mailboxes"
+    );
+}
+
+/// Validate without a password asks whether the account may act as the mailbox.
+#[tokio::test]
+async fn validate_without_a_password_checks_the_account_may_act_as_the_mailbox() {
+    let (world, listener, mailboxes) = start(1, None).await;
+    let validate = async |email: &str| {
+        let mut creds = world.credentials("", email, "", "ProcessFullEmail");
+        let obj = creds.as_object_mut().unwrap();
+        obj.remove("UserPassword");
+        obj.remove("UserName");
+        let (code, body) = listener.call("validate", creds.to_string()).await;
+        assert_eq!(code, 200, "{body}");
+        (
+            body["IsValid"] == true,
+            body["Message"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    assert_eq!(validate(&mailboxes[0]).await, (true, String::new()));
+    let (valid, message) = validate("nobody@contoso.example").await;
+    assert!(
+        !valid && message.contains("ErrorNonExistentMailbox"),
+        "{message}"
+    );
+    world.ews.set_settings(Settings::default());
+    let (valid, message) = validate(&mailboxes[0]).await;
+    assert!(
+        !valid && message.contains("ErrorImpersonateUserDenied"),
+        "{message}"
     );
 }
