@@ -33,6 +33,8 @@ pub struct Report {
     /// Missing mail sent while mailboxes were unserved, where the scenario allows it.
     pub lost_while_unserved: usize,
     pub duplicated: usize,
+    /// Posted again because the answer to an earlier post was cut; Creatio keeps one copy.
+    pub reposted_after_cut_answer: usize,
     pub delivered_after_close: usize,
     pub latency_ms: Option<Percentiles>,
     pub recoveries: Vec<Recovery>,
@@ -68,6 +70,7 @@ impl Report {
             lost: verdict.lost,
             lost_while_unserved: verdict.lost_unserved,
             duplicated: verdict.duplicated,
+            reposted_after_cut_answer: verdict.reposted,
             delivered_after_close: verdict.after_close,
             latency_ms: verdict.latency_ms,
             recoveries: verdict.recoveries.clone(),
@@ -107,6 +110,12 @@ impl Report {
             out += &format!(
                 "  allowed loss    {} mails sent while their mailboxes were unserved\n",
                 self.lost_while_unserved
+            );
+        }
+        if self.reposted_after_cut_answer > 0 {
+            out += &format!(
+                "  re-posted       {} mails whose first post's answer a cut lost (Creatio keeps one by Message-ID)\n",
+                self.reposted_after_cut_answer
             );
         }
         if let Some(p) = &self.latency_ms {

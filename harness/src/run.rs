@@ -823,6 +823,7 @@ pub async fn run(
                     secs,
                     label: step.action.label(),
                     disrupts: step.action.disrupts(),
+                    cuts_answers: step.action.cuts_answers(),
                 });
                 steps.next();
             }

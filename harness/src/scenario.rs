@@ -276,6 +276,21 @@ impl Action {
         }
     }
 
+    /// True for what may cut Creatio's answer to a call it already took: a replica killed
+    /// (it never learns its post got through) or the connections to Creatio reset or held
+    /// and then reset.
+    pub fn cuts_answers(&self) -> bool {
+        matches!(
+            self,
+            Action::Kill { .. }
+                | Action::Link {
+                    to: Link::Creatio,
+                    mode: LinkMode::Reset | LinkMode::Blackhole,
+                    ..
+                }
+        )
+    }
+
     /// A short label for reports and the chart.
     pub fn label(&self) -> String {
         match self {

@@ -63,6 +63,9 @@ pub struct Event {
     pub secs: f64,
     pub label: String,
     pub disrupts: bool,
+    /// It may cut Creatio's answer to a call Creatio already took (a replica killed, or the
+    /// connections to Creatio reset): the mail is then posted again, as it must be.
+    pub cuts_answers: bool,
 }
 
 /// A broken rule, and what broke it.
@@ -101,6 +104,9 @@ pub struct Verdict {
     /// Missing mail sent while its mailboxes were unserved, where that is allowed.
     pub lost_unserved: usize,
     pub duplicated: usize,
+    /// Mail posted again because the answer to an earlier post was cut (Creatio keeps one copy
+    /// by Message-ID); not a violation.
+    pub reposted: usize,
     pub after_close: usize,
     pub latency_ms: Option<Percentiles>,
     /// (seconds after the start the mail was sent, milliseconds until Creatio had it).
@@ -118,6 +124,12 @@ impl Verdict {
 
 /// How long before a disruption a mail may still have been on its way through a replica.
 const IN_FLIGHT_SECS: f64 = 1.0;
+
+/// How long before a cut a copy Creatio took may have been waiting for its answer (the
+/// post's answer, then the outcome's write to the store), and how long after it the cut may
+/// have taken effect.
+const ANSWER_CUT_BEFORE_SECS: f64 = 0.5;
+const ANSWER_CUT_AFTER_SECS: f64 = 0.1;
 
 /// Judges a run. `samples` are in time order; the last one is taken when the run settled.
 pub fn judge(
@@ -146,7 +158,20 @@ pub fn judge(
                 secs >= r.secs - IN_FLIGHT_SECS && secs <= end
             })
     };
+    // Arrivals are on the wall clock; events in seconds after the start.
+    let start_us = sent
+        .first()
+        .map_or(0.0, |s| s.unix_us as f64 - s.secs * 1e6);
+    let answer_cut = |unix_us: u64| {
+        let secs = (unix_us as f64 - start_us) / 1e6;
+        events.iter().any(|e| {
+            e.cuts_answers
+                && secs >= e.secs - ANSWER_CUT_BEFORE_SECS
+                && secs <= e.secs + ANSWER_CUT_AFTER_SECS
+        })
+    };
     let (mut delivered, mut lost, mut duplicated, mut after_close) = (0, 0, 0, 0);
+    let mut reposted = 0;
     let mut lost_unserved = 0;
     let mut latencies = Vec::new();
     for s in sent {
@@ -181,7 +206,15 @@ pub fn judge(
                 delivered += 1;
                 let first = rest.iter().fold(*first, |a, b| a.min(*b));
                 latencies.push((s.secs, first.saturating_sub(s.unix_us) as f64 / 1000.0));
-                if !rest.is_empty() {
+                let mut copies = times.to_vec();
+                copies.sort_unstable();
+                // Every copy but the last came just before a cut: each was posted again
+                // because its answer never came back.
+                let unanswered =
+                    copies.len() > 1 && copies[..copies.len() - 1].iter().all(|&t| answer_cut(t));
+                if unanswered {
+                    reposted += 1;
+                } else if !rest.is_empty() {
                     duplicated += 1;
                     violations.push(Violation {
                         rule: "duplicated",
@@ -261,6 +294,7 @@ pub fn judge(
         lost,
         lost_unserved,
         duplicated,
+        reposted,
         after_close,
         latency_ms: Percentiles::of(&samples_ms),
         latencies,
@@ -376,6 +410,50 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_whose_answer_a_cut_may_have_lost_is_a_repost_and_no_other() {
+        let reset = Event {
+            secs: 10.0,
+            label: "creatio link of all: reset".into(),
+            disrupts: true,
+            cuts_answers: true,
+        };
+        let mended = Event {
+            secs: 12.0,
+            label: "creatio link of all: pass".into(),
+            disrupts: true,
+            cuts_answers: false,
+        };
+        let events = [reset, mended];
+        let mails = [
+            sent("cut", 0, 9.9),
+            sent("early", 1, 8.0),
+            sent("later", 2, 12.0),
+        ];
+        let v = judge(
+            &mails,
+            &[
+                // Taken just before the reset, its answer lost, posted again after.
+                arrival("cut", 9.95),
+                arrival("cut", 12.5),
+                // Taken two seconds before the reset: its answer had long come back.
+                arrival("early", 8.0),
+                arrival("early", 12.6),
+                // Taken twice around a change that cuts nothing.
+                arrival("later", 12.01),
+                arrival("later", 12.02),
+            ],
+            &[settled(13.0)],
+            &events,
+            BOUNDS,
+        );
+        assert_eq!(v.reposted, 1);
+        assert_eq!(v.duplicated, 2);
+        assert_eq!(rules(&v), ["duplicated", "duplicated"]);
+        assert!(v.violations[0].detail.contains("mail early"));
+        assert!(v.violations[1].detail.contains("mail later"));
+    }
+
+    #[test]
     fn mail_after_close_must_not_arrive_and_strangers_are_reported() {
         let mut late = sent("late", 3, 5.0);
         late.after_close = true;
@@ -400,6 +478,7 @@ mod tests {
             secs: 10.0,
             label: "kill -9 r1".into(),
             disrupts: true,
+            cuts_answers: true,
         };
         // The dead replica still holds leases at 10.5 and 11; at 12 one mailbox is not yet
         // streaming; at 13 all is well.
@@ -432,6 +511,7 @@ mod tests {
             secs: 10.0,
             label: "kill -9 r0".into(),
             disrupts: true,
+            cuts_answers: true,
         };
         let samples = [
             settled(9.0),
