@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Listener, PATIENCE, World, assert_each_delivered_once, assert_slow_second_login, eventually,
+    Listener, PATIENCE, World, assert_each_delivered_once, assert_slow_second_login, challenges,
+    eventually,
 };
 use mock_ews::{Config, Fault, FaultKind, NewMail, Settings};
 use serde_json::json;
@@ -447,13 +448,7 @@ async fn where_basic_is_off_the_listener_logs_in_with_ntlm() {
         .await;
     assert_each_delivered_once(&world, ALICE, &[inject(&world, "over NTLM")]).await;
     // The stream and the other calls each took a connection, and each connection a handshake.
-    let challenges = world
-        .ews
-        .request_log()
-        .iter()
-        .filter(|r| r.status == 401)
-        .count();
-    assert!(challenges >= 2, "{:?}", world.ews.request_log());
+    assert!(challenges(&world) >= 2, "{:?}", world.ews.request_log());
 }
 
 /// `--ews-auth ntlm` logs in with NTLM even where Basic is offered too, and a down-level

@@ -5,7 +5,8 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{Listener, PATIENCE, World, delivered, eventually, temp_dir};
+use common::{Listener, PATIENCE, World, challenges, delivered, eventually, temp_dir};
+use mock_ews::RequestRecord;
 use mock_ews::{NewMail, Settings};
 use serde_json::json;
 
@@ -61,6 +62,13 @@ fn by_server(world: &World, mailboxes: &[String]) -> BTreeMap<String, BTreeSet<S
             .insert(m.clone());
     }
     servers
+}
+
+/// The Subscribe calls that acted as `mailbox`.
+fn subscribes(log: &[RequestRecord], mailbox: &str) -> usize {
+    log.iter()
+        .filter(|r| r.operation == "Subscribe" && r.mailbox == mailbox)
+        .count()
 }
 
 /// Mails each mailbox one message; answers their Message-IDs.
@@ -154,11 +162,7 @@ async fn mailboxes_without_a_password_share_one_stream_per_mailbox_server() {
         world.ews.stats()
     );
     for m in &mailboxes {
-        let subscribes = log
-            .iter()
-            .filter(|r| r.operation == "Subscribe" && &r.mailbox == m)
-            .count();
-        assert_eq!(subscribes, 1, "{m} subscribed as itself, once");
+        assert_eq!(subscribes(&log, m), 1, "{m} subscribed as itself, once");
     }
     let logs = listener.logs().join("\n");
     assert!(!logs.contains("svc-secret"), "a secret in the logs");
@@ -188,11 +192,7 @@ async fn a_lost_subscription_in_a_shared_stream_touches_only_its_mailbox() {
     assert_delivered_once(&world, &sent).await;
     let log = world.ews.request_log();
     for m in &others {
-        let subscribes = log
-            .iter()
-            .filter(|r| r.operation == "Subscribe" && &r.mailbox == m)
-            .count();
-        assert_eq!(subscribes, 1, "{m} kept its subscription");
+        assert_eq!(subscribes(&log, m), 1, "{m} kept its subscription");
         // A mailbox whose stream broke would catch up before streaming again.
         let syncs = log
             .iter()
@@ -211,13 +211,7 @@ async fn a_service_account_logging_in_with_ntlm_shares_its_connections() {
     all_streaming(&listener, count).await;
     let sent = mail_each(&world, &mailboxes, "over shared NTLM connections");
     assert_delivered_once(&world, &sent).await;
-    // Each authenticated connection cost two 401s (the first request, then the challenge).
-    let challenges = world
-        .ews
-        .request_log()
-        .iter()
-        .filter(|r| r.status == 401)
-        .count();
+    let challenges = challenges(&world);
     assert!(
         challenges > 0 && challenges < 2 * count,
         "{challenges} challenges for {count} mailboxes"

@@ -239,6 +239,17 @@ impl World {
     }
 }
 
+/// Requests mock-ews answered 401: with NTLM, two for each connection authenticated (the
+/// first request, then the challenge).
+pub fn challenges(world: &World) -> usize {
+    world
+        .ews
+        .request_log()
+        .iter()
+        .filter(|r| r.status == 401)
+        .count()
+}
+
 /// The Message-IDs of every email that reached Creatio through ProcessFullEmail, in order.
 pub fn delivered(world: &World) -> Vec<String> {
     world
