@@ -661,6 +661,11 @@ impl EwsClient {
         timeout: Option<Duration>,
         lane: Option<&reqwest::Client>,
     ) -> Result<reqwest::Response, EwsFailure> {
+        if let Some(account) = &self.account
+            && !account.may_try()
+        {
+            return Err(EwsFailure::Unauthorized);
+        }
         let resp = match &self.auth {
             Auth::Basic { user, password } if self.servers.wants_ntlm(&self.url) => {
                 self.send_ntlm(user, password, body, affinity, timeout, lane)
@@ -701,6 +706,14 @@ impl EwsClient {
             {
                 let v = v.split(';').next().unwrap_or("").trim().to_owned();
                 *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            }
+        }
+        if let Some(account) = &self.account {
+            match resp.status() {
+                StatusCode::UNAUTHORIZED => account.rejected(),
+                // EWS answered: the login passed (a 503 may come before it).
+                StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => account.accepted(),
+                _ => {}
             }
         }
         match resp.status() {

@@ -184,9 +184,13 @@ pub async fn serve(
     let leases = Arc::new(coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
     let accounts = match &config.ews_service_accounts {
-        Some(path) => {
-            service_account::ServiceAccounts::load(path).map_err(|e| anyhow::anyhow!(e))?
-        }
+        Some(path) => service_account::ServiceAccounts::load(path)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .with_retry(
+                config
+                    .failed_retry()
+                    .context("failed-mailbox retry settings")?,
+            ),
         None => service_account::ServiceAccounts::default(),
     };
     if !accounts.is_empty() {

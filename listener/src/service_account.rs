@@ -11,10 +11,13 @@
 //! An account is matched to a mailbox by the server of its EWS URL (scheme, host and port).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use serde::Deserialize;
+use tokio::time::Instant;
 
+use crate::backoff::{Backoff, BackoffPolicy};
 use crate::contract::Secret;
 use crate::ews_client::{Lanes, Servers};
 
@@ -26,6 +29,63 @@ pub struct ServiceAccount {
     pub password: Secret,
     /// The connections its mailboxes' calls share once it logs in with NTLM.
     pub(crate) lanes: OnceLock<Arc<Lanes>>,
+    /// How soon Exchange is asked again after it rejected the password.
+    retry: BackoffPolicy,
+    rejected: Mutex<Option<Rejected>>,
+}
+
+/// Exchange rejected the account's password: until `next_probe` its mailboxes' calls fail
+/// without reaching Exchange.
+#[derive(Debug)]
+struct Rejected {
+    backoff: Backoff,
+    next_probe: Instant,
+}
+
+/// The schedule of probes of a rejected account unless configured (`--failed-retry-*`).
+fn default_retry() -> BackoffPolicy {
+    BackoffPolicy::new(Duration::from_secs(60), Duration::from_secs(1_800))
+        .expect("a valid default")
+}
+
+impl ServiceAccount {
+    /// Whether a request may go to Exchange now. Once Exchange rejected the password, one
+    /// request a while is let through as a probe and the others fail at once: thousands of
+    /// mailboxes retrying one wrong password would lock the account out of the domain.
+    pub(crate) fn may_try(&self) -> bool {
+        let mut rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        match rejected.as_mut() {
+            None => true,
+            Some(r) if Instant::now() >= r.next_probe => {
+                // This caller probes; the next may only after another interval.
+                r.next_probe = Instant::now() + r.backoff.next_delay();
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Exchange rejected the password (HTTP 401 after the login).
+    pub(crate) fn rejected(&self) {
+        let mut rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        if rejected.is_none() {
+            tracing::warn!(user = ?self.user, "Exchange rejected the service account's password; its mailboxes wait, and one call a while probes it");
+            let mut backoff = self.retry.start();
+            let next_probe = Instant::now() + backoff.next_delay();
+            *rejected = Some(Rejected {
+                backoff,
+                next_probe,
+            });
+        }
+    }
+
+    /// Exchange took the password.
+    pub(crate) fn accepted(&self) {
+        let mut rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        if rejected.take().is_some() {
+            tracing::info!(user = ?self.user, "Exchange takes the service account's password again");
+        }
+    }
 }
 
 /// The configured accounts, by server.
@@ -85,12 +145,24 @@ impl ServiceAccounts {
                 user: entry.user.trim().to_owned(),
                 password: Secret::new(entry.password),
                 lanes: OnceLock::new(),
+                retry: default_retry(),
+                rejected: Mutex::new(None),
             };
             if by_server.insert(server, Arc::new(account)).is_some() {
                 return Err(format!("account {i}: a second account for the same server"));
             }
         }
         Ok(ServiceAccounts { by_server })
+    }
+
+    /// Probes a rejected account's password on this schedule.
+    pub fn with_retry(mut self, retry: BackoffPolicy) -> Self {
+        for account in self.by_server.values_mut() {
+            if let Some(account) = Arc::get_mut(account) {
+                account.retry = retry;
+            }
+        }
+        self
     }
 
     /// The account serving the server of `url`, if any.

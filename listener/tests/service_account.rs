@@ -16,6 +16,16 @@ const SERVICE: &str = "svc-creatio@contoso.example";
 /// (each with a password of its own the listener never learns), and the listener given the
 /// account; every mailbox created without a password. `auth` as mock-ews's setting.
 async fn start(count: usize, auth: Option<&str>) -> (World, Listener, Vec<String>) {
+    start_with(count, auth, "svc-secret", &[]).await
+}
+
+/// As [`start`], with the listener given `password` for the account and `extra` flags.
+async fn start_with(
+    count: usize,
+    auth: Option<&str>,
+    password: &str,
+    extra: &[&str],
+) -> (World, Listener, Vec<String>) {
     let world = World::start().await;
     world.ews.create_mailbox(SERVICE, "svc-secret").unwrap();
     world.ews.set_settings(Settings {
@@ -28,10 +38,11 @@ async fn start(count: usize, auth: Option<&str>) -> (World, Listener, Vec<String
         ..Settings::default()
     });
     let file = temp_dir("service-accounts").join("accounts.json");
-    let accounts =
-        json!([{ "url": world.ews.ews_url(), "user": SERVICE, "password": "svc-secret" }]);
+    let accounts = json!([{ "url": world.ews.ews_url(), "user": SERVICE, "password": password }]);
     std::fs::write(&file, accounts.to_string()).unwrap();
-    let listener = Listener::spawn(&["--ews-service-accounts", file.to_str().unwrap()]).await;
+    let mut args = vec!["--ews-service-accounts", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let listener = Listener::spawn(&args).await;
     let mailboxes: Vec<String> = (0..count)
         .map(|i| format!("user{i:02}@contoso.example"))
         .collect();
@@ -246,4 +257,41 @@ async fn validate_without_a_password_checks_the_account_may_act_as_the_mailbox()
         !valid && message.contains("ErrorImpersonateUserDenied"),
         "{message}"
     );
+}
+
+/// A wrong password for the account is not tried by every mailbox: after Exchange rejects it,
+/// one call a while probes it and the rest wait, so the domain does not lock the account out.
+/// Once Exchange takes the password, every mailbox streams.
+#[tokio::test]
+async fn a_rejected_service_account_is_probed_not_retried_by_every_mailbox() {
+    let count = 20;
+    let fast_failed_retry = [
+        "--failed-retry-base-secs",
+        "1",
+        "--failed-retry-max-secs",
+        "2",
+    ];
+    let (world, listener, _) = start_with(count, None, "stale", &fast_failed_retry).await;
+    let ids: Vec<String> = (0..count).map(|i| format!("mbx-{i}")).collect();
+    eventually("every mailbox failed", PATIENCE, async || {
+        let (_, body) = listener
+            .call("subscriptionsState", json!(ids).to_string())
+            .await;
+        ids.iter()
+            .all(|id| body[id]["State"] == "failed")
+            .then_some(())
+    })
+    .await;
+    let first = challenges(&world);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let later = challenges(&world);
+    // Alone, each mailbox would have been refused at least once, and again every 1-2 s.
+    assert!(
+        first <= 5 && later - first <= 4,
+        "{first} rejections, then {} more in 3 s, for {count} mailboxes",
+        later - first
+    );
+
+    world.ews.set_password(SERVICE, "stale").unwrap();
+    all_streaming(&listener, count).await;
 }
