@@ -16,6 +16,8 @@ pub enum FaultKind {
     ServerBusy { back_off_ms: u64 },
     /// HTTP 401, whatever the credentials.
     Unauthorized,
+    /// HTTP 500 SOAP fault with this `ResponseCode` (for example `ErrorNonExistentMailbox`).
+    SoapFault { code: String },
     /// HTTP 503, with `Retry-After` when given.
     Unavailable {
         #[serde(default)]

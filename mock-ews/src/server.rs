@@ -47,7 +47,10 @@ async fn request_faults(world: &World, mailbox: &str, op: &str) -> Option<Respon
     let failing = |k: &FaultKind| {
         matches!(
             k,
-            FaultKind::ServerBusy { .. } | FaultKind::Unauthorized | FaultKind::Unavailable { .. }
+            FaultKind::ServerBusy { .. }
+                | FaultKind::Unauthorized
+                | FaultKind::Unavailable { .. }
+                | FaultKind::SoapFault { .. }
         )
     };
     match world.take_fault(mailbox, op, failing)?.0 {
@@ -63,6 +66,10 @@ async fn request_faults(world: &World, mailbox: &str, op: &str) -> Option<Respon
             world.count_unauthorized();
             Some(unauthorized())
         }
+        FaultKind::SoapFault { code } => Some(xml(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            soap::fault(&soap::esc(&code), "A fault injected into mock-ews.", None),
+        )),
         FaultKind::Unavailable { retry_after_secs } => {
             let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
             if let Some(v) = retry_after_secs.and_then(|s| s.to_string().parse().ok()) {
