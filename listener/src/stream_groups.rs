@@ -287,6 +287,13 @@ impl Shared {
             .await;
             let mut stream = match opened {
                 Ok(stream) => stream,
+                Err(f) if refuses_anchor(&f) && members.len() > 1 => {
+                    // About the mailbox the connection acted as, not the others: it leaves,
+                    // and the group goes on under the next.
+                    tracing::info!(error = %f, anchor = ?anchor, "Exchange refused to act as the shared stream's anchor; the next mailbox anchors it");
+                    members.remove(0).tell(Err(f));
+                    continue;
+                }
                 Err(f) => {
                     tracing::info!(error = %f, members = members.len(), anchor = ?anchor, "shared stream did not open");
                     tell_all(&members, &Err(f));
@@ -308,6 +315,20 @@ impl Shared {
             }
         }
     }
+}
+
+/// Errors a connection gets for the mailbox it acts as: that mailbox is gone, moving, or out
+/// of the account's impersonation scope.
+fn refuses_anchor(f: &EwsFailure) -> bool {
+    matches!(
+        f.code(),
+        Some(
+            "ErrorNonExistentMailbox"
+                | "ErrorMailboxMoveInProgress"
+                | "ErrorImpersonateUserDenied"
+                | "ErrorImpersonationDenied"
+        )
+    )
 }
 
 /// Hands one connection's messages to its members until it ends: true when Exchange ended

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{Listener, PATIENCE, World, challenges, delivered, eventually, temp_dir};
 use mock_ews::RequestRecord;
-use mock_ews::{NewMail, Settings};
+use mock_ews::{Fault, FaultKind, NewMail, Settings};
 use serde_json::json;
 
 const SERVICE: &str = "svc-creatio@contoso.example";
@@ -294,4 +294,50 @@ async fn a_rejected_service_account_is_probed_not_retried_by_every_mailbox() {
 
     world.ews.set_password(SERVICE, "stale").unwrap();
     all_streaming(&listener, count).await;
+}
+
+/// Exchange refusing to act as a shared stream's anchor (its mailbox gone from the directory,
+/// say) fails that mailbox alone: the group streams on under its next mailbox.
+#[tokio::test]
+async fn a_refused_anchor_fails_alone_and_the_next_mailbox_anchors_the_group() {
+    let (world, listener, mailboxes) = start(8, None).await;
+    all_streaming(&listener, mailboxes.len()).await;
+    let servers = by_server(&world, &mailboxes);
+    let group = servers
+        .values()
+        .find(|s| s.len() > 1)
+        .expect("a server with two mailboxes");
+    let anchor = group.first().unwrap().clone();
+    let fault = Fault::once(FaultKind::SoapFault {
+        code: "ErrorNonExistentMailbox".into(),
+    })
+    .for_mailbox(&anchor)
+    .for_operation("GetStreamingEvents")
+    .lasting(std::time::Duration::from_secs(60));
+    world.ews.inject_fault(fault).unwrap();
+    let anchor_id = format!(
+        "mbx-{}",
+        mailboxes.iter().position(|m| *m == anchor).unwrap()
+    );
+    eventually("the refused anchor to fail", PATIENCE, async || {
+        (listener.state_of(&anchor_id).await == "failed").then_some(())
+    })
+    .await;
+
+    let others: Vec<String> = mailboxes
+        .iter()
+        .filter(|m| **m != anchor)
+        .cloned()
+        .collect();
+    let sent = mail_each(&world, &others, "under the next anchor");
+    assert_delivered_once(&world, &sent).await;
+    for (i, m) in mailboxes.iter().enumerate() {
+        if *m != anchor {
+            assert_ne!(
+                listener.state_of(&format!("mbx-{i}")).await,
+                "failed",
+                "{m}"
+            );
+        }
+    }
 }
