@@ -2,191 +2,34 @@
 //!
 //! It sends what the `ews` crate builds, with Basic or bearer auth, `X-AnchorMailbox` on
 //! every request, and the affinity headers and `X-BackEndOverrideCookie` on subscription
-//! requests; it decodes what comes back with the `ews` crate. [`EwsFailure::disposition`] is
-//! the one place that decides whether a failure is retried, needs a new subscription, or is a
-//! configuration problem that fast retries cannot fix.
+//! requests; it decodes what comes back with the `ews` crate. [`EwsFailure::disposition`]
+//! (in `failure`) is the one place that decides whether a failure is retried, needs a new
+//! subscription, or is a configuration problem that fast retries cannot fix; `servers` keeps
+//! what is learned of each Exchange server and its service account.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ews::response::{self, StreamBatch};
-use ews::{
-    DistinguishedFolder, EnvelopeSplitter, EventType, EwsError, ItemShape, RequestHeader,
-    ServerVersion,
-};
+use ews::{DistinguishedFolder, EnvelopeSplitter, EventType, EwsError, ItemShape, RequestHeader};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 
 use crate::backoff::retry_after;
-use crate::config::EwsAuth;
 use crate::contract::{Credentials, Secret};
-use crate::service_account::{ServiceAccount, ServiceAccounts};
-use crate::store::StoreError;
+use crate::service_account::ServiceAccount;
+
+mod failure;
+mod servers;
+
+use failure::transport;
+pub use failure::{Disposition, EwsFailure, ItemFate, item_fate};
+pub use servers::{ClientFactory, Lanes, Servers};
+use servers::{LaneGuard, NTLM_LANES};
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
-
-/// Why an EWS call did not succeed. Displays carry no secrets.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum EwsFailure {
-    #[error("EWS rejected the credentials (HTTP 401)")]
-    Unauthorized,
-    #[error("EWS answered HTTP {status}")]
-    Http {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
-    #[error("EWS unreachable: {0}")]
-    Transport(String),
-    #[error(transparent)]
-    Ews(#[from] EwsError),
-    #[error("no data on the event stream for {0:?}")]
-    Idle(Duration),
-    #[error("EWS answer larger than the {limit}-byte limit")]
-    TooLarge { limit: u64 },
-    #[error("{0}")]
-    Config(String),
-    /// Not Exchange's fault: the listener's own store could not be read or written.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// What to do about a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// Transient: wait (at least `after`, when the server said) and try again.
-    Retry { after: Option<Duration> },
-    /// The subscription is gone: subscribe afresh.
-    Resubscribe,
-    /// Credentials or configuration are wrong: report it and retry only slowly.
-    Fatal,
-}
-
-/// Response codes that mean the subscription no longer exists on the server.
-const SUBSCRIPTION_GONE: [&str; 6] = [
-    "ErrorSubscriptionNotFound",
-    "ErrorInvalidSubscription",
-    "ErrorExpiredSubscription",
-    "ErrorSubscriptionUnsubsribed",
-    "ErrorReadEventsFailed",
-    "ErrorInvalidWatermark",
-];
-
-/// Response codes that retries at full speed cannot fix.
-const CONFIGURATION: [&str; 9] = [
-    "ErrorNonExistentMailbox",
-    "ErrorImpersonateUserDenied",
-    "ErrorImpersonationDenied",
-    "ErrorAccessDenied",
-    "ErrorSubscriptionAccessDenied",
-    "ErrorSubscriptionDelegateAccessNotSupported",
-    "ErrorInvalidServerVersion",
-    "ErrorIncorrectSchemaVersion",
-    "ErrorInvalidSchemaVersionForMailboxVersion",
-];
-
-/// What a per-item error in a GetItem answer means for that item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ItemFate {
-    /// Deleted or moved: there is nothing to deliver.
-    Gone,
-    /// The server could not serve it now: ask again.
-    Retry,
-    /// The server will not serve it: keep it as a dead letter.
-    Dead,
-}
-
-/// Per-item codes that say "not now" rather than "never".
-const TRANSIENT_ITEM: [&str; 9] = [
-    "ErrorServerBusy",
-    "ErrorMailboxStoreUnavailable",
-    "ErrorTimeoutExpired",
-    "ErrorInternalServerTransientError",
-    "ErrorMailboxMoveInProgress",
-    "ErrorConnectionFailed",
-    "ErrorBatchProcessingStopped",
-    "ErrorInsufficientResources",
-    "ErrorADUnavailable",
-];
-
-pub fn item_fate(code: &str) -> ItemFate {
-    if code == "ErrorItemNotFound" {
-        ItemFate::Gone
-    } else if TRANSIENT_ITEM.contains(&code) {
-        ItemFate::Retry
-    } else {
-        ItemFate::Dead
-    }
-}
-
-impl EwsFailure {
-    pub fn disposition(&self) -> Disposition {
-        match self {
-            EwsFailure::Unauthorized | EwsFailure::Config(_) | EwsFailure::TooLarge { .. } => {
-                Disposition::Fatal
-            }
-            EwsFailure::Http { retry_after, .. } => Disposition::Retry {
-                after: *retry_after,
-            },
-            EwsFailure::Transport(_) | EwsFailure::Idle(_) | EwsFailure::Store(_) => {
-                Disposition::Retry { after: None }
-            }
-            EwsFailure::Ews(e) => match e.code() {
-                Some(code) if SUBSCRIPTION_GONE.contains(&code) => Disposition::Resubscribe,
-                Some(code) if CONFIGURATION.contains(&code) => Disposition::Fatal,
-                _ => Disposition::Retry {
-                    after: e.back_off(),
-                },
-            },
-        }
-    }
-
-    /// The EWS response code behind the failure, if any.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            EwsFailure::Ews(e) => e.code(),
-            _ => None,
-        }
-    }
-
-    /// A stable class name for Creatio's `ProcessMailboxState.ExceptionClassName`.
-    pub fn class_name(&self) -> &'static str {
-        match self {
-            EwsFailure::Unauthorized => "EwsUnauthorized",
-            EwsFailure::Http { .. } => "EwsHttpError",
-            EwsFailure::Transport(_) => "EwsUnreachable",
-            EwsFailure::Ews(_) => "EwsError",
-            EwsFailure::Idle(_) => "EwsStreamIdle",
-            EwsFailure::TooLarge { .. } => "EwsAnswerTooLarge",
-            EwsFailure::Config(_) => "EwsConfiguration",
-            EwsFailure::Store(_) => "StoreUnavailable",
-        }
-    }
-}
-
-fn transport(e: reqwest::Error) -> EwsFailure {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    // reqwest says "error sending request"; the cause (a refused certificate, a reset) is in
-    // the chain, and is what an administrator needs to read.
-    let e = e.without_url();
-    let mut why = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !why.contains(&text) {
-            why = format!("{why}: {text}");
-        }
-        source = cause.source();
-    }
-    EwsFailure::Transport(format!("{kind}: {why}"))
-}
 
 /// The EWS endpoint for `ServerAddress`: a full URL as given (with `/EWS/Exchange.asmx` added
 /// when it has no path), or a host, reached over https unless `UseSSL` is false.
@@ -240,130 +83,6 @@ pub struct Limits {
     pub max_body_bytes: u64,
 }
 
-/// Makes an HTTP client with connections of its own, for a mailbox that logs in with NTLM.
-pub type ClientFactory = Arc<dyn Fn() -> reqwest::Client + Send + Sync>;
-
-/// What the listener learned of each Exchange server, shared by every mailbox's client so a
-/// server is asked once. The request version: the configured one until a server refuses it
-/// (`ErrorInvalidServerVersion`, as Exchange 2010 and 2013 do for versions newer than theirs);
-/// then the one that server names in `ServerVersionInfo`, or the next older, never below
-/// Exchange2010_SP1. The login: NTLM where configured, or where a server's 401 offers NTLM (or
-/// Negotiate) and not Basic.
-/// And the service account, if one is configured for the server, that serves its mailboxes
-/// created without a password.
-#[derive(Clone)]
-pub struct Servers {
-    preferred: ServerVersion,
-    learned: Arc<Mutex<HashMap<String, ServerVersion>>>,
-    auth: EwsAuth,
-    ntlm: Arc<Mutex<HashSet<String>>>,
-    private_client: ClientFactory,
-    accounts: Arc<ServiceAccounts>,
-}
-
-impl std::fmt::Debug for Servers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Servers")
-            .field("preferred", &self.preferred)
-            .field("auth", &self.auth)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Servers {
-    pub fn new(preferred: ServerVersion, auth: EwsAuth, private_client: ClientFactory) -> Self {
-        Servers {
-            preferred,
-            learned: Arc::default(),
-            auth,
-            ntlm: Arc::default(),
-            private_client,
-            accounts: Arc::default(),
-        }
-    }
-
-    /// Serves mailboxes created without a password through these accounts.
-    pub fn with_accounts(mut self, accounts: ServiceAccounts) -> Self {
-        self.accounts = Arc::new(accounts);
-        self
-    }
-
-    /// The service account serving the server of `url`, if one is configured.
-    pub fn account_for(&self, url: &str) -> Option<Arc<ServiceAccount>> {
-        self.accounts.for_url(url)
-    }
-
-    /// Whether mailboxes with a password log in to the server of `url` with NTLM.
-    fn wants_ntlm(&self, url: &str) -> bool {
-        match self.auth {
-            EwsAuth::Ntlm => true,
-            EwsAuth::Basic => false,
-            EwsAuth::Auto => self
-                .ntlm
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&Self::server(url)),
-        }
-    }
-
-    /// A 401 from the server of `url` offered these schemes to a Basic login: true (and
-    /// remembered) when the server takes NTLM and not Basic.
-    fn learn_ntlm(&self, url: &str, offered: &[String]) -> bool {
-        let ntlm = offered.iter().any(|s| s == "ntlm" || s == "negotiate");
-        let basic = offered.iter().any(|s| s == "basic");
-        if self.auth != EwsAuth::Auto || !ntlm || basic {
-            return false;
-        }
-        self.ntlm
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(Self::server(url));
-        true
-    }
-
-    /// The server an EWS URL names: its scheme and authority.
-    pub(crate) fn server(url: &str) -> String {
-        let scheme_end = url.find("://").map_or(0, |i| i + 3);
-        let rest = &url[scheme_end..];
-        let end = scheme_end + rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        url[..end].to_ascii_lowercase()
-    }
-
-    /// The version to speak to the server of `url`.
-    pub fn for_server(&self, url: &str) -> ServerVersion {
-        self.learned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&Self::server(url))
-            .copied()
-            .unwrap_or(self.preferred)
-    }
-
-    /// The server of `url` refused `tried`: answers the older version to try next, and
-    /// remembers it; `None` when there is none (the server is older than streaming).
-    pub fn refused(
-        &self,
-        url: &str,
-        tried: ServerVersion,
-        said: Option<ews::ServerVersionInfo>,
-    ) -> Option<ServerVersion> {
-        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
-        let server = Self::server(url);
-        let known = learned.get(&server).copied().unwrap_or(self.preferred);
-        // Another mailbox learned an older one meanwhile: take it.
-        let next = if known < tried {
-            known
-        } else {
-            match said {
-                Some(info) => info.request_version().filter(|v| *v < tried)?,
-                None => tried.older()?,
-            }
-        };
-        learned.insert(server, next);
-        Some(next)
-    }
-}
-
 /// One mailbox's EWS client.
 #[derive(Debug)]
 pub struct EwsClient {
@@ -381,67 +100,6 @@ pub struct EwsClient {
     impersonate: Option<String>,
     /// That service account.
     account: Option<Arc<ServiceAccount>>,
-}
-
-/// Connections a service account's NTLM calls share: its mailboxes all log in as one user,
-/// so they may share authenticated connections, where one per mailbox would hold thousands
-/// open. NTLM authenticates a connection in three legs that must stay on it; a lane is one
-/// connection, used by one call at a time, so no other call slips between the legs.
-pub struct Lanes {
-    lanes: Vec<Lane>,
-    next: std::sync::atomic::AtomicUsize,
-}
-
-struct Lane {
-    http: reqwest::Client,
-    busy: tokio::sync::Mutex<()>,
-}
-
-impl std::fmt::Debug for Lanes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Lanes({})", self.lanes.len())
-    }
-}
-
-/// Lanes per service account: below Exchange's default of 27 concurrent calls per account.
-const NTLM_LANES: usize = 16;
-
-/// A lane held for one call.
-struct LaneGuard<'a> {
-    _busy: tokio::sync::MutexGuard<'a, ()>,
-    http: &'a reqwest::Client,
-}
-
-impl Lanes {
-    fn new(count: usize, make: &ClientFactory) -> Self {
-        Lanes {
-            lanes: (0..count)
-                .map(|_| Lane {
-                    http: make(),
-                    busy: tokio::sync::Mutex::new(()),
-                })
-                .collect(),
-            next: Default::default(),
-        }
-    }
-
-    /// A free lane, else the next in turn once it is free.
-    async fn acquire(&self) -> LaneGuard<'_> {
-        for lane in &self.lanes {
-            if let Ok(busy) = lane.busy.try_lock() {
-                return LaneGuard {
-                    _busy: busy,
-                    http: &lane.http,
-                };
-            }
-        }
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.lanes.len();
-        let lane = &self.lanes[i];
-        LaneGuard {
-            _busy: lane.busy.lock().await,
-            http: &lane.http,
-        }
-    }
 }
 
 impl EwsClient {
@@ -463,7 +121,7 @@ impl EwsClient {
                     .unwrap_or_else(|| creds.sender_email.clone()),
                 password: password.clone(),
             },
-            (None, None) => match servers.accounts.for_url(&url) {
+            (None, None) => match servers.account_for(&url) {
                 Some(account) => {
                     impersonate = Some(creds.sender_email.clone());
                     let auth = Auth::Basic {
@@ -972,70 +630,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_refused_version_steps_down_per_server_and_never_below_streaming() {
-        let shared = reqwest::Client::new();
-        let factory: ClientFactory = Arc::new(move || shared.clone());
-        let versions = Servers::new(
-            ServerVersion::Exchange2013Sp1,
-            EwsAuth::Auto,
-            factory.clone(),
-        );
-        let a = "https://MAIL.contoso.local/EWS/Exchange.asmx";
-        let b = "https://other.contoso.local/EWS/Exchange.asmx";
-        let said = |major, minor, version: &str| {
-            Some(ews::ServerVersionInfo {
-                major,
-                minor,
-                build: 0,
-                version: Some(version.into()),
-            })
-        };
-        // The server names its version: taken, for that server only.
-        assert_eq!(
-            versions.refused(
-                a,
-                ServerVersion::Exchange2013Sp1,
-                said(14, 2, "Exchange2010_SP2")
-            ),
-            Some(ServerVersion::Exchange2010Sp2)
-        );
-        assert_eq!(
-            versions.for_server("https://mail.contoso.local/ews/exchange.asmx"),
-            ServerVersion::Exchange2010Sp2
-        );
-        assert_eq!(versions.for_server(b), ServerVersion::Exchange2013Sp1);
-        // A mailbox that tried the old version after another learned: the learned one.
-        assert_eq!(
-            versions.refused(a, ServerVersion::Exchange2013Sp1, None),
-            Some(ServerVersion::Exchange2010Sp2)
-        );
-        // Nothing said: one step down; at the floor, nothing left to try.
-        assert_eq!(
-            versions.refused(b, ServerVersion::Exchange2013Sp1, None),
-            Some(ServerVersion::Exchange2013)
-        );
-        assert_eq!(
-            versions.refused(
-                a,
-                ServerVersion::Exchange2010Sp2,
-                said(14, 0, "Exchange2010")
-            ),
-            None
-        );
-        let floor = Servers::new(ServerVersion::Exchange2010Sp1, EwsAuth::Auto, factory);
-        assert_eq!(floor.refused(a, ServerVersion::Exchange2010Sp1, None), None);
-        // A server naming a version no older than the one refused is not believed.
-        assert_eq!(
-            floor.refused(
-                b,
-                ServerVersion::Exchange2010Sp1,
-                said(15, 1, "V2017_07_11")
-            ),
-            None
-        );
-    }
-
-    #[test]
     fn url_from_server_address() {
         let url = |a: &str, ssl| ews_url(Some(a), ssl).unwrap();
         assert_eq!(
@@ -1056,50 +650,5 @@ mod tests {
         );
         assert!(ews_url(None, None).is_err());
         assert!(ews_url(Some("  "), None).is_err());
-    }
-
-    #[test]
-    fn dispositions() {
-        let ews = |code: &str| {
-            EwsFailure::Ews(EwsError::Response(ews::ResponseError {
-                code: code.into(),
-                message: String::new(),
-                back_off: None,
-            }))
-        };
-        assert_eq!(EwsFailure::Unauthorized.disposition(), Disposition::Fatal);
-        assert_eq!(
-            ews("ErrorInvalidSubscription").disposition(),
-            Disposition::Resubscribe
-        );
-        assert_eq!(
-            ews("ErrorNonExistentMailbox").disposition(),
-            Disposition::Fatal
-        );
-        assert_eq!(
-            ews("ErrorServerBusy").disposition(),
-            Disposition::Retry { after: None }
-        );
-        let busy = EwsFailure::Ews(EwsError::Fault(ews::Fault {
-            code: "ErrorServerBusy".into(),
-            message: String::new(),
-            back_off: Some(Duration::from_millis(1500)),
-        }));
-        assert_eq!(
-            busy.disposition(),
-            Disposition::Retry {
-                after: Some(Duration::from_millis(1500))
-            }
-        );
-        let unavailable = EwsFailure::Http {
-            status: 503,
-            retry_after: Some(Duration::from_secs(7)),
-        };
-        assert_eq!(
-            unavailable.disposition(),
-            Disposition::Retry {
-                after: Some(Duration::from_secs(7))
-            }
-        );
     }
 }
