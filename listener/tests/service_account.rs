@@ -82,6 +82,29 @@ fn subscribes(log: &[RequestRecord], mailbox: &str) -> usize {
         .count()
 }
 
+/// The anchor of a mailbox server holding at least two of `mailboxes`: its address and its
+/// mailbox id.
+fn anchor_with_company(world: &World, mailboxes: &[String]) -> (String, String) {
+    let servers = by_server(world, mailboxes);
+    let group = servers
+        .values()
+        .find(|s| s.len() > 1)
+        .expect("a server with two mailboxes");
+    let anchor = group.first().unwrap().clone();
+    let id = format!(
+        "mbx-{}",
+        mailboxes.iter().position(|m| *m == anchor).unwrap()
+    );
+    (anchor, id)
+}
+
+async fn until_failed(listener: &Listener, id: &str) {
+    eventually(&format!("{id} to fail"), PATIENCE, async || {
+        (listener.state_of(id).await == "failed").then_some(())
+    })
+    .await;
+}
+
 /// Mails each mailbox one message; answers their Message-IDs.
 fn mail_each(world: &World, mailboxes: &[String], subject: &str) -> Vec<String> {
     mailboxes
@@ -183,20 +206,11 @@ async fn mailboxes_without_a_password_share_one_stream_per_mailbox_server() {
 async fn a_lost_subscription_in_a_shared_stream_touches_only_its_mailbox() {
     let (world, listener, mailboxes) = start(8, None).await;
     all_streaming(&listener, mailboxes.len()).await;
-    let servers = by_server(&world, &mailboxes);
-    // The anchor of a server with company: its stream goes on under another anchor.
-    let group = servers
-        .values()
-        .find(|s| s.len() > 1)
-        .expect("a server with two mailboxes");
-    let lost = group.first().unwrap().clone();
+    // Its stream goes on under another anchor.
+    let (lost, lost_id) = anchor_with_company(&world, &mailboxes);
     let deleted_at = tokio::time::Instant::now();
     world.ews.delete_mailbox(&lost).unwrap();
-    let lost_id = format!("mbx-{}", mailboxes.iter().position(|m| *m == lost).unwrap());
-    eventually("the deleted mailbox to fail", PATIENCE, async || {
-        (listener.state_of(&lost_id).await == "failed").then_some(())
-    })
-    .await;
+    until_failed(&listener, &lost_id).await;
 
     let others: Vec<String> = mailboxes.iter().filter(|m| **m != lost).cloned().collect();
     let sent = mail_each(&world, &others, "after a neighbour left");
@@ -302,12 +316,7 @@ async fn a_rejected_service_account_is_probed_not_retried_by_every_mailbox() {
 async fn a_refused_anchor_fails_alone_and_the_next_mailbox_anchors_the_group() {
     let (world, listener, mailboxes) = start(8, None).await;
     all_streaming(&listener, mailboxes.len()).await;
-    let servers = by_server(&world, &mailboxes);
-    let group = servers
-        .values()
-        .find(|s| s.len() > 1)
-        .expect("a server with two mailboxes");
-    let anchor = group.first().unwrap().clone();
+    let (anchor, anchor_id) = anchor_with_company(&world, &mailboxes);
     let fault = Fault::once(FaultKind::SoapFault {
         code: "ErrorNonExistentMailbox".into(),
     })
@@ -315,14 +324,7 @@ async fn a_refused_anchor_fails_alone_and_the_next_mailbox_anchors_the_group() {
     .for_operation("GetStreamingEvents")
     .lasting(std::time::Duration::from_secs(60));
     world.ews.inject_fault(fault).unwrap();
-    let anchor_id = format!(
-        "mbx-{}",
-        mailboxes.iter().position(|m| *m == anchor).unwrap()
-    );
-    eventually("the refused anchor to fail", PATIENCE, async || {
-        (listener.state_of(&anchor_id).await == "failed").then_some(())
-    })
-    .await;
+    until_failed(&listener, &anchor_id).await;
 
     let others: Vec<String> = mailboxes
         .iter()
