@@ -199,6 +199,9 @@ pub struct Settings {
     /// routed (by that cookie, else by `X-AnchorMailbox`) to another server does not find the
     /// subscriptions of mailboxes living elsewhere (`ErrorSubscriptionNotFound`).
     pub backends: Option<u32>,
+    /// More calls (other than GetStreamingEvents) in flight at once for one account are
+    /// refused with `ErrorExceededConnectionCount`, as Exchange's `EWSMaxConcurrency` (27).
+    pub max_concurrent_calls_per_user: Option<usize>,
 }
 
 #[cfg(test)]

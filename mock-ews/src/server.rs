@@ -314,10 +314,27 @@ async fn handle(
             return (op, acting, xml(StatusCode::INTERNAL_SERVER_ERROR, fault));
         }
     }
+    // A stream is a hanging connection, counted apart; every other call in flight counts
+    // against its account while it is answered.
+    let in_flight = match op.as_str() {
+        "GetStreamingEvents" => None,
+        _ => match app.world.begin_call(&principal) {
+            Some(call) => Some(call),
+            None => {
+                let fault = soap::fault(
+                    "ErrorExceededConnectionCount",
+                    "You have exceeded the available concurrent connections for your account.",
+                    None,
+                );
+                return (op, acting, xml(StatusCode::INTERNAL_SERVER_ERROR, fault));
+            }
+        },
+    };
     let response = match request_faults(&app.world, &acting, &op).await {
         Some(response) => response,
         None => dispatch(app, &principal, &acting, &headers, request.operation),
     };
+    drop(in_flight);
     let response = match &older {
         Some(server) if op != "GetStreamingEvents" => as_version(response, server).await,
         _ => response,

@@ -122,6 +122,21 @@ pub enum ControlError {
     Invalid { field: &'static str, reason: String },
 }
 
+/// One call counted in flight for its account.
+pub(crate) struct CallInFlight {
+    world: Arc<World>,
+    principal: String,
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        let mut inner = self.world.lock();
+        if let Some(n) = inner.calls.get_mut(&self.principal) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// Queued events taken for a stream: subscription id, its mailbox, the events.
 pub(crate) type Drained = (String, String, Vec<QueuedEvent>);
 
@@ -147,6 +162,8 @@ struct Inner {
     subscriptions: HashMap<String, Subscription>,
     /// Open streaming connections by mailbox.
     streams: HashMap<String, usize>,
+    /// Calls being answered, by the account that made them.
+    calls: HashMap<String, usize>,
     faults: Vec<Armed>,
     settings: Settings,
     stats: Stats,
@@ -613,6 +630,26 @@ impl World {
             *n = n.saturating_sub(1);
         }
         inner.stats.open_streams = inner.stats.open_streams.saturating_sub(1);
+    }
+
+    /// Counts a call of `principal` in flight until the guard drops; `None` when the account
+    /// already has as many as it may.
+    pub fn begin_call(self: &Arc<Self>, principal: &str) -> Option<CallInFlight> {
+        let mut inner = self.lock();
+        let k = key(principal);
+        let now = inner.calls.get(&k).copied().unwrap_or(0);
+        if inner
+            .settings
+            .max_concurrent_calls_per_user
+            .is_some_and(|max| now >= max)
+        {
+            return None;
+        }
+        inner.calls.insert(k.clone(), now + 1);
+        Some(CallInFlight {
+            world: self.clone(),
+            principal: k,
+        })
     }
 
     /// Forgets subscriptions, as a server that lost them would.
