@@ -29,6 +29,8 @@ pub struct ServiceAccount {
     pub password: Secret,
     /// The connections its mailboxes' calls share once it logs in with NTLM.
     pub(crate) lanes: OnceLock<Arc<Lanes>>,
+    /// Its calls in flight, at most [`CALLS_AT_ONCE`].
+    pub(crate) calls: tokio::sync::Semaphore,
     /// How soon Exchange is asked again after it rejected the password.
     retry: BackoffPolicy,
     rejected: Mutex<Option<Rejected>>,
@@ -41,6 +43,11 @@ struct Rejected {
     backoff: Backoff,
     next_probe: Instant,
 }
+
+/// Calls one service account has in flight at most, below Exchange's default
+/// `EWSMaxConcurrency` of 27: a burst (a shared stream's members all catching up after it
+/// failed) waits its turn here instead of being refused there.
+pub const CALLS_AT_ONCE: usize = 16;
 
 /// The schedule of probes of a rejected account unless configured (`--failed-retry-*`).
 fn default_retry() -> BackoffPolicy {
@@ -145,6 +152,7 @@ impl ServiceAccounts {
                 user: entry.user.trim().to_owned(),
                 password: Secret::new(entry.password),
                 lanes: OnceLock::new(),
+                calls: tokio::sync::Semaphore::new(CALLS_AT_ONCE),
                 retry: default_retry(),
                 rejected: Mutex::new(None),
             };

@@ -343,3 +343,50 @@ async fn a_refused_anchor_fails_alone_and_the_next_mailbox_anchors_the_group() {
         }
     }
 }
+
+/// A burst of one account's calls (every member of the shared streams catching up at once
+/// after the streams were cut) waits its turn in the listener rather than running into
+/// Exchange's limit on an account's concurrent calls.
+#[tokio::test]
+async fn a_burst_of_the_accounts_calls_waits_its_turn_under_exchanges_limit() {
+    let count = 30;
+    let (world, listener, mailboxes) = start(count, None).await;
+    world.ews.set_settings(Settings {
+        // The listener's own bound is 16.
+        max_concurrent_calls_per_user: Some(16),
+        ..world.ews.settings()
+    });
+    all_streaming(&listener, count).await;
+    let slow_sync = Fault::once(FaultKind::Latency { ms: 300 })
+        .for_operation("SyncFolderItems")
+        .lasting(std::time::Duration::from_secs(10));
+    world.ews.inject_fault(slow_sync).unwrap();
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::CloseMidEnvelope).times(2))
+        .unwrap();
+    eventually(
+        "the cut streams' mailboxes catching up",
+        PATIENCE,
+        async || {
+            let syncs = world
+                .ews
+                .request_log()
+                .iter()
+                .filter(|r| r.operation == "SyncFolderItems")
+                .count();
+            (syncs >= 2 * count).then_some(())
+        },
+    )
+    .await;
+    all_streaming(&listener, count).await;
+    let sent = mail_each(&world, &mailboxes, "after the burst");
+    assert_delivered_once(&world, &sent).await;
+    let refused = world
+        .ews
+        .request_log()
+        .iter()
+        .filter(|r| r.operation == "SyncFolderItems" && r.status == 500)
+        .count();
+    assert_eq!(refused, 0, "calls refused for the account's concurrency");
+}

@@ -26,8 +26,8 @@ mod servers;
 
 use failure::transport;
 pub use failure::{Disposition, EwsFailure, ItemFate, item_fate};
+use servers::LaneGuard;
 pub use servers::{ClientFactory, Lanes, Servers};
-use servers::{LaneGuard, NTLM_LANES};
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
@@ -81,6 +81,12 @@ pub struct Limits {
     /// The largest non-streaming answer read from Exchange (the `ews` crate caps each
     /// streaming envelope).
     pub max_body_bytes: u64,
+}
+
+/// A service account's call under way: held until its answer is read.
+struct Turn<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    lane: Option<LaneGuard<'a>>,
 }
 
 /// One mailbox's EWS client.
@@ -182,16 +188,26 @@ impl EwsClient {
         }
     }
 
-    /// A service account's shared NTLM connection for one call; `None` for everyone else.
-    async fn lane(&self) -> Option<LaneGuard<'_>> {
+    /// A service account's turn for one call: one of the calls it may have in flight, and
+    /// with NTLM one of its shared connections; `None` for everyone else.
+    async fn turn(&self) -> Option<Turn<'_>> {
         let account = self.account.as_ref()?;
-        if !self.servers.wants_ntlm(&self.url) {
-            return None;
-        }
-        let lanes = account
-            .lanes
-            .get_or_init(|| Arc::new(Lanes::new(NTLM_LANES, &self.servers.private_client)));
-        Some(lanes.acquire().await)
+        let permit = account.calls.acquire().await.ok()?;
+        let lane = if self.servers.wants_ntlm(&self.url) {
+            let lanes = account.lanes.get_or_init(|| {
+                Arc::new(Lanes::new(
+                    crate::service_account::CALLS_AT_ONCE,
+                    &self.servers.private_client,
+                ))
+            });
+            Some(lanes.acquire().await)
+        } else {
+            None
+        };
+        Some(Turn {
+            _permit: permit,
+            lane,
+        })
     }
 
     /// The mailbox a service account acts as, when one does.
@@ -399,18 +415,18 @@ impl EwsClient {
         loop {
             let header = self.header();
             // Held until the answer is read, so the connection is free for the next call.
-            let lane = self.lane().await;
+            let turn = self.turn().await;
             let resp = self
                 .send(
                     build(&header),
                     affinity,
                     Some(self.limits.request_timeout),
-                    lane.as_ref().map(|l| l.http),
+                    turn.as_ref().and_then(|t| t.lane.as_ref()).map(|l| l.http),
                 )
                 .await?;
             let status = resp.status();
             let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
-            drop(lane);
+            drop(turn);
             match decode_body(status, &bytes, decode) {
                 Err(f) if f.code() == Some("ErrorInvalidServerVersion") => {
                     let said = response::server_version_info(&bytes);

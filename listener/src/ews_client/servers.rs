@@ -153,9 +153,6 @@ impl std::fmt::Debug for Lanes {
     }
 }
 
-/// Lanes per service account: below Exchange's default of 27 concurrent calls per account.
-pub(super) const NTLM_LANES: usize = 16;
-
 /// A lane held for one call.
 pub(super) struct LaneGuard<'a> {
     _busy: tokio::sync::MutexGuard<'a, ()>,
