@@ -164,11 +164,6 @@ impl StreamGroups {
             )),
         }
     }
-
-    /// Subscriptions waiting for a connection, over all groups.
-    pub fn forming(&self) -> usize {
-        self.shared.lock().values().map(|f| f.members.len()).sum()
-    }
 }
 
 impl Shared {
