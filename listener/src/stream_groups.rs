@@ -14,6 +14,11 @@
 //! with the others. A connection that fails is reported to every member, each of which then
 //! catches up from its sync state and joins again, as after a lost stream of its own.
 //!
+//! Notifications are routed by subscription, whichever connection they come on: a mailbox
+//! that left a connection Exchange keeps open (to catch up after `ErrorMissedNotificationEvents`,
+//! say) leaves its subscription on it until it ends, and what is announced there meanwhile
+//! reaches the mailbox where it joined again, or is held for it until it does.
+//!
 //! New subscriptions gather for a moment before their connection opens ([`FORM_QUIET`],
 //! at most [`FORM_MAX`]): a connection's ids are fixed while it is open, since closing it to
 //! add one could lose events already on the wire. A connection Exchange ends (its
@@ -23,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ews::response::{StreamBatch, SubscriptionError};
+use ews::response::{Notification, StreamBatch, SubscriptionError};
 use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -43,6 +48,11 @@ pub const FORM_MAX: Duration = Duration::from_secs(5);
 
 /// How often a connection looks for members that left.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long notifications for a subscription whose mailbox left its connection are held for
+/// it to join again (it catches up first) before they are dropped: a subscription replaced
+/// in the meantime is caught up on anyway.
+const HOLD_FOR: Duration = Duration::from_secs(600);
 
 /// A connection that lasted less than this before Exchange ended it waits this long before
 /// reopening, so a server that ends every connection at once is not called in a loop.
@@ -76,6 +86,18 @@ impl Member {
     }
 }
 
+/// Where a subscription's notifications go. A connection Exchange keeps open carries the
+/// subscriptions it was opened with until it ends, also those whose mailbox left it (after an
+/// error such as `ErrorMissedNotificationEvents`, to catch up and join again): their
+/// notifications are held until the mailbox is back, never dropped on the floor.
+enum Route {
+    To(mpsc::UnboundedSender<Message>),
+    Held {
+        notifications: Vec<Notification>,
+        since: Instant,
+    },
+}
+
 /// Subscriptions waiting for their connection.
 struct Forming {
     members: Vec<Member>,
@@ -88,6 +110,10 @@ struct Shared {
     servers: Servers,
     limits: Limits,
     forming: Mutex<HashMap<GroupKey, Forming>>,
+    /// By subscription id, over every connection.
+    routes: Mutex<HashMap<String, Route>>,
+    /// When the routes were last swept for mailboxes that left.
+    swept: Mutex<Instant>,
     /// Connections open now.
     open: prometheus::IntGauge,
 }
@@ -118,6 +144,8 @@ impl StreamGroups {
                 servers,
                 limits,
                 forming: Mutex::default(),
+                routes: Mutex::default(),
+                swept: Mutex::new(Instant::now()),
                 open,
             }),
         }
@@ -145,6 +173,7 @@ impl StreamGroups {
             url,
             affinity: client.affinity(),
         };
+        self.shared.route_to(subscription_id, &tx);
         let member = Member {
             subscription_id: subscription_id.to_owned(),
             mailbox: mailbox.to_ascii_lowercase(),
@@ -169,6 +198,88 @@ impl StreamGroups {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Forming>> {
         self.forming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The subscription's notifications go to `tx` from now on; what was held for it first.
+    fn route_to(&self, subscription_id: &str, tx: &mpsc::UnboundedSender<Message>) {
+        let mut routes = self.routes();
+        let old = routes.insert(subscription_id.to_owned(), Route::To(tx.clone()));
+        if let Some(Route::Held { notifications, .. }) = old
+            && !notifications.is_empty()
+        {
+            let _ = tx.send(Ok(Some(StreamBatch {
+                notifications,
+                ..StreamBatch::default()
+            })));
+        }
+    }
+
+    /// Hands a notification to its subscription's mailbox, or holds it while the mailbox is
+    /// away; one for a subscription never routed here is dropped.
+    fn deliver(&self, n: Notification) {
+        let mut routes = self.routes();
+        let Some(route) = routes.get_mut(&n.subscription_id) else {
+            return;
+        };
+        let n = match route {
+            Route::To(tx) if !tx.is_closed() => {
+                match tx.send(Ok(Some(StreamBatch {
+                    notifications: vec![n],
+                    ..StreamBatch::default()
+                }))) {
+                    Ok(()) => return,
+                    // Gone between the check and the send: hold what it did not take.
+                    Err(mpsc::error::SendError(Ok(Some(batch)))) => {
+                        batch.notifications.into_iter().next()
+                    }
+                    Err(_) => None,
+                }
+            }
+            _ => Some(n),
+        };
+        let Some(n) = n else {
+            return;
+        };
+        match route {
+            Route::Held { notifications, .. } => notifications.push(n),
+            Route::To(_) => {
+                *route = Route::Held {
+                    notifications: vec![n],
+                    since: Instant::now(),
+                }
+            }
+        }
+    }
+
+    /// Starts the clock on routes whose mailbox left, and forgets them (with what was held)
+    /// once they were away too long: a connection may still carry their subscription.
+    fn expire_held(&self) {
+        let now = Instant::now();
+        {
+            // Every connection asks; once a second is enough.
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if now.duration_since(*swept) < PRUNE_EVERY {
+                return;
+            }
+            *swept = now;
+        }
+        let mut routes = self.routes();
+        for route in routes.values_mut() {
+            if matches!(route, Route::To(tx) if tx.is_closed()) {
+                *route = Route::Held {
+                    notifications: Vec::new(),
+                    since: now,
+                };
+            }
+        }
+        routes.retain(|_, r| match r {
+            Route::Held { since, .. } => now.duration_since(*since) < HOLD_FOR,
+            Route::To(_) => true,
+        });
     }
 
     fn add(
@@ -298,7 +409,7 @@ impl Shared {
             tracing::debug!(members = members.len(), anchor = ?anchor, "shared stream open");
             let opened_at = Instant::now();
             self.open.inc();
-            let reopen = pump(&mut stream, &mut members).await;
+            let reopen = self.pump(&mut stream, &mut members).await;
             self.open.dec();
             if !reopen {
                 return;
@@ -326,87 +437,83 @@ fn refuses_anchor(f: &EwsFailure) -> bool {
     )
 }
 
-/// Hands one connection's messages to its members until it ends: true when Exchange ended
-/// it and it should reopen, false when it failed (every member was told) or has no member
-/// left.
-async fn pump(stream: &mut EventStream, members: &mut Vec<Member>) -> bool {
-    let mut prune = tokio::time::interval(PRUNE_EVERY);
-    prune.tick().await;
-    loop {
-        let message = tokio::select! {
-            _ = prune.tick() => {
-                members.retain(|m| !m.left());
-                if members.is_empty() {
+impl Shared {
+    /// Hands one connection's messages to its members until it ends: true when Exchange
+    /// ended it and it should reopen, false when it failed (every member was told) or has no
+    /// member left.
+    async fn pump(&self, stream: &mut EventStream, members: &mut Vec<Member>) -> bool {
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.tick().await;
+        loop {
+            let message = tokio::select! {
+                _ = prune.tick() => {
+                    members.retain(|m| !m.left());
+                    self.expire_held();
+                    if members.is_empty() {
+                        return false;
+                    }
+                    continue;
+                }
+                m = stream.next() => m,
+            };
+            let batch = match message {
+                Ok(Some(batch)) => batch,
+                // The body ended without a word: reopen, as after `Closed`.
+                Ok(None) => return true,
+                Err(f) => {
+                    tell_all(members, &Err(f));
                     return false;
                 }
-                continue;
-            }
-            m = stream.next() => m,
-        };
-        let batch = match message {
-            Ok(Some(batch)) => batch,
-            // The body ended without a word: reopen, as after `Closed`.
-            Ok(None) => return true,
-            Err(f) => {
-                tell_all(members, &Err(f));
+            };
+            let closed = batch.closed();
+            if !self.route(batch, members) {
                 return false;
             }
-        };
-        if !route(batch.clone(), members) {
-            return false;
-        }
-        if batch.closed() {
-            return true;
-        }
-    }
-}
-
-/// Hands a message's parts to the members they concern; false when an error concerned them
-/// all (each was told).
-fn route(batch: StreamBatch, members: &mut Vec<Member>) -> bool {
-    if batch.notifications.is_empty() && batch.errors.is_empty() {
-        // A keep-alive, or the connection's first message: every member hears it.
-        if !batch.closed() {
-            tell_all(members, &Ok(Some(StreamBatch::default())));
-        }
-        return true;
-    }
-    for n in batch.notifications {
-        if let Some(m) = members
-            .iter()
-            .find(|m| m.subscription_id == n.subscription_id)
-        {
-            m.tell(Ok(Some(StreamBatch {
-                notifications: vec![n],
-                ..StreamBatch::default()
-            })));
-        }
-    }
-    for err in batch.errors {
-        if err.subscription_ids.is_empty() {
-            tell_all(
-                members,
-                &Ok(Some(StreamBatch {
-                    errors: vec![err],
-                    ..StreamBatch::default()
-                })),
-            );
-            return false;
-        }
-        for id in &err.subscription_ids {
-            if let Some(i) = members.iter().position(|m| &m.subscription_id == id) {
-                let m = members.remove(i);
-                m.tell(Ok(Some(StreamBatch {
-                    errors: vec![SubscriptionError {
-                        error: err.error.clone(),
-                        subscription_ids: vec![id.clone()],
-                    }],
-                    ..StreamBatch::default()
-                })));
+            if closed {
+                return true;
             }
         }
     }
-    true
+
+    /// Hands a message's parts to the mailboxes they concern; false when an error concerned
+    /// every member of the connection (each was told).
+    fn route(&self, batch: StreamBatch, members: &mut Vec<Member>) -> bool {
+        if batch.notifications.is_empty() && batch.errors.is_empty() {
+            // A keep-alive, or the connection's first message: every member hears it.
+            if !batch.closed() {
+                tell_all(members, &Ok(Some(StreamBatch::default())));
+            }
+            return true;
+        }
+        for n in batch.notifications {
+            self.deliver(n);
+        }
+        for err in batch.errors {
+            if err.subscription_ids.is_empty() {
+                tell_all(
+                    members,
+                    &Ok(Some(StreamBatch {
+                        errors: vec![err],
+                        ..StreamBatch::default()
+                    })),
+                );
+                return false;
+            }
+            for id in &err.subscription_ids {
+                if let Some(i) = members.iter().position(|m| &m.subscription_id == id) {
+                    let m = members.remove(i);
+                    m.tell(Ok(Some(StreamBatch {
+                        errors: vec![SubscriptionError {
+                            error: err.error.clone(),
+                            subscription_ids: vec![id.clone()],
+                        }],
+                        ..StreamBatch::default()
+                    })));
+                }
+            }
+        }
+        true
+    }
 }
 
 fn tell_all(members: &[Member], message: &Message) {
@@ -432,5 +539,62 @@ impl Events for GroupEvents {
             self.rx.recv().await.unwrap_or(Ok(None))
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EwsAuth;
+
+    fn groups() -> StreamGroups {
+        let http = reqwest::Client::new();
+        let factory: crate::ews_client::ClientFactory = Arc::new(move || http.clone());
+        StreamGroups::new(
+            reqwest::Client::new(),
+            Servers::new(ews::ServerVersion::Exchange2013Sp1, EwsAuth::Auto, factory),
+            Limits {
+                request_timeout: Duration::from_secs(1),
+                max_body_bytes: 1024,
+            },
+            prometheus::IntGauge::new("open", "open").unwrap(),
+        )
+    }
+
+    fn note(sub: &str) -> Notification {
+        Notification {
+            subscription_id: sub.into(),
+            events: Vec::new(),
+        }
+    }
+
+    fn received(rx: &mut mpsc::UnboundedReceiver<Message>) -> Vec<String> {
+        let mut subs = Vec::new();
+        while let Ok(Ok(Some(batch))) = rx.try_recv() {
+            subs.extend(batch.notifications.into_iter().map(|n| n.subscription_id));
+        }
+        subs
+    }
+
+    #[test]
+    fn notifications_for_a_mailbox_away_are_held_until_it_is_back() {
+        let shared = groups().shared;
+        let (first, mut here) = mpsc::unbounded_channel();
+        shared.route_to("s1", &first);
+        shared.deliver(note("s1"));
+        assert_eq!(received(&mut here), ["s1"]);
+
+        // The mailbox left to catch up: what its connection still announces waits for it.
+        drop(here);
+        shared.deliver(note("s1"));
+        shared.deliver(note("s1"));
+        // Nobody ever routed this one: dropped, and nothing breaks.
+        shared.deliver(note("s2"));
+
+        let (again, mut back) = mpsc::unbounded_channel();
+        shared.route_to("s1", &again);
+        assert_eq!(received(&mut back), ["s1", "s1"]);
+        shared.deliver(note("s1"));
+        assert_eq!(received(&mut back), ["s1"]);
     }
 }

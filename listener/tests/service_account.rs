@@ -16,17 +16,18 @@ const SERVICE: &str = "svc-creatio@contoso.example";
 /// (each with a password of its own the listener never learns), and the listener given the
 /// account; every mailbox created without a password. `auth` as mock-ews's setting.
 async fn start(count: usize, auth: Option<&str>) -> (World, Listener, Vec<String>) {
-    start_with(count, auth, "svc-secret", &[]).await
+    start_with(count, auth, "svc-secret", &[], World::start().await).await
 }
 
-/// As [`start`], with the listener given `password` for the account and `extra` flags.
+/// As [`start`], with the listener given `password` for the account and `extra` flags, in
+/// `world`.
 async fn start_with(
     count: usize,
     auth: Option<&str>,
     password: &str,
     extra: &[&str],
+    world: World,
 ) -> (World, Listener, Vec<String>) {
-    let world = World::start().await;
     world.ews.create_mailbox(SERVICE, "svc-secret").unwrap();
     world.ews.set_settings(Settings {
         auth: auth.map(str::to_owned),
@@ -285,7 +286,14 @@ async fn a_rejected_service_account_is_probed_not_retried_by_every_mailbox() {
         "--failed-retry-max-secs",
         "2",
     ];
-    let (world, listener, _) = start_with(count, None, "stale", &fast_failed_retry).await;
+    let (world, listener, _) = start_with(
+        count,
+        None,
+        "stale",
+        &fast_failed_retry,
+        World::start().await,
+    )
+    .await;
     let ids: Vec<String> = (0..count).map(|i| format!("mbx-{i}")).collect();
     eventually("every mailbox failed", PATIENCE, async || {
         let (_, body) = listener
@@ -389,4 +397,41 @@ async fn a_burst_of_the_accounts_calls_waits_its_turn_under_exchanges_limit() {
         .filter(|r| r.operation == "SyncFolderItems" && r.status == 500)
         .count();
     assert_eq!(refused, 0, "calls refused for the account's concurrency");
+}
+
+/// A subscription that left its shared stream (to catch up after Exchange missed events for
+/// it) still rides on that connection until the connection ends: mail announced there while
+/// its mailbox is away is held for it, not dropped.
+#[tokio::test]
+async fn mail_announced_while_a_mailbox_rejoins_its_group_is_not_lost() {
+    // Streams Exchange does not end, so the left subscription stays on its connection.
+    let world = World::start_with(mock_ews::Config {
+        keepalive: std::time::Duration::from_secs(1),
+        max_connection_time: None,
+    })
+    .await;
+    let (world, listener, mailboxes) = start_with(8, None, "svc-secret", &[], world).await;
+    all_streaming(&listener, mailboxes.len()).await;
+    // A mailbox whose connection carries others too, so it stays open when this one leaves.
+    let (away, _) = anchor_with_company(&world, &mailboxes);
+    let away = &away;
+    let missed_at = tokio::time::Instant::now();
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::MissedNotificationEvents))
+        .unwrap();
+    let mut sent = mail_each(&world, std::slice::from_ref(away), "missed");
+    // It catches up, then waits for its group to gather: mail now is announced on the
+    // connection it left.
+    eventually("the mailbox catching up", PATIENCE, async || {
+        world
+            .ews
+            .request_log()
+            .iter()
+            .any(|r| r.operation == "SyncFolderItems" && &r.mailbox == away && r.at > missed_at)
+            .then_some(())
+    })
+    .await;
+    sent.extend(mail_each(&world, std::slice::from_ref(away), "while away"));
+    assert_delivered_once(&world, &sent).await;
 }
