@@ -27,6 +27,17 @@ pub async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> anyho
     Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// PUTs `body` to `url`; a failure status is an error carrying the answer's text.
+pub async fn put_json(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<()> {
+    let resp = http.put(url).json(body).send().await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        bail!("PUT {url} {body}: {status} {text}");
+    }
+    Ok(())
+}
+
 /// How many ProcessFullEmail calls mock-creatio at `base` recorded (without their bodies).
 pub async fn full_emails_delivered(http: &reqwest::Client, base: &str) -> anyhow::Result<u64> {
     let stats = get_json(http, &format!("{base}/_control/stats")).await?;

@@ -14,7 +14,8 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::http::{get_json, post_json};
+use crate::http::{get_json, post_json, put_json};
+use crate::mocks;
 use crate::process::{Binaries, Process};
 use crate::proxy::{ForwardProxy, Proxy};
 use crate::redis::{Choice, Redis};
@@ -46,9 +47,6 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// How long the mailboxes may take to stream at the start.
 const START_PATIENCE: Duration = Duration::from_secs(90);
 /// A fixed sealing key for the run's replicas (test credentials only).
-/// The service account of `service_account` runs: mock-ews gives it the impersonation role.
-const SERVICE_ACCOUNT: (&str, &str) = ("svc-creatio@harness.test", "svc-secret");
-
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn unix_now_us() -> u64 {
@@ -232,23 +230,7 @@ impl World {
     ) -> anyhow::Result<World> {
         let dir = options.out.join(&scenario.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let local = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
-        let ews = Process::start(
-            "mock-ews",
-            &bins.ews,
-            &local,
-            &[],
-            &dir.join("mock-ews.log"),
-        )
-        .await?;
-        let creatio = Process::start(
-            "mock-creatio",
-            &bins.creatio,
-            &local,
-            &[],
-            &dir.join("mock-creatio.log"),
-        )
-        .await?;
+        let (ews, creatio) = mocks::start(bins, &dir, &[], &[]).await?;
         let addr_of = |base: &str| -> anyhow::Result<std::net::SocketAddr> {
             base.trim_start_matches("http://")
                 .parse()
@@ -278,28 +260,19 @@ impl World {
             service_account: scenario.mailboxes.service_account,
         };
         let accounts = if scenario.mailboxes.service_account {
-            let file = dir.join("service-accounts.json");
             let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
-            let (user, password) = SERVICE_ACCOUNT;
-            let entry = json!([{ "url": url, "user": user, "password": password }]);
-            std::fs::write(&file, entry.to_string())?;
-            post_json(
+            let file = mocks::service_account(&shared.http, &shared.ews, &url, &dir).await?;
+            let settings = json!({
+                "impersonators": [mocks::SERVICE_ACCOUNT.0],
+                "backends": 2,
+                "max_streams_per_user": 10,
+            });
+            put_json(
                 &shared.http,
-                &format!("{}/_control/mailboxes", shared.ews),
-                &json!({ "email": user, "password": password }),
+                &format!("{}/_control/settings", shared.ews),
+                &settings,
             )
             .await?;
-            let settings =
-                json!({ "impersonators": [user], "backends": 2, "max_streams_per_user": 10 });
-            let resp = shared
-                .http
-                .put(format!("{}/_control/settings", shared.ews))
-                .json(&settings)
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                bail!("mock-ews refused {settings}: {}", resp.status());
-            }
             Some(file)
         } else {
             None

@@ -72,23 +72,7 @@ async fn demo(
     }
     let bins = Binaries::release()?;
     let dir = run_dir("demo")?;
-    let local = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
-    let ews = Process::start(
-        "mock-ews",
-        &bins.ews,
-        &local,
-        &[],
-        &dir.join("mock-ews.log"),
-    )
-    .await?;
-    let creatio = Process::start(
-        "mock-creatio",
-        &bins.creatio,
-        &local,
-        &[],
-        &dir.join("mock-creatio.log"),
-    )
-    .await?;
+    let (ews, creatio) = harness::mocks::start(&bins, &dir, &[], &[]).await?;
     // A process rather than a container: the demo's Redis is for poking at with redis-cli.
     let redis = if replicas > 1 {
         Some(Redis::start(&Choice::Process, &dir).await?)
@@ -98,7 +82,7 @@ async fn demo(
     let redis_url = redis.as_ref().map(|r| format!("redis://{}/0", r.addr()));
     let mut listeners = Vec::new();
     for i in 0..replicas {
-        let mut args = local.to_vec();
+        let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
         let mut env = Vec::new();
         if let Some(url) = &redis_url {
             args.extend(["--redis-url".into(), url.clone()]);

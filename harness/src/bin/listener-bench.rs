@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::StreamExt as _;
-use harness::http::{full_emails_delivered, get_json, post_json};
+use harness::http::{full_emails_delivered, get_json, post_json, put_json};
+use harness::mocks;
 use harness::process::{Binaries, Process, Usage, run_dir};
 use harness::stats::Percentiles;
 use serde_json::{Value, json};
@@ -77,9 +78,6 @@ struct Args {
     ews_streams_per_account: usize,
 }
 
-/// The service account of `--service-account` runs.
-const SERVICE_ACCOUNT: (&str, &str) = ("svc-creatio@bench.test", "svc-pw");
-
 fn unix_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -105,12 +103,8 @@ impl Rig {
     async fn start(args: &Args) -> anyhow::Result<Rig> {
         let bins = Binaries::release()?;
         let dir = run_dir("listener-bench")?;
-        let mut ews_args: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--keepalive-secs".into(),
-            args.keepalive_secs.to_string(),
-        ];
+        let mut ews_args: Vec<String> =
+            vec!["--keepalive-secs".into(), args.keepalive_secs.to_string()];
         let mut http = reqwest::Client::builder();
         let mut listener_tls = Vec::new();
         if args.ews_tls {
@@ -121,22 +115,17 @@ impl Rig {
             listener_tls = vec!["--ews-ca-file".to_owned(), file("ca.crt")];
             http = http.tls_certs_merge([reqwest::Certificate::from_pem(&ca)?]);
         }
-        let ews = Process::start(
-            "mock-ews",
-            &bins.ews,
-            &ews_args,
-            &[("RUST_LOG", "warn,mock_ews=info".into())],
-            &dir.join("mock-ews.log"),
-        )
-        .await?;
-        let creatio = Process::start(
-            "mock-creatio",
-            &bins.creatio,
-            &["--listen".into(), "127.0.0.1:0".into()],
-            &[("RUST_LOG", "warn,mock_creatio=info".into())],
-            &dir.join("mock-creatio.log"),
-        )
-        .await?;
+        let log = [(
+            "RUST_LOG",
+            "warn,mock_ews=info,mock_creatio=info".to_owned(),
+        )];
+        let (ews, creatio) = mocks::start(&bins, &dir, &ews_args, &log).await?;
+        // No TCP_USER_TIMEOUT: reqwest's default cuts connections idle between calls.
+        let http = http
+            .pool_max_idle_per_host(256)
+            .tcp_user_timeout(None)
+            .timeout(Duration::from_secs(60))
+            .build()?;
         let mut listener_args: Vec<String> = [
             "--listen",
             "127.0.0.1:0",
@@ -147,13 +136,8 @@ impl Rig {
         .into();
         listener_args.extend(listener_tls);
         if args.service_account {
-            let file = dir.join("service-accounts.json");
-            let accounts = json!([{
-                "url": format!("{}/EWS/Exchange.asmx", ews.base),
-                "user": SERVICE_ACCOUNT.0,
-                "password": SERVICE_ACCOUNT.1,
-            }]);
-            std::fs::write(&file, accounts.to_string())?;
+            let url = format!("{}/EWS/Exchange.asmx", ews.base);
+            let file = mocks::service_account(&http, &ews.base, &url, &dir).await?;
             listener_args.extend([
                 "--ews-service-accounts".to_owned(),
                 file.to_string_lossy().into_owned(),
@@ -176,48 +160,22 @@ impl Rig {
             creatio.base,
             dir.display()
         );
-        // No TCP_USER_TIMEOUT: reqwest's default cuts connections idle between calls.
-        let http = http
-            .pool_max_idle_per_host(256)
-            .tcp_user_timeout(None)
-            .timeout(Duration::from_secs(60))
-            .build()?;
         let mut settings = json!({
             "auth": args.ews_auth,
             "backends": args.ews_servers,
             "max_streams_per_user": args.ews_streams_per_account,
         });
         if args.service_account {
-            settings["impersonators"] = json!([SERVICE_ACCOUNT.0]);
+            settings["impersonators"] = json!([mocks::SERVICE_ACCOUNT.0]);
         }
-        {
-            let resp = http
-                .put(format!("{}/_control/settings", ews.base))
-                .json(&settings)
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                bail!(
-                    "mock-ews refused the settings {settings}: {}",
-                    resp.status()
-                );
-            }
-        }
-        let rig = Rig {
+        put_json(&http, &format!("{}/_control/settings", ews.base), &settings).await?;
+        Ok(Rig {
             listener,
             ews,
             creatio,
             http,
             service_account: args.service_account,
-        };
-        if args.service_account {
-            rig.post(
-                format!("{}/_control/mailboxes", rig.ews.base),
-                json!({ "email": SERVICE_ACCOUNT.0, "password": SERVICE_ACCOUNT.1 }),
-            )
-            .await?;
-        }
-        Ok(rig)
+        })
     }
 
     async fn get(&self, url: String) -> anyhow::Result<Value> {
