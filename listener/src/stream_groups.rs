@@ -160,10 +160,8 @@ impl StreamGroups {
         timeout_minutes: u8,
     ) -> Result<GroupEvents, EwsFailure> {
         let url = client.endpoint().to_owned();
-        let (Some(mailbox), Some(account)) = (
-            client.impersonating(),
-            self.shared.servers.account_for(&url),
-        ) else {
+        let (Some(mailbox), Some(account)) = (client.impersonating(), client.service_account())
+        else {
             return Err(EwsFailure::Config(
                 "a shared stream needs a mailbox served by a service account".into(),
             ));
@@ -181,7 +179,7 @@ impl StreamGroups {
         };
         self.shared
             .clone()
-            .add(key, member, account, timeout_minutes);
+            .add(key, member, account.clone(), timeout_minutes);
         match rx.recv().await {
             Some(Ok(Some(first))) => Ok(GroupEvents {
                 rx,

@@ -210,6 +210,11 @@ impl EwsClient {
         })
     }
 
+    /// The service account acting as the mailbox, when one does.
+    pub fn service_account(&self) -> Option<&Arc<ServiceAccount>> {
+        self.account.as_ref()
+    }
+
     /// The mailbox a service account acts as, when one does.
     pub fn impersonating(&self) -> Option<&str> {
         self.impersonate.as_deref()
