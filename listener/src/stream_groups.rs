@@ -223,34 +223,29 @@ impl Shared {
         let Some(route) = routes.get_mut(&n.subscription_id) else {
             return;
         };
-        let n = match route {
-            Route::To(tx) if !tx.is_closed() => {
-                match tx.send(Ok(Some(StreamBatch {
-                    notifications: vec![n],
-                    ..StreamBatch::default()
-                }))) {
-                    Ok(()) => return,
-                    // Gone between the check and the send: hold what it did not take.
-                    Err(mpsc::error::SendError(Ok(Some(batch)))) => {
-                        batch.notifications.into_iter().next()
-                    }
-                    Err(_) => None,
-                }
-            }
-            _ => Some(n),
+        let batch = StreamBatch {
+            notifications: vec![n],
+            ..StreamBatch::default()
         };
-        let Some(n) = n else {
-            return;
-        };
-        match route {
-            Route::Held { notifications, .. } => notifications.push(n),
-            Route::To(_) => {
-                *route = Route::Held {
-                    notifications: vec![n],
-                    since: Instant::now(),
-                }
+        let notifications = match route {
+            Route::To(tx) => match tx.send(Ok(Some(batch))) {
+                Ok(()) => return,
+                // The mailbox left: hold what it did not take.
+                Err(mpsc::error::SendError(message)) => message
+                    .ok()
+                    .flatten()
+                    .map(|b| b.notifications)
+                    .unwrap_or_default(),
+            },
+            Route::Held { notifications, .. } => {
+                notifications.extend(batch.notifications);
+                return;
             }
-        }
+        };
+        *route = Route::Held {
+            notifications,
+            since: Instant::now(),
+        };
     }
 
     /// Starts the clock on routes whose mailbox left, and forgets them (with what was held)
