@@ -1,5 +1,6 @@
-//! The HTTP API: Creatio's calls under `/api/listeners/`, a REST view of one mailbox, and the
-//! health endpoints. Every error becomes an HTTP status in one place, [`ApiError`].
+//! The HTTP API: Creatio's calls (`/api/listeners/*`, `/api/mailbox/validate`,
+//! `/api/availability/app`), a REST view of one mailbox, and the health endpoints. Every error
+//! becomes an HTTP status in one place, [`ApiError`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
-use crate::contract::{self, ContractError};
+use crate::contract::{self, ContractError, ServerType};
 use crate::ews_client::{EwsClient, EwsFailure, Limits, Servers};
 use crate::metrics::Metrics;
 use crate::reach::Reach;
@@ -23,7 +24,10 @@ use crate::supervisor::Supervisor;
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub supervisor: Arc<Supervisor>,
-    pub http: reqwest::Client,
+    /// The client for Exchange (its trusted CAs, NTLM).
+    pub ews_http: reqwest::Client,
+    /// The client for Creatio (as the callbacks reach it).
+    pub creatio_http: reqwest::Client,
     /// The request version each Exchange server takes.
     pub servers: Servers,
     /// Limits on Validate's call to EWS.
@@ -66,6 +70,9 @@ impl IntoResponse for ApiError {
 pub fn router(state: ApiState, base_path: &str) -> Router {
     let routes = Router::new()
         .route("/api/listeners/status", get(status))
+        .route("/api/listeners/exists", get(status))
+        .route("/api/mailbox/validate", post(mailbox_validate))
+        .route("/api/availability/app", post(availability))
         .route(
             "/api/listeners/{action}",
             get(mailbox).post(action).delete(delete_mailbox),
@@ -158,13 +165,9 @@ async fn action(
                 .collect();
             Ok(Json(Value::Object(states)).into_response())
         }
-        "validate" => {
-            let creds = contract::parse_validation(&body)?;
-            state.reach.check(&creds)?;
-            let (valid, message) = validate(&state, &creds).await;
-            tracing::info!(mailbox = %creds.sender_email, valid, "credentials validated");
-            Ok(Json(json!({ "IsValid": valid, "Message": message })).into_response())
-        }
+        "validate" => mailbox_validate(State(state), body)
+            .await
+            .map(IntoResponse::into_response),
         _ => {
             tracing::warn!(action = ?action, body = %contract::body_shape(&body), "unknown listener call");
             Err(ApiError::NotFound(format!("unknown action {action:?}")))
@@ -172,10 +175,100 @@ async fn action(
     }
 }
 
+/// `POST /api/mailbox/validate` (and `/api/listeners/validate`, as 7.x calls it): a real
+/// login. Creatio shows `Message` on failure and the mailbox's name from `Data` on success.
+async fn mailbox_validate(
+    State(state): State<ApiState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let creds = contract::parse_validation(&body)?;
+    state.reach.check(&creds)?;
+    let (valid, message) = match creds.server_type {
+        ServerType::Exchange => validate(&state, &creds).await,
+        other => (
+            false,
+            format!(
+                "{} mailboxes are not supported by this listener yet",
+                other.name()
+            ),
+        ),
+    };
+    tracing::info!(mailbox = %creds.sender_email, valid, "credentials validated");
+    // On success `Data` carries JSON Creatio parses for the name it shows; on failure an
+    // action code, which left empty is Creatio's default (troubleshooting).
+    let data = if valid {
+        json!({ "MailboxName": creds.sender_email }).to_string()
+    } else {
+        String::new()
+    };
+    Ok(Json(
+        json!({ "IsValid": valid, "Message": message, "Data": data }),
+    ))
+}
+
+/// How long `availability/app` waits for Creatio.
+const AVAILABILITY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `POST /api/availability/app`: can this listener reach the Creatio whose callback URL is
+/// posted? Plain text `pong` when it can; otherwise the reason. The URL is held to the same
+/// rules as every `BpmEndpoint` (never a link-local address, `--creatio-hosts`).
+async fn availability(State(state): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+    let url = contract::parse_callback_url(&body)?;
+    state.reach.check_creatio("callback URL", &url)?;
+    let answer = match state
+        .creatio_http
+        .get(&url)
+        .timeout(AVAILABILITY_TIMEOUT)
+        .send()
+        .await
+    {
+        // Any answer of Creatio's own means it is reached (a GET on a WCF operation is
+        // refused, and that is Creatio refusing it); a gateway's failure means it is not.
+        Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => format!(
+            "Creatio is not reachable from the listener: a gateway answered HTTP {}",
+            resp.status().as_u16()
+        ),
+        Ok(_) => "pong".to_owned(),
+        Err(e) if e.is_timeout() => format!(
+            "Creatio is not reachable from the listener: no answer in {} s",
+            AVAILABILITY_TIMEOUT.as_secs()
+        ),
+        Err(e) => format!(
+            "Creatio is not reachable from the listener: {}",
+            reason(&e.without_url())
+        ),
+    };
+    if answer != "pong" {
+        tracing::warn!(answer = %answer, "availability check failed");
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        answer,
+    )
+        .into_response())
+}
+
+/// An error and its causes in one line.
+fn reason(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !why.contains(&text) {
+            why = format!("{why}: {text}");
+        }
+        source = cause.source();
+    }
+    why
+}
+
 /// Logs in to EWS with the credentials and reads the inbox.
 async fn validate(state: &ApiState, creds: &contract::Credentials) -> (bool, String) {
     let client = match EwsClient::new(
-        state.http.clone(),
+        state.ews_http.clone(),
         creds,
         state.servers.clone(),
         state.limits,
@@ -202,19 +295,19 @@ fn validation_message(e: &EwsFailure) -> String {
                 .into()
         }
         EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
-            "Exchange could not be reached at ServerAddress".into()
+            "Exchange could not be reached at ServiceUrl".into()
         }
         EwsFailure::Http { .. } | EwsFailure::TooLarge { .. } => {
-            "ServerAddress did not answer as an Exchange EWS endpoint".into()
+            "ServiceUrl did not answer as an Exchange EWS endpoint".into()
         }
         EwsFailure::Ews(ews::EwsError::Malformed(_)) => {
-            "ServerAddress did not answer as an Exchange EWS endpoint".into()
+            "ServiceUrl did not answer as an Exchange EWS endpoint".into()
         }
         EwsFailure::Ews(err) => format!(
             "Exchange refused the mailbox: {}",
             err.code().unwrap_or("unknown error")
         ),
-        EwsFailure::Config(why) => why.clone(),
+        EwsFailure::Config(why) | EwsFailure::Unsupported(why) => why.clone(),
         EwsFailure::Store(_) => "The listener cannot reach its store; try again".into(),
     }
 }

@@ -257,7 +257,8 @@ pub async fn serve(
     );
     let state = api::ApiState {
         supervisor: supervisor.clone(),
-        http: ews_http,
+        ews_http,
+        creatio_http: http.clone(),
         servers,
         limits,
         reach,

@@ -81,21 +81,16 @@ impl Reach {
     /// Refuses credentials whose Exchange or Creatio address the install does not allow;
     /// the error names the field.
     pub fn check(&self, creds: &Credentials) -> Result<(), ContractError> {
-        // Without a usable ServerAddress the worker reports the configuration error itself.
-        if let Ok(url) = ews_url(creds.server_address.as_deref(), creds.use_ssl) {
-            self.check_url(
-                "ServerAddress",
-                &url,
-                &self.exchange_hosts,
-                "--exchange-hosts",
-            )?;
+        // Without a usable ServiceUrl the worker reports the configuration error itself.
+        if let Ok(url) = ews_url(creds.service_url.as_deref(), creds.use_ssl) {
+            self.check_url("ServiceUrl", &url, &self.exchange_hosts, "--exchange-hosts")?;
         }
-        self.check_url(
-            "BpmEndpoint",
-            &creds.bpm_endpoint,
-            &self.creatio_hosts,
-            "--creatio-hosts",
-        )
+        self.check_creatio("BpmEndpoint", &creds.bpm_endpoint)
+    }
+
+    /// Refuses a Creatio address the install does not allow; the error names `field`.
+    pub fn check_creatio(&self, field: &'static str, url: &str) -> Result<(), ContractError> {
+        self.check_url(field, url, &self.creatio_hosts, "--creatio-hosts")
     }
 
     fn check_url(
@@ -224,8 +219,8 @@ mod tests {
 
     fn creds(server: &str, bpm: &str) -> Credentials {
         let body = serde_json::json!([{
-            "Id": "m", "SenderEmailAddress": "a@contoso.com", "UserPassword": "pw",
-            "ServerAddress": server, "BpmEndpoint": bpm,
+            "Id": "m", "SenderEmailAddress": "a@contoso.com", "Password": "pw",
+            "ServiceUrl": server, "BpmEndpoint": bpm,
         }]);
         parse_credentials_list(body.to_string().as_bytes())
             .unwrap()
@@ -248,7 +243,7 @@ mod tests {
         ] {
             let err = reach.check(&creds(server, BPM)).unwrap_err().to_string();
             assert!(
-                err.starts_with("ServerAddress") && err.contains("link-local"),
+                err.starts_with("ServiceUrl") && err.contains("link-local"),
                 "{server}: {err}"
             );
         }
@@ -281,7 +276,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("ServerAddress") && err.contains("--exchange-hosts"),
+            err.starts_with("ServiceUrl") && err.contains("--exchange-hosts"),
             "{err}"
         );
         let err = reach

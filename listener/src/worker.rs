@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, BackoffPolicy};
-use crate::contract::{self, CallbackMode, Credentials};
+use crate::contract::{self, CallbackMode, Credentials, ServerType};
 use crate::coordinator::Leases;
 use crate::delivery::{DeliveryError, idempotency_key};
 use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
@@ -153,6 +153,16 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
                 return;
             }
         };
+        if creds.server_type != ServerType::Exchange {
+            // Accepted and shown, not yet served: Creatio hears why.
+            let f = EwsFailure::Unsupported(format!(
+                "{} mailboxes are not supported by this listener yet",
+                creds.server_type.name()
+            ));
+            report_unavailable(&ctx, &creds, &f).await;
+            cancel.cancelled().await;
+            return;
+        }
         let exchange = match ctx.exchange.connect(&creds) {
             Ok(exchange) => exchange,
             Err(f) => {
@@ -568,7 +578,7 @@ impl Worker {
                     let body = contract::new_email_payload(
                         &self.creds,
                         std::slice::from_ref(id),
-                        unix_now_ms(),
+                        contract::ticks_now(),
                     );
                     if !self.post(&body, id, None).await {
                         return Ok(false);
@@ -590,6 +600,7 @@ impl Worker {
                                 let body = contract::full_email_payload(
                                     &self.creds,
                                     std::slice::from_ref(&email),
+                                    contract::ticks_now(),
                                 );
                                 if !self.post(&body, id, Some(&email)).await {
                                     return Ok(false);

@@ -28,6 +28,9 @@ pub enum EwsFailure {
     TooLarge { limit: u64 },
     #[error("{0}")]
     Config(String),
+    /// A mailbox of a kind this listener does not serve yet.
+    #[error("{0}")]
+    Unsupported(String),
     /// Not Exchange's fault: the listener's own store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -104,9 +107,10 @@ pub fn item_fate(code: &str) -> ItemFate {
 impl EwsFailure {
     pub fn disposition(&self) -> Disposition {
         match self {
-            EwsFailure::Unauthorized | EwsFailure::Config(_) | EwsFailure::TooLarge { .. } => {
-                Disposition::Fatal
-            }
+            EwsFailure::Unauthorized
+            | EwsFailure::Config(_)
+            | EwsFailure::Unsupported(_)
+            | EwsFailure::TooLarge { .. } => Disposition::Fatal,
             EwsFailure::Http { retry_after, .. } => Disposition::Retry {
                 after: *retry_after,
             },
@@ -141,6 +145,7 @@ impl EwsFailure {
             EwsFailure::Idle(_) => "EwsStreamIdle",
             EwsFailure::TooLarge { .. } => "EwsAnswerTooLarge",
             EwsFailure::Config(_) => "EwsConfiguration",
+            EwsFailure::Unsupported(_) => "MailServerTypeNotSupported",
             EwsFailure::Store(_) => "StoreUnavailable",
         }
     }

@@ -31,14 +31,14 @@ pub use servers::{ClientFactory, Lanes, Servers};
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
-/// The EWS endpoint for `ServerAddress`: a full URL as given (with `/EWS/Exchange.asmx` added
-/// when it has no path), or a host, reached over https unless `UseSSL` is false.
-pub fn ews_url(server_address: Option<&str>, use_ssl: Option<bool>) -> Result<String, EwsFailure> {
-    let address = server_address
+/// The EWS endpoint for `ServiceUrl`: a full URL as given (with `/EWS/Exchange.asmx` added
+/// when it has no path), or a host, reached over https unless `UseSsl` is false.
+pub fn ews_url(service_url: Option<&str>, use_ssl: Option<bool>) -> Result<String, EwsFailure> {
+    let address = service_url
         .map(str::trim)
         .filter(|a| !a.is_empty())
         .ok_or_else(|| {
-            EwsFailure::Config("ServerAddress is not set and autodiscover is not supported".into())
+            EwsFailure::Config("ServiceUrl is not set and autodiscover is not supported".into())
         })?;
     let lower = address.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
@@ -115,18 +115,25 @@ impl EwsClient {
         servers: Servers,
         limits: Limits,
     ) -> Result<Self, EwsFailure> {
-        let url = ews_url(creds.server_address.as_deref(), creds.use_ssl)?;
+        let url = ews_url(creds.service_url.as_deref(), creds.use_ssl)?;
         let mut impersonate = None;
         let mut service = None;
         let auth = match (&creds.access_token, &creds.password) {
             (Some(token), _) => Auth::Bearer(token.clone()),
-            (None, Some(password)) => Auth::Basic {
-                user: creds
-                    .user_name
-                    .clone()
-                    .unwrap_or_else(|| creds.sender_email.clone()),
-                password: password.clone(),
-            },
+            (None, Some(password)) => {
+                // With `UseImpersonation`, the login is the server's service account, acting
+                // as the mailbox.
+                if creds.uses_impersonation() {
+                    impersonate = Some(creds.sender_email.clone());
+                }
+                Auth::Basic {
+                    user: creds
+                        .user_name
+                        .clone()
+                        .unwrap_or_else(|| creds.sender_email.clone()),
+                    password: password.clone(),
+                }
+            }
             (None, None) => match servers.account_for(&url) {
                 Some(account) => {
                     impersonate = Some(creds.sender_email.clone());
@@ -139,7 +146,7 @@ impl EwsClient {
                 }
                 None => {
                     return Err(EwsFailure::Config(format!(
-                        "neither UserPassword nor AccessToken is set, and no service account is configured for {}",
+                        "neither Password nor AccessToken is set, and no service account is configured for {}",
                         redact_url(&Servers::server(&url))
                     )));
                 }
@@ -399,7 +406,7 @@ impl EwsClient {
             StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => Ok(resp),
             StatusCode::UNAUTHORIZED => Err(EwsFailure::Unauthorized),
             status if status.is_redirection() => Err(EwsFailure::Config(format!(
-                "EWS answered with a redirect (HTTP {}); set ServerAddress to the EWS URL it points to",
+                "EWS answered with a redirect (HTTP {}); set ServiceUrl to the EWS URL it points to",
                 status.as_u16()
             ))),
             status => Err(EwsFailure::Http {
@@ -472,7 +479,7 @@ impl EwsClient {
         &self,
         ids: &[&str],
     ) -> Result<Vec<Result<ews::Message, ews::ResponseError>>, EwsFailure> {
-        let shape = ItemShape::full_message();
+        let shape = ItemShape::full_message_with_mime();
         let build = |h: &RequestHeader| ews::request::get_item(h, ids, &shape);
         let results = self.call(build, false, response::parse_get_item).await?;
         if results.len() != ids.len() {

@@ -149,7 +149,7 @@ impl MemoryStore {
         inner.generation += 1;
         let generation = inner.generation;
         match inner.mailboxes.get_mut(&credentials.id) {
-            Some(entry) if entry.credentials == credentials => {}
+            Some(entry) if entry.credentials.same_settings(&credentials) => {}
             Some(entry) => {
                 entry.credentials = credentials;
                 entry.generation = generation;

@@ -7,10 +7,9 @@
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::contract::{Credentials, Secret};
+use crate::contract::Credentials;
 
 /// The key-id byte of a sealed blob.
 const SEALED_V1: u8 = 1;
@@ -46,53 +45,6 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
-/// What is sealed: the credentials, secrets included, in a form private to the store.
-#[derive(Serialize, Deserialize)]
-struct Plain {
-    id: String,
-    sender_email: String,
-    user_name: Option<String>,
-    password: Option<String>,
-    access_token: Option<String>,
-    server_address: Option<String>,
-    use_ssl: Option<bool>,
-    bpm_endpoint: String,
-    sys_admin_unit_name: Option<String>,
-    time_zone_id: Option<String>,
-}
-
-impl Plain {
-    fn of(c: &Credentials) -> Plain {
-        Plain {
-            id: c.id.clone(),
-            sender_email: c.sender_email.clone(),
-            user_name: c.user_name.clone(),
-            password: c.password.as_ref().map(|s| s.expose().to_owned()),
-            access_token: c.access_token.as_ref().map(|s| s.expose().to_owned()),
-            server_address: c.server_address.clone(),
-            use_ssl: c.use_ssl,
-            bpm_endpoint: c.bpm_endpoint.clone(),
-            sys_admin_unit_name: c.sys_admin_unit_name.clone(),
-            time_zone_id: c.time_zone_id.clone(),
-        }
-    }
-
-    fn into_credentials(self) -> Credentials {
-        Credentials {
-            id: self.id,
-            sender_email: self.sender_email,
-            user_name: self.user_name,
-            password: self.password.map(Secret::new),
-            access_token: self.access_token.map(Secret::new),
-            server_address: self.server_address,
-            use_ssl: self.use_ssl,
-            bpm_endpoint: self.bpm_endpoint,
-            sys_admin_unit_name: self.sys_admin_unit_name,
-            time_zone_id: self.time_zone_id,
-        }
-    }
-}
-
 impl Sealer {
     /// Seals with this key: 32 bytes, base64-encoded.
     pub fn from_base64(key: &str) -> Result<Sealer, SealError> {
@@ -116,7 +68,7 @@ impl Sealer {
     }
 
     pub fn seal(&self, creds: &Credentials) -> Vec<u8> {
-        let plain = serde_json::to_vec(&Plain::of(creds)).unwrap_or_default();
+        let plain = serde_json::to_vec(creds).unwrap_or_default();
         match &self.key {
             None => [&[PLAIN][..], &plain].concat(),
             Some(key) => {
@@ -156,19 +108,20 @@ impl Sealer {
             }
             _ => return Err(SealError::Open),
         };
-        let plain: Plain = serde_json::from_slice(&plain).map_err(|_| SealError::Open)?;
-        if plain.id != id {
+        let creds: Credentials = serde_json::from_slice(&plain).map_err(|_| SealError::Open)?;
+        if creds.id != id {
             return Err(SealError::Open);
         }
-        Ok(plain.into_credentials())
+        Ok(creds)
     }
 
     /// A fingerprint of the credentials: equal for equal credentials, and without the key
-    /// nothing can be learnt from it.
+    /// nothing can be learnt from it. `Context` is left out: Creatio sends a new one with
+    /// each call (`UserRequested`), which is no reason to restart a mailbox.
     pub fn fingerprint(&self, creds: &Credentials) -> String {
         let key = self.key.unwrap_or([0u8; 32]);
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key");
-        mac.update(&serde_json::to_vec(&Plain::of(creds)).unwrap_or_default());
+        mac.update(&serde_json::to_vec(&creds.without_context()).unwrap_or_default());
         let tag = mac.finalize().into_bytes();
         tag.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -188,8 +141,8 @@ mod tests {
 
     fn creds(id: &str, password: &str) -> Credentials {
         let body = serde_json::json!([{
-            "Id": id, "SenderEmailAddress": "a@contoso.com", "UserPassword": password,
-            "AccessToken": "tok", "ServerAddress": "mail.contoso.com",
+            "Id": id, "SenderEmailAddress": "a@contoso.com", "Password": password,
+            "AccessToken": "tok", "ServiceUrl": "mail.contoso.com", "Context": "{UserRequested:true}",
             "BpmEndpoint": "https://creatio.contoso.com/0/x/NewEmail",
         }]);
         parse_credentials_list(body.to_string().as_bytes())
@@ -233,6 +186,9 @@ mod tests {
         let f = sealer.fingerprint(&creds("m1", "Zebra-Pa55"));
         assert_eq!(f, sealer.fingerprint(&creds("m1", "Zebra-Pa55")));
         assert_ne!(f, sealer.fingerprint(&creds("m1", "Zebra-Pa56")));
+        let mut other_context = creds("m1", "Zebra-Pa55");
+        other_context.context = Some("{UserRequested:false}".into());
+        assert_eq!(f, sealer.fingerprint(&other_context));
         assert_ne!(
             f,
             Sealer::plaintext().fingerprint(&creds("m1", "Zebra-Pa55"))

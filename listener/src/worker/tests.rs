@@ -315,8 +315,8 @@ fn rig(script: Script) -> Rig {
     let body = json!([{
         "Id": "mbx",
         "SenderEmailAddress": "alice@contoso.test",
-        "UserPassword": "secret",
-        "ServerAddress": "http://exchange.test",
+        "Password": "secret",
+        "ServiceUrl": "http://exchange.test",
         "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
     }]);
     let creds = contract::parse_credentials_list(body.to_string().as_bytes())
@@ -764,7 +764,8 @@ async fn a_rejected_token_asks_creatio_for_a_new_one_before_failing() {
     });
     let body = json!([{
         "Id": "mbx", "SenderEmailAddress": "alice@contoso.test", "AccessToken": "expired",
-        "SysAdminUnitName": "Supervisor", "ServerAddress": "http://exchange.test",
+        "UseOAuth": true, "BpmUser": "Supervisor", "BpmUserWorkspace": "Sales",
+        "ServiceUrl": "http://exchange.test",
         "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
     }]);
     rig.creds = contract::parse_credentials_list(body.to_string().as_bytes())
@@ -781,6 +782,7 @@ async fn a_rejected_token_asks_creatio_for_a_new_one_before_failing() {
             "MailboxId": "mbx",
             "SenderEmailAddress": "alice@contoso.test",
             "BpmUserName": "Supervisor",
+            "BpmUserWorkspace": "Sales",
         })
     );
     assert_eq!(rig.status().await.state, WorkerState::Backoff);
@@ -860,4 +862,43 @@ async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
     cancel.cancel();
     tokio::time::sleep(SECOND).await;
     assert_eq!(pending.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_imap_mailbox_is_reported_unsupported_and_left_alone() {
+    let mut rig = rig(Script::default());
+    let body = json!([{
+        "Id": "mbx", "SenderEmailAddress": "alice@contoso.test", "Password": "secret",
+        "ServerTypeId": "844F0837-EAA0-4F40-B965-71F5DB9EAE6E", "ServiceUrl": "imap.contoso.test",
+        "Port": 993, "Context": "{UserRequested:true,HasError:false}",
+        "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+    }]);
+    rig.creds = contract::parse_credentials_list(body.to_string().as_bytes())
+        .unwrap()
+        .remove(0);
+    rig.run_for(60 * SECOND).await;
+
+    assert!(
+        rig.exchange.calls().is_empty(),
+        "{:?}",
+        rig.exchange.calls()
+    );
+    assert_eq!(rig.status().await.state, WorkerState::Failed);
+    rig.assert_last_error("IMAP mailboxes are not supported")
+        .await;
+    assert_eq!(
+        *rig.creatio.report_ops.lock().unwrap(),
+        ["ProcessMailboxState"]
+    );
+    let report = rig.creatio.reports.lock().unwrap()[0].clone();
+    assert_eq!(report["Avaliable"], json!(false));
+    assert_eq!(report["MailboxId"], json!("mbx"));
+    assert_eq!(
+        report["ExceptionClassName"],
+        json!("MailServerTypeNotSupported")
+    );
+    assert_eq!(
+        report["Context"],
+        json!("{UserRequested:true,HasError:false}")
+    );
 }
