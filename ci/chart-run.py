@@ -30,8 +30,20 @@ def sh(*args, capture=True):
     return done.stdout.strip() if capture else ""
 
 
-def http(method, url, body=None):
-    data = None if body is None else json.dumps(body).encode()
+def creatio_json(value):
+    """A body as Creatio's Json.NET writes it (QuoteName = false): names unquoted."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{creatio_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(creatio_json(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def http(method, url, body=None, creatio=False):
+    if body is None:
+        data = None
+    else:
+        data = (creatio_json(body) if creatio else json.dumps(body)).encode()
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -132,10 +144,16 @@ def main():
         email = f"user{i}@contoso.example"
         http("POST", f"{ews}/_control/mailboxes", {"email": email, "password": "secret"})
         creds = {"Id": f"mbx-{i}", "SenderEmailAddress": email, "UserName": email,
-                 "UserPassword": "secret", "ServerAddress": "http://mock-ews:7070/EWS/Exchange.asmx",
-                 "UseSSL": False, "BpmEndpoint": callback}
-        # Creatio reaches the listener through the ingress path.
-        status, _ = http("POST", f"{bases[i % 2]}/exchangelistener/api/listeners/create", [creds])
+                 "Password": "secret", "AccessToken": None,
+                 "ServiceUrl": "http://mock-ews:7070/EWS/Exchange.asmx", "Port": 0,
+                 "UseSsl": False, "UseOAuth": False,
+                 "ServerTypeId": "3490BD45-4F4D-4613-AA06-454546F3342A",
+                 "BpmEndpoint": callback, "BpmUser": "Supervisor", "BpmUserWorkspace": "Default",
+                 "BpmUserTimeZone": "UTC", "Context": "{UserRequested:false,HasError:false}",
+                 "FolderIds": [], "FeatureValues": {"UseImpersonation": False}}
+        # Creatio reaches the listener through the ingress path, and writes names unquoted.
+        status, _ = http("POST", f"{bases[i % 2]}/exchangelistener/api/listeners/create", [creds],
+                         creatio=True)
         assert status == 200
     owners = eventually("four mailboxes streaming on both replicas", lambda: (
         lambda s: s["Owners"] if s["States"].get("Streaming") == 4 and len(s["Owners"]) == 2

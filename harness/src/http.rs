@@ -27,6 +27,27 @@ pub async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> anyho
     Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// POSTs `body` to the listener as Creatio writes it (names unquoted); answers as
+/// [`post_json`].
+pub async fn post_creatio(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
+    let resp = http
+        .post(url)
+        .header("Content-Type", "application/json; charset=utf-8")
+        .body(mock_creatio::calling::unquoted(body))
+        .send()
+        .await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("POST {url}: {status} {text}");
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
 /// PUTs `body` to `url`; a failure status is an error carrying the answer's text.
 pub async fn put_json(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<()> {
     let resp = http.put(url).json(body).send().await?;

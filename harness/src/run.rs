@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::http::{get_json, post_json, put_json};
+use crate::http::{get_json, post_creatio, post_json, put_json};
 use crate::mocks;
 use crate::process::{Binaries, Process};
 use crate::proxy::{ForwardProxy, Proxy};
@@ -113,18 +113,22 @@ impl Shared {
             .unwrap_or_else(|| "secret".to_owned())
     }
 
+    /// Mailbox `m`'s credentials as Creatio sends them: its own login, or none (the
+    /// listener's service account serves it).
     fn creds(&self, m: usize, ews_base: &str, creatio_base: &str) -> Value {
-        let mut creds = json!({
-            "Id": format!("mbx-{m}"),
-            "SenderEmailAddress": Self::email(m),
-            "ServerAddress": format!("{ews_base}/EWS/Exchange.asmx"),
-            "UseSSL": false,
-            "BpmEndpoint": format!("{creatio_base}/0/ServiceModel/ExchangeListenerService.svc/{}", self.operation),
-            "SysAdminUnitName": "Supervisor",
-        });
-        if !self.service_account {
-            creds["UserName"] = json!(Self::email(m));
-            creds["UserPassword"] = json!(self.password(m));
+        let password = (!self.service_account).then(|| self.password(m));
+        let mut creds = mock_creatio::calling::credentials(
+            &format!("mbx-{m}"),
+            &Self::email(m),
+            password.as_deref(),
+            &format!("{ews_base}/EWS/Exchange.asmx"),
+            &format!(
+                "{creatio_base}/0/ServiceModel/ExchangeListenerService.svc/{}",
+                self.operation
+            ),
+        );
+        if self.service_account {
+            creds["UserName"] = Value::Null;
         }
         creds
     }
@@ -146,7 +150,7 @@ impl Shared {
             let url = format!("{base}{path}");
             let answer = tokio::time::timeout(Duration::from_secs(2), async {
                 match body {
-                    Some(b) => post_json(&self.http, &url, b).await,
+                    Some(b) => post_creatio(&self.http, &url, b).await,
                     None => get_json(&self.http, &url).await,
                 }
             })
@@ -643,7 +647,7 @@ async fn creatio_loop(
         };
         let ids: Vec<String> = open.iter().map(|m| format!("mbx-{m}")).collect();
         let Ok(states) = sh
-            .call_any(turn, "/api/listeners/subscriptionsState", Some(&json!(ids)))
+            .call_any(turn, "/api/listeners/subscriptionsstate", Some(&json!(ids)))
             .await
         else {
             continue;
@@ -655,7 +659,7 @@ async fn creatio_loop(
             .collect();
         if !missing.is_empty()
             && sh
-                .call_any(turn, "/api/listeners/create", Some(&json!(missing)))
+                .call_any(turn, "/api/listeners/recreate", Some(&json!(missing)))
                 .await
                 .is_ok()
         {
@@ -676,7 +680,7 @@ async fn arrivals(sh: &Shared) -> anyhow::Result<Vec<Arrival>> {
         let unix_us = call["received_unix_us"].as_u64().unwrap_or(0);
         let body = &call["body"];
         let keys: Vec<&str> = if sh.operation == "NewEmail" {
-            body["newEvent"]["UniqueIds"]
+            body["newEvent"]["uniqueIds"]
                 .as_array()
                 .into_iter()
                 .flatten()
@@ -859,6 +863,19 @@ pub async fn run(
         },
     );
     verdict.violations.append(&mut world.problems);
+    // Every callback must read as Creatio reads it: mock-creatio refuses, and lists, any other.
+    let rejections = get_json(&sh.http, &format!("{}/_control/rejections", sh.creatio)).await?;
+    if let Some(first) = rejections.as_array().and_then(|r| r.first()) {
+        verdict.violations.push(Violation {
+            rule: "contract",
+            detail: format!(
+                "{} callbacks Creatio would not read; the first, {}: {}",
+                rejections.as_array().map_or(0, Vec::len),
+                first["operation"].as_str().unwrap_or("?"),
+                first["reason"].as_str().unwrap_or("?")
+            ),
+        });
+    }
     let usage = world
         .slots
         .iter()

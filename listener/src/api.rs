@@ -324,6 +324,7 @@ async fn mailbox(
     Ok(Json(json!({
         "Id": id,
         "SenderEmailAddress": wanted.creds.sender_email,
+        "ServerType": wanted.creds.server_type.name(),
         "BpmEndpoint": wanted.creds.bpm_endpoint,
         "SubscriptionState": state.supervisor.state(&id).await?,
         "Owner": store.owners(std::slice::from_ref(&id)).await?.pop().flatten(),

@@ -85,6 +85,10 @@ impl Reach {
         if let Ok(url) = ews_url(creds.service_url.as_deref(), creds.use_ssl) {
             self.check_url("ServiceUrl", &url, &self.exchange_hosts, "--exchange-hosts")?;
         }
+        // Validate may come without a callback.
+        if creds.bpm_endpoint.is_empty() {
+            return Ok(());
+        }
         self.check_creatio("BpmEndpoint", &creds.bpm_endpoint)
     }
 

@@ -159,10 +159,7 @@ async fn unauthorized_marks_the_mailbox_failed_without_hammering() {
         )
         .unwrap();
     let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
-    assert_eq!(
-        listener.call("create", json!([creds]).to_string()).await.0,
-        200
-    );
+    assert_eq!(listener.send("create", &json!([creds])).await.0, 200);
     eventually("the mailbox to be Failed", PATIENCE, async || {
         let (_, view) = listener.get("/api/listeners/mbx-1").await;
         (view["Status"]["State"] == "Failed").then_some(())
@@ -341,10 +338,7 @@ async fn limit_backs_off_until_lifted(limit: Settings, code: &str) {
     let (world, listener) = start(&[]).await;
     world.ews.set_settings(limit);
     let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
-    assert_eq!(
-        listener.call("create", json!([creds]).to_string()).await.0,
-        200
-    );
+    assert_eq!(listener.send("create", &json!([creds])).await.0, 200);
     eventually(
         "the limit to show in the mailbox state",
         PATIENCE,
@@ -462,7 +456,7 @@ async fn ntlm_can_be_forced_and_takes_a_domain_user_name() {
     });
     let mut creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
     creds["UserName"] = json!("CONTOSO\\alice");
-    let (status, body) = listener.call("create", json!([creds]).to_string()).await;
+    let (status, body) = listener.send("create", &json!([creds])).await;
     assert_eq!(status, 200, "{body}");
     eventually("the mailbox to stream", PATIENCE, async || {
         (world.ews.stats().open_streams > 0).then_some(())

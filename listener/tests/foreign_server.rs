@@ -99,10 +99,10 @@ async fn run(behaviour: Behaviour, connections: usize) -> Vec<mock_creatio::Call
         .unwrap();
     let listener = Listener::spawn(&[]).await;
     let creds = json!([{
-        "Id": "mbx-x", "SenderEmailAddress": "alice@contoso.example", "UserPassword": "pw",
-        "ServerAddress": url, "BpmEndpoint": creatio.url("ProcessFullEmail"),
+        "Id": "mbx-x", "SenderEmailAddress": "alice@contoso.example", "Password": "pw",
+        "ServiceUrl": url, "BpmEndpoint": creatio.url("ProcessFullEmail"),
     }]);
-    assert_eq!(listener.call("create", creds.to_string()).await.0, 200);
+    assert_eq!(listener.send("create", &creds).await.0, 200);
     eventually("stream connections", PATIENCE, async || {
         (opened.load(Ordering::SeqCst) >= connections).then_some(())
     })
@@ -125,10 +125,11 @@ async fn real_exchange_shapes_in_odd_chunks_deliver_one_mail_once() {
     let email = &calls[0].body["Emails"][0];
     assert_eq!(email["MessageId"], "<real@example.com>");
     assert_eq!(email["Subject"], "From a real Exchange");
-    assert_eq!(email["Sender"], "bob@example.com");
+    assert_eq!(email["Sender"], "Bob <bob@example.com>");
     assert_eq!(email["Body"], "<b>hi</b>");
     assert_eq!(email["IsHtmlBody"], true);
-    assert_eq!(email["SendDateTimeStamp"], 1_714_557_598_000i64);
+    // 2024-05-01T09:59:58Z in .NET ticks.
+    assert_eq!(email["SendDateTimeStamp"], 638_501_543_980_000_000i64);
 }
 
 #[tokio::test]

@@ -41,7 +41,12 @@ async fn creatios_minute_loop_does_not_undo_the_slow_retry_of_a_rejected_passwor
     let world = World::start().await;
     world.ews.create_mailbox(ALICE, "secret").unwrap();
     let listener = Listener::spawn(&[]).await;
-    let creds = json!([world.credentials("mbx-1", ALICE, "wrong", "ProcessFullEmail")]).to_string();
+    let creds = mock_creatio::calling::unquoted(&json!([world.credentials(
+        "mbx-1",
+        ALICE,
+        "wrong",
+        "ProcessFullEmail"
+    )]));
     let (code, _) = listener.call("create", creds.clone()).await;
     assert_eq!(code, 200);
     eventually("the failure report", PATIENCE, async || {
@@ -65,7 +70,7 @@ async fn creatios_minute_loop_does_not_undo_the_slow_retry_of_a_rejected_passwor
     assert_eq!(world.creatio.calls_of("ProcessMailboxState").len(), 1);
     // New credentials are tried at once.
     let fixed = json!([world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail")]);
-    listener.call("update", fixed.to_string()).await;
+    listener.send("update", &fixed).await;
     eventually("the mailbox to stream", PATIENCE, async || {
         (listener.state_of("mbx-1").await == "exists" && world.ews.stats().open_streams == 1)
             .then_some(())
@@ -165,15 +170,11 @@ async fn recreate_answers_while_old_subscriptions_are_slow_to_end() {
                 "secret",
                 "ProcessFullEmail",
             );
-            c["TimeZoneId"] = json!("Europe/Kyiv");
+            c["BpmUserTimeZone"] = json!("Europe/Kyiv");
             c
         })
         .collect();
-    let answered = tokio::time::timeout(
-        PATIENCE,
-        listener.call("recreate", json!(changed).to_string()),
-    )
-    .await;
+    let answered = tokio::time::timeout(PATIENCE, listener.send("recreate", &json!(changed))).await;
     let (code, body) = answered.expect("Recreate must not wait for old subscriptions to end");
     assert_eq!(code, 200, "{body}");
 }
@@ -189,7 +190,7 @@ async fn subscriptions_start_paced_under_a_cap() {
             world.credentials(&format!("mbx-{i}"), &email, "secret", "ProcessFullEmail")
         })
         .collect();
-    let (code, _) = listener.call("create", json!(creds).to_string()).await;
+    let (code, _) = listener.send("create", &json!(creds)).await;
     assert_eq!(code, 200);
     eventually("two streams", PATIENCE, async || {
         (world.ews.stats().open_streams == 2).then_some(())
@@ -204,7 +205,7 @@ async fn subscriptions_start_paced_under_a_cap() {
     let queued = queued.expect("the third mailbox says it waits for a place");
     let other = (queued + 1) % 3;
     listener
-        .call("close", json!([format!("mbx-{other}")]).to_string())
+        .send("close", &json!([format!("mbx-{other}")]))
         .await;
     eventually("the queued mailbox to stream", PATIENCE, async || {
         (status(&listener, &format!("mbx-{queued}")).await["State"] == "Streaming").then_some(())
@@ -277,7 +278,7 @@ async fn each_mail_carries_its_own_short_stable_idempotency_key() {
         let ids: usize = calls
             .iter()
             .map(|c| {
-                c.body["newEvent"]["UniqueIds"]
+                c.body["newEvent"]["uniqueIds"]
                     .as_array()
                     .map_or(0, Vec::len)
             })
@@ -288,7 +289,7 @@ async fn each_mail_carries_its_own_short_stable_idempotency_key() {
     let mut keys: Vec<String> = calls
         .iter()
         .map(|c| {
-            assert_eq!(c.body["newEvent"]["UniqueIds"].as_array().unwrap().len(), 1);
+            assert_eq!(c.body["newEvent"]["uniqueIds"].as_array().unwrap().len(), 1);
             c.idempotency_key.clone().expect("every call has a key")
         })
         .collect();
@@ -322,13 +323,13 @@ async fn a_storm_of_creates_and_closes_leaves_one_subscription_per_open_mailbox(
     for _ in 0..1_000 {
         let i = rng.usize(..ids.len());
         let call = if rng.bool() {
-            ("create", json!([creds[i]]).to_string())
+            ("create", json!([creds[i]]))
         } else {
-            ("close", json!([ids[i]]).to_string())
+            ("close", json!([ids[i]]))
         };
         let listener = listener.clone();
         calls.push(tokio::spawn(async move {
-            listener.call(call.0, call.1).await.0
+            listener.send(call.0, &call.1).await.0
         }));
     }
     for c in calls {
@@ -568,12 +569,12 @@ async fn an_endless_answer_from_exchange_is_cut_at_the_cap() {
     .await;
     let (url, sent) = endless_server().await;
     let mut creds = world.credentials("", ALICE, "secret", "ProcessFullEmail");
-    creds["ServerAddress"] = json!(url);
-    let (code, body) = listener.call("validate", creds.to_string()).await;
+    creds["ServiceUrl"] = json!(url);
+    let (code, body) = listener.send("validate", &creds).await;
     assert_eq!(code, 200);
     assert_eq!(body["IsValid"], false, "{body}");
     assert_eq!(
-        body["Message"], "ServerAddress did not answer as an Exchange EWS endpoint",
+        body["Message"], "ServiceUrl did not answer as an Exchange EWS endpoint",
         "{body}"
     );
     // What the server got out before the listener hung up: the cap plus socket buffers.
@@ -598,20 +599,20 @@ async fn validate_says_one_thing_for_every_unreachable_address() {
         "http://no-such-host.invalid/EWS/Exchange.asmx".to_owned(),
     ] {
         let mut creds = world.credentials("", ALICE, "secret", "ProcessFullEmail");
-        creds["ServerAddress"] = json!(address);
-        let (_, body) = listener.call("validate", creds.to_string()).await;
+        creds["ServiceUrl"] = json!(address);
+        let (_, body) = listener.send("validate", &creds).await;
         assert_eq!(body["IsValid"], false);
         messages.push(body["Message"].as_str().unwrap().to_owned());
     }
     messages.dedup();
-    assert_eq!(messages, ["Exchange could not be reached at ServerAddress"]);
+    assert_eq!(messages, ["Exchange could not be reached at ServiceUrl"]);
     for address in ["file://x", "gopher://mail.contoso.com/"] {
         let mut creds = world.credentials("m", ALICE, "secret", "ProcessFullEmail");
-        creds["ServerAddress"] = json!(address);
-        let (code, body) = listener.call("create", json!([creds]).to_string()).await;
+        creds["ServiceUrl"] = json!(address);
+        let (code, body) = listener.send("create", &json!([creds])).await;
         assert_eq!(code, 400, "{address}: {body}");
         assert!(
-            body["error"].as_str().unwrap().starts_with("ServerAddress"),
+            body["error"].as_str().unwrap().starts_with("ServiceUrl"),
             "{body}"
         );
     }
@@ -623,14 +624,13 @@ async fn an_id_that_would_forge_a_log_line_is_refused() {
     let world = World::start().await;
     let listener = Listener::spawn(&[]).await;
     let creds = world.credentials("m\nINFO forged", ALICE, "secret", "ProcessFullEmail");
-    let (code, body) = listener.call("create", json!([creds]).to_string()).await;
+    let (code, body) = listener.send("create", &json!([creds])).await;
     assert_eq!(code, 400);
     assert_eq!(body["error"], "Id must not contain control characters");
     let (code, _) = listener
-        .call(
+        .send(
             "create",
-            json!([world.credentials(&"x".repeat(1 << 20), ALICE, "secret", "ProcessFullEmail")])
-                .to_string(),
+            &json!([world.credentials(&"x".repeat(1 << 20), ALICE, "secret", "ProcessFullEmail")]),
         )
         .await;
     assert_eq!(code, 400);
@@ -652,44 +652,30 @@ async fn no_secret_reaches_the_log_on_any_path() {
     let with_secret = |id: &str| world.credentials(id, ALICE, SECRET, "ProcessFullEmail");
 
     let (code, _) = listener
-        .call("create", json!([with_secret("mbx-1")]).to_string())
+        .send("create", &json!([with_secret("mbx-1")]))
         .await;
     assert_eq!(code, 200);
     let mut updated = with_secret("mbx-1");
-    updated["UserPassword"] = json!(format!("{SECRET}-2"));
-    assert_eq!(
-        listener
-            .call("update", json!([updated]).to_string())
-            .await
-            .0,
-        200
-    );
+    updated["Password"] = json!(format!("{SECRET}-2"));
+    assert_eq!(listener.send("update", &json!([updated])).await.0, 200);
     let mut token = with_secret("mbx-2");
     token["AccessToken"] = json!(format!("{SECRET}-token"));
-    assert_eq!(
-        listener.call("create", json!([token]).to_string()).await.0,
-        200
-    );
+    token["UseOAuth"] = json!(true);
+    assert_eq!(listener.send("create", &json!([token])).await.0, 200);
     let mut unreachable = with_secret("");
-    unreachable["ServerAddress"] = json!("http://127.0.0.1:1/EWS/Exchange.asmx");
+    unreachable["ServiceUrl"] = json!("http://127.0.0.1:1/EWS/Exchange.asmx");
     let mut not_ews = with_secret("");
-    not_ews["ServerAddress"] = json!(format!("{}/nothing-here", world.creatio.url("x")));
+    not_ews["ServiceUrl"] = json!(format!("{}/nothing-here", world.creatio.url("x")));
     for creds in [with_secret(""), unreachable, not_ews] {
-        let (code, body) = listener.call("validate", creds.to_string()).await;
+        let (code, body) = listener.send("validate", &creds).await;
         assert_eq!((code, &body["IsValid"]), (200, &json!(false)), "{body}");
     }
     let mut refused = with_secret("mbx-3");
     refused["BpmEndpoint"] = json!("not a url");
+    assert_eq!(listener.send("create", &json!([refused])).await.0, 400);
     assert_eq!(
         listener
-            .call("create", json!([refused]).to_string())
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        listener
-            .call("frobnicate", json!([with_secret("mbx-4")]).to_string())
+            .send("frobnicate", &json!([with_secret("mbx-4")]))
             .await
             .0,
         404
@@ -713,18 +699,18 @@ async fn link_local_addresses_and_hosts_off_the_allow_lists_are_refused() {
     let world = World::start().await;
     let listener = Listener::spawn(&[]).await;
     let mut metadata = world.credentials("m", ALICE, "secret", "ProcessFullEmail");
-    metadata["ServerAddress"] = json!("http://169.254.169.254/EWS/Exchange.asmx");
+    metadata["ServiceUrl"] = json!("http://169.254.169.254/EWS/Exchange.asmx");
     for action in ["create", "validate"] {
         let body = if action == "create" {
-            json!([metadata]).to_string()
+            json!([metadata])
         } else {
-            metadata.to_string()
+            metadata.clone()
         };
-        let (code, answer) = listener.call(action, body).await;
+        let (code, answer) = listener.send(action, &body).await;
         assert_eq!(code, 400, "{action}: {answer}");
         let error = answer["error"].as_str().unwrap();
         assert!(
-            error.starts_with("ServerAddress") && error.contains("link-local"),
+            error.starts_with("ServiceUrl") && error.contains("link-local"),
             "{error}"
         );
     }
@@ -739,7 +725,7 @@ async fn link_local_addresses_and_hosts_off_the_allow_lists_are_refused() {
     ])
     .await;
     let creds = world.credentials("m", ALICE, "secret", "ProcessFullEmail");
-    let (code, answer) = locked.call("create", json!([creds]).to_string()).await;
+    let (code, answer) = locked.send("create", &json!([creds])).await;
     assert_eq!(code, 400, "{answer}");
     assert!(
         answer["error"]

@@ -75,7 +75,7 @@ async fn create(world: &World, replicas: &[&Listener], range: std::ops::Range<us
         world.ews.create_mailbox(&email(i), "secret").unwrap();
         let creds = world.credentials(&id(i), &email(i), "secret", "ProcessFullEmail");
         let (code, body) = replicas[i % replicas.len()]
-            .call("create", json!([creds]).to_string())
+            .send("create", &json!([creds]))
             .await;
         assert_eq!(code, 200, "{body}");
     }
@@ -138,9 +138,7 @@ async fn three_replicas_spread_150_mailboxes_and_any_one_answers_for_all() {
     // Any replica answers for any mailbox.
     let ids: Vec<String> = (0..150).map(id).collect();
     for listener in &r {
-        let (code, states) = listener
-            .call("subscriptionsState", json!(ids).to_string())
-            .await;
+        let (code, states) = listener.send("subscriptionsState", &json!(ids)).await;
         assert_eq!(code, 200);
         assert!(
             ids.iter().all(|i| states[i]["State"] == "exists"),
@@ -160,7 +158,7 @@ async fn three_replicas_spread_150_mailboxes_and_any_one_answers_for_all() {
 
     // A Close sent to a replica that does not own the mailbox stops it on its owner.
     let other = &r[(owner[1..].parse::<usize>().unwrap() + 1) % 3];
-    let (code, _) = other.call("close", json!(["mbx-7"]).to_string()).await;
+    let (code, _) = other.send("close", &json!(["mbx-7"])).await;
     assert_eq!(code, 200);
     eventually(
         "the owner to stop the closed mailbox",
@@ -272,9 +270,7 @@ async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
     )
     .await;
     let ids: Vec<String> = (0..10).map(id).collect();
-    let (_, states) = r[0]
-        .call("subscriptionsState", json!(ids).to_string())
-        .await;
+    let (_, states) = r[0].send("subscriptionsState", &json!(ids)).await;
     assert!(
         ids.iter().all(|i| states[i]["State"] == "exists"),
         "{states}"

@@ -54,12 +54,12 @@ async fn start_with(
             world.ews.create_mailbox(m, "their-own").unwrap();
             let mut c = world.credentials(&format!("mbx-{i}"), m, "", "ProcessFullEmail");
             let c_obj = c.as_object_mut().unwrap();
-            c_obj.remove("UserPassword");
+            c_obj.remove("Password");
             c_obj.remove("UserName");
             c
         })
         .collect();
-    let (status, body) = listener.call("create", json!(creds).to_string()).await;
+    let (status, body) = listener.send("create", &json!(creds)).await;
     assert_eq!(status, 200, "{body}");
     (world, listener, mailboxes)
 }
@@ -251,9 +251,9 @@ async fn validate_without_a_password_checks_the_account_may_act_as_the_mailbox()
     let validate = async |email: &str| {
         let mut creds = world.credentials("", email, "", "ProcessFullEmail");
         let obj = creds.as_object_mut().unwrap();
-        obj.remove("UserPassword");
+        obj.remove("Password");
         obj.remove("UserName");
-        let (code, body) = listener.call("validate", creds.to_string()).await;
+        let (code, body) = listener.send("validate", &creds).await;
         assert_eq!(code, 200, "{body}");
         (
             body["IsValid"] == true,
@@ -296,9 +296,7 @@ async fn a_rejected_service_account_is_probed_not_retried_by_every_mailbox() {
     .await;
     let ids: Vec<String> = (0..count).map(|i| format!("mbx-{i}")).collect();
     eventually("every mailbox failed", PATIENCE, async || {
-        let (_, body) = listener
-            .call("subscriptionsState", json!(ids).to_string())
-            .await;
+        let (_, body) = listener.send("subscriptionsState", &json!(ids)).await;
         ids.iter()
             .all(|id| body[id]["State"] == "failed")
             .then_some(())

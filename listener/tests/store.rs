@@ -20,8 +20,8 @@ const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn creds(id: &str, password: &str) -> Credentials {
     let body = json!([{
-        "Id": id, "SenderEmailAddress": format!("{id}@contoso.com"), "UserPassword": password,
-        "ServerAddress": "mail.contoso.com",
+        "Id": id, "SenderEmailAddress": format!("{id}@contoso.com"), "Password": password,
+        "ServiceUrl": "mail.contoso.com",
         "BpmEndpoint": "https://creatio.contoso.com/0/ServiceModel/ExchangeListenerService.svc/NewEmail",
     }]);
     parse_credentials_list(body.to_string().as_bytes())

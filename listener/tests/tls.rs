@@ -34,7 +34,7 @@ async fn world() -> (World, std::path::PathBuf) {
 async fn create(world: &World, listener: &Listener) {
     let creds = world.credentials("mbx-1", ALICE, "secret", "ProcessFullEmail");
     assert!(world.ews.ews_url().starts_with("https://"));
-    let (code, body) = listener.call("create", json!([creds]).to_string()).await;
+    let (code, body) = listener.send("create", &json!([creds])).await;
     assert_eq!(code, 200, "{body}");
 }
 
@@ -84,11 +84,9 @@ async fn a_certificate_from_an_unknown_ca_is_refused_with_a_clear_error() {
     .await;
     assert!(error.contains("UnknownIssuer"), "{error}");
     let (_, answer) = listener
-        .call(
+        .send(
             "validate",
-            world
-                .credentials("", ALICE, "secret", "ProcessFullEmail")
-                .to_string(),
+            &world.credentials("", ALICE, "secret", "ProcessFullEmail"),
         )
         .await;
     assert_eq!(answer["IsValid"], false);

@@ -5,8 +5,16 @@
 //! answer slowly, and to lie: take a mail and lose it, or record one twice, so that whoever
 //! checks deliveries can be shown to notice.
 //!
+//! Every callback is read as Creatio's WCF service reads it ([`wcf`]): one that Creatio
+//! would refuse, or that would make it throw, is answered `400` with the reason and recorded
+//! as a rejection, so a test sees the moment a callback drifts from the contract. [`calling`]
+//! writes the bodies of Creatio's own calls to the listener, as Creatio writes them.
+//!
 //! As a library it starts on any address and returns a [`MockCreatio`] handle; the binary is a
 //! thin wrapper.
+
+pub mod calling;
+pub mod wcf;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,10 +95,19 @@ pub struct Attempt {
     pub received: Instant,
 }
 
+/// A callback Creatio would not have read, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rejection {
+    pub operation: String,
+    pub reason: String,
+    pub body: serde_json::Value,
+}
+
 #[derive(Debug, Default)]
 struct Recorder {
     calls: Vec<Call>,
     attempts: Vec<Attempt>,
+    rejections: Vec<Rejection>,
     failure: Failure,
     mischief: Mischief,
 }
@@ -123,6 +140,7 @@ impl MockCreatio {
         let router = Router::new()
             .route(&format!("{SERVICE_PATH}/{{operation}}"), post(record))
             .route("/_control/calls", get(list).delete(clear))
+            .route("/_control/rejections", get(rejections))
             .route("/_control/failures", post(set_failures))
             .route("/_control/mischief", post(set_mischief))
             .route("/_control/stats", get(stats))
@@ -189,6 +207,11 @@ impl MockCreatio {
         self.shared.lock().stats()
     }
 
+    /// The callbacks refused because Creatio would not have read them, in arrival order.
+    pub fn rejections(&self) -> Vec<Rejection> {
+        self.shared.lock().rejections.clone()
+    }
+
     /// Every call that arrived, with the status it got, in arrival order.
     pub fn attempts(&self) -> Vec<Attempt> {
         self.shared.lock().attempts.clone()
@@ -248,6 +271,20 @@ async fn record(
                 .insert(axum::http::header::RETRY_AFTER, v.into());
         }
         return response;
+    }
+    if let Err(reason) = wcf::read(&operation, &body) {
+        tracing::warn!(operation = %operation, reason = %reason, "a callback Creatio would not read");
+        rec.attempts.push(Attempt {
+            operation: operation.clone(),
+            status: 400,
+            received: Instant::now(),
+        });
+        rec.rejections.push(Rejection {
+            operation,
+            reason: reason.clone(),
+            body,
+        });
+        return (StatusCode::BAD_REQUEST, reason).into_response();
     }
     rec.attempts.push(Attempt {
         operation: operation.clone(),
@@ -309,8 +346,11 @@ async fn list(State(shared): State<Shared>, Query(filter): Query<Filter>) -> Jso
 pub struct Stats {
     /// Recorded (answered 200) calls per operation.
     pub calls: std::collections::BTreeMap<String, u64>,
-    /// Calls answered with a failure.
+    /// Calls answered with a failure (injected, or a rejection).
     pub failed: u64,
+    /// Callbacks refused because Creatio would not have read them.
+    #[serde(default)]
+    pub rejected: u64,
 }
 
 impl Recorder {
@@ -320,12 +360,17 @@ impl Recorder {
             *stats.calls.entry(call.operation.clone()).or_default() += 1;
         }
         stats.failed = self.attempts.iter().filter(|a| a.status != 200).count() as u64;
+        stats.rejected = self.rejections.len() as u64;
         stats
     }
 }
 
 async fn stats(State(shared): State<Shared>) -> Json<Stats> {
     Json(shared.lock().stats())
+}
+
+async fn rejections(State(shared): State<Shared>) -> Json<Vec<Rejection>> {
+    Json(shared.lock().rejections.clone())
 }
 
 async fn clear(State(shared): State<Shared>) -> StatusCode {

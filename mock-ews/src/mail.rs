@@ -15,6 +15,10 @@ pub struct Attachment {
     pub content_type: String,
     /// The file's bytes, base64-encoded.
     pub content_base64: String,
+    /// A Content-ID (without angle brackets): the file is shown inline where the HTML body
+    /// links `cid:` to it.
+    #[serde(default)]
+    pub content_id: Option<String>,
 }
 
 /// A mail to put into a mailbox, as the control API and the library handle take it.
@@ -35,6 +39,12 @@ pub struct NewMail {
     pub attachments: Vec<Attachment>,
     /// The RFC 5322 Message-ID including angle brackets; generated when absent.
     pub message_id: Option<String>,
+    /// `In-Reply-To`: the Message-ID this mail answers.
+    pub in_reply_to: Option<String>,
+    /// `References`: the thread's Message-IDs, space-separated.
+    pub references: Option<String>,
+    /// `Importance`: `high`, `normal` or `low`.
+    pub importance: Option<String>,
 }
 
 /// A mail as the control API lists it: what the server holds, MIME in base64.
@@ -162,11 +172,14 @@ fn render_mime(id: &str, mail: &NewMail, message_id: &str, received: i64) -> Vec
         .take(24)
         .collect();
     let from = match &mail.from_name {
-        Some(name) => format!("{} <{}>", encode_word(name), mail.from),
+        Some(name) => format!("{} <{}>", display_name(name), mail.from),
         None => mail.from.clone(),
     };
+    let optional = |name: &str, value: Option<&str>| {
+        value.map_or(String::new(), |v| format!("{name}: {v}\r\n"))
+    };
     let mut out = format!(
-        "From: {from}\r\nTo: {}\r\n{}Subject: {}\r\nDate: {}\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n",
+        "From: {from}\r\nTo: {}\r\n{}Subject: {}\r\nDate: {}\r\nMessage-ID: {message_id}\r\n{}{}{}MIME-Version: 1.0\r\n",
         mail.to.join(", "),
         if mail.cc.is_empty() {
             String::new()
@@ -175,6 +188,9 @@ fn render_mime(id: &str, mail: &NewMail, message_id: &str, received: i64) -> Vec
         },
         encode_word(&mail.subject),
         clock::rfc5322(received),
+        optional("In-Reply-To", mail.in_reply_to.as_deref()),
+        optional("References", mail.references.as_deref()),
+        optional("Importance", mail.importance.as_deref()),
     );
     let alternative = format!("alt-{tag}");
     if mail.attachments.is_empty() {
@@ -192,8 +208,12 @@ fn render_mime(id: &str, mail: &NewMail, message_id: &str, received: i64) -> Vec
                 .chunks(76)
                 .map(|c| std::str::from_utf8(c).unwrap_or(""))
                 .collect();
+            let (disposition, content_id) = match &a.content_id {
+                Some(cid) => ("inline", format!("Content-ID: <{cid}>\r\n")),
+                None => ("attachment", String::new()),
+            };
             out.push_str(&format!(
-                "--{mixed}\r\nContent-Type: {}; name=\"{}\"\r\nContent-Disposition: attachment; filename=\"{}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n",
+                "--{mixed}\r\nContent-Type: {}; name=\"{}\"\r\nContent-Disposition: {disposition}; filename=\"{}\"\r\n{content_id}Content-Transfer-Encoding: base64\r\n\r\n{}\r\n",
                 a.content_type,
                 a.name,
                 a.name,
@@ -203,6 +223,21 @@ fn render_mime(id: &str, mail: &NewMail, message_id: &str, received: i64) -> Vec
         out.push_str(&format!("--{mixed}--\r\n"));
     }
     out.into_bytes()
+}
+
+/// A display name as RFC 5322 writes it: an encoded word when not ASCII, quoted when it holds
+/// a special character (a comma would split the address in two).
+fn display_name(name: &str) -> String {
+    let word = encode_word(name);
+    if word == name
+        && name.contains([
+            '"', '\\', ',', ';', ':', '<', '>', '@', '(', ')', '[', ']', '.',
+        ])
+    {
+        format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        word
+    }
 }
 
 /// An RFC 2047 encoded word for header text that is not plain printable ASCII.
@@ -283,6 +318,30 @@ mod tests {
     }
 
     #[test]
+    fn threads_importance_and_inline_files_are_written() {
+        let mime = mime(NewMail {
+            from: "bob@example.com".into(),
+            html: Some("<img src=\"cid:logo\">".into()),
+            in_reply_to: Some("<m0@example.com>".into()),
+            references: Some("<a@example.com> <m0@example.com>".into()),
+            importance: Some("high".into()),
+            attachments: vec![Attachment {
+                name: "logo.png".into(),
+                content_type: "image/png".into(),
+                content_base64: "iVBORw0K".into(),
+                content_id: Some("logo".into()),
+            }],
+            ..NewMail::default()
+        });
+        assert!(mime.contains("In-Reply-To: <m0@example.com>\r\n"));
+        assert!(mime.contains("References: <a@example.com> <m0@example.com>\r\n"));
+        assert!(mime.contains("Importance: high\r\n"));
+        assert!(mime.contains(
+            "Content-Disposition: inline; filename=\"logo.png\"\r\nContent-ID: <logo>\r\n"
+        ));
+    }
+
+    #[test]
     fn html_and_attachments_nest_multiparts() {
         let mime = mime(NewMail {
             from: "bob@example.com".into(),
@@ -293,6 +352,7 @@ mod tests {
                 name: "a.txt".into(),
                 content_type: "text/plain".into(),
                 content_base64: base64::engine::general_purpose::STANDARD.encode("x".repeat(100)),
+                content_id: None,
             }],
             ..NewMail::default()
         });

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use harness::http::{full_emails_delivered, get_json, post_json};
+use harness::http::{full_emails_delivered, get_json, post_creatio, post_json};
 use harness::process::{Binaries, Process, run_dir};
 use harness::redis::{Choice, Redis};
 use harness::run::{Options, collect, suite_dir, toml_files};
@@ -117,13 +117,15 @@ async fn demo(
             &json!({ "email": email, "password": "secret" }),
         )
         .await?;
-        let creds = json!([{
-            "Id": format!("mbx-{m}"), "SenderEmailAddress": email, "UserName": email,
-            "UserPassword": "secret", "UseSSL": false, "BpmEndpoint": endpoint,
-            "ServerAddress": format!("{}/EWS/Exchange.asmx", ews.base),
-        }]);
+        let creds = json!([mock_creatio::calling::credentials(
+            &format!("mbx-{m}"),
+            &email,
+            Some("secret"),
+            &format!("{}/EWS/Exchange.asmx", ews.base),
+            &endpoint,
+        )]);
         let to = &listeners[m % listeners.len()];
-        post_json(&http, &format!("{}/api/listeners/create", to.base), &creds).await?;
+        post_creatio(&http, &format!("{}/api/listeners/create", to.base), &creds).await?;
     }
 
     // Mail sent before a mailbox's first sync is its existing mail, not new: wait for all.

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::StreamExt as _;
-use harness::http::{full_emails_delivered, get_json, post_json, put_json};
+use harness::http::{full_emails_delivered, get_json, post_creatio, post_json, put_json};
 use harness::mocks;
 use harness::process::{Binaries, Process, Usage, run_dir};
 use harness::stats::Percentiles;
@@ -211,22 +211,26 @@ impl Rig {
         );
         let timings: Vec<anyhow::Result<f64>> = futures_util::stream::iter(0..n)
             .map(|i| {
-                let mut body = json!([{
-                    "Id": format!("bench-{i}"),
-                    "SenderEmailAddress": Self::email(i),
-                    "ServerAddress": ews_url,
-                    "UseSSL": false,
-                    "BpmEndpoint": endpoint,
-                    "SysAdminUnitName": "Supervisor",
-                }]);
-                if !self.service_account {
-                    body[0]["UserName"] = json!(Self::email(i));
-                    body[0]["UserPassword"] = json!("pw");
+                let password = (!self.service_account).then_some("pw");
+                let mut creds = mock_creatio::calling::credentials(
+                    &format!("bench-{i}"),
+                    &Self::email(i),
+                    password,
+                    &ews_url,
+                    &endpoint,
+                );
+                if self.service_account {
+                    creds["UserName"] = serde_json::Value::Null;
                 }
+                let body = json!([creds]);
                 async move {
                     let sent = Instant::now();
-                    self.post(format!("{}/api/listeners/create", self.listener.base), body)
-                        .await?;
+                    post_creatio(
+                        &self.http,
+                        &format!("{}/api/listeners/create", self.listener.base),
+                        &body,
+                    )
+                    .await?;
                     Ok(sent.elapsed().as_secs_f64() * 1000.0)
                 }
             })

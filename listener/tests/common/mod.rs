@@ -108,11 +108,25 @@ impl Listener {
         }
     }
 
-    /// POSTs a Creatio call; answers the status and the body (JSON, or a string).
+    /// POSTs a Creatio call with `body` written as Creatio writes it (names unquoted);
+    /// answers the status and the body (JSON, or a string).
+    pub async fn send(&self, action: &str, body: &Value) -> (u16, Value) {
+        self.call(action, mock_creatio::calling::unquoted(body))
+            .await
+    }
+
+    /// POSTs a Creatio call with this body as it is; answers the status and the body (JSON,
+    /// or a string).
     pub async fn call(&self, action: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        self.post(&format!("/api/listeners/{action}"), body).await
+    }
+
+    /// POSTs this body as it is to `path`; answers the status and the body (JSON, or a
+    /// string).
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
         let resp = self
             .http
-            .post(format!("{}/api/listeners/{action}", self.base))
+            .post(format!("{}{path}", self.base))
             .header("Content-Type", "application/json; charset=utf-8")
             .body(body)
             .send()
@@ -138,9 +152,7 @@ impl Listener {
     }
 
     pub async fn state_of(&self, id: &str) -> String {
-        let (status, body) = self
-            .call("subscriptionsState", json!([id]).to_string())
-            .await;
+        let (status, body) = self.send("subscriptionsstate", &json!([id])).await;
         assert_eq!(status, 200, "{body}");
         body[id]["State"].as_str().unwrap_or("").to_owned()
     }
@@ -203,17 +215,13 @@ impl World {
 
     /// A credentials object as Creatio sends it.
     pub fn credentials(&self, id: &str, email: &str, password: &str, operation: &str) -> Value {
-        json!({
-            "Id": id,
-            "SenderEmailAddress": email,
-            "UserName": email,
-            "UserPassword": password,
-            "ServerAddress": self.ews.ews_url(),
-            "UseSSL": false,
-            "BpmEndpoint": self.creatio.url(operation),
-            "SysAdminUnitName": "Supervisor",
-            "TimeZoneId": "UTC",
-        })
+        mock_creatio::calling::credentials(
+            id,
+            email,
+            Some(password),
+            &self.ews.ews_url(),
+            &self.creatio.url(operation),
+        )
     }
 
     /// Creates the mailbox in mock-ews and in the listener, and waits until it streams.
@@ -226,9 +234,9 @@ impl World {
     pub async fn create(&self, listener: &Listener, id: &str, email: &str, operation: &str) {
         let streams_before = self.ews.stats().open_streams;
         let (status, body) = listener
-            .call(
+            .send(
                 "create",
-                json!([self.credentials(id, email, "secret", operation)]).to_string(),
+                &json!([self.credentials(id, email, "secret", operation)]),
             )
             .await;
         assert_eq!(status, 200, "{body}");

@@ -1,0 +1,436 @@
+//! Creatio's real contract, end to end: the golden bodies of `fixtures/creatio/requests/`,
+//! written as Creatio writes them, on every path Creatio calls; every callback the listener
+//! makes read by mock-creatio as Creatio's WCF service reads it, and shaped exactly like the
+//! golden callbacks of `fixtures/creatio/callbacks/`.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{Listener, PATIENCE, World, eventually};
+use mock_ews::{Attachment, NewMail};
+use serde_json::{Value, json};
+
+const MAILBOX: &str = "8f0e2a6c-1d4b-4c36-9f1e-6a0b1c2d3e4f";
+const ALICE: &str = "alice@contoso.example";
+
+fn fixture(path: &str) -> String {
+    let file: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests/fixtures/creatio", path]
+        .iter()
+        .collect();
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
+/// A request fixture with the test's addresses filled in.
+fn request(world: &World, name: &str) -> String {
+    fixture(&format!("requests/{name}.txt"))
+        .replace("{EWS}", &world.ews.ews_url())
+        .replace("{CALLBACK}", &world.creatio.url("ProcessFullEmail"))
+        .replace("{MAILBOX}", MAILBOX)
+}
+
+fn golden(operation: &str) -> Value {
+    serde_json::from_str(&fixture(&format!("callbacks/{operation}.json"))).unwrap()
+}
+
+/// Where `actual` differs from `expected` in shape: member names and JSON types, arrays by
+/// their items' shape where both have items.
+fn shape_differences(path: &str, expected: &Value, actual: &Value) -> Vec<String> {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            let mut out = Vec::new();
+            for (k, ev) in e {
+                match a.get(k) {
+                    Some(av) => out.extend(shape_differences(&format!("{path}.{k}"), ev, av)),
+                    None => out.push(format!("{path}.{k} missing")),
+                }
+            }
+            out.extend(
+                a.keys()
+                    .filter(|k| !e.contains_key(*k))
+                    .map(|k| format!("{path}.{k} not in the contract")),
+            );
+            out
+        }
+        (Value::Array(e), Value::Array(a)) => match (e.first(), a.first()) {
+            (Some(ev), Some(_)) => a
+                .iter()
+                .enumerate()
+                .flat_map(|(i, av)| shape_differences(&format!("{path}[{i}]"), ev, av))
+                .collect(),
+            _ => Vec::new(),
+        },
+        (Value::String(_), Value::String(_))
+        | (Value::Bool(_), Value::Bool(_))
+        | (Value::Number(_), Value::Number(_)) => Vec::new(),
+        _ => vec![format!("{path}: {expected} but {actual}")],
+    }
+}
+
+fn assert_shaped_like_golden(operation: &str, actual: &Value) {
+    let differences = shape_differences(operation, &golden(operation), actual);
+    assert!(differences.is_empty(), "{differences:#?}\nin {actual:#}");
+}
+
+fn subscribes(world: &World) -> u64 {
+    world
+        .ews
+        .stats()
+        .requests
+        .get("Subscribe")
+        .copied()
+        .unwrap_or(0)
+}
+
+fn assert_nothing_rejected(world: &World) {
+    let rejected = world.creatio.rejections();
+    assert!(
+        rejected.is_empty(),
+        "callbacks Creatio would refuse: {rejected:#?}"
+    );
+}
+
+#[test]
+fn the_golden_callbacks_are_what_creatio_reads() {
+    for op in mock_creatio::OPERATIONS {
+        mock_creatio::wcf::read(op, &golden(op)).unwrap_or_else(|e| panic!("{op}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn creatio_written_requests_work_on_every_path_at_the_root_and_the_ingress_path() {
+    let world = World::start().await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    let listener = Listener::spawn(&["--base-path", "/exchangelistener"]).await;
+    let post = async |path: &str, body: String| {
+        let resp = listener
+            .http
+            .post(format!("{}{path}", listener.base))
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, text)
+    };
+
+    let (code, text) = post(
+        "/exchangelistener/api/listeners/create",
+        request(&world, "create"),
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    eventually("the mailbox to stream", PATIENCE, async || {
+        (world.ews.stats().open_streams > 0).then_some(())
+    })
+    .await;
+    for path in [
+        "/api/listeners/subscriptionsstate",
+        "/exchangelistener/api/listeners/subscriptionsstate",
+    ] {
+        let (code, text) = post(path, request(&world, "subscriptionsstate")).await;
+        assert_eq!(code, 200, "{text}");
+        let states: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            states,
+            json!({MAILBOX: {"State": "exists"},
+                "6a1d0c44-0d4e-4a55-8a3c-0f1e2d3c4b5a": {"State": "notExists"}})
+        );
+    }
+    for path in [
+        "/api/listeners/exists",
+        "/exchangelistener/api/listeners/exists",
+        "/api/listeners/status",
+    ] {
+        let (code, body) = listener.get(path).await;
+        assert_eq!(code, 200, "{path}");
+        assert_eq!(body["ServiceStatus"], "Started", "{path}");
+        assert_eq!(body["Version"], env!("CARGO_PKG_VERSION"), "{path}");
+    }
+    for path in [
+        "/api/mailbox/validate",
+        "/exchangelistener/api/mailbox/validate",
+        "/api/listeners/validate",
+    ] {
+        let (code, text) = post(path, request(&world, "validate")).await;
+        assert_eq!(code, 200, "{path}: {text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer["IsValid"], true, "{path}: {answer}");
+        let data: Value = serde_json::from_str(answer["Data"].as_str().unwrap()).unwrap();
+        assert_eq!(data, json!({"MailboxName": ALICE}), "{path}");
+    }
+    for path in [
+        "/api/availability/app",
+        "/exchangelistener/api/availability/app",
+    ] {
+        assert_eq!(
+            post(path, request(&world, "availability")).await,
+            (200, "pong".to_owned()),
+            "{path}"
+        );
+    }
+    // Creatio's minute loop sends the same mailbox again: nothing restarts.
+    let subscribes_before = subscribes(&world);
+    for action in ["recreate", "update"] {
+        let path = format!("/exchangelistener/api/listeners/{action}");
+        assert_eq!(post(&path, request(&world, "create")).await.0, 200);
+    }
+
+    // A mail with everything Creatio reads: thread, importance, an inline image, a file.
+    world
+        .ews
+        .inject(
+            ALICE,
+            NewMail {
+                from: "bob@example.com".into(),
+                from_name: Some("Smith, Bob".into()),
+                cc: vec!["carol@example.com".into()],
+                subject: "Quarterly report".into(),
+                body: "See the logo".into(),
+                html: Some("<p>See <img src=\"cid:logo@contoso\"></p>".into()),
+                message_id: Some("<r1@example.com>".into()),
+                in_reply_to: Some("<r0@example.com>".into()),
+                references: Some("<q@example.com> <r0@example.com>".into()),
+                importance: Some("high".into()),
+                attachments: vec![
+                    Attachment {
+                        name: "logo.png".into(),
+                        content_type: "image/png".into(),
+                        content_base64: "iVBORw0K".into(),
+                        content_id: Some("logo@contoso".into()),
+                    },
+                    Attachment {
+                        name: "report.pdf".into(),
+                        content_type: "application/pdf".into(),
+                        content_base64: "JVBERi0=".into(),
+                        content_id: None,
+                    },
+                ],
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    let call = eventually("the mail at Creatio", PATIENCE, async || {
+        world.creatio.calls_of("ProcessFullEmail").pop()
+    })
+    .await;
+    assert_nothing_rejected(&world);
+    assert_shaped_like_golden("ProcessFullEmail", &call.body);
+    let info = &call.body["SubscriptionInfo"];
+    assert_eq!(info["MailboxId"], MAILBOX);
+    assert_eq!(info["WorkspaceName"], "Default");
+    assert_eq!(info["TimeZoneId"], "FLE Standard Time");
+    let email = &call.body["Emails"][0];
+    assert_eq!(email["Sender"], "\"Smith, Bob\" <bob@example.com>");
+    assert_eq!(email["Recepients"], json!([ALICE]));
+    assert_eq!(email["CopyRecepients"], json!(["carol@example.com"]));
+    assert_eq!(email["BlindCopyRecepients"], json!([]));
+    assert_eq!(email["IsHtmlBody"], true);
+    assert_eq!(email["Importance"], 2);
+    assert_eq!(email["MessageId"], "<r1@example.com>");
+    assert_eq!(email["InReplyTo"], "<r0@example.com>");
+    assert_eq!(email["References"], "<q@example.com> <r0@example.com>");
+    let headers: Vec<&str> = email["Headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        headers.contains(&"In-Reply-To=<r0@example.com>"),
+        "{headers:?}"
+    );
+    assert!(headers.contains(&"Importance=high"), "{headers:?}");
+    assert_eq!(
+        email["Attachments"],
+        json!([
+            {"Id": "logo@contoso", "Name": "logo.png", "Base64Data": "iVBORw0K", "IsInline": true},
+            {"Id": "", "Name": "report.pdf", "Base64Data": "JVBERi0=", "IsInline": false},
+        ])
+    );
+    assert!(
+        email["Body"]
+            .as_str()
+            .unwrap()
+            .contains("<img src=\"cid:logo@contoso\">"),
+        "the body's cid: link names the attachment's Id"
+    );
+    assert_eq!(
+        subscribes(&world),
+        subscribes_before,
+        "a Recreate or Update with the same settings restarts nothing"
+    );
+
+    let (code, _) = post(
+        "/exchangelistener/api/listeners/close",
+        request(&world, "close"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(listener.state_of(MAILBOX).await, "notExists");
+}
+
+#[tokio::test]
+async fn new_email_state_and_token_callbacks_have_creatios_shape() {
+    let world = World::start().await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    world
+        .ews
+        .create_mailbox("bob@contoso.example", "secret")
+        .unwrap();
+    let listener = Listener::spawn(&["--failed-retry-base-secs", "60"]).await;
+
+    world.create(&listener, "mbx-new", ALICE, "NewEmail").await;
+    let sent = world
+        .ews
+        .inject(
+            ALICE,
+            NewMail {
+                from: "bob@example.com".into(),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    let call = eventually("a NewEmail call", PATIENCE, async || {
+        world.creatio.calls_of("NewEmail").pop()
+    })
+    .await;
+    assert_shaped_like_golden("NewEmail", &call.body);
+    assert_eq!(call.body["newEvent"]["uniqueIds"], json!([sent.item_id]));
+    assert_eq!(call.body["newEvent"]["id"], "mbx-new");
+
+    let mut wrong = world.credentials(
+        "mbx-wrong",
+        "bob@contoso.example",
+        "wrong",
+        "ProcessFullEmail",
+    );
+    wrong["Context"] = json!("{UserRequested:true,HasError:false}");
+    let mut token = world.credentials("mbx-token", ALICE, "", "ProcessFullEmail");
+    token["UseOAuth"] = json!(true);
+    token["AccessToken"] = json!("expired-token");
+    assert_eq!(listener.send("create", &json!([wrong, token])).await.0, 200);
+    let state = eventually("a ProcessMailboxState call", PATIENCE, async || {
+        world
+            .creatio
+            .calls_of("ProcessMailboxState")
+            .into_iter()
+            .find(|c| c.body["MailboxId"] == "mbx-wrong")
+    })
+    .await;
+    assert_shaped_like_golden("ProcessMailboxState", &state.body);
+    assert_eq!(state.body["MailboxId"], "mbx-wrong");
+    assert_eq!(state.body["Avaliable"], false);
+    assert_eq!(state.body["Context"], "{UserRequested:true,HasError:false}");
+    let refresh = eventually("a RefreshToken call", PATIENCE, async || {
+        world.creatio.calls_of("RefreshToken").pop()
+    })
+    .await;
+    assert_shaped_like_golden("RefreshToken", &refresh.body);
+    assert_eq!(refresh.body["MailboxId"], "mbx-token");
+    assert_eq!(refresh.body["BpmUserWorkspace"], "Default");
+    assert_nothing_rejected(&world);
+}
+
+#[tokio::test]
+async fn an_availability_check_names_what_fails() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    let check = async |url: &str| {
+        listener
+            .post("/api/availability/app", json!(url).to_string())
+            .await
+    };
+    assert_eq!(
+        check(&world.creatio.url("ProcessFullEmail")).await,
+        (200, json!("pong"))
+    );
+    let (code, answer) =
+        check("http://127.0.0.1:1/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail")
+            .await;
+    assert_eq!(code, 200);
+    let text = answer.as_str().unwrap();
+    assert!(
+        text.starts_with("Creatio is not reachable from the listener"),
+        "{text}"
+    );
+    let (code, answer) = check("http://169.254.169.254/latest").await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("callback URL host 169.254.169.254 is a link-local address")
+    );
+    let (code, answer) = listener.post("/api/availability/app", "{}").await;
+    assert_eq!(code, 400, "{answer}");
+
+    let locked = Listener::spawn(&["--creatio-hosts", "crm.contoso.com"]).await;
+    let (code, answer) = locked
+        .post(
+            "/api/availability/app",
+            json!(world.creatio.url("ProcessFullEmail")).to_string(),
+        )
+        .await;
+    assert_eq!(code, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("--creatio-hosts"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn an_imap_mailbox_is_accepted_shown_and_reported_unsupported() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    let mut imap = world.credentials("mbx-imap", ALICE, "secret", "ProcessFullEmail");
+    imap["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
+    imap["ServiceUrl"] = json!("imap.contoso.example");
+    imap["Port"] = json!(993);
+    assert_eq!(listener.send("create", &json!([imap])).await.0, 200);
+    let report = eventually("Creatio told", PATIENCE, async || {
+        world.creatio.calls_of("ProcessMailboxState").pop()
+    })
+    .await;
+    assert_eq!(report.body["Avaliable"], false);
+    assert_eq!(
+        report.body["ExceptionClassName"],
+        "MailServerTypeNotSupported"
+    );
+    let (code, view) = listener.get("/api/listeners/mbx-imap").await;
+    assert_eq!(code, 200);
+    assert_eq!(view["ServerType"], "IMAP", "{view}");
+    assert_eq!(view["Status"]["State"], "Failed", "{view}");
+    assert_eq!(listener.state_of("mbx-imap").await, "failed");
+    assert_eq!(subscribes(&world), 0);
+
+    let (_, answer) = listener
+        .post(
+            "/api/mailbox/validate",
+            mock_creatio::calling::unquoted(&imap),
+        )
+        .await;
+    assert_eq!(answer["IsValid"], false);
+    assert!(
+        answer["Message"].as_str().unwrap().contains("IMAP"),
+        "{answer}"
+    );
+
+    let mut unknown = imap.clone();
+    unknown["ServerTypeId"] = json!("11111111-2222-3333-4444-555555555555");
+    let (code, answer) = listener.send("create", &json!([unknown])).await;
+    assert_eq!(code, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("ServerTypeId "),
+        "{answer}"
+    );
+    assert_nothing_rejected(&world);
+}
