@@ -178,7 +178,7 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_ALLOW_LINK_LOCAL")]
     pub allow_link_local: bool,
 
-    /// Exchange hosts mailboxes may name in ServerAddress, comma-separated (`mail.contoso.com`,
+    /// Exchange hosts mailboxes may name in ServiceUrl, comma-separated (`mail.contoso.com`,
     /// `*.contoso.com`); any host when empty.
     #[arg(long, env = "EXCHANGE_LISTENER_EXCHANGE_HOSTS", value_delimiter = ',')]
     pub exchange_hosts: Vec<String>,

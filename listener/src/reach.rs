@@ -1,4 +1,4 @@
-//! Where the listener may connect. Creatio's calls name the addresses (`ServerAddress`,
+//! Where the listener may connect. Creatio's calls name the addresses (`ServiceUrl`,
 //! `BpmEndpoint`), and the API is open: it must not become a way to reach a cloud's metadata
 //! service, or any host an administrator did not mean.
 //!
