@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use crate::contract::{self, ContractError, ServerType};
-use crate::ews_client::{EwsClient, EwsFailure, Limits, Servers};
+use crate::ews_client::{EwsClient, EwsFailure, Limits, Servers, error_chain};
 use crate::metrics::Metrics;
 use crate::reach::Reach;
 use crate::store::StoreError;
@@ -235,7 +235,7 @@ async fn availability(State(state): State<ApiState>, body: Bytes) -> Result<Resp
         ),
         Err(e) => format!(
             "Creatio is not reachable from the listener: {}",
-            reason(&e.without_url())
+            error_chain(&e.without_url())
         ),
     };
     if answer != "pong" {
@@ -249,20 +249,6 @@ async fn availability(State(state): State<ApiState>, body: Bytes) -> Result<Resp
         answer,
     )
         .into_response())
-}
-
-/// An error and its causes in one line.
-fn reason(e: &dyn std::error::Error) -> String {
-    let mut why = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !why.contains(&text) {
-            why = format!("{why}: {text}");
-        }
-        source = cause.source();
-    }
-    why
 }
 
 /// Logs in to EWS with the credentials and reads the inbox.

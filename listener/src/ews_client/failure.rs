@@ -161,9 +161,13 @@ pub(super) fn transport(e: reqwest::Error) -> EwsFailure {
     };
     // reqwest says "error sending request"; the cause (a refused certificate, a reset) is in
     // the chain, and is what an administrator needs to read.
-    let e = e.without_url();
+    EwsFailure::Transport(format!("{kind}: {}", error_chain(&e.without_url())))
+}
+
+/// An error and its causes in one line, each cause said once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut why = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(cause) = source {
         let text = cause.to_string();
         if !why.contains(&text) {
@@ -171,7 +175,7 @@ pub(super) fn transport(e: reqwest::Error) -> EwsFailure {
         }
         source = cause.source();
     }
-    EwsFailure::Transport(format!("{kind}: {why}"))
+    why
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ mod failure;
 mod servers;
 
 use failure::transport;
-pub use failure::{Disposition, EwsFailure, ItemFate, item_fate};
+pub use failure::{Disposition, EwsFailure, ItemFate, error_chain, item_fate};
 use servers::LaneGuard;
 pub use servers::{ClientFactory, Lanes, Servers};
 
