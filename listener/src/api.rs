@@ -187,10 +187,7 @@ async fn mailbox_validate(
         ServerType::Exchange => validate(&state, &creds).await,
         other => (
             false,
-            format!(
-                "{} mailboxes are not supported by this listener yet",
-                other.name()
-            ),
+            validation_message(&EwsFailure::unsupported_server(other)),
         ),
     };
     tracing::info!(mailbox = %creds.sender_email, valid, "credentials validated");

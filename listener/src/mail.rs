@@ -25,21 +25,21 @@ pub fn to_email(item_id: &str, msg: Message) -> Email {
     if let Some(id) = msg.internet_message_id.filter(|id| !id.trim().is_empty()) {
         email.message_id = id;
     }
-    if email.message_id.is_empty() {
-        email.message_id = format!("<{item_id}@exchange-listener.invalid>");
-    }
-    if email.send_date_time_stamp == 0 {
-        let sent = msg.date_time_sent.or(msg.date_time_received);
-        email.send_date_time_stamp = sent
+    if email.send_date_time_stamp == 0
+        && let Some(ms) = msg
+            .date_time_sent
+            .or(msg.date_time_received)
             .as_deref()
             .and_then(parse_xs_datetime)
-            .map_or_else(crate::contract::ticks_now, ticks_from_unix_ms);
+    {
+        email.send_date_time_stamp = ticks_from_unix_ms(ms);
     }
     if parsed.as_ref().is_none_or(|m| importance_of(m).is_none())
         && let Some(i) = msg.importance.as_deref().and_then(Importance::from_text)
     {
         email.importance = i;
     }
+    fill_gaps(&mut email);
     email
 }
 
@@ -53,13 +53,19 @@ pub fn email_from_mime(item_id: &str, mime: &[u8]) -> Email {
             ..Email::default()
         },
     };
+    fill_gaps(&mut email);
+    email
+}
+
+/// What Creatio cannot do without: a Message-ID (its de-duplication key; one stable per item
+/// when the mail has none) and a send date (now, when nothing says when).
+fn fill_gaps(email: &mut Email) {
     if email.message_id.is_empty() {
-        email.message_id = format!("<{item_id}@exchange-listener.invalid>");
+        email.message_id = format!("<{}@exchange-listener.invalid>", email.id);
     }
     if email.send_date_time_stamp == 0 {
         email.send_date_time_stamp = crate::contract::ticks_now();
     }
-    email
 }
 
 fn from_mime(item_id: &str, m: &mail_parser::Message<'_>) -> Email {
@@ -72,7 +78,7 @@ fn from_mime(item_id: &str, m: &mail_parser::Message<'_>) -> Email {
         .unwrap_or_default()
     };
     let (body, is_html_body) = match m.body_html(0) {
-        Some(html) if m.html_body_count() > 0 && has_html_part(m) => (html.into_owned(), true),
+        Some(html) if has_html_part(m) => (html.into_owned(), true),
         _ => (
             m.body_text(0).map(|t| t.into_owned()).unwrap_or_default(),
             false,

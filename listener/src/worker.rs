@@ -155,10 +155,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
         };
         if creds.server_type != ServerType::Exchange {
             // Accepted and shown, not yet served: Creatio hears why.
-            let f = EwsFailure::Unsupported(format!(
-                "{} mailboxes are not supported by this listener yet",
-                creds.server_type.name()
-            ));
+            let f = EwsFailure::unsupported_server(creds.server_type);
             report_unavailable(&ctx, &creds, &f).await;
             cancel.cancelled().await;
             return;

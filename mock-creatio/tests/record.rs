@@ -5,6 +5,21 @@ use serde_json::{Value, json};
 
 const TICKS: i64 = 638_501_544_000_000_000;
 
+/// GETs one of mock-creatio's control paths and reads its JSON.
+async fn control<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    creatio: &MockCreatio,
+    path: &str,
+) -> T {
+    http.get(format!("http://{}{path}", creatio.addr()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A `NewEmail` call as Creatio reads it.
 fn new_email(id: &str) -> String {
     json!({"newEvent": {"uniqueIds": ["AAMk"], "id": id, "sysAdminUnit": "Supervisor",
@@ -69,27 +84,10 @@ async fn records_calls_and_fails_on_demand() {
     assert_eq!(calls[0].operation, "NewEmail");
     assert_eq!(calls[0].body["newEvent"]["id"], "m1");
 
-    let listed: serde_json::Value = http
-        .get(format!(
-            "http://{}/_control/calls?operation=NewEmail",
-            creatio.addr()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = control(&http, &creatio, "/_control/calls?operation=NewEmail").await;
     assert_eq!(listed.as_array().unwrap().len(), 1);
 
-    let stats: mock_creatio::Stats = http
-        .get(format!("http://{}/_control/stats", creatio.addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: mock_creatio::Stats = control(&http, &creatio, "/_control/stats").await;
     assert_eq!(stats.calls.get("NewEmail"), Some(&1));
     assert_eq!(stats.failed, 1);
     assert_eq!(stats, creatio.stats());
@@ -158,14 +156,8 @@ async fn refuses_what_creatio_would_not_read_and_says_why() {
         assert_eq!(answer.status(), 400);
     }
     assert!(creatio.calls().is_empty());
-    let listed: Vec<mock_creatio::Rejection> = http
-        .get(format!("http://{}/_control/rejections", creatio.addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Vec<mock_creatio::Rejection> =
+        control(&http, &creatio, "/_control/rejections").await;
     let reasons: Vec<&str> = listed.iter().map(|r| r.reason.as_str()).collect();
     assert!(reasons[0].contains("SendDateTimeStamp") && reasons[0].contains("ticks"));
     assert!(reasons[1].contains("Headers is null"));

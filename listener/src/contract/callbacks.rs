@@ -22,11 +22,7 @@ pub fn ticks_from_unix_ms(unix_ms: i64) -> i64 {
 
 /// .NET ticks, UTC, now.
 pub fn ticks_now() -> i64 {
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    ticks_from_unix_ms(unix_ms)
+    ticks_from_unix_ms(crate::mail::unix_now_ms())
 }
 
 /// Creatio's `Importance`, written as its integer.

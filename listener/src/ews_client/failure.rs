@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ews::EwsError;
 
+use crate::contract::ServerType;
 use crate::store::StoreError;
 
 /// Why an EWS call did not succeed. Displays carry no secrets.
@@ -105,6 +106,14 @@ pub fn item_fate(code: &str) -> ItemFate {
 }
 
 impl EwsFailure {
+    /// A mailbox on a kind of server this listener does not serve yet.
+    pub fn unsupported_server(kind: ServerType) -> EwsFailure {
+        EwsFailure::Unsupported(format!(
+            "{} mailboxes are not supported by this listener yet",
+            kind.name()
+        ))
+    }
+
     pub fn disposition(&self) -> Disposition {
         match self {
             EwsFailure::Unauthorized
