@@ -625,8 +625,8 @@ async fn watch(sh: Shared, stop: Arc<AtomicBool>) {
     }
 }
 
-/// Creatio's failover loop: asks `subscriptionsState` for the open mailboxes and creates
-/// again those that are not `exists`.
+/// Creatio's failover loop: asks `subscriptionsstate` for the open mailboxes and creates
+/// again (Recreate) those that are not `exists`.
 async fn creatio_loop(
     sh: Shared,
     every: Duration,

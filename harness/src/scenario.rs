@@ -30,8 +30,8 @@ pub struct Scenario {
     pub mailboxes: Mailboxes,
     #[serde(default)]
     pub mail: Mail,
-    /// Creatio's own loop: every so often it asks `subscriptionsState` for its mailboxes and
-    /// creates again those that are not `exists`.
+    /// Creatio's own loop: every so often it asks `subscriptionsstate` for its mailboxes and
+    /// creates again (Recreate) those that are not `exists`.
     #[serde(default)]
     pub creatio_loop: Option<CreatioLoop>,
     #[serde(default, rename = "at")]

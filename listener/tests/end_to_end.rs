@@ -410,7 +410,7 @@ async fn the_api_answers_under_the_ingress_path_too() {
     let answer = listener
         .http
         .post(format!(
-            "{}/exchangelistener/api/listeners/subscriptionsState",
+            "{}/exchangelistener/api/listeners/subscriptionsstate",
             listener.base
         ))
         .header("Content-Type", "application/json")

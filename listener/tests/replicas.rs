@@ -138,7 +138,7 @@ async fn three_replicas_spread_150_mailboxes_and_any_one_answers_for_all() {
     // Any replica answers for any mailbox.
     let ids: Vec<String> = (0..150).map(id).collect();
     for listener in &r {
-        let (code, states) = listener.send("subscriptionsState", &json!(ids)).await;
+        let (code, states) = listener.send("subscriptionsstate", &json!(ids)).await;
         assert_eq!(code, 200);
         assert!(
             ids.iter().all(|i| states[i]["State"] == "exists"),
@@ -270,7 +270,7 @@ async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
     )
     .await;
     let ids: Vec<String> = (0..10).map(id).collect();
-    let (_, states) = r[0].send("subscriptionsState", &json!(ids)).await;
+    let (_, states) = r[0].send("subscriptionsstate", &json!(ids)).await;
     assert!(
         ids.iter().all(|i| states[i]["State"] == "exists"),
         "{states}"

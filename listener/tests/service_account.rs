@@ -296,7 +296,7 @@ async fn a_rejected_service_account_is_probed_not_retried_by_every_mailbox() {
     .await;
     let ids: Vec<String> = (0..count).map(|i| format!("mbx-{i}")).collect();
     eventually("every mailbox failed", PATIENCE, async || {
-        let (_, body) = listener.send("subscriptionsState", &json!(ids)).await;
+        let (_, body) = listener.send("subscriptionsstate", &json!(ids)).await;
         ids.iter()
             .all(|id| body[id]["State"] == "failed")
             .then_some(())
