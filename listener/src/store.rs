@@ -69,6 +69,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records the credentials a mailbox should run with. Equal credentials change nothing;
     /// new ones start a new generation and a fresh status (counters are kept), and keep the
     /// delivered set and sync state, so a recreated mailbox catches up on what arrived meanwhile.
+    /// A mailbox not open before gets [`SyncCursor::new_mailbox`] as of now.
     fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()>;
     /// Forgets a mailbox (its dead letters are kept); false if it was unknown.
     fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool>;
@@ -87,11 +88,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Notes that Exchange announced new mail for the mailbox, now.
     fn note_event<'a>(&'a self, id: &'a str) -> Stored<'a, ()>;
     fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>>;
-    /// Stores where the catch-up stands, as of now, if `fence` still holds the lease.
+    /// Stores where the catch-up stands, if `fence` still holds the lease.
     fn set_sync_state<'a>(
         &'a self,
         id: &'a str,
-        state: &'a str,
+        cursor: &'a SyncCursor,
         fence: &'a Fence,
     ) -> Stored<'a, ()>;
     /// True if this item was neither delivered nor dead-lettered before for this mailbox.
@@ -297,13 +298,68 @@ impl Default for SeenLimits {
     }
 }
 
-/// Where a mailbox's inbox sync stands, and since when.
+/// Where a mailbox's inbox sync stands, and what is still owed to Creatio. A mailbox created
+/// anew starts in [`SyncPhase::Baseline`] with the moment Creatio asked for it, so mail that
+/// arrives before its first sync is delivered, not taken for old mail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncCursor {
-    /// Exchange's SyncFolderItems state.
+    /// Exchange's SyncFolderItems state; empty before a baseline's first page.
     pub state: String,
-    /// When the server last gave it: everything received before then was seen.
+    /// When the request that gave `state` was sent (this process's clock): everything the
+    /// inbox received before then was seen.
     pub at_unix_ms: i64,
+    pub phase: SyncPhase,
+}
+
+/// What a mailbox's catch-up is doing, kept in the store so an interruption (a failure, an
+/// Update, a lease moving, a shutdown) resumes it instead of starting over or skipping it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPhase {
+    /// Every item after the state is new.
+    Live,
+    /// The inbox as it stands is being listed, page by page: none of it is new. Once
+    /// listed, mail received since `recover_since_unix_ms` is recovered, if set.
+    Baseline { recover_since_unix_ms: Option<i64> },
+    /// The baseline is complete; mail received since then is still to be delivered (what was
+    /// delivered before is filtered out).
+    Recovering { since_unix_ms: i64 },
+}
+
+impl SyncCursor {
+    /// A new mailbox's cursor: list the inbox, then deliver what arrived since `asked_unix_ms`.
+    pub fn new_mailbox(asked_unix_ms: i64) -> Self {
+        SyncCursor {
+            state: String::new(),
+            at_unix_ms: asked_unix_ms,
+            phase: SyncPhase::Baseline {
+                recover_since_unix_ms: Some(asked_unix_ms),
+            },
+        }
+    }
+
+    /// The phase as stored: its name, and its moment if it has one.
+    pub fn phase_fields(&self) -> (&'static str, Option<i64>) {
+        match self.phase {
+            SyncPhase::Live => ("live", None),
+            SyncPhase::Baseline {
+                recover_since_unix_ms,
+            } => ("baseline", recover_since_unix_ms),
+            SyncPhase::Recovering { since_unix_ms } => ("recovering", Some(since_unix_ms)),
+        }
+    }
+
+    /// The phase from its stored fields; a cursor stored without one is live.
+    pub fn phase_from_fields(name: Option<&str>, since: Option<i64>) -> SyncPhase {
+        match (name, since) {
+            (Some("baseline"), since) => SyncPhase::Baseline {
+                recover_since_unix_ms: since,
+            },
+            (Some("recovering"), Some(since)) => SyncPhase::Recovering {
+                since_unix_ms: since,
+            },
+            _ => SyncPhase::Live,
+        }
+    }
 }
 
 /// The digest under which an item id is remembered; stable across processes and versions.

@@ -48,6 +48,11 @@ pub trait Exchange: Send + Sync {
         subscription_id: &'a str,
         timeout_minutes: u8,
     ) -> Answer<'a, Box<dyn Events>>;
+    /// How far the server's clock is ahead of this process's, at most (its answers' `Date`);
+    /// `None` until it said.
+    fn clock_offset_ms(&self) -> Option<i64> {
+        None
+    }
     /// How much longer than a call `open_stream` may take: a shared stream first waits for
     /// its group to gather.
     fn open_allowance(&self) -> Duration {
@@ -165,6 +170,10 @@ impl Exchange for Grouped {
     fn open_allowance(&self) -> Duration {
         crate::stream_groups::FORM_MAX
     }
+
+    fn clock_offset_ms(&self) -> Option<i64> {
+        self.client.clock_offset_ms()
+    }
 }
 
 impl Exchange for EwsClient {
@@ -206,6 +215,10 @@ impl Exchange for EwsClient {
             Ok(Box::new(stream) as Box<dyn Events>)
         }
         .boxed()
+    }
+
+    fn clock_offset_ms(&self) -> Option<i64> {
+        EwsClient::clock_offset_ms(self)
     }
 }
 

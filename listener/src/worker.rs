@@ -25,7 +25,9 @@ use crate::ews_client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 use crate::gate::Gate;
 use crate::mail::{parse_xs_datetime, to_email, unix_now_ms};
 use crate::metrics::Metrics;
-use crate::store::{Counter, DeadLetter, Fence, Outcome, Store, StoreError, WorkerState};
+use crate::store::{
+    Counter, DeadLetter, Fence, Outcome, Store, StoreError, SyncCursor, SyncPhase, WorkerState,
+};
 use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
 /// How workers behave; shared by all of them.
@@ -54,8 +56,13 @@ const FIND_PAGE: u16 = 200;
 const MAX_GAP_ITEMS: usize = 10_000;
 
 /// How far before the last sync a gap recovery looks: covers the difference between the
-/// listener's clock and Exchange's. What it finds twice is filtered as already delivered.
+/// listener's clock and Exchange's when Exchange never said its time. What it finds twice is
+/// filtered as already delivered.
 const GAP_MARGIN_MS: i64 = 5 * 60 * 1000;
+
+/// Exchange gives received times in whole seconds: a mail received just after a moment may
+/// carry a time up to a second before it.
+const RECEIVED_ROUNDING_MS: i64 = 1000;
 
 /// Items asked for per GetItem: a batch of full mails is read whole, so it stays small.
 pub const FETCH_BATCH: usize = 16;
@@ -345,40 +352,71 @@ impl Worker {
         }
     }
 
-    /// Delivers what arrived while no stream was open, from the stored sync state. A
-    /// mailbox's first sync only sets the baseline: its existing mail is not new. Runs before
-    /// every connection; events that arrive meanwhile wait on the subscription. False when
-    /// cancelled.
+    /// Delivers what arrived while no stream was open, from the stored cursor, whose phase
+    /// says what is owed: a baseline lists the inbox without delivering it (a new mailbox's
+    /// existing mail is not new), a recovery delivers what was received since a moment, and
+    /// a live cursor delivers every item after it. Each step is saved before the next, so an
+    /// interruption resumes where it stood. Runs before every connection; events that arrive
+    /// meanwhile wait on the subscription. False when cancelled.
     async fn catch_up(&mut self) -> Result<bool, EwsFailure> {
         self.set_state(WorkerState::CatchingUp, None).await;
-        let stored = self.ctx.store.sync_state(self.id()).await?;
-        let mut baseline = stored.is_none();
-        let mut state = stored.as_ref().map(|c| c.state.clone());
-        // Set when the server rejects the stored state: what arrived after this moment must
-        // be found another way.
-        let mut gap_since = None;
+        // A mailbox stored before cursors had phases, or created without one, takes a baseline.
+        let mut cursor = self
+            .ctx
+            .store
+            .sync_state(self.id())
+            .await?
+            .unwrap_or(SyncCursor {
+                state: String::new(),
+                at_unix_ms: unix_now_ms(),
+                phase: SyncPhase::Baseline {
+                    recover_since_unix_ms: None,
+                },
+            });
         loop {
+            if let SyncPhase::Recovering { since_unix_ms } = cursor.phase {
+                if !self.recover_since(since_unix_ms).await? {
+                    return Ok(false);
+                }
+                cursor.phase = SyncPhase::Live;
+                if !self.save_cursor(&cursor).await? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let asked_at = unix_now_ms();
+            let known = (!cursor.state.is_empty()).then_some(cursor.state.as_str());
             let page = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(false),
-                r = self.exchange.sync_inbox(state.as_deref(), SYNC_PAGE) => r,
+                r = self.exchange.sync_inbox(known, SYNC_PAGE) => r,
             };
             let page = match page {
                 Ok(page) => page,
-                Err(f) if state.is_some() && f.code() == Some("ErrorInvalidSyncStateData") => {
+                Err(f) if known.is_some() && f.code() == Some("ErrorInvalidSyncStateData") => {
                     // The server no longer knows our state: take a new baseline, then find
                     // what arrived since the last sync by its received time.
                     tracing::warn!(
                         "sync state rejected by the server; taking a new baseline and recovering the gap"
                     );
-                    gap_since = stored.as_ref().map(|c| c.at_unix_ms - GAP_MARGIN_MS);
-                    state = None;
-                    baseline = true;
+                    let since = match cursor.phase {
+                        SyncPhase::Baseline {
+                            recover_since_unix_ms,
+                        } => recover_since_unix_ms,
+                        _ => Some(cursor.at_unix_ms - GAP_MARGIN_MS),
+                    };
+                    cursor.state.clear();
+                    cursor.phase = SyncPhase::Baseline {
+                        recover_since_unix_ms: since,
+                    };
+                    if !self.save_cursor(&cursor).await? {
+                        return Ok(false);
+                    }
                     continue;
                 }
                 Err(f) => return Err(f),
             };
-            if !baseline {
+            if cursor.phase == SyncPhase::Live {
                 let created: Vec<String> = page
                     .changes
                     .iter()
@@ -397,27 +435,53 @@ impl Worker {
                     }
                 }
             }
-            match self
-                .ctx
-                .store
-                .set_sync_state(self.id(), &page.sync_state, &self.fence)
-                .await
-            {
-                Ok(()) => {}
-                Err(StoreError::Fenced) => {
-                    self.lost_lease();
-                    return Ok(false);
+            cursor.state = page.sync_state;
+            let complete = page.includes_last_item_in_range;
+            if complete {
+                // Everything received before the request was listed.
+                cursor.at_unix_ms = asked_at;
+                if let SyncPhase::Baseline {
+                    recover_since_unix_ms,
+                } = cursor.phase
+                {
+                    cursor.phase = match recover_since_unix_ms {
+                        Some(since_unix_ms) => SyncPhase::Recovering { since_unix_ms },
+                        None => SyncPhase::Live,
+                    };
                 }
-                Err(e) => return Err(e.into()),
             }
-            if page.includes_last_item_in_range {
-                return match gap_since {
-                    Some(since) => self.recover_gap(since).await,
-                    None => Ok(true),
-                };
+            if !self.save_cursor(&cursor).await? {
+                return Ok(false);
             }
-            state = Some(page.sync_state);
+            if complete && cursor.phase == SyncPhase::Live {
+                return Ok(true);
+            }
         }
+    }
+
+    /// Saves the cursor under the lease; false when the lease is gone (the worker stops).
+    async fn save_cursor(&self, cursor: &SyncCursor) -> Result<bool, EwsFailure> {
+        match self
+            .ctx
+            .store
+            .set_sync_state(self.id(), cursor, &self.fence)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(StoreError::Fenced) => {
+                self.lost_lease();
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Delivers what the inbox received since `since_unix_ms` of this process's clock, read
+    /// on the server's clock, less the second its received times are rounded to.
+    async fn recover_since(&mut self, since_unix_ms: i64) -> Result<bool, EwsFailure> {
+        let offset = self.exchange.clock_offset_ms().unwrap_or(0);
+        self.recover_gap(since_unix_ms + offset - RECEIVED_ROUNDING_MS)
+            .await
     }
 
     /// Delivers what the inbox received since `since_unix_ms` (newest first from FindItem,

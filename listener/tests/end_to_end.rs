@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Listener, PATIENCE, World, assert_slow_second_login, eventually};
-use mock_ews::NewMail;
+use mock_ews::{Fault, FaultKind, NewMail};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -349,6 +349,45 @@ async fn close_stops_one_mailbox_and_new_email_mode_sends_ids() {
     assert!(
         world.creatio.calls_of("ProcessFullEmail").is_empty(),
         "a closed mailbox delivered mail"
+    );
+}
+
+#[tokio::test]
+async fn mail_sent_right_after_the_create_is_delivered() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    world
+        .ews
+        .create_mailbox("alice@contoso.example", "secret")
+        .unwrap();
+    // The first Subscribe takes a while, as on a loaded server: the mail Creatio's user sends
+    // meanwhile arrives before any subscription could announce it.
+    world
+        .ews
+        .inject_fault(Fault::once(FaultKind::Latency { ms: 1500 }).for_operation("Subscribe"))
+        .unwrap();
+    let (status, body) = listener
+        .send(
+            "create",
+            &json!([world.credentials(
+                "mbx-1",
+                "alice@contoso.example",
+                "secret",
+                "ProcessFullEmail"
+            )]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(listener.state_of("mbx-1").await, "exists");
+    world.ews.inject("alice@contoso.example", mail(1)).unwrap();
+
+    eventually("the mail sent after the Create", PATIENCE, async || {
+        (full_emails(&world).len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        full_emails(&world)[0].0["MessageId"],
+        "<mail-1@example.com>"
     );
 }
 

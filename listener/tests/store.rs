@@ -12,7 +12,8 @@ use exchange_listener::store::memory::MemoryStore;
 use exchange_listener::store::redis::RedisStore;
 use exchange_listener::store::seal::Sealer;
 use exchange_listener::store::{
-    Counter, DeadLetter, Fence, Outcome, SeenLimits, Store, StoreError, WorkerState,
+    Counter, DeadLetter, Fence, Outcome, SeenLimits, Store, StoreError, SyncCursor, SyncPhase,
+    WorkerState,
 };
 use serde_json::json;
 
@@ -41,6 +42,14 @@ fn letter(item: &str, error: &str) -> DeadLetter {
 
 const LONG: Duration = Duration::from_secs(3600);
 
+fn cursor(state: &str, at_unix_ms: i64, phase: SyncPhase) -> SyncCursor {
+    SyncCursor {
+        state: state.into(),
+        at_unix_ms,
+        phase,
+    }
+}
+
 /// Everything the worker, the supervisor and the API rely on.
 async fn contract(store: &dyn Store) {
     let here = |token| Fence {
@@ -49,6 +58,7 @@ async fn contract(store: &dyn Store) {
     };
     // Generations: the same credentials keep theirs; changed or recreated ones get a new one.
     assert!(store.wanted("m1").await.unwrap().is_none());
+    let asked = exchange_listener::mail::unix_now_ms();
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
     let fence = here(store.claim("m1", "here", LONG).await.unwrap().unwrap());
     let first = store.wanted("m1").await.unwrap().unwrap();
@@ -112,12 +122,43 @@ async fn contract(store: &dyn Store) {
             .is_some_and(|t| t > 1_700_000_000_000)
     );
 
-    // Sync state, and when it was given.
-    assert!(store.sync_state("m1").await.unwrap().is_none());
-    store.set_sync_state("m1", "H4sIAAA", &fence).await.unwrap();
-    let cursor = store.sync_state("m1").await.unwrap().unwrap();
-    assert_eq!(cursor.state, "H4sIAAA");
-    assert!(cursor.at_unix_ms > 1_700_000_000_000);
+    // A new mailbox's cursor: a baseline, then what arrived since it was asked for (an
+    // Update kept it).
+    let new = store.sync_state("m1").await.unwrap().unwrap();
+    let SyncPhase::Baseline {
+        recover_since_unix_ms: Some(since),
+    } = new.phase
+    else {
+        panic!("{new:?}");
+    };
+    assert!(new.state.is_empty());
+    assert!(since >= asked && since <= exchange_listener::mail::unix_now_ms());
+    // Each phase, and when the state was given, read back as written.
+    for written in [
+        cursor(
+            "B1",
+            1_700_000_000_001,
+            SyncPhase::Baseline {
+                recover_since_unix_ms: None,
+            },
+        ),
+        cursor(
+            "B2",
+            1_700_000_000_002,
+            SyncPhase::Baseline {
+                recover_since_unix_ms: Some(7),
+            },
+        ),
+        cursor(
+            "R",
+            1_700_000_000_003,
+            SyncPhase::Recovering { since_unix_ms: 9 },
+        ),
+        cursor("H4sIAAA", 1_700_000_000_004, SyncPhase::Live),
+    ] {
+        store.set_sync_state("m1", &written, &fence).await.unwrap();
+        assert_eq!(store.sync_state("m1").await.unwrap().unwrap(), written);
+    }
 
     // Delivered, skipped and dead-lettered items are not new any more, and are counted once.
     assert!(store.is_new("m1", "a").await.unwrap());
@@ -193,7 +234,9 @@ async fn contract(store: &dyn Store) {
         here(fence.token + 1),
     ] {
         assert_eq!(
-            store.set_sync_state("m1", "forged", &stale).await,
+            store
+                .set_sync_state("m1", &cursor("forged", 0, SyncPhase::Live), &stale)
+                .await,
             Err(StoreError::Fenced)
         );
         assert_eq!(
@@ -225,7 +268,13 @@ async fn contract(store: &dyn Store) {
     store.put_mailbox(creds("m1", "pw3")).await.unwrap();
     let recreated = store.wanted("m1").await.unwrap().unwrap();
     assert_ne!(recreated.generation, changed.generation);
-    assert!(store.sync_state("m1").await.unwrap().is_none());
+    assert!(
+        store
+            .sync_state("m1")
+            .await
+            .unwrap()
+            .is_some_and(|c| c.state.is_empty())
+    );
     assert!(store.is_new("m1", "a").await.unwrap());
     assert_eq!(
         store.status("m1").await.unwrap().unwrap().delivered,
@@ -422,7 +471,14 @@ async fn the_redis_store_restores_a_mailbox_s_progress_after_redis_lost_its_data
         }
     };
     let fence = take(&store).await;
-    store.set_sync_state("m", "S1", &fence).await.unwrap();
+    store
+        .set_sync_state(
+            "m",
+            &cursor("S1", 1_700_000_000_000, SyncPhase::Live),
+            &fence,
+        )
+        .await
+        .unwrap();
     let before = store.sync_state("m").await.unwrap().unwrap();
     store
         .record("m", "i1", Outcome::Delivered, &fence)
@@ -437,9 +493,9 @@ async fn the_redis_store_restores_a_mailbox_s_progress_after_redis_lost_its_data
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(
+    assert_ne!(
         store.sync_state("m").await.unwrap(),
-        None,
+        Some(before.clone()),
         "lost with Redis"
     );
     assert!(store.is_new("m", "i1").await.unwrap());

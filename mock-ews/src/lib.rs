@@ -5,7 +5,7 @@
 //! mail. As a library it starts on any address (port 0 in tests) and returns a [`MockEws`]
 //! handle whose typed methods do what the control API does; the binary is a thin wrapper.
 
-mod clock;
+pub mod clock;
 mod control;
 pub mod faults;
 mod mail;

@@ -106,6 +106,45 @@ pub struct EwsClient {
     impersonate: Option<String>,
     /// That service account.
     account: Option<Arc<ServiceAccount>>,
+    /// The server's clock less this process's, as its last answer's `Date` said.
+    clock: ServerClock,
+}
+
+/// How far a server's clock is ahead of this process's, from the `Date` header of its last
+/// answer. The header is whole seconds, stamped before the answer travelled, so the reading
+/// is never later than the server's clock: a moment moved by it never lands after the true one.
+#[derive(Debug)]
+struct ServerClock(std::sync::atomic::AtomicI64);
+
+impl ServerClock {
+    const UNKNOWN: i64 = i64::MIN;
+
+    fn new() -> Self {
+        ServerClock(std::sync::atomic::AtomicI64::new(Self::UNKNOWN))
+    }
+
+    fn read(&self, headers: &reqwest::header::HeaderMap) {
+        let Some(date) = headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+        else {
+            return;
+        };
+        let server_ms = match date.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_millis() as i64,
+            Err(_) => return,
+        };
+        self.0.store(
+            server_ms - crate::mail::unix_now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn offset_ms(&self) -> Option<i64> {
+        let v = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (v != Self::UNKNOWN).then_some(v)
+    }
 }
 
 impl EwsClient {
@@ -163,6 +202,7 @@ impl EwsClient {
             cookie: Mutex::new(None),
             impersonate,
             account: service,
+            clock: ServerClock::new(),
         })
     }
 
@@ -192,7 +232,13 @@ impl EwsClient {
             cookie: Mutex::new(cookie),
             impersonate: Some(anchor.to_owned()),
             account: Some(account.clone()),
+            clock: ServerClock::new(),
         }
+    }
+
+    /// How far the server's clock is ahead of this process's, at most, once it answered.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.clock.offset_ms()
     }
 
     /// A service account's turn for one call: one of the calls it may have in flight, and
@@ -383,6 +429,7 @@ impl EwsClient {
                 .await
                 .map_err(transport)?,
         };
+        self.clock.read(resp.headers());
         for value in resp.headers().get_all(SET_COOKIE) {
             if let Some(v) = value
                 .to_str()

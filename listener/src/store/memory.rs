@@ -64,7 +64,7 @@ struct Entry {
     generation: u64,
     status: MailboxStatus,
     seen: SeenSet,
-    /// Where the inbox's SyncFolderItems catch-up stands; `None` until the first sync.
+    /// Where the inbox's SyncFolderItems catch-up stands.
     sync: Option<SyncCursor>,
     /// Dead-lettered items an administrator asked to deliver again.
     replay: Vec<String>,
@@ -169,7 +169,7 @@ impl MemoryStore {
                         generation,
                         status: MailboxStatus::default(),
                         seen: SeenSet::default(),
-                        sync: None,
+                        sync: Some(SyncCursor::new_mailbox(unix_now_ms())),
                         replay: Vec::new(),
                         replay_signal: Arc::new(Notify::new()),
                     },
@@ -309,7 +309,7 @@ impl Store for MemoryStore {
     fn set_sync_state<'a>(
         &'a self,
         id: &'a str,
-        state: &'a str,
+        cursor: &'a SyncCursor,
         fence: &'a Fence,
     ) -> Stored<'a, ()> {
         let mut inner = self.lock();
@@ -317,10 +317,7 @@ impl Store for MemoryStore {
             return std::future::ready(Err(StoreError::Fenced)).boxed();
         }
         if let Some(entry) = inner.mailboxes.get_mut(id) {
-            entry.sync = Some(SyncCursor {
-                state: state.to_owned(),
-                at_unix_ms: unix_now_ms(),
-            });
+            entry.sync = Some(cursor.clone());
         }
         ready(())
     }

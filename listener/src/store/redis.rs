@@ -6,7 +6,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `el:mbx:{id}` | hash | sealed credentials and their fingerprint, the generation, the status fields and counters, the sync state and when it was given |
+//! | `el:mbx:{id}` | hash | sealed credentials and their fingerprint, the generation, the status fields and counters, the sync state, when it was given and the catch-up's phase |
 //! | `el:open` | set | every open mailbox id |
 //! | `el:generation` | string | the last generation given out (INCR) |
 //! | `el:seen:{id}` | sorted set | digests of delivered item ids → when, trimmed by time and count |
@@ -71,7 +71,9 @@ end
 if fp then
   redis.call('HDEL', KEYS[1], 'error', 'last_error', 'last_error_ms', 'reconnects')
 else
+  -- A new mailbox: list the inbox, then deliver what arrived since now (SyncCursor::new_mailbox).
   redis.call('DEL', KEYS[4], KEYS[5])
+  redis.call('HSET', KEYS[1], 'sync_phase', 'baseline', 'sync_since_ms', ARGV[4], 'sync_at_ms', ARGV[4])
 end
 redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
   'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4])
@@ -265,7 +267,7 @@ pub struct RedisStore {
 /// the digests of the items it recorded lately (with when), as the `seen` set keeps them.
 #[derive(Debug, Default)]
 struct Progress {
-    cursor: Option<(String, i64)>,
+    cursor: Option<SyncCursor>,
     seen: std::collections::VecDeque<(String, i64)>,
 }
 
@@ -360,8 +362,8 @@ impl RedisStore {
                 None => return Ok(()),
             }
         };
-        if let Some((state, at)) = cursor {
-            self.write_cursor(id, &state, at, fence).await?;
+        if let Some(cursor) = cursor {
+            self.write_cursor(id, &cursor, fence).await?;
         }
         let mut conn = self.conn.clone();
         if !seen.is_empty() {
@@ -528,43 +530,59 @@ impl RedisStore {
 
     async fn sync_state_now(&self, id: &str) -> Result<Option<SyncCursor>, StoreError> {
         let mut conn = self.conn.clone();
-        let (state, at): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+        // `sync_since_ms` is empty for a phase without a moment.
+        let (state, at, phase, since): (
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
             .arg(self.key("mbx", id))
             .arg("sync_state")
             .arg("sync_at_ms")
+            .arg("sync_phase")
+            .arg("sync_since_ms")
             .query_async(&mut conn)
             .await
             .map_err(store_error)?;
-        let cursor = state.map(|state| SyncCursor {
-            state,
-            at_unix_ms: at.unwrap_or(0),
-        });
-        if let Some(c) = &cursor {
-            self.remember(id, |p| p.cursor = Some((c.state.clone(), c.at_unix_ms)));
+        if state.is_none() && phase.is_none() {
+            return Ok(None);
         }
-        Ok(cursor)
+        let cursor = SyncCursor {
+            state: state.unwrap_or_default(),
+            at_unix_ms: at.unwrap_or(0),
+            phase: SyncCursor::phase_from_fields(
+                phase.as_deref(),
+                since.and_then(|s| s.parse().ok()),
+            ),
+        };
+        // A cursor without a state is a new record's (after a Create, or written back into
+        // a Redis that lost its data): what this process knew before outranks it.
+        if !cursor.state.is_empty() {
+            self.remember(id, |p| p.cursor = Some(cursor.clone()));
+        }
+        Ok(Some(cursor))
     }
 
     async fn set_sync_state_now(
         &self,
         id: &str,
-        state: &str,
+        cursor: &SyncCursor,
         fence: &Fence,
     ) -> Result<(), StoreError> {
-        let now = unix_now_ms();
         // The worker moves its cursor only past what it settled: true here whatever Redis says.
-        self.remember(id, |p| p.cursor = Some((state.to_owned(), now)));
-        self.write_cursor(id, state, now, fence).await
+        self.remember(id, |p| p.cursor = Some(cursor.clone()));
+        self.write_cursor(id, cursor, fence).await
     }
 
-    /// Writes the sync cursor, given at `at`, if `fence` still holds the lease.
+    /// Writes the sync cursor if `fence` still holds the lease.
     async fn write_cursor(
         &self,
         id: &str,
-        state: &str,
-        at: i64,
+        cursor: &SyncCursor,
         fence: &Fence,
     ) -> Result<(), StoreError> {
+        let (phase, since) = cursor.phase_fields();
         let mut conn = self.conn.clone();
         let answer: i64 = self
             .scripts
@@ -573,9 +591,13 @@ impl RedisStore {
             .key(self.key("lease", id))
             .arg(fence_value(fence))
             .arg("sync_state")
-            .arg(state)
+            .arg(&cursor.state)
             .arg("sync_at_ms")
-            .arg(at)
+            .arg(cursor.at_unix_ms)
+            .arg("sync_phase")
+            .arg(phase)
+            .arg("sync_since_ms")
+            .arg(since.map(|s| s.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
@@ -867,23 +889,25 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn claim<'a>(
+    fn claim_all<'a>(
         &'a self,
-        id: &'a str,
+        ids: &'a [String],
         replica: &'a str,
         ttl: Duration,
-    ) -> Stored<'a, Option<u64>> {
+    ) -> Stored<'a, Vec<Option<u64>>> {
         async move {
+            let mut tokens = Vec::with_capacity(ids.len());
             let mut conn = self.conn.clone();
-            self.scripts
-                .claim
-                .key(self.key("lease", id))
-                .key(self.key("fence", id))
-                .arg(replica)
-                .arg(ttl.as_millis() as u64)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(store_error)
+            for chunk in ids.chunks(500) {
+                let mut call = self.scripts.claim.prepare_invoke();
+                for id in chunk {
+                    call.key(self.key("lease", id)).key(self.key("fence", id));
+                }
+                call.arg(replica).arg(ttl.as_millis() as u64);
+                let answers: Vec<u64> = call.invoke_async(&mut conn).await.map_err(store_error)?;
+                tokens.extend(answers.into_iter().map(|t| (t > 0).then_some(t)));
+            }
+            Ok(tokens)
         }
         .boxed()
     }

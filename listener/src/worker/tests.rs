@@ -43,7 +43,11 @@ struct Script {
     subscribe: VecDeque<Result<(), EwsFailure>>,
     open: VecDeque<Open>,
     sync: VecDeque<Result<ews::SyncPage, EwsFailure>>,
-    find: VecDeque<ews::FindPage>,
+    find: VecDeque<Result<ews::FindPage, EwsFailure>>,
+    /// The server's clock less ours, as its `Date` headers would say.
+    clock_offset_ms: Option<i64>,
+    /// How long each SyncFolderItems takes on the wall clock (the store's clock).
+    sync_takes: Duration,
     /// Subscribe calls that panic, as a bug would.
     panics: usize,
 }
@@ -53,6 +57,8 @@ struct Script {
 struct FakeExchange {
     script: Arc<Mutex<Script>>,
     calls: Arc<Mutex<Vec<(Duration, String)>>>,
+    /// The sync state each SyncFolderItems started from, and when it was asked (wall clock).
+    syncs: Arc<Mutex<Vec<(Option<String>, i64)>>>,
     ids: Arc<AtomicUsize>,
     start: Instant,
 }
@@ -68,6 +74,7 @@ impl FakeExchange {
         FakeExchange {
             script: Arc::new(Mutex::new(script)),
             calls: Arc::default(),
+            syncs: Arc::default(),
             ids: Arc::default(),
             start: Instant::now(),
         }
@@ -151,11 +158,20 @@ impl Exchange for FakeExchange {
 
     fn sync_inbox<'a>(
         &'a self,
-        _sync_state: Option<&'a str>,
+        sync_state: Option<&'a str>,
         _max_changes: u16,
     ) -> Answer<'a, ews::SyncPage> {
         self.log("sync".into());
-        let answer = self.script.lock().unwrap().sync.pop_front();
+        self.syncs
+            .lock()
+            .unwrap()
+            .push((sync_state.map(str::to_owned), unix_now_ms()));
+        let (answer, takes) = {
+            let mut script = self.script.lock().unwrap();
+            (script.sync.pop_front(), script.sync_takes)
+        };
+        // The paused clock does not move the wall clock the store stamps with.
+        std::thread::sleep(takes);
         async {
             answer.unwrap_or_else(|| {
                 Ok(ews::SyncPage {
@@ -172,13 +188,17 @@ impl Exchange for FakeExchange {
         self.log(format!("find {offset}"));
         let page = self.script.lock().unwrap().find.pop_front();
         async {
-            Ok(page.unwrap_or(ews::FindPage {
+            page.unwrap_or(Ok(ews::FindPage {
                 items: Vec::new(),
                 next_offset: None,
                 includes_last_item_in_range: true,
             }))
         }
         .boxed()
+    }
+
+    fn clock_offset_ms(&self) -> Option<i64> {
+        self.script.lock().unwrap().clock_offset_ms
     }
 
     fn open_stream<'a>(
@@ -392,6 +412,15 @@ impl Rig {
         let opens = self.exchange.times("open");
         assert!(opens.len() >= 2, "{:?}", self.exchange.calls());
         opens[1] - opens[0]
+    }
+}
+
+/// A cursor that delivers every item after `state`.
+fn live(state: &str) -> SyncCursor {
+    SyncCursor {
+        state: state.into(),
+        at_unix_ms: unix_now_ms(),
+        phase: SyncPhase::Live,
     }
 }
 
@@ -647,7 +676,10 @@ async fn a_subscription_lost_on_the_stream_is_given_back_and_replaced() {
     assert_eq!(
         rig.exchange.calls(),
         [
+            // A new mailbox: its baseline, the mail since the Create, what came meanwhile.
             "subscribe",
+            "sync",
+            "find 0",
             "sync",
             "open sub-1",
             "subscribe",
@@ -668,9 +700,11 @@ async fn a_fatal_failure_on_the_stream_gives_the_subscription_back() {
 
     let calls = rig.exchange.calls();
     assert_eq!(
-        calls[..5],
+        calls[..7],
         [
             "subscribe",
+            "sync",
+            "find 0",
             "sync",
             "open sub-1",
             "unsubscribe sub-1",
@@ -705,12 +739,12 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
     let rig = rig(Script {
         sync: [Err(rejected)].into(),
         find: [
-            ews::FindPage {
+            Ok(ews::FindPage {
                 items: vec![found("i5", later), found("i4", later)],
                 next_offset: Some(2),
                 includes_last_item_in_range: false,
-            },
-            ews::FindPage {
+            }),
+            Ok(ews::FindPage {
                 items: vec![
                     found("i3", later),
                     found("i2", "2000-01-01T00:00:00Z"),
@@ -718,7 +752,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
                 ],
                 next_offset: Some(5),
                 includes_last_item_in_range: false,
-            },
+            }),
         ]
         .into(),
         ..Script::default()
@@ -727,7 +761,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
     let store = &rig.ctx.store;
     let fence = rig.lease().await;
     store
-        .set_sync_state("mbx", "a state Exchange forgot", &fence)
+        .set_sync_state("mbx", &live("a state Exchange forgot"), &fence)
         .await
         .unwrap();
     // Delivered by the stream before the gap: found again, not posted again.
@@ -839,7 +873,7 @@ async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
     let fence = rig.lease().await;
     rig.ctx
         .store
-        .set_sync_state("mbx", "before", &fence)
+        .set_sync_state("mbx", &live("before"), &fence)
         .await
         .unwrap();
     let cancel = CancellationToken::new();
@@ -900,5 +934,209 @@ async fn an_imap_mailbox_is_reported_unsupported_and_left_alone() {
     assert_eq!(
         report["Context"],
         json!("{UserRequested:true,HasError:false}")
+    );
+}
+
+fn created(id: &str) -> ews::SyncChange {
+    ews::SyncChange::Create(ews::ItemId {
+        id: id.into(),
+        change_key: None,
+    })
+}
+
+fn sync_page(state: &str, last: bool, changes: Vec<ews::SyncChange>) -> ews::SyncPage {
+    ews::SyncPage {
+        sync_state: state.into(),
+        includes_last_item_in_range: last,
+        changes,
+    }
+}
+
+/// An item FindItem lists, received at `unix_ms` on the server's clock.
+fn found_at(id: &str, unix_ms: i64) -> ews::FoundItem {
+    ews::FoundItem {
+        id: ews::ItemId {
+            id: id.into(),
+            change_key: None,
+        },
+        date_time_received: Some(mock_ews::clock::xs_datetime(unix_ms.div_euclid(1000))),
+    }
+}
+
+/// One FindItem page holding every item, newest first.
+fn found_page(items: Vec<ews::FoundItem>) -> Result<ews::FindPage, EwsFailure> {
+    Ok(ews::FindPage {
+        items,
+        next_offset: None,
+        includes_last_item_in_range: true,
+    })
+}
+
+fn server_busy() -> EwsFailure {
+    EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
+        code: "ErrorServerBusy".into(),
+        message: String::new(),
+        back_off: None,
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn mail_received_between_the_create_and_the_first_sync_is_delivered() {
+    let asked = unix_now_ms();
+    // The first sync lists the inbox as it stands: mail from before the Create, and one that
+    // came after it.
+    let rig = rig(Script {
+        sync: [Ok(sync_page(
+            "base",
+            true,
+            vec![created("old"), created("new")],
+        ))]
+        .into(),
+        find: [found_page(vec![
+            found_at("new", asked + 1500),
+            found_at("old", asked - 60_000),
+        ])]
+        .into(),
+        ..Script::default()
+    });
+    rig.run_for(10 * SECOND).await;
+
+    assert_eq!(*rig.creatio.posted.lock().unwrap(), ["new"]);
+    assert_eq!(
+        rig.ctx
+            .store
+            .sync_state("mbx")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase,
+        SyncPhase::Live
+    );
+    assert_eq!(rig.status().await.state, WorkerState::Streaming);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_moment_of_the_create_is_read_on_the_servers_clock() {
+    let asked = unix_now_ms();
+    let hour = 3_600_000;
+    // Exchange's clock is an hour behind ours: a mail received a few seconds after the
+    // Create carries a time an hour earlier, and one from before the Create earlier still.
+    let rig = rig(Script {
+        clock_offset_ms: Some(-hour),
+        sync: [Ok(sync_page("base", true, vec![]))].into(),
+        find: [found_page(vec![
+            found_at("new", asked - hour + 2000),
+            found_at("old", asked - hour - 60_000),
+        ])]
+        .into(),
+        ..Script::default()
+    });
+    rig.run_for(10 * SECOND).await;
+
+    assert_eq!(*rig.creatio.posted.lock().unwrap(), ["new"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_baseline_resumes_without_posting_old_mail() {
+    let rig = rig(Script {
+        sync: [
+            Ok(sync_page("b1", false, vec![created("old1")])),
+            Err(server_busy()),
+            Ok(sync_page("b2", true, vec![created("old2")])),
+        ]
+        .into(),
+        ..Script::default()
+    });
+    rig.run_for(60 * SECOND).await;
+
+    assert!(
+        rig.creatio.posted.lock().unwrap().is_empty(),
+        "the inbox as it stood is not new mail: {:?}",
+        rig.creatio.posted.lock().unwrap()
+    );
+    let from: Vec<Option<String>> = rig
+        .exchange
+        .syncs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(
+        from[..3],
+        [None, Some("b1".into()), Some("b1".into())],
+        "the baseline resumes from its last page"
+    );
+    assert_eq!(
+        rig.ctx
+            .store
+            .sync_state("mbx")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase,
+        SyncPhase::Live
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_gap_recovery_resumes() {
+    let rejected = EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
+        code: "ErrorInvalidSyncStateData".into(),
+        message: String::new(),
+        back_off: None,
+    }));
+    let rig = rig(Script {
+        sync: [Err(rejected)].into(),
+        find: [
+            Err(server_busy()),
+            found_page(vec![found_at("in-the-gap", unix_now_ms() + 1000)]),
+        ]
+        .into(),
+        ..Script::default()
+    });
+    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let fence = rig.lease().await;
+    rig.ctx
+        .store
+        .set_sync_state("mbx", &live("a state Exchange forgot"), &fence)
+        .await
+        .unwrap();
+    rig.run_for(60 * SECOND).await;
+
+    assert_eq!(*rig.creatio.posted.lock().unwrap(), ["in-the-gap"]);
+    assert_eq!(
+        rig.ctx
+            .store
+            .sync_state("mbx")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase,
+        SyncPhase::Live
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cursor_is_dated_when_exchange_was_asked_not_when_it_was_saved() {
+    let rig = rig(Script {
+        sync_takes: Duration::from_millis(30),
+        ..Script::default()
+    });
+    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let fence = rig.lease().await;
+    rig.ctx
+        .store
+        .set_sync_state("mbx", &live("s0"), &fence)
+        .await
+        .unwrap();
+    rig.run_for(SECOND).await;
+
+    let asked = rig.exchange.syncs.lock().unwrap()[0].1;
+    let cursor = rig.ctx.store.sync_state("mbx").await.unwrap().unwrap();
+    assert!(
+        cursor.at_unix_ms <= asked,
+        "dated {} ms after the request was sent",
+        cursor.at_unix_ms - asked
     );
 }
