@@ -22,6 +22,9 @@ use crate::metrics::Metrics;
 use crate::store::{Fence, Store, WorkerState};
 use crate::supervisor::Supervisor;
 
+/// Leases claimed in one call to the store.
+const CLAIM_BATCH: usize = 500;
+
 /// How a replica takes part.
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
@@ -208,11 +211,10 @@ impl Coordinator {
     /// re-read by the supervisor even when their lease did not change. False when the store
     /// could not be reached.
     pub async fn pass(&self, changed: &HashSet<String>) -> bool {
-        let started = Instant::now();
         let replica = self.settings.replica.as_str();
         match self.check_epoch().await {
             Ok(true) => {}
-            Ok(false) => self.heal(started).await,
+            Ok(false) => self.heal().await,
             Err(e) => {
                 tracing::warn!(error = %e, "the store does not answer");
                 self.drop_untrusted();
@@ -283,12 +285,15 @@ impl Coordinator {
             }
         }
 
-        // Renew the rest in one batch; a lease found lost stops its worker at once.
+        // Renew the rest in one batch; a lease found lost stops its worker at once. A lease
+        // is trusted from the moment its renewal was asked, not from the pass's start: a
+        // slow pass must not leave leases held but distrusted.
         let held = self.leases.all();
         if !held.is_empty() {
+            let asked = Instant::now();
             match self.store.renew(&held, self.settings.lease).await {
                 Ok(still) => {
-                    let safe_until = started + self.settings.lease - self.settings.margin();
+                    let safe_until = self.trusted_until(asked);
                     for ((id, fence), ok) in held.iter().zip(still) {
                         if ok {
                             self.leases.extend(id, fence.token, safe_until);
@@ -306,29 +311,75 @@ impl Coordinator {
             }
         }
 
-        // Claim our share.
-        let safe_until = started + self.settings.lease - self.settings.margin();
+        // Claim our share, in batches, each trusted from when it was asked.
+        let mut wanted: Vec<String> = Vec::new();
         for id in mine {
             if self.leases.fence(id).is_some() {
                 if changed.contains(id) {
                     self.supervisor.poke(id);
                 }
-                continue;
+            } else {
+                wanted.push(id.to_owned());
             }
-            match self.store.claim(id, replica, self.settings.lease).await {
-                Ok(Some(token)) => {
-                    self.metrics.leases_taken.inc();
-                    self.leases.insert(id, token, safe_until);
-                    self.supervisor.poke(id);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(id = ?id, error = %e, "claim failed");
-                    break;
-                }
+        }
+        for batch in wanted.chunks(CLAIM_BATCH) {
+            let Some((taken, safe_until)) = self.claim(batch).await else {
+                break;
+            };
+            for (id, fence) in &taken {
+                self.trust(id, fence, safe_until);
+            }
+        }
+
+        // A trusted lease without a worker (its claim was distrusted for a moment, its
+        // reconciler gave up) gets one.
+        for (id, _) in self.leases.all() {
+            if self.leases.fence(&id).is_some() && !self.supervisor.has_worker(&id) {
+                self.supervisor.poke(&id);
             }
         }
         true
+    }
+
+    /// Until when a lease renewed or claimed by a call sent at `asked` may be acted on.
+    fn trusted_until(&self, asked: Instant) -> Instant {
+        asked + self.settings.lease - self.settings.margin()
+    }
+
+    /// Claims the leases of `ids` in one call; answers those taken, and until when they may
+    /// be trusted. `None` when the store failed.
+    async fn claim(&self, ids: &[String]) -> Option<(Vec<(String, Fence)>, Instant)> {
+        let asked = Instant::now();
+        let tokens = match self
+            .store
+            .claim_all(ids, &self.settings.replica, self.settings.lease)
+            .await
+        {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                tracing::warn!(mailboxes = ids.len(), error = %e, "claim failed");
+                return None;
+            }
+        };
+        let taken = ids
+            .iter()
+            .zip(tokens)
+            .filter_map(|(id, token)| {
+                let fence = Fence {
+                    replica: self.settings.replica.clone(),
+                    token: token?,
+                };
+                Some((id.clone(), fence))
+            })
+            .collect();
+        Some((taken, self.trusted_until(asked)))
+    }
+
+    /// Trusts a lease just taken and starts its worker.
+    fn trust(&self, id: &str, fence: &Fence, safe_until: Instant) {
+        self.metrics.leases_taken.inc();
+        self.leases.insert(id, fence.token, safe_until);
+        self.supervisor.poke(id);
     }
 
     /// True while the store keeps the epoch first seen (and on first sight).
@@ -345,13 +396,13 @@ impl Coordinator {
     /// it serves, takes their leases again and restores what it knows of their progress (sync
     /// cursor, recent deliveries), so their workers, restarted under the new leases, catch up
     /// from where they stood: mail that arrived meanwhile is delivered, and only once.
-    async fn heal(&self, started: Instant) {
+    async fn heal(&self) {
         let running = self.supervisor.running();
         tracing::warn!(
             mailboxes = running.len(),
             "the store lost its data; writing back the mailboxes served here"
         );
-        let safe_until = started + self.settings.lease - self.settings.margin();
+        let mut written = Vec::with_capacity(running.len());
         for creds in running {
             let id = creds.id.clone();
             if let Err(e) = self.store.put_mailbox(creds).await {
@@ -359,22 +410,22 @@ impl Coordinator {
                 continue;
             }
             self.leases.remove(&id);
-            if let Ok(Some(token)) = self
-                .store
-                .claim(&id, &self.settings.replica, self.settings.lease)
-                .await
-            {
+            written.push(id);
+        }
+        for batch in written.chunks(CLAIM_BATCH) {
+            let Some((taken, safe_until)) = self.claim(batch).await else {
+                break;
+            };
+            for (id, fence) in &taken {
                 // Restored before the lease is trusted here, so no worker starts from nothing.
-                let fence = Fence {
-                    replica: self.settings.replica.clone(),
-                    token,
-                };
-                if let Err(e) = self.store.restore(&id, &fence).await {
+                if let Err(e) = self.store.restore(id, fence).await {
                     tracing::warn!(id = ?id, error = %e, "could not restore a mailbox's progress; it takes a new baseline");
                 }
-                self.leases.insert(&id, token, safe_until);
+                self.trust(id, fence, safe_until);
             }
-            self.supervisor.poke(&id);
+        }
+        for id in &written {
+            self.supervisor.poke(id);
         }
     }
 
@@ -422,3 +473,6 @@ impl Coordinator {
         let _ = self.store.leave(&self.settings.replica).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,6 +15,8 @@
 pub mod memory;
 pub mod redis;
 pub mod seal;
+#[cfg(test)]
+pub mod slow;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -129,10 +131,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()>;
     /// Every open mailbox id.
     fn open_mailboxes(&self) -> Stored<'_, Vec<String>>;
-    /// Takes the mailbox's lease for `ttl` if no one holds it (or this replica already does);
-    /// answers the fencing token, which grows with every new holder.
-    fn claim<'a>(&'a self, id: &'a str, replica: &'a str, ttl: Duration)
-    -> Stored<'a, Option<u64>>;
+    /// Takes each mailbox's lease for `ttl` if no one holds it (or this replica already
+    /// does), in one step; answers, for each, the fencing token, which grows with every new
+    /// holder, or `None` where another replica holds it.
+    fn claim_all<'a>(
+        &'a self,
+        ids: &'a [String],
+        replica: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Vec<Option<u64>>>;
+    /// [`Store::claim_all`] of one mailbox.
+    fn claim<'a>(
+        &'a self,
+        id: &'a str,
+        replica: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Option<u64>> {
+        Box::pin(async move {
+            let ids = [id.to_owned()];
+            Ok(self.claim_all(&ids, replica, ttl).await?.pop().flatten())
+        })
+    }
     /// Extends these leases by `ttl`; answers, for each, whether it is still held.
     fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>>;
     /// Gives a lease back, if still held under `fence`.

@@ -211,6 +211,11 @@ impl Supervisor {
             .collect()
     }
 
+    /// True while a worker of the mailbox runs here.
+    pub fn has_worker(&self, id: &str) -> bool {
+        self.lock().map.get(id).is_some_and(|s| s.running.is_some())
+    }
+
     /// Waits until no worker of the mailbox runs here.
     pub async fn stopped(&self, id: &str) {
         loop {

@@ -387,34 +387,40 @@ impl Store for MemoryStore {
         ready(self.lock().mailboxes.keys().cloned().collect())
     }
 
-    fn claim<'a>(
+    fn claim_all<'a>(
         &'a self,
-        id: &'a str,
+        ids: &'a [String],
         replica: &'a str,
         ttl: Duration,
-    ) -> Stored<'a, Option<u64>> {
+    ) -> Stored<'a, Vec<Option<u64>>> {
         let mut inner = self.lock();
         let until = Instant::now() + ttl;
-        let token = match inner.lease(id).cloned() {
-            Some(lease) if lease.replica == replica => Some(lease.token),
-            Some(_) => None,
-            None => {
-                let fence = inner.fences.entry(id.to_owned()).or_default();
-                *fence += 1;
-                Some(*fence)
-            }
-        };
-        if let Some(token) = token {
-            inner.leases.insert(
-                id.to_owned(),
-                Lease {
-                    replica: replica.to_owned(),
-                    token,
-                    until,
-                },
-            );
-        }
-        ready(token)
+        let tokens = ids
+            .iter()
+            .map(|id| {
+                let token = match inner.lease(id).cloned() {
+                    Some(lease) if lease.replica == replica => Some(lease.token),
+                    Some(_) => None,
+                    None => {
+                        let fence = inner.fences.entry(id.to_owned()).or_default();
+                        *fence += 1;
+                        Some(*fence)
+                    }
+                };
+                if let Some(token) = token {
+                    inner.leases.insert(
+                        id.to_owned(),
+                        Lease {
+                            replica: replica.to_owned(),
+                            token,
+                            until,
+                        },
+                    );
+                }
+                token
+            })
+            .collect();
+        ready(tokens)
     }
 
     fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {

@@ -176,28 +176,35 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
-/// Takes a lease if free or already ours. KEYS: lease, fence. ARGV: replica, ttl ms. Answers
-/// the token, or nil.
+/// Takes leases that are free or already ours. KEYS: lease, fence, for each mailbox. ARGV:
+/// replica, ttl ms. Answers, per mailbox, the token, or 0 where another replica holds it.
 const CLAIM: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v then
-  local r, t = string.match(v, '^(.*):(%d+)$')
-  if r == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(t)
-  end
-  return false
-end
-local t = redis.call('INCR', KEYS[2])
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-if t < now then
-  -- Never below the clock: a Redis that lost its data gives no token twice.
-  t = now
-  redis.call('SET', KEYS[2], t)
+local tokens = {}
+for i = 1, #KEYS, 2 do
+  local lease, fence = KEYS[i], KEYS[i + 1]
+  local v = redis.call('GET', lease)
+  if v then
+    local r, t = string.match(v, '^(.*):(%d+)$')
+    if r == ARGV[1] then
+      redis.call('PEXPIRE', lease, ARGV[2])
+      tokens[#tokens + 1] = tonumber(t)
+    else
+      tokens[#tokens + 1] = 0
+    end
+  else
+    local t = redis.call('INCR', fence)
+    if t < now then
+      -- Never below the clock: a Redis that lost its data gives no token twice.
+      t = now
+      redis.call('SET', fence, t)
+    end
+    redis.call('SET', lease, ARGV[1] .. ':' .. t, 'PX', ARGV[2])
+    tokens[#tokens + 1] = t
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. t, 'PX', ARGV[2])
-return t
+return tokens
 "#;
 
 /// Extends leases still held. KEYS: leases. ARGV: fences (one per key), then ttl ms. Answers
@@ -799,10 +806,10 @@ impl Store for RedisStore {
     fn set_sync_state<'a>(
         &'a self,
         id: &'a str,
-        state: &'a str,
+        cursor: &'a SyncCursor,
         fence: &'a Fence,
     ) -> Stored<'a, ()> {
-        self.set_sync_state_now(id, state, fence).boxed()
+        self.set_sync_state_now(id, cursor, fence).boxed()
     }
 
     fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool> {

@@ -1,0 +1,163 @@
+//! A store for tests of timing: the in-memory store behind a network that can be made slow
+//! (every call waits, on tokio's clock, so paused-time tests read delays exactly) or down
+//! (every call fails as an unreachable Redis would).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::memory::MemoryStore;
+use super::{
+    Counter, DeadLetter, Fence, MailboxStatus, Outcome, Store, StoreError, Stored, SyncCursor,
+    Wanted, WorkerState,
+};
+use crate::contract::Credentials;
+
+/// The in-memory store, `delay` away, unless `down`.
+#[derive(Debug, Clone, Default)]
+pub struct SlowStore {
+    inner: MemoryStore,
+    delay: Arc<Mutex<Duration>>,
+    down: Arc<AtomicBool>,
+}
+
+impl SlowStore {
+    pub fn new(inner: MemoryStore) -> Self {
+        SlowStore {
+            inner,
+            ..SlowStore::default()
+        }
+    }
+
+    /// Every call from now on waits this long before it is answered.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
+    }
+
+    /// Every call from now on fails (true) or is answered again (false).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    /// The network: half the delay there, the store's work (unless it is down), half back.
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        work: impl FnOnce() -> Stored<'a, T> + Send + 'a,
+    ) -> Stored<'a, T> {
+        let delay = *self.delay.lock().unwrap();
+        Box::pin(async move {
+            tokio::time::sleep(delay / 2).await;
+            if self.down.load(Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("the store is down".into()));
+            }
+            let answer = work().await;
+            tokio::time::sleep(delay - delay / 2).await;
+            answer
+        })
+    }
+}
+
+impl Store for SlowStore {
+    fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()> {
+        self.call(move || self.inner.put_mailbox(creds))
+    }
+    fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool> {
+        self.call(move || self.inner.remove_mailbox(id))
+    }
+    fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>> {
+        self.call(move || self.inner.wanted(id))
+    }
+    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
+        self.call(move || self.inner.status(id))
+    }
+    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
+        self.call(move || self.inner.count_by_state())
+    }
+    fn transition<'a>(
+        &'a self,
+        id: &'a str,
+        state: WorkerState,
+        error: Option<String>,
+    ) -> Stored<'a, ()> {
+        self.call(move || self.inner.transition(id, state, error))
+    }
+    fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()> {
+        self.call(move || self.inner.bump(id, counter))
+    }
+    fn note_event<'a>(&'a self, id: &'a str) -> Stored<'a, ()> {
+        self.call(move || self.inner.note_event(id))
+    }
+    fn sync_state<'a>(&'a self, id: &'a str) -> Stored<'a, Option<SyncCursor>> {
+        self.call(move || self.inner.sync_state(id))
+    }
+    fn set_sync_state<'a>(
+        &'a self,
+        id: &'a str,
+        cursor: &'a SyncCursor,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()> {
+        self.call(move || self.inner.set_sync_state(id, cursor, fence))
+    }
+    fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool> {
+        self.call(move || self.inner.is_new(id, item_id))
+    }
+    fn record<'a>(
+        &'a self,
+        id: &'a str,
+        item_id: &'a str,
+        outcome: Outcome,
+        fence: &'a Fence,
+    ) -> Stored<'a, ()> {
+        self.call(move || self.inner.record(id, item_id, outcome, fence))
+    }
+    fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>> {
+        self.call(move || self.inner.dead_letters(id))
+    }
+    fn replay_dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Option<usize>> {
+        self.call(move || self.inner.replay_dead_letters(id))
+    }
+    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
+        self.call(move || self.inner.take_replay(id))
+    }
+    fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
+        self.inner.replay_signal(id)
+    }
+    fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String> {
+        self.call(move || self.inner.epoch(proposal))
+    }
+    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
+        self.call(move || self.inner.heartbeat(replica, ttl))
+    }
+    fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
+        self.call(move || self.inner.leave(replica))
+    }
+    fn open_mailboxes(&self) -> Stored<'_, Vec<String>> {
+        self.call(move || self.inner.open_mailboxes())
+    }
+    fn claim_all<'a>(
+        &'a self,
+        ids: &'a [String],
+        replica: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Vec<Option<u64>>> {
+        self.call(move || self.inner.claim_all(ids, replica, ttl))
+    }
+    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
+        self.call(move || self.inner.renew(leases, ttl))
+    }
+    fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
+        self.call(move || self.inner.release(id, fence))
+    }
+    fn restore<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
+        self.call(move || self.inner.restore(id, fence))
+    }
+    fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
+        self.call(move || self.inner.owners(ids))
+    }
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.inner.changes()
+    }
+}
