@@ -68,7 +68,7 @@ VALUE_SETS = {
     "Redis password and TLS": "env.host=redis,redis.passwordSecret=redis-auth,redis.tls=true,"
     "redis.caSecret=redis-ca",
     "on-premises Exchange": "env.host=redis,redis.caSecret=redis-ca,exchange.caSecret=ews-ca,"
-    "exchange.serviceAccountsSecret=ews-accounts,exchange.auth=ntlm",
+    "exchange.serviceAccountsSecret=ews-accounts,exchange.auth=ntlm,creatio.hosts={crm.contoso.com}",
     "the original's command line": "env.host=redis.crm,env.port=6379,env.base=0,"
     "ApiUrl=crm.example.com,ingress.enabled=true,ingress.path=/exchangelistener,apiVersion=apps/v1",
 }
@@ -129,7 +129,7 @@ expect("NOTES names Creatio's ExchangeListenerServiceUri",
        in notes(render("env.host=redis,ApiUrl=crm.example.com")[1]))
 
 onprem = render("env.host=redis,exchange.caSecret=ews-ca,exchange.serviceAccountsSecret=ews-accounts,"
-                "exchange.auth=ntlm")[0]
+                "exchange.auth=ntlm,creatio.hosts={crm.contoso.com},exchange.hosts={mail.contoso.com,*.contoso.com}")[0]
 pod = one(onprem, "StatefulSet")["spec"]["template"]["spec"]
 mounts = {m["name"]: m["mountPath"] for m in container(onprem).get("volumeMounts", [])}
 secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", [])}
@@ -141,6 +141,11 @@ expect("exchange.serviceAccountsSecret is mounted and named by --ews-service-acc
        and env(onprem, "EXCHANGE_LISTENER_EWS_SERVICE_ACCOUNTS")
        == mounts.get("service-accounts") + "/accounts.json")
 expect("exchange.auth becomes --ews-auth", env(onprem, "EXCHANGE_LISTENER_EWS_AUTH") == "ntlm")
+expect("creatio.hosts becomes --creatio-hosts", env(onprem, "EXCHANGE_LISTENER_CREATIO_HOSTS") == "crm.contoso.com")
+expect("exchange.hosts becomes --exchange-hosts",
+       env(onprem, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") == "mail.contoso.com,*.contoso.com")
+expect("no host lists: any host", env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") is None
+       and env(base, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") is None)
 expect("no Exchange secrets: no volumes", "volumes" not in one(base, "StatefulSet")["spec"]["template"]["spec"])
 
 # Mistakes are refused, with a message that says what is wrong.
@@ -149,6 +154,9 @@ for label, expression, needle in [
     ("a misspelt nested value", "env.host=redis,ingress.pth=/x", "pth"),
     ("two replicas without Redis", "replicaCount=2", "env.host"),
     ("an unknown Exchange login", "env.host=redis,exchange.auth=kerberos", "/exchange/auth"),
+    ("service accounts without Creatio hosts", "env.host=redis,exchange.serviceAccountsSecret=s",
+     "creatio.hosts"),
+    ("two hosts in one list entry", "env.host=redis,creatio.hosts={a.com\\,b.com}", "/creatio/hosts"),
 ]:
     try:
         render(expression)

@@ -342,6 +342,8 @@ impl World {
         if let Some(file) = &self.accounts {
             args.push("--ews-service-accounts".to_owned());
             args.push(file.to_string_lossy().into_owned());
+            // A service account serves only a Creatio named: mock-creatio's.
+            args.push("--creatio-hosts=127.0.0.1".to_owned());
         }
         args.extend(self.scenario.replicas.args.iter().cloned());
         // Each start gets its own log, so a restarted replica's first life is kept.

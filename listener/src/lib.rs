@@ -193,6 +193,13 @@ pub async fn serve(
             ),
         None => service_account::ServiceAccounts::default(),
     };
+    if !accounts.is_empty() && config.creatio_hosts.is_empty() {
+        anyhow::bail!(
+            "--ews-service-accounts needs --creatio-hosts: a mailbox created without a password is read \
+             through the service account, so without a list of the Creatio hosts it may post to, \
+             anyone who reaches this API could have any mailbox of those servers sent anywhere"
+        );
+    }
     if !accounts.is_empty() {
         tracing::info!(
             servers = accounts.len(),

@@ -41,7 +41,12 @@ async fn start_with(
     let file = temp_dir("service-accounts").join("accounts.json");
     let accounts = json!([{ "url": world.ews.ews_url(), "user": SERVICE, "password": password }]);
     std::fs::write(&file, accounts.to_string()).unwrap();
-    let mut args = vec!["--ews-service-accounts", file.to_str().unwrap()];
+    let mut args = vec![
+        "--ews-service-accounts",
+        file.to_str().unwrap(),
+        "--creatio-hosts",
+        "127.0.0.1",
+    ];
     args.extend_from_slice(extra);
     let listener = Listener::spawn(&args).await;
     let mailboxes: Vec<String> = (0..count)
@@ -432,4 +437,20 @@ async fn mail_announced_while_a_mailbox_rejoins_its_group_is_not_lost() {
     .await;
     sent.extend(mail_each(&world, std::slice::from_ref(away), "while away"));
     assert_delivered_once(&world, &sent).await;
+}
+
+#[test]
+fn a_service_account_without_a_list_of_creatio_hosts_is_refused_at_start() {
+    let file = temp_dir("service-accounts-unbounded").join("accounts.json");
+    let accounts = json!([{ "url": "https://mail.contoso.example/EWS/Exchange.asmx",
+                            "user": SERVICE, "password": "svc-secret" }]);
+    std::fs::write(&file, accounts.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_exchange-listener"))
+        .args(["--listen", "127.0.0.1:0", "--ews-service-accounts"])
+        .arg(&file)
+        .output()
+        .expect("run exchange-listener");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {stderr}");
+    assert!(stderr.contains("--creatio-hosts"), "{stderr}");
 }

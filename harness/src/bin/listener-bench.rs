@@ -141,6 +141,7 @@ impl Rig {
             listener_args.extend([
                 "--ews-service-accounts".to_owned(),
                 file.to_string_lossy().into_owned(),
+                "--creatio-hosts=127.0.0.1".to_owned(),
             ]);
         }
         listener_args.extend(args.listener_args.iter().cloned());
