@@ -139,18 +139,21 @@ impl Redis {
         self.addr
     }
 
-    /// Stops Redis hard and starts it again with no data, as a crash of a cache-only Redis
-    /// does; answers once it takes commands again.
-    pub async fn restart_empty(&mut self) -> anyhow::Result<()> {
+    /// Stops Redis hard and, after `down`, starts it again with no data, as a crash of a
+    /// cache-only Redis does (a rescheduled pod takes a while); answers once it takes
+    /// commands again.
+    pub async fn restart_empty(&mut self, down: Duration) -> anyhow::Result<()> {
         match &mut self.inner {
             Inner::Container(c) => {
                 c.stop_with_timeout(Some(0)).await?;
+                tokio::time::sleep(down).await;
                 c.start().await?;
                 let port = c.get_host_port_ipv4(6379.tcp()).await?;
                 self.addr = SocketAddr::from(([127, 0, 0, 1], port));
             }
             Inner::Process(p) => {
                 let _ = p.child.kill().await;
+                tokio::time::sleep(down).await;
                 p.child = spawn_server(p.port, &p.dir)?;
             }
             Inner::External => bail!("an external Redis cannot be restarted by the harness"),

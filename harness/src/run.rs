@@ -435,9 +435,11 @@ impl World {
             }
             Action::Start { replica } => self.start_replica(*replica).await?,
             Action::AddReplica => self.add_replica().await?,
-            Action::RedisRestart => {
+            Action::RedisRestart { down_secs } => {
                 let redis = self.redis.as_mut().context("no Redis in this run")?;
-                redis.restart_empty().await?;
+                redis
+                    .restart_empty(Duration::from_secs_f64(down_secs.max(0.0)))
+                    .await?;
                 let addr = redis.addr();
                 for slot in &self.slots {
                     if let Some(link) = &slot.redis_link {

@@ -198,8 +198,11 @@ pub enum Action {
     Start { replica: usize },
     /// Starts one more replica.
     AddReplica,
-    /// Redis killed and started again without its data.
-    RedisRestart,
+    /// Redis killed and started again without its data, after `down_secs` (none by default).
+    RedisRestart {
+        #[serde(default)]
+        down_secs: f64,
+    },
     /// Redis frozen (answers nothing, connections stay) for a while.
     RedisPause { secs: f64 },
     /// The link from one replica (or every replica) to Redis, Exchange or Creatio.
@@ -266,7 +269,7 @@ impl Action {
             | Action::Term { .. }
             | Action::AddReplica
             | Action::Start { .. }
-            | Action::RedisRestart
+            | Action::RedisRestart { .. }
             | Action::RedisPause { .. }
             | Action::EwsFault { .. }
             // A link mended is a change too: the replica behind it comes back and the spread
@@ -298,7 +301,10 @@ impl Action {
             Action::Term { replica } => format!("SIGTERM r{replica}"),
             Action::Start { replica } => format!("start r{replica}"),
             Action::AddReplica => "add a replica".into(),
-            Action::RedisRestart => "Redis restarted empty".into(),
+            Action::RedisRestart { down_secs } if *down_secs > 0.0 => {
+                format!("Redis down {down_secs} s, back empty")
+            }
+            Action::RedisRestart { .. } => "Redis restarted empty".into(),
             Action::RedisPause { secs } => format!("Redis paused {secs} s"),
             Action::Link {
                 to, replica, mode, ..
@@ -446,7 +452,7 @@ impl Scenario {
                         bail!("a Redis link needs replicas.store = \"redis\"");
                     }
                 }
-                Action::RedisRestart | Action::RedisPause { .. } if !redis => {
+                Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
                 }
                 Action::Close { mailbox }

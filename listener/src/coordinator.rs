@@ -134,6 +134,9 @@ pub struct Coordinator {
     supervisor: Arc<Supervisor>,
     /// The store's epoch as first seen; another one means the store lost its data.
     epoch: Mutex<Option<String>>,
+    /// Mailboxes this replica stopped serving, whose memory in the store goes at the next
+    /// pass that finds the store's data intact.
+    forgettable: Mutex<Vec<String>>,
     metrics: Metrics,
 }
 
@@ -147,6 +150,7 @@ impl Coordinator {
     ) -> Arc<Self> {
         Arc::new(Coordinator {
             epoch: Mutex::new(None),
+            forgettable: Mutex::default(),
             metrics,
             settings,
             store,
@@ -213,7 +217,7 @@ impl Coordinator {
     pub async fn pass(&self, changed: &HashSet<String>) -> bool {
         let replica = self.settings.replica.as_str();
         match self.check_epoch().await {
-            Ok(true) => {}
+            Ok(true) => self.forget_given_back(),
             Ok(false) => self.heal().await,
             Err(e) => {
                 tracing::warn!(error = %e, "the store does not answer");
@@ -284,6 +288,10 @@ impl Coordinator {
                 tracing::warn!(id = ?id, error = %e, "could not give a lease back; it will lapse");
             }
         }
+        self.forgettable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(leaving.into_iter().map(|(id, _)| id));
 
         // Renew the rest in one batch; a lease found lost stops its worker at once. A lease
         // is trusted from the moment its renewal was asked, not from the pass's start: a
@@ -301,6 +309,10 @@ impl Coordinator {
                             tracing::warn!(id = ?id, "lease lost to another replica");
                             self.leases.remove(id);
                             self.supervisor.poke(id);
+                            self.forgettable
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(id.clone());
                         }
                     }
                 }
@@ -382,6 +394,18 @@ impl Coordinator {
         self.supervisor.poke(id);
     }
 
+    /// Forgets the mailboxes given back or lost to another replica before this pass, now
+    /// that the store is known to have kept its data since (had it not, they would be
+    /// written back: an empty store lists no mailbox, which looks like every one closed).
+    fn forget_given_back(&self) {
+        let ids = std::mem::take(&mut *self.forgettable.lock().unwrap_or_else(|p| p.into_inner()));
+        for id in ids {
+            if self.leases.fence(&id).is_none() && !self.supervisor.has_worker(&id) {
+                self.store.forget(&id);
+            }
+        }
+    }
+
     /// True while the store keeps the epoch first seen (and on first sight).
     async fn check_epoch(&self) -> Result<bool, crate::store::StoreError> {
         let proposal = format!("{:016x}", fastrand::u64(..));
@@ -392,40 +416,25 @@ impl Coordinator {
         Ok(same)
     }
 
-    /// The store lost its data (Redis restarted empty): this replica writes back the mailboxes
-    /// it serves, takes their leases again and restores what it knows of their progress (sync
-    /// cursor, recent deliveries), so their workers, restarted under the new leases, catch up
-    /// from where they stood: mail that arrived meanwhile is delivered, and only once.
+    /// The store lost its data (Redis restarted empty): this replica writes back every
+    /// mailbox it served, whether its lease lapsed meanwhile or not, with what it knows of
+    /// their progress (sync cursor, recent deliveries). They are open again, and whichever
+    /// replica the spread gives each to catches up from where it stood: mail that arrived
+    /// meanwhile is delivered, and only once.
     async fn heal(&self) {
-        let running = self.supervisor.running();
-        tracing::warn!(
-            mailboxes = running.len(),
-            "the store lost its data; writing back the mailboxes served here"
-        );
-        let mut written = Vec::with_capacity(running.len());
-        for creds in running {
-            let id = creds.id.clone();
-            if let Err(e) = self.store.put_mailbox(creds).await {
-                tracing::warn!(id = ?id, error = %e, "could not write a mailbox back");
-                continue;
-            }
-            self.leases.remove(&id);
-            written.push(id);
-        }
-        for batch in written.chunks(CLAIM_BATCH) {
-            let Some((taken, safe_until)) = self.claim(batch).await else {
-                break;
-            };
-            for (id, fence) in &taken {
-                // Restored before the lease is trusted here, so no worker starts from nothing.
-                if let Err(e) = self.store.restore(id, fence).await {
-                    tracing::warn!(id = ?id, error = %e, "could not restore a mailbox's progress; it takes a new baseline");
-                }
-                self.trust(id, fence, safe_until);
-            }
-        }
-        for id in &written {
-            self.supervisor.poke(id);
+        self.forgettable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        match self.store.write_back().await {
+            Ok(written) => tracing::warn!(
+                mailboxes = written,
+                "the store lost its data; wrote back the mailboxes served here"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the store lost its data and writing back the mailboxes served here failed; trying again next pass"
+            ),
         }
     }
 

@@ -156,11 +156,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>>;
     /// Gives a lease back, if still held under `fence`.
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
-    /// Writes back, under `fence`, what this process remembers of the mailbox's progress (its
-    /// sync cursor, the items it recorded lately) into a store that lost its data, so the
-    /// mailbox's next catch-up starts where it stood instead of at a new baseline. A store
-    /// that cannot lose its data has nothing to do.
-    fn restore<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
+    /// Writes back what this process remembers of every mailbox it served (its sealed
+    /// credentials, its sync cursor, the items it recorded lately) into a store that lost its
+    /// data, so the mailboxes are open again and catch up from where they stood: mail that
+    /// arrived meanwhile is delivered, and only once. A mailbox already back is left alone,
+    /// unless it too was written back, with an older cursor, and no replica has leased it
+    /// yet. Answers how many were written. A store that cannot lose its data has nothing to do.
+    fn write_back(&self) -> Stored<'_, usize>;
+    /// Forgets what this process remembers of a mailbox it no longer serves (moved to another
+    /// replica, or closed), so only its last server writes it back.
+    fn forget(&self, id: &str);
     /// Which replica holds each mailbox's lease.
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>>;
     /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they

@@ -279,6 +279,37 @@ async fn redis_restarted_empty_heals_and_later_mail_arrives_once() {
     assert_delivered_once(&world, &after).await;
 }
 
+#[tokio::test]
+async fn redis_down_longer_than_a_lease_and_back_empty_loses_nothing() {
+    let mut redis = Redis::start().await;
+    let world = world().await;
+    let r = [replica(&redis, "r0").await, replica(&redis, "r1").await];
+    streaming(&world, &[&r[0], &r[1]], 10).await;
+    // Down for three leases: every replica stops trusting its leases and stops its workers;
+    // mail keeps arriving in Exchange meanwhile.
+    let outage = async {
+        redis.restart_after(Duration::from_millis(4500)).await;
+    };
+    let during = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        (0..10)
+            .map(|i| inject(&world, i, "during"))
+            .collect::<Vec<String>>()
+    };
+    let ((), during) = tokio::join!(outage, during);
+    eventually(
+        "the mailboxes written back and streaming",
+        PATIENCE,
+        async || {
+            let (_, states) = spread(&r[1]).await;
+            (states.get("Streaming") == Some(&10)).then_some(())
+        },
+    )
+    .await;
+    let after: Vec<String> = (0..10).map(|i| inject(&world, i, "after")).collect();
+    assert_delivered_once(&world, &[during, after].concat()).await;
+}
+
 /// r0 loses Redis (`cut`: refused at once, or `silence`d: nothing answers); r1 takes over; no
 /// mail is lost or doubled, and r0 takes its share back once the link mends.
 async fn cut_off_replica_gives_way(silence: bool) {

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Redis;
+use common::{PATIENCE, Redis, eventually};
 use exchange_listener::contract::{Credentials, parse_credentials_list};
 use exchange_listener::store::memory::MemoryStore;
 use exchange_listener::store::redis::RedisStore;
@@ -460,55 +460,61 @@ async fn the_redis_store_speaks_tls_to_a_server_with_an_internal_ca() {
 }
 
 #[tokio::test]
-async fn the_redis_store_restores_a_mailbox_s_progress_after_redis_lost_its_data() {
+async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     let mut redis = Redis::start().await;
-    let store = redis_store(&redis).await;
-    let take = async |store: &RedisStore| {
-        store.put_mailbox(creds("m", "pw")).await.unwrap();
-        Fence {
-            replica: "a".into(),
-            token: store.claim("m", "a", LONG).await.unwrap().unwrap(),
-        }
+    // Two replicas' stores: `a` serves the mailbox now, `b` served it before.
+    let (a, b) = (redis_store(&redis).await, redis_store(&redis).await);
+    a.put_mailbox(creds("m", "pw")).await.unwrap();
+    let serve = async |store: &RedisStore, replica: &str, state: &str, at: i64| {
+        let fence = Fence {
+            replica: replica.into(),
+            token: store.claim("m", replica, LONG).await.unwrap().unwrap(),
+        };
+        assert!(store.wanted("m").await.unwrap().is_some());
+        let written = cursor(state, at, SyncPhase::Live);
+        store.set_sync_state("m", &written, &fence).await.unwrap();
+        fence
     };
-    let fence = take(&store).await;
-    store
-        .set_sync_state(
-            "m",
-            &cursor("S1", 1_700_000_000_000, SyncPhase::Live),
-            &fence,
-        )
+    let fence = serve(&b, "b", "S0", 1_700_000_000_000).await;
+    b.release("m", &fence).await.unwrap();
+    let fence = serve(&a, "a", "S1", 1_700_000_000_500).await;
+    a.record("m", "i1", Outcome::Delivered, &fence)
         .await
         .unwrap();
-    let before = store.sync_state("m").await.unwrap().unwrap();
-    store
-        .record("m", "i1", Outcome::Delivered, &fence)
-        .await
-        .unwrap();
+    let before = a.sync_state("m").await.unwrap().unwrap();
+    // A mailbox `a` stopped serving (closed or moved) is not written back by it.
+    a.put_mailbox(creds("gone", "pw")).await.unwrap();
+    assert!(a.wanted("gone").await.unwrap().is_some());
+    a.forget("gone");
 
     redis.restart().await;
-    // Redis answers again, empty; the mailbox is written back under a new lease.
-    let fence = loop {
-        if store.epoch("e2").await.is_ok() {
-            break take(&store).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_ne!(
-        store.sync_state("m").await.unwrap(),
-        Some(before.clone()),
+    for store in [&a, &b] {
+        eventually("Redis back", PATIENCE, async || {
+            store.epoch("e2").await.ok()
+        })
+        .await;
+    }
+    assert!(
+        a.open_mailboxes().await.unwrap().is_empty(),
         "lost with Redis"
     );
-    assert!(store.is_new("m", "i1").await.unwrap());
 
-    store.restore("m", &fence).await.unwrap();
-    assert_eq!(store.sync_state("m").await.unwrap(), Some(before));
-    assert!(!store.is_new("m", "i1").await.unwrap(), "delivered before");
-    assert!(store.is_new("m", "i2").await.unwrap());
+    // The older knowledge comes back first; the newer one replaces it while no replica has
+    // leased the mailbox.
+    assert_eq!(b.write_back().await.unwrap(), 1);
+    assert_eq!(a.write_back().await.unwrap(), 1);
+    assert_eq!(a.open_mailboxes().await.unwrap(), ["m"]);
+    assert_eq!(a.sync_state("m").await.unwrap(), Some(before.clone()));
+    assert_eq!(
+        a.wanted("m").await.unwrap().unwrap().creds,
+        creds("m", "pw")
+    );
+    assert!(!a.is_new("m", "i1").await.unwrap(), "delivered before");
+    assert!(a.is_new("m", "i2").await.unwrap());
 
-    // Under a lease it does not hold, nothing is written.
-    let stale = Fence {
-        replica: "a".into(),
-        token: fence.token + 1,
-    };
-    assert_eq!(store.restore("m", &stale).await, Err(StoreError::Fenced));
+    // Once leased, the mailbox is left alone; so is one written back already.
+    a.claim("m", "a", LONG).await.unwrap().unwrap();
+    assert_eq!(b.write_back().await.unwrap(), 0);
+    assert_eq!(a.write_back().await.unwrap(), 0);
+    assert_eq!(a.sync_state("m").await.unwrap(), Some(before));
 }

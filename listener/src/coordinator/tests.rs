@@ -155,7 +155,11 @@ async fn a_pass_longer_than_the_trust_window_leaves_no_lease_without_a_worker() 
     replica.start(&stop);
     tokio::time::sleep(30 * SECOND).await;
 
-    assert_eq!(replica.served(&ids), (1000, 0), "(trusted, without a worker)");
+    assert_eq!(
+        replica.served(&ids),
+        (1000, 0),
+        "(trusted, without a worker)"
+    );
     assert_eq!(replica.supervisor.running().len(), 1000);
     stop.cancel();
 }

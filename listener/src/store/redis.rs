@@ -167,6 +167,38 @@ end
 return #letters
 "#;
 
+/// Writes a mailbox back into a Redis that lost its data. KEYS: mbx, open, generation, seen,
+/// lease, changes. ARGV: id, fingerprint, sealed credentials, now, the cursor (state, given
+/// at, phase, since or ''), then digest and when, pairs. A mailbox back already is left alone
+/// unless another replica wrote it back with an older cursor and no lease is held on it.
+/// Answers 1 if written.
+const WRITE_BACK: &str = r#"
+local now = tonumber(ARGV[4])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'written_back') ~= '1' or redis.call('EXISTS', KEYS[5]) == 1 then
+    return 0
+  end
+  local theirs = tonumber(redis.call('HGET', KEYS[1], 'sync_at_ms') or '0') or 0
+  if tonumber(ARGV[6]) <= theirs then return 0 end
+else
+  local g = redis.call('INCR', KEYS[3])
+  if g < now then
+    g = now
+    redis.call('SET', KEYS[3], g)
+  end
+  redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
+    'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4], 'written_back', '1')
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[6], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'sync_state', ARGV[5], 'sync_at_ms', ARGV[6], 'sync_phase', ARGV[7],
+  'sync_since_ms', ARGV[8])
+for i = 9, #ARGV, 2 do
+  redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i])
+end
+return 1
+"#;
+
 /// Says a replica is alive. KEYS: replicas. ARGV: replica, ttl ms. Answers the live ones. The
 /// time is Redis's own, so replicas with skewed clocks agree.
 const HEARTBEAT: &str = r#"
@@ -251,6 +283,7 @@ struct Scripts {
     claim: Script,
     renew: Script,
     release: Script,
+    write_back: Script,
 }
 
 /// The Redis [`Store`].
@@ -265,15 +298,17 @@ pub struct RedisStore {
     signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     /// Fed from the `changes` channel.
     changes: tokio::sync::broadcast::Sender<String>,
-    /// What this process knows of each mailbox's progress, to write back should Redis lose
+    /// What this process knows of each mailbox it serves, to write back should Redis lose
     /// its data.
     progress: Arc<Mutex<HashMap<String, Progress>>>,
 }
 
-/// A mailbox's progress as this process saw it: the last sync cursor read or written, and
-/// the digests of the items it recorded lately (with when), as the `seen` set keeps them.
+/// A mailbox as this process saw it while serving it: its sealed credentials (with their
+/// fingerprint), the last sync cursor read or written, and the digests of the items it
+/// recorded lately (with when), as the `seen` set keeps them.
 #[derive(Debug, Default)]
 struct Progress {
+    creds: Option<(String, Vec<u8>)>,
     cursor: Option<SyncCursor>,
     seen: std::collections::VecDeque<(String, i64)>,
 }
@@ -336,6 +371,7 @@ impl RedisStore {
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
+                write_back: Script::new(WRITE_BACK),
             }),
             signals: Arc::default(),
             changes: follow_changes(changes_client, format!("{prefix}changes")),
@@ -361,27 +397,49 @@ impl RedisStore {
         note(all.entry(id.to_owned()).or_default());
     }
 
-    async fn restore_now(&self, id: &str, fence: &Fence) -> Result<(), StoreError> {
-        let (cursor, seen) = {
+    async fn write_back_now(&self) -> Result<usize, StoreError> {
+        // A mailbox is written back with its cursor, or not at all: without one, its next
+        // catch-up could not know what it missed (Creatio's minute loop recreates it).
+        type Known = (String, (String, Vec<u8>), SyncCursor, Vec<(String, i64)>);
+        let known: Vec<Known> = {
             let all = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-            match all.get(id) {
-                Some(p) => (p.cursor.clone(), p.seen.iter().cloned().collect::<Vec<_>>()),
-                None => return Ok(()),
-            }
+            all.iter()
+                .filter_map(|(id, p)| {
+                    Some((
+                        id.clone(),
+                        p.creds.clone()?,
+                        p.cursor.clone()?,
+                        p.seen.iter().cloned().collect(),
+                    ))
+                })
+                .collect()
         };
-        if let Some(cursor) = cursor {
-            self.write_cursor(id, &cursor, fence).await?;
-        }
         let mut conn = self.conn.clone();
-        if !seen.is_empty() {
-            let mut add = redis::cmd("ZADD");
-            add.arg(self.key("seen", id));
+        let mut written = 0;
+        for (id, (fp, sealed), cursor, seen) in known {
+            let mut call = self.scripts.write_back.prepare_invoke();
+            call.key(self.key("mbx", &id))
+                .key(self.open_set())
+                .key(format!("{}generation", self.prefix))
+                .key(self.key("seen", &id))
+                .key(self.key("lease", &id))
+                .key(self.changes_channel())
+                .arg(&id)
+                .arg(fp)
+                .arg(sealed)
+                .arg(unix_now_ms());
+            let (phase, since) = cursor.phase_fields();
+            call.arg(&cursor.state)
+                .arg(cursor.at_unix_ms)
+                .arg(phase)
+                .arg(since.map(|s| s.to_string()).unwrap_or_default());
             for (digest, at) in &seen {
-                add.arg(*at).arg(digest);
+                call.arg(digest).arg(*at);
             }
-            let _: i64 = add.query_async(&mut conn).await.map_err(store_error)?;
+            let answer: i64 = call.invoke_async(&mut conn).await.map_err(store_error)?;
+            written += answer as usize;
         }
-        Ok(())
+        Ok(written)
     }
 
     fn signal(&self, id: &str) -> Arc<Notify> {
@@ -395,6 +453,8 @@ impl RedisStore {
 
     async fn put(&self, creds: Credentials) -> Result<(), StoreError> {
         let id = creds.id.clone();
+        let fp = self.sealer.fingerprint(&creds);
+        let sealed = self.sealer.seal(&creds);
         let mut conn = self.conn.clone();
         let _: i64 = self
             .scripts
@@ -406,12 +466,13 @@ impl RedisStore {
             .key(self.key("replay", &id))
             .key(self.changes_channel())
             .arg(&id)
-            .arg(self.sealer.fingerprint(&creds))
-            .arg(self.sealer.seal(&creds))
+            .arg(&fp)
+            .arg(&sealed)
             .arg(unix_now_ms())
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
+        self.remember(&id, |p| p.creds = Some((fp, sealed)));
         Ok(())
     }
 
@@ -442,13 +503,15 @@ impl RedisStore {
 
     async fn wanted_now(&self, id: &str) -> Result<Option<Wanted>, StoreError> {
         let mut conn = self.conn.clone();
-        let (blob, generation): (Option<Vec<u8>>, Option<u64>) = redis::cmd("HMGET")
-            .arg(self.key("mbx", id))
-            .arg("creds")
-            .arg("gen")
-            .query_async(&mut conn)
-            .await
-            .map_err(store_error)?;
+        let (blob, generation, fp): (Option<Vec<u8>>, Option<u64>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(self.key("mbx", id))
+                .arg("creds")
+                .arg("gen")
+                .arg("fp")
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
         let (Some(blob), Some(generation)) = (blob, generation) else {
             return Ok(None);
         };
@@ -456,6 +519,8 @@ impl RedisStore {
             .sealer
             .open(id, &blob)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // What this replica is about to serve, it can write back (with a cursor).
+        self.remember(id, |p| p.creds = Some((fp.unwrap_or_default(), blob)));
         Ok(Some(Wanted { creds, generation }))
     }
 
@@ -563,11 +628,13 @@ impl RedisStore {
                 since.and_then(|s| s.parse().ok()),
             ),
         };
-        // A cursor without a state is a new record's (after a Create, or written back into
-        // a Redis that lost its data): what this process knew before outranks it.
-        if !cursor.state.is_empty() {
-            self.remember(id, |p| p.cursor = Some(cursor.clone()));
-        }
+        // A cursor without a state is a new record's (after a Create, or written by the API
+        // into a Redis that lost its data): what this process knew before outranks it.
+        self.remember(id, |p| {
+            if p.cursor.is_none() || !cursor.state.is_empty() {
+                p.cursor = Some(cursor.clone());
+            }
+        });
         Ok(Some(cursor))
     }
 
@@ -953,8 +1020,15 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn restore<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
-        self.restore_now(id, fence).boxed()
+    fn write_back(&self) -> Stored<'_, usize> {
+        self.write_back_now().boxed()
+    }
+
+    fn forget(&self, id: &str) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {

@@ -151,8 +151,11 @@ impl Store for SlowStore {
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
         self.call(move || self.inner.release(id, fence))
     }
-    fn restore<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
-        self.call(move || self.inner.restore(id, fence))
+    fn write_back(&self) -> Stored<'_, usize> {
+        self.call(move || self.inner.write_back())
+    }
+    fn forget(&self, id: &str) {
+        self.inner.forget(id)
     }
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         self.call(move || self.inner.owners(ids))

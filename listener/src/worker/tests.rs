@@ -52,13 +52,16 @@ struct Script {
     panics: usize,
 }
 
+/// The state a SyncFolderItems started from, and when it came (wall clock, Unix ms).
+type SyncCall = (Option<String>, i64);
+
 /// A scripted Exchange that logs each call with the virtual time it came at.
 #[derive(Clone)]
 struct FakeExchange {
     script: Arc<Mutex<Script>>,
     calls: Arc<Mutex<Vec<(Duration, String)>>>,
     /// The sync state each SyncFolderItems started from, and when it was asked (wall clock).
-    syncs: Arc<Mutex<Vec<(Option<String>, i64)>>>,
+    syncs: Arc<Mutex<Vec<SyncCall>>>,
     ids: Arc<AtomicUsize>,
     start: Instant,
 }
@@ -170,7 +173,9 @@ impl Exchange for FakeExchange {
             let mut script = self.script.lock().unwrap();
             (script.sync.pop_front(), script.sync_takes)
         };
-        // The paused clock does not move the wall clock the store stamps with.
+        // The paused clock does not move the wall clock cursors are dated by: only a real
+        // wait does, and it is a few milliseconds in the one test that asks for it.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(takes);
         async {
             answer.unwrap_or_else(|| {

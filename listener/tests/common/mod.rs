@@ -344,8 +344,14 @@ impl Redis {
 
     /// Starts the server again on the same socket, empty.
     pub async fn restart(&mut self) {
+        self.restart_after(Duration::ZERO).await;
+    }
+
+    /// Kills the server, and after `down` starts it again on the same socket, empty.
+    pub async fn restart_after(&mut self, down: Duration) {
         let _ = self.child.kill().await;
         let _ = std::fs::remove_file(self.dir.join("redis.sock"));
+        tokio::time::sleep(down).await;
         self.child = Redis::serve(&self.dir).await.0;
     }
 
