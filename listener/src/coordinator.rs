@@ -345,12 +345,42 @@ impl Coordinator {
 
         // A trusted lease without a worker (its claim was distrusted for a moment, its
         // reconciler gave up) gets one.
-        for (id, _) in self.leases.all() {
-            if self.leases.fence(&id).is_some() && !self.supervisor.has_worker(&id) {
-                self.supervisor.poke(&id);
+        let held: Vec<String> = self
+            .leases
+            .all()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| self.leases.fence(id).is_some())
+            .collect();
+        for id in &held {
+            if !self.supervisor.has_worker(id) {
+                self.supervisor.poke(id);
             }
         }
+        // A worker runs with what the store wants now, even when the news of a change was lost
+        // (pub/sub delivers at most once).
+        self.follow_generations(&held).await;
         true
+    }
+
+    /// Pokes every mailbox whose worker here runs with another generation than the stored one.
+    async fn follow_generations(&self, held: &[String]) {
+        if held.is_empty() {
+            return;
+        }
+        let stored = match self.store.generations(held).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the mailboxes' generations");
+                return;
+            }
+        };
+        let running = self.supervisor.generations(held);
+        for ((id, stored), running) in held.iter().zip(stored).zip(running) {
+            if running.is_some() && running != stored {
+                self.supervisor.poke(id);
+            }
+        }
     }
 
     /// Until when a lease renewed or claimed by a call sent at `asked` may be acted on.

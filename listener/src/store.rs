@@ -166,6 +166,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Forgets what this process remembers of a mailbox it no longer serves (moved to another
     /// replica, or closed), so only its last server writes it back.
     fn forget(&self, id: &str);
+    /// The generation each mailbox should run with (see [`Wanted`]); `None` where closed.
+    fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>>;
     /// Which replica holds each mailbox's lease.
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>>;
     /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they

@@ -211,6 +211,19 @@ impl Supervisor {
             .collect()
     }
 
+    /// The generation each mailbox's worker here runs with, where one runs.
+    pub fn generations(&self, ids: &[String]) -> Vec<Option<u64>> {
+        let slots = self.lock();
+        ids.iter()
+            .map(|id| {
+                slots
+                    .map
+                    .get(id)
+                    .and_then(|s| s.running.as_ref().map(|r| r.generation))
+            })
+            .collect()
+    }
+
     /// True while a worker of the mailbox runs here.
     pub fn has_worker(&self, id: &str) -> bool {
         self.lock().map.get(id).is_some_and(|s| s.running.is_some())

@@ -68,6 +68,13 @@ async fn contract(store: &dyn Store) {
     store.put_mailbox(creds("m1", "pw2")).await.unwrap();
     let changed = store.wanted("m1").await.unwrap().unwrap();
     assert_ne!(changed.generation, first.generation);
+    assert_eq!(
+        store
+            .generations(&["m1".into(), "never-opened".into()])
+            .await
+            .unwrap(),
+        [Some(changed.generation), None]
+    );
     assert_eq!(changed.creds, creds("m1", "pw2"));
 
     // Status: the current error goes when streaming, the last one stays.

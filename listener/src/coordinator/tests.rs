@@ -163,3 +163,32 @@ async fn a_pass_longer_than_the_trust_window_leaves_no_lease_without_a_worker() 
     assert_eq!(replica.supervisor.running().len(), 1000);
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_update_whose_announcement_was_lost_still_restarts_the_worker() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 3).await;
+    // Pub/sub delivers at most once: here, never.
+    store.set_deaf(true);
+    let replica = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    let stop = CancellationToken::new();
+    replica.start(&stop);
+    tokio::time::sleep(5 * SECOND).await;
+    let before = replica.supervisor.generations(&ids);
+    assert!(before.iter().all(Option::is_some), "{before:?}");
+
+    // Creatio sends new credentials through another replica.
+    let mut changed = creds(&ids[1]);
+    changed.password = Some(contract::Secret::new("a new password".into()));
+    store.put_mailbox(changed.clone()).await.unwrap();
+    tokio::time::sleep(5 * SECOND).await;
+
+    let after = replica.supervisor.generations(&ids);
+    assert_eq!((after[0], after[2]), (before[0], before[2]));
+    assert_ne!(
+        after[1], before[1],
+        "the worker still runs the old credentials"
+    );
+    assert!(replica.supervisor.running().contains(&changed));
+    stop.cancel();
+}

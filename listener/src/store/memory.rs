@@ -454,6 +454,15 @@ impl Store for MemoryStore {
 
     fn forget(&self, _id: &str) {}
 
+    fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>> {
+        let inner = self.lock();
+        ready(
+            ids.iter()
+                .map(|id| inner.mailboxes.get(id).map(|e| e.generation))
+                .collect(),
+        )
+    }
+
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         let inner = self.lock();
         ready(

@@ -199,6 +199,16 @@ end
 return 1
 "#;
 
+/// Reads generations. KEYS: mbx of each mailbox. Answers each one's generation, or 0 where
+/// the mailbox is closed.
+const GENERATIONS: &str = r#"
+local gens = {}
+for i, key in ipairs(KEYS) do
+  gens[i] = tonumber(redis.call('HGET', key, 'gen') or '0') or 0
+end
+return gens
+"#;
+
 /// Says a replica is alive. KEYS: replicas. ARGV: replica, ttl ms. Answers the live ones. The
 /// time is Redis's own, so replicas with skewed clocks agree.
 const HEARTBEAT: &str = r#"
@@ -284,6 +294,7 @@ struct Scripts {
     renew: Script,
     release: Script,
     write_back: Script,
+    generations: Script,
 }
 
 /// The Redis [`Store`].
@@ -372,6 +383,7 @@ impl RedisStore {
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
                 write_back: Script::new(WRITE_BACK),
+                generations: Script::new(GENERATIONS),
             }),
             signals: Arc::default(),
             changes: follow_changes(changes_client, format!("{prefix}changes")),
@@ -1029,6 +1041,23 @@ impl Store for RedisStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+    }
+
+    fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>> {
+        async move {
+            let mut generations = Vec::with_capacity(ids.len());
+            let mut conn = self.conn.clone();
+            for chunk in ids.chunks(1000) {
+                let mut call = self.scripts.generations.prepare_invoke();
+                for id in chunk {
+                    call.key(self.key("mbx", id));
+                }
+                let answers: Vec<u64> = call.invoke_async(&mut conn).await.map_err(store_error)?;
+                generations.extend(answers.into_iter().map(|g| (g > 0).then_some(g)));
+            }
+            Ok(generations)
+        }
+        .boxed()
     }
 
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {

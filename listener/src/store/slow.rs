@@ -22,6 +22,8 @@ pub struct SlowStore {
     inner: MemoryStore,
     delay: Arc<Mutex<Duration>>,
     down: Arc<AtomicBool>,
+    /// Announces no change: every pub/sub message lost.
+    deaf: Arc<AtomicBool>,
 }
 
 impl SlowStore {
@@ -35,6 +37,11 @@ impl SlowStore {
     /// Every call from now on waits this long before it is answered.
     pub fn set_delay(&self, delay: Duration) {
         *self.delay.lock().unwrap() = delay;
+    }
+
+    /// Announces no change from now on, as a pub/sub that drops every message.
+    pub fn set_deaf(&self, deaf: bool) {
+        self.deaf.store(deaf, Ordering::Relaxed);
     }
 
     /// Every call from now on fails (true) or is answered again (false).
@@ -157,10 +164,16 @@ impl Store for SlowStore {
     fn forget(&self, id: &str) {
         self.inner.forget(id)
     }
+    fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>> {
+        self.call(move || self.inner.generations(ids))
+    }
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         self.call(move || self.inner.owners(ids))
     }
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        if self.deaf.load(Ordering::Relaxed) {
+            return None;
+        }
         self.inner.changes()
     }
 }
