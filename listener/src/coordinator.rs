@@ -137,6 +137,11 @@ pub struct Coordinator {
     /// Mailboxes this replica stopped serving, whose memory in the store goes at the next
     /// pass that finds the store's data intact.
     forgettable: Mutex<Vec<String>>,
+    /// Leases no longer this replica's share whose workers are still stopping: renewed, not
+    /// trusted, given back once the worker has stopped.
+    leaving: Mutex<HashMap<String, Fence>>,
+    /// Shutting down: no claims.
+    draining: std::sync::atomic::AtomicBool,
     metrics: Metrics,
 }
 
@@ -151,6 +156,8 @@ impl Coordinator {
         Arc::new(Coordinator {
             epoch: Mutex::new(None),
             forgettable: Mutex::default(),
+            leaving: Mutex::default(),
+            draining: Default::default(),
             metrics,
             settings,
             store,
@@ -269,50 +276,64 @@ impl Coordinator {
             self.mark_waiting(&open, &assigned).await;
         }
 
-        // Give back what is no longer ours (closed, or another replica's share now). The
-        // workers stop first, so the next owner never overlaps them.
-        let leaving: Vec<(String, Fence)> = self
-            .leases
-            .all()
-            .into_iter()
-            .filter(|(id, _)| !mine.contains(id.as_str()))
-            .collect();
-        for (id, _) in &leaving {
-            self.leases.remove(id);
-            self.supervisor.poke(id);
+        // Give back what is no longer ours (closed, or another replica's share now). Its
+        // worker stops in the background, bounded, off this pass's path; the lease is renewed
+        // until it has stopped, so the next owner never overlaps it, and given back then.
+        for (id, fence) in self.leases.all() {
+            if !mine.contains(id.as_str()) {
+                self.leases.remove(&id);
+                self.leaving().insert(id.clone(), fence);
+                self.supervisor.poke(&id);
+            }
         }
-        futures_util::future::join_all(leaving.iter().map(|(id, _)| self.supervisor.stopped(id)))
-            .await;
-        for (id, fence) in &leaving {
+        let stopped: Vec<(String, Fence)> = {
+            let mut leaving = self.leaving();
+            let ids: Vec<String> = leaving
+                .keys()
+                .filter(|id| self.supervisor.idle(id))
+                .cloned()
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| leaving.remove_entry(&id))
+                .collect()
+        };
+        for (id, fence) in &stopped {
             if let Err(e) = self.store.release(id, fence).await {
                 tracing::warn!(id = ?id, error = %e, "could not give a lease back; it will lapse");
             }
         }
-        self.forgettable
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(leaving.into_iter().map(|(id, _)| id));
+        self.forget_later(stopped.into_iter().map(|(id, _)| id));
 
-        // Renew the rest in one batch; a lease found lost stops its worker at once. A lease
-        // is trusted from the moment its renewal was asked, not from the pass's start: a
-        // slow pass must not leave leases held but distrusted.
+        // Renew the rest in one batch, with the leases of workers still stopping; a lease
+        // found lost stops its worker at once. A lease is trusted from the moment its
+        // renewal was asked, not from the pass's start: a slow pass must not leave leases
+        // held but distrusted.
         let held = self.leases.all();
-        if !held.is_empty() {
+        let stopping: Vec<(String, Fence)> = self
+            .leaving()
+            .iter()
+            .map(|(id, f)| (id.clone(), f.clone()))
+            .collect();
+        if !held.is_empty() || !stopping.is_empty() {
+            let batch = [held.as_slice(), stopping.as_slice()].concat();
             let asked = Instant::now();
-            match self.store.renew(&held, self.settings.lease).await {
+            match self.store.renew(&batch, self.settings.lease).await {
                 Ok(still) => {
                     let safe_until = self.trusted_until(asked);
-                    for ((id, fence), ok) in held.iter().zip(still) {
-                        if ok {
+                    for ((id, fence), ok) in held.iter().zip(&still) {
+                        if *ok {
                             self.leases.extend(id, fence.token, safe_until);
                         } else {
                             tracing::warn!(id = ?id, "lease lost to another replica");
                             self.leases.remove(id);
                             self.supervisor.poke(id);
-                            self.forgettable
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push(id.clone());
+                            self.forget_later([id.clone()]);
+                        }
+                    }
+                    for ((id, _), ok) in stopping.iter().zip(&still[held.len()..]) {
+                        if !*ok {
+                            self.leaving().remove(id);
+                            self.forget_later([id.clone()]);
                         }
                     }
                 }
@@ -321,6 +342,11 @@ impl Coordinator {
                     self.drop_untrusted();
                 }
             }
+        }
+
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            // Shutting down: the workers stop, the leases are kept until they have.
+            return true;
         }
 
         // Claim our share, in batches, each trusted from when it was asked.
@@ -419,9 +445,30 @@ impl Coordinator {
 
     /// Trusts a lease just taken and starts its worker.
     fn trust(&self, id: &str, fence: &Fence, safe_until: Instant) {
+        // Ours again before its worker had stopped: the lease was never let go.
+        self.leaving().remove(id);
         self.metrics.leases_taken.inc();
         self.leases.insert(id, fence.token, safe_until);
         self.supervisor.poke(id);
+    }
+
+    fn leaving(&self) -> MutexGuard<'_, HashMap<String, Fence>> {
+        self.leaving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes mailboxes this replica no longer serves, to forget at the next sound pass.
+    fn forget_later(&self, ids: impl IntoIterator<Item = String>) {
+        self.forgettable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+    }
+
+    /// Claims nothing more; the leases held are renewed until [`Coordinator::leave`], so the
+    /// workers stop (and their posts finish) before another replica may take over.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forgets the mailboxes given back or lost to another replica before this pass, now
@@ -505,6 +552,10 @@ impl Coordinator {
     /// On shutdown, after the workers stopped: every lease given back and the replica gone, so
     /// the others take over at once instead of waiting for the leases to lapse.
     pub async fn leave(&self) {
+        let stopping: Vec<(String, Fence)> = self.leaving().drain().collect();
+        for (id, fence) in stopping {
+            let _ = self.store.release(&id, &fence).await;
+        }
         for (id, fence) in self.leases.all() {
             self.leases.remove(&id);
             let _ = self.store.release(&id, &fence).await;

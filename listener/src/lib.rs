@@ -293,14 +293,17 @@ pub async fn serve(
     // Mailboxes stop (and unsubscribe) while the last requests drain, both within the grace.
     let mailboxes = async {
         let _ = stopping.await;
-        // No new claims; the workers stop; then the leases go back so others take over at once.
-        coordinating.cancel();
+        // No new claims; the workers stop while their leases are still renewed (so no other
+        // replica overlaps a post under way); then the leases go back so others take over
+        // at once.
+        coordinator.drain();
         if tokio::time::timeout(grace, supervisor.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("some mailboxes had not unsubscribed when the shutdown timeout passed");
         }
+        coordinating.cancel();
         coordinator.leave().await;
     };
     tokio::join!(api, mailboxes);

@@ -35,11 +35,16 @@ struct Running {
 
 impl Running {
     /// Cancels the worker and waits until it has finished: it unsubscribes, and a post to
-    /// Creatio already under way completes and is recorded. Every step of that is bounded by
-    /// the request timeout, so the wait is too.
-    async fn stop(self) {
+    /// Creatio already under way completes and is recorded. Past `bound` the worker is
+    /// dropped where it stands (a post cut short is found again by the next catch-up, under
+    /// the same idempotency key; an unsubscribe cut short expires on the server).
+    async fn stop(mut self, bound: Duration) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        if tokio::time::timeout(bound, &mut self.task).await.is_err() {
+            tracing::warn!(id = ?self.creds.id, bound_ms = bound.as_millis() as u64, "mailbox worker did not stop in time; dropped");
+            self.task.abort();
+            let _ = self.task.await;
+        }
     }
 }
 
@@ -180,7 +185,7 @@ impl Supervisor {
                 }
             };
             if let Some(old) = old {
-                old.stop().await;
+                old.stop(self.stop_bound()).await;
             }
         }
     }
@@ -224,24 +229,23 @@ impl Supervisor {
             .collect()
     }
 
+    /// True when no worker of the mailbox runs here, nor is being started or stopped.
+    pub fn idle(&self, id: &str) -> bool {
+        self.lock()
+            .map
+            .get(id)
+            .is_none_or(|s| s.running.is_none() && !s.reconciling)
+    }
+
+    /// How long a worker may take to stop: a post under way and an unsubscribe, each bounded
+    /// by the request timeout.
+    fn stop_bound(&self) -> Duration {
+        2 * self.ctx.settings.limits.request_timeout
+    }
+
     /// True while a worker of the mailbox runs here.
     pub fn has_worker(&self, id: &str) -> bool {
         self.lock().map.get(id).is_some_and(|s| s.running.is_some())
-    }
-
-    /// Waits until no worker of the mailbox runs here.
-    pub async fn stopped(&self, id: &str) {
-        loop {
-            let busy = self
-                .lock()
-                .map
-                .get(id)
-                .is_some_and(|s| s.running.is_some() || s.reconciling);
-            if !busy {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     /// What Creatio's SubscriptionsState reports: `exists` for a mailbox being served and
@@ -293,7 +297,8 @@ impl Supervisor {
                 .filter_map(|s| s.running.take())
                 .collect()
         };
-        futures_util::future::join_all(all.into_iter().map(Running::stop)).await;
+        let bound = self.stop_bound();
+        futures_util::future::join_all(all.into_iter().map(|r| r.stop(bound))).await;
     }
 }
 

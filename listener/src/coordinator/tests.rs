@@ -1,6 +1,7 @@
 //! The coordinator and the supervisor together, over a store that can be made slow or down,
 //! under tokio's paused clock: lease timing is read exactly, without a Redis or a wall clock.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -34,9 +35,12 @@ impl Connect for Unreachable {
     }
 }
 
-/// A Creatio that takes every call.
-#[derive(Debug)]
-struct Quiet;
+/// A Creatio that takes every call; a report takes `report_takes`, and cannot be cut short
+/// (as a post already sent waits for its answer).
+#[derive(Debug, Default)]
+struct Quiet {
+    report_takes: Duration,
+}
 
 impl Creatio for Quiet {
     fn post<'a>(
@@ -50,7 +54,7 @@ impl Creatio for Quiet {
     }
 
     fn report<'a>(&'a self, _url: &'a str, _body: &'a Value) -> BoxFuture<'a, ()> {
-        async {}.boxed()
+        tokio::time::sleep(self.report_takes).boxed()
     }
 }
 
@@ -74,6 +78,10 @@ struct Replica {
 
 impl Replica {
     fn new(name: &str, store: Arc<dyn Store>, lease: Duration) -> Replica {
+        Replica::with_creatio(name, store, lease, Quiet::default())
+    }
+
+    fn with_creatio(name: &str, store: Arc<dyn Store>, lease: Duration, creatio: Quiet) -> Replica {
         let leases = Arc::new(Leases::new(name));
         let metrics = Metrics::new();
         let ctx = WorkerContext {
@@ -81,7 +89,7 @@ impl Replica {
             leases: leases.clone(),
             metrics: metrics.clone(),
             exchange: Arc::new(Unreachable),
-            creatio: Arc::new(Quiet),
+            creatio: Arc::new(creatio),
             settings: Arc::new(WorkerSettings {
                 connection_timeout_minutes: 30,
                 idle_timeout: 120 * SECOND,
@@ -190,5 +198,53 @@ async fn an_update_whose_announcement_was_lost_still_restarts_the_worker() {
         "the worker still runs the old credentials"
     );
     assert!(replica.supervisor.running().contains(&changed));
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_slow_to_stop_holds_neither_the_pass_nor_its_lease_hostage() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 6).await;
+    let lease = 3 * SECOND;
+    // Every worker first tells Creatio the mailbox is unavailable, which takes 20 s and
+    // cannot be cut short: a worker asked to stop meanwhile takes that long.
+    let slow = Quiet {
+        report_takes: 20 * SECOND,
+    };
+    let a = Replica::with_creatio("a", Arc::new(store.clone()), lease, slow);
+    let stop = CancellationToken::new();
+    a.start(&stop);
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(a.supervisor.running().len(), 6);
+
+    // A second replica joins: part of a's share moves to it.
+    let b = Replica::new("b", Arc::new(store.clone()), lease);
+    b.start(&stop);
+    let to_b: Vec<String> =
+        crate::balance::assign(&["a".into(), "b".into()], &ids, 100_000, &HashMap::new())
+            .into_iter()
+            .filter(|(_, r)| r == "b")
+            .map(|(m, _)| m)
+            .collect();
+    assert!(!to_b.is_empty() && to_b.len() < ids.len(), "{to_b:?}");
+
+    // While a's moving workers are still stopping, a keeps its own share (its passes go on)
+    // and the moving leases (b must not overlap a worker still posting).
+    tokio::time::sleep(2 * SECOND).await;
+    for _ in 0..8 {
+        tokio::time::sleep(SECOND).await;
+        let (kept, _) = a.served(&ids);
+        assert_eq!(kept, ids.len() - to_b.len(), "a's share, trusted");
+        for id in &to_b {
+            assert!(
+                !b.supervisor.has_worker(id),
+                "{id} served by b while a's worker stops"
+            );
+        }
+    }
+    // Once they have stopped, the leases are given back and b serves its share.
+    tokio::time::sleep(20 * SECOND).await;
+    assert_eq!(b.served(&ids), (to_b.len(), 0));
+    assert_eq!(a.served(&ids), (ids.len() - to_b.len(), 0));
     stop.cancel();
 }
