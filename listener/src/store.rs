@@ -111,11 +111,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Stored<'a, ()>;
     /// The mailbox's dead letters, oldest first (also after the mailbox was closed).
     fn dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<DeadLetter>>;
-    /// Hands every dead letter of an open mailbox back to its worker for another delivery;
-    /// answers how many, or `None` when the mailbox is not open.
+    /// Hands every dead letter of an open mailbox back for another delivery, and wakes its
+    /// worker on whichever replica runs it; answers how many, or `None` when the mailbox is
+    /// not open.
     fn replay_dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Option<usize>>;
-    /// Takes the items waiting to be replayed.
-    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>>;
+    /// The items handed back for another delivery, oldest first. Each stays listed until its
+    /// outcome is recorded, so a delivery cut short (a cancel, a lease moving, a crash)
+    /// leaves the rest to the mailbox's next worker.
+    fn replays<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>>;
     /// What a mailbox's worker waits on for replays, in this process.
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>>;
 

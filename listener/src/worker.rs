@@ -560,15 +560,18 @@ impl Worker {
         // The server accepted the stream: it is open and healthy until it says otherwise.
         self.set_state(WorkerState::Streaming, None).await;
         let replay = self.ctx.store.replay_signal(self.id());
+        // Dead letters handed back before this worker started (or left by one that stopped
+        // half-way) go first.
+        if !self.replay().await? {
+            return Ok(StreamEnd::Cancelled);
+        }
         let mut silence_allowed = head_timeout.min(settings.idle_timeout);
         loop {
             let batch = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
                 _ = async { match &replay { Some(r) => r.notified().await, None => std::future::pending().await } } => {
-                    let items = self.ctx.store.take_replay(self.id()).await?;
-                    tracing::info!(items = items.len(), "replaying dead letters");
-                    if !self.deliver(items).await? {
+                    if !self.replay().await? {
                         return Ok(StreamEnd::Cancelled);
                     }
                     continue;
@@ -619,6 +622,16 @@ impl Worker {
                 return Ok(StreamEnd::Ended);
             }
         }
+    }
+
+    /// Delivers the dead letters handed back for another try; false when cancelled.
+    async fn replay(&mut self) -> Result<bool, EwsFailure> {
+        let items = self.ctx.store.replays(self.id()).await?;
+        if items.is_empty() {
+            return Ok(true);
+        }
+        tracing::info!(items = items.len(), "replaying dead letters");
+        self.deliver(items).await
     }
 
     /// Hands new items to Creatio, each recorded as delivered, skipped or dead-lettered;

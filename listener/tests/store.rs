@@ -228,9 +228,15 @@ async fn contract(store: &dyn Store) {
         store.is_new("m1", "c").await.unwrap(),
         "c may be posted again"
     );
-    assert_eq!(store.take_replay("m1").await.unwrap(), ["c"]);
-    assert!(store.take_replay("m1").await.unwrap().is_empty());
+    assert_eq!(store.replays("m1").await.unwrap(), ["c"]);
     assert!(store.dead_letters("m1").await.unwrap().is_empty());
+    // Listed until its outcome is recorded: a delivery cut short leaves it to the next worker.
+    assert_eq!(store.replays("m1").await.unwrap(), ["c"]);
+    store
+        .record("m1", "c", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+    assert!(store.replays("m1").await.unwrap().is_empty());
 
     // Writes under another replica's fence, or an older token, are refused.
     for stale in [
@@ -524,4 +530,38 @@ async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     assert_eq!(b.write_back().await.unwrap(), 0);
     assert_eq!(a.write_back().await.unwrap(), 0);
     assert_eq!(a.sync_state("m").await.unwrap(), Some(before));
+}
+
+#[tokio::test]
+async fn a_replay_asked_of_any_replica_wakes_the_worker_where_it_runs() {
+    let redis = Redis::start().await;
+    let (owner, other) = (redis_store(&redis).await, redis_store(&redis).await);
+    owner.put_mailbox(creds("m", "pw")).await.unwrap();
+    let fence = Fence {
+        replica: "owner".into(),
+        token: owner.claim("m", "owner", LONG).await.unwrap().unwrap(),
+    };
+    owner
+        .record(
+            "m",
+            "lost",
+            Outcome::DeadLettered(letter("lost", "HTTP 400")),
+            &fence,
+        )
+        .await
+        .unwrap();
+    let signal = owner.replay_signal("m").unwrap();
+    // The subscription to the replays channel is made in the background.
+    eventually(
+        "the owner woken by a replay asked elsewhere",
+        PATIENCE,
+        async || {
+            assert!(other.replay_dead_letters("m").await.unwrap().is_some());
+            tokio::time::timeout(Duration::from_millis(200), signal.notified())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert_eq!(owner.replays("m").await.unwrap(), ["lost"]);
 }

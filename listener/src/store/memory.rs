@@ -201,6 +201,7 @@ impl MemoryStore {
         let Some(entry) = inner.mailboxes.get_mut(id) else {
             return;
         };
+        entry.replay.retain(|r| r != item_id);
         if !entry
             .seen
             .insert(item_digest(item_id), limits, Instant::now())
@@ -234,7 +235,9 @@ impl MemoryStore {
         };
         for letter in &letters {
             entry.seen.forget(item_digest(&letter.item_id));
-            entry.replay.push(letter.item_id.clone());
+            if !entry.replay.contains(&letter.item_id) {
+                entry.replay.push(letter.item_id.clone());
+            }
         }
         entry.replay_signal.notify_one();
         Some(letters.len())
@@ -354,9 +357,9 @@ impl Store for MemoryStore {
         ready(self.replay_now(id))
     }
 
-    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
+    fn replays<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
         ready(
-            self.with_entry(id, |e| std::mem::take(&mut e.replay))
+            self.with_entry(id, |e| e.replay.clone())
                 .unwrap_or_default(),
         )
     }

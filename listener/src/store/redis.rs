@@ -16,6 +16,7 @@
 //! | `el:lease:{id}` | string | `replica:token`, expiring unless renewed |
 //! | `el:fence:{id}` | string | the last fencing token given out (INCR) |
 //! | `el:changes` | channel | the id of every mailbox created, updated or closed |
+//! | `el:replays` | channel | the id of every mailbox whose dead letters were handed back |
 //! | `el:epoch` | string | a random id written once; gone or changed means Redis lost its data |
 
 use std::collections::{BTreeMap, HashMap};
@@ -131,12 +132,13 @@ redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
 return 1
 "#;
 
-/// Records what became of an item under a lease. KEYS: mbx, seen, dead, lease. ARGV: digest,
-/// now, retention ms, most digests kept, counter field, dead-letter entry or '', its error,
-/// dead letters kept, fence.
+/// Records what became of an item under a lease. KEYS: mbx, seen, dead, lease, replay. ARGV:
+/// digest, now, retention ms, most digests kept, counter field, dead-letter entry or '', its
+/// error, dead letters kept, fence, item id.
 const RECORD: &str = r#"
 if redis.call('GET', KEYS[4]) ~= ARGV[9] then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('LREM', KEYS[5], 0, ARGV[10])
 if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[3])))
 local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
@@ -151,7 +153,8 @@ end
 return 1
 "#;
 
-/// Hands dead letters back. KEYS: mbx, seen, dead, replay. Each dead-letter entry is
+/// Hands dead letters back and announces it to the replica that runs the mailbox. KEYS: mbx,
+/// seen, dead, replay, replays channel. ARGV: id. Each dead-letter entry is
 /// "digest\nitem id\njson". Answers how many, or -1 when the mailbox is not open.
 const REPLAY: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -161,9 +164,11 @@ for _, entry in ipairs(letters) do
   local digest, item = string.match(entry, '^([^\n]*)\n([^\n]*)\n')
   if digest then
     redis.call('ZREM', KEYS[2], digest)
+    redis.call('LREM', KEYS[4], 0, item)
     redis.call('RPUSH', KEYS[4], item)
   end
 end
+redis.call('PUBLISH', KEYS[5], ARGV[1])
 return #letters
 "#;
 
@@ -271,13 +276,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
-/// Takes the items waiting to be replayed. KEYS: replay.
-const TAKE: &str = r#"
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
-return items
-"#;
-
 #[derive(Debug)]
 struct Scripts {
     put: Script,
@@ -288,7 +286,6 @@ struct Scripts {
     event: Script,
     record: Script,
     replay: Script,
-    take: Script,
     heartbeat: Script,
     claim: Script,
     renew: Script,
@@ -363,6 +360,7 @@ impl RedisStore {
         // Lazily: a replica started before its Redis runs, and says it is not ready until
         // Redis answers.
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
+        let signals: Arc<Mutex<HashMap<String, Arc<Notify>>>> = Arc::default();
         Ok(RedisStore {
             conn,
             prefix: prefix.to_owned(),
@@ -377,7 +375,6 @@ impl RedisStore {
                 event: Script::new(EVENT),
                 record: Script::new(RECORD),
                 replay: Script::new(REPLAY),
-                take: Script::new(TAKE),
                 heartbeat: Script::new(HEARTBEAT),
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
@@ -385,8 +382,8 @@ impl RedisStore {
                 write_back: Script::new(WRITE_BACK),
                 generations: Script::new(GENERATIONS),
             }),
-            signals: Arc::default(),
-            changes: follow_changes(changes_client, format!("{prefix}changes")),
+            changes: follow_changes(changes_client, prefix, signals.clone()),
+            signals,
             progress: Arc::default(),
         })
     }
@@ -401,6 +398,10 @@ impl RedisStore {
 
     fn changes_channel(&self) -> String {
         format!("{}changes", self.prefix)
+    }
+
+    fn replays_channel(&self) -> String {
+        format!("{}replays", self.prefix)
     }
 
     /// Notes what this process knows of a mailbox's progress.
@@ -742,6 +743,7 @@ impl RedisStore {
             .key(self.key("seen", id))
             .key(self.key("dead", id))
             .key(self.key("lease", id))
+            .key(self.key("replay", id))
             .arg(&digest)
             .arg(now)
             .arg(self.seen_limits.retention.as_millis() as i64)
@@ -751,6 +753,7 @@ impl RedisStore {
             .arg(error)
             .arg(DEAD_LETTERS_KEPT)
             .arg(fence_value(fence))
+            .arg(item_id)
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
@@ -779,22 +782,20 @@ impl RedisStore {
             .key(self.key("seen", id))
             .key(self.key("dead", id))
             .key(self.key("replay", id))
+            .key(self.replays_channel())
+            .arg(id)
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
         if n < 0 {
             return Ok(None);
         }
-        self.signal(id).notify_one();
         Ok(Some(n as usize))
     }
 
-    async fn take_replay_now(&self, id: &str) -> Result<Vec<String>, StoreError> {
+    async fn replays_now(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn.clone();
-        self.scripts
-            .take
-            .key(self.key("replay", id))
-            .invoke_async(&mut conn)
+        conn.lrange(self.key("replay", id), 0, -1)
             .await
             .map_err(store_error)
     }
@@ -913,8 +914,8 @@ impl Store for RedisStore {
         self.replay_now(id).boxed()
     }
 
-    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
-        self.take_replay_now(id).boxed()
+    fn replays<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
+        self.replays_now(id).boxed()
     }
 
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
@@ -1085,22 +1086,39 @@ impl Store for RedisStore {
     }
 }
 
-/// Follows the `changes` channel for as long as the process lives, listening again after a
-/// lost connection, and hands each id to the returned sender's subscribers.
+/// Follows the `changes` and `replays` channels for as long as the process lives, listening
+/// again after a lost connection: hands each changed id to the returned sender's subscribers,
+/// and wakes this process's worker of each mailbox whose dead letters were handed back.
 fn follow_changes(
     client: redis::Client,
-    channel: String,
+    prefix: &str,
+    signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 ) -> tokio::sync::broadcast::Sender<String> {
     let (tx, _) = tokio::sync::broadcast::channel(4096);
     let sender = tx.clone();
+    let changes = format!("{prefix}changes");
+    let replays = format!("{prefix}replays");
     tokio::spawn(async move {
         loop {
             let listened = async {
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(&[&changes, &replays]).await?;
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = futures_util::StreamExt::next(&mut messages).await {
-                    if let Ok(id) = msg.get_payload::<String>() {
+                    let Ok(id) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    if msg.get_channel_name() == replays {
+                        // Only the replica whose worker waits has a signal for it.
+                        let signal = signals
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&id)
+                            .cloned();
+                        if let Some(signal) = signal {
+                            signal.notify_one();
+                        }
+                    } else {
                         let _ = sender.send(id);
                     }
                 }

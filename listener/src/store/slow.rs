@@ -126,8 +126,8 @@ impl Store for SlowStore {
     fn replay_dead_letters<'a>(&'a self, id: &'a str) -> Stored<'a, Option<usize>> {
         self.call(move || self.inner.replay_dead_letters(id))
     }
-    fn take_replay<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
-        self.call(move || self.inner.take_replay(id))
+    fn replays<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>> {
+        self.call(move || self.inner.replays(id))
     }
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
         self.inner.replay_signal(id)

@@ -1145,3 +1145,64 @@ async fn the_cursor_is_dated_when_exchange_was_asked_not_when_it_was_saved() {
         cursor.at_unix_ms - asked
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_cut_short_is_finished_by_the_next_worker() {
+    let rig = rig(Script::default());
+    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let fence = rig.lease().await;
+    let store = &rig.ctx.store;
+    store
+        .set_sync_state("mbx", &live("s"), &fence)
+        .await
+        .unwrap();
+    for item in ["d1", "d2"] {
+        let letter = DeadLetter {
+            item_id: item.into(),
+            message_id: None,
+            subject: None,
+            error: "HTTP 400".into(),
+            unix_ms: 0,
+        };
+        store
+            .record("mbx", item, Outcome::DeadLettered(letter), &fence)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.replay_dead_letters("mbx").await.unwrap(), Some(2));
+
+    // Creatio holds its answers: the first worker posts one mail and is stopped before the
+    // second gets through.
+    let held = Arc::new(tokio::sync::Semaphore::new(1));
+    let holding = Arc::new(FakeCreatio {
+        held: Some(held.clone()),
+        ..FakeCreatio::default()
+    });
+    let first = CancellationToken::new();
+    tokio::spawn(run(
+        WorkerContext {
+            creatio: holding.clone(),
+            ..rig.ctx.clone()
+        },
+        rig.creds.clone(),
+        fence.clone(),
+        first.clone(),
+    ));
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(*holding.posted.lock().unwrap(), ["d1"]);
+    first.cancel();
+    tokio::time::sleep(SECOND).await;
+
+    // The next worker (here or on another replica) delivers what is left.
+    let second = CancellationToken::new();
+    tokio::spawn(run(
+        rig.ctx.clone(),
+        rig.creds.clone(),
+        fence,
+        second.clone(),
+    ));
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(*rig.creatio.posted.lock().unwrap(), ["d2"]);
+    assert!(store.replays("mbx").await.unwrap().is_empty());
+    second.cancel();
+}
