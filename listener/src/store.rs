@@ -8,9 +8,10 @@
 //! away; each one is a single atomic step, never a read and a write that another caller could
 //! interleave.
 //!
-//! Delivered items are remembered as 64-bit digests of their ids for a bounded time: the sync
-//! cursor says what was seen for good, the digests only bridge the minutes between a streamed
-//! delivery and the next catch-up.
+//! Delivered items are remembered as 64-bit digests of their ids until the sync cursor moves
+//! past them: the cursor says what was seen for good, the digests bridge the time between a
+//! streamed delivery and the next catch-up, however long that is (a mailbox failing for a day
+//! keeps them).
 
 pub mod memory;
 pub mod redis;
@@ -309,21 +310,32 @@ pub enum Outcome {
     DeadLettered(DeadLetter),
 }
 
-/// How long, and how many, delivered items a mailbox remembers.
+/// Which delivered items a mailbox remembers: those recorded after its live cursor's time
+/// less `before_cursor`, at most `max`.
 #[derive(Debug, Clone, Copy)]
 pub struct SeenLimits {
-    pub retention: Duration,
+    /// A catch-up lists what arrived after the cursor, and a gap recovery reaches five
+    /// minutes before it: what was recorded earlier than this before the cursor is never
+    /// found again.
+    pub before_cursor: Duration,
     pub max: usize,
 }
 
 impl Default for SeenLimits {
     fn default() -> Self {
-        // A stream lives at most 30 minutes before the next catch-up moves the cursor past
-        // what it delivered; twice that covers a reconnect that waits a while.
         SeenLimits {
-            retention: Duration::from_secs(2 * 3600),
+            before_cursor: Duration::from_secs(15 * 60),
             max: 10_000,
         }
+    }
+}
+
+impl SeenLimits {
+    /// Digests recorded before this moment (Unix ms) may go once `cursor` is stored; none
+    /// while a baseline or a recovery is under way.
+    pub fn forget_before(&self, cursor: &SyncCursor) -> Option<i64> {
+        (cursor.phase == SyncPhase::Live)
+            .then(|| cursor.at_unix_ms - self.before_cursor.as_millis() as i64)
     }
 }
 

@@ -294,6 +294,31 @@ async fn contract(store: &dyn Store) {
         0,
         "a new mailbox counts afresh"
     );
+
+    // Delivered items are remembered until a live cursor passes them, however long that
+    // takes; a baseline or a recovery under way passes nothing.
+    store.put_mailbox(creds("m2", "pw")).await.unwrap();
+    let fence = here(store.claim("m2", "here", LONG).await.unwrap().unwrap());
+    store
+        .record("m2", "streamed", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+    let hour_on = exchange_listener::mail::unix_now_ms() + 3_600_000;
+    for phase in [
+        SyncPhase::Baseline {
+            recover_since_unix_ms: Some(0),
+        },
+        SyncPhase::Recovering { since_unix_ms: 0 },
+    ] {
+        let passing = cursor("S", hour_on, phase);
+        store.set_sync_state("m2", &passing, &fence).await.unwrap();
+        assert!(!store.is_new("m2", "streamed").await.unwrap(), "{phase:?}");
+    }
+    store
+        .set_sync_state("m2", &cursor("S", hour_on, SyncPhase::Live), &fence)
+        .await
+        .unwrap();
+    assert!(store.is_new("m2", "streamed").await.unwrap(), "passed");
 }
 
 /// Leases: one holder at a time, tokens that only grow, renewals only by the holder.

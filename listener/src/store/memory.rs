@@ -16,17 +16,18 @@ use super::{
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
 
-/// Digests of delivered item ids, oldest first, forgotten after the retention time.
+/// Digests of delivered item ids with when they were recorded (Unix ms), oldest first.
 #[derive(Debug, Default)]
 struct SeenSet {
-    order: VecDeque<(u64, Instant)>,
+    order: VecDeque<(u64, i64)>,
     set: HashSet<u64>,
 }
 
 impl SeenSet {
-    fn trim(&mut self, limits: SeenLimits, now: Instant) {
+    /// Forgets the oldest beyond `max`, and those recorded before `before` (Unix ms).
+    fn trim(&mut self, max: usize, before: i64) {
         while let Some(&(digest, at)) = self.order.front() {
-            if self.order.len() <= limits.max && now.duration_since(at) < limits.retention {
+            if self.order.len() <= max && at >= before {
                 break;
             }
             self.order.pop_front();
@@ -42,12 +43,12 @@ impl SeenSet {
         self.set.contains(&digest)
     }
 
-    fn insert(&mut self, digest: u64, limits: SeenLimits, now: Instant) -> bool {
+    fn insert(&mut self, digest: u64, max: usize, now: i64) -> bool {
         if !self.set.insert(digest) {
             return false;
         }
         self.order.push_back((digest, now));
-        self.trim(limits, now);
+        self.trim(max, i64::MIN);
         true
     }
 
@@ -187,12 +188,8 @@ impl MemoryStore {
     }
 
     fn is_new_now(&self, id: &str, item_id: &str) -> bool {
-        let limits = self.seen_limits;
-        self.with_entry(id, |entry| {
-            entry.seen.trim(limits, Instant::now());
-            !entry.seen.contains(item_digest(item_id))
-        })
-        .unwrap_or(false)
+        self.with_entry(id, |entry| !entry.seen.contains(item_digest(item_id)))
+            .unwrap_or(false)
     }
 
     fn record_now(&self, id: &str, item_id: &str, outcome: Outcome) {
@@ -204,7 +201,7 @@ impl MemoryStore {
         entry.replay.retain(|r| r != item_id);
         if !entry
             .seen
-            .insert(item_digest(item_id), limits, Instant::now())
+            .insert(item_digest(item_id), limits.max, unix_now_ms())
         {
             return;
         }
@@ -319,8 +316,12 @@ impl Store for MemoryStore {
         if !inner.holds(id, fence) {
             return std::future::ready(Err(StoreError::Fenced)).boxed();
         }
+        let limits = self.seen_limits;
         if let Some(entry) = inner.mailboxes.get_mut(id) {
             entry.sync = Some(cursor.clone());
+            if let Some(before) = limits.forget_before(cursor) {
+                entry.seen.trim(limits.max, before);
+            }
         }
         ready(())
     }
@@ -484,36 +485,31 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
 
-    const LIMITS: SeenLimits = SeenLimits {
-        retention: Duration::from_secs(60),
-        max: 100,
-    };
+    const MAX: usize = 100;
 
     #[test]
     fn seen_set_forgets_the_oldest_beyond_its_count() {
-        let now = Instant::now();
         let mut s = SeenSet::default();
-        for i in 0..=LIMITS.max as u64 {
-            assert!(s.insert(i, LIMITS, now));
+        for i in 0..=MAX as u64 {
+            assert!(s.insert(i, MAX, 0));
         }
-        assert!(!s.insert(LIMITS.max as u64, LIMITS, now));
-        assert!(s.insert(0, LIMITS, now), "the oldest digest was forgotten");
-        assert_eq!(s.set.len(), LIMITS.max);
-        assert_eq!(s.order.len(), LIMITS.max);
+        assert!(!s.insert(MAX as u64, MAX, 0));
+        assert!(s.insert(0, MAX, 0), "the oldest digest was forgotten");
+        assert_eq!(s.set.len(), MAX);
+        assert_eq!(s.order.len(), MAX);
     }
 
     #[test]
-    fn seen_set_forgets_after_the_retention_time_and_gives_memory_back() {
-        let start = Instant::now();
+    fn seen_set_forgets_what_the_cursor_passed_and_gives_memory_back() {
         let mut s = SeenSet::default();
-        for i in 0..LIMITS.max as u64 {
-            s.insert(i, LIMITS, start);
+        for i in 0..MAX as u64 {
+            s.insert(i, MAX, 1_000 + i as i64);
         }
-        assert!(s.contains(7));
-        s.trim(LIMITS, start + LIMITS.retention - Duration::from_secs(1));
-        assert!(s.contains(7), "still within the retention time");
-        s.trim(LIMITS, start + LIMITS.retention);
-        assert!(!s.contains(7));
+        s.trim(MAX, 1_000);
+        assert!(s.contains(0), "recorded at the cursor's bound");
+        s.trim(MAX, 1_050);
+        assert!(!s.contains(49) && s.contains(50));
+        s.trim(MAX, 2_000);
         assert!(s.order.is_empty() && s.set.is_empty());
         assert!(s.order.capacity() <= 64, "an idle mailbox holds no memory");
     }

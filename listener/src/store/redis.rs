@@ -9,7 +9,7 @@
 //! | `el:mbx:{id}` | hash | sealed credentials and their fingerprint, the generation, the status fields and counters, the sync state, when it was given and the catch-up's phase |
 //! | `el:open` | set | every open mailbox id |
 //! | `el:generation` | string | the last generation given out (INCR) |
-//! | `el:seen:{id}` | sorted set | digests of delivered item ids → when, trimmed by time and count |
+//! | `el:seen:{id}` | sorted set | digests of delivered item ids → when, until the live cursor passes them (at most a count) |
 //! | `el:dead:{id}` | list | dead letters, oldest first, the last 1,000 (kept after Close) |
 //! | `el:replay:{id}` | list | dead-lettered items handed back for delivery |
 //! | `el:replicas` | sorted set | replica id → until when it is alive (Redis's clock) |
@@ -108,15 +108,6 @@ end
 return 1
 "#;
 
-/// Sets fields of an existing mailbox under a lease. KEYS: mbx, lease. ARGV: fence, field,
-/// value, field, value, ...
-const SET_FENCED: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return 1
-"#;
-
 /// Notes an event on an existing mailbox. KEYS: mbx. ARGV: now.
 const EVENT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -133,22 +124,35 @@ return 1
 "#;
 
 /// Records what became of an item under a lease. KEYS: mbx, seen, dead, lease, replay. ARGV:
-/// digest, now, retention ms, most digests kept, counter field, dead-letter entry or '', its
-/// error, dead letters kept, fence, item id.
+/// digest, now, most digests kept, counter field, dead-letter entry or '', its error, dead
+/// letters kept, fence, item id.
 const RECORD: &str = r#"
-if redis.call('GET', KEYS[4]) ~= ARGV[9] then return -1 end
+if redis.call('GET', KEYS[4]) ~= ARGV[8] then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('LREM', KEYS[5], 0, ARGV[10])
+redis.call('LREM', KEYS[5], 0, ARGV[9])
 if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[2]) - tonumber(ARGV[3])))
-local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1) end
-redis.call('HINCRBY', KEYS[1], ARGV[5], 1)
+redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
 redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[5])
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+  redis.call('HSET', KEYS[1], 'last_error', ARGV[6], 'last_error_ms', ARGV[2])
+end
+return 1
+"#;
+
+/// Stores the sync cursor under a lease and forgets the delivered items it has passed. KEYS:
+/// mbx, lease, seen. ARGV: fence, state, given at, phase, since or '', forget digests recorded
+/// before this (Unix ms) or ''.
+const CURSOR: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'sync_state', ARGV[2], 'sync_at_ms', ARGV[3], 'sync_phase', ARGV[4],
+  'sync_since_ms', ARGV[5])
 if ARGV[6] ~= '' then
-  redis.call('RPUSH', KEYS[3], ARGV[6])
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[8]), -1)
-  redis.call('HSET', KEYS[1], 'last_error', ARGV[7], 'last_error_ms', ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
 end
 return 1
 "#;
@@ -281,7 +285,7 @@ struct Scripts {
     put: Script,
     remove: Script,
     transition: Script,
-    set_fenced: Script,
+    cursor: Script,
     bump: Script,
     event: Script,
     record: Script,
@@ -370,7 +374,7 @@ impl RedisStore {
                 put: Script::new(PUT),
                 remove: Script::new(REMOVE),
                 transition: Script::new(TRANSITION),
-                set_fenced: Script::new(SET_FENCED),
+                cursor: Script::new(CURSOR),
                 bump: Script::new(BUMP),
                 event: Script::new(EVENT),
                 record: Script::new(RECORD),
@@ -658,7 +662,13 @@ impl RedisStore {
         fence: &Fence,
     ) -> Result<(), StoreError> {
         // The worker moves its cursor only past what it settled: true here whatever Redis says.
-        self.remember(id, |p| p.cursor = Some(cursor.clone()));
+        let forget = self.seen_limits.forget_before(cursor);
+        self.remember(id, |p| {
+            p.cursor = Some(cursor.clone());
+            if let Some(before) = forget {
+                p.seen.retain(|(_, at)| *at >= before);
+            }
+        });
         self.write_cursor(id, cursor, fence).await
     }
 
@@ -671,20 +681,19 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let (phase, since) = cursor.phase_fields();
         let mut conn = self.conn.clone();
+        let forget = self.seen_limits.forget_before(cursor);
         let answer: i64 = self
             .scripts
-            .set_fenced
+            .cursor
             .key(self.key("mbx", id))
             .key(self.key("lease", id))
+            .key(self.key("seen", id))
             .arg(fence_value(fence))
-            .arg("sync_state")
             .arg(&cursor.state)
-            .arg("sync_at_ms")
             .arg(cursor.at_unix_ms)
-            .arg("sync_phase")
             .arg(phase)
-            .arg("sync_since_ms")
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
+            .arg(forget.map(|f| f.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
@@ -699,10 +708,7 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(store_error)?;
-        let fresh = score.is_some_and(|at| {
-            (unix_now_ms() as f64 - at) < self.seen_limits.retention.as_millis() as f64
-        });
-        Ok(exists && !fresh)
+        Ok(exists && score.is_none())
     }
 
     async fn record_now(
@@ -718,8 +724,7 @@ impl RedisStore {
         let limits = self.seen_limits;
         self.remember(id, |p| {
             p.seen.push_back((digest.clone(), now));
-            let oldest = now - limits.retention.as_millis() as i64;
-            while p.seen.len() > limits.max || p.seen.front().is_some_and(|(_, at)| *at < oldest) {
+            while p.seen.len() > limits.max {
                 p.seen.pop_front();
             }
         });
@@ -746,7 +751,6 @@ impl RedisStore {
             .key(self.key("replay", id))
             .arg(&digest)
             .arg(now)
-            .arg(self.seen_limits.retention.as_millis() as i64)
             .arg(self.seen_limits.max)
             .arg(field)
             .arg(entry)

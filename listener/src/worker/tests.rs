@@ -1206,3 +1206,43 @@ async fn a_replay_cut_short_is_finished_by_the_next_worker() {
     assert!(store.replays("mbx").await.unwrap().is_empty());
     second.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn what_the_stream_delivered_is_not_posted_again_however_long_the_cursor_lags() {
+    // Exchange refuses every sync for over three hours (the mailbox stays behind its cursor),
+    // then lists a mail the stream delivered before.
+    let busy_for_hours = std::iter::repeat_with(|| Err(server_busy())).take(300);
+    let rig = rig(Script {
+        sync: busy_for_hours
+            .chain([Ok(sync_page("after", true, vec![created("streamed")]))])
+            .collect(),
+        ..Script::default()
+    });
+    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let fence = rig.lease().await;
+    let store = &rig.ctx.store;
+    store
+        .set_sync_state("mbx", &live("before"), &fence)
+        .await
+        .unwrap();
+    store
+        .record("mbx", "streamed", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+    rig.run_for(6 * 3600 * SECOND).await;
+
+    let syncs = rig.exchange.times("sync");
+    assert_eq!(syncs.len(), 301);
+    assert!(syncs[300] > 3 * 3600 * SECOND, "{:?}", syncs[300]);
+    assert!(
+        rig.creatio.posted.lock().unwrap().is_empty(),
+        "posted again: {:?}",
+        rig.creatio.posted.lock().unwrap()
+    );
+    // Once the cursor has moved past it, it may be forgotten.
+    let cursor = store.sync_state("mbx").await.unwrap().unwrap();
+    assert_eq!(
+        (cursor.state.as_str(), cursor.phase),
+        ("after", SyncPhase::Live)
+    );
+}
