@@ -1,8 +1,12 @@
 //! Posting to Creatio: one JSON POST, retried with jittered backoff on what may pass
 //! (connection errors, timeouts, 408, 429, 5xx; a `Retry-After` is honoured) for as long as
-//! the retry budget lasts, and given up at once on what will not (other 4xx). Each mail
-//! carries a stable `Idempotency-Key`.
+//! the retry budget lasts, and given up at once on what will not (other 4xx). A 401, 403 or
+//! 404 from a Creatio that took calls before is what an ingress or a firewall answers while
+//! Creatio is redeployed, so it is retried within the same budget. Each mail carries a stable
+//! `Idempotency-Key`.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,6 +22,17 @@ pub struct Delivery {
     /// How long one mail is retried before it becomes a dead letter.
     give_up_after: Duration,
     timeout: Duration,
+    /// The Creatio origins (scheme, host, port) that took a call since this process started.
+    answered: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Statuses a gateway in front of Creatio answers while Creatio itself is away.
+const GATEWAY_REFUSALS: [u16; 3] = [401, 403, 404];
+
+/// The scheme, host and port of `url`.
+fn origin(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    Some(url.origin().ascii_serialization())
 }
 
 /// Why a post did not get through.
@@ -62,6 +77,7 @@ impl Delivery {
             policy,
             give_up_after,
             timeout,
+            answered: Arc::default(),
         }
     }
 
@@ -81,6 +97,14 @@ impl Delivery {
             attempts += 1;
             let (why, asked) = match self.post_once(url, body, idempotency_key).await {
                 Ok(()) => return Ok(()),
+                Err(Attempt::Rejected(status))
+                    if GATEWAY_REFUSALS.contains(&status) && self.answered_before(url) =>
+                {
+                    (
+                        format!("HTTP {status} from a Creatio that took calls before"),
+                        None,
+                    )
+                }
                 Err(Attempt::Rejected(status)) => return Err(DeliveryError::Rejected(status)),
                 Err(Attempt::Transient { why, retry_after }) => (why, retry_after),
             };
@@ -100,6 +124,15 @@ impl Delivery {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    fn answered_before(&self, url: &str) -> bool {
+        origin(url).is_some_and(|o| {
+            self.answered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&o)
+        })
     }
 
     /// Posts once, without retrying: for reports whose loss is harmless.
@@ -129,6 +162,12 @@ impl Delivery {
         })?;
         let status = resp.status();
         if status.is_success() {
+            if let Some(o) = origin(url) {
+                self.answered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(o);
+            }
             Ok(())
         } else if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
             Err(Attempt::Transient {

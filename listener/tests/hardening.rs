@@ -414,6 +414,35 @@ async fn dead_letters_are_kept_listed_and_replayed() {
 }
 
 #[tokio::test]
+async fn a_gateway_refusing_a_creatio_that_answered_before_delays_mail_but_loses_none() {
+    let (world, listener) = streaming(&[], "ProcessFullEmail").await;
+    let first = world.ews.inject(ALICE, mail("before")).unwrap().message_id;
+    eventually("the first mail", PATIENCE, async || {
+        delivered(&world).contains(&first).then_some(())
+    })
+    .await;
+    // Creatio is redeployed: its ingress answers 404, then its firewall 403, for a while.
+    for status in [404, 403] {
+        world.creatio.fail_with(mock_creatio::Failure {
+            count: 2,
+            status: Some(status),
+            retry_after_secs: None,
+        });
+        let sent = world
+            .ews
+            .inject(ALICE, mail(&format!("through {status}")))
+            .unwrap()
+            .message_id;
+        eventually("the mail once Creatio is back", PATIENCE, async || {
+            delivered(&world).contains(&sent).then_some(())
+        })
+        .await;
+    }
+    let (_, body) = listener.get("/api/listeners/mbx-1/dead-letters").await;
+    assert_eq!(body["DeadLetters"], json!([]));
+}
+
+#[tokio::test]
 async fn creatios_retry_after_is_honoured() {
     let (world, _listener) = streaming(&[], "ProcessFullEmail").await;
     world.creatio.fail_with(mock_creatio::Failure {

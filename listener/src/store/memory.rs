@@ -214,8 +214,10 @@ impl MemoryStore {
                 entry.status.last_error_unix_ms = Some(letter.unix_ms);
                 let kept = inner.dead.entry(id.to_owned()).or_default();
                 kept.push_back(letter);
-                if kept.len() > DEAD_LETTERS_KEPT {
-                    kept.pop_front();
+                if kept.len() > DEAD_LETTERS_KEPT
+                    && let Some(dropped) = kept.pop_front()
+                {
+                    tracing::warn!(id = ?id, kept = DEAD_LETTERS_KEPT, item = ?dropped.item_id, message_id = ?dropped.message_id, "the mailbox's oldest dead letter made way for a new one");
                 }
             }
         }

@@ -125,7 +125,7 @@ return 1
 
 /// Records what became of an item under a lease. KEYS: mbx, seen, dead, lease, replay. ARGV:
 /// digest, now, most digests kept, counter field, dead-letter entry or '', its error, dead
-/// letters kept, fence, item id.
+/// letters kept, fence, item id. Answers 1, or 2 when the oldest dead letter made way.
 const RECORD: &str = r#"
 if redis.call('GET', KEYS[4]) ~= ARGV[8] then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -136,9 +136,11 @@ if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1) end
 redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
 redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
 if ARGV[5] ~= '' then
-  redis.call('RPUSH', KEYS[3], ARGV[5])
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
   redis.call('HSET', KEYS[1], 'last_error', ARGV[6], 'last_error_ms', ARGV[2])
+  if redis.call('RPUSH', KEYS[3], ARGV[5]) > tonumber(ARGV[7]) then
+    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+    return 2
+  end
 end
 return 1
 "#;
@@ -761,6 +763,9 @@ impl RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
+        if answer == 2 {
+            tracing::warn!(id = ?id, kept = DEAD_LETTERS_KEPT, "the mailbox's oldest dead letter made way for a new one (each was logged when it was dead-lettered)");
+        }
         fenced(answer)
     }
 
