@@ -356,6 +356,8 @@ impl Shared {
         // Kept while the anchor stays: an NTLM login holds for the connection, which a
         // reopened stream reuses.
         let mut kept: Option<EwsClient> = None;
+        // Anchors under which the connection failed to open: the next open acts as another.
+        let mut avoided: Vec<String> = Vec::new();
         loop {
             members.retain(|m| !m.left());
             self.top_up(&key, &mut members);
@@ -363,7 +365,12 @@ impl Shared {
                 return;
             }
             members.sort_by(|a, b| a.mailbox.cmp(&b.mailbox));
-            let anchor = members[0].mailbox.clone();
+            let anchor = members
+                .iter()
+                .find(|m| !avoided.contains(&m.mailbox))
+                .unwrap_or(&members[0])
+                .mailbox
+                .clone();
             let client = match kept.take() {
                 Some(client) if client.impersonating() == Some(anchor.as_str()) => client,
                 _ => EwsClient::for_group(
@@ -390,7 +397,20 @@ impl Shared {
                     // About the mailbox the connection acted as, not the others: it leaves,
                     // and the group goes on under the next.
                     tracing::info!(error = %f, anchor = ?anchor, "Exchange refused to act as the shared stream's anchor; the next mailbox anchors it");
-                    members.remove(0).tell(Err(f));
+                    if let Some(at) = members.iter().position(|m| m.mailbox == anchor) {
+                        members.remove(at).tell(Err(f));
+                    }
+                    continue;
+                }
+                Err(f)
+                    if may_be_the_anchors(&f)
+                        && avoided.len() + 1 < members.len().min(ANCHOR_TRIES) =>
+                {
+                    // The anchor's database or its server may be the one in trouble (the
+                    // request is routed to it): another member anchors the next try.
+                    tracing::info!(error = %f, anchor = ?anchor, "shared stream did not open; the next mailbox anchors it");
+                    avoided.push(anchor);
+                    kept = None;
                     continue;
                 }
                 Err(f) => {
@@ -414,6 +434,21 @@ impl Shared {
             }
         }
     }
+}
+
+/// Anchors a connection tries before its members are told it failed.
+const ANCHOR_TRIES: usize = 3;
+
+/// Failures that may concern only the mailbox a connection acts as (its database, the server
+/// the request is routed to, its throttling budget), not the account or the configuration.
+fn may_be_the_anchors(f: &EwsFailure) -> bool {
+    matches!(
+        f,
+        EwsFailure::Transport(_)
+            | EwsFailure::Http { .. }
+            | EwsFailure::Ews(_)
+            | EwsFailure::Idle(_)
+    )
 }
 
 /// Errors a connection gets for the mailbox it acts as: that mailbox is gone, moving, or out

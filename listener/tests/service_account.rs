@@ -355,6 +355,46 @@ async fn a_refused_anchor_fails_alone_and_the_next_mailbox_anchors_the_group() {
     }
 }
 
+#[tokio::test]
+async fn an_anchor_whose_server_fails_hands_the_shared_stream_to_the_next_mailbox() {
+    let (world, listener, mailboxes) = start(8, None).await;
+    all_streaming(&listener, mailboxes.len()).await;
+    let (anchor, _) = anchor_with_company(&world, &mailboxes);
+    // The anchor's mailbox server answers 503 to streams acting as it (mock-ews ends every
+    // stream after a couple of seconds, so the group reopens soon).
+    let down = Fault::once(FaultKind::Unavailable {
+        retry_after_secs: None,
+    })
+    .for_mailbox(&anchor)
+    .for_operation("GetStreamingEvents")
+    .lasting(std::time::Duration::from_secs(60));
+    world.ews.inject_fault(down).unwrap();
+    let refused = || {
+        world
+            .ews
+            .request_log()
+            .iter()
+            .filter(|r| {
+                r.operation == "GetStreamingEvents" && r.mailbox == anchor && r.status == 503
+            })
+            .count()
+    };
+    eventually("a stream refused under the anchor", PATIENCE, async || {
+        (refused() > 0).then_some(())
+    })
+    .await;
+
+    // The group goes on under another member: the anchor's own mailbox streams too, and
+    // nothing keeps knocking at the failing server.
+    all_streaming(&listener, mailboxes.len()).await;
+    let knocked = refused();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(refused(), knocked, "the group kept trying its failing anchor");
+    all_streaming(&listener, mailboxes.len()).await;
+    let sent = mail_each(&world, &mailboxes, "under another anchor");
+    assert_delivered_once(&world, &sent).await;
+}
+
 /// A burst of one account's calls (every member of the shared streams catching up at once
 /// after the streams were cut) waits its turn in the listener rather than running into
 /// Exchange's limit on an account's concurrent calls.
