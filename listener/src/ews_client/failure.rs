@@ -58,6 +58,14 @@ const SUBSCRIPTION_GONE: [&str; 6] = [
     "ErrorInvalidWatermark",
 ];
 
+/// The longest wait Exchange may ask for (`BackOffMilliseconds`, `Retry-After`): a larger one,
+/// a server's mistake or a hostile answer, would park the mailbox for hours.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(600);
+
+fn capped(asked: Duration) -> Duration {
+    asked.min(MAX_SERVER_WAIT)
+}
+
 /// Response codes that retries at full speed cannot fix.
 const CONFIGURATION: [&str; 9] = [
     "ErrorNonExistentMailbox",
@@ -121,7 +129,7 @@ impl EwsFailure {
             | EwsFailure::Unsupported(_)
             | EwsFailure::TooLarge { .. } => Disposition::Fatal,
             EwsFailure::Http { retry_after, .. } => Disposition::Retry {
-                after: *retry_after,
+                after: retry_after.map(capped),
             },
             EwsFailure::Transport(_) | EwsFailure::Idle(_) | EwsFailure::Store(_) => {
                 Disposition::Retry { after: None }
@@ -130,7 +138,7 @@ impl EwsFailure {
                 Some(code) if SUBSCRIPTION_GONE.contains(&code) => Disposition::Resubscribe,
                 Some(code) if CONFIGURATION.contains(&code) => Disposition::Fatal,
                 _ => Disposition::Retry {
-                    after: e.back_off(),
+                    after: e.back_off().map(capped),
                 },
             },
         }
@@ -234,5 +242,25 @@ mod tests {
                 after: Some(Duration::from_secs(7))
             }
         );
+        // Asked for a day, or for ever: ten minutes.
+        for asked in [Duration::from_secs(86_400), Duration::MAX] {
+            let busy = EwsFailure::Ews(EwsError::Fault(ews::Fault {
+                code: "ErrorServerBusy".into(),
+                message: String::new(),
+                back_off: Some(asked),
+            }));
+            let unavailable = EwsFailure::Http {
+                status: 503,
+                retry_after: Some(asked),
+            };
+            for f in [busy, unavailable] {
+                assert_eq!(
+                    f.disposition(),
+                    Disposition::Retry {
+                        after: Some(MAX_SERVER_WAIT)
+                    }
+                );
+            }
+        }
     }
 }
