@@ -166,8 +166,13 @@ impl Coordinator {
         })
     }
 
-    /// Runs until `stop` fires: a pass every tick, and one soon after any mailbox changes.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    /// Runs until `stop` fires: a pass every tick, and one soon after any mailbox changes;
+    /// `ready` says whether the last pass reached the store.
+    async fn run(
+        self: Arc<Self>,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+        stop: CancellationToken,
+    ) {
         let mut changes = self.store.changes();
         let mut tick = tokio::time::interval(self.settings.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,12 +200,17 @@ impl Coordinator {
                     }
                 }
             }
-            self.pass(&changed).await;
+            let reached = self.pass(&changed).await;
+            // A replica shutting down stays unready.
+            if !self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                ready.store(reached, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
     /// Runs until `stop` fires, first trying until the store answers; `ready` is set once this
-    /// replica has registered and claimed its share.
+    /// replica has registered and claimed its share, and cleared while the store does not
+    /// answer.
     pub async fn run_when_ready(
         self: Arc<Self>,
         ready: Arc<std::sync::atomic::AtomicBool>,
@@ -212,10 +222,10 @@ impl Coordinator {
                 _ = tokio::time::sleep(self.settings.tick()) => {}
             }
         }
-        if !stop.is_cancelled() {
+        if !stop.is_cancelled() && !self.draining.load(std::sync::atomic::Ordering::Relaxed) {
             ready.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        self.run(stop).await;
+        self.run(ready, stop).await;
     }
 
     /// One round: heartbeat, spread, give back, renew, claim. Mailboxes in `changed` are

@@ -282,8 +282,10 @@ pub async fn serve(
     let addr = listener.local_addr().context("reading the bound address")?;
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let stop_flag = ready.clone();
+    let draining = coordinator.clone();
     let signal = async move {
         shutdown.await;
+        draining.drain();
         stop_flag.store(false, Ordering::Relaxed);
         tracing::info!("shutting down");
         let _ = stopping_tx.send(());
@@ -293,10 +295,9 @@ pub async fn serve(
     // Mailboxes stop (and unsubscribe) while the last requests drain, both within the grace.
     let mailboxes = async {
         let _ = stopping.await;
-        // No new claims; the workers stop while their leases are still renewed (so no other
-        // replica overlaps a post under way); then the leases go back so others take over
-        // at once.
-        coordinator.drain();
+        // No new claims (the coordinator drains since the signal); the workers stop while
+        // their leases are still renewed (so no other replica overlaps a post under way);
+        // then the leases go back so others take over at once.
         if tokio::time::timeout(grace, supervisor.shutdown())
             .await
             .is_err()

@@ -250,6 +250,17 @@ async fn a_replica_is_ready_only_once_redis_answers() {
         (listener.get("/readyz").await.0 == 200).then_some(())
     })
     .await;
+    // Redis lost: not ready again (a load balancer sends the calls elsewhere), until it is back.
+    redis.kill().await;
+    eventually("not ready while Redis is away", PATIENCE, async || {
+        (listener.get("/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    redis.restart().await;
+    eventually("ready once Redis is back", PATIENCE, async || {
+        (listener.get("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -389,7 +389,11 @@ async fn an_anchor_whose_server_fails_hands_the_shared_stream_to_the_next_mailbo
     all_streaming(&listener, mailboxes.len()).await;
     let knocked = refused();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_eq!(refused(), knocked, "the group kept trying its failing anchor");
+    assert_eq!(
+        refused(),
+        knocked,
+        "the group kept trying its failing anchor"
+    );
     all_streaming(&listener, mailboxes.len()).await;
     let sent = mail_each(&world, &mailboxes, "under another anchor");
     assert_delivered_once(&world, &sent).await;
