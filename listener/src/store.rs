@@ -100,9 +100,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Stored<'a, ()>;
     /// True if this item was neither delivered nor dead-lettered before for this mailbox.
     fn is_new<'a>(&'a self, id: &'a str, item_id: &'a str) -> Stored<'a, bool>;
-    /// Records what became of a new item, if `fence` still holds the lease: it will not be
-    /// posted again. A dead letter is kept (the last 1,000 per mailbox) and becomes the
-    /// mailbox's last error.
+    /// Records what became of a new item: it will not be posted again. A dead letter is kept
+    /// (the last 1,000 per mailbox) and becomes the mailbox's last error. The outcome is
+    /// recorded even when `fence` no longer holds the lease (a post that got through just
+    /// before the lease moved is still a post, and the next owner must not repeat it); the
+    /// answer is then [`StoreError::Fenced`], and the worker stops.
     fn record<'a>(
         &'a self,
         id: &'a str,

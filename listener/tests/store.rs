@@ -238,7 +238,8 @@ async fn contract(store: &dyn Store) {
         .unwrap();
     assert!(store.replays("m1").await.unwrap().is_empty());
 
-    // Writes under another replica's fence, or an older token, are refused.
+    // A cursor under another replica's fence, or an older token, is refused; an outcome is
+    // kept (the post happened) and the writer told it no longer holds the lease.
     for stale in [
         Fence {
             replica: "there".into(),
@@ -260,6 +261,10 @@ async fn contract(store: &dyn Store) {
     assert_eq!(
         store.sync_state("m1").await.unwrap().unwrap().state,
         "H4sIAAA"
+    );
+    assert!(
+        !store.is_new("m1", "x").await.unwrap(),
+        "posted, whoever posted it"
     );
 
     // Close: gone, except its dead letters; created again, it starts afresh.

@@ -339,10 +339,12 @@ impl Store for MemoryStore {
         outcome: Outcome,
         fence: &'a Fence,
     ) -> Stored<'a, ()> {
-        if !self.lock().holds(id, fence) {
+        // The outcome is a fact whoever holds the lease now: written either way.
+        let held = self.lock().holds(id, fence);
+        self.record_now(id, item_id, outcome);
+        if !held {
             return std::future::ready(Err(StoreError::Fenced)).boxed();
         }
-        self.record_now(id, item_id, outcome);
         ready(())
     }
 

@@ -123,14 +123,20 @@ redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
 return 1
 "#;
 
-/// Records what became of an item under a lease. KEYS: mbx, seen, dead, lease, replay. ARGV:
-/// digest, now, most digests kept, counter field, dead-letter entry or '', its error, dead
-/// letters kept, fence, item id. Answers 1, or 2 when the oldest dead letter made way.
+/// Records what became of an item. KEYS: mbx, seen, dead, lease, replay. ARGV: digest, now,
+/// most digests kept, counter field, dead-letter entry or '', its error, dead letters kept,
+/// fence, item id. The outcome is a fact whoever holds the lease now (a post that got
+/// through before the lease moved), so it is written either way; the answer says whether the
+/// lease is still held under the fence: 1 (2 when the oldest dead letter made way), or -1.
 const RECORD: &str = r#"
-if redis.call('GET', KEYS[4]) ~= ARGV[8] then return -1 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local held = redis.call('GET', KEYS[4]) == ARGV[8]
+local function answer(ok)
+  if held then return ok end
+  return -1
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return answer(0) end
 redis.call('LREM', KEYS[5], 0, ARGV[9])
-if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return 0 end
+if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return answer(0) end
 local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1) end
 redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
@@ -139,10 +145,10 @@ if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'last_error', ARGV[6], 'last_error_ms', ARGV[2])
   if redis.call('RPUSH', KEYS[3], ARGV[5]) > tonumber(ARGV[7]) then
     redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
-    return 2
+    return answer(2)
   end
 end
-return 1
+return answer(1)
 "#;
 
 /// Stores the sync cursor under a lease and forgets the delivered items it has passed. KEYS:
