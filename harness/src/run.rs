@@ -176,6 +176,7 @@ impl Shared {
                     secs,
                     answered: true,
                     streaming: count("Streaming"),
+                    workers_streaming: self.workers_streaming().await,
                     failed: count("Failed"),
                     owners: serde_json::from_value(status["Owners"].clone()).unwrap_or_default(),
                     up,
@@ -189,6 +190,33 @@ impl Shared {
                 ..Sample::default()
             },
         }
+    }
+
+    /// The workers streaming, as each running replica counts its own (`/metrics`), not as
+    /// the store last heard: a mailbox leased by a replica that runs no worker for it shows
+    /// here. `None` when a replica did not answer.
+    async fn workers_streaming(&self) -> Option<usize> {
+        const LINE: &str = "exchange_listener_mailboxes{state=\"Streaming\"} ";
+        let mut total = 0;
+        for (_, base) in self.roster.up() {
+            let text = tokio::time::timeout(Duration::from_secs(2), async {
+                self.http
+                    .get(format!("{base}/metrics"))
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .await
+            .ok()?
+            .ok()?;
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix(LINE))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as usize;
+        }
+        Some(total)
     }
 
     fn delivered_now(stats: &Value, operation: &str) -> u64 {

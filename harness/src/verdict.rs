@@ -38,6 +38,9 @@ pub struct Sample {
     /// A replica answered `status`.
     pub answered: bool,
     pub streaming: usize,
+    /// Mailboxes whose worker streams, as the running replicas count their own; `None` when
+    /// one did not answer.
+    pub workers_streaming: Option<usize>,
     pub failed: usize,
     /// Mailboxes per replica holding their lease.
     pub owners: BTreeMap<String, usize>,
@@ -48,10 +51,11 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Every open mailbox streams under exactly one live owner.
+    /// Every open mailbox streams under exactly one live owner, with a worker.
     pub fn settled(&self) -> bool {
         self.answered
             && self.streaming == self.open
+            && self.workers_streaming == Some(self.open)
             && self.owners.values().sum::<usize>() == self.open
             && self.owners.keys().all(|r| self.up.contains(r))
     }
@@ -363,6 +367,7 @@ mod tests {
             secs,
             answered: true,
             streaming,
+            workers_streaming: Some(streaming),
             failed: 0,
             owners: owners.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
             up: up.iter().map(|r| r.to_string()).collect(),
@@ -553,5 +558,12 @@ mod tests {
         };
         let v = judge(&[], &[], &[failing], &[], BOUNDS);
         assert_eq!(rules(&v), ["failed"]);
+        // The store says every mailbox streams, but one lease has no worker behind it.
+        let hollow = Sample {
+            workers_streaming: Some(3),
+            ..settled(1.0)
+        };
+        let v = judge(&[], &[], &[hollow], &[], BOUNDS);
+        assert_eq!(rules(&v), ["settled"]);
     }
 }
