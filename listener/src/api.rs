@@ -104,7 +104,21 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "Mailboxes": states.values().sum::<usize>(),
         "States": states,
         "Owners": owned,
+        "Coordinator": coordinator_view(&state.metrics),
     })))
+}
+
+/// How this replica's coordinator fares, from its last pass.
+fn coordinator_view(m: &crate::metrics::Metrics) -> Value {
+    let leases = |kind: &str| m.leases.with_label_values(&[kind]).get();
+    json!({
+        "LastPassMs": m.last_pass_ms.get(),
+        "LastPassClaims": m.pass_claims.get(),
+        "LeasesHeld": leases("held"),
+        "LeasesTrusted": leases("trusted"),
+        "LeasesIdle": leases("idle"),
+        "LeasesLeaving": leases("leaving"),
+    })
 }
 
 /// `GET /metrics`: Prometheus's text format.

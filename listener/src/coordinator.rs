@@ -232,6 +232,37 @@ impl Coordinator {
     /// re-read by the supervisor even when their lease did not change. False when the store
     /// could not be reached.
     pub async fn pass(&self, changed: &HashSet<String>) -> bool {
+        let started = Instant::now();
+        self.metrics.pass_claims.set(0);
+        let reached = self.pass_once(changed).await;
+        let took = started.elapsed();
+        self.metrics.pass_seconds.observe(took.as_secs_f64());
+        self.metrics.last_pass_ms.set(took.as_millis() as i64);
+        self.count_leases();
+        reached
+    }
+
+    /// Sets the lease gauges from where the leases stand now.
+    fn count_leases(&self) {
+        let held = self.leases.all();
+        let trusted: Vec<&String> = held
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| self.leases.fence(id).is_some())
+            .collect();
+        let idle = trusted
+            .iter()
+            .filter(|id| !self.supervisor.has_worker(id))
+            .count();
+        let gauge =
+            |kind: &str, n: usize| self.metrics.leases.with_label_values(&[kind]).set(n as i64);
+        gauge("held", held.len());
+        gauge("trusted", trusted.len());
+        gauge("idle", idle);
+        gauge("leaving", self.leaving().len());
+    }
+
+    async fn pass_once(&self, changed: &HashSet<String>) -> bool {
         let replica = self.settings.replica.as_str();
         match self.check_epoch().await {
             Ok(true) => self.forget_given_back(),
@@ -370,6 +401,7 @@ impl Coordinator {
                 wanted.push(id.to_owned());
             }
         }
+        self.metrics.pass_claims.set(wanted.len() as i64);
         for batch in wanted.chunks(CLAIM_BATCH) {
             let Some((taken, safe_until)) = self.claim(batch).await else {
                 break;

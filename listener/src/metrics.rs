@@ -1,7 +1,8 @@
 //! What `/metrics` says, in Prometheus's text format: the mailboxes this replica serves by
 //! state, the events it received, its fetches and deliveries by outcome and how long a
-//! delivery took, how many announced mails wait for Creatio, the leases it took over, the
-//! store's errors, and the streams service accounts' mailboxes share. One [`Metrics`] per
+//! delivery took, how many announced mails wait for Creatio, the leases it took over, how its
+//! coordinator's passes go (their duration, the leases held, trusted and leaving, the claims
+//! asked), the store's errors, and the streams service accounts' mailboxes share. One [`Metrics`] per
 //! process, handed to whoever counts.
 
 use prometheus::{
@@ -29,6 +30,17 @@ pub struct Metrics {
     pub pending: IntGauge,
     /// Leases this replica took (a start, or a takeover from another replica).
     pub leases_taken: IntCounter,
+    /// Seconds each coordinator pass took: past a third of the lease, leases are trusted for
+    /// less than a pass.
+    pub pass_seconds: prometheus::Histogram,
+    /// Leases after the last pass: `held` (this replica's share), `trusted` (of those, safe to
+    /// act on now), `idle` (trusted, without a worker: each gets one), `leaving` (no longer
+    /// its share, kept while the worker stops).
+    pub leases: IntGaugeVec,
+    /// Leases the last pass asked the store for.
+    pub pass_claims: IntGauge,
+    /// Milliseconds the last coordinator pass took.
+    pub last_pass_ms: IntGauge,
     /// Store calls that failed, by operation.
     pub store_errors: IntCounterVec,
     /// Streaming connections a service account's mailboxes share, open now.
@@ -81,6 +93,32 @@ impl Metrics {
             .expect("valid metric"),
             leases_taken: IntCounter::new("leases_taken_total", "Mailbox leases this replica took")
                 .expect("valid metric"),
+            pass_seconds: prometheus::Histogram::with_opts(
+                HistogramOpts::new("pass_seconds", "Time each coordinator pass took").buckets(
+                    vec![
+                        0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+                    ],
+                ),
+            )
+            .expect("valid metric"),
+            leases: IntGaugeVec::new(
+                Opts::new(
+                    "leases",
+                    "Leases after the last coordinator pass: held, trusted, idle, leaving",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            pass_claims: IntGauge::new(
+                "pass_claims",
+                "Leases the last coordinator pass asked the store for",
+            )
+            .expect("valid metric"),
+            last_pass_ms: IntGauge::new(
+                "last_pass_milliseconds",
+                "Milliseconds the last coordinator pass took",
+            )
+            .expect("valid metric"),
             store_errors: IntCounterVec::new(
                 Opts::new(
                     "store_errors_total",
@@ -104,6 +142,10 @@ impl Metrics {
             Box::new(metrics.delivery_seconds.clone()),
             Box::new(metrics.pending.clone()),
             Box::new(metrics.leases_taken.clone()),
+            Box::new(metrics.pass_seconds.clone()),
+            Box::new(metrics.leases.clone()),
+            Box::new(metrics.pass_claims.clone()),
+            Box::new(metrics.last_pass_ms.clone()),
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.shared_streams.clone()),
         ] {

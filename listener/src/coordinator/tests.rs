@@ -71,6 +71,7 @@ fn creds(id: &str) -> Credentials {
 
 /// One replica: its coordinator, supervisor and leases over a shared store.
 struct Replica {
+    metrics: Metrics,
     leases: Arc<Leases>,
     supervisor: Arc<Supervisor>,
     coordinator: Arc<Coordinator>,
@@ -112,9 +113,10 @@ impl Replica {
             store,
             leases.clone(),
             supervisor.clone(),
-            metrics,
+            metrics.clone(),
         );
         Replica {
+            metrics,
             leases,
             supervisor,
             coordinator,
@@ -169,6 +171,23 @@ async fn a_pass_longer_than_the_trust_window_leaves_no_lease_without_a_worker() 
         "(trusted, without a worker)"
     );
     assert_eq!(replica.supervisor.running().len(), 1000);
+    // What /metrics and the status view show of it.
+    let leases = |kind: &str| replica.metrics.leases.with_label_values(&[kind]).get();
+    assert_eq!(
+        (
+            leases("held"),
+            leases("trusted"),
+            leases("idle"),
+            leases("leaving")
+        ),
+        (1000, 1000, 0, 0)
+    );
+    assert!(replica.metrics.pass_seconds.get_sample_count() > 10);
+    assert_eq!(
+        replica.metrics.pass_claims.get(),
+        0,
+        "nothing left to claim"
+    );
     stop.cancel();
 }
 
