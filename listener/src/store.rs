@@ -77,7 +77,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Forgets a mailbox (its dead letters are kept); false if it was unknown.
     fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool>;
     fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>>;
-    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>>;
+    /// Each mailbox's status, in one round trip (no credentials are read).
+    fn statuses<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<MailboxStatus>>>;
+    /// [`Store::statuses`] of one mailbox.
+    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
+        Box::pin(async move {
+            let ids = [id.to_owned()];
+            Ok(self.statuses(&ids).await?.pop().flatten())
+        })
+    }
     /// How many mailboxes are in each state (states with none are left out).
     fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>>;
     /// Moves the mailbox's worker to `state`, with the error that caused it, if any.

@@ -260,10 +260,11 @@ impl Supervisor {
     /// own view true.
     pub async fn states(&self, ids: &[String]) -> Result<Vec<&'static str>, StoreError> {
         let owners = self.ctx.store.owners(ids).await?;
+        let statuses = self.ctx.store.statuses(ids).await?;
         let now = unix_now_ms();
         let mut states = Vec::with_capacity(ids.len());
-        for (id, owner) in ids.iter().zip(owners) {
-            states.push(match self.ctx.store.status(id).await? {
+        for (owner, status) in owners.into_iter().zip(statuses) {
+            states.push(match status {
                 None => "notExists",
                 Some(s) if s.state == WorkerState::Failed => "failed",
                 Some(s)

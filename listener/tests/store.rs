@@ -266,6 +266,21 @@ async fn contract(store: &dyn Store) {
         !store.is_new("m1", "x").await.unwrap(),
         "posted, whoever posted it"
     );
+    // Statuses come in one call, in order, none for a mailbox never opened.
+    let both = store
+        .statuses(&["m1".into(), "never-opened".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        both.iter()
+            .map(|s| s.as_ref().map(|s| s.delivered))
+            .collect::<Vec<_>>(),
+        [
+            Some(store.status("m1").await.unwrap().unwrap().delivered),
+            None
+        ]
+    );
+    assert!(both[0].as_ref().unwrap().updated_unix_ms > 1_700_000_000_000);
 
     // Close: gone, except its dead letters; created again, it starts afresh.
     store

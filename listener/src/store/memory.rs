@@ -264,8 +264,13 @@ impl Store for MemoryStore {
         }))
     }
 
-    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
-        ready(self.with_entry(id, |e| e.status.clone()))
+    fn statuses<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<MailboxStatus>>> {
+        let inner = self.lock();
+        ready(
+            ids.iter()
+                .map(|id| inner.mailboxes.get(id).map(|e| e.status.clone()))
+                .collect(),
+        )
     }
 
     fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {

@@ -549,22 +549,33 @@ impl RedisStore {
         Ok(Some(Wanted { creds, generation }))
     }
 
-    async fn status_now(&self, id: &str) -> Result<Option<MailboxStatus>, StoreError> {
+    async fn statuses_now(&self, ids: &[String]) -> Result<Vec<Option<MailboxStatus>>, StoreError> {
         let mut conn = self.conn.clone();
-        // The sealed credentials are bytes, not text: read every field as bytes.
-        let fields: HashMap<String, Vec<u8>> = conn
-            .hgetall(self.key("mbx", id))
-            .await
-            .map_err(store_error)?;
-        if fields.is_empty() {
-            return Ok(None);
+        let mut statuses = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(self.key("mbx", id))
+                    .arg(&STATUS_FIELDS[..]);
+            }
+            let rows: Vec<Vec<Option<String>>> =
+                pipe.query_async(&mut conn).await.map_err(store_error)?;
+            for row in rows {
+                // Every record has a generation: none means no mailbox.
+                if row.first().is_none_or(Option::is_none) {
+                    statuses.push(None);
+                    continue;
+                }
+                let fields: HashMap<String, String> = STATUS_FIELDS
+                    .iter()
+                    .zip(row)
+                    .filter_map(|(f, v)| Some(((*f).to_owned(), v?)))
+                    .collect();
+                statuses.push(Some(status_from(&fields)));
+            }
         }
-        let text = fields
-            .into_iter()
-            .filter(|(k, _)| k != "creds")
-            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-            .collect();
-        Ok(Some(status_from(&text)))
+        Ok(statuses)
     }
 
     async fn count_by_state_now(&self) -> Result<BTreeMap<WorkerState, usize>, StoreError> {
@@ -816,6 +827,24 @@ impl RedisStore {
     }
 }
 
+/// The fields of a mailbox's record its status is read from; the generation first, which
+/// every record has.
+const STATUS_FIELDS: [&str; 13] = [
+    "gen",
+    "state",
+    "error",
+    "last_error",
+    "last_error_ms",
+    "unhealthy_since_ms",
+    "last_event_ms",
+    "delivered",
+    "dead_letters",
+    "skipped",
+    "reconnects",
+    "restarts",
+    "updated_ms",
+];
+
 fn status_from(fields: &HashMap<String, String>) -> MailboxStatus {
     let text = |f: &str| fields.get(f).cloned();
     let int = |f: &str| fields.get(f).and_then(|v| v.parse::<i64>().ok());
@@ -857,8 +886,8 @@ impl Store for RedisStore {
         self.wanted_now(id).boxed()
     }
 
-    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
-        self.status_now(id).boxed()
+    fn statuses<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<MailboxStatus>>> {
+        self.statuses_now(ids).boxed()
     }
 
     fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {

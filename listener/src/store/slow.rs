@@ -77,8 +77,8 @@ impl Store for SlowStore {
     fn wanted<'a>(&'a self, id: &'a str) -> Stored<'a, Option<Wanted>> {
         self.call(move || self.inner.wanted(id))
     }
-    fn status<'a>(&'a self, id: &'a str) -> Stored<'a, Option<MailboxStatus>> {
-        self.call(move || self.inner.status(id))
+    fn statuses<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<MailboxStatus>>> {
+        self.call(move || self.inner.statuses(ids))
     }
     fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
         self.call(move || self.inner.count_by_state())
