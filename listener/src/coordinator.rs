@@ -574,6 +574,7 @@ impl Coordinator {
                             "every replica serves its most mailboxes (--max-active-mailboxes)"
                                 .into(),
                         ),
+                        None,
                     )
                     .await;
             }

@@ -88,12 +88,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// How many mailboxes are in each state (states with none are left out).
     fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>>;
-    /// Moves the mailbox's worker to `state`, with the error that caused it, if any.
+    /// Moves the mailbox's worker to `state`, with the error that caused it, if any. With a
+    /// fence, only while no other lease holds the mailbox (its lease held under the fence,
+    /// or by no one): a worker that lost its mailbox never overwrites its new owner's state.
     fn transition<'a>(
         &'a self,
         id: &'a str,
         state: WorkerState,
         error: Option<String>,
+        fence: Option<&'a Fence>,
     ) -> Stored<'a, ()>;
     fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()>;
     /// Notes that Exchange announced new mail for the mailbox, now.

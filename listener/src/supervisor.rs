@@ -347,6 +347,7 @@ async fn supervise(
                         &creds.id,
                         WorkerState::Backoff,
                         Some("internal error: the mailbox worker died and is restarted".into()),
+                        Some(&fence),
                     )
                     .await;
                 tokio::select! {

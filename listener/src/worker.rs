@@ -155,7 +155,12 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
                 // The API validates this before a worker starts; keep the state truthful.
                 let _ = ctx
                     .store
-                    .transition(&creds.id, WorkerState::Failed, Some(e.to_string()))
+                    .transition(
+                        &creds.id,
+                        WorkerState::Failed,
+                        Some(e.to_string()),
+                        Some(&fence),
+                    )
                     .await;
                 return;
             }
@@ -163,7 +168,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
         if creds.server_type != ServerType::Exchange {
             // Accepted and shown, not yet served: Creatio hears why.
             let f = EwsFailure::unsupported_server(creds.server_type);
-            report_unavailable(&ctx, &creds, &f).await;
+            report_unavailable(&ctx, &creds, &fence, &f).await;
             cancel.cancelled().await;
             return;
         }
@@ -171,13 +176,13 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             Ok(exchange) => exchange,
             Err(f) => {
                 // Nothing to retry until Creatio sends other credentials.
-                report_unavailable(&ctx, &creds, &f).await;
+                report_unavailable(&ctx, &creds, &fence, &f).await;
                 cancel.cancelled().await;
                 return;
             }
         };
         let settings = ctx.settings.clone();
-        Worker {
+        let mut worker = Worker {
             retry: settings.retry.start(),
             failed_retry: settings.failed_retry.start(),
             ctx,
@@ -190,9 +195,13 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             streaming_since: None,
             token_refresh_asked: false,
             counted_as: std::sync::Mutex::new(None),
+        };
+        worker.run().await;
+        if worker.cancel.is_cancelled() {
+            // Stopped (moved, closed, lease lost, shutdown): no stream here any more. Unless
+            // the next owner has written its own state already.
+            worker.set_state(WorkerState::Starting, None).await;
         }
-        .run()
-        .await;
     }
     .instrument(span)
     .await;
@@ -216,7 +225,12 @@ impl Worker {
                 *counted = Some(state);
             }
         }
-        if let Err(e) = self.ctx.store.transition(self.id(), state, error).await {
+        if let Err(e) = self
+            .ctx
+            .store
+            .transition(self.id(), state, error, Some(&self.fence))
+            .await
+        {
             self.store_failed("transition");
             tracing::warn!(error = %e, state = ?state, "could not record the mailbox's state");
         }
@@ -911,7 +925,7 @@ impl Worker {
                 .await;
         } else {
             self.reported_unavailable = true;
-            report_unavailable(&self.ctx, &self.creds, f).await;
+            report_unavailable(&self.ctx, &self.creds, &self.fence, f).await;
         }
     }
 
@@ -966,10 +980,20 @@ impl Drop for Pending {
 }
 
 /// Marks the mailbox failed and tells Creatio it is unavailable.
-async fn report_unavailable(ctx: &WorkerContext, creds: &Credentials, f: &EwsFailure) {
+async fn report_unavailable(
+    ctx: &WorkerContext,
+    creds: &Credentials,
+    fence: &Fence,
+    f: &EwsFailure,
+) {
     let _ = ctx
         .store
-        .transition(&creds.id, WorkerState::Failed, Some(f.to_string()))
+        .transition(
+            &creds.id,
+            WorkerState::Failed,
+            Some(f.to_string()),
+            Some(fence),
+        )
         .await;
     tracing::warn!(error = %f, "mailbox unavailable; reporting to Creatio");
     let body =

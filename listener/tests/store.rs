@@ -82,7 +82,7 @@ async fn contract(store: &dyn Store) {
     assert_eq!(status.state, WorkerState::Starting);
     assert!(status.unhealthy_since_unix_ms.is_some());
     store
-        .transition("m1", WorkerState::Backoff, Some("refused".into()))
+        .transition("m1", WorkerState::Backoff, Some("refused".into()), None)
         .await
         .unwrap();
     let status = store.status("m1").await.unwrap().unwrap();
@@ -91,9 +91,20 @@ async fn contract(store: &dyn Store) {
         (WorkerState::Backoff, Some("refused"))
     );
     store
-        .transition("m1", WorkerState::Streaming, None)
+        .transition("m1", WorkerState::Streaming, None, Some(&fence))
         .await
         .unwrap();
+    // A worker under another replica's lease, or an older one, does not overwrite it.
+    let elsewhere = Fence {
+        replica: "there".into(),
+        token: fence.token,
+    };
+    for stale in [&elsewhere, &here(fence.token - 1)] {
+        store
+            .transition("m1", WorkerState::Backoff, None, Some(stale))
+            .await
+            .unwrap();
+    }
     store.bump("m1", Counter::Reconnects).await.unwrap();
     store.bump("m1", Counter::Restarts).await.unwrap();
     let status = store.status("m1").await.unwrap().unwrap();

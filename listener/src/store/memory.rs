@@ -282,12 +282,15 @@ impl Store for MemoryStore {
         id: &'a str,
         state: WorkerState,
         error: Option<String>,
+        fence: Option<&'a Fence>,
     ) -> Stored<'a, ()> {
-        self.with_entry(id, |entry| {
+        let mut inner = self.lock();
+        let another = fence.is_some_and(|f| inner.lease(id).is_some() && !inner.holds(id, f));
+        if let Some(entry) = inner.mailboxes.get_mut(id).filter(|_| !another) {
             let now = unix_now_ms();
             entry.status.transition(state, error, now);
             entry.status.updated_unix_ms = now;
-        });
+        }
         ready(())
     }
 

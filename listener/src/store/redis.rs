@@ -93,9 +93,14 @@ redis.call('PUBLISH', KEYS[5], ARGV[1])
 return existed
 "#;
 
-/// Moves a mailbox's state. KEYS: mbx. ARGV: state, error or '', now.
+/// Moves a mailbox's state, unless another lease holds it. KEYS: mbx, lease. ARGV: state,
+/// error or '', now, fence or '' (then whoever holds the lease).
 const TRANSITION: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[4] ~= '' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder ~= ARGV[4] then return -1 end
+end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_ms', ARGV[3])
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'error', ARGV[2], 'last_error', ARGV[2], 'last_error_ms', ARGV[3])
@@ -603,15 +608,18 @@ impl RedisStore {
         id: &str,
         state: WorkerState,
         error: Option<String>,
+        fence: Option<&Fence>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = self
             .scripts
             .transition
             .key(self.key("mbx", id))
+            .key(self.key("lease", id))
             .arg(state.name())
             .arg(error.unwrap_or_default())
             .arg(unix_now_ms())
+            .arg(fence.map(fence_value).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
@@ -899,8 +907,9 @@ impl Store for RedisStore {
         id: &'a str,
         state: WorkerState,
         error: Option<String>,
+        fence: Option<&'a Fence>,
     ) -> Stored<'a, ()> {
-        self.transition_now(id, state, error).boxed()
+        self.transition_now(id, state, error, fence).boxed()
     }
 
     fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()> {

@@ -88,8 +88,9 @@ impl Store for SlowStore {
         id: &'a str,
         state: WorkerState,
         error: Option<String>,
+        fence: Option<&'a Fence>,
     ) -> Stored<'a, ()> {
-        self.call(move || self.inner.transition(id, state, error))
+        self.call(move || self.inner.transition(id, state, error, fence))
     }
     fn bump<'a>(&'a self, id: &'a str, counter: Counter) -> Stored<'a, ()> {
         self.call(move || self.inner.bump(id, counter))

@@ -1246,3 +1246,16 @@ async fn what_the_stream_delivered_is_not_posted_again_however_long_the_cursor_l
         ("after", SyncPhase::Live)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_worker_does_not_leave_its_mailbox_streaming() {
+    let rig = rig(Script::default());
+    let cancel = rig.spawn().await;
+    tokio::time::sleep(10 * SECOND).await;
+    assert_eq!(rig.status().await.state, WorkerState::Streaming);
+    cancel.cancel();
+    tokio::time::sleep(SECOND).await;
+    let status = rig.status().await;
+    assert_eq!(status.state, WorkerState::Starting, "{status:?}");
+    assert!(status.unhealthy_since_unix_ms.is_some());
+}
