@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance;
 use crate::metrics::Metrics;
-use crate::store::{Fence, Store, WorkerState};
+use crate::store::{Fence, Store, StoreError, WorkerState};
 use crate::supervisor::Supervisor;
 
 /// Leases claimed in one call to the store.
@@ -142,6 +142,8 @@ pub struct Coordinator {
     leaving: Mutex<HashMap<String, Fence>>,
     /// Shutting down: no claims.
     draining: std::sync::atomic::AtomicBool,
+    /// This process among any that might share its replica id.
+    nonce: String,
     metrics: Metrics,
 }
 
@@ -158,6 +160,7 @@ impl Coordinator {
             forgettable: Mutex::default(),
             leaving: Mutex::default(),
             draining: Default::default(),
+            nonce: format!("{:016x}", fastrand::u64(..)),
             metrics,
             settings,
             store,
@@ -273,8 +276,17 @@ impl Coordinator {
                 return false;
             }
         }
-        let live = match self.store.heartbeat(replica, self.settings.lease).await {
+        let live = match self
+            .store
+            .heartbeat(replica, &self.nonce, self.settings.lease)
+            .await
+        {
             Ok(live) => live,
+            Err(e @ StoreError::Duplicate(_)) => {
+                tracing::error!(error = %e, "this replica's id is taken");
+                self.drop_untrusted();
+                return false;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 self.drop_untrusted();
@@ -526,7 +538,7 @@ impl Coordinator {
     }
 
     /// True while the store keeps the epoch first seen (and on first sight).
-    async fn check_epoch(&self) -> Result<bool, crate::store::StoreError> {
+    async fn check_epoch(&self) -> Result<bool, StoreError> {
         let proposal = format!("{:016x}", fastrand::u64(..));
         let epoch = self.store.epoch(&proposal).await?;
         let mut known = self.epoch.lock().unwrap_or_else(|p| p.into_inner());

@@ -38,6 +38,12 @@ pub enum StoreError {
     /// A write under a lease this replica no longer holds: another replica owns the mailbox.
     #[error("this replica no longer holds the mailbox's lease")]
     Fenced,
+    /// Another live process heartbeats under this replica's id (two pods with one name, a
+    /// copied `--replica-id`): this one stays out until that one is gone.
+    #[error(
+        "another process is alive as replica {0}; this one serves nothing until it is gone (give each replica its own --replica-id)"
+    )]
+    Duplicate(String),
 }
 
 /// The lease under which a worker writes: its replica and the fencing token it was given.
@@ -141,8 +147,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The store's epoch: `proposal` if the store had none, else the one it has. A different
     /// answer than before means the store lost its data.
     fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String>;
-    /// Says this replica is alive for `ttl`; answers every live replica, sorted.
-    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>>;
+    /// Says this replica is alive for `ttl`, as the process `nonce` names; answers every live
+    /// replica, sorted, or [`StoreError::Duplicate`] while another process is alive under
+    /// the same replica id.
+    fn heartbeat<'a>(
+        &'a self,
+        replica: &'a str,
+        nonce: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Vec<String>>;
     /// Says this replica is gone (on shutdown), so others need not wait for its heartbeat to
     /// lapse.
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()>;

@@ -355,8 +355,8 @@ async fn contract(store: &dyn Store) {
 /// Leases: one holder at a time, tokens that only grow, renewals only by the holder.
 async fn leases(store: &dyn Store) {
     let short = Duration::from_millis(300);
-    assert_eq!(store.heartbeat("b", LONG).await.unwrap(), ["b"]);
-    assert_eq!(store.heartbeat("a", LONG).await.unwrap(), ["a", "b"]);
+    assert_eq!(store.heartbeat("b", "pb", LONG).await.unwrap(), ["b"]);
+    assert_eq!(store.heartbeat("a", "pa", LONG).await.unwrap(), ["a", "b"]);
     let t1 = store.claim("m", "a", short).await.unwrap().unwrap();
     assert_eq!(
         store.claim("m", "a", short).await.unwrap(),
@@ -407,7 +407,7 @@ async fn leases(store: &dyn Store) {
     let t3 = store.claim("m", "a", LONG).await.unwrap().unwrap();
     assert!(t3 > t2, "tokens only grow");
     store.leave("b").await.unwrap();
-    assert_eq!(store.heartbeat("a", LONG).await.unwrap(), ["a"]);
+    assert_eq!(store.heartbeat("a", "pa", LONG).await.unwrap(), ["a"]);
     // Every open mailbox is listed; changes are announced.
     let mut changes = store.changes().expect("a store that announces changes");
     store.put_mailbox(creds("x1", "pw")).await.unwrap();
@@ -620,4 +620,26 @@ async fn a_replay_asked_of_any_replica_wakes_the_worker_where_it_runs() {
     )
     .await;
     assert_eq!(owner.replays("m").await.unwrap(), ["lost"]);
+}
+
+#[tokio::test]
+async fn a_second_process_under_a_live_replica_s_id_is_kept_out() {
+    let redis = Redis::start().await;
+    let (first, second) = (redis_store(&redis).await, redis_store(&redis).await);
+    assert_eq!(first.heartbeat("r0", "first", LONG).await.unwrap(), ["r0"]);
+    assert_eq!(
+        second.heartbeat("r0", "second", LONG).await,
+        Err(StoreError::Duplicate("r0".into()))
+    );
+    // The first goes on; once it leaves (or its heartbeat lapses), the second may take over.
+    assert_eq!(first.heartbeat("r0", "first", LONG).await.unwrap(), ["r0"]);
+    first.leave("r0").await.unwrap();
+    assert_eq!(
+        second.heartbeat("r0", "second", LONG).await.unwrap(),
+        ["r0"]
+    );
+    assert_eq!(
+        first.heartbeat("r0", "first", LONG).await,
+        Err(StoreError::Duplicate("r0".into()))
+    );
 }

@@ -386,7 +386,13 @@ impl Store for MemoryStore {
         ready("memory".to_owned())
     }
 
-    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
+    fn heartbeat<'a>(
+        &'a self,
+        replica: &'a str,
+        _nonce: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Vec<String>> {
+        // One process: no other can share its replica id.
         let mut inner = self.lock();
         let now = Instant::now();
         inner.replicas.insert(replica.to_owned(), now + ttl);

@@ -13,6 +13,7 @@
 //! | `el:dead:{id}` | list | dead letters, oldest first, the last 1,000 (kept after Close) |
 //! | `el:replay:{id}` | list | dead-lettered items handed back for delivery |
 //! | `el:replicas` | sorted set | replica id → until when it is alive (Redis's clock) |
+//! | `el:replica-process` | hash | replica id → the nonce of the process heartbeating as it |
 //! | `el:lease:{id}` | string | `replica:token`, expiring unless renewed |
 //! | `el:fence:{id}` | string | the last fencing token given out (INCR) |
 //! | `el:changes` | channel | the id of every mailbox created, updated or closed |
@@ -231,10 +232,18 @@ end
 return gens
 "#;
 
-/// Says a replica is alive. KEYS: replicas. ARGV: replica, ttl ms. Answers the live ones. The
-/// time is Redis's own, so replicas with skewed clocks agree.
+/// Says a replica is alive, unless another process is alive under its id. KEYS: replicas,
+/// the process behind each replica. ARGV: replica, ttl ms, this process's nonce. Answers the
+/// live ones, or a DUPLICATE error. The time is Redis's own, so replicas with skewed clocks
+/// agree.
 const HEARTBEAT: &str = r#"
 local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local alive = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+local holder = redis.call('HGET', KEYS[2], ARGV[1])
+if holder and holder ~= ARGV[3] and alive > now then
+  return redis.error_reply('DUPLICATE another process is alive as this replica')
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -990,18 +999,28 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
+    fn heartbeat<'a>(
+        &'a self,
+        replica: &'a str,
+        nonce: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Vec<String>> {
         async move {
             let mut conn = self.conn.clone();
             let mut live: Vec<String> = self
                 .scripts
                 .heartbeat
                 .key(format!("{}replicas", self.prefix))
+                .key(format!("{}replica-process", self.prefix))
                 .arg(replica)
                 .arg(ttl.as_millis() as u64)
+                .arg(nonce)
                 .invoke_async(&mut conn)
                 .await
-                .map_err(store_error)?;
+                .map_err(|e| match e.code() {
+                    Some("DUPLICATE") => StoreError::Duplicate(replica.to_owned()),
+                    _ => store_error(e),
+                })?;
             // Redis lists them by deadline; every replica must see the same order.
             live.sort();
             Ok(live)

@@ -136,8 +136,13 @@ impl Store for SlowStore {
     fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String> {
         self.call(move || self.inner.epoch(proposal))
     }
-    fn heartbeat<'a>(&'a self, replica: &'a str, ttl: Duration) -> Stored<'a, Vec<String>> {
-        self.call(move || self.inner.heartbeat(replica, ttl))
+    fn heartbeat<'a>(
+        &'a self,
+        replica: &'a str,
+        nonce: &'a str,
+        ttl: Duration,
+    ) -> Stored<'a, Vec<String>> {
+        self.call(move || self.inner.heartbeat(replica, nonce, ttl))
     }
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
         self.call(move || self.inner.leave(replica))
