@@ -61,246 +61,66 @@ fn fence_value(fence: &Fence) -> String {
 
 /// Records or updates a mailbox. KEYS: mbx, open, generation, seen, replay. ARGV: id,
 /// fingerprint, sealed credentials, now. Answers the generation, or 0 when nothing changed.
-const PUT: &str = r#"
-local fp = redis.call('HGET', KEYS[1], 'fp')
-if fp == ARGV[2] then return 0 end
-local g = redis.call('INCR', KEYS[3])
-if g < tonumber(ARGV[4]) then
-  -- Never below the clock: a Redis that lost its data gives no generation twice.
-  g = tonumber(ARGV[4])
-  redis.call('SET', KEYS[3], g)
-end
-if fp then
-  redis.call('HDEL', KEYS[1], 'error', 'last_error', 'last_error_ms', 'reconnects')
-else
-  -- A new mailbox: list the inbox, then deliver what arrived since now (SyncCursor::new_mailbox).
-  redis.call('DEL', KEYS[4], KEYS[5])
-  redis.call('HSET', KEYS[1], 'sync_phase', 'baseline', 'sync_since_ms', ARGV[4], 'sync_at_ms', ARGV[4])
-end
-redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
-  'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4])
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('PUBLISH', KEYS[6], ARGV[1])
-return g
-"#;
+const PUT: &str = include_str!("redis/put.lua");
 
 /// Forgets a mailbox. KEYS: mbx, open, seen, replay, changes. ARGV: id. Answers 1 if it
 /// existed.
-const REMOVE: &str = r#"
-local existed = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('PUBLISH', KEYS[5], ARGV[1])
-return existed
-"#;
+const REMOVE: &str = include_str!("redis/remove.lua");
 
 /// Moves a mailbox's state, unless another lease holds it. KEYS: mbx, lease. ARGV: state,
 /// error or '', now, fence or '' (then whoever holds the lease).
-const TRANSITION: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[4] ~= '' then
-  local holder = redis.call('GET', KEYS[2])
-  if holder and holder ~= ARGV[4] then return -1 end
-end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_ms', ARGV[3])
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'error', ARGV[2], 'last_error', ARGV[2], 'last_error_ms', ARGV[3])
-end
-if ARGV[1] == 'Streaming' then
-  redis.call('HDEL', KEYS[1], 'error', 'unhealthy_since_ms')
-elseif redis.call('HEXISTS', KEYS[1], 'unhealthy_since_ms') == 0 then
-  redis.call('HSET', KEYS[1], 'unhealthy_since_ms', ARGV[3])
-end
-return 1
-"#;
+const TRANSITION: &str = include_str!("redis/transition.lua");
 
 /// Notes an event on an existing mailbox. KEYS: mbx. ARGV: now.
-const EVENT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'last_event_ms', ARGV[1])
-return 1
-"#;
+const EVENT: &str = include_str!("redis/event.lua");
 
 /// Adds one to a counter of an existing mailbox. KEYS: mbx. ARGV: field, now.
-const BUMP: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
-return 1
-"#;
+const BUMP: &str = include_str!("redis/bump.lua");
 
 /// Records what became of an item. KEYS: mbx, seen, dead, lease, replay. ARGV: digest, now,
 /// most digests kept, counter field, dead-letter entry or '', its error, dead letters kept,
 /// fence, item id. The outcome is a fact whoever holds the lease now (a post that got
 /// through before the lease moved), so it is written either way; the answer says whether the
 /// lease is still held under the fence: 1 (2 when the oldest dead letter made way), or -1.
-const RECORD: &str = r#"
-local held = redis.call('GET', KEYS[4]) == ARGV[8]
-local function answer(ok)
-  if held then return ok end
-  return -1
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then return answer(0) end
-redis.call('LREM', KEYS[5], 0, ARGV[9])
-if redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) == 0 then return answer(0) end
-local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
-if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1) end
-redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
-redis.call('HSET', KEYS[1], 'updated_ms', ARGV[2])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'last_error', ARGV[6], 'last_error_ms', ARGV[2])
-  if redis.call('RPUSH', KEYS[3], ARGV[5]) > tonumber(ARGV[7]) then
-    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
-    return answer(2)
-  end
-end
-return answer(1)
-"#;
+const RECORD: &str = include_str!("redis/record.lua");
 
 /// Stores the sync cursor under a lease and forgets the delivered items it has passed. KEYS:
 /// mbx, lease, seen. ARGV: fence, state, given at, phase, since or '', forget digests recorded
 /// before this (Unix ms) or ''.
-const CURSOR: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'sync_state', ARGV[2], 'sync_at_ms', ARGV[3], 'sync_phase', ARGV[4],
-  'sync_since_ms', ARGV[5])
-if ARGV[6] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
-end
-return 1
-"#;
+const CURSOR: &str = include_str!("redis/cursor.lua");
 
 /// Hands dead letters back and announces it to the replica that runs the mailbox. KEYS: mbx,
 /// seen, dead, replay, replays channel. ARGV: id. Each dead-letter entry is
 /// "digest\nitem id\njson". Answers how many, or -1 when the mailbox is not open.
-const REPLAY: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local letters = redis.call('LRANGE', KEYS[3], 0, -1)
-redis.call('DEL', KEYS[3])
-for _, entry in ipairs(letters) do
-  local digest, item = string.match(entry, '^([^\n]*)\n([^\n]*)\n')
-  if digest then
-    redis.call('ZREM', KEYS[2], digest)
-    redis.call('LREM', KEYS[4], 0, item)
-    redis.call('RPUSH', KEYS[4], item)
-  end
-end
-redis.call('PUBLISH', KEYS[5], ARGV[1])
-return #letters
-"#;
+const REPLAY: &str = include_str!("redis/replay.lua");
 
 /// Writes a mailbox back into a Redis that lost its data. KEYS: mbx, open, generation, seen,
 /// lease, changes. ARGV: id, fingerprint, sealed credentials, now, the cursor (state, given
 /// at, phase, since or ''), then digest and when, pairs. A mailbox back already is left alone
 /// unless another replica wrote it back with an older cursor and no lease is held on it.
 /// Answers 1 if written.
-const WRITE_BACK: &str = r#"
-local now = tonumber(ARGV[4])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'written_back') ~= '1' or redis.call('EXISTS', KEYS[5]) == 1 then
-    return 0
-  end
-  local theirs = tonumber(redis.call('HGET', KEYS[1], 'sync_at_ms') or '0') or 0
-  if tonumber(ARGV[6]) <= theirs then return 0 end
-else
-  local g = redis.call('INCR', KEYS[3])
-  if g < now then
-    g = now
-    redis.call('SET', KEYS[3], g)
-  end
-  redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
-    'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4], 'written_back', '1')
-  redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('PUBLISH', KEYS[6], ARGV[1])
-end
-redis.call('HSET', KEYS[1], 'sync_state', ARGV[5], 'sync_at_ms', ARGV[6], 'sync_phase', ARGV[7],
-  'sync_since_ms', ARGV[8])
-for i = 9, #ARGV, 2 do
-  redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i])
-end
-return 1
-"#;
+const WRITE_BACK: &str = include_str!("redis/write-back.lua");
 
 /// Reads generations. KEYS: mbx of each mailbox. Answers each one's generation, or 0 where
 /// the mailbox is closed.
-const GENERATIONS: &str = r#"
-local gens = {}
-for i, key in ipairs(KEYS) do
-  gens[i] = tonumber(redis.call('HGET', key, 'gen') or '0') or 0
-end
-return gens
-"#;
+const GENERATIONS: &str = include_str!("redis/generations.lua");
 
 /// Says a replica is alive, unless another process is alive under its id. KEYS: replicas,
 /// the process behind each replica. ARGV: replica, ttl ms, this process's nonce. Answers the
 /// live ones, or a DUPLICATE error. The time is Redis's own, so replicas with skewed clocks
 /// agree.
-const HEARTBEAT: &str = r#"
-local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local alive = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
-local holder = redis.call('HGET', KEYS[2], ARGV[1])
-if holder and holder ~= ARGV[3] and alive > now then
-  return redis.error_reply('DUPLICATE another process is alive as this replica')
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
-"#;
+const HEARTBEAT: &str = include_str!("redis/heartbeat.lua");
 
 /// Takes leases that are free or already ours. KEYS: lease, fence, for each mailbox. ARGV:
 /// replica, ttl ms. Answers, per mailbox, the token, or 0 where another replica holds it.
-const CLAIM: &str = r#"
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local tokens = {}
-for i = 1, #KEYS, 2 do
-  local lease, fence = KEYS[i], KEYS[i + 1]
-  local v = redis.call('GET', lease)
-  if v then
-    local r, t = string.match(v, '^(.*):(%d+)$')
-    if r == ARGV[1] then
-      redis.call('PEXPIRE', lease, ARGV[2])
-      tokens[#tokens + 1] = tonumber(t)
-    else
-      tokens[#tokens + 1] = 0
-    end
-  else
-    local t = redis.call('INCR', fence)
-    if t < now then
-      -- Never below the clock: a Redis that lost its data gives no token twice.
-      t = now
-      redis.call('SET', fence, t)
-    end
-    redis.call('SET', lease, ARGV[1] .. ':' .. t, 'PX', ARGV[2])
-    tokens[#tokens + 1] = t
-  end
-end
-return tokens
-"#;
+const CLAIM: &str = include_str!("redis/claim.lua");
 
 /// Extends leases still held. KEYS: leases. ARGV: fences (one per key), then ttl ms. Answers
 /// 1 or 0 per lease.
-const RENEW: &str = r#"
-local ttl = ARGV[#ARGV]
-local held = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i] then
-    redis.call('PEXPIRE', key, ttl)
-    held[i] = 1
-  else
-    held[i] = 0
-  end
-end
-return held
-"#;
+const RENEW: &str = include_str!("redis/renew.lua");
 
 /// Gives a lease back if still held. KEYS: lease. ARGV: fence.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"#;
+const RELEASE: &str = include_str!("redis/release.lua");
 
 #[derive(Debug)]
 struct Scripts {
