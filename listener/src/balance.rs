@@ -1,10 +1,12 @@
 //! Which replica should serve each mailbox: rendezvous (highest-random-weight) hashing with
-//! bounded load. Every replica computes the same answer from the same inputs, so each claims
-//! only its own share; a replica that joins or leaves moves only the mailboxes it must.
+//! bounded load, sticky. Every replica computes the same answer from the same inputs, so each
+//! claims only its own share; a replica that joins or leaves, and a mailbox created or
+//! closed, moves only the mailboxes it must.
 //!
-//! Each mailbox ranks the replicas by a hash of (replica, mailbox) and goes to the first one
-//! that still has room; room is `min(cap, ceil(mailboxes / replicas))`, so once settled no
-//! replica serves more than one above the mean, and none more than its cap.
+//! Room is `min(cap, ceil(mailboxes / replicas))`, so once settled no replica serves more than
+//! one above the mean, and none more than its cap. A mailbox a live replica serves stays there
+//! while that replica has room (in id order); every other mailbox ranks the replicas by a hash
+//! of (replica, mailbox) and goes to the first one that still has room.
 
 use std::collections::HashMap;
 
@@ -19,8 +21,8 @@ fn weight(replica: &str, mailbox: &str) -> u64 {
 
 /// The replica for each mailbox. A mailbox is left out when every replica is full (more
 /// mailboxes than the replicas' caps allow); it waits for room. Mailboxes a live replica
-/// serves now (`served`) are placed first, so when room is short the ones that wait are the
-/// ones no one serves, not ones that would have to stop.
+/// serves now (`served`) stay with it while it has room, so when room is short the ones that
+/// wait are the ones no one serves, and a Create or a Close moves no other mailbox.
 pub fn assign(
     replicas: &[String],
     mailboxes: &[String],
@@ -33,12 +35,25 @@ pub fn assign(
     }
     let room = mailboxes.len().div_ceil(replicas.len()).min(cap);
     let mut load = vec![0usize; replicas.len()];
-    let live_owner = |m: &String| served.get(m).is_some_and(|r| replicas.contains(r));
     let mut order: Vec<&String> = mailboxes.iter().collect();
-    order.sort_by_key(|m| (!live_owner(m), *m));
+    order.sort();
     order.dedup();
-    let mut ranked: Vec<usize> = (0..replicas.len()).collect();
+    // Served mailboxes stay where they are while there is room.
+    let mut unplaced = Vec::with_capacity(order.len());
     for mailbox in order {
+        let owner = served
+            .get(mailbox)
+            .and_then(|o| replicas.iter().position(|r| r == o));
+        match owner {
+            Some(r) if load[r] < room => {
+                load[r] += 1;
+                assigned.insert(mailbox.clone(), replicas[r].clone());
+            }
+            _ => unplaced.push(mailbox),
+        }
+    }
+    let mut ranked: Vec<usize> = (0..replicas.len()).collect();
+    for mailbox in unplaced {
         ranked.sort_by_key(|&r| std::cmp::Reverse((weight(&replicas[r], mailbox), r)));
         if let Some(&r) = ranked.iter().find(|&&r| load[r] < room) {
             load[r] += 1;
@@ -125,6 +140,30 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_create_or_a_close_moves_no_other_mailbox_beyond_what_the_room_forces(
+            replicas in 1usize..12, mailboxes in 1usize..400, pick in 0usize..400,
+        ) {
+            let replicas = names("replica-", replicas);
+            let mailboxes = names("m", mailboxes);
+            let now = assign(&replicas, &mailboxes, usize::MAX, &HashMap::new());
+            // A Create: every other mailbox stays.
+            let mut more = mailboxes.clone();
+            more.push("created".into());
+            let after = assign(&replicas, &more, usize::MAX, &now);
+            for (m, r) in &now {
+                prop_assert_eq!(after.get(m), Some(r));
+            }
+            // A Close: a mailbox moves only off a replica above the new room.
+            let closed = &mailboxes[pick % mailboxes.len()];
+            let fewer: Vec<String> = mailboxes.iter().filter(|m| *m != closed).cloned().collect();
+            let after = assign(&replicas, &fewer, usize::MAX, &now);
+            let room = fewer.len().div_ceil(replicas.len());
+            let over = loads(&now, &replicas).iter().filter(|&&l| l > room).count();
+            let moved = fewer.iter().filter(|m| after.get(*m) != now.get(*m)).count();
+            prop_assert!(moved <= over, "{} moved, {} replicas above the room", moved, over);
+        }
+
         #[test]
         fn every_mailbox_is_served_within_one_of_the_mean_by_any_replica_set(
             replicas in 1usize..12, mailboxes in 0usize..400,

@@ -301,21 +301,20 @@ impl Coordinator {
                 return false;
             }
         };
-        // When the replicas' caps leave mailboxes waiting, those served now keep their places.
-        let served = if open.len() > live.len().saturating_mul(self.settings.cap) {
-            match self.store.owners(&open).await {
-                Ok(owners) => open
-                    .iter()
-                    .zip(owners)
-                    .filter_map(|(id, owner)| owner.map(|o| (id.clone(), o)))
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the lease holders");
-                    HashMap::new()
-                }
+        // Mailboxes served now keep their places while there is room: a Create or a Close
+        // moves no other mailbox, and when the caps leave some waiting, those are the
+        // unserved ones.
+        let served = match self.store.owners(&open).await {
+            Ok(owners) => open
+                .iter()
+                .zip(owners)
+                .filter_map(|(id, owner)| owner.map(|o| (id.clone(), o)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the lease holders");
+                self.drop_untrusted();
+                return false;
             }
-        } else {
-            HashMap::new()
         };
         let assigned = balance::assign(&live, &open, self.settings.cap, &served);
         let mine: HashSet<&str> = assigned
