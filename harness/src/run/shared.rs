@@ -1,0 +1,216 @@
+//! What every task of a run shares: the replicas running now, the scenario's mailboxes and
+//! their credentials, and the listener's account of them, sampled; and, once the mail is
+//! sent, what reached Creatio.
+
+use super::*;
+
+/// The replicas running now, for the tasks that call them.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Roster(pub(super) Arc<Mutex<Vec<(String, String)>>>);
+
+impl Roster {
+    pub(super) fn set(&self, up: Vec<(String, String)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = up;
+    }
+
+    /// (replica id, base URL) of each running replica.
+    pub(super) fn up(&self) -> Vec<(String, String)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What the run's tasks share.
+#[derive(Debug, Clone)]
+pub(super) struct Shared {
+    pub(super) http: reqwest::Client,
+    pub(super) roster: Roster,
+    /// Mailbox index → seconds into the run it was closed.
+    pub(super) closed: Arc<Mutex<BTreeMap<usize, f64>>>,
+    pub(super) sent: Arc<Mutex<Vec<Sent>>>,
+    pub(super) samples: Arc<Mutex<Vec<Sample>>>,
+    pub(super) mailboxes: usize,
+    /// Each mailbox's password, as Exchange has it now.
+    pub(super) passwords: Arc<Mutex<BTreeMap<usize, String>>>,
+    pub(super) started: Instant,
+    pub(super) ews: String,
+    pub(super) creatio: String,
+    pub(super) operation: &'static str,
+    /// Mailboxes are created without a password, for the service account.
+    pub(super) service_account: bool,
+}
+
+impl Shared {
+    pub(super) fn secs(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub(super) fn open(&self) -> usize {
+        self.mailboxes - self.closed.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub(super) fn email(m: usize) -> String {
+        format!("user{m}@harness.test")
+    }
+
+    pub(super) fn password(&self, m: usize) -> String {
+        self.passwords
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&m)
+            .cloned()
+            .unwrap_or_else(|| "secret".to_owned())
+    }
+
+    /// Mailbox `m`'s credentials as Creatio sends them: its own login, or none (the
+    /// listener's service account serves it).
+    pub(super) fn creds(&self, m: usize, ews_base: &str, creatio_base: &str) -> Value {
+        let password = (!self.service_account).then(|| self.password(m));
+        let mut creds = mock_creatio::calling::credentials(
+            &format!("mbx-{m}"),
+            &Self::email(m),
+            password.as_deref(),
+            &format!("{ews_base}/EWS/Exchange.asmx"),
+            &format!(
+                "{creatio_base}/0/ServiceModel/ExchangeListenerService.svc/{}",
+                self.operation
+            ),
+        );
+        if self.service_account {
+            creds["UserName"] = Value::Null;
+        }
+        creds
+    }
+
+    /// Asks the running replicas in turn, from `first`, until one answers.
+    pub(super) async fn call_any(
+        &self,
+        first: usize,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let up = self.roster.up();
+        if up.is_empty() {
+            bail!("no replica is running");
+        }
+        let mut last = None;
+        for i in 0..up.len() {
+            let (_, base) = &up[(first + i) % up.len()];
+            let url = format!("{base}{path}");
+            let answer = tokio::time::timeout(Duration::from_secs(2), async {
+                match body {
+                    Some(b) => post_creatio(&self.http, &url, b).await,
+                    None => get_json(&self.http, &url).await,
+                }
+            })
+            .await;
+            match answer {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(anyhow::anyhow!("{url}: no answer within 2 s")),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no replica answered")))
+    }
+
+    /// One sample of how the mailboxes stand.
+    pub(super) async fn sample(&self) -> Sample {
+        let up: Vec<String> = self.roster.up().into_iter().map(|(id, _)| id).collect();
+        let secs = self.secs();
+        let open = self.open();
+        match self.call_any(0, "/api/listeners/status", None).await {
+            Ok(status) => {
+                let count = |state: &str| status["States"][state].as_u64().unwrap_or(0) as usize;
+                Sample {
+                    secs,
+                    answered: true,
+                    streaming: count("Streaming"),
+                    workers_streaming: self.workers_streaming().await,
+                    failed: count("Failed"),
+                    owners: serde_json::from_value(status["Owners"].clone()).unwrap_or_default(),
+                    up,
+                    open,
+                }
+            }
+            Err(_) => Sample {
+                secs,
+                up,
+                open,
+                ..Sample::default()
+            },
+        }
+    }
+
+    /// The workers streaming, as each running replica counts its own (`/metrics`), not as
+    /// the store last heard: a mailbox leased by a replica that runs no worker for it shows
+    /// here. `None` when a replica did not answer.
+    pub(super) async fn workers_streaming(&self) -> Option<usize> {
+        const LINE: &str = "exchange_listener_mailboxes{state=\"Streaming\"} ";
+        let mut total = 0;
+        for (_, base) in self.roster.up() {
+            let text = tokio::time::timeout(Duration::from_secs(2), async {
+                self.http
+                    .get(format!("{base}/metrics"))
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .await
+            .ok()?
+            .ok()?;
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix(LINE))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as usize;
+        }
+        Some(total)
+    }
+
+    pub(super) fn delivered_now(stats: &Value, operation: &str) -> u64 {
+        stats["calls"][operation].as_u64().unwrap_or(0)
+    }
+}
+
+/// Samples the listener's account of its mailboxes until `stop`.
+pub(super) async fn watch(sh: Shared, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let s = sh.sample().await;
+        sh.samples.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+}
+
+/// Every mail Creatio recorded for the scenario's operation.
+pub(super) async fn arrivals(sh: &Shared) -> anyhow::Result<Vec<Arrival>> {
+    let calls = get_json(
+        &sh.http,
+        &format!("{}/_control/calls?operation={}", sh.creatio, sh.operation),
+    )
+    .await?;
+    let mut out = Vec::new();
+    for call in calls.as_array().into_iter().flatten() {
+        let unix_us = call["received_unix_us"].as_u64().unwrap_or(0);
+        let body = &call["body"];
+        let keys: Vec<&str> = if sh.operation == "NewEmail" {
+            body["newEvent"]["uniqueIds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect()
+        } else {
+            body["Emails"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["MessageId"].as_str())
+                .collect()
+        };
+        out.extend(keys.into_iter().map(|k| Arrival {
+            key: k.to_owned(),
+            unix_us,
+        }));
+    }
+    Ok(out)
+}

@@ -1,0 +1,105 @@
+//! The load a run puts on the listener: mail sent at the scenario's rate, and Creatio's
+//! own minute loop asking after its mailboxes and creating again those it lost.
+
+use super::*;
+
+/// Sends mail at the scenario's rate until `stop`, to mailboxes chosen at random (closed ones
+/// too: what they get must not reach Creatio).
+pub(super) async fn send_mail(
+    sh: Shared,
+    rate: f64,
+    bytes: usize,
+    seed: u64,
+    until: Instant,
+) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let body = "x".repeat(bytes);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        if Instant::now() >= until {
+            return Ok(());
+        }
+        let m = rng.usize(0..sh.mailboxes);
+        let secs = sh.secs();
+        let unix_us = unix_now_us();
+        let answer = post_json(
+            &sh.http,
+            &format!("{}/_control/mailboxes/{}/messages", sh.ews, Shared::email(m)),
+            &json!({ "from": "sender@harness.test", "subject": format!("harness {n}"), "body": body }),
+        )
+        .await?;
+        n += 1;
+        let key_field = if sh.operation == "NewEmail" {
+            "item_id"
+        } else {
+            "message_id"
+        };
+        let key = answer[key_field]
+            .as_str()
+            .with_context(|| format!("no {key_field} in mock-ews's answer {answer}"))?
+            .to_owned();
+        let closed_at = sh
+            .closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&m)
+            .copied();
+        sh.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Sent {
+                key,
+                mailbox: m,
+                secs,
+                unix_us,
+                after_close: closed_at.is_some_and(|c| secs >= c + CLOSE_GRACE_SECS),
+                optional: closed_at.is_some(),
+            });
+    }
+}
+
+/// Creatio's failover loop: asks `subscriptionsstate` for the open mailboxes and creates
+/// again (Recreate) those that are not `exists`.
+pub(super) async fn creatio_loop(
+    sh: Shared,
+    every: Duration,
+    ews_base: String,
+    creatio_base: String,
+    recreated: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut turn = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        turn += 1;
+        let open: Vec<usize> = {
+            let closed = sh.closed.lock().unwrap_or_else(|p| p.into_inner());
+            (0..sh.mailboxes)
+                .filter(|m| !closed.contains_key(m))
+                .collect()
+        };
+        let ids: Vec<String> = open.iter().map(|m| format!("mbx-{m}")).collect();
+        let Ok(states) = sh
+            .call_any(turn, "/api/listeners/subscriptionsstate", Some(&json!(ids)))
+            .await
+        else {
+            continue;
+        };
+        let missing: Vec<Value> = open
+            .iter()
+            .filter(|m| states[format!("mbx-{m}")]["State"] != "exists")
+            .map(|&m| sh.creds(m, &ews_base, &creatio_base))
+            .collect();
+        if !missing.is_empty()
+            && sh
+                .call_any(turn, "/api/listeners/recreate", Some(&json!(missing)))
+                .await
+                .is_ok()
+        {
+            recreated.fetch_add(missing.len(), Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The run's processes and their lifecycle: mock-ews, mock-creatio, Redis, the replicas
+//! and the fault proxies between them; the mailboxes created; and each step of the timeline
+//! acted out on them.
+
+use super::*;
+
+/// One replica's place: its id, its process while it runs, its own links to Redis and (as
+/// its HTTP proxy) to Exchange and Creatio.
+#[derive(Debug)]
+pub(super) struct Slot {
+    pub(super) id: String,
+    pub(super) process: Option<Process>,
+    /// When the process was started.
+    pub(super) since: Instant,
+    pub(super) redis_link: Option<Proxy>,
+    pub(super) web_link: ForwardProxy,
+}
+
+/// Everything a run started; dropped, it all stops.
+pub(super) struct World {
+    pub(super) scenario: Scenario,
+    pub(super) bins: Binaries,
+    pub(super) dir: PathBuf,
+    pub(super) shared: Shared,
+    pub(super) _ews: Process,
+    pub(super) _creatio: Process,
+    pub(super) ews_link: Proxy,
+    pub(super) creatio_link: Proxy,
+    pub(super) redis: Option<Redis>,
+    /// The service accounts file every replica is given, in `service_account` runs.
+    pub(super) accounts: Option<PathBuf>,
+    pub(super) slots: Vec<Slot>,
+    /// Problems found while acting (a replica that would not stop on SIGTERM).
+    pub(super) problems: Vec<Violation>,
+}
+
+impl World {
+    pub(super) async fn start(
+        scenario: &Scenario,
+        bins: &Binaries,
+        options: &Options,
+    ) -> anyhow::Result<World> {
+        let dir = options.out.join(&scenario.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (ews, creatio) = mocks::start(bins, &dir, &[], &[]).await?;
+        let addr_of = |base: &str| -> anyhow::Result<std::net::SocketAddr> {
+            base.trim_start_matches("http://")
+                .parse()
+                .with_context(|| format!("{base} is not an address"))
+        };
+        let ews_link = Proxy::start(addr_of(&ews.base)?).await?;
+        let creatio_link = Proxy::start(addr_of(&creatio.base)?).await?;
+        let redis = match scenario.replicas.store() {
+            StoreKind::Redis => Some(Redis::start(&options.redis, &dir).await?),
+            StoreKind::Memory => None,
+        };
+        let shared = Shared {
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            roster: Roster::default(),
+            closed: Arc::default(),
+            sent: Arc::default(),
+            samples: Arc::default(),
+            mailboxes: scenario.mailboxes.count,
+            passwords: Arc::default(),
+            started: Instant::now(),
+            ews: ews.base.clone(),
+            creatio: creatio.base.clone(),
+            operation: scenario.mailboxes.operation.name(),
+            service_account: scenario.mailboxes.service_account,
+        };
+        let accounts = if scenario.mailboxes.service_account {
+            let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
+            let file = mocks::service_account(&shared.http, &shared.ews, &url, &dir).await?;
+            let settings = json!({
+                "impersonators": [mocks::SERVICE_ACCOUNT.0],
+                "backends": 2,
+                "max_streams_per_user": 10,
+            });
+            put_json(
+                &shared.http,
+                &format!("{}/_control/settings", shared.ews),
+                &settings,
+            )
+            .await?;
+            Some(file)
+        } else {
+            None
+        };
+        let mut world = World {
+            scenario: scenario.clone(),
+            bins: bins.clone(),
+            dir,
+            shared,
+            _ews: ews,
+            _creatio: creatio,
+            ews_link,
+            creatio_link,
+            redis,
+            accounts,
+            slots: Vec::new(),
+            problems: Vec::new(),
+        };
+        for _ in 0..scenario.replicas.count {
+            world.add_replica().await?;
+        }
+        Ok(world)
+    }
+
+    pub(super) async fn add_replica(&mut self) -> anyhow::Result<()> {
+        let i = self.slots.len();
+        let redis_link = match &self.redis {
+            Some(r) => Some(Proxy::start(r.addr()).await?),
+            None => None,
+        };
+        self.slots.push(Slot {
+            id: format!("r{i}"),
+            process: None,
+            since: Instant::now(),
+            redis_link,
+            web_link: ForwardProxy::start().await?,
+        });
+        self.start_replica(i).await
+    }
+
+    pub(super) async fn start_replica(&mut self, i: usize) -> anyhow::Result<()> {
+        let slot = &self.slots[i];
+        if slot.process.is_some() {
+            return Ok(());
+        }
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--replica-id".to_owned(),
+            slot.id.clone(),
+            format!("--lease-ms={}", self.scenario.replicas.lease_ms),
+        ];
+        // Exchange and Creatio through this replica's own proxy, so one replica can lose them.
+        let mut env = vec![
+            ("HTTPS_PROXY", slot.web_link.url()),
+            ("HTTP_PROXY", slot.web_link.url()),
+            ("NO_PROXY", String::new()),
+        ];
+        if let Some(link) = &slot.redis_link {
+            args.push(format!("--redis-url=redis://{}/0", link.addr()));
+            env.push(("EXCHANGE_LISTENER_SECRET_KEY", SECRET.to_owned()));
+        }
+        if let Some(file) = &self.accounts {
+            args.push("--ews-service-accounts".to_owned());
+            args.push(file.to_string_lossy().into_owned());
+            // A service account serves only a Creatio named: mock-creatio's.
+            args.push("--creatio-hosts=127.0.0.1".to_owned());
+        }
+        args.extend(self.scenario.replicas.args.iter().cloned());
+        // Each start gets its own log, so a restarted replica's first life is kept.
+        let log = (0..)
+            .map(|n| self.dir.join(format!("{}.{n}.log", slot.id)))
+            .find(|p| !p.exists())
+            .expect("a free log name");
+        let process = Process::start(&slot.id, &self.bins.listener, &args, &env, &log).await?;
+        self.slots[i].process = Some(process);
+        self.slots[i].since = Instant::now();
+        self.publish_roster();
+        Ok(())
+    }
+
+    pub(super) fn publish_roster(&self) {
+        self.shared.roster.set(
+            self.slots
+                .iter()
+                .filter_map(|s| s.process.as_ref().map(|p| (s.id.clone(), p.base.clone())))
+                .collect(),
+        );
+    }
+
+    pub(super) fn ews_base(&self) -> String {
+        format!("http://{}", self.ews_link.addr())
+    }
+
+    pub(super) fn creatio_base(&self) -> String {
+        format!("http://{}", self.creatio_link.addr())
+    }
+
+    /// Creates the mailboxes in mock-ews and through the listener's API; waits until all stream.
+    pub(super) async fn create_mailboxes(&self) -> anyhow::Result<()> {
+        let sh = &self.shared;
+        for m in 0..sh.mailboxes {
+            post_json(
+                &sh.http,
+                &format!("{}/_control/mailboxes", sh.ews),
+                &json!({ "email": Shared::email(m), "password": "secret" }),
+            )
+            .await?;
+            let creds = sh.creds(m, &self.ews_base(), &self.creatio_base());
+            let via = match self.scenario.mailboxes.create_via {
+                CreateVia::RoundRobin => m,
+                CreateVia::First => 0,
+            };
+            sh.call_any(via, "/api/listeners/create", Some(&json!([creds])))
+                .await?;
+        }
+        let deadline = Instant::now() + START_PATIENCE;
+        loop {
+            let s = sh.sample().await;
+            if s.settled() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the mailboxes did not all stream within {START_PATIENCE:?}: {} of {} streaming, owners {:?}",
+                    s.streaming,
+                    s.open,
+                    s.owners
+                );
+            }
+            tokio::time::sleep(SAMPLE_EVERY).await;
+        }
+    }
+
+    pub(super) async fn act(&mut self, action: &Action) -> anyhow::Result<()> {
+        let sh = self.shared.clone();
+        match action {
+            Action::Kill { replica } => {
+                if let Some(p) = self.slots[*replica].process.take() {
+                    self.publish_roster();
+                    p.kill().await;
+                }
+            }
+            Action::Term { replica } => {
+                if let Some(p) = self.slots[*replica].process.take() {
+                    self.publish_roster();
+                    if !p.terminate(Duration::from_secs(20)).await {
+                        self.problems.push(Violation {
+                            rule: "shutdown",
+                            detail: format!(
+                                "replica r{replica} did not exit with status 0 within 20 s of SIGTERM"
+                            ),
+                        });
+                    }
+                }
+            }
+            Action::Start { replica } => self.start_replica(*replica).await?,
+            Action::AddReplica => self.add_replica().await?,
+            Action::RedisRestart { down_secs } => {
+                let redis = self.redis.as_mut().context("no Redis in this run")?;
+                redis
+                    .restart_empty(Duration::from_secs_f64(down_secs.max(0.0)))
+                    .await?;
+                let addr = redis.addr();
+                for slot in &self.slots {
+                    if let Some(link) = &slot.redis_link {
+                        link.set_upstream(addr);
+                    }
+                }
+            }
+            Action::RedisPause { secs } => {
+                let redis = self.redis.as_ref().context("no Redis in this run")?;
+                redis.freeze(true).await?;
+                tokio::time::sleep(Duration::from_secs_f64(*secs)).await;
+                redis.freeze(false).await?;
+            }
+            Action::Link {
+                to,
+                replica,
+                mode,
+                ms,
+            } => {
+                let mode = mode.proxy_mode(*ms);
+                match (to, replica) {
+                    (Link::Ews, None) => self.ews_link.set_mode(mode),
+                    (Link::Creatio, None) => self.creatio_link.set_mode(mode),
+                    (Link::Ews, Some(r)) => {
+                        self.slots[*r].web_link.set_mode(self.ews_link.addr(), mode);
+                    }
+                    (Link::Creatio, Some(r)) => {
+                        self.slots[*r]
+                            .web_link
+                            .set_mode(self.creatio_link.addr(), mode);
+                    }
+                    (Link::Redis, _) => {
+                        for (i, slot) in self.slots.iter().enumerate() {
+                            if replica.is_none_or(|r| r == i)
+                                && let Some(link) = &slot.redis_link
+                            {
+                                link.set_mode(mode);
+                            }
+                        }
+                    }
+                }
+            }
+            Action::EwsFault { fault } => {
+                post_json(
+                    &sh.http,
+                    &format!("{}/_control/faults", sh.ews),
+                    &serde_json::to_value(fault)?,
+                )
+                .await?;
+            }
+            Action::CreatioFail {
+                count,
+                status,
+                retry_after_secs,
+            } => {
+                post_json(
+                    &sh.http,
+                    &format!("{}/_control/failures", sh.creatio),
+                    &json!({ "count": count, "status": status, "retry_after_secs": retry_after_secs }),
+                )
+                .await?;
+            }
+            Action::CreatioMischief {
+                drop,
+                duplicate,
+                delay_ms,
+            } => {
+                post_json(
+                    &sh.http,
+                    &format!("{}/_control/mischief", sh.creatio),
+                    &json!({ "drop": drop, "duplicate": duplicate, "delay_ms": delay_ms }),
+                )
+                .await?;
+            }
+            Action::Close { mailbox } => {
+                sh.closed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*mailbox, sh.secs());
+                sh.call_any(
+                    0,
+                    "/api/listeners/close",
+                    Some(&json!([format!("mbx-{mailbox}")])),
+                )
+                .await?;
+            }
+            Action::Update { mailbox } => {
+                let password = format!("secret-{}", sh.secs().to_bits());
+                let url = format!(
+                    "{}/_control/mailboxes/{}/password",
+                    sh.ews,
+                    Shared::email(*mailbox)
+                );
+                sh.http
+                    .put(&url)
+                    .json(&json!({ "password": password }))
+                    .send()
+                    .await?
+                    .error_for_status()
+                    .with_context(|| format!("PUT {url}"))?;
+                sh.passwords
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*mailbox, password);
+                let creds = sh.creds(*mailbox, &self.ews_base(), &self.creatio_base());
+                sh.call_any(0, "/api/listeners/update", Some(&json!([creds])))
+                    .await?;
+            }
+            Action::Recreate { mailbox } => {
+                let creds = sh.creds(*mailbox, &self.ews_base(), &self.creatio_base());
+                sh.call_any(0, "/api/listeners/recreate", Some(&json!([creds])))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn up_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.process.is_some()).count()
+    }
+}
