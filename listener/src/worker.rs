@@ -50,6 +50,26 @@ pub struct WorkerSettings {
     pub failed_retry: BackoffPolicy,
 }
 
+#[cfg(test)]
+impl WorkerSettings {
+    /// For tests under paused time: retries from 1 s doubling to 60 s; a failed mailbox from
+    /// 60 s to 30 min; a stream's head and first envelope within 30 s, later ones within
+    /// 120 s.
+    pub(crate) fn for_tests() -> Self {
+        let second = Duration::from_secs(1);
+        WorkerSettings {
+            connection_timeout_minutes: 30,
+            idle_timeout: 120 * second,
+            limits: Limits {
+                request_timeout: 30 * second,
+                max_body_bytes: 1 << 20,
+            },
+            retry: BackoffPolicy::new(second, 60 * second).expect("a valid policy"),
+            failed_retry: BackoffPolicy::new(60 * second, 1800 * second).expect("a valid policy"),
+        }
+    }
+}
+
 /// Changes asked for per SyncFolderItems page (ids only, so a page is small).
 const SYNC_PAGE: u16 = 512;
 

@@ -12,10 +12,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::backoff::BackoffPolicy;
 use crate::contract::{self, Credentials};
 use crate::delivery::DeliveryError;
-use crate::ews_client::{EwsFailure, Limits};
+use crate::ews_client::EwsFailure;
 use crate::gate::Gate;
 use crate::store::memory::MemoryStore;
 use crate::store::slow::SlowStore;
@@ -91,16 +90,7 @@ impl Replica {
             metrics: metrics.clone(),
             exchange: Arc::new(Unreachable),
             creatio: Arc::new(creatio),
-            settings: Arc::new(WorkerSettings {
-                connection_timeout_minutes: 30,
-                idle_timeout: 120 * SECOND,
-                limits: Limits {
-                    request_timeout: 30 * SECOND,
-                    max_body_bytes: 1 << 20,
-                },
-                retry: BackoffPolicy::new(SECOND, 60 * SECOND).unwrap(),
-                failed_retry: BackoffPolicy::new(60 * SECOND, 1800 * SECOND).unwrap(),
-            }),
+            settings: Arc::new(WorkerSettings::for_tests()),
             gate: Arc::new(Gate::new(100_000, 100_000)),
         };
         let supervisor = Supervisor::new(ctx, 600 * SECOND, 2 * lease);

@@ -314,8 +314,7 @@ struct Rig {
     creds: Credentials,
 }
 
-/// Retries from 1 s doubling to 60 s; a failed mailbox from 60 s to 30 min; a stream's head
-/// and first envelope within 30 s, later ones within 120 s; Subscribe paced at 1,000 a second.
+/// [`WorkerSettings::for_tests`]; Subscribe paced at 1,000 a second.
 fn rig(script: Script) -> Rig {
     let exchange = FakeExchange::new(script);
     let creatio = Arc::new(FakeCreatio::default());
@@ -323,16 +322,7 @@ fn rig(script: Script) -> Rig {
         store: Arc::new(MemoryStore::new(SeenLimits::default())),
         exchange: Arc::new(exchange.clone()),
         creatio: creatio.clone(),
-        settings: Arc::new(WorkerSettings {
-            connection_timeout_minutes: 30,
-            idle_timeout: 120 * SECOND,
-            limits: Limits {
-                request_timeout: 30 * SECOND,
-                max_body_bytes: 1 << 20,
-            },
-            retry: BackoffPolicy::new(SECOND, 60 * SECOND).unwrap(),
-            failed_retry: BackoffPolicy::new(60 * SECOND, 1800 * SECOND).unwrap(),
-        }),
+        settings: Arc::new(WorkerSettings::for_tests()),
         gate: Arc::new(Gate::new(100, 1000)),
         leases: Arc::new(Leases::new("here")),
         metrics: crate::metrics::Metrics::new(),
@@ -356,6 +346,34 @@ fn rig(script: Script) -> Rig {
 }
 
 impl Rig {
+    /// Opens the mailbox under a lease, its cursor live at `state`, as an earlier worker left
+    /// it.
+    async fn live_at(&self, state: &str) -> Fence {
+        self.ctx
+            .store
+            .put_mailbox(self.creds.clone())
+            .await
+            .unwrap();
+        let fence = self.lease().await;
+        self.ctx
+            .store
+            .set_sync_state("mbx", &live(state), &fence)
+            .await
+            .unwrap();
+        fence
+    }
+
+    /// The phase of the mailbox's stored cursor.
+    async fn phase(&self) -> SyncPhase {
+        self.ctx
+            .store
+            .sync_state("mbx")
+            .await
+            .unwrap()
+            .unwrap()
+            .phase
+    }
+
     /// Runs the mailbox's worker on its own, as the supervisor would.
     async fn spawn(&self) -> CancellationToken {
         self.ctx
@@ -736,11 +754,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
     };
     // Newest first, over two pages; the first item older than the last sync ends the search.
     let later = "2999-01-01T00:00:00Z";
-    let rejected = EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
-        code: "ErrorInvalidSyncStateData".into(),
-        message: String::new(),
-        back_off: None,
-    }));
+    let rejected = response_error("ErrorInvalidSyncStateData");
     let rig = rig(Script {
         sync: [Err(rejected)].into(),
         find: [
@@ -762,13 +776,8 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
         .into(),
         ..Script::default()
     });
-    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
+    let fence = rig.live_at("a state Exchange forgot").await;
     let store = &rig.ctx.store;
-    let fence = rig.lease().await;
-    store
-        .set_sync_state("mbx", &live("a state Exchange forgot"), &fence)
-        .await
-        .unwrap();
     // Delivered by the stream before the gap: found again, not posted again.
     store
         .record("mbx", "i4", Outcome::Delivered, &fence)
@@ -874,13 +883,7 @@ async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
         },
         ..rig
     };
-    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
-    let fence = rig.lease().await;
-    rig.ctx
-        .store
-        .set_sync_state("mbx", &live("before"), &fence)
-        .await
-        .unwrap();
+    let fence = rig.live_at("before").await;
     let cancel = CancellationToken::new();
     tokio::spawn(run(
         rig.ctx.clone(),
@@ -977,12 +980,17 @@ fn found_page(items: Vec<ews::FoundItem>) -> Result<ews::FindPage, EwsFailure> {
     })
 }
 
-fn server_busy() -> EwsFailure {
+/// A failure Exchange answers with this response code.
+fn response_error(code: &str) -> EwsFailure {
     EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
-        code: "ErrorServerBusy".into(),
+        code: code.into(),
         message: String::new(),
         back_off: None,
     }))
+}
+
+fn server_busy() -> EwsFailure {
+    response_error("ErrorServerBusy")
 }
 
 #[tokio::test(start_paused = true)]
@@ -1007,16 +1015,7 @@ async fn mail_received_between_the_create_and_the_first_sync_is_delivered() {
     rig.run_for(10 * SECOND).await;
 
     assert_eq!(*rig.creatio.posted.lock().unwrap(), ["new"]);
-    assert_eq!(
-        rig.ctx
-            .store
-            .sync_state("mbx")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        SyncPhase::Live
-    );
+    assert_eq!(rig.phase().await, SyncPhase::Live);
     assert_eq!(rig.status().await.state, WorkerState::Streaming);
 }
 
@@ -1072,25 +1071,12 @@ async fn an_interrupted_baseline_resumes_without_posting_old_mail() {
         [None, Some("b1".into()), Some("b1".into())],
         "the baseline resumes from its last page"
     );
-    assert_eq!(
-        rig.ctx
-            .store
-            .sync_state("mbx")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        SyncPhase::Live
-    );
+    assert_eq!(rig.phase().await, SyncPhase::Live);
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_interrupted_gap_recovery_resumes() {
-    let rejected = EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
-        code: "ErrorInvalidSyncStateData".into(),
-        message: String::new(),
-        back_off: None,
-    }));
+    let rejected = response_error("ErrorInvalidSyncStateData");
     let rig = rig(Script {
         sync: [Err(rejected)].into(),
         find: [
@@ -1100,26 +1086,11 @@ async fn an_interrupted_gap_recovery_resumes() {
         .into(),
         ..Script::default()
     });
-    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
-    let fence = rig.lease().await;
-    rig.ctx
-        .store
-        .set_sync_state("mbx", &live("a state Exchange forgot"), &fence)
-        .await
-        .unwrap();
+    rig.live_at("a state Exchange forgot").await;
     rig.run_for(60 * SECOND).await;
 
     assert_eq!(*rig.creatio.posted.lock().unwrap(), ["in-the-gap"]);
-    assert_eq!(
-        rig.ctx
-            .store
-            .sync_state("mbx")
-            .await
-            .unwrap()
-            .unwrap()
-            .phase,
-        SyncPhase::Live
-    );
+    assert_eq!(rig.phase().await, SyncPhase::Live);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1128,13 +1099,7 @@ async fn the_cursor_is_dated_when_exchange_was_asked_not_when_it_was_saved() {
         sync_takes: Duration::from_millis(30),
         ..Script::default()
     });
-    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
-    let fence = rig.lease().await;
-    rig.ctx
-        .store
-        .set_sync_state("mbx", &live("s0"), &fence)
-        .await
-        .unwrap();
+    rig.live_at("s0").await;
     rig.run_for(SECOND).await;
 
     let asked = rig.exchange.syncs.lock().unwrap()[0].1;
@@ -1149,13 +1114,8 @@ async fn the_cursor_is_dated_when_exchange_was_asked_not_when_it_was_saved() {
 #[tokio::test(start_paused = true)]
 async fn a_replay_cut_short_is_finished_by_the_next_worker() {
     let rig = rig(Script::default());
-    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
-    let fence = rig.lease().await;
+    let fence = rig.live_at("s").await;
     let store = &rig.ctx.store;
-    store
-        .set_sync_state("mbx", &live("s"), &fence)
-        .await
-        .unwrap();
     for item in ["d1", "d2"] {
         let letter = DeadLetter {
             item_id: item.into(),
@@ -1218,13 +1178,8 @@ async fn what_the_stream_delivered_is_not_posted_again_however_long_the_cursor_l
             .collect(),
         ..Script::default()
     });
-    rig.ctx.store.put_mailbox(rig.creds.clone()).await.unwrap();
-    let fence = rig.lease().await;
+    let fence = rig.live_at("before").await;
     let store = &rig.ctx.store;
-    store
-        .set_sync_state("mbx", &live("before"), &fence)
-        .await
-        .unwrap();
     store
         .record("mbx", "streamed", Outcome::Delivered, &fence)
         .await
