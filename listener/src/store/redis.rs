@@ -934,6 +934,11 @@ impl Store for RedisStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        // No worker of it runs here: nothing waits on its replay signal.
+        self.signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>> {
