@@ -19,7 +19,8 @@ pub use request::{
     BaseShape, DistinguishedFolder, EventType, ItemShape, RequestHeader, ServerVersion,
 };
 pub use response::{
-    ConnectionStatus, Event, EventKind, EventTarget, FindPage, Folder, FoundItem, ItemId, Mailbox,
-    Message, Notification, ServerVersionInfo, StreamBatch, SubscriptionError, SyncChange, SyncPage,
+    ConnectionStatus, Event, EventKind, EventTarget, FindPage, Folder, FolderPage, FoundFolder,
+    FoundItem, ItemId, Mailbox, Message, Notification, ServerVersionInfo, StreamBatch,
+    SubscriptionError, SyncChange, SyncPage,
 };
 pub use stream::EnvelopeSplitter;

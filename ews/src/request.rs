@@ -77,6 +77,15 @@ impl DistinguishedFolder {
         }
     }
 
+    /// The top of the mailbox's folders that hold mail, calendars, contacts and tasks (the
+    /// "Top of Information Store").
+    pub fn message_root(mailbox: Option<&str>) -> Self {
+        DistinguishedFolder {
+            id: "msgfolderroot".into(),
+            mailbox: mailbox.map(str::to_owned),
+        }
+    }
+
     fn write(&self, out: &mut String) {
         let _ = write!(out, r#"<t:DistinguishedFolderId Id="{}""#, escape(&self.id));
         match &self.mailbox {
@@ -345,6 +354,34 @@ pub fn find_recent_items(
 /// The most items one FindItem page may ask for.
 pub const MAX_FIND_ENTRIES: u16 = 1000;
 
+/// `FindFolder` below a folder, every level deep: one page of folder ids with their parent,
+/// display name and class, from `offset`. For listing the folders a user may choose from.
+pub fn find_folders(
+    header: &RequestHeader,
+    parent: &DistinguishedFolder,
+    offset: u32,
+    max_entries: u16,
+) -> String {
+    envelope(header, |out| {
+        out.push_str(concat!(
+            r#"<m:FindFolder Traversal="Deep"><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape>"#,
+            "<t:AdditionalProperties>",
+            r#"<t:FieldURI FieldURI="folder:ParentFolderId"/>"#,
+            r#"<t:FieldURI FieldURI="folder:DisplayName"/>"#,
+            r#"<t:FieldURI FieldURI="folder:FolderClass"/>"#,
+            "</t:AdditionalProperties></m:FolderShape>"
+        ));
+        let _ = write!(
+            out,
+            r#"<m:IndexedPageFolderView MaxEntriesReturned="{}" Offset="{offset}" BasePoint="Beginning"/>"#,
+            max_entries.clamp(1, MAX_FIND_ENTRIES)
+        );
+        out.push_str("<m:ParentFolderIds>");
+        parent.write(out);
+        out.push_str("</m:ParentFolderIds></m:FindFolder>");
+    })
+}
+
 /// `GetFolder` with the id shape plus display name and counts: a cheap authenticated call
 /// that proves the credentials reach the folder.
 pub fn get_folder(header: &RequestHeader, folder: &DistinguishedFolder) -> String {
@@ -501,5 +538,51 @@ mod tests {
             let id = root.path(&[(SOAP, "Body"), (MESSAGES, "GetItem"), (MESSAGES, "ItemIds"), (TYPES, "ItemId")]).unwrap();
             prop_assert_eq!(id.attr("Id"), Some(item.as_str()));
         }
+    }
+
+    #[test]
+    fn find_folders_asks_every_level_below_the_root_a_page_at_a_time() {
+        let xml = find_folders(
+            &header(),
+            &DistinguishedFolder::message_root(None),
+            500,
+            5000,
+        );
+        let root = parse(xml.as_bytes()).unwrap();
+        let find = root
+            .path(&[(SOAP, "Body"), (MESSAGES, "FindFolder")])
+            .unwrap();
+        assert_eq!(find.attr("Traversal"), Some("Deep"));
+        let order: Vec<&str> = find.children.iter().map(|c| c.local.as_str()).collect();
+        // The schema's order.
+        assert_eq!(
+            order,
+            ["FolderShape", "IndexedPageFolderView", "ParentFolderIds"]
+        );
+        let fields: Vec<&str> = find
+            .path(&[(MESSAGES, "FolderShape"), (TYPES, "AdditionalProperties")])
+            .unwrap()
+            .children
+            .iter()
+            .filter_map(|f| f.attr("FieldURI"))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "folder:ParentFolderId",
+                "folder:DisplayName",
+                "folder:FolderClass"
+            ]
+        );
+        let view = find.child(MESSAGES, "IndexedPageFolderView").unwrap();
+        assert_eq!(view.attr("Offset"), Some("500"));
+        assert_eq!(view.attr("MaxEntriesReturned"), Some("1000"));
+        let parent = find
+            .path(&[
+                (MESSAGES, "ParentFolderIds"),
+                (TYPES, "DistinguishedFolderId"),
+            ])
+            .unwrap();
+        assert_eq!(parent.attr("Id"), Some("msgfolderroot"));
     }
 }

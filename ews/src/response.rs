@@ -339,6 +339,75 @@ pub fn parse_find_item(bytes: &[u8]) -> Result<FindPage, EwsError> {
     })
 }
 
+/// One folder a `FindFolder` listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundFolder {
+    pub id: String,
+    pub parent_id: Option<String>,
+    pub display_name: String,
+    /// `IPF.Note`, `IPF.Appointment`, ...; none for a folder that never said.
+    pub folder_class: Option<String>,
+}
+
+/// One page of a `FindFolder`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderPage {
+    pub folders: Vec<FoundFolder>,
+    /// The offset of the next page, when the server said.
+    pub next_offset: Option<u32>,
+    /// True when this page holds the last folder of the view.
+    pub includes_last_item_in_range: bool,
+}
+
+/// Decodes a `FindFolder` response. Every kind of folder is listed (`t:Folder`,
+/// `t:CalendarFolder`, `t:ContactsFolder`, `t:TasksFolder`, `t:SearchFolder`).
+pub fn parse_find_folder(bytes: &[u8]) -> Result<FolderPage, EwsError> {
+    let root = parse(bytes)?;
+    let msg = single_message(&root, "FindFolder")?;
+    check_class(msg).map_err(EwsError::Response)?;
+    let found = msg.child(MESSAGES, "RootFolder").ok_or_else(|| {
+        EwsError::Malformed("FindFolderResponseMessage without RootFolder".into())
+    })?;
+    let folders = found
+        .child(TYPES, "Folders")
+        .map(|f| f.children.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|f| f.ns.as_deref() == Some(TYPES))
+        .map(|f| {
+            let id = f
+                .child(TYPES, "FolderId")
+                .and_then(|i| i.attr("Id"))
+                .ok_or_else(|| {
+                    EwsError::Malformed(format!("FindFolder listed a {} without an id", f.local))
+                })?;
+            Ok(FoundFolder {
+                id: id.to_owned(),
+                parent_id: f
+                    .child(TYPES, "ParentFolderId")
+                    .and_then(|p| p.attr("Id"))
+                    .map(str::to_owned),
+                display_name: f
+                    .child_text(TYPES, "DisplayName")
+                    .unwrap_or_default()
+                    .to_owned(),
+                folder_class: f
+                    .child_text(TYPES, "FolderClass")
+                    .map(|c| c.trim().to_owned()),
+            })
+        })
+        .collect::<Result<Vec<_>, EwsError>>()?;
+    Ok(FolderPage {
+        folders,
+        next_offset: found
+            .attr("IndexedPagingOffset")
+            .and_then(|v| v.trim().parse().ok()),
+        includes_last_item_in_range: found
+            .attr("IncludesLastItemInRange")
+            .is_none_or(|v| v.trim() != "false"),
+    })
+}
+
 /// Decodes one envelope cut from a `GetStreamingEvents` response body.
 pub fn parse_stream_envelope(bytes: &[u8]) -> Result<StreamBatch, EwsError> {
     let root = parse(bytes)?;

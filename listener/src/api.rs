@@ -50,6 +50,12 @@ pub enum ApiError {
     Conflict(String),
     #[error(transparent)]
     Unavailable(#[from] StoreError),
+    /// The mail server did not give what was asked; the sentence says why, as Validate does.
+    #[error("{0}")]
+    MailServer(String),
+    /// Asked of a kind of mail server this listener does not serve yet.
+    #[error("{0}")]
+    NotImplemented(String),
 }
 
 impl IntoResponse for ApiError {
@@ -59,6 +65,8 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MailServer(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
     }
@@ -72,6 +80,7 @@ pub fn router(state: ApiState, base_path: &str) -> Router {
         .route("/api/listeners/status", get(status))
         .route("/api/listeners/exists", get(status))
         .route("/api/mailbox/validate", post(mailbox_validate))
+        .route("/api/mailbox/folders", post(mailbox_folders))
         .route("/api/availability/app", post(availability))
         .route(
             "/api/listeners/{action}",
@@ -215,6 +224,36 @@ async fn mailbox_validate(
     Ok(Json(
         json!({ "IsValid": valid, "Message": message, "Data": data }),
     ))
+}
+
+/// `POST /api/mailbox/folders`: the mailbox's folders of the class asked for (every class when
+/// none), for the user to choose which to synchronise: `[{Id, Name, ParentId}]`, each Id what
+/// comes back in `FolderIds`, `ParentId` another listed folder's Id or empty at the top.
+async fn mailbox_folders(
+    State(state): State<ApiState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let (creds, class) = contract::parse_folders_request(&body)?;
+    state.reach.check(&creds)?;
+    if creds.server_type != ServerType::Exchange {
+        return Err(ApiError::NotImplemented(
+            EwsFailure::unsupported_server(creds.server_type).to_string(),
+        ));
+    }
+    let client = EwsClient::new(
+        state.ews_http.clone(),
+        &creds,
+        state.servers.clone(),
+        state.limits,
+    )
+    .map_err(|e| ApiError::MailServer(e.to_string()))?;
+    let found = client
+        .find_folders()
+        .await
+        .map_err(|e| ApiError::MailServer(validation_message(&e)))?;
+    let folders = contract::folder_list(found, class.as_deref());
+    tracing::info!(mailbox = %creds.sender_email, class = ?class, folders = folders.len(), "folders listed");
+    Ok(Json(Value::Array(folders)))
 }
 
 /// How long `availability/app` waits for Creatio.

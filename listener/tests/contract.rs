@@ -422,3 +422,57 @@ async fn an_imap_mailbox_is_accepted_shown_and_reported_unsupported() {
     );
     assert_nothing_rejected(&world);
 }
+
+#[tokio::test]
+async fn folders_are_listed_by_class_as_creatio_asks_for_them() {
+    let world = World::start().await;
+    world
+        .ews
+        .create_mailbox("alice@contoso.example", "secret")
+        .unwrap();
+    let listener = Listener::spawn(&[]).await;
+    let ask = async |class: &str| {
+        let body = request(&world, "folders").replace("{CLASS}", class);
+        listener.post("/api/mailbox/folders", body).await
+    };
+
+    let (status, notes) = ask("IPF.Note").await;
+    assert_eq!(status, 200, "{notes}");
+    let notes = notes.as_array().unwrap().clone();
+    let names: Vec<&str> = notes.iter().map(|f| f["Name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "Inbox",
+            "Projects",
+            "Sent Items",
+            "Drafts",
+            "Deleted Items",
+            "Junk Email"
+        ]
+    );
+    // A subfolder names its parent; a folder at the top names none. Ids are stable.
+    assert_eq!(notes[0]["ParentId"], "");
+    assert_eq!(notes[1]["ParentId"], notes[0]["Id"]);
+    assert_eq!(ask("IPF.Note").await.1.as_array().unwrap(), &notes);
+
+    let (status, calendars) = ask("IPF.Appointment").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        calendars,
+        json!([{"Id": calendars[0]["Id"], "Name": "Calendar", "ParentId": ""}])
+    );
+
+    // A login Exchange refuses is said as Validate says it, with a gateway's status.
+    let body = request(&world, "folders")
+        .replace("{CLASS}", "IPF.Note")
+        .replace("Password:\"secret\"", "Password:\"wrong\"");
+    let (status, refused) = listener.post("/api/mailbox/folders", body).await;
+    assert_eq!(status, 502, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid credentials")
+    );
+}

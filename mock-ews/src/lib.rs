@@ -1,7 +1,7 @@
 //! An Exchange Web Services server for tests and demos.
 //!
 //! It speaks EWS over HTTP (Basic auth; Subscribe, GetStreamingEvents, GetItem, Unsubscribe,
-//! GetFolder) and offers a JSON control API under `/_control/` to create mailboxes and inject
+//! GetFolder, FindFolder, FindItem, SyncFolderItems) and offers a JSON control API under `/_control/` to create mailboxes and inject
 //! mail. As a library it starts on any address (port 0 in tests) and returns a [`MockEws`]
 //! handle whose typed methods do what the control API does; the binary is a thin wrapper.
 

@@ -269,3 +269,105 @@ fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {
         total = total
     )
 }
+
+/// The folders of every mock mailbox below the top of its information store: name, class,
+/// element, and parent (none for the top), in the order FindFolder lists them.
+const FOLDERS: [(&str, &str, &str, Option<&str>); 9] = [
+    ("Inbox", "IPF.Note", "Folder", None),
+    ("Projects", "IPF.Note", "Folder", Some("Inbox")),
+    ("Sent Items", "IPF.Note", "Folder", None),
+    ("Drafts", "IPF.Note", "Folder", None),
+    ("Deleted Items", "IPF.Note", "Folder", None),
+    ("Junk Email", "IPF.Note", "Folder", None),
+    ("Calendar", "IPF.Appointment", "CalendarFolder", None),
+    ("Contacts", "IPF.Contact", "ContactsFolder", None),
+    ("Tasks", "IPF.Task", "TasksFolder", None),
+];
+
+/// A folder's id: the inbox's as every other operation names it, the rest by name.
+fn folder_id(mailbox: &str, name: Option<&str>) -> String {
+    match name {
+        None => state::root_id(mailbox),
+        Some("Inbox") => state::inbox_id(mailbox),
+        Some(other) => base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("folder:{other}:{mailbox}"),
+        ),
+    }
+}
+
+/// FindFolder below the top of the acting mailbox (`msgfolderroot` or `root`) or below its
+/// inbox: every level (`Deep`) or the children, a page at a time.
+pub(crate) fn find_folder(
+    acting: &str,
+    (folder, mailbox): (String, Option<String>),
+    deep: bool,
+    offset: usize,
+    max_entries: usize,
+) -> Response {
+    const OP: &str = "FindFolder";
+    let mailbox = named_or_acting(mailbox, acting);
+    if mailbox != acting {
+        let message = soap::error(OP, "ErrorAccessDenied", "Access is denied.", "");
+        return xml(StatusCode::OK, soap::response(OP, &message));
+    }
+    let below = match folder.as_str() {
+        "msgfolderroot" | "root" => None,
+        "inbox" => Some("Inbox"),
+        id if id == state::root_id(&mailbox) => None,
+        id if id == state::inbox_id(&mailbox) => Some("Inbox"),
+        _ => {
+            let message = soap::error(
+                OP,
+                "ErrorFolderNotFound",
+                "The specified folder could not be found in the store.",
+                "",
+            );
+            return xml(StatusCode::OK, soap::response(OP, &message));
+        }
+    };
+    let under = |parent: Option<&str>| -> bool {
+        let mut at = parent;
+        loop {
+            if at == below {
+                return true;
+            }
+            if !deep {
+                return false;
+            }
+            match at {
+                None => return false,
+                Some(name) => at = FOLDERS.iter().find(|f| f.0 == name).and_then(|f| f.3),
+            }
+        }
+    };
+    let listed: Vec<_> = FOLDERS.iter().filter(|f| under(f.3)).collect();
+    let page: String = listed
+        .iter()
+        .skip(offset)
+        .take(max_entries)
+        .map(|(name, class, element, parent)| {
+            format!(
+                concat!(
+                    r#"<t:{element}><t:FolderId Id="{id}" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="{parent}" ChangeKey="AQAAAA=="/>"#,
+                    "<t:FolderClass>{class}</t:FolderClass><t:DisplayName>{name}</t:DisplayName></t:{element}>"
+                ),
+                element = element,
+                id = soap::esc(&folder_id(&mailbox, Some(name))),
+                parent = soap::esc(&folder_id(&mailbox, *parent)),
+                class = class,
+                name = soap::esc(name),
+            )
+        })
+        .collect();
+    let end = (offset + max_entries).min(listed.len());
+    let root = format!(
+        r#"<m:RootFolder IndexedPagingOffset="{end}" TotalItemsInView="{}" IncludesLastItemInRange="{}"><t:Folders>{page}</t:Folders></m:RootFolder>"#,
+        listed.len(),
+        end >= listed.len()
+    );
+    xml(
+        StatusCode::OK,
+        soap::response(OP, &soap::success(OP, &root)),
+    )
+}

@@ -442,6 +442,12 @@ fn dispatch(
             offset,
             max_entries,
         } => ops::find_item(&app.world, acting, folder, &shape, offset, max_entries),
+        Operation::FindFolder {
+            folder,
+            deep,
+            offset,
+            max_entries,
+        } => ops::find_folder(acting, folder, deep, offset, max_entries),
         Operation::ConvertId { ids } => ops::convert_id(ids),
         Operation::GetStreamingEvents {
             ids,

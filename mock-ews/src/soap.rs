@@ -73,6 +73,13 @@ pub(crate) enum Operation {
         offset: usize,
         max_entries: usize,
     },
+    FindFolder {
+        folder: (String, Option<String>),
+        /// Every level below (`Deep`), or the children only.
+        deep: bool,
+        offset: usize,
+        max_entries: usize,
+    },
     /// Answered only so that a client probing the server version gets a well-formed reply.
     ConvertId {
         ids: usize,
@@ -97,6 +104,7 @@ impl Operation {
             Operation::GetFolder { .. } => "GetFolder",
             Operation::SyncFolderItems { .. } => "SyncFolderItems",
             Operation::FindItem { .. } => "FindItem",
+            Operation::FindFolder { .. } => "FindFolder",
             Operation::ConvertId { .. } => "ConvertId",
             Operation::Unsupported(name) => name,
         }
@@ -162,6 +170,21 @@ fn item_shape(op: Node<'_, '_>) -> Result<Shape, String> {
 fn folder_ref(container: Option<Node<'_, '_>>) -> Option<(String, Option<String>)> {
     let folder = container?.children().find(Node::is_element)?;
     Some((folder.attribute("Id")?.to_owned(), mailbox_of(folder)))
+}
+
+/// A number of a paged view (`Offset`, `MaxEntriesReturned`), `default` when absent.
+fn paging(
+    view: Option<Node<'_, '_>>,
+    kind: &str,
+    name: &str,
+    default: usize,
+) -> Result<usize, String> {
+    match view.and_then(|v| v.attribute(name)) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{kind} {name} is not an integer")),
+    }
 }
 
 /// Decodes a request envelope; the error says what is wrong, for a schema-validation fault.
@@ -247,18 +270,22 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
         }
         "FindItem" => {
             let view = child(op, MESSAGES, "IndexedPageItemView");
-            let number = |name: &str, default: usize| -> Result<usize, String> {
-                match view.and_then(|v| v.attribute(name)) {
-                    None => Ok(default),
-                    Some(v) => v
-                        .parse()
-                        .map_err(|_| format!("IndexedPageItemView {name} is not an integer")),
-                }
-            };
+            let number = |name, default| paging(view, "IndexedPageItemView", name, default);
             Operation::FindItem {
                 folder: folder_ref(child(op, MESSAGES, "ParentFolderIds"))
                     .ok_or("FindItem without ParentFolderIds")?,
                 shape: item_shape(op)?,
+                offset: number("Offset", 0)?,
+                max_entries: number("MaxEntriesReturned", 1000)?.clamp(1, 1000),
+            }
+        }
+        "FindFolder" => {
+            let view = child(op, MESSAGES, "IndexedPageFolderView");
+            let number = |name, default| paging(view, "IndexedPageFolderView", name, default);
+            Operation::FindFolder {
+                folder: folder_ref(child(op, MESSAGES, "ParentFolderIds"))
+                    .ok_or("FindFolder without ParentFolderIds")?,
+                deep: op.attribute("Traversal") == Some("Deep"),
                 offset: number("Offset", 0)?,
                 max_entries: number("MaxEntriesReturned", 1000)?.clamp(1, 1000),
             }

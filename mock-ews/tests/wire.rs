@@ -616,3 +616,60 @@ async fn a_service_account_streams_one_servers_subscriptions_together_as_their_a
     .unwrap();
     assert!(own.contains("ErrorSubscriptionAccessDenied"), "{own}");
 }
+
+#[tokio::test]
+async fn find_folder_lists_the_tree_deep_or_shallow_a_page_at_a_time() {
+    let ews = start().await;
+    let find = |traversal: &str, parent: &str, offset: usize, max: usize| {
+        envelope(&format!(
+            concat!(
+                r#"<m:FindFolder Traversal="{}"><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape></m:FolderShape>"#,
+                r#"<m:IndexedPageFolderView MaxEntriesReturned="{}" Offset="{}" BasePoint="Beginning"/>"#,
+                r#"<m:ParentFolderIds><t:DistinguishedFolderId Id="{}"/></m:ParentFolderIds></m:FindFolder>"#
+            ),
+            traversal, max, offset, parent
+        ))
+    };
+    let names = |body: &str| -> Vec<String> {
+        body.split("<t:DisplayName>")
+            .skip(1)
+            .map(|s| s[..s.find('<').unwrap()].to_owned())
+            .collect()
+    };
+    let deep = post(&ews, "secret", find("Deep", "msgfolderroot", 0, 1000))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(names(&deep).len(), 9, "{deep}");
+    assert!(deep.contains(r#"IncludesLastItemInRange="true""#));
+    assert!(deep.contains("<t:CalendarFolder>"));
+    let shallow = post(&ews, "secret", find("Shallow", "msgfolderroot", 0, 1000))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!names(&shallow).contains(&"Projects".to_owned()));
+    assert_eq!(names(&shallow).len(), 8);
+    let below_inbox = post(&ews, "secret", find("Deep", "inbox", 0, 1000))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(names(&below_inbox), ["Projects"]);
+    // Pages: four, then the rest from where the first said to go on.
+    let first = post(&ews, "secret", find("Deep", "msgfolderroot", 0, 4))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(names(&first).len(), 4);
+    assert!(first.contains(r#"IndexedPagingOffset="4""#));
+    assert!(first.contains(r#"IncludesLastItemInRange="false""#));
+    let rest = post(&ews, "secret", find("Deep", "msgfolderroot", 4, 1000))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!([names(&first), names(&rest)].concat(), names(&deep));
+}

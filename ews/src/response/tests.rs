@@ -419,3 +419,39 @@ fn server_versions_map_to_request_versions_by_number_when_the_name_is_a_schema_d
     );
     assert_eq!(ServerVersion::Exchange2010Sp1.older(), None);
 }
+
+#[test]
+fn find_folder_page_lists_every_kind_of_folder_with_its_parent_and_class() {
+    let page = parse_find_folder(&fixture("find_folder_page.xml")).unwrap();
+    let folder = |id: &str, parent: &str, name: &str, class: Option<&str>| FoundFolder {
+        id: id.into(),
+        parent_id: Some(parent.into()),
+        display_name: name.into(),
+        folder_class: class.map(str::to_owned),
+    };
+    assert_eq!(
+        page,
+        FolderPage {
+            folders: vec![
+                folder("AQMkInbox", "AQMkRoot", "Inbox", Some("IPF.Note")),
+                folder(
+                    "AQMkProjects",
+                    "AQMkInbox",
+                    "Projects & Bids",
+                    Some("IPF.Note")
+                ),
+                folder(
+                    "AQMkCalendar",
+                    "AQMkRoot",
+                    "Calendar",
+                    Some("IPF.Appointment")
+                ),
+                folder("AQMkSearch", "AQMkRoot", "Unread", None),
+            ],
+            next_offset: Some(4),
+            includes_last_item_in_range: false,
+        }
+    );
+    let fault = parse_find_folder(&fixture("fault_server_busy.xml")).unwrap_err();
+    assert_eq!(fault.code(), Some("ErrorServerBusy"));
+}

@@ -193,6 +193,34 @@ pub fn state_entry(state: &str) -> Value {
     json!({ "State": state })
 }
 
+/// The answer to `mailbox/folders`: the folders of `class` (and its subclasses, such as
+/// `IPF.Note.OutlookHomepage` for `IPF.Note`; every folder when none), as
+/// `[{Id, Name, ParentId}]` in the server's order. A parent left out (the top of the mailbox,
+/// or a folder of another class) is written as empty, so every `ParentId` names a listed folder.
+pub fn folder_list(found: Vec<ews::FoundFolder>, class: Option<&str>) -> Vec<Value> {
+    let of_class = |f: &ews::FoundFolder| match class {
+        None => true,
+        Some(c) => f.folder_class.as_deref().is_some_and(|fc| {
+            fc.eq_ignore_ascii_case(c)
+                || fc
+                    .get(..c.len() + 1)
+                    .is_some_and(|p| p[..c.len()].eq_ignore_ascii_case(c) && p.ends_with('.'))
+        }),
+    };
+    let kept: Vec<ews::FoundFolder> = found.into_iter().filter(of_class).collect();
+    let ids: std::collections::HashSet<&str> = kept.iter().map(|f| f.id.as_str()).collect();
+    kept.iter()
+        .map(|f| {
+            let parent = f
+                .parent_id
+                .as_deref()
+                .filter(|p| ids.contains(p))
+                .unwrap_or_default();
+            json!({ "Id": f.id, "Name": f.display_name, "ParentId": parent })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +276,43 @@ mod tests {
             a,
             json!({"Id": "", "Name": "", "Base64Data": "", "IsInline": false})
         );
+    }
+
+    #[test]
+    fn folders_of_a_class_name_only_listed_parents() {
+        let folder = |id: &str, parent: &str, name: &str, class: Option<&str>| ews::FoundFolder {
+            id: id.into(),
+            parent_id: Some(parent.into()),
+            display_name: name.into(),
+            folder_class: class.map(str::to_owned),
+        };
+        let found = || {
+            vec![
+                folder("inbox", "root", "Inbox", Some("IPF.Note")),
+                folder("projects", "inbox", "Projects", Some("IPF.Note")),
+                folder(
+                    "home",
+                    "inbox",
+                    "Home page",
+                    Some("IPF.Note.OutlookHomepage"),
+                ),
+                folder("notes", "root", "Notes", Some("IPF.StickyNote")),
+                folder("calendar", "root", "Calendar", Some("IPF.Appointment")),
+                folder("in-calendar", "calendar", "Filed", Some("IPF.Note")),
+                folder("search", "root", "Unread", None),
+            ]
+        };
+        let listed = folder_list(found(), Some("IPF.Note"));
+        assert_eq!(
+            Value::Array(listed),
+            json!([
+                {"Id": "inbox", "Name": "Inbox", "ParentId": ""},
+                {"Id": "projects", "Name": "Projects", "ParentId": "inbox"},
+                {"Id": "home", "Name": "Home page", "ParentId": "inbox"},
+                {"Id": "in-calendar", "Name": "Filed", "ParentId": ""},
+            ])
+        );
+        assert_eq!(folder_list(found(), Some("ipf.appointment")).len(), 1);
+        assert_eq!(folder_list(found(), None).len(), 7);
     }
 }

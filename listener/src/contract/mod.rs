@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use callbacks::{
-    Attachment, Email, Importance, full_email_payload, mailbox_state_payload, new_email_payload,
-    refresh_token_payload, state_entry, ticks_from_unix_ms, ticks_now,
+    Attachment, Email, Importance, folder_list, full_email_payload, mailbox_state_payload,
+    new_email_payload, refresh_token_payload, state_entry, ticks_from_unix_ms, ticks_now,
 };
 
 /// A secret string that never prints.
@@ -603,6 +603,22 @@ pub fn parse_validation(body: &[u8]) -> Result<Credentials, ContractError> {
         obj @ Value::Object(_) => credentials_from(&obj, Purpose::Validation),
         _ => Err(ContractError::Shape("one credentials object")),
     }
+}
+
+/// `mailbox/folders`: the credentials to log in with, and the class of folders asked for
+/// (`IPF.Note`, `IPF.Appointment`, ...; none for every folder).
+pub fn parse_folders_request(body: &[u8]) -> Result<(Credentials, Option<String>), ContractError> {
+    let value = match parse_json(body)? {
+        Value::Array(mut items) if items.len() == 1 => items.remove(0),
+        obj @ Value::Object(_) => obj,
+        _ => return Err(ContractError::Shape("one credentials object")),
+    };
+    let creds = credentials_from(&value, Purpose::Validation)?;
+    let class = match &value {
+        Value::Object(obj) => opt_string_of(obj, &["FolderClassName"], MAX_ID_CHARS)?,
+        _ => None,
+    };
+    Ok((creds, class.filter(|c| !c.trim().is_empty())))
 }
 
 /// Close/SubscriptionsState: an array of mailbox ids, or one bare id.

@@ -89,6 +89,12 @@ struct Turn<'a> {
     lane: Option<LaneGuard<'a>>,
 }
 
+/// Folders asked for per FindFolder page.
+const FOLDER_PAGE: u16 = 500;
+
+/// The most folders listed for one mailbox.
+const MAX_FOLDERS: usize = 10_000;
+
 /// One mailbox's EWS client.
 #[derive(Debug)]
 pub struct EwsClient {
@@ -584,6 +590,32 @@ impl EwsClient {
             Some(Ok(folder)) => Ok(folder),
             Some(Err(e)) => Err(EwsError::Response(e).into()),
             None => Err(EwsError::Malformed("GetFolder answered no folder".into()).into()),
+        }
+    }
+
+    /// Every folder below the top of the mailbox, every level deep, in the server's order.
+    pub async fn find_folders(&self) -> Result<Vec<ews::FoundFolder>, EwsFailure> {
+        let mut folders = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let build = |h: &RequestHeader| {
+                ews::request::find_folders(
+                    h,
+                    &DistinguishedFolder::message_root(None),
+                    offset,
+                    FOLDER_PAGE,
+                )
+            };
+            let page = self.call(build, false, response::parse_find_folder).await?;
+            let listed = page.folders.len();
+            folders.extend(page.folders);
+            if page.includes_last_item_in_range || listed == 0 || folders.len() >= MAX_FOLDERS {
+                return Ok(folders);
+            }
+            offset = page
+                .next_offset
+                .filter(|&next| next > offset)
+                .unwrap_or(offset + listed as u32);
         }
     }
 
