@@ -351,6 +351,30 @@ pub fn find_recent_items(
     })
 }
 
+/// `FindItem` on a folder for the items whose `Message-ID` is `message_id` (the
+/// `InternetMessageId` Creatio knows a mail by): their ids, newest first.
+pub fn find_by_message_id(
+    header: &RequestHeader,
+    folder: &DistinguishedFolder,
+    message_id: &str,
+) -> String {
+    envelope(header, |out| {
+        out.push_str(concat!(
+            r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape>"#,
+            r#"<m:IndexedPageItemView MaxEntriesReturned="10" Offset="0" BasePoint="Beginning"/>"#,
+            r#"<m:Restriction><t:IsEqualTo><t:FieldURI FieldURI="message:InternetMessageId"/>"#,
+        ));
+        let _ = write!(
+            out,
+            r#"<t:FieldURIOrConstant><t:Constant Value="{}"/></t:FieldURIOrConstant>"#,
+            escape(message_id)
+        );
+        out.push_str("</t:IsEqualTo></m:Restriction><m:ParentFolderIds>");
+        folder.write(out);
+        out.push_str("</m:ParentFolderIds></m:FindItem>");
+    })
+}
+
 /// The most items one FindItem page may ask for.
 pub const MAX_FIND_ENTRIES: u16 = 1000;
 
@@ -584,5 +608,40 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(parent.attr("Id"), Some("msgfolderroot"));
+    }
+
+    #[test]
+    fn find_by_message_id_restricts_to_the_escaped_message_id() {
+        let xml = find_by_message_id(
+            &header(),
+            &DistinguishedFolder::inbox(None),
+            r#"<a"b&c@example.com>"#,
+        );
+        let root = parse(xml.as_bytes()).unwrap();
+        let find = root
+            .path(&[(SOAP, "Body"), (MESSAGES, "FindItem")])
+            .unwrap();
+        let order: Vec<&str> = find.children.iter().map(|c| c.local.as_str()).collect();
+        // The schema's order.
+        assert_eq!(
+            order,
+            [
+                "ItemShape",
+                "IndexedPageItemView",
+                "Restriction",
+                "ParentFolderIds"
+            ]
+        );
+        let equal = find
+            .path(&[(MESSAGES, "Restriction"), (TYPES, "IsEqualTo")])
+            .unwrap();
+        assert_eq!(
+            equal.child(TYPES, "FieldURI").unwrap().attr("FieldURI"),
+            Some("message:InternetMessageId")
+        );
+        let constant = equal
+            .path(&[(TYPES, "FieldURIOrConstant"), (TYPES, "Constant")])
+            .unwrap();
+        assert_eq!(constant.attr("Value"), Some(r#"<a"b&c@example.com>"#));
     }
 }

@@ -28,6 +28,8 @@ pub struct ApiState {
     pub ews_http: reqwest::Client,
     /// The client for Creatio (as the callbacks reach it).
     pub creatio_http: reqwest::Client,
+    /// Posts mail to Creatio, retried as the workers' posts are.
+    pub creatio: Arc<dyn crate::transport::Creatio>,
     /// The request version each Exchange server takes.
     pub servers: Servers,
     /// Limits on Validate's call to EWS.
@@ -81,6 +83,7 @@ pub fn router(state: ApiState, base_path: &str) -> Router {
         .route("/api/listeners/exists", get(status))
         .route("/api/mailbox/validate", post(mailbox_validate))
         .route("/api/mailbox/folders", post(mailbox_folders))
+        .route("/api/email/fetch", post(email_fetch))
         .route("/api/availability/app", post(availability))
         .route(
             "/api/listeners/{action}",
@@ -254,6 +257,34 @@ async fn mailbox_folders(
     let folders = contract::folder_list(found, class.as_deref());
     tracing::info!(mailbox = %creds.sender_email, class = ?class, folders = folders.len(), "folders listed");
     Ok(Json(Value::Array(folders)))
+}
+
+/// `POST /api/email/fetch`: `SyncEmailsCommand{Credentials, Filters}` with `Filters` the
+/// Message-IDs Creatio wants, joined by `;`. Answered at once; each mail found in the inbox is
+/// then posted through `ProcessFullEmail`, and one not found is logged and skipped.
+async fn email_fetch(State(state): State<ApiState>, body: Bytes) -> Result<StatusCode, ApiError> {
+    let (creds, message_ids) = contract::parse_fetch(&body)?;
+    state.reach.check(&creds)?;
+    if creds.server_type != ServerType::Exchange {
+        return Err(ApiError::NotImplemented(
+            EwsFailure::unsupported_server(creds.server_type).to_string(),
+        ));
+    }
+    let client = EwsClient::new(
+        state.ews_http.clone(),
+        &creds,
+        state.servers.clone(),
+        state.limits,
+    )
+    .map_err(|e| ApiError::MailServer(e.to_string()))?;
+    tracing::info!(id = ?creds.id, mails = message_ids.len(), "fetching mail Creatio asked for");
+    tokio::spawn(crate::fetch::fetch_and_post(
+        client,
+        creds,
+        message_ids,
+        state.creatio.clone(),
+    ));
+    Ok(StatusCode::OK)
 }
 
 /// How long `availability/app` waits for Creatio.

@@ -14,6 +14,7 @@ pub mod contract;
 pub mod coordinator;
 pub mod delivery;
 pub mod ews_client;
+pub mod fetch;
 pub mod gate;
 pub mod mail;
 pub mod metrics;
@@ -227,7 +228,7 @@ pub async fn serve(
                 limits,
                 groups,
             }),
-            creatio: Arc::new(delivery),
+            creatio: Arc::new(delivery.clone()),
             settings: Arc::new(settings),
             gate: Arc::new(gate::Gate::new(
                 usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX),
@@ -266,6 +267,7 @@ pub async fn serve(
         supervisor: supervisor.clone(),
         ews_http,
         creatio_http: http.clone(),
+        creatio: Arc::new(delivery),
         servers,
         limits,
         reach,

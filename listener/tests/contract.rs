@@ -476,3 +476,74 @@ async fn folders_are_listed_by_class_as_creatio_asks_for_them() {
             .contains("Invalid credentials")
     );
 }
+
+#[tokio::test]
+async fn mails_creatio_fetches_by_message_id_are_posted_and_the_missing_skipped() {
+    let world = World::start().await;
+    world
+        .ews
+        .create_mailbox("alice@contoso.example", "secret")
+        .unwrap();
+    let wanted = world
+        .ews
+        .inject(
+            "alice@contoso.example",
+            NewMail {
+                from: "bob@example.com".into(),
+                message_id: Some("<wanted@example.com>".into()),
+                subject: "Asked for again".into(),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    world
+        .ews
+        .inject(
+            "alice@contoso.example",
+            NewMail {
+                from: "carol@example.com".into(),
+                subject: "Not asked for".into(),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    let listener = Listener::spawn(&[]).await;
+    // The mailbox need not be subscribed; the body is ordinary JSON, as Creatio writes it.
+    let credentials = world.credentials(
+        MAILBOX,
+        "alice@contoso.example",
+        "secret",
+        "ProcessFullEmail",
+    );
+    let body = json!({
+        "Credentials": credentials,
+        "Filters": format!("{};<nowhere@example.com>", wanted.message_id),
+    });
+    let (status, answer) = listener.post("/api/email/fetch", body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+
+    eventually("the fetched mail at Creatio", PATIENCE, async || {
+        (!world.creatio.calls_of("ProcessFullEmail").is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let posted: Vec<Value> = world
+        .creatio
+        .calls_of("ProcessFullEmail")
+        .into_iter()
+        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0]["MessageId"], "<wanted@example.com>");
+    assert_eq!(posted[0]["Subject"], "Asked for again");
+    assert_nothing_rejected(&world);
+
+    // Nothing to fetch is a bad request naming the field.
+    let body = json!({ "Credentials": world.credentials(MAILBOX, "alice@contoso.example", "secret", "ProcessFullEmail"), "Filters": " ; " });
+    let (status, answer) = listener.post("/api/email/fetch", body.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"].as_str().unwrap().contains("Filters"),
+        "{answer}"
+    );
+}

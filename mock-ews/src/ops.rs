@@ -210,12 +210,12 @@ pub(crate) fn find_item(
     acting: &str,
     (folder, mailbox): (String, Option<String>),
     shape: &Shape,
-    offset: usize,
-    max_entries: usize,
+    (offset, max_entries): (usize, usize),
+    message_id: Option<&str>,
 ) -> Response {
     const OP: &str = "FindItem";
     let msg = inbox_of(acting, OP, &folder, mailbox).map(|mailbox| {
-        let (items, total) = world.page(&mailbox, offset, max_entries);
+        let (items, total) = world.page(&mailbox, offset, max_entries, message_id);
         let next = offset + items.len();
         let listed: String = items.iter().map(|item| soap::message(&mailbox, item, shape)).collect();
         soap::success(

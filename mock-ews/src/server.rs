@@ -441,7 +441,15 @@ fn dispatch(
             shape,
             offset,
             max_entries,
-        } => ops::find_item(&app.world, acting, folder, &shape, offset, max_entries),
+            message_id,
+        } => ops::find_item(
+            &app.world,
+            acting,
+            folder,
+            &shape,
+            (offset, max_entries),
+            message_id.as_deref(),
+        ),
         Operation::FindFolder {
             folder,
             deep,

@@ -72,6 +72,8 @@ pub(crate) enum Operation {
         shape: Shape,
         offset: usize,
         max_entries: usize,
+        /// `IsEqualTo` on `message:InternetMessageId`, the one restriction served.
+        message_id: Option<String>,
     },
     FindFolder {
         folder: (String, Option<String>),
@@ -170,6 +172,25 @@ fn item_shape(op: Node<'_, '_>) -> Result<Shape, String> {
 fn folder_ref(container: Option<Node<'_, '_>>) -> Option<(String, Option<String>)> {
     let folder = container?.children().find(Node::is_element)?;
     Some((folder.attribute("Id")?.to_owned(), mailbox_of(folder)))
+}
+
+/// A FindItem's restriction: none, or `IsEqualTo` on `message:InternetMessageId` with a
+/// constant (the one this server serves; any other is refused as Exchange refuses what it
+/// cannot read).
+fn restriction(op: Node<'_, '_>) -> Result<Option<String>, String> {
+    let Some(r) = child(op, MESSAGES, "Restriction") else {
+        return Ok(None);
+    };
+    let equal = child(r, TYPES, "IsEqualTo").ok_or("only IsEqualTo restrictions are served")?;
+    let field = child(equal, TYPES, "FieldURI").and_then(|f| f.attribute("FieldURI"));
+    if field != Some("message:InternetMessageId") {
+        return Err("only message:InternetMessageId is served in a restriction".into());
+    }
+    let value = child(equal, TYPES, "FieldURIOrConstant")
+        .and_then(|c| child(c, TYPES, "Constant"))
+        .and_then(|c| c.attribute("Value"))
+        .ok_or("IsEqualTo without a Constant")?;
+    Ok(Some(value.to_owned()))
 }
 
 /// A number of a paged view (`Offset`, `MaxEntriesReturned`), `default` when absent.
@@ -277,6 +298,7 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
                 shape: item_shape(op)?,
                 offset: number("Offset", 0)?,
                 max_entries: number("MaxEntriesReturned", 1000)?.clamp(1, 1000),
+                message_id: restriction(op)?,
             }
         }
         "FindFolder" => {

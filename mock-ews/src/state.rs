@@ -476,20 +476,27 @@ impl World {
     }
 
     /// A page of a mailbox's items, newest first, and how many there are in all.
-    pub fn page(&self, mailbox: &str, offset: usize, max: usize) -> (Vec<Item>, usize) {
+    /// A page of the inbox, newest first, of the items with this Message-ID when one is given;
+    /// and how many there are in all.
+    pub fn page(
+        &self,
+        mailbox: &str,
+        offset: usize,
+        max: usize,
+        message_id: Option<&str>,
+    ) -> (Vec<Item>, usize) {
         let inner = self.lock();
         let Some(mb) = inner.mailboxes.get(&key(mailbox)) else {
             return (Vec::new(), 0);
         };
-        let page = mb
-            .items
-            .iter()
-            .rev()
-            .skip(offset)
-            .take(max)
-            .cloned()
-            .collect();
-        (page, mb.items.len())
+        let matching = || {
+            mb.items
+                .iter()
+                .rev()
+                .filter(move |i| message_id.is_none_or(|m| i.message_id == m))
+        };
+        let page = matching().skip(offset).take(max).cloned().collect();
+        (page, matching().count())
     }
 
     pub fn item_count(&self, mailbox: &str) -> usize {

@@ -621,6 +621,57 @@ pub fn parse_folders_request(body: &[u8]) -> Result<(Credentials, Option<String>
     Ok((creds, class.filter(|c| !c.trim().is_empty())))
 }
 
+/// The most Message-IDs one fetch may ask for.
+const MAX_FETCH_IDS: usize = 1_000;
+
+/// The longest Message-ID accepted (a header line's limit).
+const MAX_MESSAGE_ID_CHARS: usize = 998;
+
+/// `email/fetch`: `SyncEmailsCommand{Credentials, Filters}`, the filters the Message-IDs to
+/// fetch joined by `;`. The credentials are a mailbox's, its callback included.
+pub fn parse_fetch(body: &[u8]) -> Result<(Credentials, Vec<String>), ContractError> {
+    let Value::Object(command) = parse_json(body)? else {
+        return Err(ContractError::Shape("a SyncEmailsCommand object"));
+    };
+    let creds = match field(&command, "Credentials") {
+        Some(c @ Value::Object(_)) => credentials_from(c, Purpose::Subscription)?,
+        _ => {
+            return Err(ContractError::Invalid {
+                field: "Credentials",
+                reason: "must be the mailbox's credentials object".into(),
+            });
+        }
+    };
+    let filters = opt_string_of(
+        &command,
+        &["Filters"],
+        MAX_FETCH_IDS * (MAX_MESSAGE_ID_CHARS + 1),
+    )?
+    .unwrap_or_default();
+    let ids: Vec<String> = filters
+        .split(';')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Err(ContractError::Invalid {
+            field: "Filters",
+            reason: "must name at least one Message-ID".into(),
+        });
+    }
+    if ids.len() > MAX_FETCH_IDS {
+        return Err(ContractError::Invalid {
+            field: "Filters",
+            reason: format!("must name at most {MAX_FETCH_IDS} Message-IDs"),
+        });
+    }
+    for id in &ids {
+        checked("Filters", id, MAX_MESSAGE_ID_CHARS)?;
+    }
+    Ok((creds, ids))
+}
+
 /// Close/SubscriptionsState: an array of mailbox ids, or one bare id.
 pub fn parse_ids(body: &[u8]) -> Result<Vec<String>, ContractError> {
     let as_id = |v: &Value| match v {

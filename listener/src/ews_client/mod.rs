@@ -593,6 +593,15 @@ impl EwsClient {
         }
     }
 
+    /// The ids of the inbox's items whose Message-ID is `message_id`, newest first.
+    pub async fn find_by_message_id(&self, message_id: &str) -> Result<Vec<String>, EwsFailure> {
+        let build = |h: &RequestHeader| {
+            ews::request::find_by_message_id(h, &DistinguishedFolder::inbox(None), message_id)
+        };
+        let page = self.call(build, false, response::parse_find_item).await?;
+        Ok(page.items.into_iter().map(|i| i.id.id).collect())
+    }
+
     /// Every folder below the top of the mailbox, every level deep, in the server's order.
     pub async fn find_folders(&self) -> Result<Vec<ews::FoundFolder>, EwsFailure> {
         let mut folders = Vec::new();

@@ -1,0 +1,72 @@
+//! Creatio's `email/fetch`: mails it knows by Message-ID, found in the mailbox's inbox and
+//! posted through `ProcessFullEmail`, whether or not the mailbox is subscribed here. A mail
+//! not found is logged and skipped; one that cannot be read or posted is logged with why.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::contract::{self, Credentials};
+use crate::delivery::idempotency_key;
+use crate::ews_client::{EwsClient, error_chain};
+use crate::mail::to_email;
+use crate::transport::Creatio;
+use crate::worker::FETCH_BATCH;
+
+/// Finds each Message-ID in the inbox and posts what it finds; answers how many were posted.
+pub async fn fetch_and_post(
+    client: EwsClient,
+    creds: Credentials,
+    message_ids: Vec<String>,
+    creatio: Arc<dyn Creatio>,
+) -> usize {
+    let mut items: Vec<String> = Vec::new();
+    for message_id in &message_ids {
+        match client.find_by_message_id(message_id).await {
+            Ok(found) if found.is_empty() => {
+                tracing::info!(id = ?creds.id, message_id = ?message_id, "a mail Creatio asked for is not in the inbox; skipped");
+            }
+            Ok(found) => items.extend(found),
+            Err(e) => {
+                tracing::warn!(id = ?creds.id, message_id = ?message_id, error = %error_chain(&e), "could not look for a mail Creatio asked for");
+            }
+        }
+    }
+    let url = contract::sibling_url(&creds.bpm_endpoint, "ProcessFullEmail");
+    let never = CancellationToken::new();
+    let mut posted = 0;
+    for batch in items.chunks(FETCH_BATCH) {
+        let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
+        let fetched = match client.get_items(&ids).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                tracing::warn!(id = ?creds.id, items = ids.len(), error = %error_chain(&e), "could not read mails Creatio asked for");
+                continue;
+            }
+        };
+        for (item_id, item) in batch.iter().zip(fetched) {
+            let message = match item {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(id = ?creds.id, item = ?item_id, code = %e.code, "Exchange would not give a mail Creatio asked for");
+                    continue;
+                }
+            };
+            let email = to_email(item_id, message);
+            let body = contract::full_email_payload(
+                &creds,
+                std::slice::from_ref(&email),
+                contract::ticks_now(),
+            );
+            let key = idempotency_key(&creds.id, item_id);
+            match creatio.post(&url, &body, Some(&key), &never).await {
+                Ok(()) => posted += 1,
+                Err(e) => {
+                    tracing::warn!(id = ?creds.id, message_id = ?email.message_id, error = %e, "Creatio did not take a mail it asked for")
+                }
+            }
+        }
+    }
+    tracing::info!(id = ?creds.id, asked = message_ids.len(), posted, "fetch done");
+    posted
+}
