@@ -229,6 +229,24 @@ async fn mailbox_validate(
     ))
 }
 
+/// An EWS client for an operation Creatio asks of a mailbox, once its addresses are allowed
+/// and its server is one this listener serves.
+fn exchange_client(state: &ApiState, creds: &contract::Credentials) -> Result<EwsClient, ApiError> {
+    state.reach.check(creds)?;
+    if creds.server_type != ServerType::Exchange {
+        return Err(ApiError::NotImplemented(
+            EwsFailure::unsupported_server(creds.server_type).to_string(),
+        ));
+    }
+    EwsClient::new(
+        state.ews_http.clone(),
+        creds,
+        state.servers.clone(),
+        state.limits,
+    )
+    .map_err(|e| ApiError::MailServer(e.to_string()))
+}
+
 /// `POST /api/mailbox/folders`: the mailbox's folders of the class asked for (every class when
 /// none), for the user to choose which to synchronise: `[{Id, Name, ParentId}]`, each Id what
 /// comes back in `FolderIds`, `ParentId` another listed folder's Id or empty at the top.
@@ -237,19 +255,7 @@ async fn mailbox_folders(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let (creds, class) = contract::parse_folders_request(&body)?;
-    state.reach.check(&creds)?;
-    if creds.server_type != ServerType::Exchange {
-        return Err(ApiError::NotImplemented(
-            EwsFailure::unsupported_server(creds.server_type).to_string(),
-        ));
-    }
-    let client = EwsClient::new(
-        state.ews_http.clone(),
-        &creds,
-        state.servers.clone(),
-        state.limits,
-    )
-    .map_err(|e| ApiError::MailServer(e.to_string()))?;
+    let client = exchange_client(&state, &creds)?;
     let found = client
         .find_folders()
         .await
@@ -264,19 +270,7 @@ async fn mailbox_folders(
 /// then posted through `ProcessFullEmail`, and one not found is logged and skipped.
 async fn email_fetch(State(state): State<ApiState>, body: Bytes) -> Result<StatusCode, ApiError> {
     let (creds, message_ids) = contract::parse_fetch(&body)?;
-    state.reach.check(&creds)?;
-    if creds.server_type != ServerType::Exchange {
-        return Err(ApiError::NotImplemented(
-            EwsFailure::unsupported_server(creds.server_type).to_string(),
-        ));
-    }
-    let client = EwsClient::new(
-        state.ews_http.clone(),
-        &creds,
-        state.servers.clone(),
-        state.limits,
-    )
-    .map_err(|e| ApiError::MailServer(e.to_string()))?;
+    let client = exchange_client(&state, &creds)?;
     tracing::info!(id = ?creds.id, mails = message_ids.len(), "fetching mail Creatio asked for");
     tokio::spawn(crate::fetch::fetch_and_post(
         client,
