@@ -84,6 +84,9 @@ pub fn router(state: ApiState, base_path: &str) -> Router {
         .route("/api/mailbox/validate", post(mailbox_validate))
         .route("/api/mailbox/folders", post(mailbox_folders))
         .route("/api/email/fetch", post(email_fetch))
+        .route("/apiv2/email/send", post(email_send))
+        .route("/api/email/send", post(email_send))
+        .route("/api/email/synchronize", post(email_synchronize))
         .route("/api/availability/app", post(availability))
         .route(
             "/api/listeners/{action}",
@@ -263,6 +266,33 @@ async fn mailbox_folders(
     let folders = contract::folder_list(found, class.as_deref());
     tracing::info!(mailbox = %creds.sender_email, class = ?class, folders = folders.len(), "folders listed");
     Ok(Json(Value::Array(folders)))
+}
+
+/// What Creatio shows its user when it sends mail through this listener.
+const SEND_NOT_SERVED: &str = "This Email Listener does not send mail yet; send this message through the mailbox's own server";
+
+/// `POST /apiv2/email/send` and `/api/email/send`: Creatio reads an empty body as sent and any
+/// text as the error to show its user. Sending is not served yet, and saying so plainly beats a
+/// 404 Creatio would show as a fault of its own.
+async fn email_send() -> Response {
+    tracing::warn!("Creatio asked to send a mail; sending is not served yet");
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        SEND_NOT_SERVED,
+    )
+        .into_response()
+}
+
+/// `POST /api/email/synchronize`: loading a mailbox's history is not served yet; Creatio reads
+/// the status only, and hears so.
+async fn email_synchronize() -> Result<StatusCode, ApiError> {
+    tracing::warn!("Creatio asked to load a mailbox's history; that is not served yet");
+    Err(ApiError::NotImplemented(
+        "loading a mailbox's history (synchronize) is not served by this Email Listener yet".into(),
+    ))
 }
 
 /// `POST /api/email/fetch`: `SyncEmailsCommand{Credentials, Filters}` with `Filters` the

@@ -547,3 +547,27 @@ async fn mails_creatio_fetches_by_message_id_are_posted_and_the_missing_skipped(
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn creatio_hears_plainly_what_is_not_served_yet() {
+    let listener = Listener::spawn(&[]).await;
+    let send = json!({"Email": {"Subject": "Hello", "Recepients": ["bob@example.com"]}, "Attachments": null, "Credentials": {}});
+    for path in ["/apiv2/email/send", "/api/email/send"] {
+        let (status, answer) = listener.post(path, send.to_string()).await;
+        // Creatio shows any text it gets back as the error.
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            answer.as_str().unwrap().contains("does not send mail yet"),
+            "{path}: {answer}"
+        );
+    }
+    let sync = json!({"Credentials": {}, "Filters": "638000000000000000"});
+    let (status, answer) = listener
+        .post("/api/email/synchronize", sync.to_string())
+        .await;
+    assert_eq!(status, 501);
+    assert!(
+        answer["error"].as_str().unwrap().contains("history"),
+        "{answer}"
+    );
+}
