@@ -410,7 +410,6 @@ impl Shared {
                     // request is routed to it): another member anchors the next try.
                     tracing::info!(error = %f, anchor = ?anchor, "shared stream did not open; the next mailbox anchors it");
                     avoided.push(anchor);
-                    kept = None;
                     continue;
                 }
                 Err(f) => {

@@ -525,19 +525,8 @@ impl RedisStore {
                 p.seen.retain(|(_, at)| *at >= before);
             }
         });
-        self.write_cursor(id, cursor, fence).await
-    }
-
-    /// Writes the sync cursor if `fence` still holds the lease.
-    async fn write_cursor(
-        &self,
-        id: &str,
-        cursor: &SyncCursor,
-        fence: &Fence,
-    ) -> Result<(), StoreError> {
         let (phase, since) = cursor.phase_fields();
         let mut conn = self.conn.clone();
-        let forget = self.seen_limits.forget_before(cursor);
         let answer: i64 = self
             .scripts
             .cursor
