@@ -118,6 +118,30 @@ impl Leases {
             .collect()
     }
 
+    /// The mailboxes whose lease may be acted on now.
+    fn trusted(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter(|(_, h)| h.safe_until > now)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Forgets the leases that may no longer be acted on; answers their mailboxes.
+    fn drop_lapsed(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut lapsed = Vec::new();
+        self.lock().retain(|id, h| {
+            let keep = h.safe_until > now;
+            if !keep {
+                lapsed.push(id.clone());
+            }
+            keep
+        });
+        lapsed
+    }
+
     fn extend(&self, id: &str, token: u64, safe_until: Instant) {
         if let Some(h) = self.lock().get_mut(id).filter(|h| h.token == token) {
             h.safe_until = safe_until;
@@ -248,11 +272,7 @@ impl Coordinator {
     /// Sets the lease gauges from where the leases stand now.
     fn count_leases(&self) {
         let held = self.leases.all();
-        let trusted: Vec<&String> = held
-            .iter()
-            .map(|(id, _)| id)
-            .filter(|id| self.leases.fence(id).is_some())
-            .collect();
+        let trusted = self.leases.trusted();
         let idle = trusted
             .iter()
             .filter(|id| !self.supervisor.has_worker(id))
@@ -424,13 +444,7 @@ impl Coordinator {
 
         // A trusted lease without a worker (its claim was distrusted for a moment, its
         // reconciler gave up) gets one.
-        let held: Vec<String> = self
-            .leases
-            .all()
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| self.leases.fence(id).is_some())
-            .collect();
+        let held = self.leases.trusted();
         for id in &held {
             if !self.supervisor.has_worker(id) {
                 self.supervisor.poke(id);
@@ -594,12 +608,9 @@ impl Coordinator {
 
     /// Stops the workers whose leases can no longer be trusted.
     fn drop_untrusted(&self) {
-        for (id, _) in self.leases.all() {
-            if self.leases.fence(&id).is_none() {
-                tracing::warn!(id = ?id, "lease not renewed in time; stopping the mailbox here");
-                self.leases.remove(&id);
-                self.supervisor.poke(&id);
-            }
+        for id in self.leases.drop_lapsed() {
+            tracing::warn!(id = ?id, "lease not renewed in time; stopping the mailbox here");
+            self.supervisor.poke(&id);
         }
     }
 
