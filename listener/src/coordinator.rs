@@ -288,8 +288,13 @@ impl Coordinator {
     async fn pass_once(&self, changed: &HashSet<String>) -> bool {
         let replica = self.settings.replica.as_str();
         match self.check_epoch().await {
-            Ok(true) => self.forget_given_back(),
-            Ok(false) => self.heal().await,
+            Ok(None) => self.forget_given_back(),
+            Ok(Some(epoch)) => {
+                // Taken as known only once healed: a failed write-back is tried again.
+                if self.heal().await {
+                    *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the store does not answer");
                 self.drop_untrusted();
@@ -550,35 +555,47 @@ impl Coordinator {
         }
     }
 
-    /// True while the store keeps the epoch first seen (and on first sight).
-    async fn check_epoch(&self) -> Result<bool, StoreError> {
+    /// The store's epoch when it is not the one known here (the store lost its data); `None`
+    /// while it is, and on first sight, which it becomes.
+    async fn check_epoch(&self) -> Result<Option<String>, StoreError> {
         let proposal = format!("{:016x}", fastrand::u64(..));
         let epoch = self.store.epoch(&proposal).await?;
         let mut known = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
-        let same = known.as_ref().is_none_or(|k| *k == epoch);
-        *known = Some(epoch);
-        Ok(same)
+        match known.as_ref() {
+            Some(k) if *k != epoch => Ok(Some(epoch)),
+            Some(_) => Ok(None),
+            None => {
+                *known = Some(epoch);
+                Ok(None)
+            }
+        }
     }
 
     /// The store lost its data (Redis restarted empty): this replica writes back every
     /// mailbox it served, whether its lease lapsed meanwhile or not, with what it knows of
     /// their progress (sync cursor, recent deliveries). They are open again, and whichever
     /// replica the spread gives each to catches up from where it stood: mail that arrived
-    /// meanwhile is delivered, and only once.
-    async fn heal(&self) {
+    /// meanwhile is delivered, and only once. False when the write-back failed.
+    async fn heal(&self) -> bool {
         self.forgettable
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         match self.store.write_back().await {
-            Ok(written) => tracing::warn!(
-                mailboxes = written,
-                "the store lost its data; wrote back the mailboxes served here"
-            ),
-            Err(e) => tracing::warn!(
-                error = %e,
-                "the store lost its data and writing back the mailboxes served here failed; trying again next pass"
-            ),
+            Ok(written) => {
+                tracing::warn!(
+                    mailboxes = written,
+                    "the store lost its data; wrote back the mailboxes served here"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the store lost its data and writing back the mailboxes served here failed; trying again next pass"
+                );
+                false
+            }
         }
     }
 

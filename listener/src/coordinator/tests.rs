@@ -257,3 +257,20 @@ async fn a_worker_slow_to_stop_holds_neither_the_pass_nor_its_lease_hostage() {
     assert_eq!(a.served(&ids), (ids.len() - to_b.len(), 0));
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_write_back_that_failed_is_tried_again() {
+    let store = SlowStore::new(MemoryStore::default());
+    open(&store, 3).await;
+    let replica = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    let stop = CancellationToken::new();
+    replica.start(&stop);
+    tokio::time::sleep(5 * SECOND).await;
+    assert_eq!(store.write_backs(), 0);
+
+    // The store comes back empty, and the first write-back fails.
+    store.lose_data("after the restart", 1);
+    tokio::time::sleep(10 * SECOND).await;
+    assert_eq!(store.write_backs(), 2, "failed once, then done");
+    stop.cancel();
+}

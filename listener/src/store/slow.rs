@@ -1,9 +1,10 @@
 //! A store for tests of timing: the in-memory store behind a network that can be made slow
 //! (every call waits, on tokio's clock, so paused-time tests read delays exactly) or down
-//! (every call fails as an unreachable Redis would).
+//! (every call fails as an unreachable Redis would), that can lose its announcements, or lose
+//! its data as a restarted Redis does.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,11 @@ pub struct SlowStore {
     down: Arc<AtomicBool>,
     /// Announces no change: every pub/sub message lost.
     deaf: Arc<AtomicBool>,
+    /// The epoch it answers instead of the in-memory store's, as a Redis that lost its data.
+    epoch: Arc<Mutex<Option<String>>>,
+    /// Write-backs asked for, and how many more of them fail.
+    write_backs: Arc<AtomicUsize>,
+    failing_write_backs: Arc<AtomicUsize>,
 }
 
 impl SlowStore {
@@ -42,6 +48,18 @@ impl SlowStore {
     /// Announces no change from now on, as a pub/sub that drops every message.
     pub fn set_deaf(&self, deaf: bool) {
         self.deaf.store(deaf, Ordering::Relaxed);
+    }
+
+    /// Answers `epoch` from now on, as a store that lost its data would; the next `fail`
+    /// write-backs fail.
+    pub fn lose_data(&self, epoch: &str, fail: usize) {
+        *self.epoch.lock().unwrap() = Some(epoch.to_owned());
+        self.failing_write_backs.store(fail, Ordering::Relaxed);
+    }
+
+    /// How many write-backs were asked for.
+    pub fn write_backs(&self) -> usize {
+        self.write_backs.load(Ordering::Relaxed)
     }
 
     /// Every call from now on fails (true) or is answered again (false).
@@ -134,7 +152,11 @@ impl Store for SlowStore {
         self.inner.replay_signal(id)
     }
     fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String> {
-        self.call(move || self.inner.epoch(proposal))
+        let lost = self.epoch.lock().unwrap().clone();
+        self.call(move || match lost {
+            Some(epoch) => Box::pin(async move { Ok(epoch) }),
+            None => self.inner.epoch(proposal),
+        })
     }
     fn heartbeat<'a>(
         &'a self,
@@ -165,7 +187,18 @@ impl Store for SlowStore {
         self.call(move || self.inner.release(id, fence))
     }
     fn write_back(&self) -> Stored<'_, usize> {
-        self.call(move || self.inner.write_back())
+        self.write_backs.fetch_add(1, Ordering::Relaxed);
+        let failing = self
+            .failing_write_backs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        self.call(move || {
+            if failing {
+                Box::pin(async { Err(StoreError::Unavailable("the write-back failed".into())) })
+            } else {
+                self.inner.write_back()
+            }
+        })
     }
     fn forget(&self, id: &str) {
         self.inner.forget(id)
