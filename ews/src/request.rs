@@ -77,6 +77,14 @@ impl DistinguishedFolder {
         }
     }
 
+    /// Where a sent message's copy is kept.
+    pub fn sent_items(mailbox: Option<&str>) -> Self {
+        DistinguishedFolder {
+            id: "sentitems".into(),
+            mailbox: mailbox.map(str::to_owned),
+        }
+    }
+
     /// The top of the mailbox's folders that hold mail, calendars, contacts and tasks (the
     /// "Top of Information Store").
     pub fn message_root(mailbox: Option<&str>) -> Self {
@@ -375,6 +383,147 @@ pub fn find_by_message_id(
     })
 }
 
+/// A recipient: an SMTP address and, when known, the name shown with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    pub name: Option<String>,
+    pub email: String,
+}
+
+/// A file sent with a message, its content already base64-encoded (as Creatio hands it over,
+/// so it is copied into the request once and never decoded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingAttachment {
+    pub name: String,
+    pub content_type: Option<String>,
+    /// Without angle brackets: the HTML body shows the file where it links `cid:<content_id>`.
+    pub content_id: Option<String>,
+    pub is_inline: bool,
+    pub content_base64: String,
+}
+
+/// A message to send, as `CreateItem` takes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    pub subject: String,
+    pub body: String,
+    pub body_is_html: bool,
+    /// `Low`, `Normal` or `High`.
+    pub importance: Option<&'static str>,
+    pub to: Vec<Recipient>,
+    pub cc: Vec<Recipient>,
+    pub bcc: Vec<Recipient>,
+    /// With its angle brackets; the server makes one up when absent.
+    pub internet_message_id: Option<String>,
+    pub in_reply_to: Option<String>,
+    pub references: Option<String>,
+    pub attachments: Vec<OutgoingAttachment>,
+}
+
+impl OutgoingMessage {
+    /// Roughly how many bytes the request carries: what a size limit is checked against.
+    pub fn encoded_len(&self) -> usize {
+        let recipients: usize = [&self.to, &self.cc, &self.bcc]
+            .iter()
+            .flat_map(|list| list.iter())
+            .map(|r| r.email.len() + r.name.as_ref().map_or(0, String::len) + 96)
+            .sum();
+        let attachments: usize = self
+            .attachments
+            .iter()
+            .map(|a| a.content_base64.len() + a.name.len() + 256)
+            .sum();
+        self.subject.len() + self.body.len() * 6 / 5 + recipients + attachments + 2048
+    }
+}
+
+fn write_recipients(out: &mut String, element: &str, list: &[Recipient]) {
+    if list.is_empty() {
+        return;
+    }
+    let _ = write!(out, "<t:{element}>");
+    for r in list {
+        out.push_str("<t:Mailbox>");
+        if let Some(name) = r.name.as_deref().filter(|n| !n.is_empty()) {
+            let _ = write!(out, "<t:Name>{}</t:Name>", escape(name));
+        }
+        let _ = write!(
+            out,
+            "<t:EmailAddress>{}</t:EmailAddress></t:Mailbox>",
+            escape(&r.email)
+        );
+    }
+    let _ = write!(out, "</t:{element}>");
+}
+
+/// `CreateItem` that sends a message and keeps a copy in Sent Items
+/// (`MessageDisposition="SendAndSaveCopy"`), its attachments in the same request. Elements
+/// follow the schema's order (`ItemType`'s, then `MessageType`'s), which strict servers check.
+pub fn send_message(
+    header: &RequestHeader,
+    saved_to: &DistinguishedFolder,
+    message: &OutgoingMessage,
+) -> String {
+    envelope(header, |out| {
+        out.reserve(message.encoded_len());
+        out.push_str(r#"<m:CreateItem MessageDisposition="SendAndSaveCopy"><m:SavedItemFolderId>"#);
+        saved_to.write(out);
+        out.push_str("</m:SavedItemFolderId><m:Items><t:Message>");
+        let _ = write!(
+            out,
+            r#"<t:Subject>{}</t:Subject><t:Body BodyType="{}">{}</t:Body>"#,
+            escape(&message.subject),
+            if message.body_is_html { "HTML" } else { "Text" },
+            escape(&message.body)
+        );
+        if !message.attachments.is_empty() {
+            out.push_str("<t:Attachments>");
+            for a in &message.attachments {
+                let _ = write!(
+                    out,
+                    "<t:FileAttachment><t:Name>{}</t:Name>",
+                    escape(&a.name)
+                );
+                if let Some(ct) = &a.content_type {
+                    let _ = write!(out, "<t:ContentType>{}</t:ContentType>", escape(ct));
+                }
+                if let Some(cid) = &a.content_id {
+                    let _ = write!(out, "<t:ContentId>{}</t:ContentId>", escape(cid));
+                }
+                let _ = write!(out, "<t:IsInline>{}</t:IsInline><t:Content>", a.is_inline);
+                // Base64's alphabet needs no escaping.
+                out.push_str(&a.content_base64);
+                out.push_str("</t:Content></t:FileAttachment>");
+            }
+            out.push_str("</t:Attachments>");
+        }
+        if let Some(importance) = message.importance {
+            let _ = write!(out, "<t:Importance>{importance}</t:Importance>");
+        }
+        if let Some(v) = message.in_reply_to.as_deref().filter(|v| !v.is_empty()) {
+            let _ = write!(out, "<t:InReplyTo>{}</t:InReplyTo>", escape(v));
+        }
+        write_recipients(out, "ToRecipients", &message.to);
+        write_recipients(out, "CcRecipients", &message.cc);
+        write_recipients(out, "BccRecipients", &message.bcc);
+        if let Some(v) = message
+            .internet_message_id
+            .as_deref()
+            .filter(|v| !v.is_empty())
+        {
+            let _ = write!(
+                out,
+                "<t:InternetMessageId>{}</t:InternetMessageId>",
+                escape(v)
+            );
+        }
+        if let Some(v) = message.references.as_deref().filter(|v| !v.is_empty()) {
+            let _ = write!(out, "<t:References>{}</t:References>", escape(v));
+        }
+        out.push_str("</t:Message></m:Items></m:CreateItem>");
+    })
+}
+
 /// The most items one FindItem page may ask for.
 pub const MAX_FIND_ENTRIES: u16 = 1000;
 
@@ -434,6 +583,127 @@ mod tests {
             version: ServerVersion::Exchange2013Sp1,
             impersonate: Some("alice@contoso.example".into()),
         }
+    }
+
+    fn outgoing() -> OutgoingMessage {
+        OutgoingMessage {
+            subject: "Q3 <plan> & budget".into(),
+            body: "<p>See <img src=\"cid:logo\"></p>".into(),
+            body_is_html: true,
+            importance: Some("High"),
+            to: vec![Recipient {
+                name: Some("Bob".into()),
+                email: "bob@contoso.example".into(),
+            }],
+            cc: vec![],
+            bcc: vec![Recipient {
+                name: None,
+                email: "audit@contoso.example".into(),
+            }],
+            internet_message_id: Some("<abc@creatio.example>".into()),
+            in_reply_to: Some("<prev@contoso.example>".into()),
+            references: Some("<root@contoso.example> <prev@contoso.example>".into()),
+            attachments: vec![OutgoingAttachment {
+                name: "logo.png".into(),
+                content_type: Some("image/png".into()),
+                content_id: Some("logo".into()),
+                is_inline: true,
+                content_base64: "iVBORw0KGgo=".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn send_message_follows_the_schemas_order_and_escapes_text() {
+        let xml = send_message(
+            &header(),
+            &DistinguishedFolder::sent_items(None),
+            &outgoing(),
+        );
+        let root = parse(xml.as_bytes()).unwrap();
+        let create = root
+            .path(&[(SOAP, "Body"), (MESSAGES, "CreateItem")])
+            .unwrap();
+        assert_eq!(create.attr("MessageDisposition"), Some("SendAndSaveCopy"));
+        let saved = create
+            .path(&[
+                (MESSAGES, "SavedItemFolderId"),
+                (TYPES, "DistinguishedFolderId"),
+            ])
+            .unwrap();
+        assert_eq!(saved.attr("Id"), Some("sentitems"));
+        let message = create
+            .path(&[(MESSAGES, "Items"), (TYPES, "Message")])
+            .unwrap();
+        let order: Vec<&str> = message.children.iter().map(|c| c.local.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "Subject",
+                "Body",
+                "Attachments",
+                "Importance",
+                "InReplyTo",
+                "ToRecipients",
+                "BccRecipients",
+                "InternetMessageId",
+                "References"
+            ]
+        );
+        assert_eq!(
+            message.child_text(TYPES, "Subject"),
+            Some("Q3 <plan> & budget")
+        );
+        let body = message.child(TYPES, "Body").unwrap();
+        assert_eq!(body.attr("BodyType"), Some("HTML"));
+        assert_eq!(body.text.as_str(), "<p>See <img src=\"cid:logo\"></p>");
+        let file = message
+            .path(&[(TYPES, "Attachments"), (TYPES, "FileAttachment")])
+            .unwrap();
+        let order: Vec<&str> = file.children.iter().map(|c| c.local.as_str()).collect();
+        assert_eq!(
+            order,
+            ["Name", "ContentType", "ContentId", "IsInline", "Content"]
+        );
+        assert_eq!(file.child_text(TYPES, "Content"), Some("iVBORw0KGgo="));
+        let bob = message
+            .path(&[(TYPES, "ToRecipients"), (TYPES, "Mailbox")])
+            .unwrap();
+        assert_eq!(bob.child_text(TYPES, "Name"), Some("Bob"));
+        assert_eq!(
+            bob.child_text(TYPES, "EmailAddress"),
+            Some("bob@contoso.example")
+        );
+        assert!(xml.len() <= outgoing().encoded_len() + 1024);
+    }
+
+    #[test]
+    fn a_plain_message_leaves_out_what_it_does_not_have() {
+        let message = OutgoingMessage {
+            subject: "hi".into(),
+            body: "text".into(),
+            to: vec![Recipient {
+                name: None,
+                email: "bob@contoso.example".into(),
+            }],
+            ..OutgoingMessage::default()
+        };
+        let xml = send_message(&header(), &DistinguishedFolder::sent_items(None), &message);
+        let root = parse(xml.as_bytes()).unwrap();
+        let message = root
+            .path(&[
+                (SOAP, "Body"),
+                (MESSAGES, "CreateItem"),
+                (MESSAGES, "Items"),
+                (TYPES, "Message"),
+            ])
+            .unwrap();
+        let order: Vec<&str> = message.children.iter().map(|c| c.local.as_str()).collect();
+        assert_eq!(order, ["Subject", "Body", "ToRecipients"]);
+        assert_eq!(
+            message.child(TYPES, "Body").unwrap().attr("BodyType"),
+            Some("Text")
+        );
     }
 
     #[test]

@@ -152,6 +152,13 @@ pub fn parse_unsubscribe(bytes: &[u8]) -> Result<(), EwsError> {
     check_class(single_message(&root, "Unsubscribe")?).map_err(EwsError::Response)
 }
 
+/// Decodes a `CreateItem` response for one item; a sent message is listed without its id
+/// (it left the Drafts folder), so success is all there is to read.
+pub fn parse_create_item(bytes: &[u8]) -> Result<(), EwsError> {
+    let root = parse(bytes)?;
+    check_class(single_message(&root, "CreateItem")?).map_err(EwsError::Response)
+}
+
 /// Decodes a `GetItem` response: one result per requested id, in request order.
 pub fn parse_get_item(bytes: &[u8]) -> Result<Vec<Result<Message, ResponseError>>, EwsError> {
     let root = parse(bytes)?;

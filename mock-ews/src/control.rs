@@ -21,6 +21,7 @@ pub(crate) fn routes() -> Router<App> {
             post(inject).get(list_sent),
         )
         .route("/_control/mailboxes/{email}", delete(delete_mailbox))
+        .route("/_control/mailboxes/{email}/sent-items", get(list_outgoing))
         .route(
             "/_control/mailboxes/{email}/messages/batch",
             post(inject_batch),
@@ -139,6 +140,13 @@ async fn requests(State(app): State<App>) -> Response {
 
 async fn list_sent(State(app): State<App>, Path(email): Path<String>) -> Response {
     match app.world.sent(&email) {
+        Ok(sent) => Json(sent).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn list_outgoing(State(app): State<App>, Path(email): Path<String>) -> Response {
+    match app.world.outgoing(&email) {
         Ok(sent) => Json(sent).into_response(),
         Err(e) => control_error(e),
     }

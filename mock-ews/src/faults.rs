@@ -202,6 +202,9 @@ pub struct Settings {
     /// More calls (other than GetStreamingEvents) in flight at once for one account are
     /// refused with `ErrorExceededConnectionCount`, as Exchange's `EWSMaxConcurrency` (27).
     pub max_concurrent_calls_per_user: Option<usize>,
+    /// A message to send larger than this (its MIME, in bytes) is refused with
+    /// `ErrorMessageSizeExceeded`; 35 MiB when unset, Exchange Online's limit.
+    pub max_message_bytes: Option<usize>,
 }
 
 #[cfg(test)]

@@ -225,6 +225,11 @@ impl MockEws {
         self.world.sent(mailbox)
     }
 
+    /// What a mailbox sent through CreateItem, oldest first (its Sent Items).
+    pub fn outgoing(&self, mailbox: &str) -> Result<Vec<SentMail>, ControlError> {
+        self.world.outgoing(mailbox)
+    }
+
     pub fn stats(&self) -> Stats {
         self.world.stats()
     }

@@ -137,6 +137,64 @@ pub(crate) fn get_folder(
     xml(StatusCode::OK, soap::response("GetFolder", &messages))
 }
 
+/// The acting mailbox when a folder reference names it or none; else `ErrorAccessDenied`.
+fn own_mailbox(acting: &str, op: &str, mailbox: Option<String>) -> Result<String, String> {
+    let mailbox = named_or_acting(mailbox, acting);
+    if mailbox == acting {
+        Ok(mailbox)
+    } else {
+        Err(soap::error(
+            op,
+            "ErrorAccessDenied",
+            "Access is denied.",
+            "",
+        ))
+    }
+}
+
+/// CreateItem of a message to send: delivered to the recipients living here, a copy kept in
+/// the sender's Sent Items with `SendAndSaveCopy`. Saving a draft (`SaveOnly`) is not served.
+pub(crate) fn create_item(
+    world: &World,
+    acting: &str,
+    disposition: &str,
+    message: crate::soap::Outgoing,
+) -> Response {
+    const OP: &str = "CreateItem";
+    let keep_copy = match disposition {
+        "SendAndSaveCopy" => true,
+        "SendOnly" => false,
+        _ => {
+            return xml(
+                StatusCode::OK,
+                soap::response(
+                    OP,
+                    &soap::error(
+                        OP,
+                        "ErrorInvalidOperation",
+                        "mock-ews sends messages only (SendAndSaveCopy or SendOnly).",
+                        "",
+                    ),
+                ),
+            );
+        }
+    };
+    let msg = match world.send(acting, message.mail, &message.bcc, keep_copy) {
+        Ok(_) => soap::success(OP, "<m:Items/>"),
+        Err(code) => soap::error(OP, code, &refusal_text(code), ""),
+    };
+    xml(StatusCode::OK, soap::response(OP, &msg))
+}
+
+/// Exchange's words for a refused message.
+fn refusal_text(code: &str) -> String {
+    match code {
+        "ErrorMessageSizeExceeded" => "The message exceeds the maximum supported size.".into(),
+        "ErrorInvalidRecipients" => "At least one recipient is not valid.".into(),
+        other => format!("The message could not be sent ({other})."),
+    }
+}
+
 /// The inbox of the acting mailbox, as a folder reference names it; else the error message
 /// for operation `op`.
 fn inbox_of(
@@ -214,8 +272,15 @@ pub(crate) fn find_item(
     message_id: Option<&str>,
 ) -> Response {
     const OP: &str = "FindItem";
-    let msg = inbox_of(acting, OP, &folder, mailbox).map(|mailbox| {
-        let (items, total) = world.page(&mailbox, offset, max_entries, message_id);
+    // Sent Items is searched too, by Message-ID: a sender looks there for what it sent.
+    let sent_items = folder == "sentitems";
+    let msg = if sent_items {
+        own_mailbox(acting, OP, mailbox)
+    } else {
+        inbox_of(acting, OP, &folder, mailbox)
+    };
+    let msg = msg.map(|mailbox| {
+        let (items, total) = world.page(&mailbox, sent_items, (offset, max_entries), message_id);
         let next = offset + items.len();
         let listed: String = items.iter().map(|item| soap::message(&mailbox, item, shape)).collect();
         soap::success(

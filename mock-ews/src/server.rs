@@ -457,6 +457,10 @@ fn dispatch(
             max_entries,
         } => ops::find_folder(acting, folder, deep, offset, max_entries),
         Operation::ConvertId { ids } => ops::convert_id(ids),
+        Operation::CreateItem {
+            disposition,
+            message,
+        } => ops::create_item(&app.world, acting, &disposition, message),
         Operation::GetStreamingEvents {
             ids,
             timeout_minutes,

@@ -92,8 +92,21 @@ pub(crate) enum Operation {
         state: Option<String>,
         max_changes: usize,
     },
+    /// `CreateItem` of one message to send.
+    CreateItem {
+        /// `SendAndSaveCopy`, `SendOnly` (the two served) or `SaveOnly`.
+        disposition: String,
+        message: Outgoing,
+    },
     /// An operation this server does not implement, by name.
     Unsupported(String),
+}
+
+/// A message a client asked to send.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outgoing {
+    pub mail: crate::mail::NewMail,
+    pub bcc: Vec<String>,
 }
 
 impl Operation {
@@ -108,6 +121,7 @@ impl Operation {
             Operation::FindItem { .. } => "FindItem",
             Operation::FindFolder { .. } => "FindFolder",
             Operation::ConvertId { .. } => "ConvertId",
+            Operation::CreateItem { .. } => "CreateItem",
             Operation::Unsupported(name) => name,
         }
     }
@@ -191,6 +205,103 @@ fn restriction(op: Node<'_, '_>) -> Result<Option<String>, String> {
         .and_then(|c| c.attribute("Value"))
         .ok_or("IsEqualTo without a Constant")?;
     Ok(Some(value.to_owned()))
+}
+
+/// The children of `t:Message` this server reads, in the schema's order (`ItemType`'s, then
+/// `MessageType`'s): Exchange refuses a request whose elements are out of order.
+const MESSAGE_ORDER: [&str; 11] = [
+    "Subject",
+    "Body",
+    "Attachments",
+    "Importance",
+    "InReplyTo",
+    "ToRecipients",
+    "CcRecipients",
+    "BccRecipients",
+    "From",
+    "InternetMessageId",
+    "References",
+];
+
+/// The SMTP addresses of a recipient list (`t:ToRecipients/t:Mailbox/t:EmailAddress`).
+fn addresses(message: Node<'_, '_>, list: &str) -> Vec<String> {
+    child(message, TYPES, list)
+        .map(|l| {
+            elements(l, "Mailbox")
+                .filter_map(|m| child(m, TYPES, "EmailAddress").map(text))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A `t:Message` to send, checked against the schema's order.
+fn outgoing(message: Node<'_, '_>) -> Result<Outgoing, String> {
+    let mut at = 0;
+    for el in message.children().filter(Node::is_element) {
+        let name = el.tag_name().name();
+        let pos = MESSAGE_ORDER
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| format!("t:Message has an element this server does not read: {name}"))?;
+        if pos < at {
+            return Err(format!(
+                "t:Message's {name} comes after {}, against the schema's order",
+                MESSAGE_ORDER[at]
+            ));
+        }
+        at = pos;
+    }
+    let value = |name| {
+        child(message, TYPES, name)
+            .map(text)
+            .filter(|v| !v.is_empty())
+    };
+    let body = child(message, TYPES, "Body");
+    let body_text = body
+        .map(|b| b.text().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let html = body.and_then(|b| b.attribute("BodyType")) == Some("HTML");
+    let mut attachments = Vec::new();
+    if let Some(list) = child(message, TYPES, "Attachments") {
+        for file in list.children().filter(Node::is_element) {
+            if file.tag_name().name() != "FileAttachment" {
+                return Err("only t:FileAttachment is served in Attachments".into());
+            }
+            let content = child(file, TYPES, "Content")
+                .map(text)
+                .ok_or("FileAttachment without Content")?;
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &content)
+                .map_err(|_| "FileAttachment's Content is not base64")?;
+            attachments.push(crate::mail::Attachment {
+                name: child(file, TYPES, "Name").map(text).unwrap_or_default(),
+                content_type: child(file, TYPES, "ContentType")
+                    .map(text)
+                    .unwrap_or_else(|| "application/octet-stream".into()),
+                content_base64: content,
+                content_id: child(file, TYPES, "ContentId").map(text),
+            });
+        }
+    }
+    Ok(Outgoing {
+        mail: crate::mail::NewMail {
+            subject: value("Subject").unwrap_or_default(),
+            body: if html {
+                String::new()
+            } else {
+                body_text.clone()
+            },
+            html: html.then_some(body_text),
+            attachments,
+            to: addresses(message, "ToRecipients"),
+            cc: addresses(message, "CcRecipients"),
+            message_id: value("InternetMessageId"),
+            in_reply_to: value("InReplyTo"),
+            references: value("References"),
+            importance: value("Importance").map(|i| i.to_ascii_lowercase()),
+            ..Default::default()
+        },
+        bcc: addresses(message, "BccRecipients"),
+    })
 }
 
 /// A number of a paged view (`Offset`, `MaxEntriesReturned`), `default` when absent.
@@ -333,6 +444,27 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
                     .map(text)
                     .filter(|s| !s.is_empty()),
                 max_changes,
+            }
+        }
+        "CreateItem" => {
+            let disposition = op
+                .attribute("MessageDisposition")
+                .ok_or("CreateItem without MessageDisposition")?
+                .to_owned();
+            let items = child(op, MESSAGES, "Items").ok_or("CreateItem without Items")?;
+            let mut listed = items.children().filter(Node::is_element);
+            let message = listed.next().ok_or("CreateItem without an item")?;
+            if listed.next().is_some() {
+                return Err("CreateItem of more than one item is not served".into());
+            }
+            if message.tag_name().name() != "Message"
+                || message.tag_name().namespace() != Some(TYPES)
+            {
+                return Err("CreateItem serves t:Message only".into());
+            }
+            Operation::CreateItem {
+                disposition,
+                message: outgoing(message)?,
             }
         }
         other => Operation::Unsupported(other.to_owned()),

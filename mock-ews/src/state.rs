@@ -39,6 +39,8 @@ struct Mailbox {
     email: String,
     password: String,
     items: Vec<Item>,
+    /// What the mailbox sent: the copies in its Sent Items, oldest first.
+    sent_items: Vec<Item>,
     /// Every change to the inbox, in order: what SyncFolderItems replays from a sync state.
     changes: Vec<Change>,
 }
@@ -107,6 +109,9 @@ pub struct RequestRecord {
     #[serde(skip, default = "Instant::now")]
     pub at: Instant,
 }
+
+/// The largest message sent when no setting says: Exchange Online's limit.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 35 * 1024 * 1024;
 
 /// How many requests the log keeps (the oldest are dropped first).
 const REQUEST_LOG: usize = 10_000;
@@ -260,6 +265,7 @@ impl World {
                 email: email.trim().to_owned(),
                 password: password.to_owned(),
                 items: Vec::new(),
+                sent_items: Vec::new(),
                 changes: Vec::new(),
             },
         );
@@ -363,7 +369,69 @@ impl World {
                 reason: "is required".into(),
             });
         }
+        Self::deliver(&mut self.lock(), mailbox, mail)
+    }
+
+    /// Sends a message as `sender`: the recipients that live on this server (To, Cc and Bcc)
+    /// find it in their inboxes, and the sender keeps a copy when `keep_copy`. Answers the
+    /// Message-ID, or the EWS error code refusing the message.
+    pub fn send(
+        &self,
+        sender: &str,
+        mut mail: NewMail,
+        bcc: &[String],
+        keep_copy: bool,
+    ) -> Result<String, &'static str> {
         let mut inner = self.lock();
+        let limit = inner
+            .settings
+            .max_message_bytes
+            .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        let Some(from) = inner.mailboxes.get(&key(sender)).map(|m| m.email.clone()) else {
+            return Err("ErrorNonExistentMailbox");
+        };
+        if mail.to.is_empty() && mail.cc.is_empty() && bcc.is_empty() {
+            return Err("ErrorInvalidRecipients");
+        }
+        mail.from = from.clone();
+        let copy = Item::new(opaque_id("item"), &from, mail.clone());
+        if copy.mime.len() > limit {
+            return Err("ErrorMessageSizeExceeded");
+        }
+        mail.message_id = Some(copy.message_id.clone());
+        let mut local: Vec<String> = Vec::new();
+        for rcpt in mail.to.iter().chain(&mail.cc).chain(bcc) {
+            let k = key(rcpt);
+            if inner.mailboxes.contains_key(&k) && !local.contains(&k) {
+                local.push(k);
+            }
+        }
+        for rcpt in local {
+            let _ = Self::deliver(&mut inner, &rcpt, mail.clone());
+        }
+        let message_id = copy.message_id.clone();
+        if keep_copy && let Some(mb) = inner.mailboxes.get_mut(&key(sender)) {
+            mb.sent_items.push(copy);
+        }
+        Ok(message_id)
+    }
+
+    /// What a mailbox sent, oldest first.
+    pub fn outgoing(&self, mailbox: &str) -> Result<Vec<SentMail>, ControlError> {
+        let inner = self.lock();
+        let mb = inner
+            .mailboxes
+            .get(&key(mailbox))
+            .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
+        Ok(mb.sent_items.iter().map(Item::summary).collect())
+    }
+
+    /// Puts a mail into a mailbox's inbox and queues the events real Exchange fires.
+    fn deliver(
+        inner: &mut Inner,
+        mailbox: &str,
+        mail: NewMail,
+    ) -> Result<InjectedMail, ControlError> {
         let k = key(mailbox);
         let mb = inner
             .mailboxes
@@ -475,22 +543,26 @@ impl World {
         Ok(mb.items.iter().map(Item::summary).collect())
     }
 
-    /// A page of a mailbox's items, newest first, and how many there are in all.
-    /// A page of the inbox, newest first, of the items with this Message-ID when one is given;
-    /// and how many there are in all.
+    /// A page of the inbox (or of Sent Items), newest first, of the items with this
+    /// Message-ID when one is given; and how many there are in all.
     pub fn page(
         &self,
         mailbox: &str,
-        offset: usize,
-        max: usize,
+        sent_items: bool,
+        (offset, max): (usize, usize),
         message_id: Option<&str>,
     ) -> (Vec<Item>, usize) {
         let inner = self.lock();
         let Some(mb) = inner.mailboxes.get(&key(mailbox)) else {
             return (Vec::new(), 0);
         };
+        let folder = if sent_items {
+            &mb.sent_items
+        } else {
+            &mb.items
+        };
         let matching = || {
-            mb.items
+            folder
                 .iter()
                 .rev()
                 .filter(move |i| message_id.is_none_or(|m| i.message_id == m))

@@ -207,6 +207,14 @@ async fn request_response_operations() {
     assert_golden("unsubscribe_ok", &c.op(&unsub).await.1);
     assert_golden("unsubscribe_not_found", &c.op(&unsub).await.1);
 
+    let send = r#"<m:CreateItem MessageDisposition="SendAndSaveCopy"><m:SavedItemFolderId><t:DistinguishedFolderId Id="sentitems"/></m:SavedItemFolderId><m:Items><t:Message><t:Subject>Hi</t:Subject><t:Body BodyType="Text">Hello</t:Body><t:ToRecipients><t:Mailbox><t:EmailAddress>bob@example.com</t:EmailAddress></t:Mailbox></t:ToRecipients></t:Message></m:Items></m:CreateItem>"#;
+    assert_golden("create_item_sent", &c.op(send).await.1);
+    c.ews.set_settings(Settings {
+        max_message_bytes: Some(16),
+        ..Settings::default()
+    });
+    assert_golden("create_item_too_large", &c.op(send).await.1);
+
     c.ews.set_settings(Settings {
         max_subscriptions_per_mailbox: Some(0),
         ..Settings::default()

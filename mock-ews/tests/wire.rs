@@ -673,3 +673,108 @@ async fn find_folder_lists_the_tree_deep_or_shallow_a_page_at_a_time() {
         .unwrap();
     assert_eq!([names(&first), names(&rest)].concat(), names(&deep));
 }
+
+fn create_item(disposition: &str, message: &str) -> String {
+    envelope(&format!(
+        concat!(
+            r#"<m:CreateItem MessageDisposition="{}"><m:SavedItemFolderId><t:DistinguishedFolderId Id="sentitems"/></m:SavedItemFolderId>"#,
+            "<m:Items><t:Message>{}</t:Message></m:Items></m:CreateItem>"
+        ),
+        disposition, message
+    ))
+}
+
+#[tokio::test]
+async fn create_item_sends_to_local_recipients_and_keeps_a_copy() {
+    let ews = start().await;
+    ews.create_mailbox("bob@contoso.example", "pw").unwrap();
+    let message = concat!(
+        r#"<t:Subject>Plan</t:Subject><t:Body BodyType="HTML">&lt;p&gt;see &lt;img src="cid:logo"&gt;&lt;/p&gt;</t:Body>"#,
+        "<t:Attachments><t:FileAttachment><t:Name>logo.png</t:Name><t:ContentType>image/png</t:ContentType>",
+        "<t:ContentId>logo</t:ContentId><t:IsInline>true</t:IsInline><t:Content>iVBORw0KGgo=</t:Content></t:FileAttachment></t:Attachments>",
+        "<t:Importance>High</t:Importance><t:InReplyTo>&lt;prev@contoso.example&gt;</t:InReplyTo>",
+        "<t:ToRecipients><t:Mailbox><t:Name>Bob</t:Name><t:EmailAddress>bob@contoso.example</t:EmailAddress></t:Mailbox>",
+        "<t:Mailbox><t:EmailAddress>far@elsewhere.example</t:EmailAddress></t:Mailbox></t:ToRecipients>",
+        "<t:InternetMessageId>&lt;plan-1@creatio.example&gt;</t:InternetMessageId>",
+        "<t:References>&lt;prev@contoso.example&gt;</t:References>",
+    );
+    let resp = post(&ews, "secret", create_item("SendAndSaveCopy", message)).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains(r#"ResponseClass="Success""#), "{body}");
+    // Bob, who lives here, received it with the sender's Message-ID and thread.
+    let inbox = ews.sent("bob@contoso.example").unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].message_id, "<plan-1@creatio.example>");
+    assert_eq!(inbox[0].from, "alice@contoso.example");
+    let mime = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            &inbox[0].mime_base64,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for line in [
+        "In-Reply-To: <prev@contoso.example>",
+        "Importance: high",
+        "Content-ID: <logo>",
+        "Subject: Plan",
+    ] {
+        assert!(mime.contains(line), "{line} missing from\n{mime}");
+    }
+    // The sender keeps a copy, found by its Message-ID in Sent Items.
+    assert_eq!(ews.outgoing("alice@contoso.example").unwrap().len(), 1);
+    let find = envelope(concat!(
+        r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape>"#,
+        r#"<m:IndexedPageItemView MaxEntriesReturned="10" Offset="0" BasePoint="Beginning"/>"#,
+        r#"<m:Restriction><t:IsEqualTo><t:FieldURI FieldURI="message:InternetMessageId"/>"#,
+        r#"<t:FieldURIOrConstant><t:Constant Value="&lt;plan-1@creatio.example&gt;"/></t:FieldURIOrConstant></t:IsEqualTo></m:Restriction>"#,
+        r#"<m:ParentFolderIds><t:DistinguishedFolderId Id="sentitems"/></m:ParentFolderIds></m:FindItem>"#
+    ));
+    let found = post(&ews, "secret", find).await.text().await.unwrap();
+    assert!(found.contains(r#"TotalItemsInView="1""#), "{found}");
+}
+
+#[tokio::test]
+async fn create_item_refuses_what_exchange_refuses() {
+    let ews = start().await;
+    ews.create_mailbox("bob@contoso.example", "pw").unwrap();
+    let to_bob = "<t:ToRecipients><t:Mailbox><t:EmailAddress>bob@contoso.example</t:EmailAddress></t:Mailbox></t:ToRecipients>";
+    // Larger than the server's limit.
+    ews.set_settings(mock_ews::Settings {
+        max_message_bytes: Some(4096),
+        ..Default::default()
+    });
+    let big = format!(
+        "<t:Subject>big</t:Subject><t:Attachments><t:FileAttachment><t:Name>a.bin</t:Name><t:Content>{}</t:Content></t:FileAttachment></t:Attachments>{to_bob}",
+        "A".repeat(8192)
+    );
+    let body = post(&ews, "secret", create_item("SendAndSaveCopy", &big))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.contains("<m:ResponseCode>ErrorMessageSizeExceeded</m:ResponseCode>"),
+        "{body}"
+    );
+    assert!(ews.sent("bob@contoso.example").unwrap().is_empty());
+    assert!(ews.outgoing("alice@contoso.example").unwrap().is_empty());
+    // Out of the schema's order: a schema-validation fault, as Exchange answers.
+    let disordered = format!("{to_bob}<t:Subject>late</t:Subject>");
+    let resp = post(&ews, "secret", create_item("SendAndSaveCopy", &disordered)).await;
+    assert_eq!(resp.status(), 500);
+    assert!(resp.text().await.unwrap().contains("ErrorSchemaValidation"));
+    // Without a recipient.
+    let body = post(
+        &ews,
+        "secret",
+        create_item("SendOnly", "<t:Subject>nobody</t:Subject>"),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(body.contains("ErrorInvalidRecipients"), "{body}");
+}
