@@ -1,12 +1,12 @@
-//! The HTTP API: Creatio's calls (`/api/listeners/*`, `/api/mailbox/validate`,
-//! `/api/availability/app`), a REST view of one mailbox, and the health endpoints. Every error
+//! The HTTP API: Creatio's calls (`/api/listeners/*`, `/api/mailbox/*`, `/api/email/*`,
+//! `/apiv2/email/send`, `/api/availability/app`), a REST view of one mailbox, and the health endpoints. Every error
 //! becomes an HTTP status in one place, [`ApiError`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -84,8 +84,14 @@ pub fn router(state: ApiState, base_path: &str) -> Router {
         .route("/api/mailbox/validate", post(mailbox_validate))
         .route("/api/mailbox/folders", post(mailbox_folders))
         .route("/api/email/fetch", post(email_fetch))
-        .route("/apiv2/email/send", post(email_send))
-        .route("/api/email/send", post(email_send))
+        .route(
+            "/apiv2/email/send",
+            post(email_send).layer(DefaultBodyLimit::max(MAX_SEND_BODY)),
+        )
+        .route(
+            "/api/email/send",
+            post(email_send).layer(DefaultBodyLimit::max(MAX_SEND_BODY)),
+        )
         .route("/api/email/synchronize", post(email_synchronize))
         .route("/api/availability/app", post(availability))
         .route(
@@ -268,22 +274,52 @@ async fn mailbox_folders(
     Ok(Json(Value::Array(folders)))
 }
 
-/// What Creatio shows its user when it sends mail through this listener.
-const SEND_NOT_SERVED: &str = "This Email Listener does not send mail yet; send this message through the mailbox's own server";
+/// The largest send request read: a mail at Exchange Online's limit (35 MiB), its
+/// attachments base64 in JSON, with room for its text.
+const MAX_SEND_BODY: usize = 64 * 1024 * 1024;
 
-/// `POST /apiv2/email/send` and `/api/email/send`: Creatio reads an empty body as sent and any
-/// text as the error to show its user. Sending is not served yet, and saying so plainly beats a
-/// 404 Creatio would show as a fault of its own.
-async fn email_send() -> Response {
-    tracing::warn!("Creatio asked to send a mail; sending is not served yet");
+/// Creatio's reading of a send's answer: an empty body is "sent", any text the error its user
+/// sees.
+fn send_answer(error: Option<String>) -> Response {
     (
+        StatusCode::OK,
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; charset=utf-8",
         )],
-        SEND_NOT_SERVED,
+        error.unwrap_or_default(),
     )
         .into_response()
+}
+
+/// `POST /apiv2/email/send` and `/api/email/send`: sends `SendCommand`'s mail through the
+/// mailbox's server and keeps a copy in its Sent Items, once per Message-ID (see
+/// [`crate::send`]). A body that breaks the contract is a 400 naming the field; every other
+/// failure is a sentence for Creatio's user.
+async fn email_send(
+    State(state): State<ApiState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Ok(send_answer(Some(format!(
+                "The message is too large for the Email Listener: at most {} MiB with its attachments encoded",
+                MAX_SEND_BODY >> 20
+            ))));
+        }
+        Err(e) => return Ok(e.into_response()),
+    };
+    let command = contract::parse_send(&body)?;
+    drop(body);
+    let client = match exchange_client(&state, &command.creds) {
+        Ok(client) => client,
+        Err(ApiError::BadRequest(e)) => return Err(e.into()),
+        Err(e) => return Ok(send_answer(Some(e.to_string()))),
+    };
+    let store = state.supervisor.store();
+    let answer = crate::send::send_once(&client, store.as_ref(), &state.metrics, &command).await;
+    Ok(send_answer(answer))
 }
 
 /// `POST /api/email/synchronize`: loading a mailbox's history is not served yet; Creatio reads

@@ -20,6 +20,7 @@ pub mod mail;
 pub mod metrics;
 pub mod ntlm;
 pub mod reach;
+pub mod send;
 pub mod server;
 pub mod service_account;
 pub mod store;

@@ -2,7 +2,7 @@
 //! state, the events it received, its fetches and deliveries by outcome and how long a
 //! delivery took, how many announced mails wait for Creatio, the leases it took over, how its
 //! coordinator's passes go (their duration, the leases held, trusted and leaving, the claims
-//! asked), the store's errors, and the streams service accounts' mailboxes share. One [`Metrics`] per
+//! asked), the store's errors, the streams service accounts' mailboxes share, and the mails sent. One [`Metrics`] per
 //! process, handed to whoever counts.
 
 use prometheus::{
@@ -45,6 +45,9 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// Streaming connections a service account's mailboxes share, open now.
     pub shared_streams: IntGauge,
+    /// Mails Creatio asked to send, by outcome: `sent`, `already_sent` (a retry of one sent),
+    /// `busy` (being sent by another call), `refused` (by the mail server), `failed`.
+    pub sends: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -132,6 +135,11 @@ impl Metrics {
                 "Streaming connections service accounts' mailboxes share, open now",
             )
             .expect("valid metric"),
+            sends: IntCounterVec::new(
+                Opts::new("sends_total", "Mails Creatio asked to send, by outcome"),
+                &["outcome"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -148,6 +156,7 @@ impl Metrics {
             Box::new(metrics.last_pass_ms.clone()),
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.shared_streams.clone()),
+            Box::new(metrics.sends.clone()),
         ] {
             metrics
                 .registry

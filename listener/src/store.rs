@@ -203,7 +203,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they
     /// change; `None` when the store cannot say.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>>;
+    /// Claims the sending of the mail known by `key` (a digest of the sender and the mail's
+    /// Message-ID), across every replica; see [`SendClaim`].
+    fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim>;
+    /// Says how a claimed send ended: sent (remembered for [`SEND_REMEMBERED`]) or not
+    /// (forgotten, so that a retry sends it).
+    fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()>;
 }
+
+/// Where the sending of one mail stands, as [`Store::begin_send`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendClaim {
+    /// Not sent lately, nor being sent: the caller holds it and sends it now.
+    New,
+    /// Sent within [`SEND_REMEMBERED`]: not again.
+    Sent,
+    /// Another call is sending it now.
+    Busy,
+    /// A call began sending it more than [`SEND_STALE_AFTER`] ago and never said how it ended
+    /// (its replica died): the caller holds it now, and looks whether it went out before
+    /// sending it again.
+    Stale,
+}
+
+/// How long a sent mail is remembered, so that Creatio's retry does not send it twice.
+pub const SEND_REMEMBERED: Duration = Duration::from_secs(24 * 3600);
+
+/// A send that has not ended after this long is taken for dead: longer than any send may take.
+pub const SEND_STALE_AFTER: Duration = Duration::from_secs(10 * 60);
 
 /// Where a mailbox's worker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -548,19 +548,155 @@ async fn mails_creatio_fetches_by_message_id_are_posted_and_the_missing_skipped(
     );
 }
 
+/// Creatio's send body for Alice's offer, with a PDF of `pdf_bytes`.
+fn send_request(world: &World, message: &str, password: &str, pdf_bytes: usize) -> String {
+    let pdf = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        vec![b'%'; pdf_bytes],
+    );
+    request(world, "send")
+        .replace("{MESSAGE}", message)
+        .replace("{PASSWORD}", password)
+        .replace("{PDF}", &pdf)
+}
+
+#[tokio::test]
+async fn a_mail_creatio_sends_reaches_its_recipient_once_and_a_retry_sends_nothing() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    // Bob's mailbox is served here too: what Alice sends reaches Creatio through it.
+    world
+        .subscribe(&listener, "b0b", "bob@contoso.example", "ProcessFullEmail")
+        .await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    for path in ["/apiv2/email/send", "/api/email/send"] {
+        let message = if path.starts_with("/apiv2") {
+            "offer-2"
+        } else {
+            "offer-1"
+        };
+        let body = send_request(&world, message, "secret", 4096);
+        let (status, answer) = listener.post(path, body.clone()).await;
+        assert_eq!(
+            (status, answer),
+            (200, Value::String(String::new())),
+            "{path}"
+        );
+        // Creatio retries (a timeout on its side): sent once all the same.
+        let (status, answer) = listener.post(path, body).await;
+        assert_eq!(
+            (status, answer),
+            (200, Value::String(String::new())),
+            "{path}"
+        );
+    }
+    let sent = world.ews.outgoing(ALICE).unwrap();
+    let ids: Vec<&str> = sent.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "<offer-2@creatio.contoso.example>",
+            "<offer-1@creatio.contoso.example>"
+        ]
+    );
+    eventually(
+        "both mails at Creatio through Bob's mailbox",
+        PATIENCE,
+        async || {
+            let got = common::delivered(&world);
+            (got.len() >= 2).then_some(got)
+        },
+    )
+    .await;
+    let emails: Vec<Value> = world
+        .creatio
+        .calls_of("ProcessFullEmail")
+        .into_iter()
+        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(emails.len(), 2, "{emails:#?}");
+    let offer = emails
+        .iter()
+        .find(|e| e["MessageId"] == "<offer-1@creatio.contoso.example>")
+        .unwrap();
+    assert_eq!(offer["Subject"], "Offer for Q3");
+    assert_eq!(offer["InReplyTo"], "<question-7@contoso.example>");
+    assert_eq!(offer["Importance"], 2);
+    assert!(offer["IsHtmlBody"].as_bool().unwrap());
+    let files: Vec<(&str, bool)> = offer["Attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["Name"].as_str().unwrap(),
+                a["IsInline"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(files, [("logo.png", true), ("offer.pdf", false)]);
+    assert!(offer["Sender"].as_str().unwrap().contains(ALICE), "{offer}");
+    assert_nothing_rejected(&world);
+    let (_, metrics) = listener.get_text("/metrics").await;
+    assert!(
+        metrics.contains(r#"exchange_listener_sends_total{outcome="already_sent"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_mail_that_cannot_go_says_why_in_words_creatio_shows() {
+    let world = World::start().await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    world.ews.set_settings(mock_ews::Settings {
+        max_message_bytes: Some(64 * 1024),
+        ..Default::default()
+    });
+    let listener = Listener::spawn(&[]).await;
+    let send = async |message: &str, password: &str, pdf: usize| {
+        let (status, answer) = listener
+            .post(
+                "/apiv2/email/send",
+                send_request(&world, message, password, pdf),
+            )
+            .await;
+        assert_eq!(status, 200);
+        answer.as_str().unwrap().to_owned()
+    };
+    let too_large = send("big", "secret", 128 * 1024).await;
+    assert!(
+        too_large.contains("ErrorMessageSizeExceeded"),
+        "{too_large}"
+    );
+    let denied = send("denied", "wrong-password", 10).await;
+    assert!(denied.contains("user name or password"), "{denied}");
+    assert!(!denied.contains("wrong-password"));
+    // A failed send is not remembered: once the limit allows it, the retry goes out.
+    world.ews.set_settings(mock_ews::Settings::default());
+    assert_eq!(send("big", "secret", 128 * 1024).await, "");
+    assert_eq!(world.ews.outgoing(ALICE).unwrap().len(), 1);
+    // A body that breaks the contract is a 400 naming the field.
+    let no_recipients = send_request(&world, "none", "secret", 10).replace(
+        r#""Recepients":["Bob <bob@contoso.example>"],"CopyRecepients":["carol@partner.example"]"#,
+        r#""Recepients":[],"CopyRecepients":null"#,
+    );
+    let (status, answer) = listener.post("/apiv2/email/send", no_recipients).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"].as_str().unwrap().contains("Recepients"),
+        "{answer}"
+    );
+    assert!(
+        listener
+            .logs()
+            .iter()
+            .all(|l| !l.contains("wrong-password"))
+    );
+}
+
 #[tokio::test]
 async fn creatio_hears_plainly_what_is_not_served_yet() {
     let listener = Listener::spawn(&[]).await;
-    let send = json!({"Email": {"Subject": "Hello", "Recepients": ["bob@example.com"]}, "Attachments": null, "Credentials": {}});
-    for path in ["/apiv2/email/send", "/api/email/send"] {
-        let (status, answer) = listener.post(path, send.to_string()).await;
-        // Creatio shows any text it gets back as the error.
-        assert_eq!(status, 200, "{path}");
-        assert!(
-            answer.as_str().unwrap().contains("does not send mail yet"),
-            "{path}: {answer}"
-        );
-    }
     let sync = json!({"Credentials": {}, "Filters": "638000000000000000"});
     let (status, answer) = listener
         .post("/api/email/synchronize", sync.to_string())

@@ -12,8 +12,8 @@ use exchange_listener::store::memory::MemoryStore;
 use exchange_listener::store::redis::RedisStore;
 use exchange_listener::store::seal::Sealer;
 use exchange_listener::store::{
-    Counter, DeadLetter, Fence, Outcome, SeenLimits, Store, StoreError, SyncCursor, SyncPhase,
-    WorkerState,
+    Counter, DeadLetter, Fence, Outcome, SeenLimits, SendClaim, Store, StoreError, SyncCursor,
+    SyncPhase, WorkerState,
 };
 use serde_json::json;
 
@@ -350,6 +350,52 @@ async fn contract(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.is_new("m2", "streamed").await.unwrap(), "passed");
+}
+
+/// The send ledger: one send of a mail at a time, none again once sent, another try after
+/// one failed.
+async fn sends(store: &dyn Store) {
+    assert_eq!(store.begin_send("s1").await.unwrap(), SendClaim::New);
+    assert_eq!(store.begin_send("s1").await.unwrap(), SendClaim::Busy);
+    assert_eq!(store.begin_send("s2").await.unwrap(), SendClaim::New);
+    store.end_send("s1", true).await.unwrap();
+    assert_eq!(store.begin_send("s1").await.unwrap(), SendClaim::Sent);
+    store.end_send("s2", false).await.unwrap();
+    assert_eq!(store.begin_send("s2").await.unwrap(), SendClaim::New);
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_send_ledger() {
+    sends(&MemoryStore::new(SeenLimits::default())).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_send_ledger_and_takes_over_a_dead_send() {
+    let redis = Redis::start().await;
+    let store = redis_store(&redis).await;
+    sends(&store).await;
+    // A send its replica began an hour ago and never ended is taken over, once.
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let long_ago = exchange_listener::mail::unix_now_ms() - 3_600_000;
+    let _: () = redis::cmd("SET")
+        .arg("el:send:{s3}")
+        .arg(format!("sending:{long_ago}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.begin_send("s3").await.unwrap(), SendClaim::Stale);
+    assert_eq!(store.begin_send("s3").await.unwrap(), SendClaim::Busy);
+    // Remembered for a day, not for ever.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("el:send:{s1}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 23 * 3_600_000 && ttl <= 24 * 3_600_000, "{ttl}");
 }
 
 /// Leases: one holder at a time, tokens that only grow, renewals only by the holder.

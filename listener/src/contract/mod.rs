@@ -8,6 +8,7 @@
 
 pub mod callbacks;
 pub mod json;
+pub mod send;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +20,7 @@ pub use callbacks::{
     Attachment, Email, Importance, folder_list, full_email_payload, mailbox_state_payload,
     new_email_payload, refresh_token_payload, state_entry, ticks_from_unix_ms, ticks_now,
 };
+pub use send::{SendCommand, parse_send};
 
 /// A secret string that never prints.
 #[derive(Clone, PartialEq, Eq)]

@@ -18,10 +18,12 @@ use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 
 use crate::backoff::retry_after;
+use crate::contract::send::OutgoingEmail;
 use crate::contract::{Credentials, Secret};
 use crate::service_account::ServiceAccount;
 
 mod failure;
+mod outgoing;
 mod servers;
 
 use failure::transport;
@@ -600,6 +602,24 @@ impl EwsClient {
         };
         let page = self.call(build, false, response::parse_find_item).await?;
         Ok(page.items.into_iter().map(|i| i.id.id).collect())
+    }
+
+    /// Sends a mail and keeps a copy in Sent Items.
+    pub async fn send_mail(&self, email: &OutgoingEmail) -> Result<(), EwsFailure> {
+        let message = outgoing::outgoing_message(email);
+        let build = |h: &RequestHeader| {
+            ews::request::send_message(h, &DistinguishedFolder::sent_items(None), &message)
+        };
+        self.call(build, false, response::parse_create_item).await
+    }
+
+    /// Whether Sent Items holds a mail with this Message-ID: a send that may have gone out.
+    pub async fn was_sent(&self, message_id: &str) -> Result<bool, EwsFailure> {
+        let build = |h: &RequestHeader| {
+            ews::request::find_by_message_id(h, &DistinguishedFolder::sent_items(None), message_id)
+        };
+        let page = self.call(build, false, response::parse_find_item).await?;
+        Ok(!page.items.is_empty())
     }
 
     /// Every folder below the top of the mailbox, every level deep, in the server's order.

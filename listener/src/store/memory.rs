@@ -10,8 +10,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SeenLimits, Store, StoreError, Stored,
-    SyncCursor, Wanted, WorkerState, item_digest,
+    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SEND_REMEMBERED, SEND_STALE_AFTER,
+    SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted, WorkerState, item_digest,
 };
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
@@ -88,6 +88,9 @@ struct Inner {
     leases: HashMap<String, Lease>,
     /// Mailbox → the last fencing token given out (kept across Close, so tokens only grow).
     fences: HashMap<String, u64>,
+    /// Mails sent or being sent, by key: when the send began, and until when a sent one is
+    /// remembered (`None` while it is being sent).
+    sends: HashMap<String, (Instant, Option<Instant>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -497,6 +500,38 @@ impl Store for MemoryStore {
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         Some(self.changes.subscribe())
     }
+
+    fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.sends.retain(|_, (began, until)| match until {
+            Some(until) => *until > now,
+            None => now.duration_since(*began) < SEND_REMEMBERED,
+        });
+        let claim = match inner.sends.get(key) {
+            Some((_, Some(_))) => return ready(SendClaim::Sent),
+            Some((began, None)) if now.duration_since(*began) < SEND_STALE_AFTER => {
+                return ready(SendClaim::Busy);
+            }
+            Some(_) => SendClaim::Stale,
+            None => SendClaim::New,
+        };
+        inner.sends.insert(key.to_owned(), (now, None));
+        ready(claim)
+    }
+
+    fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()> {
+        let mut inner = self.lock();
+        if sent {
+            let now = Instant::now();
+            inner
+                .sends
+                .insert(key.to_owned(), (now, Some(now + SEND_REMEMBERED)));
+        } else {
+            inner.sends.remove(key);
+        }
+        ready(())
+    }
 }
 
 #[cfg(test)]
@@ -504,6 +539,21 @@ mod tests {
     use super::*;
 
     const MAX: usize = 100;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_never_ended_is_taken_over_once_stale_and_a_sent_one_forgotten_after_a_day() {
+        let store = MemoryStore::default();
+        assert_eq!(store.begin_send("k").await.unwrap(), SendClaim::New);
+        tokio::time::advance(SEND_STALE_AFTER - Duration::from_secs(1)).await;
+        assert_eq!(store.begin_send("k").await.unwrap(), SendClaim::Busy);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(store.begin_send("k").await.unwrap(), SendClaim::Stale);
+        store.end_send("k", true).await.unwrap();
+        tokio::time::advance(SEND_REMEMBERED - Duration::from_secs(1)).await;
+        assert_eq!(store.begin_send("k").await.unwrap(), SendClaim::Sent);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(store.begin_send("k").await.unwrap(), SendClaim::New);
+    }
 
     #[test]
     fn seen_set_forgets_the_oldest_beyond_its_count() {

@@ -31,8 +31,8 @@ use tokio::sync::Notify;
 
 use super::seal::Sealer;
 use super::{
-    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SeenLimits, Store, StoreError, Stored,
-    SyncCursor, Wanted, WorkerState, item_digest,
+    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SEND_REMEMBERED, SEND_STALE_AFTER,
+    SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted, WorkerState, item_digest,
 };
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
@@ -122,6 +122,11 @@ const RENEW: &str = include_str!("redis/renew.lua");
 /// Gives a lease back if still held. KEYS: lease. ARGV: fence.
 const RELEASE: &str = include_str!("redis/release.lua");
 
+/// Claims a send. KEYS: the send's key. ARGV: how long a send is remembered, after how long
+/// an unfinished one is taken for dead (ms). Answers `new`, `sent`, `busy` or `stale`
+/// ([`SendClaim`]); the time is Redis's own.
+const BEGIN_SEND: &str = include_str!("redis/begin-send.lua");
+
 #[derive(Debug)]
 struct Scripts {
     put: Script,
@@ -138,6 +143,7 @@ struct Scripts {
     release: Script,
     write_back: Script,
     generations: Script,
+    begin_send: Script,
 }
 
 /// The Redis [`Store`].
@@ -227,6 +233,7 @@ impl RedisStore {
                 release: Script::new(RELEASE),
                 write_back: Script::new(WRITE_BACK),
                 generations: Script::new(GENERATIONS),
+                begin_send: Script::new(BEGIN_SEND),
             }),
             changes: follow_changes(changes_client, prefix, signals.clone()),
             signals,
@@ -969,6 +976,48 @@ impl Store for RedisStore {
 
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         Some(self.changes.subscribe())
+    }
+
+    fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim> {
+        async move {
+            let mut conn = self.conn.clone();
+            let answer: String = self
+                .scripts
+                .begin_send
+                .key(self.key("send", key))
+                .arg(SEND_REMEMBERED.as_millis() as u64)
+                .arg(SEND_STALE_AFTER.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            match answer.as_str() {
+                "new" => Ok(SendClaim::New),
+                "sent" => Ok(SendClaim::Sent),
+                "busy" => Ok(SendClaim::Busy),
+                "stale" => Ok(SendClaim::Stale),
+                other => Err(StoreError::Unavailable(format!(
+                    "Redis answered {other:?} to a send's claim"
+                ))),
+            }
+        }
+        .boxed()
+    }
+
+    fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()> {
+        async move {
+            let mut conn = self.conn.clone();
+            let key = self.key("send", key);
+            if sent {
+                let _: () = conn
+                    .pset_ex(key, "sent", SEND_REMEMBERED.as_millis() as u64)
+                    .await
+                    .map_err(store_error)?;
+            } else {
+                let _: i64 = conn.del(key).await.map_err(store_error)?;
+            }
+            Ok(())
+        }
+        .boxed()
     }
 }
 

@@ -215,4 +215,10 @@ impl Store for SlowStore {
         }
         self.inner.changes()
     }
+    fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, super::SendClaim> {
+        self.call(move || self.inner.begin_send(key))
+    }
+    fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()> {
+        self.call(move || self.inner.end_send(key, sent))
+    }
 }

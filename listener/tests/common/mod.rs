@@ -151,6 +151,17 @@ impl Listener {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// GETs `path` and answers its body as text.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
     pub async fn state_of(&self, id: &str) -> String {
         let (status, body) = self.send("subscriptionsstate", &json!([id])).await;
         assert_eq!(status, 200, "{body}");
