@@ -119,22 +119,49 @@ pub(crate) fn get_folder(
     let mut messages = String::new();
     for (id, mailbox) in folders {
         let mailbox = named_or_acting(mailbox, acting);
-        messages.push_str(&match id.as_str() {
-            "inbox" | "root" if mailbox == acting => {
-                soap::success("GetFolder", &folder_xml(world, &mailbox, &id))
-            }
-            "inbox" | "root" => {
-                soap::error("GetFolder", "ErrorAccessDenied", "Access is denied.", "")
-            }
-            _ => soap::error(
+        let known = id == "root" || id == "msgfolderroot" || well_known(&mailbox, &id).is_some();
+        messages.push_str(&if !known {
+            soap::error(
                 "GetFolder",
                 "ErrorFolderNotFound",
                 "The specified folder could not be found in the store.",
                 "",
-            ),
+            )
+        } else if mailbox != acting {
+            soap::error("GetFolder", "ErrorAccessDenied", "Access is denied.", "")
+        } else {
+            soap::success("GetFolder", &folder_xml(world, &mailbox, &id))
         });
     }
     xml(StatusCode::OK, soap::response("GetFolder", &messages))
+}
+
+/// The folder of `FOLDERS` a distinguished id (`inbox`, `sentitems`, ...) or a folder id names.
+fn well_known(
+    mailbox: &str,
+    id: &str,
+) -> Option<&'static (
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+)> {
+    let name = match id {
+        "inbox" => "Inbox",
+        "sentitems" => "Sent Items",
+        "drafts" => "Drafts",
+        "deleteditems" => "Deleted Items",
+        "junkemail" => "Junk Email",
+        "calendar" => "Calendar",
+        "contacts" => "Contacts",
+        "tasks" => "Tasks",
+        other => {
+            return FOLDERS
+                .iter()
+                .find(|f| folder_id(mailbox, Some(f.0)) == other);
+        }
+    };
+    FOLDERS.iter().find(|f| f.0 == name)
 }
 
 /// The acting mailbox when a folder reference names it or none; else `ErrorAccessDenied`.
@@ -308,28 +335,37 @@ pub(crate) fn convert_id(ids: usize) -> Response {
 }
 
 fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {
-    let (id, parent, name) = if which == "inbox" {
-        (state::inbox_id(mailbox), state::root_id(mailbox), "Inbox")
-    } else {
-        (
+    let (id, parent, name, class, element) = match well_known(mailbox, which) {
+        Some((name, class, element, parent)) => (
+            folder_id(mailbox, Some(name)),
+            folder_id(mailbox, *parent),
+            *name,
+            *class,
+            *element,
+        ),
+        None => (
             state::root_id(mailbox),
             state::root_id(mailbox),
             "Top of Information Store",
-        )
+            "IPF.Note",
+            "Folder",
+        ),
     };
-    let total = if which == "inbox" {
-        world.item_count(mailbox)
-    } else {
-        0
+    let total = match name {
+        "Inbox" => world.item_count(mailbox),
+        "Sent Items" => world.outgoing(mailbox).map_or(0, |s| s.len()),
+        _ => 0,
     };
     format!(
         concat!(
-            r#"<m:Folders><t:Folder><t:FolderId Id="{id}" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="{parent}" ChangeKey="AQAAAA=="/>"#,
-            "<t:FolderClass>IPF.Note</t:FolderClass><t:DisplayName>{name}</t:DisplayName><t:TotalCount>{total}</t:TotalCount>",
-            "<t:ChildFolderCount>0</t:ChildFolderCount><t:UnreadCount>{total}</t:UnreadCount></t:Folder></m:Folders>"
+            r#"<m:Folders><t:{element}><t:FolderId Id="{id}" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="{parent}" ChangeKey="AQAAAA=="/>"#,
+            "<t:FolderClass>{class}</t:FolderClass><t:DisplayName>{name}</t:DisplayName><t:TotalCount>{total}</t:TotalCount>",
+            "<t:ChildFolderCount>0</t:ChildFolderCount><t:UnreadCount>{total}</t:UnreadCount></t:{element}></m:Folders>"
         ),
+        element = element,
         id = soap::esc(&id),
         parent = soap::esc(&parent),
+        class = class,
         name = name,
         total = total
     )

@@ -207,20 +207,53 @@ fn restriction(op: Node<'_, '_>) -> Result<Option<String>, String> {
     Ok(Some(value.to_owned()))
 }
 
-/// The children of `t:Message` this server reads, in the schema's order (`ItemType`'s, then
-/// `MessageType`'s): Exchange refuses a request whose elements are out of order.
-const MESSAGE_ORDER: [&str; 11] = [
+/// The children `t:Message` may have on create, in the schema's order (`ItemType`'s, then
+/// `MessageType`'s; those this server reads and those it ignores): Exchange refuses a request
+/// whose elements are out of order.
+const MESSAGE_ORDER: [&str; 43] = [
+    "MimeContent",
+    "ItemClass",
     "Subject",
+    "Sensitivity",
     "Body",
     "Attachments",
+    "Categories",
     "Importance",
     "InReplyTo",
+    "InternetMessageHeaders",
+    "ReminderDueBy",
+    "ReminderIsSet",
+    "ReminderNextTime",
+    "ReminderMinutesBeforeStart",
+    "ExtendedProperty",
+    "Culture",
+    "Flag",
+    "PolicyTag",
+    "ArchiveTag",
+    "RetentionDate",
+    "IsClutter",
+    "Sender",
     "ToRecipients",
     "CcRecipients",
     "BccRecipients",
+    "IsReadReceiptRequested",
+    "IsDeliveryReceiptRequested",
+    "ConversationIndex",
+    "ConversationTopic",
     "From",
     "InternetMessageId",
+    "IsRead",
+    "IsResponseRequested",
     "References",
+    "ReplyTo",
+    "ReceivedBy",
+    "ReceivedRepresenting",
+    "ApprovalRequestData",
+    "VotingInformation",
+    "ReminderMessageData",
+    "MessageSafety",
+    "SenderSMTPAddress",
+    "MailboxGuids",
 ];
 
 /// The SMTP addresses of a recipient list (`t:ToRecipients/t:Mailbox/t:EmailAddress`).

@@ -3,7 +3,8 @@
 Usage: exchangelib_client.py BASE_URL EMAIL PASSWORD [basic|ntlm]
 
 Streams the inbox, receives the events of a mail injected through the control API, fetches
-it with its MIME content and compares the bytes, syncs the folder, unsubscribes, and checks
+it with its MIME content and compares the bytes, syncs the folder, unsubscribes, sends a mail
+with an inline image, lists the folder tree, and checks
 that exchangelib raises its documented errors for an injected ErrorServerBusy and a 401.
 Prints one line per step; exits non-zero at the first failure.
 """
@@ -86,6 +87,30 @@ probed = Account("bob@contoso.example", config=probing, autodiscover=False, acce
 assert probed.inbox.total_count == 0, probed.inbox.total_count
 assert probed.protocol.auth_type == AUTH, probed.protocol.auth_type
 step(f"probed auth {probed.protocol.auth_type} and version {probed.protocol.version.api_version}")
+
+# Send a mail with an inline image to a mailbox on the server: it arrives there, and the sender
+# keeps a copy in Sent Items.
+from exchangelib import FileAttachment, HTMLBody, Message
+
+mail = Message(
+    account=account,
+    subject="Sent by exchangelib",
+    body=HTMLBody('<p>Logo: <img src="cid:logo"></p>'),
+    to_recipients=["bob@contoso.example"],
+)
+mail.attach(FileAttachment(name="logo.png", content=b"\x89PNG\r\n", content_id="logo", is_inline=True))
+mail.send_and_save()
+[arrived] = control("GET", "/_control/mailboxes/bob@contoso.example/messages")
+assert arrived["subject"] == "Sent by exchangelib", arrived
+assert b"Content-ID: <logo>" in base64.b64decode(arrived["mime_base64"]), arrived
+[copy] = control("GET", f"/_control/mailboxes/{EMAIL}/sent-items")
+assert copy["message_id"] == arrived["message_id"], (copy, arrived)
+step(f"sent a mail with CreateItem: {arrived['message_id']}")
+
+# The folder tree, as a client lists it for a user to choose from.
+names = sorted(f.name for f in account.msg_folder_root.walk())
+assert "Projects" in names and "Sent Items" in names and "Calendar" in names, names
+step(f"listed {len(names)} folders with FindFolder: {names}")
 
 control("POST", "/_control/faults", {"kind": "server_busy", "back_off_ms": 2000, "operation": "GetItem"})
 try:
