@@ -359,6 +359,44 @@ pub fn find_recent_items(
     })
 }
 
+/// `FindItem` on a folder for the items received at or after `since` (an `xs:dateTime`),
+/// oldest first: one page of item ids with their received times, from `offset`. For loading a
+/// mailbox's history in order.
+pub fn find_received_since(
+    header: &RequestHeader,
+    folder: &DistinguishedFolder,
+    since: &str,
+    offset: u32,
+    max_entries: u16,
+) -> String {
+    envelope(header, |out| {
+        out.push_str(concat!(
+            r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>"#,
+            r#"<t:AdditionalProperties><t:FieldURI FieldURI="item:DateTimeReceived"/></t:AdditionalProperties>"#,
+            "</m:ItemShape>"
+        ));
+        let _ = write!(
+            out,
+            r#"<m:IndexedPageItemView MaxEntriesReturned="{}" Offset="{offset}" BasePoint="Beginning"/>"#,
+            max_entries.clamp(1, MAX_FIND_ENTRIES)
+        );
+        let _ = write!(
+            out,
+            concat!(
+                r#"<m:Restriction><t:IsGreaterThanOrEqualTo><t:FieldURI FieldURI="item:DateTimeReceived"/>"#,
+                r#"<t:FieldURIOrConstant><t:Constant Value="{}"/></t:FieldURIOrConstant></t:IsGreaterThanOrEqualTo></m:Restriction>"#
+            ),
+            escape(since)
+        );
+        out.push_str(concat!(
+            r#"<m:SortOrder><t:FieldOrder Order="Ascending"><t:FieldURI FieldURI="item:DateTimeReceived"/></t:FieldOrder></m:SortOrder>"#,
+            "<m:ParentFolderIds>"
+        ));
+        folder.write(out);
+        out.push_str("</m:ParentFolderIds></m:FindItem>");
+    })
+}
+
 /// `FindItem` on a folder for the items whose `Message-ID` is `message_id` (the
 /// `InternetMessageId` Creatio knows a mail by): their ids, newest first.
 pub fn find_by_message_id(
@@ -703,6 +741,51 @@ mod tests {
         assert_eq!(
             message.child(TYPES, "Body").unwrap().attr("BodyType"),
             Some("Text")
+        );
+    }
+
+    #[test]
+    fn find_received_since_asks_oldest_first_from_a_moment() {
+        let xml = find_received_since(
+            &header(),
+            &DistinguishedFolder::inbox(None),
+            "2026-12-01T00:00:00Z",
+            50,
+            100,
+        );
+        let root = parse(xml.as_bytes()).unwrap();
+        let find = root
+            .path(&[(SOAP, "Body"), (MESSAGES, "FindItem")])
+            .unwrap();
+        let order: Vec<&str> = find.children.iter().map(|c| c.local.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "ItemShape",
+                "IndexedPageItemView",
+                "Restriction",
+                "SortOrder",
+                "ParentFolderIds"
+            ]
+        );
+        let since = find
+            .path(&[
+                (MESSAGES, "Restriction"),
+                (TYPES, "IsGreaterThanOrEqualTo"),
+                (TYPES, "FieldURIOrConstant"),
+                (TYPES, "Constant"),
+            ])
+            .unwrap();
+        assert_eq!(since.attr("Value"), Some("2026-12-01T00:00:00Z"));
+        let sort = find
+            .path(&[(MESSAGES, "SortOrder"), (TYPES, "FieldOrder")])
+            .unwrap();
+        assert_eq!(sort.attr("Order"), Some("Ascending"));
+        assert_eq!(
+            find.child(MESSAGES, "IndexedPageItemView")
+                .unwrap()
+                .attr("Offset"),
+            Some("50")
         );
     }
 

@@ -44,6 +44,30 @@ pub fn xs_datetime(unix: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
+/// Seconds since the Unix epoch of an `xs:dateTime` in UTC (`2024-05-01T10:00:00Z`, fractions
+/// of a second dropped).
+pub fn parse_xs_datetime(s: &str) -> Option<i64> {
+    let s = s.trim().strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(str::parse::<i64>);
+    let (y, mo, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let time = time.split('.').next()?;
+    let mut t = time.splitn(3, ':').map(str::parse::<i64>);
+    let (h, mi, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (the inverse of `civil_from_days`).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
 /// `Wed, 01 May 2024 10:00:00 +0000`
 pub fn rfc5322(unix: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -68,5 +92,13 @@ mod tests {
         assert_eq!(xs_datetime(1_714_557_600), "2024-05-01T10:00:00Z");
         assert_eq!(rfc5322(1_714_557_600), "Wed, 01 May 2024 10:00:00 +0000");
         assert_eq!(xs_datetime(951_782_400), "2000-02-29T00:00:00Z");
+        for unix in [0, 951_782_400, 1_714_557_600, 4_102_444_799] {
+            assert_eq!(parse_xs_datetime(&xs_datetime(unix)), Some(unix));
+        }
+        assert_eq!(
+            parse_xs_datetime("2024-05-01T10:00:00.123Z"),
+            Some(1_714_557_600)
+        );
+        assert_eq!(parse_xs_datetime("2024-13-01T10:00:00Z"), None);
     }
 }

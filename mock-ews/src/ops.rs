@@ -289,14 +289,15 @@ pub(crate) fn invalid_sync_state() -> Response {
     )
 }
 
-/// FindItem on the inbox: a page of items, newest first, with exchangelib's paging attributes.
+/// FindItem on the inbox (or Sent Items): a page of the items the query admits, in its order,
+/// with exchangelib's paging attributes.
 pub(crate) fn find_item(
     world: &World,
     acting: &str,
     (folder, mailbox): (String, Option<String>),
     shape: &Shape,
     (offset, max_entries): (usize, usize),
-    message_id: Option<&str>,
+    query: &crate::soap::ItemQuery,
 ) -> Response {
     const OP: &str = "FindItem";
     // Sent Items is searched too, by Message-ID: a sender looks there for what it sent.
@@ -307,7 +308,7 @@ pub(crate) fn find_item(
         inbox_of(acting, OP, &folder, mailbox)
     };
     let msg = msg.map(|mailbox| {
-        let (items, total) = world.page(&mailbox, sent_items, (offset, max_entries), message_id);
+        let (items, total) = world.page(&mailbox, sent_items, (offset, max_entries), query);
         let next = offset + items.len();
         let listed: String = items.iter().map(|item| soap::message(&mailbox, item, shape)).collect();
         soap::success(

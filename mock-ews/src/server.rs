@@ -441,14 +441,14 @@ fn dispatch(
             shape,
             offset,
             max_entries,
-            message_id,
+            query,
         } => ops::find_item(
             &app.world,
             acting,
             folder,
             &shape,
             (offset, max_entries),
-            message_id.as_deref(),
+            &query,
         ),
         Operation::FindFolder {
             folder,

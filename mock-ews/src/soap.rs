@@ -72,8 +72,7 @@ pub(crate) enum Operation {
         shape: Shape,
         offset: usize,
         max_entries: usize,
-        /// `IsEqualTo` on `message:InternetMessageId`, the one restriction served.
-        message_id: Option<String>,
+        query: ItemQuery,
     },
     FindFolder {
         folder: (String, Option<String>),
@@ -188,23 +187,61 @@ fn folder_ref(container: Option<Node<'_, '_>>) -> Option<(String, Option<String>
     Some((folder.attribute("Id")?.to_owned(), mailbox_of(folder)))
 }
 
-/// A FindItem's restriction: none, or `IsEqualTo` on `message:InternetMessageId` with a
-/// constant (the one this server serves; any other is refused as Exchange refuses what it
-/// cannot read).
-fn restriction(op: Node<'_, '_>) -> Result<Option<String>, String> {
-    let Some(r) = child(op, MESSAGES, "Restriction") else {
-        return Ok(None);
-    };
-    let equal = child(r, TYPES, "IsEqualTo").ok_or("only IsEqualTo restrictions are served")?;
-    let field = child(equal, TYPES, "FieldURI").and_then(|f| f.attribute("FieldURI"));
-    if field != Some("message:InternetMessageId") {
-        return Err("only message:InternetMessageId is served in a restriction".into());
+/// Which items a FindItem lists, and in which order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ItemQuery {
+    /// `IsEqualTo` on `message:InternetMessageId`.
+    pub message_id: Option<String>,
+    /// `IsGreaterThanOrEqualTo` on `item:DateTimeReceived`, in seconds since the Unix epoch.
+    pub received_since: Option<i64>,
+    /// `SortOrder` ascending on `item:DateTimeReceived`; newest first otherwise.
+    pub oldest_first: bool,
+}
+
+/// A FindItem's restriction and sort order: no restriction, `IsEqualTo` on
+/// `message:InternetMessageId`, or `IsGreaterThanOrEqualTo` on `item:DateTimeReceived`, each
+/// with a constant (the ones this server serves; any other is refused as Exchange refuses what
+/// it cannot read); sorted by received time.
+fn item_query(op: Node<'_, '_>) -> Result<ItemQuery, String> {
+    let mut query = ItemQuery::default();
+    if let Some(order) = child(op, MESSAGES, "SortOrder") {
+        let field = child(order, TYPES, "FieldOrder").ok_or("SortOrder without FieldOrder")?;
+        let uri = child(field, TYPES, "FieldURI").and_then(|f| f.attribute("FieldURI"));
+        if uri != Some("item:DateTimeReceived") {
+            return Err("only item:DateTimeReceived is served in a SortOrder".into());
+        }
+        query.oldest_first = field.attribute("Order") == Some("Ascending");
     }
-    let value = child(equal, TYPES, "FieldURIOrConstant")
+    let Some(r) = child(op, MESSAGES, "Restriction") else {
+        return Ok(query);
+    };
+    let test = r
+        .children()
+        .find(Node::is_element)
+        .ok_or("an empty Restriction")?;
+    let field = child(test, TYPES, "FieldURI").and_then(|f| f.attribute("FieldURI"));
+    let value = child(test, TYPES, "FieldURIOrConstant")
         .and_then(|c| child(c, TYPES, "Constant"))
         .and_then(|c| c.attribute("Value"))
-        .ok_or("IsEqualTo without a Constant")?;
-    Ok(Some(value.to_owned()))
+        .ok_or("a restriction without a Constant")?;
+    match (test.tag_name().name(), field) {
+        ("IsEqualTo", Some("message:InternetMessageId")) => {
+            query.message_id = Some(value.to_owned());
+        }
+        ("IsGreaterThanOrEqualTo", Some("item:DateTimeReceived")) => {
+            query.received_since = Some(
+                clock::parse_xs_datetime(value)
+                    .ok_or("the DateTimeReceived constant is not an xs:dateTime")?,
+            );
+        }
+        _ => {
+            return Err(
+                "only IsEqualTo on message:InternetMessageId and IsGreaterThanOrEqualTo on item:DateTimeReceived are served in a restriction"
+                    .into(),
+            );
+        }
+    }
+    Ok(query)
 }
 
 /// The children `t:Message` may have on create, in the schema's order (`ItemType`'s, then
@@ -442,7 +479,7 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
                 shape: item_shape(op)?,
                 offset: number("Offset", 0)?,
                 max_entries: number("MaxEntriesReturned", 1000)?.clamp(1, 1000),
-                message_id: restriction(op)?,
+                query: item_query(op)?,
             }
         }
         "FindFolder" => {

@@ -543,14 +543,15 @@ impl World {
         Ok(mb.items.iter().map(Item::summary).collect())
     }
 
-    /// A page of the inbox (or of Sent Items), newest first, of the items with this
-    /// Message-ID when one is given; and how many there are in all.
+    /// A page of the inbox (or of Sent Items) of the items the query admits, by received time
+    /// (newest first unless asked otherwise; in arrival order among equal times); and how many
+    /// there are in all.
     pub fn page(
         &self,
         mailbox: &str,
         sent_items: bool,
         (offset, max): (usize, usize),
-        message_id: Option<&str>,
+        query: &crate::soap::ItemQuery,
     ) -> (Vec<Item>, usize) {
         let inner = self.lock();
         let Some(mb) = inner.mailboxes.get(&key(mailbox)) else {
@@ -561,14 +562,24 @@ impl World {
         } else {
             &mb.items
         };
-        let matching = || {
-            folder
-                .iter()
-                .rev()
-                .filter(move |i| message_id.is_none_or(|m| i.message_id == m))
-        };
-        let page = matching().skip(offset).take(max).cloned().collect();
-        (page, matching().count())
+        let mut matching: Vec<(usize, &Item)> = folder
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| query.message_id.as_ref().is_none_or(|m| &i.message_id == m))
+            .filter(|(_, i)| query.received_since.is_none_or(|since| i.received >= since))
+            .collect();
+        matching.sort_by_key(|(at, i)| (i.received, *at));
+        if !query.oldest_first {
+            matching.reverse();
+        }
+        let total = matching.len();
+        let page = matching
+            .into_iter()
+            .skip(offset)
+            .take(max)
+            .map(|(_, i)| i.clone())
+            .collect();
+        (page, total)
     }
 
     pub fn item_count(&self, mailbox: &str) -> usize {

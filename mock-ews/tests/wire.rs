@@ -778,3 +778,59 @@ async fn create_item_refuses_what_exchange_refuses() {
     .unwrap();
     assert!(body.contains("ErrorInvalidRecipients"), "{body}");
 }
+
+#[tokio::test]
+async fn find_item_lists_what_was_received_since_a_moment_oldest_first() {
+    let ews = start().await;
+    let now = mock_ews::clock::now_unix();
+    for (subject, ago) in [("middle", 1800), ("newest", 60), ("oldest", 3600)] {
+        ews.inject(
+            "alice@contoso.example",
+            NewMail {
+                from: "bob@example.com".into(),
+                subject: subject.into(),
+                received_unix: Some(now - ago),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    }
+    let find = |since: i64, order: &str, offset: usize| {
+        envelope(&format!(
+            concat!(
+                r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>"#,
+                r#"<t:AdditionalProperties><t:FieldURI FieldURI="item:Subject"/></t:AdditionalProperties></m:ItemShape>"#,
+                r#"<m:IndexedPageItemView MaxEntriesReturned="1" Offset="{}" BasePoint="Beginning"/>"#,
+                r#"<m:Restriction><t:IsGreaterThanOrEqualTo><t:FieldURI FieldURI="item:DateTimeReceived"/>"#,
+                r#"<t:FieldURIOrConstant><t:Constant Value="{}"/></t:FieldURIOrConstant></t:IsGreaterThanOrEqualTo></m:Restriction>"#,
+                r#"<m:SortOrder><t:FieldOrder Order="{}"><t:FieldURI FieldURI="item:DateTimeReceived"/></t:FieldOrder></m:SortOrder>"#,
+                r#"<m:ParentFolderIds><t:DistinguishedFolderId Id="inbox"/></m:ParentFolderIds></m:FindItem>"#
+            ),
+            offset,
+            mock_ews::clock::xs_datetime(since),
+            order
+        ))
+    };
+    let mut subjects = Vec::new();
+    for offset in 0..3 {
+        let body = post(&ews, "secret", find(now - 2000, "Ascending", offset))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(body.contains(r#"TotalItemsInView="2""#), "{body}");
+        if offset < 2 {
+            subjects.push(between(&body, "<t:Subject>", "<").to_owned());
+        } else {
+            assert!(!body.contains("<t:Subject>"), "{body}");
+        }
+    }
+    assert_eq!(subjects, ["middle", "newest"]);
+    let body = post(&ews, "secret", find(0, "Descending", 0))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(between(&body, "<t:Subject>", "<"), "newest");
+    assert!(body.contains(r#"TotalItemsInView="3""#), "{body}");
+}
