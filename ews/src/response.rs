@@ -301,6 +301,8 @@ pub struct FindPage {
     pub next_offset: Option<u32>,
     /// True when this page holds the last item of the view.
     pub includes_last_item_in_range: bool,
+    /// How many items the whole view holds, when the server said.
+    pub total_items_in_view: Option<u32>,
 }
 
 /// Decodes a `FindItem` response.
@@ -343,6 +345,9 @@ pub fn parse_find_item(bytes: &[u8]) -> Result<FindPage, EwsError> {
         includes_last_item_in_range: folder
             .attr("IncludesLastItemInRange")
             .is_none_or(|v| v.trim() != "false"),
+        total_items_in_view: folder
+            .attr("TotalItemsInView")
+            .and_then(|v| v.trim().parse().ok()),
     })
 }
 

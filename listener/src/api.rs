@@ -322,13 +322,39 @@ async fn email_send(
     Ok(send_answer(answer))
 }
 
-/// `POST /api/email/synchronize`: loading a mailbox's history is not served yet; Creatio reads
-/// the status only, and hears so.
-async fn email_synchronize() -> Result<StatusCode, ApiError> {
-    tracing::warn!("Creatio asked to load a mailbox's history; that is not served yet");
-    Err(ApiError::NotImplemented(
-        "loading a mailbox's history (synchronize) is not served by this Email Listener yet".into(),
-    ))
+/// `POST /api/email/synchronize`: `SyncEmailsCommand{Credentials, Filters}` with `Filters` the
+/// load-from date in .NET ticks. Asks for a history load of the open mailbox, which its worker
+/// runs wherever it runs (see `worker::history`); answered at once. A load running already
+/// from that moment or earlier covers the request.
+async fn email_synchronize(
+    State(state): State<ApiState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let (creds, load_from) = contract::parse_synchronize(&body)?;
+    state.reach.check(&creds)?;
+    let contract::LoadFrom::Date(since) = load_from else {
+        return Err(ApiError::NotImplemented(
+            EwsFailure::unsupported_server(creds.server_type).to_string(),
+        ));
+    };
+    let Some(job) = state
+        .supervisor
+        .store()
+        .ask_history(&creds.id, since)
+        .await?
+    else {
+        return Err(ApiError::Conflict(format!(
+            "mailbox {:?} is not open; create it before loading its history",
+            creds.id
+        )));
+    };
+    tracing::info!(
+        id = ?creds.id,
+        since = %crate::mail::xs_datetime(since),
+        from = %crate::mail::xs_datetime(job.since_unix_ms),
+        "history load asked"
+    );
+    Ok(Json(json!({ "History": job })))
 }
 
 /// `POST /api/email/fetch`: `SyncEmailsCommand{Credentials, Filters}` with `Filters` the
@@ -456,6 +482,7 @@ async fn mailbox(
         "SubscriptionState": state.supervisor.state(&id).await?,
         "Owner": store.owners(std::slice::from_ref(&id)).await?.pop().flatten(),
         "Status": status,
+        "History": store.history(&id).await?,
     })))
 }
 

@@ -277,6 +277,30 @@ pub fn parse_xs_datetime(s: &str) -> Option<i64> {
     )
 }
 
+/// The `xs:dateTime` in UTC, to the second (what EWS compares received times at), of a time
+/// in milliseconds since the Unix epoch; the millisecond part is dropped.
+pub fn xs_datetime(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let of_day = secs.rem_euclid(86_400);
+    // Proleptic Gregorian date of a day count (the inverse of `days_from_civil`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        of_day / 3600,
+        of_day % 3600 / 60,
+        of_day % 60
+    )
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date.
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
@@ -291,6 +315,15 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_what_it_reads() {
+        for unix_ms in [0, 951_782_400_000, 1_714_557_600_000, 4_102_444_799_000] {
+            assert_eq!(parse_xs_datetime(&xs_datetime(unix_ms)), Some(unix_ms));
+        }
+        assert_eq!(xs_datetime(1_714_557_600_999), "2024-05-01T10:00:00Z");
+        assert_eq!(xs_datetime(-1), "1969-12-31T23:59:59Z");
+    }
 
     #[test]
     fn parses_the_forms_exchange_sends() {

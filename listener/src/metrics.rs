@@ -2,7 +2,8 @@
 //! state, the events it received, its fetches and deliveries by outcome and how long a
 //! delivery took, how many announced mails wait for Creatio, the leases it took over, how its
 //! coordinator's passes go (their duration, the leases held, trusted and leaving, the claims
-//! asked), the store's errors, the streams service accounts' mailboxes share, and the mails sent. One [`Metrics`] per
+//! asked), the store's errors, the streams service accounts' mailboxes share, the mails sent, and the mails history loads
+//! listed. One [`Metrics`] per
 //! process, handed to whoever counts.
 
 use prometheus::{
@@ -48,6 +49,8 @@ pub struct Metrics {
     /// Mails Creatio asked to send, by outcome: `sent`, `already_sent` (a retry of one sent),
     /// `busy` (being sent by another call), `refused` (by the mail server), `failed`.
     pub sends: IntCounterVec,
+    /// Mails history loads listed (posted, or found delivered already).
+    pub history_mails: IntCounter,
 }
 
 impl Default for Metrics {
@@ -140,6 +143,11 @@ impl Metrics {
                 &["outcome"],
             )
             .expect("valid metric"),
+            history_mails: IntCounter::new(
+                "history_mails_total",
+                "Mails history loads listed (posted, or found delivered already)",
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -157,6 +165,7 @@ impl Metrics {
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.shared_streams.clone()),
             Box::new(metrics.sends.clone()),
+            Box::new(metrics.history_mails.clone()),
         ] {
             metrics
                 .registry

@@ -139,8 +139,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// outcome is recorded, so a delivery cut short (a cancel, a lease moving, a crash)
     /// leaves the rest to the mailbox's next worker.
     fn replays<'a>(&'a self, id: &'a str) -> Stored<'a, Vec<String>>;
-    /// What a mailbox's worker waits on for replays, in this process.
+    /// What a mailbox's worker waits on, in this process, for work handed to it from any
+    /// replica: dead letters to replay, a history load to run.
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>>;
+    /// Asks for a history load of an open mailbox from `since_unix_ms`, and wakes its worker
+    /// wherever it runs. A load running already from that moment or earlier covers it and
+    /// goes on; otherwise the load starts over from the earlier moment (never two side by
+    /// side). Answers the load, or `None` when the mailbox is not open.
+    fn ask_history<'a>(&'a self, id: &'a str, since_unix_ms: i64)
+    -> Stored<'a, Option<HistoryJob>>;
+    /// The mailbox's history load, while one runs.
+    fn history<'a>(&'a self, id: &'a str) -> Stored<'a, Option<HistoryJob>>;
+    /// Saves how far the load from `since_unix_ms` got (`None`: it is done) under the lease;
+    /// false, writing nothing, when that load was replaced meanwhile by one from an earlier
+    /// moment. [`StoreError::Fenced`] when the lease is gone.
+    fn set_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+        progress: Option<&'a HistoryJob>,
+        fence: &'a Fence,
+    ) -> Stored<'a, bool>;
 
     // Coordination of replicas.
 
@@ -209,6 +228,36 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Says how a claimed send ended: sent (remembered for [`SEND_REMEMBERED`]) or not
     /// (forgotten, so that a retry sends it).
     fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()>;
+}
+
+/// A load of a mailbox's history Creatio asked for (`email/synchronize`): every mail received
+/// since a moment, posted oldest first, a page at a time. It lives in the store, so that it
+/// resumes where it stood after a restart, or on the replica the mailbox moves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HistoryJob {
+    /// Mail received at or after this moment (Unix ms) is loaded.
+    #[serde(rename = "SinceUnixMs")]
+    pub since_unix_ms: i64,
+    /// Where in the list of that mail, oldest first, the load stands.
+    #[serde(skip)]
+    pub offset: u32,
+    /// Mails handled so far: posted, or found delivered already.
+    pub done: u64,
+    /// How many mails the list held when last read.
+    pub total: u64,
+}
+
+impl HistoryJob {
+    /// A load from `since_unix_ms`, not begun.
+    pub fn new(since_unix_ms: i64) -> HistoryJob {
+        HistoryJob {
+            since_unix_ms,
+            offset: 0,
+            done: 0,
+            total: 0,
+        }
+    }
 }
 
 /// Where the sending of one mail stands, as [`Store::begin_send`] found it.

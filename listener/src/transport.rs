@@ -42,6 +42,14 @@ pub trait Exchange: Send + Sync {
     ) -> Answer<'a, ews::SyncPage>;
     /// One page of inbox items, newest first by received time, from `offset`.
     fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage>;
+    /// One page of the inbox items received at or after `since_unix_ms`, oldest first, from
+    /// `offset`.
+    fn find_received_since(
+        &self,
+        since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'_, ews::FindPage>;
     /// Opens a streaming connection; answers once the server has accepted it.
     fn open_stream<'a>(
         &'a self,
@@ -152,6 +160,17 @@ impl Exchange for Grouped {
         self.client.find_recent_items(offset, max_entries).boxed()
     }
 
+    fn find_received_since(
+        &self,
+        since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'_, ews::FindPage> {
+        self.client
+            .find_received_since(since_unix_ms, offset, max_entries)
+            .boxed()
+    }
+
     fn open_stream<'a>(
         &'a self,
         subscription_id: &'a str,
@@ -203,6 +222,15 @@ impl Exchange for EwsClient {
 
     fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage> {
         EwsClient::find_recent_items(self, offset, max_entries).boxed()
+    }
+
+    fn find_received_since(
+        &self,
+        since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'_, ews::FindPage> {
+        EwsClient::find_received_since(self, since_unix_ms, offset, max_entries).boxed()
     }
 
     fn open_stream<'a>(

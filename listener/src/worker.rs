@@ -8,7 +8,8 @@
 //! credentials the server rejects put the mailbox in `Failed`, which is reported to Creatio and
 //! retried only slowly. Before every connection it catches up from the stored sync state,
 //! and the cursor only moves past items that were delivered, skipped as gone, or
-//! dead-lettered.
+//! dead-lettered. While it streams, a history load Creatio asked for runs a page at a time
+//! whenever the stream is quiet.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,7 @@ use crate::transport::{Connect, Creatio, Events, Exchange, within};
 
 mod catch_up;
 mod delivery;
+mod history;
 mod streaming;
 
 /// How workers behave; shared by all of them.
@@ -153,6 +155,8 @@ struct Worker {
     token_refresh_asked: bool,
     /// The state this worker counts itself in, in the metrics.
     counted_as: std::sync::Mutex<Option<WorkerState>>,
+    /// The history load (by its moment) this worker has taken up.
+    history_resumed: Option<i64>,
 }
 
 impl Drop for Worker {
@@ -219,6 +223,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             streaming_since: None,
             token_refresh_asked: false,
             counted_as: std::sync::Mutex::new(None),
+            history_resumed: None,
         };
         worker.run().await;
         if worker.cancel.is_cancelled() {

@@ -694,16 +694,94 @@ async fn a_mail_that_cannot_go_says_why_in_words_creatio_shows() {
     );
 }
 
+/// .NET ticks, UTC, of a time in seconds since the Unix epoch.
+fn ticks(unix: i64) -> String {
+    (unix * 10_000_000 + 621_355_968_000_000_000).to_string()
+}
+
 #[tokio::test]
-async fn creatio_hears_plainly_what_is_not_served_yet() {
+async fn a_history_load_posts_every_mail_since_its_date_once_oldest_first() {
+    let world = World::start().await;
+    world.ews.create_mailbox(ALICE, "secret").unwrap();
+    let now = mock_ews::clock::now_unix();
+    // 150 mails over the last days, and one older than the load.
+    let mut sent = Vec::new();
+    for n in 0..=150i64 {
+        let mail = world
+            .ews
+            .inject(
+                ALICE,
+                NewMail {
+                    from: "bob@example.com".into(),
+                    subject: format!("old {n}"),
+                    received_unix: Some(now - 86_400 * 3 + n * 60 - 60),
+                    ..NewMail::default()
+                },
+            )
+            .unwrap();
+        sent.push(mail.message_id);
+    }
+    let before_the_load = sent.remove(0);
     let listener = Listener::spawn(&[]).await;
-    let sync = json!({"Credentials": {}, "Filters": "638000000000000000"});
-    let (status, answer) = listener
-        .post("/api/email/synchronize", sync.to_string())
+    world
+        .create(&listener, MAILBOX, ALICE, "ProcessFullEmail")
         .await;
-    assert_eq!(status, 501);
+    // What was in the mailbox at the Create is not new mail.
+    assert!(common::delivered(&world).is_empty());
+
+    let credentials = world.credentials(MAILBOX, ALICE, "secret", "ProcessFullEmail");
+    let body = json!({ "Credentials": credentials, "Filters": ticks(now - 86_400 * 3) });
+    let (status, answer) = listener
+        .post("/api/email/synchronize", body.to_string())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    eventually("the history at Creatio", PATIENCE, async || {
+        (common::delivered(&world).len() >= sent.len()).then_some(())
+    })
+    .await;
+    common::assert_each_delivered_once(&world, ALICE, &sent).await;
+    let got = common::delivered(&world);
+    assert_eq!(&got[..sent.len()], &sent[..], "oldest first");
+    assert!(!got.contains(&before_the_load));
+    assert_nothing_rejected(&world);
+    let (_, view) = listener.get(&format!("/api/listeners/{MAILBOX}")).await;
+    assert_eq!(view["History"], Value::Null, "done: {view}");
+    let (_, metrics) = listener.get_text("/metrics").await;
     assert!(
-        answer["error"].as_str().unwrap().contains("history"),
+        metrics.contains("exchange_listener_history_mails_total 150"),
+        "{metrics}"
+    );
+
+    // Creatio's failover asks again from a later moment: nothing is posted twice.
+    let again = json!({ "Credentials": credentials, "Filters": ticks(now - 86_400) });
+    let (status, _) = listener
+        .post("/api/email/synchronize", again.to_string())
+        .await;
+    assert_eq!(status, 200);
+    common::assert_each_delivered_once(&world, ALICE, &sent).await;
+}
+
+#[tokio::test]
+async fn a_history_load_creatio_cannot_have_is_refused_plainly() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    let credentials = world.credentials(MAILBOX, ALICE, "secret", "ProcessFullEmail");
+    let ask = async |credentials: &Value, filters: &str| {
+        let body = json!({ "Credentials": credentials, "Filters": filters });
+        listener
+            .post("/api/email/synchronize", body.to_string())
+            .await
+    };
+    let (status, answer) = ask(&credentials, &ticks(1_700_000_000)).await;
+    assert_eq!(status, 409, "not open: {answer}");
+    let (status, answer) = ask(&credentials, "UNDELETED SINCE 01-Dec-2026").await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"].as_str().unwrap().contains("Filters"),
         "{answer}"
     );
+    let mut imap = credentials.clone();
+    imap["ServerTypeId"] = json!("844F0837-EAA0-4F40-B965-71F5DB9EAE6E");
+    let (status, answer) = ask(&imap, "UNDRAFT UNDELETED SENTSINCE 01-Dec-2026").await;
+    assert_eq!(status, 501, "{answer}");
 }

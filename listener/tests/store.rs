@@ -12,8 +12,8 @@ use exchange_listener::store::memory::MemoryStore;
 use exchange_listener::store::redis::RedisStore;
 use exchange_listener::store::seal::Sealer;
 use exchange_listener::store::{
-    Counter, DeadLetter, Fence, Outcome, SeenLimits, SendClaim, Store, StoreError, SyncCursor,
-    SyncPhase, WorkerState,
+    Counter, DeadLetter, Fence, HistoryJob, Outcome, SeenLimits, SendClaim, Store, StoreError,
+    SyncCursor, SyncPhase, WorkerState,
 };
 use serde_json::json;
 
@@ -350,6 +350,84 @@ async fn contract(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.is_new("m2", "streamed").await.unwrap(), "passed");
+}
+
+/// History loads: one per mailbox, extended by an earlier ask, progress saved under the lease
+/// and only for the load it belongs to.
+async fn history(store: &dyn Store) {
+    assert_eq!(
+        store.ask_history("h", 1_000).await.unwrap(),
+        None,
+        "not open"
+    );
+    store.put_mailbox(creds("h", "pw")).await.unwrap();
+    let fence = Fence {
+        replica: "here".into(),
+        token: store.claim("h", "here", LONG).await.unwrap().unwrap(),
+    };
+    let signal = store.replay_signal("h").unwrap();
+    assert_eq!(
+        store.ask_history("h", 1_000).await.unwrap(),
+        Some(HistoryJob::new(1_000))
+    );
+    // The worker is woken, wherever it runs.
+    tokio::time::timeout(PATIENCE, signal.notified())
+        .await
+        .expect("the worker woken");
+    let progress = HistoryJob {
+        offset: 50,
+        done: 48,
+        total: 200,
+        ..HistoryJob::new(1_000)
+    };
+    assert!(
+        store
+            .set_history("h", 1_000, Some(&progress), &fence)
+            .await
+            .unwrap()
+    );
+    // A later moment is covered by the running load, which goes on.
+    assert_eq!(store.ask_history("h", 2_000).await.unwrap(), Some(progress));
+    assert_eq!(store.history("h").await.unwrap(), Some(progress));
+    // An earlier one replaces it; the old load's progress is not written over the new one.
+    assert_eq!(
+        store.ask_history("h", 500).await.unwrap(),
+        Some(HistoryJob::new(500))
+    );
+    assert!(
+        !store
+            .set_history("h", 1_000, Some(&progress), &fence)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.history("h").await.unwrap(),
+        Some(HistoryJob::new(500))
+    );
+    let stranger = Fence {
+        replica: "there".into(),
+        token: fence.token,
+    };
+    assert!(matches!(
+        store.set_history("h", 500, None, &stranger).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(store.set_history("h", 500, None, &fence).await.unwrap());
+    assert_eq!(store.history("h").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_history_loads() {
+    history(&MemoryStore::new(SeenLimits::default())).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_history_loads() {
+    let redis = Redis::start().await;
+    let store = redis_store(&redis).await;
+    // The replays channel is listened to in the background; give it a moment to subscribe.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    history(&store).await;
 }
 
 /// The send ledger: one send of a mail at a time, none again once sent, another try after

@@ -359,6 +359,7 @@ fn find_item_page_lists_ids_received_times_and_paging() {
             ],
             next_offset: Some(3),
             includes_last_item_in_range: false,
+            total_items_in_view: Some(7),
         }
     );
     let fault = parse_find_item(&fixture("fault_server_busy.xml")).unwrap_err();

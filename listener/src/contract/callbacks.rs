@@ -20,6 +20,12 @@ pub fn ticks_from_unix_ms(unix_ms: i64) -> i64 {
         .saturating_add(TICKS_AT_UNIX_EPOCH)
 }
 
+/// Milliseconds since the Unix epoch of .NET ticks, UTC (the inverse of
+/// [`ticks_from_unix_ms`], to the millisecond).
+pub fn unix_ms_from_ticks(ticks: i64) -> i64 {
+    (ticks - TICKS_AT_UNIX_EPOCH).div_euclid(10_000)
+}
+
 /// .NET ticks, UTC, now.
 pub fn ticks_now() -> i64 {
     ticks_from_unix_ms(crate::mail::unix_now_ms())

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 pub use callbacks::{
     Attachment, Email, Importance, folder_list, full_email_payload, mailbox_state_payload,
     new_email_payload, refresh_token_payload, state_entry, ticks_from_unix_ms, ticks_now,
+    unix_ms_from_ticks,
 };
 pub use send::{SendCommand, parse_send};
 
@@ -629,9 +630,10 @@ const MAX_FETCH_IDS: usize = 1_000;
 /// The longest Message-ID accepted (a header line's limit).
 const MAX_MESSAGE_ID_CHARS: usize = 998;
 
-/// `email/fetch`: `SyncEmailsCommand{Credentials, Filters}`, the filters the Message-IDs to
-/// fetch joined by `;`. The credentials are a mailbox's, its callback included.
-pub fn parse_fetch(body: &[u8]) -> Result<(Credentials, Vec<String>), ContractError> {
+/// `SyncEmailsCommand{Credentials, Filters}`: a mailbox's credentials, its callback included,
+/// and the filters (up to `max_filters` characters), as `email/fetch` and `email/synchronize`
+/// send them.
+fn sync_command(body: &[u8], max_filters: usize) -> Result<(Credentials, String), ContractError> {
     let Value::Object(command) = parse_json(body)? else {
         return Err(ContractError::Shape("a SyncEmailsCommand object"));
     };
@@ -644,12 +646,14 @@ pub fn parse_fetch(body: &[u8]) -> Result<(Credentials, Vec<String>), ContractEr
             });
         }
     };
-    let filters = opt_string_of(
-        &command,
-        &["Filters"],
-        MAX_FETCH_IDS * (MAX_MESSAGE_ID_CHARS + 1),
-    )?
-    .unwrap_or_default();
+    let filters = opt_string_of(&command, &["Filters"], max_filters)?.unwrap_or_default();
+    Ok((creds, filters))
+}
+
+/// `email/fetch`: `SyncEmailsCommand{Credentials, Filters}`, the filters the Message-IDs to
+/// fetch joined by `;`.
+pub fn parse_fetch(body: &[u8]) -> Result<(Credentials, Vec<String>), ContractError> {
+    let (creds, filters) = sync_command(body, MAX_FETCH_IDS * (MAX_MESSAGE_ID_CHARS + 1))?;
     let ids: Vec<String> = filters
         .split(';')
         .map(str::trim)
@@ -672,6 +676,41 @@ pub fn parse_fetch(body: &[u8]) -> Result<(Credentials, Vec<String>), ContractEr
         checked("Filters", id, MAX_MESSAGE_ID_CHARS)?;
     }
     Ok((creds, ids))
+}
+
+/// Where a history load starts, as `email/synchronize`'s `Filters` say for the mailbox's kind
+/// of server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadFrom {
+    /// Exchange: the load-from date, in milliseconds since the Unix epoch.
+    Date(i64),
+    /// IMAP: a SEARCH expression (`UNDRAFT UNDELETED SENTSINCE 01-Dec-2026`, ...).
+    ImapSearch(String),
+}
+
+/// `email/synchronize`: the mailbox's credentials and where its history load starts. For an
+/// Exchange mailbox `Filters` is the load-from date in UTC .NET ticks; a date in the future is
+/// refused, as is one before 1970.
+pub fn parse_synchronize(body: &[u8]) -> Result<(Credentials, LoadFrom), ContractError> {
+    let (creds, filters) = sync_command(body, MAX_CONTEXT_CHARS)?;
+    if creds.server_type == ServerType::Imap {
+        return Ok((creds, LoadFrom::ImapSearch(filters)));
+    }
+    let invalid = |reason: &str| ContractError::Invalid {
+        field: "Filters",
+        reason: reason.to_owned(),
+    };
+    let ticks: i64 = filters
+        .parse()
+        .map_err(|_| invalid("must be the load-from date in .NET ticks (UTC)"))?;
+    let since = unix_ms_from_ticks(ticks);
+    if since < 0 {
+        return Err(invalid("must be a date after 1970"));
+    }
+    if since > crate::mail::unix_now_ms() + 24 * 3_600_000 {
+        return Err(invalid("must not be a date in the future"));
+    }
+    Ok((creds, LoadFrom::Date(since)))
 }
 
 /// Close/SubscriptionsState: an array of mailbox ids, or one bare id.
@@ -743,6 +782,23 @@ pub fn body_shape(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_load_reads_its_date_in_ticks() {
+        let body = |filters: &str| format!(r#"{{"Credentials":{GOOD},"Filters":"{filters}"}}"#);
+        // 2026-12-01T00:00:00Z.
+        let (creds, since) = parse_synchronize(body("639316800000000000").as_bytes()).unwrap();
+        assert_eq!(creds.id, "m1");
+        assert_eq!(since, LoadFrom::Date(1_796_083_200_000));
+        assert_eq!(
+            ticks_from_unix_ms(1_796_083_200_000),
+            639_316_800_000_000_000
+        );
+        for bad in ["", "UNDELETED SINCE 01-Dec-2026", "1", "999999999999999999"] {
+            let e = parse_synchronize(body(bad).as_bytes()).unwrap_err();
+            assert!(e.to_string().starts_with("Filters"), "{bad}: {e}");
+        }
+    }
 
     const GOOD: &str = r#"{"id":"m1","SENDEREMAILADDRESS":"a@b.c","Password":"pw","BpmEndpoint":"https://crm/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail","Unknown":1}"#;
 

@@ -583,6 +583,27 @@ impl EwsClient {
         self.call(build, false, response::parse_find_item).await
     }
 
+    /// One page of the inbox items received at or after `since_unix_ms` (to the second),
+    /// oldest first, from `offset`.
+    pub async fn find_received_since(
+        &self,
+        since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Result<ews::FindPage, EwsFailure> {
+        let since = crate::mail::xs_datetime(since_unix_ms);
+        let build = |h: &RequestHeader| {
+            ews::request::find_received_since(
+                h,
+                &DistinguishedFolder::inbox(None),
+                &since,
+                offset,
+                max_entries,
+            )
+        };
+        self.call(build, false, response::parse_find_item).await
+    }
+
     /// Reads the inbox folder: proves the credentials log in and reach the mailbox.
     pub async fn get_inbox(&self) -> Result<ews::Folder, EwsFailure> {
         let build =

@@ -10,8 +10,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SEND_REMEMBERED, SEND_STALE_AFTER,
-    SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted, WorkerState, item_digest,
+    Counter, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
+    SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
+    WorkerState, item_digest,
 };
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
@@ -70,6 +71,8 @@ struct Entry {
     /// Dead-lettered items an administrator asked to deliver again.
     replay: Vec<String>,
     replay_signal: Arc<Notify>,
+    /// The history load Creatio asked for, while it runs.
+    history: Option<HistoryJob>,
 }
 
 /// Dead letters kept per mailbox; the oldest go first.
@@ -176,6 +179,7 @@ impl MemoryStore {
                         sync: Some(SyncCursor::new_mailbox(unix_now_ms())),
                         replay: Vec::new(),
                         replay_signal: Arc::new(Notify::new()),
+                        history: None,
                     },
                 );
             }
@@ -382,6 +386,47 @@ impl Store for MemoryStore {
 
     fn replay_signal(&self, id: &str) -> Option<Arc<Notify>> {
         self.with_entry(id, |e| e.replay_signal.clone())
+    }
+
+    fn ask_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+    ) -> Stored<'a, Option<HistoryJob>> {
+        ready(self.with_entry(id, |e| {
+            let job = match e.history {
+                Some(job) if job.since_unix_ms <= since_unix_ms => job,
+                _ => HistoryJob::new(since_unix_ms),
+            };
+            e.history = Some(job);
+            e.replay_signal.notify_one();
+            job
+        }))
+    }
+
+    fn history<'a>(&'a self, id: &'a str) -> Stored<'a, Option<HistoryJob>> {
+        ready(self.with_entry(id, |e| e.history).flatten())
+    }
+
+    fn set_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+        progress: Option<&'a HistoryJob>,
+        fence: &'a Fence,
+    ) -> Stored<'a, bool> {
+        let mut inner = self.lock();
+        if !inner.holds(id, fence) {
+            return std::future::ready(Err(StoreError::Fenced)).boxed();
+        }
+        let Some(entry) = inner.mailboxes.get_mut(id) else {
+            return ready(false);
+        };
+        if entry.history.map(|h| h.since_unix_ms) != Some(since_unix_ms) {
+            return ready(false);
+        }
+        entry.history = progress.copied();
+        ready(true)
     }
 
     fn epoch<'a>(&'a self, _proposal: &'a str) -> Stored<'a, String> {

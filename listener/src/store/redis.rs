@@ -31,8 +31,9 @@ use tokio::sync::Notify;
 
 use super::seal::Sealer;
 use super::{
-    Counter, DeadLetter, Fence, MailboxStatus, Outcome, SEND_REMEMBERED, SEND_STALE_AFTER,
-    SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted, WorkerState, item_digest,
+    Counter, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
+    SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
+    WorkerState, item_digest,
 };
 use crate::contract::Credentials;
 use crate::mail::unix_now_ms;
@@ -127,6 +128,16 @@ const RELEASE: &str = include_str!("redis/release.lua");
 /// ([`SendClaim`]); the time is Redis's own.
 const BEGIN_SEND: &str = include_str!("redis/begin-send.lua");
 
+/// Asks for a history load. KEYS: mbx, the replays channel. ARGV: since (Unix ms), the
+/// mailbox id. Answers the load (since, offset, done, total), or nil when the mailbox is not
+/// open; wakes the mailbox's worker.
+const ASK_HISTORY: &str = include_str!("redis/ask-history.lua");
+
+/// Saves a history load's progress under the lease. KEYS: mbx, lease. ARGV: fence, the load's
+/// since, then its offset, done and total (none: it is done). Answers 1 if written, 0 if the
+/// load was replaced, -1 if fenced.
+const SET_HISTORY: &str = include_str!("redis/set-history.lua");
+
 #[derive(Debug)]
 struct Scripts {
     put: Script,
@@ -144,6 +155,8 @@ struct Scripts {
     write_back: Script,
     generations: Script,
     begin_send: Script,
+    ask_history: Script,
+    set_history: Script,
 }
 
 /// The Redis [`Store`].
@@ -234,6 +247,8 @@ impl RedisStore {
                 write_back: Script::new(WRITE_BACK),
                 generations: Script::new(GENERATIONS),
                 begin_send: Script::new(BEGIN_SEND),
+                ask_history: Script::new(ASK_HISTORY),
+                set_history: Script::new(SET_HISTORY),
             }),
             changes: follow_changes(changes_client, prefix, signals.clone()),
             signals,
@@ -978,6 +993,67 @@ impl Store for RedisStore {
         Some(self.changes.subscribe())
     }
 
+    fn ask_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+    ) -> Stored<'a, Option<HistoryJob>> {
+        async move {
+            let mut conn = self.conn.clone();
+            let job: Option<Vec<i64>> = self
+                .scripts
+                .ask_history
+                .key(self.key("mbx", id))
+                .key(self.replays_channel())
+                .arg(since_unix_ms)
+                .arg(id)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            Ok(job.as_deref().and_then(history_job))
+        }
+        .boxed()
+    }
+
+    fn history<'a>(&'a self, id: &'a str) -> Stored<'a, Option<HistoryJob>> {
+        async move {
+            let mut conn = self.conn.clone();
+            let fields: Vec<Option<i64>> = redis::cmd("HMGET")
+                .arg(self.key("mbx", id))
+                .arg(&HISTORY_FIELDS)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            let fields: Option<Vec<i64>> = fields.into_iter().collect();
+            Ok(fields.as_deref().and_then(history_job))
+        }
+        .boxed()
+    }
+
+    fn set_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+        progress: Option<&'a HistoryJob>,
+        fence: &'a Fence,
+    ) -> Stored<'a, bool> {
+        async move {
+            let mut conn = self.conn.clone();
+            let mut call = self.scripts.set_history.prepare_invoke();
+            call.key(self.key("mbx", id))
+                .key(self.key("lease", id))
+                .arg(fence_value(fence))
+                .arg(since_unix_ms);
+            if let Some(p) = progress {
+                call.arg(p.offset).arg(p.done).arg(p.total);
+            }
+            let answer: i64 = call.invoke_async(&mut conn).await.map_err(store_error)?;
+            fenced(answer)?;
+            Ok(answer == 1)
+        }
+        .boxed()
+    }
+
     fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim> {
         async move {
             let mut conn = self.conn.clone();
@@ -1018,6 +1094,27 @@ impl Store for RedisStore {
             Ok(())
         }
         .boxed()
+    }
+}
+
+/// The fields of a mailbox's hash that hold its history load.
+const HISTORY_FIELDS: [&str; 4] = [
+    "history_since",
+    "history_offset",
+    "history_done",
+    "history_total",
+];
+
+/// A history load from its four fields, in [`HISTORY_FIELDS`]' order.
+fn history_job(fields: &[i64]) -> Option<HistoryJob> {
+    match *fields {
+        [since, offset, done, total] => Some(HistoryJob {
+            since_unix_ms: since,
+            offset: u32::try_from(offset).unwrap_or(0),
+            done: u64::try_from(done).unwrap_or(0),
+            total: u64::try_from(total).unwrap_or(0),
+        }),
+        _ => None,
     }
 }
 

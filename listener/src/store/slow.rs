@@ -215,6 +215,25 @@ impl Store for SlowStore {
         }
         self.inner.changes()
     }
+    fn ask_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+    ) -> Stored<'a, Option<super::HistoryJob>> {
+        self.call(move || self.inner.ask_history(id, since_unix_ms))
+    }
+    fn history<'a>(&'a self, id: &'a str) -> Stored<'a, Option<super::HistoryJob>> {
+        self.call(move || self.inner.history(id))
+    }
+    fn set_history<'a>(
+        &'a self,
+        id: &'a str,
+        since_unix_ms: i64,
+        progress: Option<&'a super::HistoryJob>,
+        fence: &'a Fence,
+    ) -> Stored<'a, bool> {
+        self.call(move || self.inner.set_history(id, since_unix_ms, progress, fence))
+    }
     fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, super::SendClaim> {
         self.call(move || self.inner.begin_send(key))
     }

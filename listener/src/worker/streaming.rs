@@ -88,6 +88,9 @@ impl Worker {
             return Ok(StreamEnd::Cancelled);
         }
         let mut silence_allowed = head_timeout.min(settings.idle_timeout);
+        // A history load may be waiting (asked before this connection, or left by a worker
+        // that stopped): look once, then whenever work is handed over.
+        let mut history_pending = true;
         loop {
             let batch = tokio::select! {
                 biased;
@@ -96,9 +99,19 @@ impl Worker {
                     if !self.replay().await? {
                         return Ok(StreamEnd::Cancelled);
                     }
+                    history_pending = true;
                     continue;
                 }
                 b = next_within(stream.as_mut(), silence_allowed) => b?,
+                // The stream is quiet: a page of history, then back to the stream.
+                () = std::future::ready(()), if history_pending => {
+                    match self.history_step().await? {
+                        history::HistoryStep::More => {}
+                        history::HistoryStep::Idle => history_pending = false,
+                        history::HistoryStep::Cancelled => return Ok(StreamEnd::Cancelled),
+                    }
+                    continue;
+                }
             };
             if self.streaming_since.is_none() {
                 self.streaming_since = Some(Instant::now());

@@ -44,6 +44,8 @@ struct Script {
     open: VecDeque<Open>,
     sync: VecDeque<Result<ews::SyncPage, EwsFailure>>,
     find: VecDeque<Result<ews::FindPage, EwsFailure>>,
+    /// The history: ids received since a moment, oldest first, listed a page at a time.
+    history: Vec<String>,
     /// The server's clock less ours, as its `Date` headers would say.
     clock_offset_ms: Option<i64>,
     /// How long each SyncFolderItems takes on the wall clock (the store's clock).
@@ -189,6 +191,32 @@ impl Exchange for FakeExchange {
         .boxed()
     }
 
+    fn find_received_since(
+        &self,
+        _since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'_, ews::FindPage> {
+        self.log(format!("history {offset}"));
+        let history = self.script.lock().unwrap().history.clone();
+        let items: Vec<ews::FoundItem> = history
+            .iter()
+            .skip(offset as usize)
+            .take(usize::from(max_entries))
+            .map(|id| found_at(id, 0))
+            .collect();
+        let next = offset as usize + items.len();
+        async move {
+            Ok(ews::FindPage {
+                items,
+                next_offset: Some(next as u32),
+                includes_last_item_in_range: next >= history.len(),
+                total_items_in_view: Some(history.len() as u32),
+            })
+        }
+        .boxed()
+    }
+
     fn find_recent_items(&self, offset: u32, _max_entries: u16) -> Answer<'_, ews::FindPage> {
         self.log(format!("find {offset}"));
         let page = self.script.lock().unwrap().find.pop_front();
@@ -197,6 +225,7 @@ impl Exchange for FakeExchange {
                 items: Vec::new(),
                 next_offset: None,
                 includes_last_item_in_range: true,
+                total_items_in_view: None,
             }))
         }
         .boxed()
@@ -762,6 +791,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
                 items: vec![found("i5", later), found("i4", later)],
                 next_offset: Some(2),
                 includes_last_item_in_range: false,
+                total_items_in_view: None,
             }),
             Ok(ews::FindPage {
                 items: vec![
@@ -771,6 +801,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
                 ],
                 next_offset: Some(5),
                 includes_last_item_in_range: false,
+                total_items_in_view: None,
             }),
         ]
         .into(),
@@ -977,6 +1008,7 @@ fn found_page(items: Vec<ews::FoundItem>) -> Result<ews::FindPage, EwsFailure> {
         items,
         next_offset: None,
         includes_last_item_in_range: true,
+        total_items_in_view: None,
     })
 }
 
@@ -1213,4 +1245,77 @@ async fn a_stopped_worker_does_not_leave_its_mailbox_streaming() {
     let status = rig.status().await;
     assert_eq!(status.state, WorkerState::Starting, "{status:?}");
     assert!(status.unhealthy_since_unix_ms.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_history_load_runs_oldest_first_and_resumes_in_the_next_worker() {
+    // 120 mails since the moment; the stream delivered one of them already.
+    let history: Vec<String> = (0..120).map(|n| format!("h{n:03}")).collect();
+    let rig = rig(Script {
+        history: history.clone(),
+        ..Script::default()
+    });
+    let fence = rig.live_at("s").await;
+    let store = &rig.ctx.store;
+    store
+        .record("mbx", "h060", Outcome::Delivered, &fence)
+        .await
+        .unwrap();
+    assert!(store.ask_history("mbx", 1_000).await.unwrap().is_some());
+
+    // Creatio holds its answers: the first worker gets 70 mails through and is stopped.
+    let held = Arc::new(tokio::sync::Semaphore::new(70));
+    let holding = Arc::new(FakeCreatio {
+        held: Some(held.clone()),
+        ..FakeCreatio::default()
+    });
+    let first = CancellationToken::new();
+    tokio::spawn(run(
+        WorkerContext {
+            creatio: holding.clone(),
+            ..rig.ctx.clone()
+        },
+        rig.creds.clone(),
+        fence.clone(),
+        first.clone(),
+    ));
+    tokio::time::sleep(SECOND).await;
+    let first_posted = holding.posted.lock().unwrap().clone();
+    assert_eq!(first_posted.len(), 70);
+    let saved = store.history("mbx").await.unwrap().unwrap();
+    assert_eq!((saved.offset, saved.total), (50, 120), "{saved:?}");
+    first.cancel();
+    tokio::time::sleep(SECOND).await;
+
+    // The next worker (here or on another replica) takes it up from the last saved page.
+    let second = CancellationToken::new();
+    tokio::spawn(run(
+        rig.ctx.clone(),
+        rig.creds.clone(),
+        fence,
+        second.clone(),
+    ));
+    tokio::time::sleep(SECOND).await;
+    let second_posted = rig.creatio.posted.lock().unwrap().clone();
+    let all: Vec<String> = first_posted.into_iter().chain(second_posted).collect();
+    let expected: Vec<String> = history.into_iter().filter(|id| id != "h060").collect();
+    assert_eq!(all, expected, "every mail once, oldest first");
+    assert_eq!(
+        store.history("mbx").await.unwrap(),
+        None,
+        "the load is done"
+    );
+    // Listed again from the last saved page, not from the start.
+    let listed = rig.exchange.calls();
+    let from: Vec<&String> = listed.iter().filter(|c| c.starts_with("history")).collect();
+    assert!(
+        from.contains(&&"history 0".to_owned()) && from.contains(&&"history 100".to_owned()),
+        "{from:?}"
+    );
+    assert_eq!(
+        from.iter().filter(|c| **c == "history 0").count(),
+        2,
+        "{from:?}"
+    );
+    second.cancel();
 }

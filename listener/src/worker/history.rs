@@ -1,0 +1,89 @@
+//! History: a load of the mail received since a moment, asked by Creatio
+//! (`email/synchronize`), run a page at a time between the stream's messages so that new mail
+//! keeps flowing. Each page's progress is saved under the lease, so a load resumes where it
+//! stood after a restart or on the replica the mailbox moves to; what was delivered already
+//! (by the stream, or by a page listed again) is filtered out on the way.
+
+use super::*;
+use crate::store::HistoryJob;
+
+/// Mails listed, fetched and posted per step of a history load.
+pub(super) const HISTORY_PAGE: u16 = 50;
+
+/// How a step of a history load ended.
+pub(super) enum HistoryStep {
+    /// A page was handled; more remains (or another load replaced this one).
+    More,
+    /// No load runs (any more).
+    Idle,
+    Cancelled,
+}
+
+impl Worker {
+    /// One page of the mailbox's history load, if one runs: the next mails received since its
+    /// moment, oldest first, delivered unless delivered before, and the progress saved.
+    pub(super) async fn history_step(&mut self) -> Result<HistoryStep, EwsFailure> {
+        let Some(job) = self.ctx.store.history(self.id()).await? else {
+            self.history_resumed = None;
+            return Ok(HistoryStep::Idle);
+        };
+        let mut offset = job.offset;
+        if self.history_resumed != Some(job.since_unix_ms) {
+            // Taken up here for the first time: list the last page saved again, in case mail
+            // before it was deleted since and the rest slid back under the saved offset.
+            offset = offset.saturating_sub(u32::from(HISTORY_PAGE));
+            self.history_resumed = Some(job.since_unix_ms);
+            tracing::info!(
+                since = %crate::mail::xs_datetime(job.since_unix_ms),
+                done = job.done,
+                "loading the mailbox's history"
+            );
+        }
+        let page = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return Ok(HistoryStep::Cancelled),
+            r = self.exchange.find_received_since(job.since_unix_ms, offset, HISTORY_PAGE) => r?,
+        };
+        let listed = page.items.len();
+        let ids: Vec<String> = page.items.into_iter().map(|i| i.id.id).collect();
+        if !self.deliver(ids).await? {
+            return Ok(HistoryStep::Cancelled);
+        }
+        self.ctx.metrics.history_mails.inc_by(listed as u64);
+        let reached = offset + listed as u32;
+        let finished = page.includes_last_item_in_range || listed == 0;
+        let progress = HistoryJob {
+            offset: reached,
+            done: u64::from(reached),
+            total: page
+                .total_items_in_view
+                .map_or(u64::from(reached), u64::from)
+                .max(u64::from(reached)),
+            ..job
+        };
+        let saved = self
+            .ctx
+            .store
+            .set_history(
+                self.id(),
+                job.since_unix_ms,
+                (!finished).then_some(&progress),
+                &self.fence,
+            )
+            .await;
+        match saved {
+            Ok(true) if finished => {
+                tracing::info!(mails = reached, "the mailbox's history is loaded");
+                self.history_resumed = None;
+                Ok(HistoryStep::Idle)
+            }
+            // Saved; or replaced by a load from an earlier moment, which the next step takes up.
+            Ok(_) => Ok(HistoryStep::More),
+            Err(StoreError::Fenced) => {
+                self.lost_lease();
+                Ok(HistoryStep::Cancelled)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
