@@ -93,9 +93,11 @@ pub async fn run(
     let mail_until = sh.started + Duration::from_secs_f64(scenario.duration_secs);
     let sender = tokio::spawn(send_mail(
         sh.clone(),
-        scenario.mail.rate,
-        scenario.mail.bytes,
-        scenario.mail.seed,
+        scenario.mail.clone(),
+        traffic::Bases {
+            ews: world.ews_base(),
+            creatio: world.creatio_base(),
+        },
         mail_until,
     ));
     let watcher = tokio::spawn(watch(sh.clone(), stop.clone()));
@@ -225,6 +227,10 @@ pub async fn run(
         },
     );
     verdict.violations.append(&mut world.problems);
+    verdict.violations.extend(shared::sent_twice(&sh).await?);
+    verdict
+        .violations
+        .extend(shared::history_early(&sh, &arrivals));
     // Every callback must read as Creatio reads it: mock-creatio refuses, and lists, any other.
     let rejections = get_json(&sh.http, &format!("{}/_control/rejections", sh.creatio)).await?;
     if let Some(first) = rejections.as_array().and_then(|r| r.first()) {

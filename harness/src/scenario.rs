@@ -34,6 +34,9 @@ pub struct Scenario {
     /// creates again (Recreate) those that are not `exists`.
     #[serde(default)]
     pub creatio_loop: Option<CreatioLoop>,
+    /// Old mail in one mailbox before it is created, for Creatio to load (`synchronize`).
+    #[serde(default)]
+    pub history: Option<History>,
     #[serde(default, rename = "at")]
     pub timeline: Vec<Step>,
     #[serde(default)]
@@ -154,6 +157,31 @@ pub struct Mail {
     /// The seed of the choice of mailboxes, so a run can be repeated.
     #[serde(default)]
     pub seed: u64,
+    /// How each mail is sent.
+    #[serde(default)]
+    pub via: MailVia,
+}
+
+/// How a run's mail reaches the mailboxes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MailVia {
+    /// Put into the mailbox by mock-ews, as mail from outside arrives.
+    #[default]
+    Inject,
+    /// Sent by one scenario mailbox to another through the listener's send call, as a Creatio
+    /// user sends mail; a send that fails is tried again on another replica under the same
+    /// Message-ID, as a user's second click.
+    Send,
+}
+
+/// Old mail put into a mailbox before it is created: not new mail (it is not posted at the
+/// Create), but what a `synchronize` step asks the listener to load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct History {
+    pub mailbox: usize,
+    pub mails: usize,
 }
 
 fn default_bytes() -> usize {
@@ -166,6 +194,7 @@ impl Default for Mail {
             rate: 5.0,
             bytes: default_bytes(),
             seed: 0,
+            via: MailVia::default(),
         }
     }
 }
@@ -241,6 +270,10 @@ pub enum Action {
     Recreate { mailbox: usize },
     /// The mailbox's password changes in Exchange, and Creatio sends an Update with it.
     Update { mailbox: usize },
+    /// Creatio asks for the mailbox's history since before its oldest old mail.
+    Synchronize { mailbox: usize },
+    /// `kill -9` of whichever replica holds the mailbox's lease.
+    KillOwner { mailbox: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +299,7 @@ impl Action {
     pub fn disrupts(&self) -> bool {
         match self {
             Action::Kill { .. }
+            | Action::KillOwner { .. }
             | Action::Term { .. }
             | Action::AddReplica
             | Action::Start { .. }
@@ -286,6 +320,7 @@ impl Action {
         matches!(
             self,
             Action::Kill { .. }
+                | Action::KillOwner { .. }
                 | Action::Link {
                     to: Link::Creatio,
                     mode: LinkMode::Reset | LinkMode::Blackhole,
@@ -325,6 +360,8 @@ impl Action {
             Action::Close { mailbox } => format!("Close mbx-{mailbox}"),
             Action::Recreate { mailbox } => format!("Recreate mbx-{mailbox}"),
             Action::Update { mailbox } => format!("new password for mbx-{mailbox}"),
+            Action::Synchronize { mailbox } => format!("history of mbx-{mailbox} asked"),
+            Action::KillOwner { mailbox } => format!("kill -9 of mbx-{mailbox}'s replica"),
         }
     }
 }
@@ -425,6 +462,22 @@ impl Scenario {
         if let Some(l) = &self.creatio_loop {
             positive("creatio_loop.every_secs", l.every_secs)?;
         }
+        if self.mail.via == MailVia::Send {
+            if self.mailboxes.operation != Operation::ProcessFullEmail {
+                bail!("mail.via = \"send\" needs mailboxes.operation = \"ProcessFullEmail\"");
+            }
+            if self.mailboxes.count < 2 {
+                bail!("mail.via = \"send\" needs two mailboxes or more");
+            }
+        }
+        if let Some(h) = &self.history {
+            if h.mailbox >= self.mailboxes.count {
+                bail!("history.mailbox: there is no mailbox {}", h.mailbox);
+            }
+            if !(1..=100_000).contains(&h.mails) {
+                bail!("history.mails must be between 1 and 100000");
+            }
+        }
         let mut replicas = self.replicas.count;
         let mut closed = std::collections::BTreeSet::new();
         for step in &self.timeline {
@@ -455,9 +508,18 @@ impl Scenario {
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
                 }
+                Action::Synchronize { mailbox }
+                    if self.history.as_ref().is_none_or(|h| h.mailbox != *mailbox) =>
+                {
+                    bail!(
+                        "{}: it needs [history] for that mailbox",
+                        step.action.label()
+                    )
+                }
                 Action::Close { mailbox }
                 | Action::Recreate { mailbox }
                 | Action::Update { mailbox }
+                | Action::KillOwner { mailbox }
                     if *mailbox >= self.mailboxes.count =>
                 {
                     bail!("there is no mailbox {mailbox}")

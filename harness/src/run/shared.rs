@@ -37,6 +37,11 @@ pub(super) struct Shared {
     pub(super) operation: &'static str,
     /// Mailboxes are created without a password, for the service account.
     pub(super) service_account: bool,
+    /// The old mail put into the `[history]` mailbox: Message-IDs, oldest first, and the
+    /// oldest one's received time (Unix seconds).
+    pub(super) history: Arc<Mutex<(Vec<String>, i64)>>,
+    /// When the history was asked for (Unix µs): none of it may reach Creatio before.
+    pub(super) history_asked_us: Arc<Mutex<Option<u64>>>,
 }
 
 impl Shared {
@@ -81,12 +86,34 @@ impl Shared {
         creds
     }
 
-    /// Asks the running replicas in turn, from `first`, until one answers.
+    /// Asks the running replicas in turn, from `first`, until one answers; a body is written
+    /// as Creatio writes its `/api/listeners/*` and `/api/mailbox/*` calls (names unquoted).
     pub(super) async fn call_any(
         &self,
         first: usize,
         path: &str,
         body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        self.call_each(first, path, body, true).await
+    }
+
+    /// As [`Shared::call_any`], the body written as ordinary JSON, as Creatio writes its
+    /// `/api/email/*` calls.
+    pub(super) async fn call_any_quoted(
+        &self,
+        first: usize,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<Value> {
+        self.call_each(first, path, Some(body), false).await
+    }
+
+    async fn call_each(
+        &self,
+        first: usize,
+        path: &str,
+        body: Option<&Value>,
+        unquoted: bool,
     ) -> anyhow::Result<Value> {
         let up = self.roster.up();
         if up.is_empty() {
@@ -98,7 +125,8 @@ impl Shared {
             let url = format!("{base}{path}");
             let answer = tokio::time::timeout(Duration::from_secs(2), async {
                 match body {
-                    Some(b) => post_creatio(&self.http, &url, b).await,
+                    Some(b) if unquoted => post_creatio(&self.http, &url, b).await,
+                    Some(b) => post_json(&self.http, &url, b).await,
                     None => get_json(&self.http, &url).await,
                 }
             })
@@ -213,4 +241,59 @@ pub(super) async fn arrivals(sh: &Shared) -> anyhow::Result<Vec<Arrival>> {
         }));
     }
     Ok(out)
+}
+
+/// Mail Exchange sent twice: a Message-ID twice in a scenario mailbox's Sent Items (a send the
+/// listener repeated).
+pub(super) async fn sent_twice(sh: &Shared) -> anyhow::Result<Vec<Violation>> {
+    let mut out = Vec::new();
+    for m in 0..sh.mailboxes {
+        let items = get_json(
+            &sh.http,
+            &format!(
+                "{}/_control/mailboxes/{}/sent-items",
+                sh.ews,
+                Shared::email(m)
+            ),
+        )
+        .await?;
+        let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+        for item in items.as_array().into_iter().flatten() {
+            *seen
+                .entry(item["message_id"].as_str().unwrap_or(""))
+                .or_default() += 1;
+        }
+        out.extend(
+            seen.into_iter()
+                .filter(|(_, n)| *n > 1)
+                .map(|(id, n)| Violation {
+                    rule: "sent_twice",
+                    detail: format!("{id} left mbx-{m} {n} times"),
+                }),
+        );
+    }
+    Ok(out)
+}
+
+/// Old mail that reached Creatio before its history was asked for: the Create posted what
+/// was in the mailbox already.
+pub(super) fn history_early(sh: &Shared, arrivals: &[Arrival]) -> Vec<Violation> {
+    let (ids, _) = sh.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let asked = sh
+        .history_asked_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or(u64::MAX);
+    let ids: std::collections::HashSet<&String> = ids.iter().collect();
+    let early = arrivals
+        .iter()
+        .filter(|a| ids.contains(&a.key) && a.unix_us < asked)
+        .count();
+    if early == 0 {
+        return Vec::new();
+    }
+    vec![Violation {
+        rule: "history_early",
+        detail: format!("{early} old mails reached Creatio before their history was asked for"),
+    }]
 }

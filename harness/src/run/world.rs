@@ -70,6 +70,8 @@ impl World {
             creatio: creatio.base.clone(),
             operation: scenario.mailboxes.operation.name(),
             service_account: scenario.mailboxes.service_account,
+            history: Arc::default(),
+            history_asked_us: Arc::default(),
         };
         let accounts = if scenario.mailboxes.service_account {
             let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
@@ -193,6 +195,9 @@ impl World {
                 &json!({ "email": Shared::email(m), "password": "secret" }),
             )
             .await?;
+            if let Some(h) = self.scenario.history.as_ref().filter(|h| h.mailbox == m) {
+                self.put_history(m, h.mails).await?;
+            }
             let creds = sh.creds(m, &self.ews_base(), &self.creatio_base());
             let via = match self.scenario.mailboxes.create_via {
                 CreateVia::RoundRobin => m,
@@ -219,6 +224,48 @@ impl World {
         }
     }
 
+    /// Puts `mails` old mails into mailbox `m` (received a second apart, the newest an hour
+    /// ago), before it is created.
+    async fn put_history(&self, m: usize, mails: usize) -> anyhow::Result<()> {
+        let sh = &self.shared;
+        let oldest = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+            - 3600
+            - mails as i64;
+        let url = format!(
+            "{}/_control/mailboxes/{}/messages",
+            sh.ews,
+            Shared::email(m)
+        );
+        let mut ids = Vec::with_capacity(mails);
+        for n in 0..mails {
+            let answer = post_json(
+                &sh.http,
+                &url,
+                &json!({
+                    "from": "archive@harness.test",
+                    "subject": format!("history {n}"),
+                    "body": "an old mail",
+                    "received_unix": oldest + n as i64,
+                }),
+            )
+            .await?;
+            ids.push(
+                answer["message_id"]
+                    .as_str()
+                    .with_context(|| format!("no message_id in mock-ews's answer {answer}"))?
+                    .to_owned(),
+            );
+        }
+        *sh.history.lock().unwrap_or_else(|p| p.into_inner()) = (ids, oldest);
+        eprintln!(
+            "[{}] {mails} old mails put into mbx-{m}",
+            self.scenario.name
+        );
+        Ok(())
+    }
+
     pub(super) async fn act(&mut self, action: &Action) -> anyhow::Result<()> {
         let sh = self.shared.clone();
         match action {
@@ -227,6 +274,49 @@ impl World {
                     self.publish_roster();
                     p.kill().await;
                 }
+            }
+            Action::KillOwner { mailbox } => {
+                let view = sh
+                    .call_any(0, &format!("/api/listeners/mbx-{mailbox}"), None)
+                    .await?;
+                let owner = view["Owner"]
+                    .as_str()
+                    .with_context(|| format!("mbx-{mailbox} has no owner: {view}"))?;
+                let slot = self
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.id == owner)
+                    .with_context(|| format!("no replica {owner}"))?;
+                if let Some(p) = slot.process.take() {
+                    eprintln!("[{}] mbx-{mailbox} runs on {owner}", self.scenario.name);
+                    self.publish_roster();
+                    p.kill().await;
+                }
+            }
+            Action::Synchronize { mailbox } => {
+                let (ids, oldest) = sh.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let ticks = (oldest - 1) * 10_000_000 + 621_355_968_000_000_000;
+                let body = json!({
+                    "Credentials": sh.creds(*mailbox, &self.ews_base(), &self.creatio_base()),
+                    "Filters": ticks.to_string(),
+                });
+                let (secs, unix_us) = (sh.secs(), unix_now_us());
+                *sh.history_asked_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(unix_us);
+                sh.call_any_quoted(0, "/api/email/synchronize", &body)
+                    .await?;
+                sh.sent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(ids.into_iter().map(|key| Sent {
+                        key,
+                        mailbox: *mailbox,
+                        secs,
+                        unix_us,
+                        after_close: false,
+                        optional: false,
+                    }));
             }
             Action::Term { replica } => {
                 if let Some(p) = self.slots[*replica].process.take() {
