@@ -16,8 +16,8 @@ mod xml;
 
 pub use error::{EwsError, Fault, ResponseError};
 pub use request::{
-    BaseShape, DistinguishedFolder, EventType, ItemShape, OutgoingAttachment, OutgoingMessage,
-    Recipient, RequestHeader, ServerVersion,
+    BaseShape, EventType, FolderRef, ItemShape, OutgoingAttachment, OutgoingMessage, Recipient,
+    RequestHeader, ServerVersion,
 };
 pub use response::{
     ConnectionStatus, Event, EventKind, EventTarget, FindPage, Folder, FolderPage, FoundFolder,

@@ -61,40 +61,56 @@ pub struct RequestHeader {
     pub impersonate: Option<String>,
 }
 
-/// A well-known folder, optionally in another mailbox than the caller's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DistinguishedFolder {
-    /// `inbox`, `root`, `sentitems`, ...
+/// A folder a request names: a well-known one by its distinguished id (optionally in another
+/// mailbox than the caller's), or any folder by its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FolderRef {
+    /// `inbox`, `root`, `sentitems`, ..., or a folder id.
     pub id: String,
     pub mailbox: Option<String>,
+    /// A distinguished id, not a folder id.
+    pub distinguished: bool,
 }
 
-impl DistinguishedFolder {
-    pub fn inbox(mailbox: Option<&str>) -> Self {
-        DistinguishedFolder {
-            id: "inbox".into(),
+impl FolderRef {
+    /// A well-known folder by its distinguished id (`inbox`, `sentitems`, `drafts`, ...).
+    pub fn distinguished(id: &str, mailbox: Option<&str>) -> Self {
+        FolderRef {
+            id: id.to_owned(),
             mailbox: mailbox.map(str::to_owned),
+            distinguished: true,
         }
+    }
+
+    /// Any folder, by the id the server gave it.
+    pub fn by_id(id: &str) -> Self {
+        FolderRef {
+            id: id.to_owned(),
+            mailbox: None,
+            distinguished: false,
+        }
+    }
+
+    pub fn inbox(mailbox: Option<&str>) -> Self {
+        Self::distinguished("inbox", mailbox)
     }
 
     /// Where a sent message's copy is kept.
     pub fn sent_items(mailbox: Option<&str>) -> Self {
-        DistinguishedFolder {
-            id: "sentitems".into(),
-            mailbox: mailbox.map(str::to_owned),
-        }
+        Self::distinguished("sentitems", mailbox)
     }
 
     /// The top of the mailbox's folders that hold mail, calendars, contacts and tasks (the
     /// "Top of Information Store").
     pub fn message_root(mailbox: Option<&str>) -> Self {
-        DistinguishedFolder {
-            id: "msgfolderroot".into(),
-            mailbox: mailbox.map(str::to_owned),
-        }
+        Self::distinguished("msgfolderroot", mailbox)
     }
 
     fn write(&self, out: &mut String) {
+        if !self.distinguished {
+            let _ = write!(out, r#"<t:FolderId Id="{}"/>"#, escape(&self.id));
+            return;
+        }
         let _ = write!(out, r#"<t:DistinguishedFolderId Id="{}""#, escape(&self.id));
         match &self.mailbox {
             Some(mb) => {
@@ -222,15 +238,17 @@ fn envelope(header: &RequestHeader, body: impl FnOnce(&mut String)) -> String {
     out
 }
 
-/// `Subscribe` with a `StreamingSubscriptionRequest` on one folder.
+/// `Subscribe` with a `StreamingSubscriptionRequest` on these folders.
 pub fn subscribe_streaming(
     header: &RequestHeader,
-    folder: &DistinguishedFolder,
+    folders: &[FolderRef],
     events: &[EventType],
 ) -> String {
     envelope(header, |out| {
         out.push_str("<m:Subscribe><m:StreamingSubscriptionRequest><t:FolderIds>");
-        folder.write(out);
+        for folder in folders {
+            folder.write(out);
+        }
         out.push_str("</t:FolderIds><t:EventTypes>");
         for ev in events {
             let _ = write!(out, "<t:EventType>{}</t:EventType>", ev.as_str());
@@ -311,7 +329,7 @@ pub const MAX_SYNC_CHANGES: u16 = 512;
 /// `max_changes` is clamped into 1..=512.
 pub fn sync_folder_items(
     header: &RequestHeader,
-    folder: &DistinguishedFolder,
+    folder: &FolderRef,
     sync_state: Option<&str>,
     max_changes: u16,
 ) -> String {
@@ -335,7 +353,7 @@ pub fn sync_folder_items(
 /// can say it.
 pub fn find_recent_items(
     header: &RequestHeader,
-    folder: &DistinguishedFolder,
+    folder: &FolderRef,
     offset: u32,
     max_entries: u16,
 ) -> String {
@@ -364,7 +382,7 @@ pub fn find_recent_items(
 /// mailbox's history in order.
 pub fn find_received_since(
     header: &RequestHeader,
-    folder: &DistinguishedFolder,
+    folder: &FolderRef,
     since: &str,
     offset: u32,
     max_entries: u16,
@@ -399,11 +417,7 @@ pub fn find_received_since(
 
 /// `FindItem` on a folder for the items whose `Message-ID` is `message_id` (the
 /// `InternetMessageId` Creatio knows a mail by): their ids, newest first.
-pub fn find_by_message_id(
-    header: &RequestHeader,
-    folder: &DistinguishedFolder,
-    message_id: &str,
-) -> String {
+pub fn find_by_message_id(header: &RequestHeader, folder: &FolderRef, message_id: &str) -> String {
     envelope(header, |out| {
         out.push_str(concat!(
             r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape>"#,
@@ -499,7 +513,7 @@ fn write_recipients(out: &mut String, element: &str, list: &[Recipient]) {
 /// follow the schema's order (`ItemType`'s, then `MessageType`'s), which strict servers check.
 pub fn send_message(
     header: &RequestHeader,
-    saved_to: &DistinguishedFolder,
+    saved_to: &FolderRef,
     message: &OutgoingMessage,
 ) -> String {
     envelope(header, |out| {
@@ -569,7 +583,7 @@ pub const MAX_FIND_ENTRIES: u16 = 1000;
 /// display name and class, from `offset`. For listing the folders a user may choose from.
 pub fn find_folders(
     header: &RequestHeader,
-    parent: &DistinguishedFolder,
+    parent: &FolderRef,
     offset: u32,
     max_entries: u16,
 ) -> String {
@@ -595,7 +609,7 @@ pub fn find_folders(
 
 /// `GetFolder` with the id shape plus display name and counts: a cheap authenticated call
 /// that proves the credentials reach the folder.
-pub fn get_folder(header: &RequestHeader, folder: &DistinguishedFolder) -> String {
+pub fn get_folder(header: &RequestHeader, folder: &FolderRef) -> String {
     envelope(header, |out| {
         out.push_str(concat!(
             "<m:GetFolder><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape>",
@@ -653,21 +667,14 @@ mod tests {
 
     #[test]
     fn send_message_follows_the_schemas_order_and_escapes_text() {
-        let xml = send_message(
-            &header(),
-            &DistinguishedFolder::sent_items(None),
-            &outgoing(),
-        );
+        let xml = send_message(&header(), &FolderRef::sent_items(None), &outgoing());
         let root = parse(xml.as_bytes()).unwrap();
         let create = root
             .path(&[(SOAP, "Body"), (MESSAGES, "CreateItem")])
             .unwrap();
         assert_eq!(create.attr("MessageDisposition"), Some("SendAndSaveCopy"));
         let saved = create
-            .path(&[
-                (MESSAGES, "SavedItemFolderId"),
-                (TYPES, "DistinguishedFolderId"),
-            ])
+            .path(&[(MESSAGES, "SavedItemFolderId"), (TYPES, "DistinguishedFolderId")])
             .unwrap();
         assert_eq!(saved.attr("Id"), Some("sentitems"));
         let message = create
@@ -726,7 +733,7 @@ mod tests {
             }],
             ..OutgoingMessage::default()
         };
-        let xml = send_message(&header(), &DistinguishedFolder::sent_items(None), &message);
+        let xml = send_message(&header(), &FolderRef::sent_items(None), &message);
         let root = parse(xml.as_bytes()).unwrap();
         let message = root
             .path(&[
@@ -748,7 +755,7 @@ mod tests {
     fn find_received_since_asks_oldest_first_from_a_moment() {
         let xml = find_received_since(
             &header(),
-            &DistinguishedFolder::inbox(None),
+            &FolderRef::inbox(None),
             "2026-12-01T00:00:00Z",
             50,
             100,
@@ -791,7 +798,7 @@ mod tests {
 
     #[test]
     fn find_recent_items_asks_newest_first_with_received_times() {
-        let xml = find_recent_items(&header(), &DistinguishedFolder::inbox(None), 200, 5000);
+        let xml = find_recent_items(&header(), &FolderRef::inbox(None), 200, 5000);
         let root = parse(xml.as_bytes()).unwrap();
         let find = root
             .path(&[(SOAP, "Body"), (MESSAGES, "FindItem")])
@@ -822,10 +829,40 @@ mod tests {
     }
 
     #[test]
+    fn a_subscription_names_every_folder_it_watches() {
+        let xml = subscribe_streaming(
+            &header(),
+            &[FolderRef::inbox(None), FolderRef::by_id("AAMkFolder=")],
+            &[EventType::NewMail],
+        );
+        let root = parse(xml.as_bytes()).unwrap();
+        let ids = root
+            .path(&[
+                (SOAP, "Body"),
+                (MESSAGES, "Subscribe"),
+                (MESSAGES, "StreamingSubscriptionRequest"),
+                (TYPES, "FolderIds"),
+            ])
+            .unwrap();
+        let named: Vec<(&str, Option<&str>)> = ids
+            .children
+            .iter()
+            .map(|c| (c.local.as_str(), c.attr("Id")))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("DistinguishedFolderId", Some("inbox")),
+                ("FolderId", Some("AAMkFolder="))
+            ]
+        );
+    }
+
+    #[test]
     fn subscribe_has_the_reference_shape() {
         let xml = subscribe_streaming(
             &header(),
-            &DistinguishedFolder::inbox(Some("alice@contoso.example")),
+            &[FolderRef::inbox(Some("alice@contoso.example"))],
             &[EventType::NewMail, EventType::Created],
         );
         let root = parse(xml.as_bytes()).unwrap();
@@ -873,12 +910,7 @@ mod tests {
 
     #[test]
     fn sync_request_carries_state_and_clamped_limit() {
-        let xml = sync_folder_items(
-            &header(),
-            &DistinguishedFolder::inbox(None),
-            Some("H4sI&"),
-            9999,
-        );
+        let xml = sync_folder_items(&header(), &FolderRef::inbox(None), Some("H4sI&"), 9999);
         let root = parse(xml.as_bytes()).unwrap();
         let sync = root
             .path(&[(SOAP, "Body"), (MESSAGES, "SyncFolderItems")])
@@ -895,7 +927,7 @@ mod tests {
                 "MaxChangesReturned"
             ]
         );
-        let fresh = sync_folder_items(&header(), &DistinguishedFolder::inbox(None), None, 10);
+        let fresh = sync_folder_items(&header(), &FolderRef::inbox(None), None, 10);
         assert!(!fresh.contains("SyncState"));
     }
 
@@ -919,12 +951,7 @@ mod tests {
 
     #[test]
     fn find_folders_asks_every_level_below_the_root_a_page_at_a_time() {
-        let xml = find_folders(
-            &header(),
-            &DistinguishedFolder::message_root(None),
-            500,
-            5000,
-        );
+        let xml = find_folders(&header(), &FolderRef::message_root(None), 500, 5000);
         let root = parse(xml.as_bytes()).unwrap();
         let find = root
             .path(&[(SOAP, "Body"), (MESSAGES, "FindFolder")])
@@ -955,21 +982,14 @@ mod tests {
         assert_eq!(view.attr("Offset"), Some("500"));
         assert_eq!(view.attr("MaxEntriesReturned"), Some("1000"));
         let parent = find
-            .path(&[
-                (MESSAGES, "ParentFolderIds"),
-                (TYPES, "DistinguishedFolderId"),
-            ])
+            .path(&[(MESSAGES, "ParentFolderIds"), (TYPES, "DistinguishedFolderId")])
             .unwrap();
         assert_eq!(parent.attr("Id"), Some("msgfolderroot"));
     }
 
     #[test]
     fn find_by_message_id_restricts_to_the_escaped_message_id() {
-        let xml = find_by_message_id(
-            &header(),
-            &DistinguishedFolder::inbox(None),
-            r#"<a"b&c@example.com>"#,
-        );
+        let xml = find_by_message_id(&header(), &FolderRef::inbox(None), r#"<a"b&c@example.com>"#);
         let root = parse(xml.as_bytes()).unwrap();
         let find = root
             .path(&[(SOAP, "Body"), (MESSAGES, "FindItem")])

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ews::response::{self, StreamBatch};
-use ews::{DistinguishedFolder, EnvelopeSplitter, EventType, EwsError, ItemShape, RequestHeader};
+use ews::{EnvelopeSplitter, EventType, EwsError, FolderRef, ItemShape, RequestHeader};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 
@@ -517,7 +517,7 @@ impl EwsClient {
         let build = |h: &RequestHeader| {
             ews::request::subscribe_streaming(
                 h,
-                &DistinguishedFolder::inbox(None),
+                &[FolderRef::inbox(None)],
                 &[EventType::NewMail, EventType::Created],
             )
         };
@@ -555,12 +555,7 @@ impl EwsClient {
         max_changes: u16,
     ) -> Result<ews::SyncPage, EwsFailure> {
         let build = |h: &RequestHeader| {
-            ews::request::sync_folder_items(
-                h,
-                &DistinguishedFolder::inbox(None),
-                sync_state,
-                max_changes,
-            )
+            ews::request::sync_folder_items(h, &FolderRef::inbox(None), sync_state, max_changes)
         };
         self.call(build, false, response::parse_sync_folder_items)
             .await
@@ -573,12 +568,7 @@ impl EwsClient {
         max_entries: u16,
     ) -> Result<ews::FindPage, EwsFailure> {
         let build = |h: &RequestHeader| {
-            ews::request::find_recent_items(
-                h,
-                &DistinguishedFolder::inbox(None),
-                offset,
-                max_entries,
-            )
+            ews::request::find_recent_items(h, &FolderRef::inbox(None), offset, max_entries)
         };
         self.call(build, false, response::parse_find_item).await
     }
@@ -595,7 +585,7 @@ impl EwsClient {
         let build = |h: &RequestHeader| {
             ews::request::find_received_since(
                 h,
-                &DistinguishedFolder::inbox(None),
+                &FolderRef::inbox(None),
                 &since,
                 offset,
                 max_entries,
@@ -606,8 +596,7 @@ impl EwsClient {
 
     /// Reads the inbox folder: proves the credentials log in and reach the mailbox.
     pub async fn get_inbox(&self) -> Result<ews::Folder, EwsFailure> {
-        let build =
-            |h: &RequestHeader| ews::request::get_folder(h, &DistinguishedFolder::inbox(None));
+        let build = |h: &RequestHeader| ews::request::get_folder(h, &FolderRef::inbox(None));
         let mut folders = self.call(build, false, response::parse_get_folder).await?;
         match folders.pop() {
             Some(Ok(folder)) => Ok(folder),
@@ -619,7 +608,7 @@ impl EwsClient {
     /// The ids of the inbox's items whose Message-ID is `message_id`, newest first.
     pub async fn find_by_message_id(&self, message_id: &str) -> Result<Vec<String>, EwsFailure> {
         let build = |h: &RequestHeader| {
-            ews::request::find_by_message_id(h, &DistinguishedFolder::inbox(None), message_id)
+            ews::request::find_by_message_id(h, &FolderRef::inbox(None), message_id)
         };
         let page = self.call(build, false, response::parse_find_item).await?;
         Ok(page.items.into_iter().map(|i| i.id.id).collect())
@@ -629,7 +618,7 @@ impl EwsClient {
     pub async fn send_mail(&self, email: &OutgoingEmail) -> Result<(), EwsFailure> {
         let message = outgoing::outgoing_message(email);
         let build = |h: &RequestHeader| {
-            ews::request::send_message(h, &DistinguishedFolder::sent_items(None), &message)
+            ews::request::send_message(h, &FolderRef::sent_items(None), &message)
         };
         self.call(build, false, response::parse_create_item).await
     }
@@ -637,7 +626,7 @@ impl EwsClient {
     /// Whether Sent Items holds a mail with this Message-ID: a send that may have gone out.
     pub async fn was_sent(&self, message_id: &str) -> Result<bool, EwsFailure> {
         let build = |h: &RequestHeader| {
-            ews::request::find_by_message_id(h, &DistinguishedFolder::sent_items(None), message_id)
+            ews::request::find_by_message_id(h, &FolderRef::sent_items(None), message_id)
         };
         let page = self.call(build, false, response::parse_find_item).await?;
         Ok(!page.items.is_empty())
@@ -649,12 +638,7 @@ impl EwsClient {
         let mut offset = 0u32;
         loop {
             let build = |h: &RequestHeader| {
-                ews::request::find_folders(
-                    h,
-                    &DistinguishedFolder::message_root(None),
-                    offset,
-                    FOLDER_PAGE,
-                )
+                ews::request::find_folders(h, &FolderRef::message_root(None), offset, FOLDER_PAGE)
             };
             let page = self.call(build, false, response::parse_find_folder).await?;
             let listed = page.folders.len();
