@@ -674,7 +674,10 @@ mod tests {
             .unwrap();
         assert_eq!(create.attr("MessageDisposition"), Some("SendAndSaveCopy"));
         let saved = create
-            .path(&[(MESSAGES, "SavedItemFolderId"), (TYPES, "DistinguishedFolderId")])
+            .path(&[
+                (MESSAGES, "SavedItemFolderId"),
+                (TYPES, "DistinguishedFolderId"),
+            ])
             .unwrap();
         assert_eq!(saved.attr("Id"), Some("sentitems"));
         let message = create
@@ -982,7 +985,10 @@ mod tests {
         assert_eq!(view.attr("Offset"), Some("500"));
         assert_eq!(view.attr("MaxEntriesReturned"), Some("1000"));
         let parent = find
-            .path(&[(MESSAGES, "ParentFolderIds"), (TYPES, "DistinguishedFolderId")])
+            .path(&[
+                (MESSAGES, "ParentFolderIds"),
+                (TYPES, "DistinguishedFolderId"),
+            ])
             .unwrap();
         assert_eq!(parent.attr("Id"), Some("msgfolderroot"));
     }

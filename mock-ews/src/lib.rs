@@ -8,6 +8,7 @@
 pub mod clock;
 mod control;
 pub mod faults;
+mod folders;
 mod mail;
 mod ntlm;
 mod ops;

@@ -48,6 +48,8 @@ pub struct NewMail {
     /// When the server received it, in seconds since the Unix epoch (for mail older than the
     /// test); now when absent.
     pub received_unix: Option<i64>,
+    /// The mail folder it arrives in, by name (`Inbox`, `Projects`, ...); the inbox when absent.
+    pub folder: Option<String>,
 }
 
 /// A mail as the control API lists it: what the server holds, MIME in base64.
@@ -57,6 +59,9 @@ pub struct SentMail {
     pub message_id: String,
     pub subject: String,
     pub from: String,
+    /// The folder holding it.
+    #[serde(default)]
+    pub folder: String,
     /// The RFC 5322 message exactly as GetItem serves it, base64-encoded.
     pub mime_base64: String,
 }
@@ -109,6 +114,8 @@ pub(crate) struct Item {
     pub message_id: String,
     pub received: i64,
     pub mime: Vec<u8>,
+    /// The folder holding it, by name.
+    pub folder: &'static str,
 }
 
 impl Item {
@@ -129,6 +136,7 @@ impl Item {
             message_id,
             received,
             mime,
+            folder: crate::folders::INBOX,
         }
     }
 
@@ -138,6 +146,7 @@ impl Item {
             message_id: self.message_id.clone(),
             subject: self.mail.subject.clone(),
             from: self.mail.from.clone(),
+            folder: self.folder.to_owned(),
             mime_base64: base64::engine::general_purpose::STANDARD.encode(&self.mime),
         }
     }

@@ -4,9 +4,10 @@
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 
+use crate::folders::{self, FOLDERS, folder_id};
 use crate::server::xml;
 use crate::soap::{self, Shape};
-use crate::state::{self, World};
+use crate::state::World;
 
 /// The mailbox a request names, or the acting one.
 fn named_or_acting(mailbox: Option<String>, acting: &str) -> String {
@@ -17,13 +18,31 @@ fn named_or_acting(mailbox: Option<String>, acting: &str) -> String {
 
 pub(crate) fn subscribe(
     world: &World,
-    principal: &str,
-    acting: &str,
+    (principal, acting): (&str, &str),
     streaming: bool,
-    mailbox: Option<String>,
+    (mailbox, folders): (Option<String>, Option<Vec<String>>),
     event_types: Vec<String>,
 ) -> Response {
     let target = named_or_acting(mailbox, acting);
+    let folders = match folders {
+        None => None,
+        Some(ids) => {
+            let named: Option<Vec<&'static str>> = ids
+                .iter()
+                .map(|id| folders::named(&target, id).map(|f| f.0))
+                .collect();
+            let Some(named) = named else {
+                let msg = soap::error(
+                    "Subscribe",
+                    "ErrorFolderNotFound",
+                    "The specified folder could not be found in the store.",
+                    "",
+                );
+                return xml(StatusCode::OK, soap::response("Subscribe", &msg));
+            };
+            Some(named)
+        }
+    };
     if target != acting {
         let msg = soap::error(
             "Subscribe",
@@ -33,7 +52,7 @@ pub(crate) fn subscribe(
         );
         return xml(StatusCode::OK, soap::response("Subscribe", &msg));
     }
-    let Ok(id) = world.subscribe(&target, principal, event_types) else {
+    let Ok(id) = world.subscribe(&target, principal, folders, event_types) else {
         let msg = soap::error(
             "Subscribe",
             "ErrorExceededSubscriptionCount",
@@ -119,7 +138,8 @@ pub(crate) fn get_folder(
     let mut messages = String::new();
     for (id, mailbox) in folders {
         let mailbox = named_or_acting(mailbox, acting);
-        let known = id == "root" || id == "msgfolderroot" || well_known(&mailbox, &id).is_some();
+        let known =
+            id == "root" || id == "msgfolderroot" || folders::named(&mailbox, &id).is_some();
         messages.push_str(&if !known {
             soap::error(
                 "GetFolder",
@@ -134,49 +154,6 @@ pub(crate) fn get_folder(
         });
     }
     xml(StatusCode::OK, soap::response("GetFolder", &messages))
-}
-
-/// The folder of `FOLDERS` a distinguished id (`inbox`, `sentitems`, ...) or a folder id names.
-fn well_known(
-    mailbox: &str,
-    id: &str,
-) -> Option<&'static (
-    &'static str,
-    &'static str,
-    &'static str,
-    Option<&'static str>,
-)> {
-    let name = match id {
-        "inbox" => "Inbox",
-        "sentitems" => "Sent Items",
-        "drafts" => "Drafts",
-        "deleteditems" => "Deleted Items",
-        "junkemail" => "Junk Email",
-        "calendar" => "Calendar",
-        "contacts" => "Contacts",
-        "tasks" => "Tasks",
-        other => {
-            return FOLDERS
-                .iter()
-                .find(|f| folder_id(mailbox, Some(f.0)) == other);
-        }
-    };
-    FOLDERS.iter().find(|f| f.0 == name)
-}
-
-/// The acting mailbox when a folder reference names it or none; else `ErrorAccessDenied`.
-fn own_mailbox(acting: &str, op: &str, mailbox: Option<String>) -> Result<String, String> {
-    let mailbox = named_or_acting(mailbox, acting);
-    if mailbox == acting {
-        Ok(mailbox)
-    } else {
-        Err(soap::error(
-            op,
-            "ErrorAccessDenied",
-            "Access is denied.",
-            "",
-        ))
-    }
 }
 
 /// CreateItem of a message to send: delivered to the recipients living here, a copy kept in
@@ -222,31 +199,31 @@ fn refusal_text(code: &str) -> String {
     }
 }
 
-/// The inbox of the acting mailbox, as a folder reference names it; else the error message
+/// The acting mailbox and the folder of it a folder reference names; else the error message
 /// for operation `op`.
-fn inbox_of(
+fn folder_of(
     acting: &str,
     op: &str,
     folder: &str,
     mailbox: Option<String>,
-) -> Result<String, String> {
+) -> Result<(String, &'static str), String> {
     let mailbox = named_or_acting(mailbox, acting);
     if mailbox != acting {
-        Err(soap::error(
+        return Err(soap::error(
             op,
             "ErrorAccessDenied",
             "Access is denied.",
             "",
-        ))
-    } else if folder != "inbox" && folder != state::inbox_id(&mailbox) {
-        Err(soap::error(
+        ));
+    }
+    match folders::named(&mailbox, folder) {
+        Some(f) => Ok((mailbox, f.0)),
+        None => Err(soap::error(
             op,
             "ErrorFolderNotFound",
             "The specified folder could not be found in the store.",
             "",
-        ))
-    } else {
-        Ok(mailbox)
+        )),
     }
 }
 
@@ -258,8 +235,8 @@ pub(crate) fn sync_folder_items(
     sync_state: Option<&str>,
     max_changes: usize,
 ) -> Response {
-    let msg = inbox_of(acting, SYNC, folder, mailbox).map(|mailbox| {
-        match world.sync(&mailbox, sync_state, max_changes) {
+    let msg = folder_of(acting, SYNC, folder, mailbox).map(|(mailbox, folder)| {
+        match world.sync(&mailbox, folder, sync_state, max_changes) {
             Some(page) => soap::success(SYNC, &soap::sync_page(&page)),
             None => invalid_sync_state_message(),
         }
@@ -289,8 +266,8 @@ pub(crate) fn invalid_sync_state() -> Response {
     )
 }
 
-/// FindItem on the inbox (or Sent Items): a page of the items the query admits, in its order,
-/// with exchangelib's paging attributes.
+/// FindItem on a folder: a page of the items the query admits, in its order, with
+/// exchangelib's paging attributes.
 pub(crate) fn find_item(
     world: &World,
     acting: &str,
@@ -300,15 +277,8 @@ pub(crate) fn find_item(
     query: &crate::soap::ItemQuery,
 ) -> Response {
     const OP: &str = "FindItem";
-    // Sent Items is searched too, by Message-ID: a sender looks there for what it sent.
-    let sent_items = folder == "sentitems";
-    let msg = if sent_items {
-        own_mailbox(acting, OP, mailbox)
-    } else {
-        inbox_of(acting, OP, &folder, mailbox)
-    };
-    let msg = msg.map(|mailbox| {
-        let (items, total) = world.page(&mailbox, sent_items, (offset, max_entries), query);
+    let msg = folder_of(acting, OP, &folder, mailbox).map(|(mailbox, folder)| {
+        let (items, total) = world.page(&mailbox, folder, (offset, max_entries), query);
         let next = offset + items.len();
         let listed: String = items.iter().map(|item| soap::message(&mailbox, item, shape)).collect();
         soap::success(
@@ -336,7 +306,7 @@ pub(crate) fn convert_id(ids: usize) -> Response {
 }
 
 fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {
-    let (id, parent, name, class, element) = match well_known(mailbox, which) {
+    let (id, parent, name, class, element) = match folders::named(mailbox, which) {
         Some((name, class, element, parent)) => (
             folder_id(mailbox, Some(name)),
             folder_id(mailbox, *parent),
@@ -345,17 +315,16 @@ fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {
             *element,
         ),
         None => (
-            state::root_id(mailbox),
-            state::root_id(mailbox),
+            folders::root_id(mailbox),
+            folders::root_id(mailbox),
             "Top of Information Store",
             "IPF.Note",
             "Folder",
         ),
     };
     let total = match name {
-        "Inbox" => world.item_count(mailbox),
-        "Sent Items" => world.outgoing(mailbox).map_or(0, |s| s.len()),
-        _ => 0,
+        "Top of Information Store" => 0,
+        name => world.item_count(mailbox, name),
     };
     format!(
         concat!(
@@ -370,32 +339,6 @@ fn folder_xml(world: &World, mailbox: &str, which: &str) -> String {
         name = name,
         total = total
     )
-}
-
-/// The folders of every mock mailbox below the top of its information store: name, class,
-/// element, and parent (none for the top), in the order FindFolder lists them.
-const FOLDERS: [(&str, &str, &str, Option<&str>); 9] = [
-    ("Inbox", "IPF.Note", "Folder", None),
-    ("Projects", "IPF.Note", "Folder", Some("Inbox")),
-    ("Sent Items", "IPF.Note", "Folder", None),
-    ("Drafts", "IPF.Note", "Folder", None),
-    ("Deleted Items", "IPF.Note", "Folder", None),
-    ("Junk Email", "IPF.Note", "Folder", None),
-    ("Calendar", "IPF.Appointment", "CalendarFolder", None),
-    ("Contacts", "IPF.Contact", "ContactsFolder", None),
-    ("Tasks", "IPF.Task", "TasksFolder", None),
-];
-
-/// A folder's id: the inbox's as every other operation names it, the rest by name.
-fn folder_id(mailbox: &str, name: Option<&str>) -> String {
-    match name {
-        None => state::root_id(mailbox),
-        Some("Inbox") => state::inbox_id(mailbox),
-        Some(other) => base64::Engine::encode(
-            &base64::engine::general_purpose::STANDARD,
-            format!("folder:{other}:{mailbox}"),
-        ),
-    }
 }
 
 /// FindFolder below the top of the acting mailbox (`msgfolderroot` or `root`) or below its
@@ -416,8 +359,8 @@ pub(crate) fn find_folder(
     let below = match folder.as_str() {
         "msgfolderroot" | "root" => None,
         "inbox" => Some("Inbox"),
-        id if id == state::root_id(&mailbox) => None,
-        id if id == state::inbox_id(&mailbox) => Some("Inbox"),
+        id if id == folders::root_id(&mailbox) => None,
+        id if id == folders::inbox_id(&mailbox) => Some("Inbox"),
         _ => {
             let message = soap::error(
                 OP,

@@ -392,13 +392,13 @@ fn dispatch(
         Operation::Subscribe {
             streaming,
             mailbox,
+            folders,
             event_types,
         } => ops::subscribe(
             &app.world,
-            principal,
-            acting,
+            (principal, acting),
             streaming,
-            mailbox,
+            (mailbox, folders),
             event_types,
         ),
         Operation::Unsubscribe { id } => ops::unsubscribe(&app.world, principal, &id),

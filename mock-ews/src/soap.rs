@@ -9,6 +9,7 @@ use base64::Engine as _;
 use roxmltree::{Document, Node};
 
 use crate::clock;
+use crate::folders::folder_id;
 use crate::mail::Item;
 use crate::state::{self, Target};
 
@@ -51,6 +52,9 @@ pub(crate) enum Operation {
     Subscribe {
         streaming: bool,
         mailbox: Option<String>,
+        /// The folders named (distinguished ids or folder ids); every folder when `None`
+        /// (`SubscribeToAllFolders`).
+        folders: Option<Vec<String>>,
         event_types: Vec<String>,
     },
     GetStreamingEvents {
@@ -417,15 +421,27 @@ pub(crate) fn parse_request(body: &str) -> Result<Request, String> {
                 .or_else(|| child(op, MESSAGES, "PullSubscriptionRequest"))
                 .or_else(|| child(op, MESSAGES, "PushSubscriptionRequest"))
                 .ok_or("Subscribe without a subscription request")?;
-            let mailbox = child(req, TYPES, "FolderIds")
-                .and_then(|f| f.children().find(Node::is_element))
-                .and_then(mailbox_of);
+            let named: Vec<Node<'_, '_>> = child(req, TYPES, "FolderIds")
+                .map(|f| f.children().filter(Node::is_element).collect())
+                .unwrap_or_default();
+            let mailbox = named.first().copied().and_then(mailbox_of);
+            let all = req.attribute("SubscribeToAllFolders") == Some("true");
+            if !all && named.is_empty() {
+                return Err("Subscribe names no folder".into());
+            }
+            let folders = (!all).then(|| {
+                named
+                    .iter()
+                    .filter_map(|f| f.attribute("Id").map(str::to_owned))
+                    .collect()
+            });
             let event_types = child(req, TYPES, "EventTypes")
                 .map(|e| elements(e, "EventType").map(text).collect())
                 .unwrap_or_default();
             Operation::Subscribe {
                 streaming: streaming.is_some(),
                 mailbox,
+                folders,
                 event_types,
             }
         }
@@ -727,8 +743,6 @@ pub(crate) fn stream_error(code: &str, text: &str, ids: &[String]) -> String {
 pub(crate) fn stream_notifications(batches: &[state::Drained]) -> String {
     let mut inner = String::from("<m:Notifications>");
     for (sub, mailbox, events) in batches {
-        let inbox = esc(&state::inbox_id(mailbox));
-        let root = esc(&state::root_id(mailbox));
         let _ = write!(
             inner,
             "<m:Notification><t:SubscriptionId>{}</t:SubscriptionId>",
@@ -742,18 +756,26 @@ pub(crate) fn stream_notifications(batches: &[state::Drained]) -> String {
                 clock::xs_datetime(ev.timestamp)
             );
             match &ev.target {
-                Target::Item { id, change_key } => {
+                Target::Item {
+                    id,
+                    change_key,
+                    folder,
+                } => {
                     let _ = write!(
                         inner,
-                        r#"<t:ItemId Id="{}" ChangeKey="{}"/><t:ParentFolderId Id="{inbox}" ChangeKey="AQAAAA=="/>"#,
+                        r#"<t:ItemId Id="{}" ChangeKey="{}"/><t:ParentFolderId Id="{}" ChangeKey="AQAAAA=="/>"#,
                         esc(id),
-                        esc(change_key)
+                        esc(change_key),
+                        esc(&folder_id(mailbox, Some(folder)))
                     );
                 }
-                Target::Inbox { unread } => {
+                Target::Folder { name, unread } => {
+                    let parent = crate::folders::by_name(name).and_then(|f| f.3);
                     let _ = write!(
                         inner,
-                        r#"<t:FolderId Id="{inbox}" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="{root}" ChangeKey="AQAAAA=="/><t:UnreadCount>{unread}</t:UnreadCount>"#
+                        r#"<t:FolderId Id="{}" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="{}" ChangeKey="AQAAAA=="/><t:UnreadCount>{unread}</t:UnreadCount>"#,
+                        esc(&folder_id(mailbox, Some(name))),
+                        esc(&folder_id(mailbox, parent))
                     );
                 }
             }
@@ -818,7 +840,7 @@ pub(crate) fn message(mailbox: &str, item: &Item, shape: &Shape) -> String {
         let _ = write!(
             out,
             r#"<t:ParentFolderId Id="{}" ChangeKey="AQAAAA=="/>"#,
-            esc(&state::inbox_id(mailbox))
+            esc(&folder_id(mailbox, Some(item.folder)))
         );
     }
     if shape.wants("item:ItemClass") {

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 
 use crate::faults::{Armed, Fault, FaultKind, Settings};
+use crate::folders::{self, INBOX, SENT_ITEMS};
 use crate::mail::{InjectedMail, Item, NewMail, SentMail};
 
 /// One queued notification event.
@@ -27,22 +28,28 @@ pub(crate) enum Target {
     Item {
         id: String,
         change_key: String,
+        /// The folder holding it.
+        folder: &'static str,
     },
-    /// The inbox itself, with its unread count after the change.
-    Inbox {
-        unread: usize,
-    },
+    /// A folder itself, with its unread count after the change.
+    Folder { name: &'static str, unread: usize },
 }
 
 #[derive(Debug)]
 struct Mailbox {
     email: String,
     password: String,
+    /// Every item of every folder, in arrival order.
     items: Vec<Item>,
-    /// What the mailbox sent: the copies in its Sent Items, oldest first.
-    sent_items: Vec<Item>,
-    /// Every change to the inbox, in order: what SyncFolderItems replays from a sync state.
-    changes: Vec<Change>,
+    /// Every change to a folder, by folder, in order: what SyncFolderItems replays from a sync
+    /// state.
+    changes: Vec<(&'static str, Change)>,
+}
+
+impl Mailbox {
+    fn in_folder(&self, folder: &str) -> impl Iterator<Item = &Item> {
+        self.items.iter().filter(move |i| i.folder == folder)
+    }
 }
 
 /// One entry of a mailbox's change log.
@@ -62,6 +69,8 @@ pub(crate) struct SyncPage {
 #[derive(Debug)]
 struct Subscription {
     mailbox: String,
+    /// The folders it watches; every folder when `None` (`SubscribeToAllFolders`).
+    folders: Option<Vec<&'static str>>,
     /// The account that made it (impersonating or not): only it may stream or end it.
     owner: String,
     event_types: Vec<String>,
@@ -75,6 +84,12 @@ struct Subscription {
 impl Subscription {
     fn wants(&self, kind: &str) -> bool {
         self.event_types.is_empty() || self.event_types.iter().any(|t| t == kind)
+    }
+
+    fn watches(&self, folder: &str) -> bool {
+        self.folders
+            .as_ref()
+            .is_none_or(|f| f.contains(&folder))
     }
 }
 
@@ -231,16 +246,6 @@ fn opaque_id(kind: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
-/// The inbox folder id of a mailbox: stable, opaque.
-pub(crate) fn inbox_id(mailbox: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("inbox:{}", key(mailbox)))
-}
-
-/// The root folder id of a mailbox.
-pub(crate) fn root_id(mailbox: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("root:{}", key(mailbox)))
-}
-
 impl World {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind; keep serving.
@@ -265,7 +270,6 @@ impl World {
                 email: email.trim().to_owned(),
                 password: password.to_owned(),
                 items: Vec::new(),
-                sent_items: Vec::new(),
                 changes: Vec::new(),
             },
         );
@@ -369,7 +373,19 @@ impl World {
                 reason: "is required".into(),
             });
         }
-        Self::deliver(&mut self.lock(), mailbox, mail)
+        let folder = match mail.folder.as_deref() {
+            None => INBOX,
+            Some(name) => {
+                folders::by_name(name)
+                    .filter(|f| f.1 == "IPF.Note")
+                    .ok_or_else(|| ControlError::Invalid {
+                        field: "folder",
+                        reason: format!("{name:?} is not a mail folder of the mailbox"),
+                    })?
+                    .0
+            }
+        };
+        Self::deliver(&mut self.lock(), mailbox, mail, folder)
     }
 
     /// Sends a message as `sender`: the recipients that live on this server (To, Cc and Bcc)
@@ -407,13 +423,12 @@ impl World {
             }
         }
         for rcpt in local {
-            let _ = Self::deliver(&mut inner, &rcpt, mail.clone());
+            let _ = Self::deliver(&mut inner, &rcpt, mail.clone(), INBOX);
         }
-        let message_id = copy.message_id.clone();
-        if keep_copy && let Some(mb) = inner.mailboxes.get_mut(&key(sender)) {
-            mb.sent_items.push(copy);
+        if keep_copy {
+            let _ = Self::deliver(&mut inner, sender, mail, SENT_ITEMS);
         }
-        Ok(message_id)
+        Ok(copy.message_id)
     }
 
     /// What a mailbox sent, oldest first.
@@ -423,53 +438,62 @@ impl World {
             .mailboxes
             .get(&key(mailbox))
             .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
-        Ok(mb.sent_items.iter().map(Item::summary).collect())
+        Ok(mb.in_folder(SENT_ITEMS).map(Item::summary).collect())
     }
 
-    /// Puts a mail into a mailbox's inbox and queues the events real Exchange fires.
+    /// Puts a mail into one of a mailbox's folders and queues the events real Exchange fires
+    /// for the subscriptions watching that folder.
     fn deliver(
         inner: &mut Inner,
         mailbox: &str,
         mail: NewMail,
+        folder: &'static str,
     ) -> Result<InjectedMail, ControlError> {
         let k = key(mailbox);
         let mb = inner
             .mailboxes
             .get_mut(&k)
             .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
-        let item = Item::new(opaque_id("item"), &mb.email, mail);
+        let mut item = Item::new(opaque_id("item"), &mb.email, mail);
+        item.folder = folder;
         let injected = InjectedMail {
             item_id: item.id.clone(),
             message_id: item.message_id.clone(),
         };
         let (at, change_key) = (item.received, item.change_key.clone());
-        mb.changes.push(Change::Create {
-            id: item.id.clone(),
-            change_key: change_key.clone(),
-        });
+        mb.changes.push((
+            folder,
+            Change::Create {
+                id: item.id.clone(),
+                change_key: change_key.clone(),
+            },
+        ));
         mb.items.push(item);
-        let unread = mb.items.len();
-        // One delivery fires what real Exchange fires: the item's CreatedEvent and
-        // NewMailEvent, and a ModifiedEvent on the inbox folder.
-        let events = [
-            (
-                "CreatedEvent",
-                Target::Item {
-                    id: injected.item_id.clone(),
-                    change_key: change_key.clone(),
-                },
-            ),
-            (
-                "NewMailEvent",
-                Target::Item {
-                    id: injected.item_id.clone(),
-                    change_key,
-                },
-            ),
-            ("ModifiedEvent", Target::Inbox { unread }),
-        ];
+        let unread = mb.in_folder(folder).count();
+        let created = Target::Item {
+            id: injected.item_id.clone(),
+            change_key,
+            folder,
+        };
+        // What real Exchange fires: the item's CreatedEvent, a NewMailEvent for mail received
+        // (not for a sender's own copy), and a ModifiedEvent on the folder.
+        let mut events = vec![("CreatedEvent", created.clone())];
+        if folder != SENT_ITEMS {
+            events.push(("NewMailEvent", created));
+        }
+        events.push((
+            "ModifiedEvent",
+            Target::Folder {
+                name: folder,
+                unread,
+            },
+        ));
         let mut queued = 0;
-        for sub in inner.subscriptions.values_mut().filter(|s| s.mailbox == k) {
+        for sub in inner
+            .subscriptions
+            .values_mut()
+            .filter(|s| s.mailbox == k && s.watches(folder))
+        {
             for (kind, target) in &events {
                 if sub.wants(kind) {
                     sub.queue.push_back(QueuedEvent {
@@ -497,12 +521,25 @@ impl World {
             .collect()
     }
 
-    /// The changes after `state` (all of them without one), at most `max`; `None` when the
-    /// state is not one this mailbox issued.
-    pub fn sync(&self, mailbox: &str, state: Option<&str>, max: usize) -> Option<SyncPage> {
+    /// The changes to a folder after `state` (all of them without one), at most `max`;
+    /// `None` when the state is not one this mailbox issued for that folder.
+    pub fn sync(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        state: Option<&str>,
+        max: usize,
+    ) -> Option<SyncPage> {
         let inner = self.lock();
         let k = key(mailbox);
         let mb = inner.mailboxes.get(&k)?;
+        let changes: Vec<&Change> = mb
+            .changes
+            .iter()
+            .filter(|(f, _)| *f == folder)
+            .map(|(_, c)| c)
+            .collect();
+        let owner = format!("{k}:{folder}");
         let from = match state {
             None => 0,
             Some(s) => {
@@ -510,19 +547,19 @@ impl World {
                     .decode(s.trim())
                     .ok()?;
                 let raw = String::from_utf8(raw).ok()?;
-                let (owner, at) = raw.strip_prefix("sync:")?.rsplit_once(':')?;
+                let (issued_to, at) = raw.strip_prefix("sync:")?.rsplit_once(':')?;
                 let at: usize = at.parse().ok()?;
-                if owner != k || at > mb.changes.len() {
+                if issued_to != owner || at > changes.len() {
                     return None;
                 }
                 at
             }
         };
-        let to = (from + max).min(mb.changes.len());
+        let to = (from + max).min(changes.len());
         Some(SyncPage {
-            state: base64::engine::general_purpose::STANDARD.encode(format!("sync:{k}:{to}")),
-            includes_last: to == mb.changes.len(),
-            changes: mb.changes[from..to].to_vec(),
+            state: base64::engine::general_purpose::STANDARD.encode(format!("sync:{owner}:{to}")),
+            includes_last: to == changes.len(),
+            changes: changes[from..to].iter().map(|c| (*c).clone()).collect(),
         })
     }
 
@@ -533,23 +570,28 @@ impl World {
         keys
     }
 
-    /// Every mail in a mailbox, in delivery order.
+    /// Every mail a mailbox received (in any folder but Sent Items), in delivery order.
     pub fn sent(&self, mailbox: &str) -> Result<Vec<SentMail>, ControlError> {
         let inner = self.lock();
         let mb = inner
             .mailboxes
             .get(&key(mailbox))
             .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
-        Ok(mb.items.iter().map(Item::summary).collect())
+        Ok(mb
+            .items
+            .iter()
+            .filter(|i| i.folder != SENT_ITEMS)
+            .map(Item::summary)
+            .collect())
     }
 
-    /// A page of the inbox (or of Sent Items) of the items the query admits, by received time
-    /// (newest first unless asked otherwise; in arrival order among equal times); and how many
-    /// there are in all.
+    /// A page of a folder of the items the query admits, by received time (newest first
+    /// unless asked otherwise; in arrival order among equal times); and how many there are in
+    /// all.
     pub fn page(
         &self,
         mailbox: &str,
-        sent_items: bool,
+        folder: &str,
         (offset, max): (usize, usize),
         query: &crate::soap::ItemQuery,
     ) -> (Vec<Item>, usize) {
@@ -557,13 +599,8 @@ impl World {
         let Some(mb) = inner.mailboxes.get(&key(mailbox)) else {
             return (Vec::new(), 0);
         };
-        let folder = if sent_items {
-            &mb.sent_items
-        } else {
-            &mb.items
-        };
-        let mut matching: Vec<(usize, &Item)> = folder
-            .iter()
+        let mut matching: Vec<(usize, &Item)> = mb
+            .in_folder(folder)
             .enumerate()
             .filter(|(_, i)| query.message_id.as_ref().is_none_or(|m| &i.message_id == m))
             .filter(|(_, i)| query.received_since.is_none_or(|since| i.received >= since))
@@ -582,17 +619,19 @@ impl World {
         (page, total)
     }
 
-    pub fn item_count(&self, mailbox: &str) -> usize {
+    /// How many items a folder holds.
+    pub fn item_count(&self, mailbox: &str, folder: &str) -> usize {
         self.lock()
             .mailboxes
             .get(&key(mailbox))
-            .map_or(0, |m| m.items.len())
+            .map_or(0, |m| m.in_folder(folder).count())
     }
 
     pub fn subscribe(
         &self,
         mailbox: &str,
         owner: &str,
+        folders: Option<Vec<&'static str>>,
         event_types: Vec<String>,
     ) -> Result<String, Refused> {
         let mut inner = self.lock();
@@ -613,6 +652,7 @@ impl World {
             id.clone(),
             Subscription {
                 mailbox: k,
+                folders,
                 owner: key(owner),
                 event_types,
                 queue: VecDeque::new(),

@@ -834,3 +834,127 @@ async fn find_item_lists_what_was_received_since_a_moment_oldest_first() {
     assert_eq!(between(&body, "<t:Subject>", "<"), "newest");
     assert!(body.contains(r#"TotalItemsInView="3""#), "{body}");
 }
+
+#[tokio::test]
+async fn subscriptions_and_syncs_watch_the_folders_they_name() {
+    let ews = start().await;
+    ews.create_mailbox("bob@contoso.example", "pw").unwrap();
+    // The folder ids FindFolder gives, by name.
+    let tree = post(&ews, "secret", envelope(concat!(
+        r#"<m:FindFolder Traversal="Deep"><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape></m:FolderShape>"#,
+        r#"<m:ParentFolderIds><t:DistinguishedFolderId Id="msgfolderroot"/></m:ParentFolderIds></m:FindFolder>"#
+    ))).await.text().await.unwrap();
+    let id_of = |name: &str| {
+        let at = tree.find(&format!("<t:DisplayName>{name}<")).unwrap();
+        let before = &tree[..at];
+        let from = before.rfind("<t:FolderId Id=\"").unwrap() + "<t:FolderId Id=\"".len();
+        before[from..from + before[from..].find('"').unwrap()].to_owned()
+    };
+    let (projects, sent) = (id_of("Projects"), id_of("Sent Items"));
+    let subscribe = async |folders: &str| {
+        let body = post(&ews, "secret", envelope(&format!(
+            concat!(
+                r#"<m:Subscribe><m:StreamingSubscriptionRequest{}><t:FolderIds>{}</t:FolderIds>"#,
+                "<t:EventTypes><t:EventType>NewMailEvent</t:EventType><t:EventType>CreatedEvent</t:EventType></t:EventTypes>",
+                "</m:StreamingSubscriptionRequest></m:Subscribe>"
+            ),
+            if folders.is_empty() { r#" SubscribeToAllFolders="true""# } else { "" },
+            folders
+        ))).await.text().await.unwrap();
+        between(&body, "<m:SubscriptionId>", "</m:SubscriptionId>").to_owned()
+    };
+    let named = subscribe(&format!(
+        r#"<t:FolderId Id="{projects}"/><t:DistinguishedFolderId Id="sentitems"/>"#
+    ))
+    .await;
+    let all = subscribe("").await;
+    let mail = |subject: &str, folder: Option<&str>| NewMail {
+        from: "carol@example.com".into(),
+        subject: subject.into(),
+        folder: folder.map(str::to_owned),
+        ..NewMail::default()
+    };
+    let in_projects = ews
+        .inject("alice@contoso.example", mail("filed", Some("projects")))
+        .unwrap();
+    ews.inject("alice@contoso.example", mail("inbox", None))
+        .unwrap();
+    assert!(
+        ews.inject("alice@contoso.example", mail("nowhere", Some("Calendar")))
+            .is_err(),
+        "not a mail folder"
+    );
+    let send = concat!(
+        r#"<m:CreateItem MessageDisposition="SendAndSaveCopy"><m:Items><t:Message><t:Subject>out</t:Subject>"#,
+        "<t:ToRecipients><t:Mailbox><t:EmailAddress>bob@contoso.example</t:EmailAddress></t:Mailbox></t:ToRecipients>",
+        "</t:Message></m:Items></m:CreateItem>"
+    );
+    assert_eq!(post(&ews, "secret", envelope(send)).await.status(), 200);
+    let stream = async |sub: &str| {
+        post(&ews, "secret", envelope(&format!(
+            "<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{sub}</t:SubscriptionId></m:SubscriptionIds><m:ConnectionTimeout>1</m:ConnectionTimeout></m:GetStreamingEvents>"
+        ))).await.text().await.unwrap()
+    };
+    let events = |body: &str, kind: &str, parent: &str| {
+        body.split(&format!("<t:{kind}>"))
+            .skip(1)
+            .map(|e| &e[..e.find(&format!("</t:{kind}>")).unwrap()])
+            .filter(|e| e.contains(&format!(r#"<t:ParentFolderId Id="{parent}""#)))
+            .count()
+    };
+    let watched = stream(&named).await;
+    // The filed mail in Projects (created, new mail), the sender's copy in Sent Items
+    // (created only); nothing of the inbox.
+    assert_eq!(events(&watched, "CreatedEvent", &projects), 1, "{watched}");
+    assert_eq!(events(&watched, "NewMailEvent", &projects), 1, "{watched}");
+    assert_eq!(events(&watched, "CreatedEvent", &sent), 1, "{watched}");
+    assert_eq!(events(&watched, "NewMailEvent", &sent), 0, "{watched}");
+    assert_eq!(watched.matches("<t:CreatedEvent>").count(), 2, "{watched}");
+    let everything = stream(&all).await;
+    assert_eq!(
+        everything.matches("<t:CreatedEvent>").count(),
+        3,
+        "{everything}"
+    );
+    // Each folder keeps its own change log.
+    let sync = |folder: &str| {
+        envelope(&format!(
+            concat!(
+                r#"<m:SyncFolderItems><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:SyncFolderId>{}</m:SyncFolderId>"#,
+                "<m:MaxChangesReturned>512</m:MaxChangesReturned></m:SyncFolderItems>"
+            ),
+            folder
+        ))
+    };
+    let filed = post(
+        &ews,
+        "secret",
+        sync(&format!(r#"<t:FolderId Id="{projects}"/>"#)),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(filed.matches("<t:Create>").count(), 1, "{filed}");
+    assert!(filed.contains(&in_projects.item_id));
+    let inbox = post(
+        &ews,
+        "secret",
+        sync(r#"<t:DistinguishedFolderId Id="inbox"/>"#),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(inbox.matches("<t:Create>").count(), 1, "{inbox}");
+    // A state is good only for the folder it was given for.
+    let state = between(&filed, "<m:SyncState>", "</m:SyncState>").to_owned();
+    let crossed = post(&ews, "secret", envelope(&format!(
+        concat!(
+            r#"<m:SyncFolderItems><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:SyncFolderId><t:DistinguishedFolderId Id="inbox"/></m:SyncFolderId>"#,
+            "<m:SyncState>{}</m:SyncState><m:MaxChangesReturned>512</m:MaxChangesReturned></m:SyncFolderItems>"
+        ),
+        state
+    ))).await.text().await.unwrap();
+    assert!(crossed.contains("ErrorInvalidSyncStateData"), "{crossed}");
+}
