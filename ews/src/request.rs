@@ -61,6 +61,24 @@ pub struct RequestHeader {
     pub impersonate: Option<String>,
 }
 
+/// The distinguished folder ids of mail folders and the folders around them.
+pub const DISTINGUISHED_IDS: [&str; 14] = [
+    "inbox",
+    "sentitems",
+    "drafts",
+    "deleteditems",
+    "junkemail",
+    "outbox",
+    "msgfolderroot",
+    "root",
+    "archiveinbox",
+    "calendar",
+    "contacts",
+    "tasks",
+    "notes",
+    "journal",
+];
+
 /// A folder a request names: a well-known one by its distinguished id (optionally in another
 /// mailbox than the caller's), or any folder by its id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -79,6 +97,16 @@ impl FolderRef {
             id: id.to_owned(),
             mailbox: mailbox.map(str::to_owned),
             distinguished: true,
+        }
+    }
+
+    /// A folder as a string names it: a distinguished id when it is one of EWS's well-known
+    /// names (`inbox`, `sentitems`, ...), else a folder id (which never looks like one).
+    pub fn named(id: &str) -> Self {
+        if DISTINGUISHED_IDS.contains(&id) {
+            Self::distinguished(id, None)
+        } else {
+            Self::by_id(id)
         }
     }
 
@@ -610,6 +638,11 @@ pub fn find_folders(
 /// `GetFolder` with the id shape plus display name and counts: a cheap authenticated call
 /// that proves the credentials reach the folder.
 pub fn get_folder(header: &RequestHeader, folder: &FolderRef) -> String {
+    get_folders(header, std::slice::from_ref(folder))
+}
+
+/// `GetFolder` of several folders at once: one response message each, in order.
+pub fn get_folders(header: &RequestHeader, folders: &[FolderRef]) -> String {
     envelope(header, |out| {
         out.push_str(concat!(
             "<m:GetFolder><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape>",
@@ -618,7 +651,9 @@ pub fn get_folder(header: &RequestHeader, folder: &FolderRef) -> String {
             r#"<t:FieldURI FieldURI="folder:TotalCount"/>"#,
             "</t:AdditionalProperties></m:FolderShape><m:FolderIds>"
         ));
-        folder.write(out);
+        for folder in folders {
+            folder.write(out);
+        }
         out.push_str("</m:FolderIds></m:GetFolder>");
     })
 }

@@ -11,7 +11,8 @@ use crate::stats::Percentiles;
 /// A mail the harness put in a mailbox.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sent {
-    /// What Creatio is sent that names it: the Message-ID, or the item id for `NewEmail`.
+    /// What Creatio is sent that names it, after the mailbox it comes through
+    /// (`mbx-3/<id@host>`): the Message-ID, or the item id for `NewEmail`.
     pub key: String,
     pub mailbox: usize,
     /// Seconds after the mail started.
@@ -24,9 +25,20 @@ pub struct Sent {
     pub optional: bool,
 }
 
+impl Sent {
+    /// The Message-ID (or item id) the key names, without the mailbox it came through.
+    pub fn mail(&self) -> &str {
+        self.key
+            .strip_prefix("mbx-")
+            .and_then(|k| k.split_once('/'))
+            .map_or(self.key.as_str(), |(_, mail)| mail)
+    }
+}
+
 /// A mail Creatio recorded.
 #[derive(Debug, Clone, Serialize)]
 pub struct Arrival {
+    /// The mailbox it came through and the Message-ID (or item id), as [`Sent::key`].
     pub key: String,
     pub unix_us: u64,
 }
@@ -187,7 +199,7 @@ pub fn judge(
                     rule: "closed",
                     detail: format!(
                         "mail {} to mbx-{} sent {:.1} s in, after the mailbox was closed, reached Creatio",
-                        s.key, s.mailbox, s.secs
+                        s.mail(), s.mailbox, s.secs
                     ),
                 });
             }
@@ -202,7 +214,9 @@ pub fn judge(
                     rule: "lost",
                     detail: format!(
                         "mail {} to mbx-{} sent {:.1} s in never reached Creatio",
-                        s.key, s.mailbox, s.secs
+                        s.mail(),
+                        s.mailbox,
+                        s.secs
                     ),
                 });
             }
@@ -224,7 +238,7 @@ pub fn judge(
                         rule: "duplicated",
                         detail: format!(
                             "mail {} to mbx-{} sent {:.1} s in reached Creatio {} times",
-                            s.key,
+                            s.mail(),
                             s.mailbox,
                             s.secs,
                             times.len()

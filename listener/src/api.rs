@@ -358,8 +358,8 @@ async fn email_synchronize(
 }
 
 /// `POST /api/email/fetch`: `SyncEmailsCommand{Credentials, Filters}` with `Filters` the
-/// Message-IDs Creatio wants, joined by `;`. Answered at once; each mail found in the inbox is
-/// then posted through `ProcessFullEmail`, and one not found is logged and skipped.
+/// Message-IDs Creatio wants, joined by `;`. Answered at once; each mail found in the watched
+/// folders is then posted through `ProcessFullEmail`, and one not found is logged and skipped.
 async fn email_fetch(State(state): State<ApiState>, body: Bytes) -> Result<StatusCode, ApiError> {
     let (creds, message_ids) = contract::parse_fetch(&body)?;
     let client = exchange_client(&state, &creds)?;

@@ -1,5 +1,5 @@
-//! Creatio's `email/fetch`: mails it knows by Message-ID, found in the mailbox's inbox and
-//! posted through `ProcessFullEmail`, whether or not the mailbox is subscribed here. A mail
+//! Creatio's `email/fetch`: mails it knows by Message-ID, found in the mailbox's watched
+//! folders (the first that holds each) and posted through `ProcessFullEmail`, whether or not the mailbox is subscribed here. A mail
 //! not found is logged and skipped; one that cannot be read or posted is logged with why.
 
 use std::sync::Arc;
@@ -13,24 +13,36 @@ use crate::mail::to_email;
 use crate::transport::Creatio;
 use crate::worker::FETCH_BATCH;
 
-/// Finds each Message-ID in the inbox and posts what it finds; answers how many were posted.
+/// Finds each Message-ID in the watched folders and posts what it finds; answers how many
+/// were posted.
 pub async fn fetch_and_post(
     client: EwsClient,
     creds: Credentials,
     message_ids: Vec<String>,
     creatio: Arc<dyn Creatio>,
 ) -> usize {
+    let folders = match client.watched_folders(&creds.folder_ids).await {
+        Ok(folders) => folders,
+        Err(e) => {
+            tracing::warn!(id = ?creds.id, error = %error_chain(&e), "could not list the mailbox's folders; looking in the inbox alone");
+            vec!["inbox".to_owned()]
+        }
+    };
     let mut items: Vec<String> = Vec::new();
-    for message_id in &message_ids {
-        match client.find_by_message_id(message_id).await {
-            Ok(found) if found.is_empty() => {
-                tracing::info!(id = ?creds.id, message_id = ?message_id, "a mail Creatio asked for is not in the inbox; skipped");
-            }
-            Ok(found) => items.extend(found),
-            Err(e) => {
-                tracing::warn!(id = ?creds.id, message_id = ?message_id, error = %error_chain(&e), "could not look for a mail Creatio asked for");
+    'wanted: for message_id in &message_ids {
+        for folder in &folders {
+            match client.find_by_message_id(folder, message_id).await {
+                Ok(found) if found.is_empty() => {}
+                Ok(found) => {
+                    items.extend(found);
+                    continue 'wanted;
+                }
+                Err(e) => {
+                    tracing::warn!(id = ?creds.id, message_id = ?message_id, error = %error_chain(&e), "could not look for a mail Creatio asked for");
+                }
             }
         }
+        tracing::info!(id = ?creds.id, message_id = ?message_id, "a mail Creatio asked for is in none of the watched folders; skipped");
     }
     let url = contract::sibling_url(&creds.bpm_endpoint, "ProcessFullEmail");
     let never = CancellationToken::new();

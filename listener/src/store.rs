@@ -239,7 +239,11 @@ pub struct HistoryJob {
     /// Mail received at or after this moment (Unix ms) is loaded.
     #[serde(rename = "SinceUnixMs")]
     pub since_unix_ms: i64,
-    /// Where in the list of that mail, oldest first, the load stands.
+    /// Which of the watched folders (their index, in the order they are watched) the load
+    /// is in; they are loaded one after another.
+    #[serde(skip)]
+    pub folder: u32,
+    /// Where in that folder's list of that mail, oldest first, the load stands.
     #[serde(skip)]
     pub offset: u32,
     /// Mails handled so far: posted, or found delivered already.
@@ -253,6 +257,7 @@ impl HistoryJob {
     pub fn new(since_unix_ms: i64) -> HistoryJob {
         HistoryJob {
             since_unix_ms,
+            folder: 0,
             offset: 0,
             done: 0,
             total: 0,

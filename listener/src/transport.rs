@@ -29,27 +29,37 @@ pub type ItemResult = Result<ews::Message, ews::ResponseError>;
 pub trait Exchange: Send + Sync {
     /// The endpoint, for logs (without credentials).
     fn url(&self) -> String;
-    /// Subscribes to new mail in the inbox; answers the subscription id.
-    fn subscribe(&self) -> Answer<'_, String>;
+    /// The folders the mailbox's mail is watched in: `asked` (Creatio's `FolderIds`), or
+    /// every mail folder when it names none; the inbox as `inbox`.
+    fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>>;
+    /// Subscribes to new mail in these folders; answers the subscription id.
+    fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String>;
     fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()>;
     /// One result per id, in order.
     fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>>;
-    /// One page of inbox changes after `sync_state` (from the beginning when `None`).
-    fn sync_inbox<'a>(
+    /// One page of a folder's changes after `sync_state` (from the beginning when `None`).
+    fn sync_folder<'a>(
         &'a self,
+        folder: &'a str,
         sync_state: Option<&'a str>,
         max_changes: u16,
     ) -> Answer<'a, ews::SyncPage>;
-    /// One page of inbox items, newest first by received time, from `offset`.
-    fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage>;
-    /// One page of the inbox items received at or after `since_unix_ms`, oldest first, from
+    /// One page of a folder's items, newest first by received time, from `offset`.
+    fn find_recent_items<'a>(
+        &'a self,
+        folder: &'a str,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, ews::FindPage>;
+    /// One page of a folder's items received at or after `since_unix_ms`, oldest first, from
     /// `offset`.
-    fn find_received_since(
-        &self,
+    fn find_received_since<'a>(
+        &'a self,
+        folder: &'a str,
         since_unix_ms: i64,
         offset: u32,
         max_entries: u16,
-    ) -> Answer<'_, ews::FindPage>;
+    ) -> Answer<'a, ews::FindPage>;
     /// Opens a streaming connection; answers once the server has accepted it.
     fn open_stream<'a>(
         &'a self,
@@ -136,8 +146,12 @@ impl Exchange for Grouped {
         self.client.url()
     }
 
-    fn subscribe(&self) -> Answer<'_, String> {
-        self.client.subscribe().boxed()
+    fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
+        self.client.watched_folders(asked).boxed()
+    }
+
+    fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String> {
+        self.client.subscribe(folders).boxed()
     }
 
     fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()> {
@@ -148,26 +162,37 @@ impl Exchange for Grouped {
         self.client.get_items(ids).boxed()
     }
 
-    fn sync_inbox<'a>(
+    fn sync_folder<'a>(
         &'a self,
+        folder: &'a str,
         sync_state: Option<&'a str>,
         max_changes: u16,
     ) -> Answer<'a, ews::SyncPage> {
-        self.client.sync_inbox(sync_state, max_changes).boxed()
+        self.client
+            .sync_folder(folder, sync_state, max_changes)
+            .boxed()
     }
 
-    fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage> {
-        self.client.find_recent_items(offset, max_entries).boxed()
+    fn find_recent_items<'a>(
+        &'a self,
+        folder: &'a str,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, ews::FindPage> {
+        self.client
+            .find_recent_items(folder, offset, max_entries)
+            .boxed()
     }
 
-    fn find_received_since(
-        &self,
+    fn find_received_since<'a>(
+        &'a self,
+        folder: &'a str,
         since_unix_ms: i64,
         offset: u32,
         max_entries: u16,
-    ) -> Answer<'_, ews::FindPage> {
+    ) -> Answer<'a, ews::FindPage> {
         self.client
-            .find_received_since(since_unix_ms, offset, max_entries)
+            .find_received_since(folder, since_unix_ms, offset, max_entries)
             .boxed()
     }
 
@@ -200,8 +225,12 @@ impl Exchange for EwsClient {
         EwsClient::url(self)
     }
 
-    fn subscribe(&self) -> Answer<'_, String> {
-        EwsClient::subscribe(self).boxed()
+    fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
+        EwsClient::watched_folders(self, asked).boxed()
+    }
+
+    fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String> {
+        EwsClient::subscribe(self, folders).boxed()
     }
 
     fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()> {
@@ -212,25 +241,32 @@ impl Exchange for EwsClient {
         EwsClient::get_items(self, ids).boxed()
     }
 
-    fn sync_inbox<'a>(
+    fn sync_folder<'a>(
         &'a self,
+        folder: &'a str,
         sync_state: Option<&'a str>,
         max_changes: u16,
     ) -> Answer<'a, ews::SyncPage> {
-        EwsClient::sync_inbox(self, sync_state, max_changes).boxed()
+        EwsClient::sync_folder(self, folder, sync_state, max_changes).boxed()
     }
 
-    fn find_recent_items(&self, offset: u32, max_entries: u16) -> Answer<'_, ews::FindPage> {
-        EwsClient::find_recent_items(self, offset, max_entries).boxed()
+    fn find_recent_items<'a>(
+        &'a self,
+        folder: &'a str,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, ews::FindPage> {
+        EwsClient::find_recent_items(self, folder, offset, max_entries).boxed()
     }
 
-    fn find_received_since(
-        &self,
+    fn find_received_since<'a>(
+        &'a self,
+        folder: &'a str,
         since_unix_ms: i64,
         offset: u32,
         max_entries: u16,
-    ) -> Answer<'_, ews::FindPage> {
-        EwsClient::find_received_since(self, since_unix_ms, offset, max_entries).boxed()
+    ) -> Answer<'a, ews::FindPage> {
+        EwsClient::find_received_since(self, folder, since_unix_ms, offset, max_entries).boxed()
     }
 
     fn open_stream<'a>(

@@ -120,6 +120,8 @@ enum StreamEnd {
     Ended,
     /// The subscription is gone.
     SubscriptionLost(EwsFailure),
+    /// A folder was created, moved or deleted: the set of folders to watch is read again.
+    FoldersChanged,
 }
 
 enum Flow {
@@ -157,6 +159,8 @@ struct Worker {
     counted_as: std::sync::Mutex<Option<WorkerState>>,
     /// The history load (by its moment) this worker has taken up.
     history_resumed: Option<i64>,
+    /// The folders watched, as resolved before the current subscription.
+    folders: Vec<String>,
 }
 
 impl Drop for Worker {
@@ -224,6 +228,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             token_refresh_asked: false,
             counted_as: std::sync::Mutex::new(None),
             history_resumed: None,
+            folders: Vec::new(),
         };
         worker.run().await;
         if worker.cancel.is_cancelled() {
@@ -307,9 +312,29 @@ impl Worker {
                 _ = self.cancel.cancelled() => return,
                 _ = gate.pace() => {}
             }
+            // Which folders to watch: Creatio's choice, or every mail folder there is now.
+            let folders = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                f = self.exchange.watched_folders(&self.creds.folder_ids) => f,
+            };
+            match folders {
+                Ok(folders) => {
+                    if folders != self.folders {
+                        tracing::info!(folders = folders.len(), "watching the mailbox's folders");
+                    }
+                    self.folders = folders;
+                }
+                Err(f) => {
+                    if self.pause(&f).await {
+                        continue;
+                    }
+                    return;
+                }
+            }
             // Not cancelled half-way: a Subscribe the server has taken must be answered by
             // an Unsubscribe, or the subscription lingers on the server.
-            let sub_id = match self.exchange.subscribe().await {
+            let sub_id = match self.exchange.subscribe(&self.folders).await {
                 Ok(id) if self.cancel.is_cancelled() => {
                     self.unsubscribe(&id).await;
                     return;

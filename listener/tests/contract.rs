@@ -694,6 +694,88 @@ async fn a_mail_that_cannot_go_says_why_in_words_creatio_shows() {
     );
 }
 
+/// Mail filed into a mailbox's folder by name (`None`: the inbox); answers its Message-ID.
+fn file_mail(world: &World, mailbox: &str, subject: &str, folder: Option<&str>) -> String {
+    world
+        .ews
+        .inject(
+            mailbox,
+            NewMail {
+                from: "carol@example.com".into(),
+                subject: subject.into(),
+                folder: folder.map(str::to_owned),
+                ..NewMail::default()
+            },
+        )
+        .unwrap()
+        .message_id
+}
+
+#[tokio::test]
+async fn every_mail_folder_is_watched_unless_creatio_chooses_some() {
+    let world = World::start().await;
+    let listener = Listener::spawn(&[]).await;
+    // Alice: FolderIds empty, every mail folder (her own sent mail too; not junk).
+    world
+        .subscribe(&listener, MAILBOX, ALICE, "ProcessFullEmail")
+        .await;
+    // Bob: the one folder he chose from the list Creatio showed him.
+    world
+        .ews
+        .create_mailbox("bob@contoso.example", "secret")
+        .unwrap();
+    let mut bob = world.credentials("b0b", "bob@contoso.example", "secret", "ProcessFullEmail");
+    bob["FolderClassName"] = json!("IPF.Note");
+    let (_, folders) = listener.post("/api/mailbox/folders", bob.to_string()).await;
+    let projects = folders
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["Name"] == "Projects")
+        .unwrap()["Id"]
+        .clone();
+    bob["FolderIds"] = json!([projects]);
+    let streams = world.ews.stats().open_streams;
+    assert_eq!(listener.send("create", &json!([bob])).await.0, 200);
+    eventually("Bob's mailbox to stream", PATIENCE, async || {
+        (world.ews.stats().open_streams > streams).then_some(())
+    })
+    .await;
+
+    let filed = file_mail(&world, ALICE, "filed", Some("Projects"));
+    let junk = file_mail(&world, ALICE, "junk", Some("Junk Email"));
+    let bobs_inbox = file_mail(&world, "bob@contoso.example", "not chosen", None);
+    let bobs_projects = file_mail(&world, "bob@contoso.example", "chosen", Some("Projects"));
+    let (status, answer) = listener
+        .post(
+            "/apiv2/email/send",
+            send_request(&world, "alice-sent", "secret", 10),
+        )
+        .await;
+    assert_eq!((status, answer), (200, Value::String(String::new())));
+    let sent = "<alice-sent@creatio.contoso.example>".to_owned();
+    common::assert_each_delivered_once(
+        &world,
+        ALICE,
+        &[filed, sent.clone(), bobs_projects.clone()],
+    )
+    .await;
+    let got = common::delivered(&world);
+    assert!(!got.contains(&junk), "junk mail is not watched");
+    assert!(!got.contains(&bobs_inbox), "Bob did not choose his inbox");
+    // Alice's copy of what she sent came through her mailbox.
+    let alices: Vec<String> = world
+        .creatio
+        .calls_of("ProcessFullEmail")
+        .into_iter()
+        .filter(|c| c.body["SubscriptionInfo"]["MailboxId"] == MAILBOX)
+        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
+        .collect();
+    assert!(alices.contains(&sent), "{alices:?}");
+    assert_nothing_rejected(&world);
+}
+
 /// .NET ticks, UTC, of a time in seconds since the Unix epoch.
 fn ticks(unix: i64) -> String {
     (unix * 10_000_000 + 621_355_968_000_000_000).to_string()

@@ -28,6 +28,11 @@ const SYNCED: &str = r#"<?xml version="1.0" encoding="utf-8"?><Envelope xmlns="h
 /// looks for mail received since the Create).
 const FOUND_NONE: &str = r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Header><h:ServerVersionInfo MajorVersion="15" MinorVersion="0" MajorBuildNumber="1210" MinorBuildNumber="3" xmlns:h="http://schemas.microsoft.com/exchange/services/2006/types"/></s:Header><s:Body><m:FindItemResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types"><m:ResponseMessages><m:FindItemResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode><m:RootFolder TotalItemsInView="0" IncludesLastItemInRange="true"><t:Items/></m:RootFolder></m:FindItemResponseMessage></m:ResponseMessages></m:FindItemResponse></s:Body></s:Envelope>"#;
 
+/// The folder tree, as Exchange 2013 lists it: the inbox (the one mail folder) and a calendar.
+const FOLDERS: &str = r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Header><h:ServerVersionInfo MajorVersion="15" MinorVersion="0" MajorBuildNumber="1210" MinorBuildNumber="3" xmlns:h="http://schemas.microsoft.com/exchange/services/2006/types"/></s:Header><s:Body><m:FindFolderResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types"><m:ResponseMessages><m:FindFolderResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode><m:RootFolder TotalItemsInView="2" IncludesLastItemInRange="true"><t:Folders><t:Folder><t:FolderId Id="AQMkInbox" ChangeKey="AQAAAA=="/><t:ParentFolderId Id="AQMkRoot" ChangeKey="AQAAAA=="/><t:FolderClass>IPF.Note</t:FolderClass><t:DisplayName>Inbox</t:DisplayName></t:Folder><t:CalendarFolder><t:FolderId Id="AQMkCalendar" ChangeKey="AgAAAA=="/><t:ParentFolderId Id="AQMkRoot" ChangeKey="AQAAAA=="/><t:FolderClass>IPF.Appointment</t:FolderClass><t:DisplayName>Calendar</t:DisplayName></t:CalendarFolder></t:Folders></m:RootFolder></m:FindFolderResponseMessage></m:ResponseMessages></m:FindFolderResponse></s:Body></s:Envelope>"#;
+
+const GOT_INBOX: &str = include_str!("../../ews/fixtures/get_folder_inbox.xml");
+
 const UNSUBSCRIBED: &str = r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Header/><s:Body><m:UnsubscribeResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><m:ResponseMessages><m:UnsubscribeResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode></m:UnsubscribeResponseMessage></m:ResponseMessages></m:UnsubscribeResponse></s:Body></s:Envelope>"#;
 
 /// What the stub server does beyond the happy path.
@@ -82,6 +87,10 @@ async fn stub(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
                     SYNCED.into_response()
                 } else if body.contains("FindItem") {
                     FOUND_NONE.into_response()
+                } else if body.contains("FindFolder") {
+                    FOLDERS.into_response()
+                } else if body.contains("GetFolder") {
+                    GOT_INBOX.into_response()
                 } else if body.contains("Unsubscribe") {
                     UNSUBSCRIBED.into_response()
                 } else {

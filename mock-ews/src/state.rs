@@ -87,9 +87,7 @@ impl Subscription {
     }
 
     fn watches(&self, folder: &str) -> bool {
-        self.folders
-            .as_ref()
-            .is_none_or(|f| f.contains(&folder))
+        self.folders.as_ref().is_none_or(|f| f.contains(&folder))
     }
 }
 

@@ -37,9 +37,9 @@ pub(super) struct Shared {
     pub(super) operation: &'static str,
     /// Mailboxes are created without a password, for the service account.
     pub(super) service_account: bool,
-    /// The old mail put into the `[history]` mailbox: Message-IDs, oldest first, and the
-    /// oldest one's received time (Unix seconds).
-    pub(super) history: Arc<Mutex<(Vec<String>, i64)>>,
+    /// The old mail put into the `[history]` mailbox: Message-IDs, oldest first, the oldest
+    /// one's received time (Unix seconds), and the mailbox.
+    pub(super) history: Arc<Mutex<(Vec<String>, i64, usize)>>,
     /// When the history was asked for (Unix µs): none of it may reach Creatio before.
     pub(super) history_asked_us: Arc<Mutex<Option<u64>>>,
 }
@@ -51,6 +51,13 @@ impl Shared {
 
     pub(super) fn open(&self) -> usize {
         self.mailboxes - self.closed.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// What a mail is known by once it reaches Creatio: the mailbox it came through, and its
+    /// Message-ID (or item id). One mail reaches Creatio through each scenario mailbox that
+    /// holds it (the recipient's inbox, the sender's Sent Items).
+    pub(super) fn sent_key(m: usize, key: &str) -> String {
+        format!("mbx-{m}/{key}")
     }
 
     pub(super) fn email(m: usize) -> String {
@@ -220,6 +227,13 @@ pub(super) async fn arrivals(sh: &Shared) -> anyhow::Result<Vec<Arrival>> {
     for call in calls.as_array().into_iter().flatten() {
         let unix_us = call["received_unix_us"].as_u64().unwrap_or(0);
         let body = &call["body"];
+        let mailbox = if sh.operation == "NewEmail" {
+            &body["newEvent"]["id"]
+        } else {
+            &body["SubscriptionInfo"]["MailboxId"]
+        }
+        .as_str()
+        .unwrap_or("?");
         let keys: Vec<&str> = if sh.operation == "NewEmail" {
             body["newEvent"]["uniqueIds"]
                 .as_array()
@@ -236,7 +250,7 @@ pub(super) async fn arrivals(sh: &Shared) -> anyhow::Result<Vec<Arrival>> {
                 .collect()
         };
         out.extend(keys.into_iter().map(|k| Arrival {
-            key: k.to_owned(),
+            key: format!("{mailbox}/{k}"),
             unix_us,
         }));
     }
@@ -278,7 +292,11 @@ pub(super) async fn sent_twice(sh: &Shared) -> anyhow::Result<Vec<Violation>> {
 /// Old mail that reached Creatio before its history was asked for: the Create posted what
 /// was in the mailbox already.
 pub(super) fn history_early(sh: &Shared, arrivals: &[Arrival]) -> Vec<Violation> {
-    let (ids, _) = sh.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (ids, mailbox) = {
+        let history = sh.history.lock().unwrap_or_else(|p| p.into_inner());
+        (history.0.clone(), history.2)
+    };
+    let ids: Vec<String> = ids.iter().map(|id| Shared::sent_key(mailbox, id)).collect();
     let asked = sh
         .history_asked_us
         .lock()

@@ -38,23 +38,20 @@ pub(super) async fn send_mail(
             let key = format!("<harness-{n}@harness.test>");
             let sent = send_through_listener(&sh, &bases, n as usize, from, m, &key, &body).await;
             n += 1;
-            let closed = sh
-                .closed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&m);
+            let closed = sh.closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            // It reaches Creatio through the recipient's inbox and the sender's Sent Items.
             sh.sent
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(Sent {
-                    key,
-                    mailbox: m,
+                .extend([m, from].map(|mailbox| Sent {
+                    key: Shared::sent_key(mailbox, &key),
+                    mailbox,
                     secs,
                     unix_us,
                     after_close: false,
                     // A send no replica confirmed may or may not have gone out.
-                    optional: closed || !sent,
-                });
+                    optional: closed.contains_key(&mailbox) || !sent,
+                }));
             continue;
         }
         let answer = post_json(
@@ -83,7 +80,7 @@ pub(super) async fn send_mail(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Sent {
-                key,
+                key: Shared::sent_key(m, &key),
                 mailbox: m,
                 secs,
                 unix_us,

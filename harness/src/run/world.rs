@@ -258,7 +258,7 @@ impl World {
                     .to_owned(),
             );
         }
-        *sh.history.lock().unwrap_or_else(|p| p.into_inner()) = (ids, oldest);
+        *sh.history.lock().unwrap_or_else(|p| p.into_inner()) = (ids, oldest, m);
         eprintln!(
             "[{}] {mails} old mails put into mbx-{m}",
             self.scenario.name
@@ -294,7 +294,7 @@ impl World {
                 }
             }
             Action::Synchronize { mailbox } => {
-                let (ids, oldest) = sh.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let (ids, oldest, _) = sh.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let ticks = (oldest - 1) * 10_000_000 + 621_355_968_000_000_000;
                 let body = json!({
                     "Credentials": sh.creds(*mailbox, &self.ews_base(), &self.creatio_base()),
@@ -310,7 +310,7 @@ impl World {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(ids.into_iter().map(|key| Sent {
-                        key,
+                        key: Shared::sent_key(*mailbox, &key),
                         mailbox: *mailbox,
                         secs,
                         unix_us,

@@ -23,6 +23,7 @@ use crate::contract::{Credentials, Secret};
 use crate::service_account::ServiceAccount;
 
 mod failure;
+mod folders;
 mod outgoing;
 mod servers;
 
@@ -512,12 +513,14 @@ impl EwsClient {
         }
     }
 
-    /// Subscribes to new mail in the inbox; returns the subscription id.
-    pub async fn subscribe(&self) -> Result<String, EwsFailure> {
+    /// Subscribes to new mail in these folders (as [`FolderRef::named`] reads them); returns
+    /// the subscription id.
+    pub async fn subscribe(&self, folders: &[String]) -> Result<String, EwsFailure> {
+        let folders: Vec<FolderRef> = folders.iter().map(|f| FolderRef::named(f)).collect();
         let build = |h: &RequestHeader| {
             ews::request::subscribe_streaming(
                 h,
-                &[FolderRef::inbox(None)],
+                &folders,
                 &[EventType::NewMail, EventType::Created],
             )
         };
@@ -548,48 +551,47 @@ impl EwsClient {
         Ok(results)
     }
 
-    /// One page of inbox changes after `sync_state` (from the beginning when `None`).
-    pub async fn sync_inbox(
+    /// One page of a folder's changes after `sync_state` (from the beginning when `None`).
+    pub async fn sync_folder(
         &self,
+        folder: &str,
         sync_state: Option<&str>,
         max_changes: u16,
     ) -> Result<ews::SyncPage, EwsFailure> {
+        let folder = FolderRef::named(folder);
         let build = |h: &RequestHeader| {
-            ews::request::sync_folder_items(h, &FolderRef::inbox(None), sync_state, max_changes)
+            ews::request::sync_folder_items(h, &folder, sync_state, max_changes)
         };
         self.call(build, false, response::parse_sync_folder_items)
             .await
     }
 
-    /// One page of inbox items, newest first by received time, from `offset`.
+    /// One page of a folder's items, newest first by received time, from `offset`.
     pub async fn find_recent_items(
         &self,
+        folder: &str,
         offset: u32,
         max_entries: u16,
     ) -> Result<ews::FindPage, EwsFailure> {
-        let build = |h: &RequestHeader| {
-            ews::request::find_recent_items(h, &FolderRef::inbox(None), offset, max_entries)
-        };
+        let folder = FolderRef::named(folder);
+        let build =
+            |h: &RequestHeader| ews::request::find_recent_items(h, &folder, offset, max_entries);
         self.call(build, false, response::parse_find_item).await
     }
 
-    /// One page of the inbox items received at or after `since_unix_ms` (to the second),
+    /// One page of a folder's items received at or after `since_unix_ms` (to the second),
     /// oldest first, from `offset`.
     pub async fn find_received_since(
         &self,
+        folder: &str,
         since_unix_ms: i64,
         offset: u32,
         max_entries: u16,
     ) -> Result<ews::FindPage, EwsFailure> {
         let since = crate::mail::xs_datetime(since_unix_ms);
+        let folder = FolderRef::named(folder);
         let build = |h: &RequestHeader| {
-            ews::request::find_received_since(
-                h,
-                &FolderRef::inbox(None),
-                &since,
-                offset,
-                max_entries,
-            )
+            ews::request::find_received_since(h, &folder, &since, offset, max_entries)
         };
         self.call(build, false, response::parse_find_item).await
     }
@@ -605,11 +607,14 @@ impl EwsClient {
         }
     }
 
-    /// The ids of the inbox's items whose Message-ID is `message_id`, newest first.
-    pub async fn find_by_message_id(&self, message_id: &str) -> Result<Vec<String>, EwsFailure> {
-        let build = |h: &RequestHeader| {
-            ews::request::find_by_message_id(h, &FolderRef::inbox(None), message_id)
-        };
+    /// The ids of a folder's items whose Message-ID is `message_id`, newest first.
+    pub async fn find_by_message_id(
+        &self,
+        folder: &str,
+        message_id: &str,
+    ) -> Result<Vec<String>, EwsFailure> {
+        let folder = FolderRef::named(folder);
+        let build = |h: &RequestHeader| ews::request::find_by_message_id(h, &folder, message_id);
         let page = self.call(build, false, response::parse_find_item).await?;
         Ok(page.items.into_iter().map(|i| i.id.id).collect())
     }
@@ -630,6 +635,27 @@ impl EwsClient {
         };
         let page = self.call(build, false, response::parse_find_item).await?;
         Ok(!page.items.is_empty())
+    }
+
+    /// The folders a mailbox's mail is watched in: those Creatio names (`FolderIds`), or
+    /// when it names none every mail folder below the top of the mailbox (the inbox first, as
+    /// `inbox`; Sent Items and every subfolder), leaving out drafts, deleted items, junk mail
+    /// and the outbox with theirs.
+    pub async fn watched_folders(&self, asked: &[String]) -> Result<Vec<String>, EwsFailure> {
+        if !asked.is_empty() {
+            return Ok(asked.to_vec());
+        }
+        let found = self.find_folders().await?;
+        let named: Vec<FolderRef> = ["inbox", "drafts", "deleteditems", "junkemail", "outbox"]
+            .into_iter()
+            .map(|id| FolderRef::distinguished(id, None))
+            .collect();
+        let build = |h: &RequestHeader| ews::request::get_folders(h, &named);
+        let got = self.call(build, false, response::parse_get_folder).await?;
+        let mut ids = got.into_iter().map(|r| r.ok().and_then(|f| f.folder_id));
+        let inbox = ids.next().flatten();
+        let unwatched: Vec<String> = ids.flatten().collect();
+        Ok(folders::mail_folders(&found, inbox.as_deref(), &unwatched))
     }
 
     /// Every folder below the top of the mailbox, every level deep, in the server's order.

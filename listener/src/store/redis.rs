@@ -129,12 +129,12 @@ const RELEASE: &str = include_str!("redis/release.lua");
 const BEGIN_SEND: &str = include_str!("redis/begin-send.lua");
 
 /// Asks for a history load. KEYS: mbx, the replays channel. ARGV: since (Unix ms), the
-/// mailbox id. Answers the load (since, offset, done, total), or nil when the mailbox is not
+/// mailbox id. Answers the load (since, folder, offset, done, total), or nil when the mailbox is not
 /// open; wakes the mailbox's worker.
 const ASK_HISTORY: &str = include_str!("redis/ask-history.lua");
 
 /// Saves a history load's progress under the lease. KEYS: mbx, lease. ARGV: fence, the load's
-/// since, then its offset, done and total (none: it is done). Answers 1 if written, 0 if the
+/// since, then its folder, offset, done and total (none: it is done). Answers 1 if written, 0 if the
 /// load was replaced, -1 if fenced.
 const SET_HISTORY: &str = include_str!("redis/set-history.lua");
 
@@ -1045,7 +1045,7 @@ impl Store for RedisStore {
                 .arg(fence_value(fence))
                 .arg(since_unix_ms);
             if let Some(p) = progress {
-                call.arg(p.offset).arg(p.done).arg(p.total);
+                call.arg(p.folder).arg(p.offset).arg(p.done).arg(p.total);
             }
             let answer: i64 = call.invoke_async(&mut conn).await.map_err(store_error)?;
             fenced(answer)?;
@@ -1098,18 +1098,20 @@ impl Store for RedisStore {
 }
 
 /// The fields of a mailbox's hash that hold its history load.
-const HISTORY_FIELDS: [&str; 4] = [
+const HISTORY_FIELDS: [&str; 5] = [
     "history_since",
+    "history_folder",
     "history_offset",
     "history_done",
     "history_total",
 ];
 
-/// A history load from its four fields, in [`HISTORY_FIELDS`]' order.
+/// A history load from its five fields, in [`HISTORY_FIELDS`]' order.
 fn history_job(fields: &[i64]) -> Option<HistoryJob> {
     match *fields {
-        [since, offset, done, total] => Some(HistoryJob {
+        [since, folder, offset, done, total] => Some(HistoryJob {
             since_unix_ms: since,
+            folder: u32::try_from(folder).unwrap_or(0),
             offset: u32::try_from(offset).unwrap_or(0),
             done: u64::try_from(done).unwrap_or(0),
             total: u64::try_from(total).unwrap_or(0),

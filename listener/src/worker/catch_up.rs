@@ -1,13 +1,13 @@
 //! Catching up: what arrived while no stream was open, from the cursor kept in the store —
 //! a baseline listed page by page, a recovery of what was received since a moment, a live
-//! sync delivering what is new — each step saved before the next.
+//! sync delivering what is new — in every watched folder, each step saved before the next.
 
 use super::*;
 
 impl Worker {
     /// Delivers what arrived while no stream was open, from the stored cursor, whose phase
-    /// says what is owed: a baseline lists the inbox without delivering it (a new mailbox's
-    /// existing mail is not new), a recovery delivers what was received since a moment, and
+    /// says what is owed: a baseline lists the watched folders without delivering what they
+    /// hold (a new mailbox's existing mail is not new), a recovery delivers what was received since a moment, and
     /// a live cursor delivers every item after it. Each step is saved before the next, so an
     /// interruption resumes where it stood. Runs before every connection; events that arrive
     /// meanwhile wait on the subscription. False when cancelled.
@@ -26,7 +26,7 @@ impl Worker {
                     recover_since_unix_ms: None,
                 },
             });
-        loop {
+        'pass: loop {
             if let SyncPhase::Recovering { since_unix_ms } = cursor.phase {
                 if !self.recover_since(since_unix_ms).await? {
                     return Ok(false);
@@ -38,75 +38,94 @@ impl Worker {
                 continue;
             }
             let asked_at = unix_now_ms();
-            let known = (!cursor.state.is_empty()).then_some(cursor.state.as_str());
-            let page = tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return Ok(false),
-                r = self.exchange.sync_inbox(known, SYNC_PAGE) => r,
-            };
-            let page = match page {
-                Ok(page) => page,
-                Err(f) if known.is_some() && f.code() == Some("ErrorInvalidSyncStateData") => {
-                    // The server no longer knows our state: take a new baseline, then find
-                    // what arrived since the last sync by its received time.
-                    tracing::warn!(
-                        "sync state rejected by the server; taking a new baseline and recovering the gap"
-                    );
-                    let since = match cursor.phase {
-                        SyncPhase::Baseline {
-                            recover_since_unix_ms,
-                        } => recover_since_unix_ms,
-                        _ => Some(cursor.at_unix_ms - GAP_MARGIN_MS),
+            let mut states = FolderStates::decode(&cursor.state);
+            // A folder no longer watched is forgotten; one newly watched has no state yet.
+            states.0.retain(|(f, _)| self.folders.contains(f));
+            let folders = self.folders.clone();
+            for folder in &folders {
+                // A folder first seen while live is listed before anything in it is new: the
+                // mail it holds already is not.
+                let deliver = cursor.phase == SyncPhase::Live && states.get(folder).is_some();
+                loop {
+                    let known = states.get(folder).map(str::to_owned);
+                    let page = tokio::select! {
+                        biased;
+                        _ = self.cancel.cancelled() => return Ok(false),
+                        r = self.exchange.sync_folder(folder, known.as_deref(), SYNC_PAGE) => r,
                     };
-                    cursor.state.clear();
-                    cursor.phase = SyncPhase::Baseline {
-                        recover_since_unix_ms: since,
+                    let page = match page {
+                        Ok(page) => page,
+                        Err(f)
+                            if known.is_some() && f.code() == Some("ErrorInvalidSyncStateData") =>
+                        {
+                            // The server no longer knows our state: take a new baseline, then
+                            // find what arrived since the last sync by its received time.
+                            tracing::warn!(
+                                folder = %folder,
+                                "sync state rejected by the server; taking a new baseline and recovering the gap"
+                            );
+                            let since = match cursor.phase {
+                                SyncPhase::Baseline {
+                                    recover_since_unix_ms,
+                                } => recover_since_unix_ms,
+                                _ => Some(cursor.at_unix_ms - GAP_MARGIN_MS),
+                            };
+                            cursor.state.clear();
+                            cursor.phase = SyncPhase::Baseline {
+                                recover_since_unix_ms: since,
+                            };
+                            if !self.save_cursor(&cursor).await? {
+                                return Ok(false);
+                            }
+                            continue 'pass;
+                        }
+                        Err(f) => return Err(f),
                     };
+                    if deliver {
+                        let created: Vec<String> = page
+                            .changes
+                            .iter()
+                            .filter_map(|c| match c {
+                                ews::SyncChange::Create(id) => Some(id.id.clone()),
+                                _ => None,
+                            })
+                            .collect();
+                        if !created.is_empty() {
+                            tracing::info!(
+                                items = created.len(),
+                                folder = %folder,
+                                "catching up on mail that arrived while not streaming"
+                            );
+                            if !self.deliver(created).await? {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                    states.set(folder, page.sync_state);
+                    cursor.state = states.encode();
                     if !self.save_cursor(&cursor).await? {
                         return Ok(false);
                     }
-                    continue;
-                }
-                Err(f) => return Err(f),
-            };
-            if cursor.phase == SyncPhase::Live {
-                let created: Vec<String> = page
-                    .changes
-                    .iter()
-                    .filter_map(|c| match c {
-                        ews::SyncChange::Create(id) => Some(id.id.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                if !created.is_empty() {
-                    tracing::info!(
-                        items = created.len(),
-                        "catching up on mail that arrived while not streaming"
-                    );
-                    if !self.deliver(created).await? {
-                        return Ok(false);
+                    if page.includes_last_item_in_range {
+                        break;
                     }
                 }
             }
-            cursor.state = page.sync_state;
-            let complete = page.includes_last_item_in_range;
-            if complete {
-                // Everything received before the request was listed.
-                cursor.at_unix_ms = asked_at;
-                if let SyncPhase::Baseline {
-                    recover_since_unix_ms,
-                } = cursor.phase
-                {
-                    cursor.phase = match recover_since_unix_ms {
-                        Some(since_unix_ms) => SyncPhase::Recovering { since_unix_ms },
-                        None => SyncPhase::Live,
-                    };
-                }
+            // Everything received before the pass began was listed, in every folder.
+            cursor.at_unix_ms = asked_at;
+            if let SyncPhase::Baseline {
+                recover_since_unix_ms,
+            } = cursor.phase
+            {
+                cursor.phase = match recover_since_unix_ms {
+                    Some(since_unix_ms) => SyncPhase::Recovering { since_unix_ms },
+                    None => SyncPhase::Live,
+                };
             }
             if !self.save_cursor(&cursor).await? {
                 return Ok(false);
             }
-            if complete && cursor.phase == SyncPhase::Live {
+            if cursor.phase == SyncPhase::Live {
                 return Ok(true);
             }
         }
@@ -137,54 +156,136 @@ impl Worker {
             .await
     }
 
-    /// Delivers what the inbox received since `since_unix_ms` (newest first from FindItem,
-    /// handed on oldest first); what was already delivered is filtered out on the way. Runs
-    /// after a new baseline, so mail arriving meanwhile is found by the next sync as well,
-    /// and posted once. False when cancelled.
+    /// Delivers what the watched folders received since `since_unix_ms` (newest first from
+    /// FindItem, handed on oldest first); what was already delivered is filtered out on the
+    /// way. Runs after a new baseline, so mail arriving meanwhile is found by the next sync as
+    /// well, and posted once. False when cancelled.
     async fn recover_gap(&mut self, since_unix_ms: i64) -> Result<bool, EwsFailure> {
-        let mut found: Vec<String> = Vec::new();
-        let mut offset = 0u32;
-        loop {
-            let page = tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return Ok(false),
-                r = self.exchange.find_recent_items(offset, FIND_PAGE) => r?,
-            };
-            let listed = page.items.len();
-            let mut reached_older = false;
-            for item in page.items {
-                // An item without a readable time is kept: a duplicate is filtered, a loss is not.
-                let received = item
-                    .date_time_received
-                    .as_deref()
-                    .and_then(parse_xs_datetime);
-                if received.is_some_and(|t| t < since_unix_ms) {
-                    reached_older = true;
+        // (received time, item id); an item without a readable time is kept, as the newest:
+        // a duplicate is filtered, a loss is not.
+        let mut found: Vec<(i64, String)> = Vec::new();
+        for folder in self.folders.clone() {
+            // This folder's, newest first as FindItem lists them.
+            let mut listed_here: Vec<(i64, String)> = Vec::new();
+            let mut offset = 0u32;
+            loop {
+                let page = tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => return Ok(false),
+                    r = self.exchange.find_recent_items(&folder, offset, FIND_PAGE) => r?,
+                };
+                let listed = page.items.len();
+                let mut reached_older = false;
+                for item in page.items {
+                    let received = item
+                        .date_time_received
+                        .as_deref()
+                        .and_then(parse_xs_datetime);
+                    if received.is_some_and(|t| t < since_unix_ms) {
+                        reached_older = true;
+                        break;
+                    }
+                    listed_here.push((received.unwrap_or(i64::MAX), item.id.id));
+                }
+                if listed_here.len() >= MAX_GAP_ITEMS {
                     break;
                 }
-                found.push(item.id.id);
+                if reached_older || listed == 0 || page.includes_last_item_in_range {
+                    break;
+                }
+                offset = page
+                    .next_offset
+                    .filter(|&next| next > offset)
+                    .unwrap_or(offset + listed as u32);
             }
-            if found.len() >= MAX_GAP_ITEMS {
-                tracing::warn!(
-                    items = found.len(),
-                    "the gap holds more mail than is recovered at once; older mail in it is not posted"
-                );
-                found.truncate(MAX_GAP_ITEMS);
-                break;
-            }
-            if reached_older || listed == 0 || page.includes_last_item_in_range {
-                break;
-            }
-            offset = page
-                .next_offset
-                .filter(|&next| next > offset)
-                .unwrap_or(offset + listed as u32);
+            listed_here.reverse();
+            found.append(&mut listed_here);
         }
-        found.reverse();
+        // Oldest first (in the server's order among equal times); the newest kept when there
+        // are more than are recovered at once.
+        found.sort_by_key(|(at, _)| *at);
+        if found.len() > MAX_GAP_ITEMS {
+            tracing::warn!(
+                items = found.len(),
+                "the gap holds more mail than is recovered at once; older mail in it is not posted"
+            );
+            found.drain(..found.len() - MAX_GAP_ITEMS);
+        }
         tracing::info!(
             items = found.len(),
             "recovering mail received since the last sync"
         );
-        self.deliver(found).await
+        self.deliver(found.into_iter().map(|(_, id)| id).collect())
+            .await
+    }
+}
+
+/// The sync states of the watched folders, as the stored cursor's `state` holds them: a
+/// `folders:1` line, then a `<folder>\t<state>` line per folder. A state without that first
+/// line is the inbox's alone (as a cursor was written while only the inbox was watched).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct FolderStates(pub(super) Vec<(String, String)>);
+
+const FOLDER_STATES: &str = "folders:1";
+
+impl FolderStates {
+    pub(super) fn decode(state: &str) -> FolderStates {
+        match state.strip_prefix(FOLDER_STATES) {
+            Some(lines) => FolderStates(
+                lines
+                    .lines()
+                    .filter_map(|l| l.split_once('\t'))
+                    .map(|(f, s)| (f.to_owned(), s.to_owned()))
+                    .collect(),
+            ),
+            None if state.is_empty() => FolderStates::default(),
+            None => FolderStates(vec![("inbox".to_owned(), state.to_owned())]),
+        }
+    }
+
+    pub(super) fn encode(&self) -> String {
+        let mut out = FOLDER_STATES.to_owned();
+        for (folder, state) in &self.0 {
+            out.push('\n');
+            out.push_str(folder);
+            out.push('\t');
+            out.push_str(state);
+        }
+        out
+    }
+
+    pub(super) fn get(&self, folder: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(f, _)| f == folder)
+            .map(|(_, s)| s.as_str())
+            .filter(|s| !s.is_empty())
+    }
+
+    pub(super) fn set(&mut self, folder: &str, state: String) {
+        match self.0.iter_mut().find(|(f, _)| f == folder) {
+            Some(entry) => entry.1 = state,
+            None => self.0.push((folder.to_owned(), state)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FolderStates;
+
+    #[test]
+    fn folder_states_read_what_they_write_and_an_inbox_state_of_old() {
+        let states = FolderStates(vec![
+            ("inbox".into(), "H4sIAAAA+/=".into()),
+            ("AAMkAGI2=".into(), "H4sIBBBB".into()),
+        ]);
+        assert_eq!(FolderStates::decode(&states.encode()), states);
+        assert_eq!(
+            FolderStates::decode("H4sIAAAA"),
+            FolderStates(vec![("inbox".into(), "H4sIAAAA".into())])
+        );
+        assert_eq!(FolderStates::decode(""), FolderStates::default());
+        assert_eq!(FolderStates::decode("folders:1").get("inbox"), None);
     }
 }

@@ -39,10 +39,14 @@ impl Worker {
                 "loading the mailbox's history"
             );
         }
+        // The watched folders one after another; a folder no longer watched ends its part.
+        let Some(folder) = self.folders.get(job.folder as usize).cloned() else {
+            return self.save_history(&job, None).await;
+        };
         let page = tokio::select! {
             biased;
             _ = self.cancel.cancelled() => return Ok(HistoryStep::Cancelled),
-            r = self.exchange.find_received_since(job.since_unix_ms, offset, HISTORY_PAGE) => r?,
+            r = self.exchange.find_received_since(&folder, job.since_unix_ms, offset, HISTORY_PAGE) => r?,
         };
         let listed = page.items.len();
         let ids: Vec<String> = page.items.into_iter().map(|i| i.id.id).collect();
@@ -51,29 +55,46 @@ impl Worker {
         }
         self.ctx.metrics.history_mails.inc_by(listed as u64);
         let reached = offset + listed as u32;
-        let finished = page.includes_last_item_in_range || listed == 0;
+        // Done with this folder: on to the next, from its start.
+        let folder_done = page.includes_last_item_in_range || listed == 0;
+        let in_view = page
+            .total_items_in_view
+            .map_or(u64::from(reached), u64::from)
+            .max(u64::from(reached));
+        let done = job.done - u64::from(job.offset.min(offset)) + u64::from(reached);
         let progress = HistoryJob {
-            offset: reached,
-            done: u64::from(reached),
-            total: page
-                .total_items_in_view
-                .map_or(u64::from(reached), u64::from)
-                .max(u64::from(reached)),
+            folder: job.folder + u32::from(folder_done),
+            offset: if folder_done { 0 } else { reached },
+            done,
+            total: job.total.max(done - u64::from(reached) + in_view),
             ..job
         };
+        self.save_history(&job, Some(&progress)).await
+    }
+
+    /// Saves a step's progress, or that the load is done when no watched folder is left.
+    async fn save_history(
+        &mut self,
+        job: &HistoryJob,
+        progress: Option<&HistoryJob>,
+    ) -> Result<HistoryStep, EwsFailure> {
+        let finished = progress.is_none_or(|p| p.folder as usize >= self.folders.len());
         let saved = self
             .ctx
             .store
             .set_history(
                 self.id(),
                 job.since_unix_ms,
-                (!finished).then_some(&progress),
+                if finished { None } else { progress },
                 &self.fence,
             )
             .await;
         match saved {
             Ok(true) if finished => {
-                tracing::info!(mails = reached, "the mailbox's history is loaded");
+                tracing::info!(
+                    mails = progress.map_or(job.done, |p| p.done),
+                    "the mailbox's history is loaded"
+                );
                 self.history_resumed = None;
                 Ok(HistoryStep::Idle)
             }

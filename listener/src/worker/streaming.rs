@@ -22,6 +22,12 @@ impl Worker {
                         .await;
                     return Flow::Resubscribe;
                 }
+                Ok(StreamEnd::FoldersChanged) => {
+                    // The old subscription lives on: give it back before the next one.
+                    tracing::info!("the mailbox's folders changed; watching them anew");
+                    self.unsubscribe(sub_id).await;
+                    return Flow::Resubscribe;
+                }
                 Ok(StreamEnd::Ended) => None,
                 Err(f) => match f.disposition() {
                     Disposition::Resubscribe => {
@@ -142,6 +148,23 @@ impl Worker {
             if !new_items.is_empty() && !self.deliver(new_items).await? {
                 return Ok(StreamEnd::Cancelled);
             }
+            // Watching every mail folder: one created, moved or deleted changes which.
+            let folders_changed = self.creds.folder_ids.is_empty()
+                && batch
+                    .notifications
+                    .iter()
+                    .filter(|n| n.subscription_id == sub_id)
+                    .flat_map(|n| &n.events)
+                    .any(|e| {
+                        matches!(e.target, Some(ews::EventTarget::Folder(_)))
+                            && matches!(
+                                e.kind,
+                                ews::EventKind::Created
+                                    | ews::EventKind::Deleted
+                                    | ews::EventKind::Moved
+                                    | ews::EventKind::Copied
+                            )
+                    });
             for err in &batch.errors {
                 if err.subscription_ids.is_empty()
                     || err.subscription_ids.iter().any(|id| id == sub_id)
@@ -152,6 +175,9 @@ impl Worker {
                         _ => Err(failure),
                     };
                 }
+            }
+            if folders_changed {
+                return Ok(StreamEnd::FoldersChanged);
             }
             if batch.closed() {
                 return Ok(StreamEnd::Ended);

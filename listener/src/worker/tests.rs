@@ -46,6 +46,8 @@ struct Script {
     find: VecDeque<Result<ews::FindPage, EwsFailure>>,
     /// The history: ids received since a moment, oldest first, listed a page at a time.
     history: Vec<String>,
+    /// Every mail folder of the mailbox (the inbox alone when empty).
+    folders: Vec<String>,
     /// The server's clock less ours, as its `Date` headers would say.
     clock_offset_ms: Option<i64>,
     /// How long each SyncFolderItems takes on the wall clock (the store's clock).
@@ -132,8 +134,28 @@ impl Exchange for FakeExchange {
         "http://exchange.test/EWS/Exchange.asmx".into()
     }
 
-    fn subscribe(&self) -> Answer<'_, String> {
-        self.log("subscribe".into());
+    fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
+        let folders = if asked.is_empty() {
+            self.script.lock().unwrap().folders.clone()
+        } else {
+            asked.to_vec()
+        };
+        async move {
+            Ok(if folders.is_empty() {
+                vec!["inbox".to_owned()]
+            } else {
+                folders
+            })
+        }
+        .boxed()
+    }
+
+    fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String> {
+        if folders.len() > 1 {
+            self.log(format!("subscribe {}", folders.join(",")));
+        } else {
+            self.log("subscribe".into());
+        }
         let answer = {
             let mut script = self.script.lock().unwrap();
             if script.panics > 0 {
@@ -161,12 +183,17 @@ impl Exchange for FakeExchange {
         async { Ok(mails) }.boxed()
     }
 
-    fn sync_inbox<'a>(
+    fn sync_folder<'a>(
         &'a self,
+        folder: &'a str,
         sync_state: Option<&'a str>,
         _max_changes: u16,
     ) -> Answer<'a, ews::SyncPage> {
-        self.log("sync".into());
+        if folder == "inbox" {
+            self.log("sync".into());
+        } else {
+            self.log(format!("sync {folder}"));
+        }
         self.syncs
             .lock()
             .unwrap()
@@ -191,12 +218,13 @@ impl Exchange for FakeExchange {
         .boxed()
     }
 
-    fn find_received_since(
-        &self,
+    fn find_received_since<'a>(
+        &'a self,
+        _folder: &'a str,
         _since_unix_ms: i64,
         offset: u32,
         max_entries: u16,
-    ) -> Answer<'_, ews::FindPage> {
+    ) -> Answer<'a, ews::FindPage> {
         self.log(format!("history {offset}"));
         let history = self.script.lock().unwrap().history.clone();
         let items: Vec<ews::FoundItem> = history
@@ -217,7 +245,12 @@ impl Exchange for FakeExchange {
         .boxed()
     }
 
-    fn find_recent_items(&self, offset: u32, _max_entries: u16) -> Answer<'_, ews::FindPage> {
+    fn find_recent_items<'a>(
+        &'a self,
+        _folder: &'a str,
+        offset: u32,
+        _max_entries: u16,
+    ) -> Answer<'a, ews::FindPage> {
         self.log(format!("find {offset}"));
         let page = self.script.lock().unwrap().find.pop_front();
         async {
@@ -1230,7 +1263,104 @@ async fn what_the_stream_delivered_is_not_posted_again_however_long_the_cursor_l
     let cursor = store.sync_state("mbx").await.unwrap().unwrap();
     assert_eq!(
         (cursor.state.as_str(), cursor.phase),
-        ("after", SyncPhase::Live)
+        ("folders:1\ninbox\tafter", SyncPhase::Live)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_watched_folder_is_synced_and_a_new_one_listed_before_its_mail_is_new() {
+    // Inbox and Sent Items were watched (the cursor an earlier worker left); Projects is new.
+    let rig = rig(Script {
+        folders: vec!["inbox".into(), "sent".into(), "projects".into()],
+        sync: [
+            Ok(sync_page("in-2", true, vec![created("in-new")])),
+            Ok(sync_page("sent-2", true, vec![created("sent-new")])),
+            Ok(sync_page("pr-1", true, vec![created("filed-long-ago")])),
+        ]
+        .into(),
+        ..Script::default()
+    });
+    rig.live_at("folders:1\ninbox\tin-1\nsent\tsent-1\nold\told-1")
+        .await;
+    rig.run_for(10 * SECOND).await;
+    let calls: Vec<String> = rig
+        .exchange
+        .calls()
+        .into_iter()
+        .filter(|c| !c.starts_with("get_items"))
+        .collect();
+    assert_eq!(
+        calls[..4],
+        [
+            "subscribe inbox,sent,projects",
+            "sync",
+            "sync sent",
+            "sync projects"
+        ],
+        "{calls:?}"
+    );
+    let posted = rig.creatio.posted.lock().unwrap().clone();
+    assert_eq!(
+        posted,
+        ["in-new", "sent-new"],
+        "what Projects held is not new"
+    );
+    let syncs: Vec<Option<String>> = rig
+        .exchange
+        .syncs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(state, _)| state.clone())
+        .collect();
+    assert_eq!(
+        syncs[..3],
+        [Some("in-1".into()), Some("sent-1".into()), None],
+        "each folder from its own state"
+    );
+    let cursor = rig.ctx.store.sync_state("mbx").await.unwrap().unwrap();
+    assert_eq!(
+        cursor.state, "folders:1\ninbox\tin-2\nsent\tsent-2\nprojects\tpr-1",
+        "the folder no longer watched is forgotten"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_folder_created_while_streaming_is_watched_at_once() {
+    let folder_created = ews::StreamBatch {
+        notifications: vec![ews::Notification {
+            subscription_id: "sub-1".into(),
+            events: vec![ews::Event {
+                kind: ews::EventKind::Created,
+                timestamp: None,
+                target: Some(ews::EventTarget::Folder("new-folder".into())),
+                parent_folder_id: Some("inbox-id".into()),
+            }],
+        }],
+        errors: Vec::new(),
+        status: None,
+    };
+    let rig = rig(Script {
+        open: [Open::Then(vec![
+            Step::Batch(status_batch(ews::ConnectionStatus::Ok)),
+            Step::Batch(folder_created),
+        ])]
+        .into(),
+        ..Script::default()
+    });
+    rig.live_at("s").await;
+    rig.run_for(5 * SECOND).await;
+    let calls = rig.exchange.calls();
+    assert_eq!(
+        calls[..5],
+        [
+            "subscribe",
+            "sync",
+            "open sub-1",
+            "unsubscribe sub-1",
+            "subscribe"
+        ],
+        "{calls:?}"
     );
 }
 

@@ -314,16 +314,18 @@ pub async fn assert_each_delivered_once(world: &World, mailbox: &str, sent: &[St
     }
 }
 
-/// Waits for a second Subscribe after a first one rejected with 401, and checks that it came
+/// Waits for a worker's second login (its round's first call) after a first one rejected with
+/// 401, and checks that it came
 /// no sooner than half of `failed_retry_base` (the listener's `--failed-retry-base-secs`):
 /// the slow schedule, not the fast retries of transient failures.
 pub async fn assert_slow_second_login(world: &World, failed_retry_base: Duration) {
     let (rejected, retried) = eventually("a second login", PATIENCE, async || {
+        // A worker's round begins by listing the folders to watch, then subscribes.
         let subscribes: Vec<_> = world
             .ews
             .request_log()
             .into_iter()
-            .filter(|r| r.operation == "Subscribe")
+            .filter(|r| r.operation == "FindFolder" || r.operation == "Subscribe")
             .collect();
         let first = subscribes.iter().position(|r| r.status == 401)?;
         let next = subscribes.get(first + 1)?;
