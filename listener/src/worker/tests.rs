@@ -471,6 +471,30 @@ impl Rig {
         }
     }
 
+    /// Runs a worker under `fence` whose Creatio takes `mails` and then holds every answer;
+    /// answers that Creatio and the worker's cancel.
+    fn worker_with_creatio_taking(
+        &self,
+        mails: usize,
+        fence: &Fence,
+    ) -> (Arc<FakeCreatio>, CancellationToken) {
+        let holding = Arc::new(FakeCreatio {
+            held: Some(Arc::new(tokio::sync::Semaphore::new(mails))),
+            ..FakeCreatio::default()
+        });
+        let cancel = CancellationToken::new();
+        tokio::spawn(run(
+            WorkerContext {
+                creatio: holding.clone(),
+                ..self.ctx.clone()
+            },
+            self.creds.clone(),
+            fence.clone(),
+            cancel.clone(),
+        ));
+        (holding, cancel)
+    }
+
     /// Runs the worker on its own for `d` of virtual time.
     async fn run_for(&self, d: Duration) {
         let _cancel = self.spawn().await;
@@ -1198,21 +1222,7 @@ async fn a_replay_cut_short_is_finished_by_the_next_worker() {
 
     // Creatio holds its answers: the first worker posts one mail and is stopped before the
     // second gets through.
-    let held = Arc::new(tokio::sync::Semaphore::new(1));
-    let holding = Arc::new(FakeCreatio {
-        held: Some(held.clone()),
-        ..FakeCreatio::default()
-    });
-    let first = CancellationToken::new();
-    tokio::spawn(run(
-        WorkerContext {
-            creatio: holding.clone(),
-            ..rig.ctx.clone()
-        },
-        rig.creds.clone(),
-        fence.clone(),
-        first.clone(),
-    ));
+    let (holding, first) = rig.worker_with_creatio_taking(1, &fence);
     tokio::time::sleep(SECOND).await;
     assert_eq!(*holding.posted.lock().unwrap(), ["d1"]);
     first.cancel();
@@ -1394,21 +1404,7 @@ async fn a_history_load_runs_oldest_first_and_resumes_in_the_next_worker() {
     assert!(store.ask_history("mbx", 1_000).await.unwrap().is_some());
 
     // Creatio holds its answers: the first worker gets 70 mails through and is stopped.
-    let held = Arc::new(tokio::sync::Semaphore::new(70));
-    let holding = Arc::new(FakeCreatio {
-        held: Some(held.clone()),
-        ..FakeCreatio::default()
-    });
-    let first = CancellationToken::new();
-    tokio::spawn(run(
-        WorkerContext {
-            creatio: holding.clone(),
-            ..rig.ctx.clone()
-        },
-        rig.creds.clone(),
-        fence.clone(),
-        first.clone(),
-    ));
+    let (holding, first) = rig.worker_with_creatio_taking(70, &fence);
     tokio::time::sleep(SECOND).await;
     let first_posted = holding.posted.lock().unwrap().clone();
     assert_eq!(first_posted.len(), 70);
