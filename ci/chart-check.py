@@ -59,15 +59,17 @@ def expect(what, ok):
 
 # Every value set renders, and every rendered object is valid Kubernetes.
 VALUE_SETS = {
-    "defaults, one replica": "replicaCount=1",
-    "Redis": "env.host=redis",
+    "defaults, one replica": "replicaCount=1,ApiUrl=crm.example.com",
+    "Redis": "env.host=redis,ApiUrl=crm.example.com",
     "NodePort": "env.host=redis,service.type=NodePort,service.nodePort=30080,ingress.enabled=false",
     "ingress": "env.host=redis,ApiUrl=crm.example.com,ingress.path=/el",
-    "autoscaling, KEDA, ServiceMonitor": "env.host=redis,autoscaling.enabled=true,"
-    "serviceMonitor.enabled=true,keda.enabled=true,keda.prometheusServerAddress=http://prom:9090",
-    "Redis password and TLS": "env.host=redis,redis.passwordSecret=redis-auth,redis.tls=true,"
+    "autoscaling, ServiceMonitor": "env.host=redis,ApiUrl=crm.example.com,autoscaling.enabled=true,"
+    "serviceMonitor.enabled=true",
+    "KEDA": "env.host=redis,ApiUrl=crm.example.com,keda.enabled=true,"
+    "keda.prometheusServerAddress=http://prom:9090",
+    "Redis password and TLS": "env.host=redis,ApiUrl=crm.example.com,redis.passwordSecret=redis-auth,redis.tls=true,"
     "redis.caSecret=redis-ca",
-    "on-premises Exchange": "env.host=redis,redis.caSecret=redis-ca,exchange.caSecret=ews-ca,"
+    "on-premises Exchange": "env.host=redis,ApiUrl=crm.example.com,redis.caSecret=redis-ca,exchange.caSecret=ews-ca,"
     "exchange.serviceAccountsSecret=ews-accounts,exchange.auth=ntlm,creatio.hosts={crm.contoso.com}",
     "the original's command line": "env.host=redis.crm,env.port=6379,env.base=0,"
     "ApiUrl=crm.example.com,ingress.enabled=true,ingress.path=/exchangelistener,apiVersion=apps/v1",
@@ -90,21 +92,22 @@ for label, expression in VALUE_SETS.items():
         expect(f"{label}: {obj['kind']} {obj['metadata']['name']} is valid Kubernetes {KUBE}", valid)
 
 # Each of the original's values does what its table says.
-base, base_files = render("env.host=redis")
+base, base_files = render("env.host=redis,ApiUrl=crm.example.com")
 expect("replicaCount sets the StatefulSet's replicas",
-       one(render("env.host=redis,replicaCount=5")[0], "StatefulSet")["spec"]["replicas"] == 5)
+       one(render("env.host=redis,ApiUrl=crm.example.com,replicaCount=5")[0], "StatefulSet")["spec"]["replicas"] == 5)
 expect("apiVersion sets the StatefulSet's apiVersion",
        one(base, "StatefulSet")["apiVersion"] == "apps/v1")
 expect("service.type sets the Service's type",
-       one(render("env.host=redis,service.type=NodePort")[0], "Service")["spec"]["type"] == "NodePort")
+       one(render("env.host=redis,ApiUrl=crm.example.com,service.type=NodePort")[0], "Service")["spec"]["type"] == "NodePort")
 expect("service.nodePort sets the node port",
-       one(render("env.host=redis,service.type=NodePort,service.nodePort=30080")[0], "Service")
+       one(render("env.host=redis,ApiUrl=crm.example.com,service.type=NodePort,service.nodePort=30080")[0], "Service")
        ["spec"]["ports"][0].get("nodePort") == 30080)
 expect("env.host and env.port become ExchangeListenerRedisHost",
-       env(render("env.host=redis.crm,env.port=6380")[0], "ExchangeListenerRedisHost") == "redis.crm:6380")
+       env(render("env.host=redis.crm,ApiUrl=crm.example.com,env.port=6380")[0], "ExchangeListenerRedisHost") == "redis.crm:6380")
 expect("env.base becomes ExchangeListenerRedisDatabase",
-       env(render("env.host=redis,env.base=4")[0], "ExchangeListenerRedisDatabase") == "4")
-expect("no env.host: no Redis settings", env(render("replicaCount=1")[0], "ExchangeListenerRedisHost") is None)
+       env(render("env.host=redis,ApiUrl=crm.example.com,env.base=4")[0], "ExchangeListenerRedisDatabase") == "4")
+expect("no env.host: no Redis settings",
+       env(render("replicaCount=1,ingress.enabled=false")[0], "ExchangeListenerRedisHost") is None)
 expect("ingress.enabled=false leaves the Ingress out",
        one(render("env.host=redis,ingress.enabled=false")[0], "Ingress") is None)
 ingress = one(render("env.host=redis,ApiUrl=crm.example.com,ingress.path=/el")[0], "Ingress")
@@ -112,9 +115,9 @@ expect("ApiUrl is the Ingress host", ingress["spec"]["rules"][0].get("host") == 
 expect("ingress.path is the Ingress path",
        ingress["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/el")
 expect("ingress.path is the listener's base path",
-       env(render("env.host=redis,ingress.path=/el")[0], "EXCHANGE_LISTENER_BASE_PATH") == "/el")
+       env(render("env.host=redis,ApiUrl=crm.example.com,ingress.path=/el")[0], "EXCHANGE_LISTENER_BASE_PATH") == "/el")
 expect("log4Net.level Debug becomes the debug log level",
-       env(render("env.host=redis,log4Net.level=Debug")[0], "EXCHANGE_LISTENER_LOG") == "debug")
+       env(render("env.host=redis,ApiUrl=crm.example.com,log4Net.level=Debug")[0], "EXCHANGE_LISTENER_LOG") == "debug")
 expect("log4Net.level defaults to info", env(base, "EXCHANGE_LISTENER_LOG") == "info")
 expect("the pod name is the replica id",
        env(base, "PodName") == {"fieldRef": {"fieldPath": "metadata.name"}})
@@ -128,7 +131,7 @@ expect("NOTES names Creatio's ExchangeListenerServiceUri",
        "http://crm.example.com/exchangelistener/api/listeners"
        in notes(render("env.host=redis,ApiUrl=crm.example.com")[1]))
 
-onprem = render("env.host=redis,exchange.caSecret=ews-ca,exchange.serviceAccountsSecret=ews-accounts,"
+onprem = render("env.host=redis,ApiUrl=crm.example.com,exchange.caSecret=ews-ca,exchange.serviceAccountsSecret=ews-accounts,"
                 "exchange.auth=ntlm,creatio.hosts={crm.contoso.com},exchange.hosts={mail.contoso.com,*.contoso.com}")[0]
 pod = one(onprem, "StatefulSet")["spec"]["template"]["spec"]
 mounts = {m["name"]: m["mountPath"] for m in container(onprem).get("volumeMounts", [])}
@@ -148,15 +151,72 @@ expect("no host lists: any host", env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") i
        and env(base, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") is None)
 expect("no Exchange secrets: no volumes", "volumes" not in one(base, "StatefulSet")["spec"]["template"]["spec"])
 
+
+
+def restricted(objects):
+    """What keeps the pod from the `restricted` Pod Security level (Kubernetes 1.30)."""
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    psc = pod.get("securityContext") or {}
+    problems = []
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            problems.append("runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            problems.append("runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append("seccompProfile")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append("allowPrivilegeEscalation")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append("capabilities")
+        if sc.get("privileged"):
+            problems.append("privileged")
+    allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+               "persistentVolumeClaim", "projected", "secret"}
+    for v in pod.get("volumes", []):
+        if not set(v) - {"name"} <= allowed:
+            problems.append(f"volume {v['name']}")
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        problems.append("host namespaces")
+    return problems
+
+
+for label, expression in [("defaults", "env.host=redis,ApiUrl=crm.example.com"),
+                          ("on-premises Exchange", VALUE_SETS["on-premises Exchange"])]:
+    problems = restricted(render(expression)[0])
+    expect(f"{label}: the pod meets the restricted Pod Security level ({problems})", not problems)
+openshift = render("env.host=redis,ApiUrl=crm.example.com,podSecurityContext.runAsUser=null,"
+                   "podSecurityContext.runAsGroup=null")[0]
+pod_sc = one(openshift, "StatefulSet")["spec"]["template"]["spec"]["securityContext"]
+expect("podSecurityContext lets the platform choose the user (OpenShift)",
+       "runAsUser" not in pod_sc and pod_sc.get("runAsNonRoot") is True)
+expect("no service account token in the pod",
+       one(base, "StatefulSet")["spec"]["template"]["spec"].get("automountServiceAccountToken") is False)
+
 # Mistakes are refused, with a message that says what is wrong.
 for label, expression, needle in [
-    ("a misspelt value", "env.host=redis,replicaCont=3", "replicaCont"),
-    ("a misspelt nested value", "env.host=redis,ingress.pth=/x", "pth"),
+    ("a misspelt value", "env.host=redis,ApiUrl=crm.example.com,replicaCont=3", "replicaCont"),
+    ("a misspelt nested value", "env.host=redis,ApiUrl=crm.example.com,ingress.pth=/x", "pth"),
     ("two replicas without Redis", "replicaCount=2", "env.host"),
-    ("an unknown Exchange login", "env.host=redis,exchange.auth=kerberos", "/exchange/auth"),
-    ("service accounts without Creatio hosts", "env.host=redis,exchange.serviceAccountsSecret=s",
+    ("an unknown Exchange login", "env.host=redis,ApiUrl=crm.example.com,exchange.auth=kerberos", "/exchange/auth"),
+    ("service accounts without Creatio hosts", "env.host=redis,ApiUrl=crm.example.com,exchange.serviceAccountsSecret=s",
      "creatio.hosts"),
-    ("two hosts in one list entry", "env.host=redis,creatio.hosts={a.com\\,b.com}", "/creatio/hosts"),
+    ("two hosts in one list entry", "env.host=redis,ApiUrl=crm.example.com,creatio.hosts={a.com\\,b.com}", "/creatio/hosts"),
+    ("an Ingress without a host", "env.host=redis", "ApiUrl"),
+    ("ApiUrl with a scheme", "env.host=redis,ApiUrl=https://crm.example.com", "/ApiUrl"),
+    ("ApiUrl with a path", "env.host=redis,ApiUrl=crm.example.com/el", "/ApiUrl"),
+    ("a regular expression as ingress.path", "env.host=redis,ApiUrl=crm.example.com,ingress.path=/el(/|$)(.*)",
+     "/ingress/path"),
+    ("a Redis database that is not a number", "env.host=redis,ApiUrl=crm.example.com,env.base=one",
+     "/env/base"),
+    ("autoscaling without Redis", "replicaCount=1,ApiUrl=crm.example.com,autoscaling.enabled=true",
+     "env.host"),
+    ("KEDA without Redis", "replicaCount=1,ApiUrl=crm.example.com,keda.enabled=true", "env.host"),
+    ("HPA and KEDA together", "env.host=redis,ApiUrl=crm.example.com,autoscaling.enabled=true,keda.enabled=true",
+     "choose one"),
 ]:
     try:
         render(expression)
@@ -165,7 +225,7 @@ for label, expression, needle in [
         refused, message = needle in str(e), str(e)
     expect(f"{label} is refused naming {needle!r} ({message.splitlines()[0][:100]})", refused)
 
-lint = helm.lint(CHART, helm.parse_set_string("env.host=redis"), strict=True)
+lint = helm.lint(CHART, helm.parse_set_string("env.host=redis,ApiUrl=crm.example.com"), strict=True)
 expect(f"helm lint --strict: no errors ({lint.get('errors')})", not lint.get("errors"))
 
 if failures:

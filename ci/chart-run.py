@@ -98,7 +98,7 @@ def main():
     image("mock-creatio", "exchange-listener-mock-creatio:check")
 
     values = helm.parse_set_string(
-        "image.repository=exchange-listener,image.tag=check,env.host=redis,replicaCount=2,"
+        "image.repository=exchange-listener,image.tag=check,env.host=redis,replicaCount=2,ApiUrl=crm.example.com,"
         "ingress.enabled=true,ingress.path=/exchangelistener,leaseMs=1500")
     files = helm.Chart.load("helm/exchangelistener").render(values, name="el", namespace="crm",
                                                            is_install=True)
