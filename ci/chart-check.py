@@ -196,6 +196,19 @@ expect("podSecurityContext lets the platform choose the user (OpenShift)",
 expect("no service account token in the pod",
        one(base, "StatefulSet")["spec"]["template"]["spec"].get("automountServiceAccountToken") is False)
 
+# Metrics: one scrape per pod, this release's alone.
+monitored = render("env.host=redis,ApiUrl=crm.example.com,serviceMonitor.enabled=true,"
+                   "serviceMonitor.labels.release=prometheus")[0]
+wanted = one(monitored, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+scraped = [o["metadata"]["name"] for o in monitored if o["kind"] == "Service"
+           and all(o["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+expect(f"the ServiceMonitor scrapes each pod through one Service ({scraped})", scraped == ["el-exchangelistener"])
+expect("serviceMonitor.labels label the ServiceMonitor",
+       one(monitored, "ServiceMonitor")["metadata"]["labels"].get("release") == "prometheus")
+query = one(render(VALUE_SETS["KEDA"], name="other")[0], "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+expect(f"KEDA counts this release's pods alone ({query})",
+       'pod=~"other-exchangelistener-[0-9]+"' in query and 'namespace="crm"' in query)
+
 # Mistakes are refused, with a message that says what is wrong.
 for label, expression, needle in [
     ("a misspelt value", "env.host=redis,ApiUrl=crm.example.com,replicaCont=3", "replicaCont"),
