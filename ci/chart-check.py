@@ -196,6 +196,45 @@ expect("podSecurityContext lets the platform choose the user (OpenShift)",
 expect("no service account token in the pod",
        one(base, "StatefulSet")["spec"]["template"]["spec"].get("automountServiceAccountToken") is False)
 
+# The conventions administrators expect of a chart.
+named = render("env.host=redis,ApiUrl=crm.example.com,fullnameOverride=mail-listener")[0]
+expect("fullnameOverride names every object",
+       {o["metadata"]["name"] for o in named if o["kind"] in ("StatefulSet", "Service")}
+       == {"mail-listener", "mail-listener-headless"})
+expect("nameOverride renames the chart's part of names and labels",
+       one(render("env.host=redis,ApiUrl=crm.example.com,nameOverride=mail")[0], "StatefulSet")
+       ["metadata"]["name"] == "el-mail")
+template = one(base, "StatefulSet")["spec"]["template"]
+expect("the pod template carries the recommended labels",
+       {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+        "app.kubernetes.io/managed-by"} <= set(template["metadata"]["labels"]))
+expect("pods spread over nodes by default",
+       template["spec"]["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname")
+expect("a startup probe, so a slow first store answer is not a failure",
+       container(base)["startupProbe"]["httpGet"]["path"] == "/healthz")
+tuned = render("env.host=redis,ApiUrl=crm.example.com,livenessProbe.periodSeconds=30,"
+               "service.annotations.team=crm,priorityClassName=business,"
+               "hostAliases[0].ip=10.0.0.5,hostAliases[0].hostnames[0]=mail.contoso.local,"
+               "extraVolumes[0].name=extra,extraVolumes[0].emptyDir.medium=Memory,"
+               "extraVolumeMounts[0].name=extra,extraVolumeMounts[0].mountPath=/extra,"
+               "podAnnotations.prometheus\\.io/port=9090,podAnnotations.team=crm,"
+               "updateStrategy.type=OnDelete")[0]
+tuned_pod = one(tuned, "StatefulSet")["spec"]["template"]
+expect("probes are values", container(tuned)["livenessProbe"]["periodSeconds"] == 30)
+expect("service.annotations annotate the API Service",
+       one(tuned, "Service")["metadata"].get("annotations", {}).get("team") == "crm")
+expect("priorityClassName and hostAliases reach the pod",
+       tuned_pod["spec"].get("priorityClassName") == "business"
+       and tuned_pod["spec"]["hostAliases"][0]["hostnames"] == ["mail.contoso.local"])
+expect("extra volumes are mounted",
+       any(v["name"] == "extra" for v in tuned_pod["spec"]["volumes"])
+       and any(m["mountPath"] == "/extra" for m in container(tuned)["volumeMounts"]))
+expect("podAnnotations merge with the scrape annotations, one key each",
+       tuned_pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+       and tuned_pod["metadata"]["annotations"]["team"] == "crm"
+       and tuned_pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true")
+expect("updateStrategy is a value", one(tuned, "StatefulSet")["spec"]["updateStrategy"]["type"] == "OnDelete")
+
 # Metrics: one scrape per pod, this release's alone.
 monitored = render("env.host=redis,ApiUrl=crm.example.com,serviceMonitor.enabled=true,"
                    "serviceMonitor.labels.release=prometheus")[0]
