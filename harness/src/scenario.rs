@@ -313,9 +313,11 @@ impl Action {
         }
     }
 
-    /// True for what may cut Creatio's answer to a call it already took: a replica killed
-    /// (it never learns its post got through) or the connections to Creatio reset or held
-    /// and then reset.
+    /// True for what may cut the answer to a post Creatio already took, or the write of that
+    /// answer to the store: a replica killed (it never learns its post got through), the
+    /// connections to Creatio reset or held and then reset, or a replica's link to Redis held
+    /// or reset (its post got through, but the outcome cannot be recorded before the lease
+    /// passes, so the next owner posts the mail again under the same idempotency key).
     pub fn cuts_answers(&self) -> bool {
         matches!(
             self,
@@ -324,6 +326,11 @@ impl Action {
                 | Action::Link {
                     to: Link::Creatio,
                     mode: LinkMode::Reset | LinkMode::Blackhole,
+                    ..
+                }
+                | Action::Link {
+                    to: Link::Redis,
+                    mode: LinkMode::Pause | LinkMode::Reset | LinkMode::Blackhole,
                     ..
                 }
         )
@@ -560,6 +567,36 @@ mod tests {
         description = "one replica, a little mail"
         duration_secs = 5
     "#;
+
+    #[test]
+    fn what_cuts_a_posts_answer_or_its_record() {
+        let link = |to, mode| Action::Link {
+            to,
+            replica: Some(0),
+            mode,
+            ms: None,
+        };
+        for cut in [
+            Action::Kill { replica: 0 },
+            Action::KillOwner { mailbox: 0 },
+            link(Link::Creatio, LinkMode::Reset),
+            link(Link::Creatio, LinkMode::Blackhole),
+            link(Link::Redis, LinkMode::Pause),
+            link(Link::Redis, LinkMode::Blackhole),
+            link(Link::Redis, LinkMode::Reset),
+        ] {
+            assert!(cut.cuts_answers(), "{}", cut.label());
+        }
+        for kept in [
+            link(Link::Redis, LinkMode::Pass),
+            link(Link::Redis, LinkMode::Latency),
+            link(Link::Creatio, LinkMode::Pause),
+            link(Link::Ews, LinkMode::Reset),
+            Action::Term { replica: 0 },
+        ] {
+            assert!(!kept.cuts_answers(), "{}", kept.label());
+        }
+    }
 
     #[test]
     fn defaults_fill_what_is_left_out() {
