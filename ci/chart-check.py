@@ -122,6 +122,10 @@ expect("log4Net.level defaults to info", env(base, "EXCHANGE_LISTENER_LOG") == "
 expect("the pod name is the replica id",
        env(base, "PodName") == {"fieldRef": {"fieldPath": "metadata.name"}})
 probes = container(base)
+expect("the API answers through the drain time, within the grace period",
+       env(base, "EXCHANGE_LISTENER_DRAIN_SECS") == "5"
+       and int(env(base, "EXCHANGE_LISTENER_DRAIN_SECS")) + int(env(base, "EXCHANGE_LISTENER_SHUTDOWN_TIMEOUT_SECS"))
+       < one(base, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
 expect("probes on /healthz and /readyz",
        probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
        and probes["readinessProbe"]["httpGet"]["path"] == "/readyz")
@@ -267,6 +271,8 @@ for label, expression, needle in [
     ("autoscaling without Redis", "replicaCount=1,ApiUrl=crm.example.com,autoscaling.enabled=true",
      "env.host"),
     ("KEDA without Redis", "replicaCount=1,ApiUrl=crm.example.com,keda.enabled=true", "env.host"),
+    ("a drain as long as the grace period", "env.host=redis,ApiUrl=crm.example.com,drainSeconds=30",
+     "terminationGracePeriodSeconds"),
     ("HPA and KEDA together", "env.host=redis,ApiUrl=crm.example.com,autoscaling.enabled=true,keda.enabled=true",
      "choose one"),
 ]:

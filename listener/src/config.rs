@@ -243,6 +243,12 @@ pub struct Config {
     /// abandoned (keep below Kubernetes' termination grace period).
     #[arg(long, env = "EXCHANGE_LISTENER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_timeout_secs: u64,
+
+    /// Seconds after SIGTERM during which the API still answers while `/readyz` says 503, so
+    /// that a load balancer or Kubernetes forgets this replica before its socket closes (the
+    /// mailboxes start handing over at once). The shutdown timeout runs after it.
+    #[arg(long, env = "EXCHANGE_LISTENER_DRAIN_SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub drain_secs: u64,
 }
 
 fn base_path(s: &str) -> Result<String, String> {

@@ -61,8 +61,9 @@ fn shared_ews_tls(extra_pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
 /// The lease of a replica alone on its in-memory store.
 const LONE_LEASE: Duration = Duration::from_secs(3600);
 
-/// Serves the API on `listener` until `shutdown` completes, then stops every mailbox (each
-/// unsubscribes) and returns, within the configured shutdown timeout.
+/// Serves the API on `listener` until `shutdown` completes and the drain time after it has
+/// passed, while every mailbox stops (each unsubscribes) from the moment `shutdown` completes;
+/// returns within the drain time and the configured shutdown timeout.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
@@ -286,12 +287,19 @@ pub async fn serve(
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let stop_flag = ready.clone();
     let draining = coordinator.clone();
+    let drain = Duration::from_secs(config.drain_secs);
     let signal = async move {
         shutdown.await;
-        draining.drain();
+        // Not ready at once, so that endpoints forget this replica; the API keeps answering
+        // for the drain time, while the mailboxes already hand over.
         stop_flag.store(false, Ordering::Relaxed);
-        tracing::info!("shutting down");
+        draining.drain();
+        tracing::info!(
+            drain_secs = drain.as_secs(),
+            "shutting down: the API answers for the drain time, with /readyz 503"
+        );
         let _ = stopping_tx.send(());
+        tokio::time::sleep(drain).await;
     };
     tracing::info!(store = store_kind, replica = ?replica, "listening on http://{addr}");
     let api = server::serve(listener, router, http_limits, signal, grace);

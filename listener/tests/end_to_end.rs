@@ -433,6 +433,38 @@ async fn sigterm_unsubscribes_and_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn a_stopping_replica_answers_through_its_drain_time_while_saying_it_is_not_ready() {
+    let world = World::start().await;
+    let mut listener = Listener::spawn(&["--drain-secs", "3"]).await;
+    world
+        .subscribe(
+            &listener,
+            "mbx-1",
+            "alice@contoso.example",
+            "ProcessFullEmail",
+        )
+        .await;
+    eventually("the replica ready", PATIENCE, async || {
+        (listener.get_text("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    listener.terminate();
+    // Endpoints are told to forget it at once, and its mailboxes hand over at once...
+    eventually("/readyz 503", PATIENCE, async || {
+        (listener.get_text("/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    eventually("the mailbox handed over", PATIENCE, async || {
+        (world.ews.stats().live_subscriptions == 0).then_some(())
+    })
+    .await;
+    // ...while a call that still reaches it is answered, not refused.
+    let (status, body) = listener.get("/api/listeners/status").await;
+    assert_eq!((status, &body["ServiceStatus"]), (200, &json!("Started")));
+    assert!(listener.wait().await.success());
+}
+
+#[tokio::test]
 async fn the_api_answers_under_the_ingress_path_too() {
     let listener = Listener::spawn(&["--base-path", "/exchangelistener/"]).await;
     for path in [
