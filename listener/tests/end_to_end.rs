@@ -48,8 +48,13 @@ fn full_emails(world: &World) -> Vec<(Value, Instant)> {
 
 /// The mocks, a listener, and mailbox `mbx-1` (alice, full-email mode) streaming.
 async fn alice_streaming() -> (World, Listener) {
+    alice_streaming_with(&[]).await
+}
+
+/// As [`alice_streaming`], the listener started with these flags.
+async fn alice_streaming_with(flags: &[&str]) -> (World, Listener) {
     let world = World::start().await;
-    let listener = Listener::spawn(&[]).await;
+    let listener = Listener::spawn(flags).await;
     world
         .subscribe(
             &listener,
@@ -434,16 +439,7 @@ async fn sigterm_unsubscribes_and_exits_cleanly() {
 
 #[tokio::test]
 async fn a_stopping_replica_answers_through_its_drain_time_while_saying_it_is_not_ready() {
-    let world = World::start().await;
-    let mut listener = Listener::spawn(&["--drain-secs", "3"]).await;
-    world
-        .subscribe(
-            &listener,
-            "mbx-1",
-            "alice@contoso.example",
-            "ProcessFullEmail",
-        )
-        .await;
+    let (world, mut listener) = alice_streaming_with(&["--drain-secs", "3"]).await;
     eventually("the replica ready", PATIENCE, async || {
         (listener.get_text("/readyz").await.0 == 200).then_some(())
     })
