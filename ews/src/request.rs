@@ -376,6 +376,59 @@ pub fn sync_folder_items(
     })
 }
 
+/// What a `FindItem` asks for: a page, which items, in which order.
+struct FindQuery<'a> {
+    /// Each item's received time besides its id.
+    with_received: bool,
+    offset: u32,
+    max_entries: u16,
+    /// The restriction's test, field and constant (`IsEqualTo`,
+    /// `message:InternetMessageId`, the Message-ID).
+    restriction: Option<(&'a str, &'a str, &'a str)>,
+    /// `Ascending` or `Descending` by received time; the server's order when `None`.
+    order: Option<&'a str>,
+}
+
+/// `FindItem` on a folder, its elements in the schema's order (`ItemShape`,
+/// `IndexedPageItemView`, `Restriction`, `SortOrder`, `ParentFolderIds`).
+fn find_items(header: &RequestHeader, folder: &FolderRef, query: &FindQuery<'_>) -> String {
+    envelope(header, |out| {
+        out.push_str(
+            r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>"#,
+        );
+        if query.with_received {
+            out.push_str(r#"<t:AdditionalProperties><t:FieldURI FieldURI="item:DateTimeReceived"/></t:AdditionalProperties>"#);
+        }
+        let _ = write!(
+            out,
+            r#"</m:ItemShape><m:IndexedPageItemView MaxEntriesReturned="{}" Offset="{}" BasePoint="Beginning"/>"#,
+            query.max_entries.clamp(1, MAX_FIND_ENTRIES),
+            query.offset
+        );
+        if let Some((test, field, value)) = query.restriction {
+            let _ = write!(
+                out,
+                concat!(
+                    r#"<m:Restriction><t:{test}><t:FieldURI FieldURI="{field}"/>"#,
+                    r#"<t:FieldURIOrConstant><t:Constant Value="{value}"/></t:FieldURIOrConstant></t:{test}></m:Restriction>"#
+                ),
+                test = test,
+                field = field,
+                value = escape(value)
+            );
+        }
+        if let Some(order) = query.order {
+            let _ = write!(
+                out,
+                r#"<m:SortOrder><t:FieldOrder Order="{order}"><t:FieldURI FieldURI="item:DateTimeReceived"/></t:FieldOrder></m:SortOrder>"#
+            );
+        }
+        out.push_str("<m:ParentFolderIds>");
+        folder.write(out);
+        out.push_str("</m:ParentFolderIds></m:FindItem>");
+    })
+}
+
 /// `FindItem` on a folder, newest first by received time: one page of item ids with their
 /// received times, from `offset`. For finding what arrived since a moment, when no sync state
 /// can say it.
@@ -385,24 +438,14 @@ pub fn find_recent_items(
     offset: u32,
     max_entries: u16,
 ) -> String {
-    envelope(header, |out| {
-        out.push_str(concat!(
-            r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>"#,
-            r#"<t:AdditionalProperties><t:FieldURI FieldURI="item:DateTimeReceived"/></t:AdditionalProperties>"#,
-            "</m:ItemShape>"
-        ));
-        let _ = write!(
-            out,
-            r#"<m:IndexedPageItemView MaxEntriesReturned="{}" Offset="{offset}" BasePoint="Beginning"/>"#,
-            max_entries.clamp(1, MAX_FIND_ENTRIES)
-        );
-        out.push_str(concat!(
-            r#"<m:SortOrder><t:FieldOrder Order="Descending"><t:FieldURI FieldURI="item:DateTimeReceived"/></t:FieldOrder></m:SortOrder>"#,
-            "<m:ParentFolderIds>"
-        ));
-        folder.write(out);
-        out.push_str("</m:ParentFolderIds></m:FindItem>");
-    })
+    let query = FindQuery {
+        with_received: true,
+        offset,
+        max_entries,
+        restriction: None,
+        order: Some("Descending"),
+    };
+    find_items(header, folder, &query)
 }
 
 /// `FindItem` on a folder for the items received at or after `since` (an `xs:dateTime`),
@@ -415,52 +458,27 @@ pub fn find_received_since(
     offset: u32,
     max_entries: u16,
 ) -> String {
-    envelope(header, |out| {
-        out.push_str(concat!(
-            r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>"#,
-            r#"<t:AdditionalProperties><t:FieldURI FieldURI="item:DateTimeReceived"/></t:AdditionalProperties>"#,
-            "</m:ItemShape>"
-        ));
-        let _ = write!(
-            out,
-            r#"<m:IndexedPageItemView MaxEntriesReturned="{}" Offset="{offset}" BasePoint="Beginning"/>"#,
-            max_entries.clamp(1, MAX_FIND_ENTRIES)
-        );
-        let _ = write!(
-            out,
-            concat!(
-                r#"<m:Restriction><t:IsGreaterThanOrEqualTo><t:FieldURI FieldURI="item:DateTimeReceived"/>"#,
-                r#"<t:FieldURIOrConstant><t:Constant Value="{}"/></t:FieldURIOrConstant></t:IsGreaterThanOrEqualTo></m:Restriction>"#
-            ),
-            escape(since)
-        );
-        out.push_str(concat!(
-            r#"<m:SortOrder><t:FieldOrder Order="Ascending"><t:FieldURI FieldURI="item:DateTimeReceived"/></t:FieldOrder></m:SortOrder>"#,
-            "<m:ParentFolderIds>"
-        ));
-        folder.write(out);
-        out.push_str("</m:ParentFolderIds></m:FindItem>");
-    })
+    let query = FindQuery {
+        with_received: true,
+        offset,
+        max_entries,
+        restriction: Some(("IsGreaterThanOrEqualTo", "item:DateTimeReceived", since)),
+        order: Some("Ascending"),
+    };
+    find_items(header, folder, &query)
 }
 
 /// `FindItem` on a folder for the items whose `Message-ID` is `message_id` (the
-/// `InternetMessageId` Creatio knows a mail by): their ids, newest first.
+/// `InternetMessageId` Creatio knows a mail by): their ids, at most ten.
 pub fn find_by_message_id(header: &RequestHeader, folder: &FolderRef, message_id: &str) -> String {
-    envelope(header, |out| {
-        out.push_str(concat!(
-            r#"<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape>"#,
-            r#"<m:IndexedPageItemView MaxEntriesReturned="10" Offset="0" BasePoint="Beginning"/>"#,
-            r#"<m:Restriction><t:IsEqualTo><t:FieldURI FieldURI="message:InternetMessageId"/>"#,
-        ));
-        let _ = write!(
-            out,
-            r#"<t:FieldURIOrConstant><t:Constant Value="{}"/></t:FieldURIOrConstant>"#,
-            escape(message_id)
-        );
-        out.push_str("</t:IsEqualTo></m:Restriction><m:ParentFolderIds>");
-        folder.write(out);
-        out.push_str("</m:ParentFolderIds></m:FindItem>");
-    })
+    let query = FindQuery {
+        with_received: false,
+        offset: 0,
+        max_entries: 10,
+        restriction: Some(("IsEqualTo", "message:InternetMessageId", message_id)),
+        order: None,
+    };
+    find_items(header, folder, &query)
 }
 
 /// A recipient: an SMTP address and, when known, the name shown with it.

@@ -337,18 +337,26 @@ pub fn parse_find_item(bytes: &[u8]) -> Result<FindPage, EwsError> {
             })
         })
         .collect::<Result<Vec<_>, EwsError>>()?;
+    let (next_offset, includes_last_item_in_range) = paging(folder);
     Ok(FindPage {
         items,
-        next_offset: folder
-            .attr("IndexedPagingOffset")
-            .and_then(|v| v.trim().parse().ok()),
-        includes_last_item_in_range: folder
-            .attr("IncludesLastItemInRange")
-            .is_none_or(|v| v.trim() != "false"),
+        next_offset,
+        includes_last_item_in_range,
         total_items_in_view: folder
             .attr("TotalItemsInView")
             .and_then(|v| v.trim().parse().ok()),
     })
+}
+
+/// A paged view's `RootFolder` attributes: the offset of the next page, when the server said,
+/// and whether this page holds the last entry (the last page unless it says otherwise).
+fn paging(root: &Element) -> (Option<u32>, bool) {
+    (
+        root.attr("IndexedPagingOffset")
+            .and_then(|v| v.trim().parse().ok()),
+        root.attr("IncludesLastItemInRange")
+            .is_none_or(|v| v.trim() != "false"),
+    )
 }
 
 /// One folder a `FindFolder` listed.
@@ -409,14 +417,11 @@ pub fn parse_find_folder(bytes: &[u8]) -> Result<FolderPage, EwsError> {
             })
         })
         .collect::<Result<Vec<_>, EwsError>>()?;
+    let (next_offset, includes_last_item_in_range) = paging(found);
     Ok(FolderPage {
         folders,
-        next_offset: found
-            .attr("IndexedPagingOffset")
-            .and_then(|v| v.trim().parse().ok()),
-        includes_last_item_in_range: found
-            .attr("IncludesLastItemInRange")
-            .is_none_or(|v| v.trim() != "false"),
+        next_offset,
+        includes_last_item_in_range,
     })
 }
 
