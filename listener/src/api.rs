@@ -220,10 +220,7 @@ async fn mailbox_validate(
     state.reach.check(&creds)?;
     let (valid, message) = match creds.server_type {
         ServerType::Exchange => validate(&state, &creds).await,
-        other => (
-            false,
-            validation_message(&EwsFailure::unsupported_server(other)),
-        ),
+        other => (false, EwsFailure::unsupported_server(other).sentence()),
     };
     tracing::info!(mailbox = %creds.sender_email, valid, "credentials validated");
     // On success `Data` carries JSON Creatio parses for the name it shows; on failure an
@@ -268,7 +265,7 @@ async fn mailbox_folders(
     let found = client
         .find_folders()
         .await
-        .map_err(|e| ApiError::MailServer(validation_message(&e)))?;
+        .map_err(|e| ApiError::MailServer(e.sentence()))?;
     let folders = contract::folder_list(found, class.as_deref());
     tracing::info!(mailbox = %creds.sender_email, class = ?class, folders = folders.len(), "folders listed");
     Ok(Json(Value::Array(folders)))
@@ -431,37 +428,7 @@ async fn validate(state: &ApiState, creds: &contract::Credentials) -> (bool, Str
     };
     match client.get_inbox().await {
         Ok(_) => (true, String::new()),
-        Err(e) => (false, validation_message(&e)),
-    }
-}
-
-/// One message per class of failure: enough for an administrator to fix the settings, too
-/// little to map a network through the API (a closed port, a reset and a silent host read
-/// the same).
-fn validation_message(e: &EwsFailure) -> String {
-    match e {
-        EwsFailure::Unauthorized => {
-            "Invalid credentials: Exchange rejected the user name or password".into()
-        }
-        EwsFailure::Transport(why) if why.contains("certificate") => {
-            "Exchange's TLS certificate is not trusted; give its CA to the listener with --ews-ca-file"
-                .into()
-        }
-        EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
-            "Exchange could not be reached at ServiceUrl".into()
-        }
-        EwsFailure::Http { .. } | EwsFailure::TooLarge { .. } => {
-            "ServiceUrl did not answer as an Exchange EWS endpoint".into()
-        }
-        EwsFailure::Ews(ews::EwsError::Malformed(_)) => {
-            "ServiceUrl did not answer as an Exchange EWS endpoint".into()
-        }
-        EwsFailure::Ews(err) => format!(
-            "Exchange refused the mailbox: {}",
-            err.code().unwrap_or("unknown error")
-        ),
-        EwsFailure::Config(why) | EwsFailure::Unsupported(why) => why.clone(),
-        EwsFailure::Store(_) => "The listener cannot reach its store; try again".into(),
+        Err(e) => (false, e.sentence()),
     }
 }
 

@@ -150,10 +150,8 @@ pub fn failure_text(e: &EwsFailure) -> String {
         EwsFailure::Http { status, .. } => {
             format!("Exchange answered HTTP {status}; the message was not sent")
         }
-        EwsFailure::TooLarge { .. } => {
-            "ServiceUrl did not answer as an Exchange EWS endpoint".into()
-        }
-        EwsFailure::Config(why) | EwsFailure::Unsupported(why) => why.clone(),
         EwsFailure::Store(_) => "The Email Listener cannot reach its store; try again".into(),
+        // Not about this message: as Validate says it.
+        other => other.sentence(),
     }
 }

@@ -144,6 +144,36 @@ impl EwsFailure {
         }
     }
 
+    /// One sentence per class of failure: enough for an administrator to fix the settings, too
+    /// little to map a network through the API (a closed port, a reset and a silent host read
+    /// the same).
+    pub fn sentence(&self) -> String {
+        match self {
+            EwsFailure::Unauthorized => {
+                "Invalid credentials: Exchange rejected the user name or password".into()
+            }
+            EwsFailure::Transport(why) if why.contains("certificate") => {
+                "Exchange's TLS certificate is not trusted; give its CA to the listener with --ews-ca-file"
+                    .into()
+            }
+            EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
+                "Exchange could not be reached at ServiceUrl".into()
+            }
+            EwsFailure::Http { .. } | EwsFailure::TooLarge { .. } => {
+                "ServiceUrl did not answer as an Exchange EWS endpoint".into()
+            }
+            EwsFailure::Ews(ews::EwsError::Malformed(_)) => {
+                "ServiceUrl did not answer as an Exchange EWS endpoint".into()
+            }
+            EwsFailure::Ews(err) => format!(
+                "Exchange refused the mailbox: {}",
+                err.code().unwrap_or("unknown error")
+            ),
+            EwsFailure::Config(why) | EwsFailure::Unsupported(why) => why.clone(),
+            EwsFailure::Store(_) => "The listener cannot reach its store; try again".into(),
+        }
+    }
+
     /// The EWS response code behind the failure, if any.
     pub fn code(&self) -> Option<&str> {
         match self {
