@@ -16,6 +16,24 @@ fn named_or_acting(mailbox: Option<String>, acting: &str) -> String {
         .unwrap_or_else(|| acting.to_owned())
 }
 
+/// The error message of an operation on a folder the mailbox does not have.
+fn folder_not_found(op: &str) -> String {
+    soap::error(
+        op,
+        "ErrorFolderNotFound",
+        "The specified folder could not be found in the store.",
+        "",
+    )
+}
+
+/// An answer of one error message, with HTTP 200 as EWS refuses a request it read.
+fn refused(op: &str, code: &str, text: &str) -> Response {
+    xml(
+        StatusCode::OK,
+        soap::response(op, &soap::error(op, code, text, "")),
+    )
+}
+
 pub(crate) fn subscribe(
     world: &World,
     (principal, acting): (&str, &str),
@@ -32,34 +50,27 @@ pub(crate) fn subscribe(
                 .map(|id| folders::named(&target, id).map(|f| f.0))
                 .collect();
             let Some(named) = named else {
-                let msg = soap::error(
-                    "Subscribe",
-                    "ErrorFolderNotFound",
-                    "The specified folder could not be found in the store.",
-                    "",
+                return xml(
+                    StatusCode::OK,
+                    soap::response("Subscribe", &folder_not_found("Subscribe")),
                 );
-                return xml(StatusCode::OK, soap::response("Subscribe", &msg));
             };
             Some(named)
         }
     };
     if target != acting {
-        let msg = soap::error(
+        return refused(
             "Subscribe",
             "ErrorSubscriptionDelegateAccessNotSupported",
             "Delegate access is not supported by this server.",
-            "",
         );
-        return xml(StatusCode::OK, soap::response("Subscribe", &msg));
     }
     let Ok(id) = world.subscribe(&target, principal, folders, event_types) else {
-        let msg = soap::error(
+        return refused(
             "Subscribe",
             "ErrorExceededSubscriptionCount",
             "You have exceeded the maximum number of subscriptions for this mailbox.",
-            "",
         );
-        return xml(StatusCode::OK, soap::response("Subscribe", &msg));
     };
     let mut inner = format!("<m:SubscriptionId>{}</m:SubscriptionId>", soap::esc(&id));
     if !streaming {
@@ -141,12 +152,7 @@ pub(crate) fn get_folder(
         let known =
             id == "root" || id == "msgfolderroot" || folders::named(&mailbox, &id).is_some();
         messages.push_str(&if !known {
-            soap::error(
-                "GetFolder",
-                "ErrorFolderNotFound",
-                "The specified folder could not be found in the store.",
-                "",
-            )
+            folder_not_found("GetFolder")
         } else if mailbox != acting {
             soap::error("GetFolder", "ErrorAccessDenied", "Access is denied.", "")
         } else {
@@ -169,17 +175,10 @@ pub(crate) fn create_item(
         "SendAndSaveCopy" => true,
         "SendOnly" => false,
         _ => {
-            return xml(
-                StatusCode::OK,
-                soap::response(
-                    OP,
-                    &soap::error(
-                        OP,
-                        "ErrorInvalidOperation",
-                        "mock-ews sends messages only (SendAndSaveCopy or SendOnly).",
-                        "",
-                    ),
-                ),
+            return refused(
+                OP,
+                "ErrorInvalidOperation",
+                "mock-ews sends messages only (SendAndSaveCopy or SendOnly).",
             );
         }
     };
@@ -218,12 +217,7 @@ fn folder_of(
     }
     match folders::named(&mailbox, folder) {
         Some(f) => Ok((mailbox, f.0)),
-        None => Err(soap::error(
-            op,
-            "ErrorFolderNotFound",
-            "The specified folder could not be found in the store.",
-            "",
-        )),
+        None => Err(folder_not_found(op)),
     }
 }
 
@@ -353,23 +347,14 @@ pub(crate) fn find_folder(
     const OP: &str = "FindFolder";
     let mailbox = named_or_acting(mailbox, acting);
     if mailbox != acting {
-        let message = soap::error(OP, "ErrorAccessDenied", "Access is denied.", "");
-        return xml(StatusCode::OK, soap::response(OP, &message));
+        return refused(OP, "ErrorAccessDenied", "Access is denied.");
     }
     let below = match folder.as_str() {
         "msgfolderroot" | "root" => None,
         "inbox" => Some("Inbox"),
         id if id == folders::root_id(&mailbox) => None,
         id if id == folders::inbox_id(&mailbox) => Some("Inbox"),
-        _ => {
-            let message = soap::error(
-                OP,
-                "ErrorFolderNotFound",
-                "The specified folder could not be found in the store.",
-                "",
-            );
-            return xml(StatusCode::OK, soap::response(OP, &message));
-        }
+        _ => return xml(StatusCode::OK, soap::response(OP, &folder_not_found(OP))),
     };
     let under = |parent: Option<&str>| -> bool {
         let mut at = parent;

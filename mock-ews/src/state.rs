@@ -408,7 +408,7 @@ impl World {
             return Err("ErrorInvalidRecipients");
         }
         mail.from = from.clone();
-        let copy = Item::new(opaque_id("item"), &from, mail.clone());
+        let mut copy = Item::new(opaque_id("item"), &from, mail.clone());
         if copy.mime.len() > limit {
             return Err("ErrorMessageSizeExceeded");
         }
@@ -423,10 +423,12 @@ impl World {
         for rcpt in local {
             let _ = Self::deliver(&mut inner, &rcpt, mail.clone(), INBOX);
         }
+        let message_id = copy.message_id.clone();
         if keep_copy {
-            let _ = Self::deliver(&mut inner, sender, mail, SENT_ITEMS);
+            copy.folder = SENT_ITEMS;
+            let _ = Self::file(&mut inner, sender, copy);
         }
-        Ok(copy.message_id)
+        Ok(message_id)
     }
 
     /// What a mailbox sent, oldest first.
@@ -439,21 +441,32 @@ impl World {
         Ok(mb.in_folder(SENT_ITEMS).map(Item::summary).collect())
     }
 
-    /// Puts a mail into one of a mailbox's folders and queues the events real Exchange fires
-    /// for the subscriptions watching that folder.
+    /// Puts a mail into one of a mailbox's folders (see [`World::file`]).
     fn deliver(
         inner: &mut Inner,
         mailbox: &str,
         mail: NewMail,
         folder: &'static str,
     ) -> Result<InjectedMail, ControlError> {
+        let email = inner
+            .mailboxes
+            .get(&key(mailbox))
+            .map(|mb| mb.email.clone())
+            .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
+        let mut item = Item::new(opaque_id("item"), &email, mail);
+        item.folder = folder;
+        Self::file(inner, mailbox, item)
+    }
+
+    /// Files an item into its folder of a mailbox and queues the events real Exchange fires
+    /// for the subscriptions watching that folder.
+    fn file(inner: &mut Inner, mailbox: &str, item: Item) -> Result<InjectedMail, ControlError> {
         let k = key(mailbox);
+        let folder = item.folder;
         let mb = inner
             .mailboxes
             .get_mut(&k)
             .ok_or_else(|| ControlError::NoSuchMailbox(mailbox.to_owned()))?;
-        let mut item = Item::new(opaque_id("item"), &mb.email, mail);
-        item.folder = folder;
         let injected = InjectedMail {
             item_id: item.id.clone(),
             message_id: item.message_id.clone(),
