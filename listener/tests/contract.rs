@@ -527,12 +527,7 @@ async fn mails_creatio_fetches_by_message_id_are_posted_and_the_missing_skipped(
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let posted: Vec<Value> = world
-        .creatio
-        .calls_of("ProcessFullEmail")
-        .into_iter()
-        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
-        .collect();
+    let posted = common::posted_emails(&world, None);
     assert_eq!(posted.len(), 1, "{posted:?}");
     assert_eq!(posted[0]["MessageId"], "<wanted@example.com>");
     assert_eq!(posted[0]["Subject"], "Asked for again");
@@ -608,12 +603,7 @@ async fn a_mail_creatio_sends_reaches_its_recipient_once_and_a_retry_sends_nothi
         },
     )
     .await;
-    let emails: Vec<Value> = world
-        .creatio
-        .calls_of("ProcessFullEmail")
-        .into_iter()
-        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
-        .collect();
+    let emails = common::posted_emails(&world, None);
     assert_eq!(emails.len(), 2, "{emails:#?}");
     let offer = emails
         .iter()
@@ -764,14 +754,7 @@ async fn every_mail_folder_is_watched_unless_creatio_chooses_some() {
     assert!(!got.contains(&junk), "junk mail is not watched");
     assert!(!got.contains(&bobs_inbox), "Bob did not choose his inbox");
     // Alice's copy of what she sent came through her mailbox.
-    let alices: Vec<String> = world
-        .creatio
-        .calls_of("ProcessFullEmail")
-        .into_iter()
-        .filter(|c| c.body["SubscriptionInfo"]["MailboxId"] == MAILBOX)
-        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
-        .collect();
+    let alices = common::message_ids(&common::posted_emails(&world, Some(MAILBOX)));
     assert!(alices.contains(&sent), "{alices:?}");
     assert_nothing_rejected(&world);
 }

@@ -444,13 +444,14 @@ impl Rig {
             .await
             .unwrap();
         let fence = self.lease().await;
+        self.worker_under(&fence, self.ctx.clone())
+    }
+
+    /// Runs a worker under `fence` with this context, as the supervisor would; answers its
+    /// cancel.
+    fn worker_under(&self, fence: &Fence, ctx: WorkerContext) -> CancellationToken {
         let cancel = CancellationToken::new();
-        tokio::spawn(run(
-            self.ctx.clone(),
-            self.creds.clone(),
-            fence,
-            cancel.clone(),
-        ));
+        tokio::spawn(run(ctx, self.creds.clone(), fence.clone(), cancel.clone()));
         cancel
     }
 
@@ -482,17 +483,11 @@ impl Rig {
             held: Some(Arc::new(tokio::sync::Semaphore::new(mails))),
             ..FakeCreatio::default()
         });
-        let cancel = CancellationToken::new();
-        tokio::spawn(run(
-            WorkerContext {
-                creatio: holding.clone(),
-                ..self.ctx.clone()
-            },
-            self.creds.clone(),
-            fence.clone(),
-            cancel.clone(),
-        ));
-        (holding, cancel)
+        let ctx = WorkerContext {
+            creatio: holding.clone(),
+            ..self.ctx.clone()
+        };
+        (holding, self.worker_under(fence, ctx))
     }
 
     /// Runs the worker on its own for `d` of virtual time.
@@ -972,13 +967,7 @@ async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
         ..rig
     };
     let fence = rig.live_at("before").await;
-    let cancel = CancellationToken::new();
-    tokio::spawn(run(
-        rig.ctx.clone(),
-        rig.creds.clone(),
-        fence,
-        cancel.clone(),
-    ));
+    let cancel = rig.worker_under(&fence, rig.ctx.clone());
     let pending = &rig.ctx.metrics.pending;
     tokio::time::sleep(SECOND).await;
     assert_eq!(pending.get(), 3, "three mails wait for Creatio");
@@ -1229,13 +1218,7 @@ async fn a_replay_cut_short_is_finished_by_the_next_worker() {
     tokio::time::sleep(SECOND).await;
 
     // The next worker (here or on another replica) delivers what is left.
-    let second = CancellationToken::new();
-    tokio::spawn(run(
-        rig.ctx.clone(),
-        rig.creds.clone(),
-        fence,
-        second.clone(),
-    ));
+    let second = rig.worker_under(&fence, rig.ctx.clone());
     tokio::time::sleep(SECOND).await;
     assert_eq!(*rig.creatio.posted.lock().unwrap(), ["d2"]);
     assert!(store.replays("mbx").await.unwrap().is_empty());
@@ -1414,13 +1397,7 @@ async fn a_history_load_runs_oldest_first_and_resumes_in_the_next_worker() {
     tokio::time::sleep(SECOND).await;
 
     // The next worker (here or on another replica) takes it up from the last saved page.
-    let second = CancellationToken::new();
-    tokio::spawn(run(
-        rig.ctx.clone(),
-        rig.creds.clone(),
-        fence,
-        second.clone(),
-    ));
+    let second = rig.worker_under(&fence, rig.ctx.clone());
     tokio::time::sleep(SECOND).await;
     let second_posted = rig.creatio.posted.lock().unwrap().clone();
     let all: Vec<String> = first_posted.into_iter().chain(second_posted).collect();

@@ -140,15 +140,10 @@ impl Listener {
         )
     }
 
+    /// GETs `path` and answers its JSON body (null when it is not JSON).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        let (status, text) = self.get_text(path).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     /// GETs `path` and answers its body as text.
@@ -269,13 +264,27 @@ pub fn challenges(world: &World) -> usize {
         .count()
 }
 
-/// The Message-IDs of every email that reached Creatio through ProcessFullEmail, in order.
-pub fn delivered(world: &World) -> Vec<String> {
+/// Every email that reached Creatio through ProcessFullEmail, in order: through any mailbox,
+/// or through the one whose id is given.
+pub fn posted_emails(world: &World, mailbox: Option<&str>) -> Vec<Value> {
     world
         .creatio
         .calls_of("ProcessFullEmail")
-        .iter()
+        .into_iter()
+        .filter(|c| mailbox.is_none_or(|m| c.body["SubscriptionInfo"]["MailboxId"] == m))
         .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The Message-IDs of every email that reached Creatio through ProcessFullEmail, in order.
+pub fn delivered(world: &World) -> Vec<String> {
+    message_ids(&posted_emails(world, None))
+}
+
+/// The Message-IDs of these emails.
+pub fn message_ids(emails: &[Value]) -> Vec<String> {
+    emails
+        .iter()
         .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
         .collect()
 }
