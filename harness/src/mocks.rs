@@ -1,4 +1,5 @@
-//! The mock servers every run starts, and the service account a run may set up in them.
+//! The mock servers every run starts, the service account a run may set up in them, and the
+//! listener a benchmark measures between them.
 
 use std::path::{Path, PathBuf};
 
@@ -60,4 +61,40 @@ pub async fn service_account(
     let accounts = json!([{ "url": ews_url, "user": user, "password": password }]);
     std::fs::write(&file, accounts.to_string())?;
     Ok(file)
+}
+
+/// Starts the release listener on loopback for a benchmark, logging at info into `dir`, with
+/// `extra` flags besides; says where each part listens.
+pub async fn start_listener(
+    bins: &Binaries,
+    dir: &Path,
+    extra: &[String],
+    (ews, creatio): (&Process, &Process),
+) -> anyhow::Result<Process> {
+    let mut args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--log",
+        "warn,exchange_listener=info",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(extra.iter().cloned());
+    let listener = Process::start(
+        "exchange-listener",
+        &bins.listener,
+        &args,
+        &[],
+        &dir.join("exchange-listener.log"),
+    )
+    .await?;
+    println!(
+        "listener pid {} at {}, mock-ews at {}, mock-creatio at {}; logs in {}",
+        listener.pid,
+        listener.base,
+        ews.base,
+        creatio.base,
+        dir.display()
+    );
+    Ok(listener)
 }

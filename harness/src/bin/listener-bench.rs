@@ -126,15 +126,7 @@ impl Rig {
             .tcp_user_timeout(None)
             .timeout(Duration::from_secs(60))
             .build()?;
-        let mut listener_args: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "warn,exchange_listener=info",
-        ]
-        .map(String::from)
-        .into();
-        listener_args.extend(listener_tls);
+        let mut listener_args = listener_tls;
         if args.service_account {
             let url = format!("{}/EWS/Exchange.asmx", ews.base);
             let file = mocks::service_account(&http, &ews.base, &url, &dir).await?;
@@ -145,22 +137,7 @@ impl Rig {
             ]);
         }
         listener_args.extend(args.listener_args.iter().cloned());
-        let listener = Process::start(
-            "exchange-listener",
-            &bins.listener,
-            &listener_args,
-            &[],
-            &dir.join("exchange-listener.log"),
-        )
-        .await?;
-        println!(
-            "listener pid {} at {}, mock-ews at {}, mock-creatio at {}; logs in {}",
-            listener.pid,
-            listener.base,
-            ews.base,
-            creatio.base,
-            dir.display()
-        );
+        let listener = mocks::start_listener(&bins, &dir, &listener_args, (&ews, &creatio)).await?;
         let mut settings = json!({
             "auth": args.ews_auth,
             "backends": args.ews_servers,

@@ -77,27 +77,7 @@ impl Rig {
             "warn,mock_ews=info,mock_creatio=info".to_owned(),
         )];
         let (ews, creatio) = mocks::start(&bins, &dir, &[], &log).await?;
-        let listener = Process::start(
-            "exchange-listener",
-            &bins.listener,
-            &[
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--log".into(),
-                "warn,exchange_listener=info".into(),
-            ],
-            &[],
-            &dir.join("exchange-listener.log"),
-        )
-        .await?;
-        println!(
-            "listener pid {} at {}, mock-ews at {}, mock-creatio at {}; logs in {}",
-            listener.pid,
-            listener.base,
-            ews.base,
-            creatio.base,
-            dir.display()
-        );
+        let listener = mocks::start_listener(&bins, &dir, &[], (&ews, &creatio)).await?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(120))
