@@ -237,7 +237,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 #[serde(rename_all = "PascalCase")]
 pub struct HistoryJob {
     /// Mail received at or after this moment (Unix ms) is loaded.
-    #[serde(rename = "SinceUnixMs")]
     pub since_unix_ms: i64,
     /// Which of the watched folders (their index, in the order they are watched) the load
     /// is in; they are loaded one after another.

@@ -432,3 +432,73 @@ async fn creatio_down_through_a_failover_delays_mail_but_loses_none() {
     world.creatio.fail_with(mock_creatio::Failure::default());
     assert_delivered_once(&world, &sent).await;
 }
+
+#[tokio::test]
+async fn a_send_its_replica_left_unfinished_is_taken_over_and_sent_only_if_it_did_not_go_out() {
+    let redis = Redis::start().await;
+    let world = world().await;
+    let listener = replica(&redis, "r0").await;
+    for mailbox in ["alice@contoso.example", "bob@contoso.example"] {
+        world.ews.create_mailbox(mailbox, "secret").unwrap();
+    }
+    let conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let send = async |message_id: &str| {
+        let body = json!({
+            "Email": {
+                "Id": message_id, "Subject": "Offer", "Body": "text", "IsHtmlBody": false,
+                "Recepients": ["bob@contoso.example"], "CopyRecepients": [], "BlindCopyRecepients": [],
+                "Headers": [], "Importance": 1, "Attachments": [], "MessageId": message_id,
+            },
+            "Attachments": null,
+            "Credentials": world.credentials("", "alice@contoso.example", "secret", "ProcessFullEmail"),
+        })
+        .to_string();
+        // A replica began this send an hour ago and died before it said how it ended.
+        let command = exchange_listener::contract::parse_send(body.as_bytes()).unwrap();
+        let key = exchange_listener::send::ledger_key(&command);
+        let long_ago = exchange_listener::mail::unix_now_ms() - 3_600_000;
+        let _: () = redis::cmd("SET")
+            .arg(format!("el:send:{{{key}}}"))
+            .arg(format!("sending:{long_ago}"))
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        listener.post("/apiv2/email/send", body).await
+    };
+    // It had gone out: Sent Items holds it, so it is not sent again.
+    world
+        .ews
+        .inject(
+            "alice@contoso.example",
+            NewMail {
+                from: "alice@contoso.example".into(),
+                to: vec!["bob@contoso.example".into()],
+                message_id: Some("<went@creatio.example>".into()),
+                folder: Some("Sent Items".into()),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        send("<went@creatio.example>").await,
+        (200, Value::String(String::new()))
+    );
+    assert!(world.ews.sent("bob@contoso.example").unwrap().is_empty());
+    // It had not: it is sent now.
+    assert_eq!(
+        send("<stuck@creatio.example>").await,
+        (200, Value::String(String::new()))
+    );
+    let bobs: Vec<String> = world
+        .ews
+        .sent("bob@contoso.example")
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
+    assert_eq!(bobs, ["<stuck@creatio.example>"]);
+}

@@ -630,11 +630,8 @@ impl EwsClient {
 
     /// Whether Sent Items holds a mail with this Message-ID: a send that may have gone out.
     pub async fn was_sent(&self, message_id: &str) -> Result<bool, EwsFailure> {
-        let build = |h: &RequestHeader| {
-            ews::request::find_by_message_id(h, &FolderRef::sent_items(None), message_id)
-        };
-        let page = self.call(build, false, response::parse_find_item).await?;
-        Ok(!page.items.is_empty())
+        let found = self.find_by_message_id("sentitems", message_id).await?;
+        Ok(!found.is_empty())
     }
 
     /// The folders a mailbox's mail is watched in: those Creatio names (`FolderIds`), or
