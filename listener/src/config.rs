@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::backoff::{BackoffPolicy, InvalidBackoff};
-use crate::contract::Secret;
-use crate::reach::{HostList, Reach};
-use crate::store::seal::Sealer;
+use crate::creatio::contract::Secret;
+use crate::engine::backoff::{BackoffPolicy, InvalidBackoff};
+use crate::engine::reach::{HostList, Reach};
+use crate::engine::store::seal::Sealer;
 
 /// How mailboxes with a password log in to Exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,33 +1,16 @@
 //! exchange-listener: Creatio's Exchange Listener service.
 //!
-//! Creatio calls the HTTP API ([`api`]) to start, stop and check mailbox subscriptions. The
-//! [`supervisor`] runs one [`worker`] per mailbox, which keeps an EWS streaming subscription
-//! open through the [`ews_client`], fetches each new mail and posts it to the mailbox's Creatio
-//! callback through [`delivery`]. Mailboxes, their status and what was delivered live in the
-//! [`store`]. Creatio's wire contract is in [`contract`].
+//! Creatio calls the HTTP API ([`creatio::api`]) to start, stop and check mailbox
+//! subscriptions. The protocol-neutral [`engine`] keeps mailboxes, leases and cursors in its
+//! store and runs one worker per mailbox, which watches the mailbox's server through one seam
+//! ([`engine::transport`]), fetches each new mail and posts it to the mailbox's Creatio callback
+//! ([`creatio::delivery`]). Each mail protocol lives in its own module ([`exchange`] for EWS).
 
-pub mod api;
-pub mod backoff;
-pub mod balance;
 pub mod config;
-pub mod contract;
-pub mod coordinator;
-pub mod delivery;
-pub mod ews_client;
-pub mod fetch;
-pub mod gate;
-pub mod mail;
-pub mod metrics;
-pub mod ntlm;
-pub mod reach;
-pub mod send;
+pub mod creatio;
+pub mod engine;
+pub mod exchange;
 pub mod server;
-pub mod service_account;
-pub mod store;
-pub mod stream_groups;
-pub mod supervisor;
-pub mod transport;
-pub mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,7 +58,9 @@ pub async fn serve(
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // No host name may lead where an address written in a call may not.
-            .dns_resolver(Arc::new(reach::GuardedResolver { allow_link_local }))
+            .dns_resolver(Arc::new(engine::reach::GuardedResolver {
+                allow_link_local,
+            }))
             // reqwest's default TCP_USER_TIMEOUT (30 s) drops a connection when a keep-alive probe
             // is outstanding and no data has arrived for 30 s: a stream between two 45 s server
             // heartbeats. The stream's idle watchdog and every request's timeout bound time instead.
@@ -121,7 +106,7 @@ pub async fn serve(
     } else {
         Some(shared_ews_tls(&ews_ca_pem).context("the TLS configuration for Exchange")?)
     };
-    let ews_private: ews_client::ClientFactory = Arc::new(move || {
+    let ews_private: exchange::client::ClientFactory = Arc::new(move || {
         let builder = ews_builder().pool_max_idle_per_host(1);
         match &shared_tls {
             Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
@@ -130,11 +115,11 @@ pub async fn serve(
         .build()
         .unwrap_or_else(|_| shared.clone())
     });
-    let limits = ews_client::Limits {
+    let limits = exchange::client::Limits {
         request_timeout: config.request_timeout(),
         max_body_bytes: config.ews_max_body_bytes,
     };
-    let settings = worker::WorkerSettings {
+    let settings = engine::worker::WorkerSettings {
         connection_timeout_minutes: config.stream_minutes,
         idle_timeout: Duration::from_secs(config.stream_idle_secs),
         limits,
@@ -143,18 +128,20 @@ pub async fn serve(
             .failed_retry()
             .context("failed-mailbox retry settings")?,
     };
-    let delivery = delivery::Delivery::new(
+    let delivery = creatio::delivery::Delivery::new(
         http.clone(),
         config.delivery_retry().context("delivery retry settings")?,
         Duration::from_secs(config.delivery_give_up_after_secs),
         config.request_timeout(),
     );
-    let (store, store_kind): (Arc<dyn store::Store>, &str) = match config
+    let (store, store_kind): (Arc<dyn engine::store::Store>, &str) = match config
         .redis()
         .map_err(|e| anyhow::anyhow!(e))?
     {
         None => (
-            Arc::new(store::memory::MemoryStore::new(store::SeenLimits::default())),
+            Arc::new(engine::store::memory::MemoryStore::new(
+                engine::store::SeenLimits::default(),
+            )),
             "memory",
         ),
         Some(url) => {
@@ -171,30 +158,30 @@ pub async fn serve(
                 ),
                 None => None,
             };
-            let redis = store::redis::RedisStore::connect(
+            let redis = engine::store::redis::RedisStore::connect(
                 &url,
                 ca,
                 &config.redis_prefix,
                 sealer,
-                store::SeenLimits::default(),
+                engine::store::SeenLimits::default(),
             )
             .await
-            .map_err(|e| anyhow::anyhow!("Redis at {}: {e}", ews_client::redact_url(&url)))?;
+            .map_err(|e| anyhow::anyhow!("Redis at {}: {e}", exchange::client::redact_url(&url)))?;
             (Arc::new(redis), "redis")
         }
     };
     let replica = config.replica();
-    let leases = Arc::new(coordinator::Leases::new(&replica));
+    let leases = Arc::new(engine::coordinator::Leases::new(&replica));
     let cap = usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX);
     let accounts = match &config.ews_service_accounts {
-        Some(path) => service_account::ServiceAccounts::load(path)
+        Some(path) => exchange::service_account::ServiceAccounts::load(path)
             .map_err(|e| anyhow::anyhow!(e))?
             .with_retry(
                 config
                     .failed_retry()
                     .context("failed-mailbox retry settings")?,
             ),
-        None => service_account::ServiceAccounts::default(),
+        None => exchange::service_account::ServiceAccounts::default(),
     };
     if !accounts.is_empty() && config.creatio_hosts.is_empty() {
         anyhow::bail!(
@@ -209,21 +196,21 @@ pub async fn serve(
             "mailboxes without a password are served through a service account"
         );
     }
-    let servers = ews_client::Servers::new(config.ews_version, config.ews_auth, ews_private)
+    let servers = exchange::client::Servers::new(config.ews_version, config.ews_auth, ews_private)
         .with_accounts(accounts);
-    let metrics = metrics::Metrics::new();
-    let groups = stream_groups::StreamGroups::new(
+    let metrics = engine::metrics::Metrics::new();
+    let groups = exchange::stream_groups::StreamGroups::new(
         ews_http.clone(),
         servers.clone(),
         limits,
         metrics.shared_streams.clone(),
     );
-    let supervisor = supervisor::Supervisor::new(
-        worker::WorkerContext {
+    let supervisor = engine::supervisor::Supervisor::new(
+        engine::worker::WorkerContext {
             store: store.clone(),
             leases: leases.clone(),
             metrics: metrics.clone(),
-            exchange: Arc::new(transport::HttpExchange {
+            exchange: Arc::new(engine::transport::HttpExchange {
                 http: ews_http.clone(),
                 insecure: config.ews_tls_insecure,
                 servers: servers.clone(),
@@ -232,7 +219,7 @@ pub async fn serve(
             }),
             creatio: Arc::new(delivery.clone()),
             settings: Arc::new(settings),
-            gate: Arc::new(gate::Gate::new(
+            gate: Arc::new(engine::gate::Gate::new(
                 usize::try_from(config.max_active_mailboxes).unwrap_or(usize::MAX),
                 config.subscribe_rate,
             )),
@@ -240,8 +227,8 @@ pub async fn serve(
         Duration::from_secs(config.unhealthy_after_secs),
         Duration::from_millis(config.lease_ms) * 2,
     );
-    let coordinator = coordinator::Coordinator::new(
-        coordinator::CoordinatorSettings {
+    let coordinator = engine::coordinator::Coordinator::new(
+        engine::coordinator::CoordinatorSettings {
             replica: replica.clone(),
             // Alone in memory, no other replica can take a lease: renewing them every second
             // would only cost time. Changes still reach the coordinator at once.
@@ -265,7 +252,7 @@ pub async fn serve(
             .clone()
             .run_when_ready(ready.clone(), coordinating.clone()),
     );
-    let state = api::ApiState {
+    let state = creatio::api::ApiState {
         supervisor: supervisor.clone(),
         ews_http,
         creatio_http: http.clone(),
@@ -282,7 +269,7 @@ pub async fn serve(
         request_timeout: Duration::from_secs(config.http_request_timeout_secs),
     };
     let grace = Duration::from_secs(config.shutdown_timeout_secs);
-    let router = server::with_limits(api::router(state, &config.base_path), http_limits);
+    let router = server::with_limits(creatio::api::router(state, &config.base_path), http_limits);
     let addr = listener.local_addr().context("reading the bound address")?;
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let stop_flag = ready.clone();

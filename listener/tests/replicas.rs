@@ -458,9 +458,9 @@ async fn a_send_its_replica_left_unfinished_is_taken_over_and_sent_only_if_it_di
         })
         .to_string();
         // A replica began this send an hour ago and died before it said how it ended.
-        let command = exchange_listener::contract::parse_send(body.as_bytes()).unwrap();
-        let key = exchange_listener::send::ledger_key(&command);
-        let long_ago = exchange_listener::mail::unix_now_ms() - 3_600_000;
+        let command = exchange_listener::creatio::contract::parse_send(body.as_bytes()).unwrap();
+        let key = exchange_listener::engine::send::ledger_key(&command);
+        let long_ago = exchange_listener::creatio::mail::unix_now_ms() - 3_600_000;
         let _: () = redis::cmd("SET")
             .arg(format!("el:send:{{{key}}}"))
             .arg(format!("sending:{long_ago}"))

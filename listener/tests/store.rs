@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{PATIENCE, Redis, eventually};
-use exchange_listener::contract::{Credentials, parse_credentials_list};
-use exchange_listener::store::memory::MemoryStore;
-use exchange_listener::store::redis::RedisStore;
-use exchange_listener::store::seal::Sealer;
-use exchange_listener::store::{
+use exchange_listener::creatio::contract::{Credentials, parse_credentials_list};
+use exchange_listener::engine::store::memory::MemoryStore;
+use exchange_listener::engine::store::redis::RedisStore;
+use exchange_listener::engine::store::seal::Sealer;
+use exchange_listener::engine::store::{
     Counter, DeadLetter, Fence, HistoryJob, Outcome, SeenLimits, SendClaim, Store, StoreError,
     SyncCursor, SyncPhase, WorkerState,
 };
@@ -58,7 +58,7 @@ async fn contract(store: &dyn Store) {
     };
     // Generations: the same credentials keep theirs; changed or recreated ones get a new one.
     assert!(store.wanted("m1").await.unwrap().is_none());
-    let asked = exchange_listener::mail::unix_now_ms();
+    let asked = exchange_listener::creatio::mail::unix_now_ms();
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
     let fence = here(store.claim("m1", "here", LONG).await.unwrap().unwrap());
     let first = store.wanted("m1").await.unwrap().unwrap();
@@ -150,7 +150,7 @@ async fn contract(store: &dyn Store) {
         panic!("{new:?}");
     };
     assert!(new.state.is_empty());
-    assert!(since >= asked && since <= exchange_listener::mail::unix_now_ms());
+    assert!(since >= asked && since <= exchange_listener::creatio::mail::unix_now_ms());
     // Each phase, and when the state was given, read back as written.
     for written in [
         cursor(
@@ -334,7 +334,7 @@ async fn contract(store: &dyn Store) {
         .record("m2", "streamed", Outcome::Delivered, &fence)
         .await
         .unwrap();
-    let hour_on = exchange_listener::mail::unix_now_ms() + 3_600_000;
+    let hour_on = exchange_listener::creatio::mail::unix_now_ms() + 3_600_000;
     for phase in [
         SyncPhase::Baseline {
             recover_since_unix_ms: Some(0),
@@ -458,7 +458,7 @@ async fn the_redis_store_keeps_the_send_ledger_and_takes_over_a_dead_send() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let long_ago = exchange_listener::mail::unix_now_ms() - 3_600_000;
+    let long_ago = exchange_listener::creatio::mail::unix_now_ms() - 3_600_000;
     let _: () = redis::cmd("SET")
         .arg("el:send:{s3}")
         .arg(format!("sending:{long_ago}"))

@@ -1,0 +1,276 @@
+//! The coordinator and the supervisor together, over a store that can be made slow or down,
+//! under tokio's paused clock: lease timing is read exactly, without a Redis or a wall clock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::creatio::contract::{self, Credentials};
+use crate::creatio::delivery::DeliveryError;
+use crate::engine::gate::Gate;
+use crate::engine::store::memory::MemoryStore;
+use crate::engine::store::slow::SlowStore;
+use crate::engine::transport::{Connect, Creatio, Exchange};
+use crate::engine::worker::{WorkerContext, WorkerSettings};
+use crate::exchange::client::EwsFailure;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// An Exchange no mailbox can reach: each worker says so once and waits to be stopped, which
+/// is all a test of who runs which mailbox needs.
+#[derive(Debug)]
+struct Unreachable;
+
+impl Connect for Unreachable {
+    fn connect(&self, _creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure> {
+        Err(EwsFailure::Config("no Exchange in this test".into()))
+    }
+}
+
+/// A Creatio that takes every call; a report takes `report_takes`, and cannot be cut short
+/// (as a post already sent waits for its answer).
+#[derive(Debug, Default)]
+struct Quiet {
+    report_takes: Duration,
+}
+
+impl Creatio for Quiet {
+    fn post<'a>(
+        &'a self,
+        _url: &'a str,
+        _body: &'a Value,
+        _idempotency_key: Option<&'a str>,
+        _cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn report<'a>(&'a self, _url: &'a str, _body: &'a Value) -> BoxFuture<'a, ()> {
+        tokio::time::sleep(self.report_takes).boxed()
+    }
+}
+
+fn creds(id: &str) -> Credentials {
+    let body = json!([{
+        "Id": id, "SenderEmailAddress": format!("{id}@contoso.test"), "Password": "secret",
+        "ServiceUrl": "http://exchange.test",
+        "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+    }]);
+    contract::parse_credentials_list(body.to_string().as_bytes())
+        .unwrap()
+        .remove(0)
+}
+
+/// One replica: its coordinator, supervisor and leases over a shared store.
+struct Replica {
+    metrics: Metrics,
+    leases: Arc<Leases>,
+    supervisor: Arc<Supervisor>,
+    coordinator: Arc<Coordinator>,
+}
+
+impl Replica {
+    fn new(name: &str, store: Arc<dyn Store>, lease: Duration) -> Replica {
+        Replica::with_creatio(name, store, lease, Quiet::default())
+    }
+
+    fn with_creatio(name: &str, store: Arc<dyn Store>, lease: Duration, creatio: Quiet) -> Replica {
+        let leases = Arc::new(Leases::new(name));
+        let metrics = Metrics::new();
+        let ctx = WorkerContext {
+            store: store.clone(),
+            leases: leases.clone(),
+            metrics: metrics.clone(),
+            exchange: Arc::new(Unreachable),
+            creatio: Arc::new(creatio),
+            settings: Arc::new(WorkerSettings::for_tests()),
+            gate: Arc::new(Gate::new(100_000, 100_000)),
+        };
+        let supervisor = Supervisor::new(ctx, 600 * SECOND, 2 * lease);
+        let coordinator = Coordinator::new(
+            CoordinatorSettings {
+                replica: name.into(),
+                lease,
+                cap: 100_000,
+            },
+            store,
+            leases.clone(),
+            supervisor.clone(),
+            metrics.clone(),
+        );
+        Replica {
+            metrics,
+            leases,
+            supervisor,
+            coordinator,
+        }
+    }
+
+    fn start(&self, stop: &CancellationToken) {
+        tokio::spawn(
+            self.coordinator
+                .clone()
+                .run_when_ready(Arc::new(AtomicBool::new(false)), stop.clone()),
+        );
+    }
+
+    /// Mailboxes whose lease this replica trusts, and of those, how many have no worker.
+    fn served(&self, ids: &[String]) -> (usize, usize) {
+        let trusted: Vec<&String> = ids
+            .iter()
+            .filter(|id| self.leases.fence(id).is_some())
+            .collect();
+        let idle = trusted
+            .iter()
+            .filter(|id| !self.supervisor.has_worker(id))
+            .count();
+        (trusted.len(), idle)
+    }
+}
+
+async fn open(store: &SlowStore, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("m{i:04}")).collect();
+    for id in &ids {
+        store.put_mailbox(creds(id)).await.unwrap();
+    }
+    ids
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_longer_than_the_trust_window_leaves_no_lease_without_a_worker() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 1000).await;
+    // Each round trip takes 10 ms: a thousand claims one at a time would take ten seconds,
+    // five times the two seconds a three-second lease is trusted for.
+    store.set_delay(Duration::from_millis(10));
+    let replica = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    let stop = CancellationToken::new();
+    replica.start(&stop);
+    tokio::time::sleep(30 * SECOND).await;
+
+    assert_eq!(
+        replica.served(&ids),
+        (1000, 0),
+        "(trusted, without a worker)"
+    );
+    assert_eq!(replica.supervisor.running().len(), 1000);
+    // What /metrics and the status view show of it.
+    let leases = |kind: &str| replica.metrics.leases.with_label_values(&[kind]).get();
+    assert_eq!(
+        (
+            leases("held"),
+            leases("trusted"),
+            leases("idle"),
+            leases("leaving")
+        ),
+        (1000, 1000, 0, 0)
+    );
+    assert!(replica.metrics.pass_seconds.get_sample_count() > 10);
+    assert_eq!(
+        replica.metrics.pass_claims.get(),
+        0,
+        "nothing left to claim"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_whose_announcement_was_lost_still_restarts_the_worker() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 3).await;
+    // Pub/sub delivers at most once: here, never.
+    store.set_deaf(true);
+    let replica = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    let stop = CancellationToken::new();
+    replica.start(&stop);
+    tokio::time::sleep(5 * SECOND).await;
+    let before = replica.supervisor.generations(&ids);
+    assert!(before.iter().all(Option::is_some), "{before:?}");
+
+    // Creatio sends new credentials through another replica.
+    let mut changed = creds(&ids[1]);
+    changed.password = Some(contract::Secret::new("a new password".into()));
+    store.put_mailbox(changed.clone()).await.unwrap();
+    tokio::time::sleep(5 * SECOND).await;
+
+    let after = replica.supervisor.generations(&ids);
+    assert_eq!((after[0], after[2]), (before[0], before[2]));
+    assert_ne!(
+        after[1], before[1],
+        "the worker still runs the old credentials"
+    );
+    assert!(replica.supervisor.running().contains(&changed));
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_slow_to_stop_holds_neither_the_pass_nor_its_lease_hostage() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 6).await;
+    let lease = 3 * SECOND;
+    // Every worker first tells Creatio the mailbox is unavailable, which takes 20 s and
+    // cannot be cut short: a worker asked to stop meanwhile takes that long.
+    let slow = Quiet {
+        report_takes: 20 * SECOND,
+    };
+    let a = Replica::with_creatio("a", Arc::new(store.clone()), lease, slow);
+    let stop = CancellationToken::new();
+    a.start(&stop);
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(a.supervisor.running().len(), 6);
+
+    // A second replica joins: part of a's share moves to it.
+    let b = Replica::new("b", Arc::new(store.clone()), lease);
+    b.start(&stop);
+    let to_b: Vec<String> =
+        crate::engine::balance::assign(&["a".into(), "b".into()], &ids, 100_000, &HashMap::new())
+            .into_iter()
+            .filter(|(_, r)| r == "b")
+            .map(|(m, _)| m)
+            .collect();
+    assert!(!to_b.is_empty() && to_b.len() < ids.len(), "{to_b:?}");
+
+    // While a's moving workers are still stopping, a keeps its own share (its passes go on)
+    // and the moving leases (b must not overlap a worker still posting).
+    tokio::time::sleep(2 * SECOND).await;
+    for _ in 0..8 {
+        tokio::time::sleep(SECOND).await;
+        let (kept, _) = a.served(&ids);
+        assert_eq!(kept, ids.len() - to_b.len(), "a's share, trusted");
+        for id in &to_b {
+            assert!(
+                !b.supervisor.has_worker(id),
+                "{id} served by b while a's worker stops"
+            );
+        }
+    }
+    // Once they have stopped, the leases are given back and b serves its share.
+    tokio::time::sleep(20 * SECOND).await;
+    assert_eq!(b.served(&ids), (to_b.len(), 0));
+    assert_eq!(a.served(&ids), (ids.len() - to_b.len(), 0));
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_back_that_failed_is_tried_again() {
+    let store = SlowStore::new(MemoryStore::default());
+    open(&store, 3).await;
+    let replica = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    let stop = CancellationToken::new();
+    replica.start(&stop);
+    tokio::time::sleep(5 * SECOND).await;
+    assert_eq!(store.write_backs(), 0);
+
+    // The store comes back empty, and the first write-back fails.
+    store.lose_data("after the restart", 1);
+    tokio::time::sleep(10 * SECOND).await;
+    assert_eq!(store.write_backs(), 2, "failed once, then done");
+    stop.cancel();
+}

@@ -1,0 +1,479 @@
+//! One task per mailbox: subscribe, stream, fetch each new item, hand it to Creatio.
+//!
+//! The worker is an explicit state machine (`Queued → Subscribing → CatchingUp → Streaming`,
+//! with `Backoff` and `Failed` on the way) whose transitions are the only writers of its
+//! state in the [`Registry`], so any caller sees the truth. A streaming connection that ends
+//! (`Closed`, end of body, idle watchdog) is reopened at once with the same subscription when
+//! it had been healthy, and after a backoff otherwise; a lost subscription is replaced;
+//! credentials the server rejects put the mailbox in `Failed`, which is reported to Creatio and
+//! retried only slowly. Before every connection it catches up from the stored sync state,
+//! and the cursor only moves past items that were delivered, skipped as gone, or
+//! dead-lettered. While it streams, a history load Creatio asked for runs a page at a time
+//! whenever the stream is quiet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::creatio::contract::{self, CallbackMode, Credentials, ServerType};
+use crate::creatio::delivery::{DeliveryError, idempotency_key};
+use crate::creatio::mail::{parse_xs_datetime, to_email, unix_now_ms};
+use crate::engine::backoff::{Backoff, BackoffPolicy};
+use crate::engine::coordinator::Leases;
+use crate::engine::gate::Gate;
+use crate::engine::metrics::Metrics;
+use crate::engine::store::{
+    Counter, DeadLetter, Fence, Outcome, Store, StoreError, SyncCursor, SyncPhase, WorkerState,
+};
+use crate::engine::transport::{Connect, Creatio, Events, Exchange, within};
+use crate::exchange::client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
+
+mod catch_up;
+mod delivery;
+mod history;
+mod streaming;
+
+/// How workers behave; shared by all of them.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// `ConnectionTimeout` asked of the server, in minutes (1..=30).
+    pub connection_timeout_minutes: u8,
+    /// Silence on a stream longer than this reopens it.
+    pub idle_timeout: Duration,
+    /// Bounds every call; a stream's response head and its first envelope must arrive within
+    /// `request_timeout` too.
+    pub limits: Limits,
+    /// Backoff after transient EWS failures.
+    pub retry: BackoffPolicy,
+    /// Backoff while the mailbox is `Failed` (rejected credentials, wrong configuration).
+    pub failed_retry: BackoffPolicy,
+}
+
+#[cfg(test)]
+impl WorkerSettings {
+    /// For tests under paused time: retries from 1 s doubling to 60 s; a failed mailbox from
+    /// 60 s to 30 min; a stream's head and first envelope within 30 s, later ones within
+    /// 120 s.
+    pub(crate) fn for_tests() -> Self {
+        let second = Duration::from_secs(1);
+        WorkerSettings {
+            connection_timeout_minutes: 30,
+            idle_timeout: 120 * second,
+            limits: Limits {
+                request_timeout: 30 * second,
+                max_body_bytes: 1 << 20,
+            },
+            retry: BackoffPolicy::new(second, 60 * second).expect("a valid policy"),
+            failed_retry: BackoffPolicy::new(60 * second, 1800 * second).expect("a valid policy"),
+        }
+    }
+}
+
+/// Changes asked for per SyncFolderItems page (ids only, so a page is small).
+const SYNC_PAGE: u16 = 512;
+
+/// Items listed per FindItem page when recovering a gap (ids and times only).
+const FIND_PAGE: u16 = 200;
+
+/// The most items one gap recovery delivers: the newest, when more arrived.
+const MAX_GAP_ITEMS: usize = 10_000;
+
+/// How far before the last sync a gap recovery looks: covers the difference between the
+/// listener's clock and Exchange's when Exchange never said its time. What it finds twice is
+/// filtered as already delivered.
+const GAP_MARGIN_MS: i64 = 5 * 60 * 1000;
+
+/// Exchange gives received times in whole seconds: a mail received just after a moment may
+/// carry a time up to a second before it.
+const RECEIVED_ROUNDING_MS: i64 = 1000;
+
+/// Items asked for per GetItem: a batch of full mails is read whole, so it stays small.
+pub const FETCH_BATCH: usize = 16;
+
+/// Attempts to fetch announced items before the connection is given up.
+const FETCH_ATTEMPTS: u32 = 5;
+
+/// A connection that streamed at least this long from its first message was healthy: when it
+/// ends, reopen at once.
+const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
+
+/// What a worker needs from the rest of the service.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    pub store: Arc<dyn Store>,
+    /// The leases this replica holds.
+    pub leases: Arc<Leases>,
+    pub metrics: Metrics,
+    /// Makes each mailbox's Exchange client.
+    pub exchange: Arc<dyn Connect>,
+    pub creatio: Arc<dyn Creatio>,
+    pub settings: Arc<WorkerSettings>,
+    pub gate: Arc<Gate>,
+}
+
+enum StreamEnd {
+    Cancelled,
+    /// The server ended the connection (Closed or end of body); the subscription lives.
+    Ended,
+    /// The subscription is gone.
+    SubscriptionLost(EwsFailure),
+    /// A folder was created, moved or deleted: the set of folders to watch is read again.
+    FoldersChanged,
+}
+
+enum Flow {
+    Cancelled,
+    Resubscribe,
+    Failed(EwsFailure),
+}
+
+/// What one fetched item turned out to be.
+enum Fetched {
+    Mail(Box<ews::Message>),
+    /// Deleted or moved before it could be read.
+    Gone,
+    /// Exchange will not give it; the reason is kept with the dead letter.
+    Dead(String),
+}
+
+struct Worker {
+    ctx: WorkerContext,
+    exchange: Box<dyn Exchange>,
+    creds: Credentials,
+    /// The lease this worker runs under; every write carries it.
+    fence: Fence,
+    mode: CallbackMode,
+    cancel: CancellationToken,
+    retry: Backoff,
+    failed_retry: Backoff,
+    /// Creatio was told this mailbox is unavailable and has not been told otherwise since.
+    reported_unavailable: bool,
+    /// When the current connection's first message came.
+    streaming_since: Option<Instant>,
+    /// Creatio was asked for a new access token since the last success.
+    token_refresh_asked: bool,
+    /// The state this worker counts itself in, in the metrics.
+    counted_as: std::sync::Mutex<Option<WorkerState>>,
+    /// The history load (by its moment) this worker has taken up.
+    history_resumed: Option<i64>,
+    /// The folders watched, as resolved before the current subscription.
+    folders: Vec<String>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let counted = self.counted_as.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = *counted {
+            self.ctx
+                .metrics
+                .mailboxes
+                .with_label_values(&[state.name()])
+                .dec();
+        }
+    }
+}
+
+/// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
+pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: CancellationToken) {
+    // Debug formatting escapes what an Id may carry into a text log.
+    let span = tracing::info_span!("mailbox", id = ?creds.id);
+    async move {
+        let mode = match contract::callback_mode(&creds.bpm_endpoint) {
+            Ok(mode) => mode,
+            Err(e) => {
+                // The API validates this before a worker starts; keep the state truthful.
+                let _ = ctx
+                    .store
+                    .transition(
+                        &creds.id,
+                        WorkerState::Failed,
+                        Some(e.to_string()),
+                        Some(&fence),
+                    )
+                    .await;
+                return;
+            }
+        };
+        if creds.server_type != ServerType::Exchange {
+            // Accepted and shown, not yet served: Creatio hears why.
+            let f = EwsFailure::unsupported_server(creds.server_type);
+            report_unavailable(&ctx, &creds, &fence, &f).await;
+            cancel.cancelled().await;
+            return;
+        }
+        let exchange = match ctx.exchange.connect(&creds) {
+            Ok(exchange) => exchange,
+            Err(f) => {
+                // Nothing to retry until Creatio sends other credentials.
+                report_unavailable(&ctx, &creds, &fence, &f).await;
+                cancel.cancelled().await;
+                return;
+            }
+        };
+        let settings = ctx.settings.clone();
+        let mut worker = Worker {
+            retry: settings.retry.start(),
+            failed_retry: settings.failed_retry.start(),
+            ctx,
+            exchange,
+            creds,
+            fence,
+            mode,
+            cancel,
+            reported_unavailable: false,
+            streaming_since: None,
+            token_refresh_asked: false,
+            counted_as: std::sync::Mutex::new(None),
+            history_resumed: None,
+            folders: Vec::new(),
+        };
+        worker.run().await;
+        if worker.cancel.is_cancelled() {
+            // Stopped (moved, closed, lease lost, shutdown): no stream here any more. Unless
+            // the next owner has written its own state already.
+            worker.set_state(WorkerState::Starting, None).await;
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+impl Worker {
+    fn id(&self) -> &str {
+        &self.creds.id
+    }
+
+    /// Records the worker's state; the store being unavailable does not stop the worker.
+    async fn set_state(&self, state: WorkerState, error: Option<String>) {
+        {
+            let mut counted = self.counted_as.lock().unwrap_or_else(|p| p.into_inner());
+            if *counted != Some(state) {
+                let gauge = &self.ctx.metrics.mailboxes;
+                if let Some(old) = *counted {
+                    gauge.with_label_values(&[old.name()]).dec();
+                }
+                gauge.with_label_values(&[state.name()]).inc();
+                *counted = Some(state);
+            }
+        }
+        if let Err(e) = self
+            .ctx
+            .store
+            .transition(self.id(), state, error, Some(&self.fence))
+            .await
+        {
+            self.store_failed("transition");
+            tracing::warn!(error = %e, state = ?state, "could not record the mailbox's state");
+        }
+    }
+
+    fn store_failed(&self, operation: &str) {
+        self.ctx
+            .metrics
+            .store_errors
+            .with_label_values(&[operation])
+            .inc();
+    }
+
+    fn operation(&self) -> &'static str {
+        match self.mode {
+            CallbackMode::NewEmail => "NewEmail",
+            CallbackMode::ProcessFullEmail => "ProcessFullEmail",
+        }
+    }
+
+    /// Sleeps unless cancelled first; false when cancelled.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn run(&mut self) {
+        let gate = self.ctx.gate.clone();
+        if gate.full() {
+            self.set_state(WorkerState::Queued, None).await;
+        }
+        let _place = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return,
+            p = gate.admit() => p,
+        };
+        tracing::info!(url = ?self.exchange.url(), "mailbox worker started");
+        loop {
+            self.set_state(WorkerState::Subscribing, None).await;
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                _ = gate.pace() => {}
+            }
+            // Which folders to watch: Creatio's choice, or every mail folder there is now.
+            let folders = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                f = self.exchange.watched_folders(&self.creds.folder_ids) => f,
+            };
+            match folders {
+                Ok(folders) => {
+                    if folders != self.folders {
+                        tracing::info!(folders = folders.len(), "watching the mailbox's folders");
+                    }
+                    self.folders = folders;
+                }
+                Err(f) => {
+                    if self.pause(&f).await {
+                        continue;
+                    }
+                    return;
+                }
+            }
+            // Not cancelled half-way: a Subscribe the server has taken must be answered by
+            // an Unsubscribe, or the subscription lingers on the server.
+            let sub_id = match self.exchange.subscribe(&self.folders).await {
+                Ok(id) if self.cancel.is_cancelled() => {
+                    self.unsubscribe(&id).await;
+                    return;
+                }
+                Ok(id) => id,
+                Err(f) => {
+                    if self.pause(&f).await {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            tracing::info!("subscribed");
+            self.recovered().await;
+            match self.stream_subscription(&sub_id).await {
+                Flow::Cancelled => {
+                    self.unsubscribe(&sub_id).await;
+                    return;
+                }
+                Flow::Resubscribe => continue,
+                Flow::Failed(f) => {
+                    // The subscription may still live on the server: give it back before
+                    // the next one, or they pile up toward Exchange's per-mailbox limit.
+                    self.unsubscribe(&sub_id).await;
+                    if !self.pause(&f).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Another replica owns the mailbox now: stop at once, posting nothing more.
+    fn lost_lease(&self) {
+        if !self.cancel.is_cancelled() {
+            tracing::warn!("the mailbox's lease passed to another replica; stopping here");
+            self.cancel.cancel();
+        }
+    }
+
+    /// Waits after a failure as its disposition says; false when cancelled meanwhile.
+    async fn pause(&mut self, f: &EwsFailure) -> bool {
+        let delay = match f.disposition() {
+            // An OAuth token expires: the first rejection asks Creatio for a new one, which
+            // arrives as an Update and restarts this mailbox; only a second one is a failure.
+            Disposition::Fatal
+                if matches!(f, EwsFailure::Unauthorized)
+                    && self.creds.access_token.is_some()
+                    && !self.token_refresh_asked =>
+            {
+                self.token_refresh_asked = true;
+                self.set_state(
+                    WorkerState::Backoff,
+                    Some(
+                        "Exchange rejected the access token; asked Creatio for a new one (RefreshToken)"
+                            .into(),
+                    ),
+                )
+                .await;
+                let body = contract::refresh_token_payload(&self.creds);
+                let url = contract::sibling_url(&self.creds.bpm_endpoint, "RefreshToken");
+                self.ctx.creatio.report(&url, &body).await;
+                self.failed_retry.next_delay()
+            }
+            Disposition::Fatal => {
+                self.report_failed(f).await;
+                self.failed_retry.next_delay()
+            }
+            Disposition::Retry { after } => {
+                self.set_state(WorkerState::Backoff, Some(f.to_string()))
+                    .await;
+                self.retry.next_delay_at_least(after)
+            }
+            Disposition::Resubscribe => {
+                self.set_state(WorkerState::Backoff, Some(f.to_string()))
+                    .await;
+                self.retry.next_delay()
+            }
+        };
+        tracing::warn!(error = %f, retry_in_ms = delay.as_millis() as u64, "EWS call failed");
+        self.sleep(delay).await
+    }
+
+    /// Marks the mailbox failed and tells Creatio, once per failure episode.
+    async fn report_failed(&mut self, f: &EwsFailure) {
+        if self.reported_unavailable {
+            self.set_state(WorkerState::Failed, Some(f.to_string()))
+                .await;
+        } else {
+            self.reported_unavailable = true;
+            report_unavailable(&self.ctx, &self.creds, &self.fence, f).await;
+        }
+    }
+
+    /// After a successful subscribe: reset backoffs, and tell Creatio if it was told otherwise.
+    async fn recovered(&mut self) {
+        self.retry.reset();
+        self.failed_retry.reset();
+        self.token_refresh_asked = false;
+        if self.reported_unavailable {
+            self.reported_unavailable = false;
+            let body = contract::mailbox_state_payload(&self.creds, true, None);
+            let url = contract::sibling_url(&self.creds.bpm_endpoint, "ProcessMailboxState");
+            self.ctx.creatio.report(&url, &body).await;
+        }
+    }
+
+    async fn unsubscribe(&self, sub_id: &str) {
+        match self.exchange.unsubscribe(sub_id).await {
+            Ok(()) => tracing::info!("unsubscribed"),
+            Err(e) => {
+                tracing::info!(error = %e, "unsubscribe failed; the server will expire the subscription")
+            }
+        }
+    }
+}
+
+/// Marks the mailbox failed and tells Creatio it is unavailable.
+async fn report_unavailable(
+    ctx: &WorkerContext,
+    creds: &Credentials,
+    fence: &Fence,
+    f: &EwsFailure,
+) {
+    let _ = ctx
+        .store
+        .transition(
+            &creds.id,
+            WorkerState::Failed,
+            Some(f.to_string()),
+            Some(fence),
+        )
+        .await;
+    tracing::warn!(error = %f, "mailbox unavailable; reporting to Creatio");
+    let body =
+        contract::mailbox_state_payload(creds, false, Some((f.class_name(), &f.to_string())));
+    let url = contract::sibling_url(&creds.bpm_endpoint, "ProcessMailboxState");
+    ctx.creatio.report(&url, &body).await;
+}
+
+#[cfg(test)]
+mod tests;
