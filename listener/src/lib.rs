@@ -3,7 +3,7 @@
 //! Creatio calls the HTTP API ([`creatio::api`]) to start, stop and check mailbox
 //! subscriptions. The protocol-neutral [`engine`] keeps mailboxes, leases and cursors in its
 //! store and runs one worker per mailbox, which watches the mailbox's server through one seam
-//! ([`engine::transport`]), fetches each new mail and posts it to the mailbox's Creatio callback
+//! ([`engine::protocol`]), fetches each new mail and posts it to the mailbox's Creatio callback
 //! ([`creatio::delivery`]). Each mail protocol lives in its own module ([`exchange`] for EWS).
 
 pub mod config;
@@ -205,18 +205,22 @@ pub async fn serve(
         limits,
         metrics.shared_streams.clone(),
     );
+    // One line per protocol: the mailbox's `ServerTypeId` chooses.
+    let protocols: Arc<dyn engine::protocol::Connect> = Arc::new(engine::protocol::Protocols {
+        exchange: Arc::new(exchange::HttpExchange {
+            http: ews_http,
+            insecure: config.ews_tls_insecure,
+            servers,
+            limits,
+            groups,
+        }),
+    });
     let supervisor = engine::supervisor::Supervisor::new(
         engine::worker::WorkerContext {
             store: store.clone(),
             leases: leases.clone(),
             metrics: metrics.clone(),
-            exchange: Arc::new(engine::transport::HttpExchange {
-                http: ews_http.clone(),
-                insecure: config.ews_tls_insecure,
-                servers: servers.clone(),
-                limits,
-                groups,
-            }),
+            servers: protocols.clone(),
             creatio: Arc::new(delivery.clone()),
             settings: Arc::new(settings),
             gate: Arc::new(engine::gate::Gate::new(
@@ -254,11 +258,9 @@ pub async fn serve(
     );
     let state = creatio::api::ApiState {
         supervisor: supervisor.clone(),
-        ews_http,
+        servers: protocols,
         creatio_http: http.clone(),
         creatio: Arc::new(delivery),
-        servers,
-        limits,
         reach,
         metrics,
         ready: ready.clone(),

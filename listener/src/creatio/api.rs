@@ -13,27 +13,24 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
-use crate::creatio::contract::{self, ContractError, ServerType};
+use crate::creatio::contract::{self, ContractError};
 use crate::engine::metrics::Metrics;
+use crate::engine::protocol::error_chain;
+use crate::engine::protocol::{Connect, Failure, MailServer};
 use crate::engine::reach::Reach;
 use crate::engine::store::StoreError;
 use crate::engine::supervisor::Supervisor;
-use crate::exchange::client::{EwsClient, EwsFailure, Limits, Servers, error_chain};
 
 /// Shared state of the API handlers.
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub supervisor: Arc<Supervisor>,
-    /// The client for Exchange (its trusted CAs, NTLM).
-    pub ews_http: reqwest::Client,
+    /// Reaches a mailbox's server, by its protocol.
+    pub servers: Arc<dyn Connect>,
     /// The client for Creatio (as the callbacks reach it).
     pub creatio_http: reqwest::Client,
     /// Posts mail to Creatio, retried as the workers' posts are.
-    pub creatio: Arc<dyn crate::engine::transport::Creatio>,
-    /// The request version each Exchange server takes.
-    pub servers: Servers,
-    /// Limits on Validate's call to EWS.
-    pub limits: Limits,
+    pub creatio: Arc<dyn crate::creatio::delivery::Creatio>,
     /// Where Creatio's calls may send the listener.
     pub reach: Reach,
     pub metrics: Metrics,
@@ -218,9 +215,12 @@ async fn mailbox_validate(
 ) -> Result<Json<Value>, ApiError> {
     let creds = contract::parse_validation(&body)?;
     state.reach.check(&creds)?;
-    let (valid, message) = match creds.server_type {
-        ServerType::Exchange => validate(&state, &creds).await,
-        other => (false, EwsFailure::unsupported_server(other).sentence()),
+    let (valid, message) = match state.servers.connect(&creds) {
+        Ok(server) => match server.validate().await {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e.sentence()),
+        },
+        Err(e) => (false, e.sentence()),
     };
     tracing::info!(mailbox = %creds.sender_email, valid, "credentials validated");
     // On success `Data` carries JSON Creatio parses for the name it shows; on failure an
@@ -235,22 +235,17 @@ async fn mailbox_validate(
     ))
 }
 
-/// An EWS client for an operation Creatio asks of a mailbox, once its addresses are allowed
-/// and its server is one this listener serves.
-fn exchange_client(state: &ApiState, creds: &contract::Credentials) -> Result<EwsClient, ApiError> {
+/// The server of a mailbox Creatio asks something of, once its addresses are allowed and its
+/// protocol is one this listener serves.
+fn mail_server(
+    state: &ApiState,
+    creds: &contract::Credentials,
+) -> Result<Box<dyn MailServer>, ApiError> {
     state.reach.check(creds)?;
-    if creds.server_type != ServerType::Exchange {
-        return Err(ApiError::NotImplemented(
-            EwsFailure::unsupported_server(creds.server_type).to_string(),
-        ));
-    }
-    EwsClient::new(
-        state.ews_http.clone(),
-        creds,
-        state.servers.clone(),
-        state.limits,
-    )
-    .map_err(|e| ApiError::MailServer(e.to_string()))
+    state.servers.connect(creds).map_err(|e| match e {
+        Failure::Unsupported(why) => ApiError::NotImplemented(why),
+        other => ApiError::MailServer(other.to_string()),
+    })
 }
 
 /// `POST /api/mailbox/folders`: the mailbox's folders of the class asked for (every class when
@@ -261,9 +256,9 @@ async fn mailbox_folders(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let (creds, class) = contract::parse_folders_request(&body)?;
-    let client = exchange_client(&state, &creds)?;
-    let found = client
-        .find_folders()
+    let server = mail_server(&state, &creds)?;
+    let found = server
+        .folders()
         .await
         .map_err(|e| ApiError::MailServer(e.sentence()))?;
     let folders = contract::folder_list(found, class.as_deref());
@@ -309,14 +304,15 @@ async fn email_send(
     };
     let command = contract::parse_send(&body)?;
     drop(body);
-    let client = match exchange_client(&state, &command.creds) {
-        Ok(client) => client,
+    let server = match mail_server(&state, &command.creds) {
+        Ok(server) => server,
         Err(ApiError::BadRequest(e)) => return Err(e.into()),
         Err(e) => return Ok(send_answer(Some(e.to_string()))),
     };
     let store = state.supervisor.store();
     let answer =
-        crate::engine::send::send_once(&client, store.as_ref(), &state.metrics, &command).await;
+        crate::engine::send::send_once(server.as_ref(), store.as_ref(), &state.metrics, &command)
+            .await;
     Ok(send_answer(answer))
 }
 
@@ -332,7 +328,7 @@ async fn email_synchronize(
     state.reach.check(&creds)?;
     let contract::LoadFrom::Date(since) = load_from else {
         return Err(ApiError::NotImplemented(
-            EwsFailure::unsupported_server(creds.server_type).to_string(),
+            Failure::unsupported_server(creds.server_type).to_string(),
         ));
     };
     let Some(job) = state
@@ -360,10 +356,10 @@ async fn email_synchronize(
 /// folders is then posted through `ProcessFullEmail`, and one not found is logged and skipped.
 async fn email_fetch(State(state): State<ApiState>, body: Bytes) -> Result<StatusCode, ApiError> {
     let (creds, message_ids) = contract::parse_fetch(&body)?;
-    let client = exchange_client(&state, &creds)?;
+    let server = mail_server(&state, &creds)?;
     tracing::info!(id = ?creds.id, mails = message_ids.len(), "fetching mail Creatio asked for");
     tokio::spawn(crate::engine::fetch::fetch_and_post(
-        client,
+        server,
         creds,
         message_ids,
         state.creatio.clone(),
@@ -414,23 +410,6 @@ async fn availability(State(state): State<ApiState>, body: Bytes) -> Result<Resp
         answer,
     )
         .into_response())
-}
-
-/// Logs in to EWS with the credentials and reads the inbox.
-async fn validate(state: &ApiState, creds: &contract::Credentials) -> (bool, String) {
-    let client = match EwsClient::new(
-        state.ews_http.clone(),
-        creds,
-        state.servers.clone(),
-        state.limits,
-    ) {
-        Ok(c) => c,
-        Err(e) => return (false, e.to_string()),
-    };
-    match client.get_inbox().await {
-        Ok(_) => (true, String::new()),
-        Err(e) => (false, e.sentence()),
-    }
 }
 
 /// `GET /api/listeners/{id}`: one mailbox's state, with no credentials.

@@ -9,6 +9,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -186,6 +188,36 @@ enum Attempt {
         why: String,
         retry_after: Option<Duration>,
     },
+}
+
+/// Creatio's callbacks, as a worker posts them; the worker's unit tests script another.
+pub trait Creatio: Send + Sync + std::fmt::Debug {
+    /// Posts one mail's callback, retried until accepted, rejected, out of time or cancelled.
+    fn post<'a>(
+        &'a self,
+        url: &'a str,
+        body: &'a Value,
+        idempotency_key: Option<&'a str>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>>;
+    /// Posts a report once; its loss is harmless.
+    fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()>;
+}
+
+impl Creatio for Delivery {
+    fn post<'a>(
+        &'a self,
+        url: &'a str,
+        body: &'a Value,
+        idempotency_key: Option<&'a str>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Delivery::post(self, url, body, idempotency_key, cancel).boxed()
+    }
+
+    fn report<'a>(&'a self, url: &'a str, body: &'a Value) -> BoxFuture<'a, ()> {
+        Delivery::post_once_quietly(self, url, body).boxed()
+    }
 }
 
 #[cfg(test)]

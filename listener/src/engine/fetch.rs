@@ -7,21 +7,20 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::creatio::contract::{self, Credentials};
-use crate::creatio::delivery::idempotency_key;
-use crate::creatio::mail::to_email;
-use crate::engine::transport::Creatio;
+use crate::creatio::delivery::{Creatio, idempotency_key};
+use crate::engine::protocol::error_chain;
+use crate::engine::protocol::{Item, MailServer};
 use crate::engine::worker::FETCH_BATCH;
-use crate::exchange::client::{EwsClient, error_chain};
 
 /// Finds each Message-ID in the watched folders and posts what it finds; answers how many
 /// were posted.
 pub async fn fetch_and_post(
-    client: EwsClient,
+    server: Box<dyn MailServer>,
     creds: Credentials,
     message_ids: Vec<String>,
     creatio: Arc<dyn Creatio>,
 ) -> usize {
-    let folders = match client.watched_folders(&creds.folder_ids).await {
+    let folders = match server.watched_folders(&creds.folder_ids).await {
         Ok(folders) => folders,
         Err(e) => {
             tracing::warn!(id = ?creds.id, error = %error_chain(&e), "could not list the mailbox's folders; looking in the inbox alone");
@@ -31,7 +30,7 @@ pub async fn fetch_and_post(
     let mut items: Vec<String> = Vec::new();
     'wanted: for message_id in &message_ids {
         for folder in &folders {
-            match client.find_by_message_id(folder, message_id).await {
+            match server.find_by_message_id(folder, message_id).await {
                 Ok(found) if found.is_empty() => {}
                 Ok(found) => {
                     items.extend(found);
@@ -49,7 +48,7 @@ pub async fn fetch_and_post(
     let mut posted = 0;
     for batch in items.chunks(FETCH_BATCH) {
         let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
-        let fetched = match client.get_items(&ids).await {
+        let fetched = match server.get_items(&ids).await {
             Ok(fetched) => fetched,
             Err(e) => {
                 tracing::warn!(id = ?creds.id, items = ids.len(), error = %error_chain(&e), "could not read mails Creatio asked for");
@@ -57,14 +56,21 @@ pub async fn fetch_and_post(
             }
         };
         for (item_id, item) in batch.iter().zip(fetched) {
-            let message = match item {
-                Ok(message) => message,
+            let email = match item {
+                Ok(Item::Mail(email)) => *email,
+                Ok(Item::Gone) => {
+                    tracing::info!(id = ?creds.id, item = ?item_id, "a mail Creatio asked for was gone before it could be read");
+                    continue;
+                }
+                Ok(Item::Dead(why)) => {
+                    tracing::warn!(id = ?creds.id, item = ?item_id, why = %why, "the server would not give a mail Creatio asked for");
+                    continue;
+                }
                 Err(e) => {
-                    tracing::warn!(id = ?creds.id, item = ?item_id, code = %e.code, "Exchange would not give a mail Creatio asked for");
+                    tracing::warn!(id = ?creds.id, item = ?item_id, error = %error_chain(&e), "could not read a mail Creatio asked for");
                     continue;
                 }
             };
-            let email = to_email(item_id, message);
             let body = contract::full_email_payload(
                 &creds,
                 std::slice::from_ref(&email),

@@ -7,8 +7,9 @@ use sha2::{Digest, Sha256};
 
 use crate::creatio::contract::SendCommand;
 use crate::engine::metrics::Metrics;
+use crate::engine::protocol::MailServer;
+use crate::engine::protocol::error_chain;
 use crate::engine::store::{SendClaim, Store};
-use crate::exchange::client::{EwsClient, EwsFailure, error_chain};
 
 /// What Creatio shows its user when a send did not happen; `None` when it did.
 pub type SendAnswer = Option<String>;
@@ -27,7 +28,7 @@ pub fn ledger_key(command: &SendCommand) -> String {
 
 /// Sends the mail unless the ledger says it went out already.
 pub async fn send_once(
-    client: &EwsClient,
+    server: &dyn MailServer,
     store: &dyn Store,
     metrics: &Metrics,
     command: &SendCommand,
@@ -60,7 +61,7 @@ pub async fn send_once(
         }
         Ok(SendClaim::Stale) => {
             if let Some(id) = message_id
-                && gone_out(client, id).await
+                && gone_out(server, id).await
             {
                 tracing::info!(
                     mailbox,
@@ -74,11 +75,11 @@ pub async fn send_once(
         }
         Ok(SendClaim::New) => {}
     }
-    let mut result = client.send_mail(&command.email).await;
+    let mut result = server.send(&command.email).await;
     if let Err(e) = &result
-        && in_doubt(e)
+        && e.send_in_doubt()
         && let Some(id) = message_id
-        && gone_out(client, id).await
+        && gone_out(server, id).await
     {
         // The server took the mail but its answer was lost.
         result = Ok(());
@@ -97,26 +98,17 @@ pub async fn send_once(
             None
         }
         Err(e) => {
-            let refused = matches!(&e, EwsFailure::Ews(ews::EwsError::Response(_)));
+            let refused = e.send_refused();
             tracing::warn!(mailbox, message_id, error = %error_chain(&e), "mail not sent");
             count(if refused { "refused" } else { "failed" });
-            Some(failure_text(&e))
+            Some(e.unsent_sentence())
         }
     }
 }
 
-/// A failure after which the mail may still have gone out: the request may have reached the
-/// server and its answer been lost.
-fn in_doubt(e: &EwsFailure) -> bool {
-    matches!(
-        e,
-        EwsFailure::Transport(_) | EwsFailure::Idle(_) | EwsFailure::Http { .. }
-    )
-}
-
 /// Whether Sent Items holds the mail; a failed look counts as no.
-async fn gone_out(client: &EwsClient, message_id: &str) -> bool {
-    match client.was_sent(message_id).await {
+async fn gone_out(server: &dyn MailServer, message_id: &str) -> bool {
+    match server.was_sent(message_id).await {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!(message_id, error = %error_chain(&e), "cannot look into Sent Items");
@@ -128,30 +120,5 @@ async fn gone_out(client: &EwsClient, message_id: &str) -> bool {
 async fn end(store: &dyn Store, key: &str, sent: bool) {
     if let Err(e) = store.end_send(key, sent).await {
         tracing::warn!(error = %e, sent, "cannot record how a send ended");
-    }
-}
-
-/// A sentence Creatio can show its user: why the mail was not sent, never a secret.
-pub fn failure_text(e: &EwsFailure) -> String {
-    match e {
-        EwsFailure::Ews(ews::EwsError::Response(r)) if r.code == "ErrorMessageSizeExceeded" => {
-            "Exchange refused the message: ErrorMessageSizeExceeded (the message with its attachments is larger than the server accepts)".into()
-        }
-        EwsFailure::Ews(err) => format!(
-            "Exchange refused the message: {}",
-            err.code().unwrap_or("unknown error")
-        ),
-        EwsFailure::Unauthorized => {
-            "Exchange rejected the user name or password of the sending mailbox".into()
-        }
-        EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
-            "Exchange could not be reached at ServiceUrl; the message was not sent".into()
-        }
-        EwsFailure::Http { status, .. } => {
-            format!("Exchange answered HTTP {status}; the message was not sent")
-        }
-        EwsFailure::Store(_) => "The Email Listener cannot reach its store; try again".into(),
-        // Not about this message: as Validate says it.
-        other => other.sentence(),
     }
 }

@@ -18,18 +18,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::creatio::contract::{self, CallbackMode, Credentials, ServerType};
-use crate::creatio::delivery::{DeliveryError, idempotency_key};
-use crate::creatio::mail::{parse_xs_datetime, to_email, unix_now_ms};
+use crate::creatio::contract::{self, CallbackMode, Credentials};
+use crate::creatio::delivery::{Creatio, DeliveryError, idempotency_key};
+use crate::creatio::mail::unix_now_ms;
 use crate::engine::backoff::{Backoff, BackoffPolicy};
 use crate::engine::coordinator::Leases;
 use crate::engine::gate::Gate;
 use crate::engine::metrics::Metrics;
+use crate::engine::protocol::{
+    Connect, Disposition, Failure, Item, Limits, MailServer, Watch, within,
+};
 use crate::engine::store::{
     Counter, DeadLetter, Fence, Outcome, Store, StoreError, SyncCursor, SyncPhase, WorkerState,
 };
-use crate::engine::transport::{Connect, Creatio, Events, Exchange, within};
-use crate::exchange::client::{Disposition, EwsFailure, ItemFate, Limits, item_fate};
 
 mod catch_up;
 mod delivery;
@@ -46,7 +47,7 @@ pub struct WorkerSettings {
     /// Bounds every call; a stream's response head and its first envelope must arrive within
     /// `request_timeout` too.
     pub limits: Limits,
-    /// Backoff after transient EWS failures.
+    /// Backoff after transient failures of the mail server.
     pub retry: BackoffPolicy,
     /// Backoff while the mailbox is `Failed` (rejected credentials, wrong configuration).
     pub failed_retry: BackoffPolicy,
@@ -72,25 +73,25 @@ impl WorkerSettings {
     }
 }
 
-/// Changes asked for per SyncFolderItems page (ids only, so a page is small).
+/// New items asked for per sync page (ids only, so a page is small).
 const SYNC_PAGE: u16 = 512;
 
-/// Items listed per FindItem page when recovering a gap (ids and times only).
+/// Items listed per search page when recovering a gap (ids and times only).
 const FIND_PAGE: u16 = 200;
 
 /// The most items one gap recovery delivers: the newest, when more arrived.
 const MAX_GAP_ITEMS: usize = 10_000;
 
 /// How far before the last sync a gap recovery looks: covers the difference between the
-/// listener's clock and Exchange's when Exchange never said its time. What it finds twice is
+/// listener's clock and the server's when the server never said its time. What it finds twice is
 /// filtered as already delivered.
 const GAP_MARGIN_MS: i64 = 5 * 60 * 1000;
 
-/// Exchange gives received times in whole seconds: a mail received just after a moment may
+/// Servers give received times in whole seconds: a mail received just after a moment may
 /// carry a time up to a second before it.
 const RECEIVED_ROUNDING_MS: i64 = 1000;
 
-/// Items asked for per GetItem: a batch of full mails is read whole, so it stays small.
+/// Items fetched per call: a batch of full mails is read whole, so it stays small.
 pub const FETCH_BATCH: usize = 16;
 
 /// Attempts to fetch announced items before the connection is given up.
@@ -107,8 +108,8 @@ pub struct WorkerContext {
     /// The leases this replica holds.
     pub leases: Arc<Leases>,
     pub metrics: Metrics,
-    /// Makes each mailbox's Exchange client.
-    pub exchange: Arc<dyn Connect>,
+    /// Reaches each mailbox's server, by its protocol.
+    pub servers: Arc<dyn Connect>,
     pub creatio: Arc<dyn Creatio>,
     pub settings: Arc<WorkerSettings>,
     pub gate: Arc<Gate>,
@@ -119,7 +120,7 @@ enum StreamEnd {
     /// The server ended the connection (Closed or end of body); the subscription lives.
     Ended,
     /// The subscription is gone.
-    SubscriptionLost(EwsFailure),
+    SubscriptionLost(Failure),
     /// A folder was created, moved or deleted: the set of folders to watch is read again.
     FoldersChanged,
 }
@@ -127,21 +128,12 @@ enum StreamEnd {
 enum Flow {
     Cancelled,
     Resubscribe,
-    Failed(EwsFailure),
-}
-
-/// What one fetched item turned out to be.
-enum Fetched {
-    Mail(Box<ews::Message>),
-    /// Deleted or moved before it could be read.
-    Gone,
-    /// Exchange will not give it; the reason is kept with the dead letter.
-    Dead(String),
+    Failed(Failure),
 }
 
 struct Worker {
     ctx: WorkerContext,
-    exchange: Box<dyn Exchange>,
+    server: Box<dyn MailServer>,
     creds: Credentials,
     /// The lease this worker runs under; every write carries it.
     fence: Fence,
@@ -197,17 +189,11 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
                 return;
             }
         };
-        if creds.server_type != ServerType::Exchange {
-            // Accepted and shown, not yet served: Creatio hears why.
-            let f = EwsFailure::unsupported_server(creds.server_type);
-            report_unavailable(&ctx, &creds, &fence, &f).await;
-            cancel.cancelled().await;
-            return;
-        }
-        let exchange = match ctx.exchange.connect(&creds) {
-            Ok(exchange) => exchange,
+        let server = match ctx.servers.connect(&creds) {
+            Ok(server) => server,
             Err(f) => {
-                // Nothing to retry until Creatio sends other credentials.
+                // Nothing to retry until Creatio sends other credentials (a kind of server
+                // not served is accepted and shown: Creatio hears why).
                 report_unavailable(&ctx, &creds, &fence, &f).await;
                 cancel.cancelled().await;
                 return;
@@ -218,7 +204,7 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             retry: settings.retry.start(),
             failed_retry: settings.failed_retry.start(),
             ctx,
-            exchange,
+            server,
             creds,
             fence,
             mode,
@@ -304,7 +290,7 @@ impl Worker {
             _ = self.cancel.cancelled() => return,
             p = gate.admit() => p,
         };
-        tracing::info!(url = ?self.exchange.url(), "mailbox worker started");
+        tracing::info!(url = ?self.server.url(), "mailbox worker started");
         loop {
             self.set_state(WorkerState::Subscribing, None).await;
             tokio::select! {
@@ -316,7 +302,7 @@ impl Worker {
             let folders = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
-                f = self.exchange.watched_folders(&self.creds.folder_ids) => f,
+                f = self.server.watched_folders(&self.creds.folder_ids) => f,
             };
             match folders {
                 Ok(folders) => {
@@ -334,7 +320,7 @@ impl Worker {
             }
             // Not cancelled half-way: a Subscribe the server has taken must be answered by
             // an Unsubscribe, or the subscription lingers on the server.
-            let sub_id = match self.exchange.subscribe(&self.folders).await {
+            let sub_id = match self.server.subscribe(&self.folders).await {
                 Ok(id) if self.cancel.is_cancelled() => {
                     self.unsubscribe(&id).await;
                     return;
@@ -357,7 +343,7 @@ impl Worker {
                 Flow::Resubscribe => continue,
                 Flow::Failed(f) => {
                     // The subscription may still live on the server: give it back before
-                    // the next one, or they pile up toward Exchange's per-mailbox limit.
+                    // the next one, or they pile up toward the server's per-mailbox limit.
                     self.unsubscribe(&sub_id).await;
                     if !self.pause(&f).await {
                         return;
@@ -376,12 +362,12 @@ impl Worker {
     }
 
     /// Waits after a failure as its disposition says; false when cancelled meanwhile.
-    async fn pause(&mut self, f: &EwsFailure) -> bool {
+    async fn pause(&mut self, f: &Failure) -> bool {
         let delay = match f.disposition() {
             // An OAuth token expires: the first rejection asks Creatio for a new one, which
             // arrives as an Update and restarts this mailbox; only a second one is a failure.
             Disposition::Fatal
-                if matches!(f, EwsFailure::Unauthorized)
+                if f.credentials_rejected()
                     && self.creds.access_token.is_some()
                     && !self.token_refresh_asked =>
             {
@@ -389,7 +375,7 @@ impl Worker {
                 self.set_state(
                     WorkerState::Backoff,
                     Some(
-                        "Exchange rejected the access token; asked Creatio for a new one (RefreshToken)"
+                        "The mail server rejected the access token; asked Creatio for a new one (RefreshToken)"
                             .into(),
                     ),
                 )
@@ -414,12 +400,12 @@ impl Worker {
                 self.retry.next_delay()
             }
         };
-        tracing::warn!(error = %f, retry_in_ms = delay.as_millis() as u64, "EWS call failed");
+        tracing::warn!(error = %f, retry_in_ms = delay.as_millis() as u64, "mail server call failed");
         self.sleep(delay).await
     }
 
     /// Marks the mailbox failed and tells Creatio, once per failure episode.
-    async fn report_failed(&mut self, f: &EwsFailure) {
+    async fn report_failed(&mut self, f: &Failure) {
         if self.reported_unavailable {
             self.set_state(WorkerState::Failed, Some(f.to_string()))
                 .await;
@@ -443,7 +429,7 @@ impl Worker {
     }
 
     async fn unsubscribe(&self, sub_id: &str) {
-        match self.exchange.unsubscribe(sub_id).await {
+        match self.server.unsubscribe(sub_id).await {
             Ok(()) => tracing::info!("unsubscribed"),
             Err(e) => {
                 tracing::info!(error = %e, "unsubscribe failed; the server will expire the subscription")
@@ -453,12 +439,7 @@ impl Worker {
 }
 
 /// Marks the mailbox failed and tells Creatio it is unavailable.
-async fn report_unavailable(
-    ctx: &WorkerContext,
-    creds: &Credentials,
-    fence: &Fence,
-    f: &EwsFailure,
-) {
+async fn report_unavailable(ctx: &WorkerContext, creds: &Credentials, fence: &Fence, f: &Failure) {
     let _ = ctx
         .store
         .transition(

@@ -29,11 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ews::response::{Notification, StreamBatch, SubscriptionError};
-use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::engine::transport::{Answer, Events, within};
+use crate::engine::protocol::within;
 use crate::exchange::client::{EventStream, EwsClient, EwsFailure, Limits, Servers};
 use crate::exchange::service_account::ServiceAccount;
 
@@ -556,16 +555,14 @@ pub struct GroupEvents {
     first: Option<StreamBatch>,
 }
 
-impl Events for GroupEvents {
-    fn next(&mut self) -> Answer<'_, Option<StreamBatch>> {
-        async move {
-            if let Some(first) = self.first.take() {
-                return Ok(Some(first));
-            }
-            // The group let the mailbox go without a word: as a stream that ended.
-            self.rx.recv().await.unwrap_or(Ok(None))
+impl GroupEvents {
+    /// The next message for this mailbox; `None` when its connection ended.
+    pub async fn next(&mut self) -> Result<Option<StreamBatch>, EwsFailure> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
         }
-        .boxed()
+        // The group let the mailbox go without a word: as a stream that ended.
+        self.rx.recv().await.unwrap_or(Ok(None))
     }
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::Credentials;
+use crate::engine::protocol::Folder;
 
 /// .NET `DateTime` ticks (100 ns since 0001-01-01) at the Unix epoch.
 const TICKS_AT_UNIX_EPOCH: i64 = 621_355_968_000_000_000;
@@ -203,17 +204,17 @@ pub fn state_entry(state: &str) -> Value {
 /// `IPF.Note.OutlookHomepage` for `IPF.Note`; every folder when none), as
 /// `[{Id, Name, ParentId}]` in the server's order. A parent left out (the top of the mailbox,
 /// or a folder of another class) is written as empty, so every `ParentId` names a listed folder.
-pub fn folder_list(found: Vec<ews::FoundFolder>, class: Option<&str>) -> Vec<Value> {
-    let of_class = |f: &ews::FoundFolder| match class {
+pub fn folder_list(found: Vec<Folder>, class: Option<&str>) -> Vec<Value> {
+    let of_class = |f: &Folder| match class {
         None => true,
-        Some(c) => f.folder_class.as_deref().is_some_and(|fc| {
+        Some(c) => f.class.as_deref().is_some_and(|fc| {
             fc.eq_ignore_ascii_case(c)
                 || fc
                     .get(..c.len() + 1)
                     .is_some_and(|p| p[..c.len()].eq_ignore_ascii_case(c) && p.ends_with('.'))
         }),
     };
-    let kept: Vec<ews::FoundFolder> = found.into_iter().filter(of_class).collect();
+    let kept: Vec<Folder> = found.into_iter().filter(of_class).collect();
     let ids: std::collections::HashSet<&str> = kept.iter().map(|f| f.id.as_str()).collect();
     kept.iter()
         .map(|f| {
@@ -222,7 +223,7 @@ pub fn folder_list(found: Vec<ews::FoundFolder>, class: Option<&str>) -> Vec<Val
                 .as_deref()
                 .filter(|p| ids.contains(p))
                 .unwrap_or_default();
-            json!({ "Id": f.id, "Name": f.display_name, "ParentId": parent })
+            json!({ "Id": f.id, "Name": f.name, "ParentId": parent })
         })
         .collect()
 }
@@ -286,11 +287,11 @@ mod tests {
 
     #[test]
     fn folders_of_a_class_name_only_listed_parents() {
-        let folder = |id: &str, parent: &str, name: &str, class: Option<&str>| ews::FoundFolder {
+        let folder = |id: &str, parent: &str, name: &str, class: Option<&str>| Folder {
             id: id.into(),
             parent_id: Some(parent.into()),
-            display_name: name.into(),
-            folder_class: class.map(str::to_owned),
+            name: name.into(),
+            class: class.map(str::to_owned),
         };
         let found = || {
             vec![

@@ -13,24 +13,24 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::creatio::contract::{self, Credentials};
+use crate::creatio::delivery::Creatio;
 use crate::creatio::delivery::DeliveryError;
 use crate::engine::gate::Gate;
+use crate::engine::protocol::{Connect, Failure, MailServer};
 use crate::engine::store::memory::MemoryStore;
 use crate::engine::store::slow::SlowStore;
-use crate::engine::transport::{Connect, Creatio, Exchange};
 use crate::engine::worker::{WorkerContext, WorkerSettings};
-use crate::exchange::client::EwsFailure;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// An Exchange no mailbox can reach: each worker says so once and waits to be stopped, which
+/// A mail server no mailbox can reach: each worker says so once and waits to be stopped, which
 /// is all a test of who runs which mailbox needs.
 #[derive(Debug)]
 struct Unreachable;
 
 impl Connect for Unreachable {
-    fn connect(&self, _creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure> {
-        Err(EwsFailure::Config("no Exchange in this test".into()))
+    fn connect(&self, _creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
+        Err(Failure::Unsupported("no mail server in this test".into()))
     }
 }
 
@@ -88,7 +88,7 @@ impl Replica {
             store: store.clone(),
             leases: leases.clone(),
             metrics: metrics.clone(),
-            exchange: Arc::new(Unreachable),
+            servers: Arc::new(Unreachable),
             creatio: Arc::new(creatio),
             settings: Arc::new(WorkerSettings::for_tests()),
             gate: Arc::new(Gate::new(100_000, 100_000)),

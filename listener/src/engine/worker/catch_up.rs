@@ -11,7 +11,7 @@ impl Worker {
     /// a live cursor delivers every item after it. Each step is saved before the next, so an
     /// interruption resumes where it stood. Runs before every connection; events that arrive
     /// meanwhile wait on the subscription. False when cancelled.
-    pub(super) async fn catch_up(&mut self) -> Result<bool, EwsFailure> {
+    pub(super) async fn catch_up(&mut self) -> Result<bool, Failure> {
         self.set_state(WorkerState::CatchingUp, None).await;
         // A mailbox stored before cursors had phases, or created without one, takes a baseline.
         let mut cursor = self
@@ -51,13 +51,11 @@ impl Worker {
                     let page = tokio::select! {
                         biased;
                         _ = self.cancel.cancelled() => return Ok(false),
-                        r = self.exchange.sync_folder(folder, known.as_deref(), SYNC_PAGE) => r,
+                        r = self.server.sync_folder(folder, known.as_deref(), SYNC_PAGE) => r,
                     };
                     let page = match page {
                         Ok(page) => page,
-                        Err(f)
-                            if known.is_some() && f.code() == Some("ErrorInvalidSyncStateData") =>
-                        {
+                        Err(f) if known.is_some() && f.cursor_rejected() => {
                             // The server no longer knows our state: take a new baseline, then
                             // find what arrived since the last sync by its received time.
                             tracing::warn!(
@@ -82,14 +80,7 @@ impl Worker {
                         Err(f) => return Err(f),
                     };
                     if deliver {
-                        let created: Vec<String> = page
-                            .changes
-                            .iter()
-                            .filter_map(|c| match c {
-                                ews::SyncChange::Create(id) => Some(id.id.clone()),
-                                _ => None,
-                            })
-                            .collect();
+                        let created = page.added;
                         if !created.is_empty() {
                             tracing::info!(
                                 items = created.len(),
@@ -101,12 +92,12 @@ impl Worker {
                             }
                         }
                     }
-                    states.set(folder, page.sync_state);
+                    states.set(folder, page.state);
                     cursor.state = states.encode();
                     if !self.save_cursor(&cursor).await? {
                         return Ok(false);
                     }
-                    if page.includes_last_item_in_range {
+                    if page.complete {
                         break;
                     }
                 }
@@ -132,7 +123,7 @@ impl Worker {
     }
 
     /// Saves the cursor under the lease; false when the lease is gone (the worker stops).
-    async fn save_cursor(&self, cursor: &SyncCursor) -> Result<bool, EwsFailure> {
+    async fn save_cursor(&self, cursor: &SyncCursor) -> Result<bool, Failure> {
         match self
             .ctx
             .store
@@ -150,47 +141,44 @@ impl Worker {
 
     /// Delivers what the inbox received since `since_unix_ms` of this process's clock, read
     /// on the server's clock, less the second its received times are rounded to.
-    async fn recover_since(&mut self, since_unix_ms: i64) -> Result<bool, EwsFailure> {
-        let offset = self.exchange.clock_offset_ms().unwrap_or(0);
+    async fn recover_since(&mut self, since_unix_ms: i64) -> Result<bool, Failure> {
+        let offset = self.server.clock_offset_ms().unwrap_or(0);
         self.recover_gap(since_unix_ms + offset - RECEIVED_ROUNDING_MS)
             .await
     }
 
     /// Delivers what the watched folders received since `since_unix_ms` (newest first from
-    /// FindItem, handed on oldest first); what was already delivered is filtered out on the
+    /// the server's search, handed on oldest first); what was already delivered is filtered out on the
     /// way. Runs after a new baseline, so mail arriving meanwhile is found by the next sync as
     /// well, and posted once. False when cancelled.
-    async fn recover_gap(&mut self, since_unix_ms: i64) -> Result<bool, EwsFailure> {
+    async fn recover_gap(&mut self, since_unix_ms: i64) -> Result<bool, Failure> {
         // (received time, item id); an item without a readable time is kept, as the newest:
         // a duplicate is filtered, a loss is not.
         let mut found: Vec<(i64, String)> = Vec::new();
         for folder in self.folders.clone() {
-            // This folder's, newest first as FindItem lists them.
+            // This folder's, newest first as the search lists them.
             let mut listed_here: Vec<(i64, String)> = Vec::new();
             let mut offset = 0u32;
             loop {
                 let page = tokio::select! {
                     biased;
                     _ = self.cancel.cancelled() => return Ok(false),
-                    r = self.exchange.find_recent_items(&folder, offset, FIND_PAGE) => r?,
+                    r = self.server.find_recent_items(&folder, offset, FIND_PAGE) => r?,
                 };
                 let listed = page.items.len();
                 let mut reached_older = false;
                 for item in page.items {
-                    let received = item
-                        .date_time_received
-                        .as_deref()
-                        .and_then(parse_xs_datetime);
+                    let received = item.received_unix_ms;
                     if received.is_some_and(|t| t < since_unix_ms) {
                         reached_older = true;
                         break;
                     }
-                    listed_here.push((received.unwrap_or(i64::MAX), item.id.id));
+                    listed_here.push((received.unwrap_or(i64::MAX), item.id));
                 }
                 if listed_here.len() >= MAX_GAP_ITEMS {
                     break;
                 }
-                if reached_older || listed == 0 || page.includes_last_item_in_range {
+                if reached_older || listed == 0 || page.complete {
                     break;
                 }
                 offset = page

@@ -1,11 +1,11 @@
-//! Delivery: new items fetched from Exchange and posted to Creatio, each outcome recorded
+//! Delivery: new items fetched from the mail server and posted to Creatio, each outcome recorded
 //! (delivered, skipped as gone, dead-lettered), and the outbox gauge that counts what waits.
 
 use super::*;
 
 impl Worker {
     /// Delivers the dead letters handed back for another try; false when cancelled.
-    pub(super) async fn replay(&mut self) -> Result<bool, EwsFailure> {
+    pub(super) async fn replay(&mut self) -> Result<bool, Failure> {
         let items = self.ctx.store.replays(self.id()).await?;
         if items.is_empty() {
             return Ok(true);
@@ -16,7 +16,7 @@ impl Worker {
 
     /// Hands new items to Creatio, each recorded as delivered, skipped or dead-lettered;
     /// false when cancelled on the way (what was not recorded is found again by catch-up).
-    pub(super) async fn deliver(&mut self, item_ids: Vec<String>) -> Result<bool, EwsFailure> {
+    pub(super) async fn deliver(&mut self, item_ids: Vec<String>) -> Result<bool, Failure> {
         let mut fresh: Vec<String> = Vec::with_capacity(item_ids.len());
         for id in item_ids {
             if self.ctx.store.is_new(self.id(), &id).await? {
@@ -48,9 +48,8 @@ impl Worker {
                     };
                     for (id, item) in batch.iter().zip(fetched) {
                         match item {
-                            Fetched::Mail(msg) => {
+                            Item::Mail(email) => {
                                 self.fetched("mail");
-                                let email = to_email(id, *msg);
                                 let body = contract::full_email_payload(
                                     &self.creds,
                                     std::slice::from_ref(&email),
@@ -60,12 +59,12 @@ impl Worker {
                                     return Ok(false);
                                 }
                             }
-                            Fetched::Gone => {
+                            Item::Gone => {
                                 self.fetched("gone");
                                 tracing::info!(item = ?id, "new item gone before it could be read; skipped");
                                 self.record(id, Outcome::Skipped).await;
                             }
-                            Fetched::Dead(why) => {
+                            Item::Dead(why) => {
                                 self.fetched("dead");
                                 self.dead_letter(id, None, why).await;
                             }
@@ -82,8 +81,8 @@ impl Worker {
     /// or of single items, are retried in place: the notification is already consumed. A
     /// batch too large to read is fetched one by one; one mail too large is a dead letter.
     /// `None` when cancelled.
-    async fn fetch(&mut self, ids: &[String]) -> Result<Option<Vec<Fetched>>, EwsFailure> {
-        let mut results: Vec<Option<Fetched>> = ids.iter().map(|_| None).collect();
+    async fn fetch(&mut self, ids: &[String]) -> Result<Option<Vec<Item>>, Failure> {
+        let mut results: Vec<Option<Item>> = ids.iter().map(|_| None).collect();
         // Indices into `ids` still to fetch, and how many go in one call.
         let mut pending: Vec<usize> = (0..ids.len()).collect();
         let mut per_call = ids.len();
@@ -94,24 +93,15 @@ impl Worker {
             let result = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(None),
-                r = self.exchange.get_items(&refs) => r,
+                r = self.server.get_items(&refs) => r,
             };
             let failure = match result {
                 Ok(items) => {
                     let mut transient = None;
                     for (&i, item) in call.iter().zip(items) {
                         match item {
-                            Ok(msg) => results[i] = Some(Fetched::Mail(Box::new(msg))),
-                            Err(e) => match item_fate(&e.code) {
-                                ItemFate::Gone => results[i] = Some(Fetched::Gone),
-                                ItemFate::Dead => {
-                                    results[i] = Some(Fetched::Dead(format!(
-                                        "Exchange would not give the item: {}",
-                                        e.code
-                                    )))
-                                }
-                                ItemFate::Retry => transient = Some(e),
-                            },
+                            Ok(item) => results[i] = Some(item),
+                            Err(f) => transient = Some(f),
                         }
                     }
                     pending.retain(|&i| results[i].is_none());
@@ -120,14 +110,15 @@ impl Worker {
                             backoff.reset();
                             continue;
                         }
-                        Some(e) => EwsFailure::Ews(ews::EwsError::Response(e)),
+                        Some(f) => f,
                     }
                 }
-                Err(EwsFailure::TooLarge { limit }) => {
+                Err(f) if f.too_large().is_some() => {
                     if call.len() == 1 {
                         let i = call[0];
-                        results[i] = Some(Fetched::Dead(format!(
-                            "the mail is larger than the {limit}-byte limit on EWS answers"
+                        results[i] = Some(Item::Dead(format!(
+                            "the mail is larger than the {}-byte limit on the server's answers",
+                            f.too_large().unwrap_or_default()
                         )));
                         pending.retain(|&p| p != i);
                     }

@@ -22,7 +22,7 @@ pub(super) enum HistoryStep {
 impl Worker {
     /// One page of the mailbox's history load, if one runs: the next mails received since its
     /// moment, oldest first, delivered unless delivered before, and the progress saved.
-    pub(super) async fn history_step(&mut self) -> Result<HistoryStep, EwsFailure> {
+    pub(super) async fn history_step(&mut self) -> Result<HistoryStep, Failure> {
         let Some(job) = self.ctx.store.history(self.id()).await? else {
             self.history_resumed = None;
             return Ok(HistoryStep::Idle);
@@ -46,19 +46,19 @@ impl Worker {
         let page = tokio::select! {
             biased;
             _ = self.cancel.cancelled() => return Ok(HistoryStep::Cancelled),
-            r = self.exchange.find_received_since(&folder, job.since_unix_ms, offset, HISTORY_PAGE) => r?,
+            r = self.server.find_received_since(&folder, job.since_unix_ms, offset, HISTORY_PAGE) => r?,
         };
         let listed = page.items.len();
-        let ids: Vec<String> = page.items.into_iter().map(|i| i.id.id).collect();
+        let ids: Vec<String> = page.items.into_iter().map(|i| i.id).collect();
         if !self.deliver(ids).await? {
             return Ok(HistoryStep::Cancelled);
         }
         self.ctx.metrics.history_mails.inc_by(listed as u64);
         let reached = offset + listed as u32;
         // Done with this folder: on to the next, from its start.
-        let folder_done = page.includes_last_item_in_range || listed == 0;
+        let folder_done = page.complete || listed == 0;
         let in_view = page
-            .total_items_in_view
+            .total
             .map_or(u64::from(reached), u64::from)
             .max(u64::from(reached));
         let done = job.done - u64::from(job.offset.min(offset)) + u64::from(reached);
@@ -77,7 +77,7 @@ impl Worker {
         &mut self,
         job: &HistoryJob,
         progress: Option<&HistoryJob>,
-    ) -> Result<HistoryStep, EwsFailure> {
+    ) -> Result<HistoryStep, Failure> {
         let finished = progress.is_none_or(|p| p.folder as usize >= self.folders.len());
         let saved = self
             .ctx

@@ -63,20 +63,20 @@ impl Worker {
         }
     }
 
-    /// One streaming connection, from open to end. The response head and the first envelope
-    /// (Exchange sends one at once) must come within the request timeout, and each later one
-    /// within the idle timeout.
-    async fn stream_once(&mut self, sub_id: &str) -> Result<StreamEnd, EwsFailure> {
+    /// One watch connection, from open to end. Its opening and first report (Exchange sends
+    /// one at once) must come within the request timeout, and each later one within the idle
+    /// timeout.
+    async fn stream_once(&mut self, sub_id: &str) -> Result<StreamEnd, Failure> {
         let settings = self.ctx.settings.clone();
         let head_timeout = settings.limits.request_timeout;
-        let open_timeout = head_timeout + self.exchange.open_allowance();
+        let open_timeout = head_timeout + self.server.open_allowance();
         let open = within(
             open_timeout,
-            self.exchange
-                .open_stream(sub_id, settings.connection_timeout_minutes),
+            self.server
+                .open_watch(sub_id, settings.connection_timeout_minutes),
             || {
-                EwsFailure::Transport(format!(
-                    "no answer to GetStreamingEvents within {open_timeout:?}"
+                Failure::NoAnswer(format!(
+                    "no answer to opening the stream within {open_timeout:?}"
                 ))
             },
         );
@@ -126,18 +126,7 @@ impl Worker {
             let Some(batch) = batch else {
                 return Ok(StreamEnd::Ended);
             };
-            let mut new_items: Vec<String> = Vec::new();
-            for n in batch
-                .notifications
-                .iter()
-                .filter(|n| n.subscription_id == sub_id)
-            {
-                for item in n.events.iter().filter_map(ews::Event::new_item) {
-                    if !new_items.contains(&item.id) {
-                        new_items.push(item.id.clone());
-                    }
-                }
-            }
+            let new_items = batch.new_items;
             self.ctx.metrics.events.inc_by(new_items.len() as u64);
             if !new_items.is_empty()
                 && let Err(e) = self.ctx.store.note_event(self.id()).await
@@ -148,48 +137,27 @@ impl Worker {
             if !new_items.is_empty() && !self.deliver(new_items).await? {
                 return Ok(StreamEnd::Cancelled);
             }
-            // Watching every mail folder: one created, moved or deleted changes which.
-            let folders_changed = self.creds.folder_ids.is_empty()
-                && batch
-                    .notifications
-                    .iter()
-                    .filter(|n| n.subscription_id == sub_id)
-                    .flat_map(|n| &n.events)
-                    .any(|e| {
-                        matches!(e.target, Some(ews::EventTarget::Folder(_)))
-                            && matches!(
-                                e.kind,
-                                ews::EventKind::Created
-                                    | ews::EventKind::Deleted
-                                    | ews::EventKind::Moved
-                                    | ews::EventKind::Copied
-                            )
-                    });
-            for err in &batch.errors {
-                if err.subscription_ids.is_empty()
-                    || err.subscription_ids.iter().any(|id| id == sub_id)
-                {
-                    let failure = EwsFailure::Ews(ews::EwsError::Response(err.error.clone()));
-                    return match failure.disposition() {
-                        Disposition::Resubscribe => Ok(StreamEnd::SubscriptionLost(failure)),
-                        _ => Err(failure),
-                    };
-                }
+            if let Some(failure) = batch.failure {
+                return match failure.disposition() {
+                    Disposition::Resubscribe => Ok(StreamEnd::SubscriptionLost(failure)),
+                    _ => Err(failure),
+                };
             }
-            if folders_changed {
+            // Watching every mail folder: one created, moved or deleted changes which.
+            if batch.folders_changed && self.creds.folder_ids.is_empty() {
                 return Ok(StreamEnd::FoldersChanged);
             }
-            if batch.closed() {
+            if batch.closed {
                 return Ok(StreamEnd::Ended);
             }
         }
     }
 }
 
-/// The stream's next message, or [`EwsFailure::Idle`] after `silence` without one.
+/// The stream's next report, or [`Failure::Idle`] after `silence` without one.
 async fn next_within(
-    stream: &mut dyn Events,
+    stream: &mut dyn Watch,
     silence: Duration,
-) -> Result<Option<ews::StreamBatch>, EwsFailure> {
-    within(silence, stream.next(), || EwsFailure::Idle(silence)).await
+) -> Result<Option<crate::engine::protocol::WatchBatch>, Failure> {
+    within(silence, stream.next(), || Failure::Idle(silence)).await
 }

@@ -1,4 +1,4 @@
-//! The worker's state machine against a scripted Exchange and Creatio, under tokio's paused
+//! The worker's state machine against a scripted mail server and Creatio, under tokio's paused
 //! clock: hours of backoff pass in milliseconds and every delay is read exactly.
 
 use std::collections::VecDeque;
@@ -14,16 +14,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::engine::coordinator::Leases;
+use crate::engine::protocol::{Answer, FindPage, Found, SyncPage, WatchBatch};
 use crate::engine::store::SeenLimits;
 use crate::engine::store::memory::MemoryStore;
 use crate::engine::supervisor::Supervisor;
-use crate::engine::transport::{Answer, ItemResult};
+use crate::exchange::client::EwsFailure;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// How one GetStreamingEvents goes.
+/// How one opening of the stream goes.
 enum Open {
-    Fail(EwsFailure),
+    Fail(Failure),
     /// No answer at all, not even a response head.
     Hang,
     /// These messages, then silence.
@@ -31,7 +32,7 @@ enum Open {
 }
 
 enum Step {
-    Batch(ews::StreamBatch),
+    Batch(WatchBatch),
     /// The server ends the body.
     End,
 }
@@ -40,10 +41,10 @@ enum Step {
 /// stream with nothing scripted stays healthy with a keep-alive every 30 s.
 #[derive(Default)]
 struct Script {
-    subscribe: VecDeque<Result<(), EwsFailure>>,
+    subscribe: VecDeque<Result<(), Failure>>,
     open: VecDeque<Open>,
-    sync: VecDeque<Result<ews::SyncPage, EwsFailure>>,
-    find: VecDeque<Result<ews::FindPage, EwsFailure>>,
+    sync: VecDeque<Result<SyncPage, Failure>>,
+    find: VecDeque<Result<FindPage, Failure>>,
     /// The history: ids received since a moment, oldest first, listed a page at a time.
     history: Vec<String>,
     /// Every mail folder of the mailbox (the inbox alone when empty).
@@ -116,22 +117,46 @@ impl FakeExchange {
 }
 
 impl Connect for FakeExchange {
-    fn connect(&self, _creds: &Credentials) -> Result<Box<dyn Exchange>, EwsFailure> {
+    fn connect(&self, _creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
         Ok(Box::new(self.clone()))
     }
 }
 
-fn status_batch(status: ews::ConnectionStatus) -> ews::StreamBatch {
-    ews::StreamBatch {
-        notifications: Vec::new(),
-        errors: Vec::new(),
-        status: Some(status),
-    }
+/// A report that says nothing new: a keep-alive.
+fn keep_alive() -> WatchBatch {
+    WatchBatch::default()
 }
 
-impl Exchange for FakeExchange {
+impl MailServer for FakeExchange {
     fn url(&self) -> String {
         "http://exchange.test/EWS/Exchange.asmx".into()
+    }
+
+    fn validate(&self) -> Answer<'_, ()> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn folders(&self) -> Answer<'_, Vec<crate::engine::protocol::Folder>> {
+        async { Ok(Vec::new()) }.boxed()
+    }
+
+    fn find_by_message_id<'a>(
+        &'a self,
+        _folder: &'a str,
+        _message_id: &'a str,
+    ) -> Answer<'a, Vec<String>> {
+        async { Ok(Vec::new()) }.boxed()
+    }
+
+    fn send<'a>(
+        &'a self,
+        _email: &'a crate::creatio::contract::send::OutgoingEmail,
+    ) -> Answer<'a, ()> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn was_sent<'a>(&'a self, _message_id: &'a str) -> Answer<'a, bool> {
+        async { Ok(false) }.boxed()
     }
 
     fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
@@ -177,9 +202,17 @@ impl Exchange for FakeExchange {
         async { Ok(()) }.boxed()
     }
 
-    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<ItemResult>> {
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<Result<Item, Failure>>> {
         self.log(format!("get_items {}", ids.join(",")));
-        let mails = ids.iter().map(|_| Ok(ews::Message::default())).collect();
+        let mails = ids
+            .iter()
+            .map(|id| {
+                Ok(Item::Mail(Box::new(crate::creatio::mail::to_email(
+                    id,
+                    ews::Message::default(),
+                ))))
+            })
+            .collect();
         async { Ok(mails) }.boxed()
     }
 
@@ -188,7 +221,7 @@ impl Exchange for FakeExchange {
         folder: &'a str,
         sync_state: Option<&'a str>,
         _max_changes: u16,
-    ) -> Answer<'a, ews::SyncPage> {
+    ) -> Answer<'a, SyncPage> {
         if folder == "inbox" {
             self.log("sync".into());
         } else {
@@ -208,10 +241,10 @@ impl Exchange for FakeExchange {
         std::thread::sleep(takes);
         async {
             answer.unwrap_or_else(|| {
-                Ok(ews::SyncPage {
-                    sync_state: "state".into(),
-                    includes_last_item_in_range: true,
-                    changes: Vec::new(),
+                Ok(SyncPage {
+                    state: "state".into(),
+                    complete: true,
+                    added: Vec::new(),
                 })
             })
         }
@@ -224,10 +257,10 @@ impl Exchange for FakeExchange {
         _since_unix_ms: i64,
         offset: u32,
         max_entries: u16,
-    ) -> Answer<'a, ews::FindPage> {
+    ) -> Answer<'a, FindPage> {
         self.log(format!("history {offset}"));
         let history = self.script.lock().unwrap().history.clone();
-        let items: Vec<ews::FoundItem> = history
+        let items: Vec<Found> = history
             .iter()
             .skip(offset as usize)
             .take(usize::from(max_entries))
@@ -235,11 +268,11 @@ impl Exchange for FakeExchange {
             .collect();
         let next = offset as usize + items.len();
         async move {
-            Ok(ews::FindPage {
+            Ok(FindPage {
                 items,
                 next_offset: Some(next as u32),
-                includes_last_item_in_range: next >= history.len(),
-                total_items_in_view: Some(history.len() as u32),
+                complete: next >= history.len(),
+                total: Some(history.len() as u32),
             })
         }
         .boxed()
@@ -250,15 +283,15 @@ impl Exchange for FakeExchange {
         _folder: &'a str,
         offset: u32,
         _max_entries: u16,
-    ) -> Answer<'a, ews::FindPage> {
+    ) -> Answer<'a, FindPage> {
         self.log(format!("find {offset}"));
         let page = self.script.lock().unwrap().find.pop_front();
         async {
-            page.unwrap_or(Ok(ews::FindPage {
+            page.unwrap_or(Ok(FindPage {
                 items: Vec::new(),
                 next_offset: None,
-                includes_last_item_in_range: true,
-                total_items_in_view: None,
+                complete: true,
+                total: None,
             }))
         }
         .boxed()
@@ -268,11 +301,11 @@ impl Exchange for FakeExchange {
         self.script.lock().unwrap().clock_offset_ms
     }
 
-    fn open_stream<'a>(
+    fn open_watch<'a>(
         &'a self,
         subscription_id: &'a str,
         _timeout_minutes: u8,
-    ) -> Answer<'a, Box<dyn Events>> {
+    ) -> Answer<'a, Box<dyn Watch>> {
         self.log(format!("open {subscription_id}"));
         let next = self.script.lock().unwrap().open.pop_front();
         async move {
@@ -282,11 +315,11 @@ impl Exchange for FakeExchange {
                 Some(Open::Then(steps)) => Ok(Box::new(FakeStream {
                     steps: steps.into(),
                     healthy: false,
-                }) as Box<dyn Events>),
+                }) as Box<dyn Watch>),
                 None => Ok(Box::new(FakeStream {
                     steps: VecDeque::new(),
                     healthy: true,
-                }) as Box<dyn Events>),
+                }) as Box<dyn Watch>),
             }
         }
         .boxed()
@@ -299,8 +332,8 @@ struct FakeStream {
     healthy: bool,
 }
 
-impl Events for FakeStream {
-    fn next(&mut self) -> Answer<'_, Option<ews::StreamBatch>> {
+impl Watch for FakeStream {
+    fn next(&mut self) -> Answer<'_, Option<WatchBatch>> {
         let step = self.steps.pop_front();
         let healthy = self.healthy;
         async move {
@@ -309,7 +342,7 @@ impl Events for FakeStream {
                 Some(Step::End) => Ok(None),
                 None if healthy => {
                     tokio::time::sleep(30 * SECOND).await;
-                    Ok(Some(status_batch(ews::ConnectionStatus::Ok)))
+                    Ok(Some(keep_alive()))
                 }
                 None => std::future::pending().await,
             }
@@ -382,7 +415,9 @@ fn rig(script: Script) -> Rig {
     let creatio = Arc::new(FakeCreatio::default());
     let ctx = WorkerContext {
         store: Arc::new(MemoryStore::new(SeenLimits::default())),
-        exchange: Arc::new(exchange.clone()),
+        servers: Arc::new(crate::engine::protocol::Protocols {
+            exchange: Arc::new(exchange.clone()),
+        }),
         creatio: creatio.clone(),
         settings: Arc::new(WorkerSettings::for_tests()),
         gate: Arc::new(Gate::new(100, 1000)),
@@ -536,8 +571,8 @@ fn gaps(times: &[Duration]) -> Vec<Duration> {
 /// Subscribe turns are paced: at 1,000 a second a turn may come up to 1 ms late.
 const PACE_SLACK: Duration = Duration::from_millis(2);
 
-fn transport_failure() -> Result<(), EwsFailure> {
-    Err(EwsFailure::Transport("connection refused".into()))
+fn transport_failure() -> Result<(), Failure> {
+    Err(EwsFailure::Transport("connection refused".into()).into())
 }
 
 #[tokio::test(start_paused = true)]
@@ -573,7 +608,7 @@ async fn the_servers_back_off_is_a_floor() {
         back_off: Some(45 * SECOND),
     }));
     let rig = rig(Script {
-        subscribe: [Err(busy)].into(),
+        subscribe: [Err(busy.into())].into(),
         ..Script::default()
     });
     rig.run_for(100 * SECOND).await;
@@ -590,7 +625,7 @@ async fn the_servers_back_off_is_a_floor() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_mailbox_retries_slowly_and_tells_creatio_once() {
     let rig = rig(Script {
-        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized))
+        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized.into()))
             .take(1000)
             .collect(),
         ..Script::default()
@@ -621,7 +656,7 @@ async fn a_failed_mailbox_retries_slowly_and_tells_creatio_once() {
 #[tokio::test(start_paused = true)]
 async fn creatios_recreate_every_minute_keeps_the_slow_retry() {
     let rig = rig(Script {
-        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized))
+        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized.into()))
             .take(1000)
             .collect(),
         ..Script::default()
@@ -667,7 +702,8 @@ async fn a_stream_whose_head_never_comes_is_given_up_after_the_request_timeout()
     let status = rig.status().await;
     assert_eq!(status.state, WorkerState::Streaming);
     assert_eq!(status.reconnects, 1);
-    rig.assert_last_error("GetStreamingEvents").await;
+    rig.assert_last_error("no answer to opening the stream")
+        .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -692,10 +728,7 @@ async fn a_stream_without_its_first_envelope_is_reopened_after_the_request_timeo
 #[tokio::test(start_paused = true)]
 async fn a_stream_silent_after_its_first_envelope_is_reopened_after_the_idle_timeout() {
     let rig = rig(Script {
-        open: [Open::Then(vec![Step::Batch(status_batch(
-            ews::ConnectionStatus::Ok,
-        ))])]
-        .into(),
+        open: [Open::Then(vec![Step::Batch(keep_alive())])].into(),
         ..Script::default()
     });
     rig.run_for(300 * SECOND).await;
@@ -756,17 +789,10 @@ async fn a_worker_that_panics_is_restarted_after_a_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn a_subscription_lost_on_the_stream_is_given_back_and_replaced() {
-    let lost = ews::StreamBatch {
-        notifications: Vec::new(),
-        errors: vec![ews::SubscriptionError {
-            subscription_ids: vec!["sub-1".into()],
-            error: ews::ResponseError {
-                code: "ErrorSubscriptionNotFound".into(),
-                message: String::new(),
-                back_off: None,
-            },
-        }],
-        status: Some(ews::ConnectionStatus::Closed),
+    let lost = WatchBatch {
+        failure: Some(response_error("ErrorSubscriptionNotFound")),
+        closed: true,
+        ..WatchBatch::default()
     };
     let rig = rig(Script {
         open: [Open::Then(vec![Step::Batch(lost)])].into(),
@@ -797,7 +823,7 @@ async fn a_subscription_lost_on_the_stream_is_given_back_and_replaced() {
 #[tokio::test(start_paused = true)]
 async fn a_fatal_failure_on_the_stream_gives_the_subscription_back() {
     let rig = rig(Script {
-        open: [Open::Fail(EwsFailure::Unauthorized)].into(),
+        open: [Open::Fail(EwsFailure::Unauthorized.into())].into(),
         ..Script::default()
     });
     rig.run_for(120 * SECOND).await;
@@ -826,12 +852,9 @@ async fn a_fatal_failure_on_the_stream_gives_the_subscription_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
-    let found = |id: &str, at: &str| ews::FoundItem {
-        id: ews::ItemId {
-            id: id.into(),
-            change_key: None,
-        },
-        date_time_received: Some(at.into()),
+    let found = |id: &str, at: &str| Found {
+        id: id.into(),
+        received_unix_ms: crate::creatio::mail::parse_xs_datetime(at),
     };
     // Newest first, over two pages; the first item older than the last sync ends the search.
     let later = "2999-01-01T00:00:00Z";
@@ -839,21 +862,21 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
     let rig = rig(Script {
         sync: [Err(rejected)].into(),
         find: [
-            Ok(ews::FindPage {
+            Ok(FindPage {
                 items: vec![found("i5", later), found("i4", later)],
                 next_offset: Some(2),
-                includes_last_item_in_range: false,
-                total_items_in_view: None,
+                complete: false,
+                total: None,
             }),
-            Ok(ews::FindPage {
+            Ok(FindPage {
                 items: vec![
                     found("i3", later),
                     found("i2", "2000-01-01T00:00:00Z"),
                     found("i1", later),
                 ],
                 next_offset: Some(5),
-                includes_last_item_in_range: false,
-                total_items_in_view: None,
+                complete: false,
+                total: None,
             }),
         ]
         .into(),
@@ -888,7 +911,7 @@ async fn a_rejected_sync_state_is_recovered_back_to_the_last_sync() {
 #[tokio::test(start_paused = true)]
 async fn a_rejected_token_asks_creatio_for_a_new_one_before_failing() {
     let mut rig = rig(Script {
-        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized))
+        subscribe: std::iter::repeat_with(|| Err(EwsFailure::Unauthorized.into()))
             .take(2)
             .collect(),
         ..Script::default()
@@ -936,17 +959,11 @@ async fn a_rejected_token_asks_creatio_for_a_new_one_before_failing() {
 
 #[tokio::test(start_paused = true)]
 async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
-    let created = |id: &str| {
-        ews::SyncChange::Create(ews::ItemId {
-            id: id.into(),
-            change_key: None,
-        })
-    };
     let rig = rig(Script {
-        sync: [Ok(ews::SyncPage {
-            sync_state: "after".into(),
-            includes_last_item_in_range: true,
-            changes: vec![created("i1"), created("i2"), created("i3")],
+        sync: [Ok(SyncPage {
+            state: "after".into(),
+            complete: true,
+            added: vec![created("i1"), created("i2"), created("i3")],
         })]
         .into(),
         ..Script::default()
@@ -1022,52 +1039,49 @@ async fn an_imap_mailbox_is_reported_unsupported_and_left_alone() {
     );
 }
 
-fn created(id: &str) -> ews::SyncChange {
-    ews::SyncChange::Create(ews::ItemId {
+/// An item new in a sync page.
+fn created(id: &str) -> String {
+    id.to_owned()
+}
+
+fn sync_page(state: &str, last: bool, added: Vec<String>) -> SyncPage {
+    SyncPage {
+        state: state.into(),
+        complete: last,
+        added,
+    }
+}
+
+/// An item a search lists, received at `unix_ms` on the server's clock (to the second, as
+/// Exchange says it).
+fn found_at(id: &str, unix_ms: i64) -> Found {
+    Found {
         id: id.into(),
-        change_key: None,
-    })
-}
-
-fn sync_page(state: &str, last: bool, changes: Vec<ews::SyncChange>) -> ews::SyncPage {
-    ews::SyncPage {
-        sync_state: state.into(),
-        includes_last_item_in_range: last,
-        changes,
+        received_unix_ms: Some(unix_ms.div_euclid(1000) * 1000),
     }
 }
 
-/// An item FindItem lists, received at `unix_ms` on the server's clock.
-fn found_at(id: &str, unix_ms: i64) -> ews::FoundItem {
-    ews::FoundItem {
-        id: ews::ItemId {
-            id: id.into(),
-            change_key: None,
-        },
-        date_time_received: Some(mock_ews::clock::xs_datetime(unix_ms.div_euclid(1000))),
-    }
-}
-
-/// One FindItem page holding every item, newest first.
-fn found_page(items: Vec<ews::FoundItem>) -> Result<ews::FindPage, EwsFailure> {
-    Ok(ews::FindPage {
+/// One search page holding every item, newest first.
+fn found_page(items: Vec<Found>) -> Result<FindPage, Failure> {
+    Ok(FindPage {
         items,
         next_offset: None,
-        includes_last_item_in_range: true,
-        total_items_in_view: None,
+        complete: true,
+        total: None,
     })
 }
 
 /// A failure Exchange answers with this response code.
-fn response_error(code: &str) -> EwsFailure {
+fn response_error(code: &str) -> Failure {
     EwsFailure::Ews(ews::EwsError::Response(ews::ResponseError {
         code: code.into(),
         message: String::new(),
         back_off: None,
     }))
+    .into()
 }
 
-fn server_busy() -> EwsFailure {
+fn server_busy() -> Failure {
     response_error("ErrorServerBusy")
 }
 
@@ -1320,22 +1334,13 @@ async fn every_watched_folder_is_synced_and_a_new_one_listed_before_its_mail_is_
 
 #[tokio::test(start_paused = true)]
 async fn a_folder_created_while_streaming_is_watched_at_once() {
-    let folder_created = ews::StreamBatch {
-        notifications: vec![ews::Notification {
-            subscription_id: "sub-1".into(),
-            events: vec![ews::Event {
-                kind: ews::EventKind::Created,
-                timestamp: None,
-                target: Some(ews::EventTarget::Folder("new-folder".into())),
-                parent_folder_id: Some("inbox-id".into()),
-            }],
-        }],
-        errors: Vec::new(),
-        status: None,
+    let folder_created = WatchBatch {
+        folders_changed: true,
+        ..WatchBatch::default()
     };
     let rig = rig(Script {
         open: [Open::Then(vec![
-            Step::Batch(status_batch(ews::ConnectionStatus::Ok)),
+            Step::Batch(keep_alive()),
             Step::Batch(folder_created),
         ])]
         .into(),

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ews::EwsError;
 
-use crate::creatio::contract::ServerType;
-use crate::engine::store::StoreError;
+pub use crate::engine::protocol::error_chain;
+use crate::engine::protocol::{Disposition, Failure, ServerFailure};
 
 /// Why an EWS call did not succeed. Displays carry no secrets.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,23 +29,6 @@ pub enum EwsFailure {
     TooLarge { limit: u64 },
     #[error("{0}")]
     Config(String),
-    /// A mailbox of a kind this listener does not serve yet.
-    #[error("{0}")]
-    Unsupported(String),
-    /// Not Exchange's fault: the listener's own store could not be read or written.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// What to do about a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// Transient: wait (at least `after`, when the server said) and try again.
-    Retry { after: Option<Duration> },
-    /// The subscription is gone: subscribe afresh.
-    Resubscribe,
-    /// Credentials or configuration are wrong: report it and retry only slowly.
-    Fatal,
 }
 
 /// Response codes that mean the subscription no longer exists on the server.
@@ -114,26 +97,15 @@ pub fn item_fate(code: &str) -> ItemFate {
 }
 
 impl EwsFailure {
-    /// A mailbox on a kind of server this listener does not serve yet.
-    pub fn unsupported_server(kind: ServerType) -> EwsFailure {
-        EwsFailure::Unsupported(format!(
-            "{} mailboxes are not supported by this listener yet",
-            kind.name()
-        ))
-    }
-
     pub fn disposition(&self) -> Disposition {
         match self {
-            EwsFailure::Unauthorized
-            | EwsFailure::Config(_)
-            | EwsFailure::Unsupported(_)
-            | EwsFailure::TooLarge { .. } => Disposition::Fatal,
+            EwsFailure::Unauthorized | EwsFailure::Config(_) | EwsFailure::TooLarge { .. } => {
+                Disposition::Fatal
+            }
             EwsFailure::Http { retry_after, .. } => Disposition::Retry {
                 after: retry_after.map(capped),
             },
-            EwsFailure::Transport(_) | EwsFailure::Idle(_) | EwsFailure::Store(_) => {
-                Disposition::Retry { after: None }
-            }
+            EwsFailure::Transport(_) | EwsFailure::Idle(_) => Disposition::Retry { after: None },
             EwsFailure::Ews(e) => match e.code() {
                 Some(code) if SUBSCRIPTION_GONE.contains(&code) => Disposition::Resubscribe,
                 Some(code) if CONFIGURATION.contains(&code) => Disposition::Fatal,
@@ -169,8 +141,7 @@ impl EwsFailure {
                 "Exchange refused the mailbox: {}",
                 err.code().unwrap_or("unknown error")
             ),
-            EwsFailure::Config(why) | EwsFailure::Unsupported(why) => why.clone(),
-            EwsFailure::Store(_) => "The listener cannot reach its store; try again".into(),
+            EwsFailure::Config(why) => why.clone(),
         }
     }
 
@@ -192,9 +163,81 @@ impl EwsFailure {
             EwsFailure::Idle(_) => "EwsStreamIdle",
             EwsFailure::TooLarge { .. } => "EwsAnswerTooLarge",
             EwsFailure::Config(_) => "EwsConfiguration",
-            EwsFailure::Unsupported(_) => "MailServerTypeNotSupported",
-            EwsFailure::Store(_) => "StoreUnavailable",
         }
+    }
+
+    /// Why a mail was not sent, in words Creatio shows its user; never a secret.
+    pub fn unsent_sentence(&self) -> String {
+        match self {
+            EwsFailure::Ews(EwsError::Response(r)) if r.code == "ErrorMessageSizeExceeded" => {
+                "Exchange refused the message: ErrorMessageSizeExceeded (the message with its attachments is larger than the server accepts)".into()
+            }
+            EwsFailure::Ews(err) => format!(
+                "Exchange refused the message: {}",
+                err.code().unwrap_or("unknown error")
+            ),
+            EwsFailure::Unauthorized => {
+                "Exchange rejected the user name or password of the sending mailbox".into()
+            }
+            EwsFailure::Transport(_) | EwsFailure::Idle(_) => {
+                "Exchange could not be reached at ServiceUrl; the message was not sent".into()
+            }
+            EwsFailure::Http { status, .. } => {
+                format!("Exchange answered HTTP {status}; the message was not sent")
+            }
+            // Not about this message: as Validate says it.
+            other => other.sentence(),
+        }
+    }
+}
+
+impl ServerFailure for EwsFailure {
+    fn disposition(&self) -> Disposition {
+        EwsFailure::disposition(self)
+    }
+
+    fn sentence(&self) -> String {
+        EwsFailure::sentence(self)
+    }
+
+    fn class_name(&self) -> &'static str {
+        EwsFailure::class_name(self)
+    }
+
+    fn credentials_rejected(&self) -> bool {
+        matches!(self, EwsFailure::Unauthorized)
+    }
+
+    fn cursor_rejected(&self) -> bool {
+        self.code() == Some("ErrorInvalidSyncStateData")
+    }
+
+    fn too_large(&self) -> Option<u64> {
+        match self {
+            EwsFailure::TooLarge { limit } => Some(*limit),
+            _ => None,
+        }
+    }
+
+    fn send_in_doubt(&self) -> bool {
+        matches!(
+            self,
+            EwsFailure::Transport(_) | EwsFailure::Idle(_) | EwsFailure::Http { .. }
+        )
+    }
+
+    fn send_refused(&self) -> bool {
+        matches!(self, EwsFailure::Ews(EwsError::Response(_)))
+    }
+
+    fn unsent_sentence(&self) -> String {
+        EwsFailure::unsent_sentence(self)
+    }
+}
+
+impl From<EwsFailure> for Failure {
+    fn from(f: EwsFailure) -> Failure {
+        Failure::server(f)
     }
 }
 
@@ -209,20 +252,6 @@ pub(super) fn transport(e: reqwest::Error) -> EwsFailure {
     // reqwest says "error sending request"; the cause (a refused certificate, a reset) is in
     // the chain, and is what an administrator needs to read.
     EwsFailure::Transport(format!("{kind}: {}", error_chain(&e.without_url())))
-}
-
-/// An error and its causes in one line, each cause said once.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut why = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !why.contains(&text) {
-            why = format!("{why}: {text}");
-        }
-        source = cause.source();
-    }
-    why
 }
 
 #[cfg(test)]

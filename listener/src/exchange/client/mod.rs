@@ -20,6 +20,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 use crate::creatio::contract::send::OutgoingEmail;
 use crate::creatio::contract::{Credentials, Secret};
 use crate::engine::backoff::retry_after;
+pub use crate::engine::protocol::Limits;
 use crate::exchange::service_account::ServiceAccount;
 
 mod failure;
@@ -28,7 +29,7 @@ mod outgoing;
 mod servers;
 
 use failure::transport;
-pub use failure::{Disposition, EwsFailure, ItemFate, error_chain, item_fate};
+pub use failure::{EwsFailure, ItemFate, error_chain, item_fate};
 use servers::LaneGuard;
 pub use servers::{ClientFactory, Lanes, Servers};
 
@@ -74,16 +75,6 @@ impl std::fmt::Debug for Auth {
             Auth::Bearer(_) => f.write_str("Bearer(***)"),
         }
     }
-}
-
-/// Limits on one mailbox's conversation with Exchange.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Timeout of every non-streaming call, and of the wait for a stream's response head.
-    pub request_timeout: Duration,
-    /// The largest non-streaming answer read from Exchange (the `ews` crate caps each
-    /// streaming envelope).
-    pub max_body_bytes: u64,
 }
 
 /// A service account's call under way: held until its answer is read.
