@@ -169,7 +169,9 @@ async fn action(
         "create" | "recreate" | "update" => {
             let list = contract::parse_credentials_list(&body)?;
             for creds in &list {
-                state.reach.check(creds)?;
+                state
+                    .reach
+                    .check(creds, state.servers.address(creds).as_deref())?;
             }
             let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
             // Recorded now, started in the background at a paced rate.
@@ -214,7 +216,9 @@ async fn mailbox_validate(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let creds = contract::parse_validation(&body)?;
-    state.reach.check(&creds)?;
+    state
+        .reach
+        .check(&creds, state.servers.address(&creds).as_deref())?;
     let (valid, message) = match state.servers.connect(&creds) {
         Ok(server) => match server.validate().await {
             Ok(()) => (true, String::new()),
@@ -241,7 +245,9 @@ fn mail_server(
     state: &ApiState,
     creds: &contract::Credentials,
 ) -> Result<Box<dyn MailServer>, ApiError> {
-    state.reach.check(creds)?;
+    state
+        .reach
+        .check(creds, state.servers.address(creds).as_deref())?;
     state.servers.connect(creds).map_err(|e| match e {
         Failure::Unsupported(why) => ApiError::NotImplemented(why),
         other => ApiError::MailServer(other.to_string()),
@@ -325,7 +331,9 @@ async fn email_synchronize(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let (creds, load_from) = contract::parse_synchronize(&body)?;
-    state.reach.check(&creds)?;
+    state
+        .reach
+        .check(&creds, state.servers.address(&creds).as_deref())?;
     let contract::LoadFrom::Date(since) = load_from else {
         return Err(ApiError::NotImplemented(
             Failure::unsupported_server(creds.server_type).to_string(),

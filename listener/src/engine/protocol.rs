@@ -115,6 +115,11 @@ pub trait Watch: Send {
 /// Makes a mailbox's [`MailServer`] from its credentials.
 pub trait Connect: Send + Sync + std::fmt::Debug {
     fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure>;
+    /// The URL the mailbox's server is reached at, as this protocol reads `ServiceUrl`; `None`
+    /// when it cannot read it.
+    fn address(&self, _creds: &Credentials) -> Option<String> {
+        None
+    }
 }
 
 /// The protocols this listener serves, chosen by the mailbox's `ServerTypeId`.
@@ -128,6 +133,13 @@ impl Connect for Protocols {
         match creds.server_type {
             ServerType::Exchange => self.exchange.connect(creds),
             other => Err(Failure::unsupported_server(other)),
+        }
+    }
+
+    fn address(&self, creds: &Credentials) -> Option<String> {
+        match creds.server_type {
+            ServerType::Exchange => self.exchange.address(creds),
+            _ => None,
         }
     }
 }

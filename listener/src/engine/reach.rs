@@ -15,7 +15,6 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::Host;
 
 use crate::creatio::contract::{ContractError, Credentials};
-use crate::exchange::client::ews_url;
 
 /// AWS's IPv6 instance metadata address.
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
@@ -80,10 +79,11 @@ pub struct Reach {
 impl Reach {
     /// Refuses credentials whose Exchange or Creatio address the install does not allow;
     /// the error names the field.
-    pub fn check(&self, creds: &Credentials) -> Result<(), ContractError> {
-        // Without a usable ServiceUrl the worker reports the configuration error itself.
-        if let Ok(url) = ews_url(creds.service_url.as_deref(), creds.use_ssl) {
-            self.check_url("ServiceUrl", &url, &self.exchange_hosts, "--exchange-hosts")?;
+    /// `address` is the URL the mailbox's protocol reads `ServiceUrl` as (none when it cannot
+    /// read it: the worker reports that configuration error itself).
+    pub fn check(&self, creds: &Credentials, address: Option<&str>) -> Result<(), ContractError> {
+        if let Some(url) = address {
+            self.check_url("ServiceUrl", url, &self.exchange_hosts, "--exchange-hosts")?;
         }
         // Validate may come without a callback.
         if creds.bpm_endpoint.is_empty() {
@@ -231,6 +231,12 @@ mod tests {
             .remove(0)
     }
 
+    /// Checks credentials as the API does for an Exchange mailbox.
+    fn check(reach: &Reach, creds: &Credentials) -> Result<(), ContractError> {
+        let address = crate::exchange::client::ews_url(creds.service_url.as_deref(), creds.use_ssl);
+        reach.check(creds, address.ok().as_deref())
+    }
+
     const BPM: &str =
         "https://creatio.contoso.com/0/ServiceModel/ExchangeListenerService.svc/NewEmail";
 
@@ -245,26 +251,25 @@ mod tests {
             "http://[fe80::1]/",
             "http://[::ffff:169.254.169.254]/",
         ] {
-            let err = reach.check(&creds(server, BPM)).unwrap_err().to_string();
+            let err = check(&reach, &creds(server, BPM)).unwrap_err().to_string();
             assert!(
                 err.starts_with("ServiceUrl") && err.contains("link-local"),
                 "{server}: {err}"
             );
         }
-        let err = reach
-            .check(&creds(
-                "mail.contoso.com",
-                "http://169.254.169.254/x/NewEmail",
-            ))
-            .unwrap_err()
-            .to_string();
+        let err = check(
+            &reach,
+            &creds("mail.contoso.com", "http://169.254.169.254/x/NewEmail"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("BpmEndpoint"), "{err}");
         let allowing = Reach {
             allow_link_local: true,
             ..Reach::default()
         };
-        assert!(allowing.check(&creds("169.254.10.10", BPM)).is_ok());
-        assert!(reach.check(&creds("10.1.2.3", BPM)).is_ok());
+        assert!(check(&allowing, &creds("169.254.10.10", BPM)).is_ok());
+        assert!(check(&reach, &creds("10.1.2.3", BPM)).is_ok());
     }
 
     #[test]
@@ -274,22 +279,23 @@ mod tests {
             creatio_hosts: HostList::parse(&["creatio.contoso.com".into()]).unwrap(),
             ..Reach::default()
         };
-        assert!(reach.check(&creds("mail.contoso.com", BPM)).is_ok());
-        let err = reach
-            .check(&creds("mail.fabrikam.com", BPM))
+        assert!(check(&reach, &creds("mail.contoso.com", BPM)).is_ok());
+        let err = check(&reach, &creds("mail.fabrikam.com", BPM))
             .unwrap_err()
             .to_string();
         assert!(
             err.starts_with("ServiceUrl") && err.contains("--exchange-hosts"),
             "{err}"
         );
-        let err = reach
-            .check(&creds(
+        let err = check(
+            &reach,
+            &creds(
                 "mail.contoso.com",
                 "https://other.contoso.com/0/ServiceModel/ExchangeListenerService.svc/NewEmail",
-            ))
-            .unwrap_err()
-            .to_string();
+            ),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with("BpmEndpoint") && err.contains("--creatio-hosts"),
             "{err}"

@@ -49,6 +49,10 @@ impl Connect for HttpExchange {
         let groups = client.impersonating().map(|_| self.groups.clone());
         Ok(Box::new(Mailbox { client, groups }))
     }
+
+    fn address(&self, creds: &Credentials) -> Option<String> {
+        client::ews_url(creds.service_url.as_deref(), creds.use_ssl).ok()
+    }
 }
 
 /// One mailbox on Exchange: its own calls, and its own stream or, when a service account
