@@ -26,6 +26,7 @@ command -v cargo >/dev/null 2>&1 || {
 need kill procps
 need python3 python3
 need redis-server redis-server
+need dovecot dovecot-imapd
 need openssl openssl
 need curl curl
 

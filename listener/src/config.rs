@@ -88,6 +88,10 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_EWS_CA_FILE")]
     pub ews_ca_file: Option<std::path::PathBuf>,
 
+    /// A PEM bundle of CAs IMAP servers' certificates may come from, besides the system's.
+    #[arg(long, env = "EXCHANGE_LISTENER_IMAP_CA_FILE")]
+    pub imap_ca_file: Option<std::path::PathBuf>,
+
     /// Accept any certificate from Exchange. For a lab only: logged as a warning at start and
     /// on every mailbox's connect.
     #[arg(long, env = "EXCHANGE_LISTENER_EWS_TLS_INSECURE")]

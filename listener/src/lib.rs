@@ -4,12 +4,14 @@
 //! subscriptions. The protocol-neutral [`engine`] keeps mailboxes, leases and cursors in its
 //! store and runs one worker per mailbox, which watches the mailbox's server through one seam
 //! ([`engine::protocol`]), fetches each new mail and posts it to the mailbox's Creatio callback
-//! ([`creatio::delivery`]). Each mail protocol lives in its own module ([`exchange`] for EWS).
+//! ([`creatio::delivery`]). Each mail protocol lives in its own module ([`exchange`] for EWS,
+//! [`imap`] for IMAP).
 
 pub mod config;
 pub mod creatio;
 pub mod engine;
 pub mod exchange;
+pub mod imap;
 pub mod server;
 
 use std::future::Future;
@@ -21,15 +23,20 @@ use anyhow::Context as _;
 
 pub use config::Config;
 
-/// The TLS configuration that reqwest would build for Exchange (the system's roots through
-/// the platform verifier, with `extra_pem`'s CAs besides), built once to be shared.
-fn shared_ews_tls(extra_pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+/// A TLS configuration trusting the system's roots through the platform verifier, with
+/// `extra_pem`'s CAs (read from the file `flag` names) besides, built once to be shared:
+/// what reqwest would build for Exchange (with `alpn`), or the one for IMAP servers.
+fn shared_tls(
+    extra_pem: &[u8],
+    flag: &str,
+    alpn: Option<&[u8]>,
+) -> anyhow::Result<rustls::ClientConfig> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let extra = CertificateDer::pem_slice_iter(extra_pem)
         .collect::<Result<Vec<_>, _>>()
-        .context("--ews-ca-file: not a PEM bundle")?;
+        .with_context(|| format!("{flag}: not a PEM bundle"))?;
     let verifier =
         rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -37,7 +44,7 @@ fn shared_ews_tls(extra_pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
     Ok(config)
 }
 
@@ -101,14 +108,17 @@ pub async fn serve(
     // NTLM authenticates connections: an NTLM mailbox gets connections of its own, all with
     // one TLS configuration (the trusted roots loaded once, not once per mailbox).
     let shared = ews_http.clone();
-    let shared_tls = if insecure {
+    let ews_tls = if insecure {
         None
     } else {
-        Some(shared_ews_tls(&ews_ca_pem).context("the TLS configuration for Exchange")?)
+        Some(
+            shared_tls(&ews_ca_pem, "--ews-ca-file", Some(b"http/1.1"))
+                .context("the TLS configuration for Exchange")?,
+        )
     };
     let ews_private: exchange::client::ClientFactory = Arc::new(move || {
         let builder = ews_builder().pool_max_idle_per_host(1);
-        match &shared_tls {
+        match &ews_tls {
             Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
             None => builder,
         }
@@ -205,8 +215,25 @@ pub async fn serve(
         limits,
         metrics.shared_streams.clone(),
     );
+    let imap_ca_pem = match &config.imap_ca_file {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("--imap-ca-file {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let imap = imap::ImapConnect {
+        tls: Arc::new(
+            shared_tls(&imap_ca_pem, "--imap-ca-file", None)
+                .context("the TLS configuration for IMAP servers")?,
+        ),
+        limits,
+        // Each watch reports within half the idle timeout, so a silent one is found.
+        wake: (Duration::from_secs(config.stream_idle_secs) / 2)
+            .clamp(Duration::from_secs(1), Duration::from_secs(25 * 60)),
+    };
     // One line per protocol: the mailbox's `ServerTypeId` chooses.
     let protocols: Arc<dyn engine::protocol::Connect> = Arc::new(engine::protocol::Protocols {
+        imap: Arc::new(imap),
         exchange: Arc::new(exchange::HttpExchange {
             http: ews_http,
             insecure: config.ews_tls_insecure,

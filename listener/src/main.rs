@@ -7,8 +7,13 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let filter = EnvFilter::try_new(&config.log)
+    let mut filter = EnvFilter::try_new(&config.log)
         .map_err(|e| anyhow::anyhow!("EXCHANGE_LISTENER_LOG {:?}: {e}", config.log))?;
+    // The IMAP codec warns of every lenient reading it makes of a server's answer (a status
+    // without text, say): routine, unless asked for by name.
+    if !config.log.contains("imap_codec") {
+        filter = filter.add_directive("imap_codec=error".parse()?);
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt()

@@ -334,10 +334,13 @@ async fn email_synchronize(
     state
         .reach
         .check(&creds, state.servers.address(&creds).as_deref())?;
-    let contract::LoadFrom::Date(since) = load_from else {
-        return Err(ApiError::NotImplemented(
-            Failure::unsupported_server(creds.server_type).to_string(),
-        ));
+    let since = match load_from {
+        contract::LoadFrom::Date(since) => since,
+        contract::LoadFrom::ImapSearch(filters) => {
+            return Err(ApiError::NotImplemented(format!(
+                "an IMAP history filter without a date ({filters:?}) is not served yet"
+            )));
+        }
     };
     let Some(job) = state
         .supervisor

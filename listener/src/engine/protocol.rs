@@ -126,20 +126,21 @@ pub trait Connect: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Protocols {
     pub exchange: Arc<dyn Connect>,
+    pub imap: Arc<dyn Connect>,
 }
 
 impl Connect for Protocols {
     fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
         match creds.server_type {
             ServerType::Exchange => self.exchange.connect(creds),
-            other => Err(Failure::unsupported_server(other)),
+            ServerType::Imap => self.imap.connect(creds),
         }
     }
 
     fn address(&self, creds: &Credentials) -> Option<String> {
         match creds.server_type {
             ServerType::Exchange => self.exchange.address(creds),
-            _ => None,
+            ServerType::Imap => self.imap.address(creds),
         }
     }
 }
@@ -276,14 +277,6 @@ pub enum Failure {
 impl Failure {
     pub fn server(f: impl ServerFailure + 'static) -> Failure {
         Failure::Server(Arc::new(f))
-    }
-
-    /// A mailbox on a kind of server this listener does not serve.
-    pub fn unsupported_server(kind: ServerType) -> Failure {
-        Failure::Unsupported(format!(
-            "{} mailboxes are not supported by this listener yet",
-            kind.name()
-        ))
     }
 
     pub fn disposition(&self) -> Disposition {

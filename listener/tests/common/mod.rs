@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+pub mod dovecot;
+
 /// How long a condition may take before a test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 

@@ -684,17 +684,89 @@ pub fn parse_fetch(body: &[u8]) -> Result<(Credentials, Vec<String>), ContractEr
 pub enum LoadFrom {
     /// Exchange: the load-from date, in milliseconds since the Unix epoch.
     Date(i64),
-    /// IMAP: a SEARCH expression (`UNDRAFT UNDELETED SENTSINCE 01-Dec-2026`, ...).
+    /// IMAP: a SEARCH expression that names no date (`UID 42:*`, `UNKEYWORD ...`).
     ImapSearch(String),
+}
+
+/// The SEARCH keys Creatio's IMAP filters use; anything else is refused, never passed on.
+const IMAP_FILTER_KEYS: [&str; 6] = [
+    "UNDRAFT",
+    "UNDELETED",
+    "SENTSINCE",
+    "SINCE",
+    "UID",
+    "UNKEYWORD",
+];
+
+/// Reads Creatio's IMAP history filter (`UNDRAFT UNDELETED SENTSINCE 01-Dec-2026`): the day
+/// it loads from (00:00 UTC), or none when it names no date.
+fn imap_filter_since(filters: &str) -> Result<Option<i64>, ContractError> {
+    let invalid = |reason: String| ContractError::Invalid {
+        field: "Filters",
+        reason,
+    };
+    let mut since = None;
+    let mut tokens = filters.split_ascii_whitespace();
+    while let Some(token) = tokens.next() {
+        let key = token.to_ascii_uppercase();
+        if !IMAP_FILTER_KEYS.contains(&key.as_str()) {
+            return Err(invalid(format!(
+                "holds {token:?}; an IMAP filter may use only {}",
+                IMAP_FILTER_KEYS.join(", ")
+            )));
+        }
+        match key.as_str() {
+            "SENTSINCE" | "SINCE" => {
+                let date = tokens.next().unwrap_or_default();
+                since = Some(imap_date(date).ok_or_else(|| {
+                    invalid(format!(
+                        "{date:?} after {key} is not a date like 01-Dec-2026"
+                    ))
+                })?);
+            }
+            "UID" | "UNKEYWORD" => {
+                let argument = tokens.next().unwrap_or_default();
+                if argument.is_empty()
+                    || !argument
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"$_-:*,.".contains(&b))
+                {
+                    return Err(invalid(format!("{key} needs a plain argument")));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(since)
+}
+
+/// An IMAP date (`1-Dec-2026`, `01-Dec-2026`) as 00:00 UTC of that day, in Unix ms.
+fn imap_date(date: &str) -> Option<i64> {
+    const MONTHS: [&str; 12] = [
+        "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+    ];
+    let mut parts = date.trim_matches('"').split('-');
+    let day: u32 = parts.next()?.parse().ok()?;
+    let month = parts.next()?.to_ascii_uppercase();
+    let month = MONTHS.iter().position(|m| *m == month)? + 1;
+    let year: u32 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || !(1..=31).contains(&day) || !(1970..=9999).contains(&year) {
+        return None;
+    }
+    crate::creatio::mail::parse_xs_datetime(&format!("{year:04}-{month:02}-{day:02}T00:00:00Z"))
 }
 
 /// `email/synchronize`: the mailbox's credentials and where its history load starts. For an
 /// Exchange mailbox `Filters` is the load-from date in UTC .NET ticks; a date in the future is
-/// refused, as is one before 1970.
+/// refused, as is one before 1970. For an IMAP mailbox it is an IMAP SEARCH expression of the
+/// keys Creatio writes, whose `SENTSINCE` or `SINCE` date is the load's day.
 pub fn parse_synchronize(body: &[u8]) -> Result<(Credentials, LoadFrom), ContractError> {
     let (creds, filters) = sync_command(body, MAX_CONTEXT_CHARS)?;
     if creds.server_type == ServerType::Imap {
-        return Ok((creds, LoadFrom::ImapSearch(filters)));
+        return Ok(match imap_filter_since(&filters)? {
+            Some(since) => (creds, LoadFrom::Date(since)),
+            None => (creds, LoadFrom::ImapSearch(filters)),
+        });
     }
     let invalid = |reason: &str| ContractError::Invalid {
         field: "Filters",
@@ -1078,5 +1150,32 @@ mod tests {
             "[{Id,Password}; 1]"
         );
         assert!(!body_shape(br#"{"p":"secret"}"#).contains("secret"));
+    }
+
+    #[test]
+    fn imap_history_filters_give_their_day_and_nothing_else_passes() {
+        let day = |d: &str| imap_date(d).unwrap();
+        assert_eq!(day("01-Dec-2026"), 1_796_083_200_000);
+        assert_eq!(day("1-dec-2026"), day("01-Dec-2026"));
+        assert_eq!(
+            imap_filter_since("UNDRAFT UNDELETED SENTSINCE 01-Dec-2026").unwrap(),
+            Some(day("01-Dec-2026"))
+        );
+        assert_eq!(
+            imap_filter_since("SINCE 7-Dec-2026").unwrap(),
+            Some(day("07-Dec-2026"))
+        );
+        assert_eq!(imap_filter_since("UID 42:*").unwrap(), None);
+        assert_eq!(imap_filter_since("UNKEYWORD $Synced").unwrap(), None);
+        for refused in [
+            "SENTSINCE yesterday",
+            "SENTSINCE 31-Foo-2026",
+            "UNDELETED OR FROM a b",
+            "UID 1:*) (DELETE INBOX",
+            "UNKEYWORD",
+        ] {
+            let err = imap_filter_since(refused).unwrap_err().to_string();
+            assert!(err.starts_with("Filters"), "{refused}: {err}");
+        }
     }
 }

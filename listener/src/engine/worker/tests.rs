@@ -409,6 +409,21 @@ struct Rig {
     creds: Credentials,
 }
 
+/// The real IMAP connector, trusting no one: no test here reaches an IMAP server.
+fn imap_without_roots() -> crate::imap::ImapConnect {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    crate::imap::ImapConnect {
+        tls: Arc::new(tls),
+        limits: WorkerSettings::for_tests().limits,
+        wake: 60 * SECOND,
+    }
+}
+
 /// [`WorkerSettings::for_tests`]; Subscribe paced at 1,000 a second.
 fn rig(script: Script) -> Rig {
     let exchange = FakeExchange::new(script);
@@ -417,6 +432,7 @@ fn rig(script: Script) -> Rig {
         store: Arc::new(MemoryStore::new(SeenLimits::default())),
         servers: Arc::new(crate::engine::protocol::Protocols {
             exchange: Arc::new(exchange.clone()),
+            imap: Arc::new(imap_without_roots()),
         }),
         creatio: creatio.clone(),
         settings: Arc::new(WorkerSettings::for_tests()),
@@ -1001,11 +1017,11 @@ async fn mail_waiting_for_creatio_is_counted_as_the_outbox_depth() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_imap_mailbox_is_reported_unsupported_and_left_alone() {
+async fn an_imap_mailbox_its_connector_refuses_is_reported_and_left_alone() {
     let mut rig = rig(Script::default());
     let body = json!([{
         "Id": "mbx", "SenderEmailAddress": "alice@contoso.test", "Password": "secret",
-        "ServerTypeId": "844F0837-EAA0-4F40-B965-71F5DB9EAE6E", "ServiceUrl": "imap.contoso.test",
+        "ServerTypeId": "844F0837-EAA0-4F40-B965-71F5DB9EAE6E", "ServiceUrl": "",
         "Port": 993, "Context": "{UserRequested:true,HasError:false}",
         "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
     }]);
@@ -1020,7 +1036,7 @@ async fn an_imap_mailbox_is_reported_unsupported_and_left_alone() {
         rig.exchange.calls()
     );
     assert_eq!(rig.status().await.state, WorkerState::Failed);
-    rig.assert_last_error("IMAP mailboxes are not supported")
+    rig.assert_last_error("ServiceUrl (the IMAP host) is not set")
         .await;
     assert_eq!(
         *rig.creatio.report_ops.lock().unwrap(),
@@ -1029,10 +1045,7 @@ async fn an_imap_mailbox_is_reported_unsupported_and_left_alone() {
     let report = rig.creatio.reports.lock().unwrap()[0].clone();
     assert_eq!(report["Avaliable"], json!(false));
     assert_eq!(report["MailboxId"], json!("mbx"));
-    assert_eq!(
-        report["ExceptionClassName"],
-        json!("MailServerTypeNotSupported")
-    );
+    assert_eq!(report["ExceptionClassName"], json!("ImapConfiguration"));
     assert_eq!(
         report["Context"],
         json!("{UserRequested:true,HasError:false}")

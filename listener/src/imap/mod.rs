@@ -1,0 +1,786 @@
+//! IMAP mailboxes (Creatio's `ServerTypeId` 844F0837-…): the engine's [`MailServer`] over
+//! IMAP4rev1.
+//!
+//! A mailbox holds one connection for its commands, opened on first use and opened again
+//! after a failure, and one more while it is watched. Folders are IMAP mailbox names; an item
+//! is `<UIDVALIDITY>:<UID>:<folder>`; a folder's sync state is `<UIDVALIDITY>:<last UID>`, so
+//! catching up is `UID SEARCH UID <last+1>:*` and a changed UIDVALIDITY is a rejected cursor
+//! (a new baseline, then the gap recovered by received time). Mail is read with
+//! `BODY.PEEK[]`, which never marks it read, and converted by the one MIME converter.
+//!
+//! Watching: Subscribe notes each watched folder's UIDNEXT (what arrives from then on is
+//! news); the watch connection IDLEs on the first folder, and on news, or every `wake`, ends
+//! IDLE and asks every watched folder's STATUS, listing the UIDs that came since. Each wake
+//! yields a report, so a silent connection is found within the engine's idle timeout.
+
+pub mod failure;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use tokio::time::Instant;
+
+use crate::creatio::contract::send::OutgoingEmail;
+use crate::creatio::contract::{Credentials, SecureOption};
+use crate::creatio::mail::email_from_mime;
+use crate::engine::protocol::{
+    Answer, Connect, Failure, FindPage, Folder, Found, Item, Limits, MailServer, SyncPage, Watch,
+    WatchBatch,
+};
+use failure::ImapFailure;
+pub use session::{Endpoint, Login, Security};
+use session::{Session, Untagged, quoted};
+
+/// Reaches IMAP servers.
+#[derive(Debug, Clone)]
+pub struct ImapConnect {
+    /// The TLS configuration (trusted roots) for every IMAP server.
+    pub tls: Arc<rustls::ClientConfig>,
+    pub limits: Limits,
+    /// How long a watch stays in IDLE before it looks at every folder and reports.
+    pub wake: Duration,
+}
+
+impl ImapConnect {
+    /// Where `ServiceUrl`, `Port`, `UseSsl` and `SecureOption` say the server is.
+    pub fn endpoint(creds: &Credentials) -> Result<Endpoint, ImapFailure> {
+        let address = creds
+            .service_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| ImapFailure::Config("ServiceUrl (the IMAP host) is not set".into()))?;
+        let host = address
+            .split_once("://")
+            .map_or(address, |(_, rest)| rest)
+            .trim_end_matches('/');
+        let (host, port_in_url) = match host.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok()),
+            _ => (host, None),
+        };
+        let security = match creds.secure_option {
+            Some(SecureOption::None) => Security::None,
+            Some(SecureOption::Auto) => Security::Auto,
+            Some(SecureOption::StartTls) => Security::StartTls,
+            Some(SecureOption::Ssl) => Security::Tls,
+            None if creds.use_ssl == Some(false) => Security::None,
+            None => Security::Tls,
+        };
+        let port = creds
+            .port
+            .filter(|&p| p != 0)
+            .or(port_in_url)
+            .unwrap_or(match security {
+                Security::Tls | Security::Auto => 993,
+                Security::None | Security::StartTls => 143,
+            });
+        Ok(Endpoint {
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+            security,
+        })
+    }
+
+    fn login(creds: &Credentials) -> Result<Login, ImapFailure> {
+        let user = creds
+            .user_name
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| creds.sender_email.clone());
+        if let Some(token) = &creds.access_token {
+            return Ok(Login::Token {
+                user,
+                token: token.clone(),
+            });
+        }
+        match &creds.password {
+            Some(password) => Ok(Login::Password {
+                user,
+                password: password.clone(),
+            }),
+            None => Err(ImapFailure::Config(
+                "neither Password nor AccessToken is set for the IMAP mailbox".into(),
+            )),
+        }
+    }
+}
+
+impl Connect for ImapConnect {
+    fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
+        Ok(Box::new(ImapMailbox {
+            endpoint: Self::endpoint(creds)?,
+            login: Self::login(creds)?,
+            tls: self.tls.clone(),
+            limits: self.limits,
+            wake: self.wake,
+            session: tokio::sync::Mutex::new(None),
+            marks: Arc::default(),
+        }))
+    }
+
+    fn address(&self, creds: &Credentials) -> Option<String> {
+        let e = Self::endpoint(creds).ok()?;
+        Some(format!("imap://{}:{}", bracketed(&e.host), e.port))
+    }
+}
+
+fn bracketed(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// Where a watch stands in a folder: its UIDVALIDITY and the next UID that is news.
+type Marks = Arc<Mutex<Vec<(String, u32, u32)>>>;
+
+/// One IMAP mailbox.
+#[derive(Debug)]
+pub struct ImapMailbox {
+    endpoint: Endpoint,
+    login: Login,
+    tls: Arc<rustls::ClientConfig>,
+    limits: Limits,
+    wake: Duration,
+    /// The connection for commands, once opened.
+    session: tokio::sync::Mutex<Option<Session>>,
+    /// Per watched folder, set by Subscribe and moved on by the watch.
+    marks: Marks,
+}
+
+/// A folder as EXAMINE left it selected.
+struct Selected {
+    validity: u32,
+    next: Option<u32>,
+}
+
+async fn examine(s: &mut Session, folder: &str) -> Result<Selected, ImapFailure> {
+    let mut selected = Selected {
+        validity: 0,
+        next: None,
+    };
+    for u in s.ok(&format!("EXAMINE {}", quoted(folder)?)).await? {
+        match u {
+            Untagged::UidValidity(v) => selected.validity = v,
+            Untagged::UidNext(n) => selected.next = Some(n),
+            _ => {}
+        }
+    }
+    Ok(selected)
+}
+
+async fn search(s: &mut Session, criteria: &str) -> Result<Vec<u32>, ImapFailure> {
+    let mut uids: Vec<u32> = s
+        .ok(&format!("UID SEARCH {criteria}"))
+        .await?
+        .into_iter()
+        .flat_map(|u| match u {
+            Untagged::Search(uids) => uids,
+            _ => Vec::new(),
+        })
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    Ok(uids)
+}
+
+/// `uids` as a UID set.
+fn uid_set(uids: &[u32]) -> String {
+    uids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The received time of each UID.
+async fn received_times(s: &mut Session, uids: &[u32]) -> Result<HashMap<u32, i64>, ImapFailure> {
+    if uids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let answers = s
+        .ok(&format!("UID FETCH {} (UID INTERNALDATE)", uid_set(uids)))
+        .await?;
+    Ok(answers
+        .into_iter()
+        .filter_map(|u| match u {
+            Untagged::Fetch {
+                uid: Some(uid),
+                received_unix_ms: Some(at),
+                ..
+            } => Some((uid, at)),
+            _ => None,
+        })
+        .collect())
+}
+
+fn item_id(validity: u32, uid: u32, folder: &str) -> String {
+    format!("{validity}:{uid}:{folder}")
+}
+
+fn parse_item_id(id: &str) -> Option<(u32, u32, &str)> {
+    let mut parts = id.splitn(3, ':');
+    let validity = parts.next()?.parse().ok()?;
+    let uid = parts.next()?.parse().ok()?;
+    Some((validity, uid, parts.next()?))
+}
+
+/// IMAP's date for SEARCH SINCE: `d-Mon-yyyy`, the UTC day of the moment.
+fn search_date(unix_ms: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let xs = crate::creatio::mail::xs_datetime(unix_ms);
+    let year = &xs[..4];
+    let month: usize = xs[5..7].parse().unwrap_or(1);
+    let day: u32 = xs[8..10].parse().unwrap_or(1);
+    format!("{day}-{}-{year}", MONTHS[month.clamp(1, 12) - 1])
+}
+
+/// Special-use folders that hold no mail to watch (RFC 6154).
+const UNWATCHED: [&str; 4] = ["\\DRAFTS", "\\TRASH", "\\JUNK", "\\ALL"];
+
+impl ImapMailbox {
+    /// Runs `op` on the command connection, opening it first when needed; a failure closes
+    /// it, so the next call starts on a fresh one.
+    async fn on_session<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut Session) -> Result<T, ImapFailure>,
+    ) -> Result<T, Failure> {
+        let mut guard = self.session.lock().await;
+        let session = match guard.as_mut() {
+            Some(s) => s,
+            None => guard
+                .insert(Session::open(&self.endpoint, &self.login, &self.tls, self.limits).await?),
+        };
+        let result = op(session).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        Ok(result?)
+    }
+
+    async fn list(&self) -> Result<Vec<(String, Option<char>, Vec<String>)>, Failure> {
+        self.on_session(async |s| {
+            Ok(s.ok("LIST \"\" \"*\"")
+                .await?
+                .into_iter()
+                .filter_map(|u| match u {
+                    Untagged::List {
+                        name,
+                        delimiter,
+                        attributes,
+                    } => Some((name, delimiter, attributes)),
+                    _ => None,
+                })
+                .filter(|(_, _, attributes)| {
+                    !attributes.iter().any(|a| {
+                        a.eq_ignore_ascii_case("\\Noselect")
+                            || a.eq_ignore_ascii_case("\\NonExistent")
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+impl MailServer for ImapMailbox {
+    fn url(&self) -> String {
+        format!(
+            "imap://{}:{}",
+            bracketed(&self.endpoint.host),
+            self.endpoint.port
+        )
+    }
+
+    fn validate(&self) -> Answer<'_, ()> {
+        async move {
+            let mut s = Session::open(&self.endpoint, &self.login, &self.tls, self.limits).await?;
+            examine(&mut s, "INBOX").await?;
+            s.logout().await;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn folders(&self) -> Answer<'_, Vec<Folder>> {
+        async move {
+            Ok(self
+                .list()
+                .await?
+                .into_iter()
+                .map(|(name, delimiter, _)| {
+                    let split = delimiter.and_then(|d| name.rsplit_once(d));
+                    Folder {
+                        parent_id: split.map(|(parent, _)| parent.to_owned()),
+                        name: split.map_or(name.as_str(), |(_, leaf)| leaf).to_owned(),
+                        id: name,
+                        class: None,
+                    }
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
+        async move {
+            if !asked.is_empty() {
+                return Ok(asked.to_vec());
+            }
+            let mut folders = vec!["INBOX".to_owned()];
+            for (name, _, attributes) in self.list().await? {
+                let unwatched = attributes
+                    .iter()
+                    .any(|a| UNWATCHED.contains(&a.to_ascii_uppercase().as_str()));
+                if !unwatched && !name.eq_ignore_ascii_case("INBOX") {
+                    folders.push(name);
+                }
+            }
+            Ok(folders)
+        }
+        .boxed()
+    }
+
+    fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String> {
+        async move {
+            let marks = self
+                .on_session(async |s| {
+                    let mut marks = Vec::new();
+                    for folder in folders {
+                        let selected = examine(s, folder).await?;
+                        let next = match selected.next {
+                            Some(next) => next,
+                            None => search(s, "ALL").await?.last().map_or(1, |u| u + 1),
+                        };
+                        marks.push((folder.clone(), selected.validity, next));
+                    }
+                    Ok(marks)
+                })
+                .await?;
+            *self.marks.lock().unwrap_or_else(|p| p.into_inner()) = marks;
+            Ok("idle".to_owned())
+        }
+        .boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, _subscription_id: &'a str) -> Answer<'a, ()> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn open_watch<'a>(
+        &'a self,
+        _subscription_id: &'a str,
+        _timeout_minutes: u8,
+    ) -> Answer<'a, Box<dyn Watch>> {
+        async move {
+            let session =
+                Session::open(&self.endpoint, &self.login, &self.tls, self.limits).await?;
+            Ok(Box::new(ImapWatch {
+                session,
+                marks: self.marks.clone(),
+                wake: self.wake,
+                first: true,
+                selected: None,
+            }) as Box<dyn Watch>)
+        }
+        .boxed()
+    }
+
+    fn sync_folder<'a>(
+        &'a self,
+        folder: &'a str,
+        state: Option<&'a str>,
+        max_changes: u16,
+    ) -> Answer<'a, SyncPage> {
+        async move {
+            self.on_session(async |s| {
+                let selected = examine(s, folder).await?;
+                let known = state
+                    .and_then(|st| st.split_once(':'))
+                    .and_then(|(v, l)| Some((v.parse::<u32>().ok()?, l.parse::<u32>().ok()?)));
+                let Some((validity, last)) = known else {
+                    // A baseline: everything there now is old.
+                    let next = match selected.next {
+                        Some(next) => next,
+                        None => search(s, "ALL").await?.last().map_or(1, |u| u + 1),
+                    };
+                    return Ok(SyncPage {
+                        state: format!("{}:{}", selected.validity, next.saturating_sub(1)),
+                        complete: true,
+                        added: Vec::new(),
+                    });
+                };
+                if validity != selected.validity {
+                    return Err(ImapFailure::ValidityChanged {
+                        folder: folder.to_owned(),
+                    });
+                }
+                let newer: Vec<u32> = search(s, &format!("UID {}:*", last.saturating_add(1)))
+                    .await?
+                    .into_iter()
+                    .filter(|&u| u > last)
+                    .collect();
+                let taken = &newer[..newer.len().min(usize::from(max_changes))];
+                Ok(SyncPage {
+                    state: format!("{validity}:{}", taken.last().copied().unwrap_or(last)),
+                    complete: taken.len() == newer.len(),
+                    added: taken
+                        .iter()
+                        .map(|&u| item_id(validity, u, folder))
+                        .collect(),
+                })
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn find_recent_items<'a>(
+        &'a self,
+        folder: &'a str,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, FindPage> {
+        async move {
+            self.on_session(async |s| {
+                let selected = examine(s, folder).await?;
+                let mut all = search(s, "ALL").await?;
+                all.reverse();
+                let page: Vec<u32> = all
+                    .iter()
+                    .copied()
+                    .skip(offset as usize)
+                    .take(usize::from(max_entries))
+                    .collect();
+                let times = received_times(s, &page).await?;
+                let listed = page.len() as u32;
+                Ok(FindPage {
+                    items: page
+                        .iter()
+                        .map(|&u| Found {
+                            id: item_id(selected.validity, u, folder),
+                            received_unix_ms: times.get(&u).copied(),
+                        })
+                        .collect(),
+                    next_offset: Some(offset + listed),
+                    complete: (offset + listed) as usize >= all.len(),
+                    total: Some(all.len() as u32),
+                })
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn find_received_since<'a>(
+        &'a self,
+        folder: &'a str,
+        since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, FindPage> {
+        async move {
+            self.on_session(async |s| {
+                let selected = examine(s, folder).await?;
+                // SEARCH SINCE is by day: the whole day of the moment is loaded.
+                let all = search(s, &format!("SINCE {}", search_date(since_unix_ms))).await?;
+                let page: Vec<u32> = all
+                    .iter()
+                    .copied()
+                    .skip(offset as usize)
+                    .take(usize::from(max_entries))
+                    .collect();
+                let listed = page.len() as u32;
+                Ok(FindPage {
+                    items: page
+                        .iter()
+                        .map(|&u| Found {
+                            id: item_id(selected.validity, u, folder),
+                            received_unix_ms: None,
+                        })
+                        .collect(),
+                    next_offset: Some(offset + listed),
+                    complete: (offset + listed) as usize >= all.len(),
+                    total: Some(all.len() as u32),
+                })
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn find_by_message_id<'a>(
+        &'a self,
+        folder: &'a str,
+        message_id: &'a str,
+    ) -> Answer<'a, Vec<String>> {
+        async move {
+            self.on_session(async |s| {
+                let selected = examine(s, folder).await?;
+                let uids = search(s, &format!("HEADER Message-ID {}", quoted(message_id)?)).await?;
+                Ok(uids
+                    .into_iter()
+                    .rev()
+                    .map(|u| item_id(selected.validity, u, folder))
+                    .collect())
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<Result<Item, Failure>>> {
+        async move {
+            let mut bodies: HashMap<&str, Vec<u8>> = HashMap::new();
+            // Folder by folder, in the order they come.
+            let mut folders: Vec<&str> = Vec::new();
+            for (_, _, folder) in ids.iter().filter_map(|id| parse_item_id(id)) {
+                if !folders.contains(&folder) {
+                    folders.push(folder);
+                }
+            }
+            for folder in folders {
+                let found = self
+                    .on_session(async |s| {
+                        let selected = examine(s, folder).await?;
+                        let wanted: Vec<(u32, &str)> = ids
+                            .iter()
+                            .filter_map(|id| {
+                                let (v, uid, f) = parse_item_id(id)?;
+                                (f == folder && v == selected.validity).then_some((uid, *id))
+                            })
+                            .collect();
+                        if wanted.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        let uids: Vec<u32> = wanted.iter().map(|(u, _)| *u).collect();
+                        let answers = s
+                            .ok(&format!("UID FETCH {} (UID BODY.PEEK[])", uid_set(&uids)))
+                            .await?;
+                        Ok(answers
+                            .into_iter()
+                            .filter_map(|u| match u {
+                                Untagged::Fetch {
+                                    uid: Some(uid),
+                                    body: Some(body),
+                                    ..
+                                } => wanted
+                                    .iter()
+                                    .find(|(w, _)| *w == uid)
+                                    .map(|(_, id)| (*id, body)),
+                                _ => None,
+                            })
+                            .collect())
+                    })
+                    .await?;
+                bodies.extend(found);
+            }
+            Ok(ids
+                .iter()
+                .map(|id| {
+                    Ok(match bodies.get(id) {
+                        Some(body) => Item::Mail(Box::new(email_from_mime(id, body))),
+                        // Expunged, moved, or renumbered: nothing left to deliver.
+                        None => Item::Gone,
+                    })
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn send<'a>(&'a self, _email: &'a OutgoingEmail) -> Answer<'a, ()> {
+        async {
+            Err(Failure::Unsupported(
+                "Sending from IMAP mailboxes (through SMTP) is not supported by this listener yet"
+                    .into(),
+            ))
+        }
+        .boxed()
+    }
+
+    fn was_sent<'a>(&'a self, _message_id: &'a str) -> Answer<'a, bool> {
+        async { Ok(false) }.boxed()
+    }
+}
+
+/// A watch: IDLE on the first folder, a look at every folder on each wake.
+struct ImapWatch {
+    session: Session,
+    marks: Marks,
+    wake: Duration,
+    /// The first report comes at once: what arrived since Subscribe.
+    first: bool,
+    /// The folder EXAMINE last selected on this connection.
+    selected: Option<String>,
+}
+
+impl ImapWatch {
+    /// Every watched folder's news since its mark; the marks move past it.
+    async fn look(&mut self) -> Result<WatchBatch, ImapFailure> {
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut batch = WatchBatch::default();
+        for (folder, validity, next) in marks {
+            let status = self
+                .session
+                .ok(&format!(
+                    "STATUS {} (UIDNEXT UIDVALIDITY)",
+                    quoted(&folder)?
+                ))
+                .await?;
+            let (now_next, now_validity) = status
+                .into_iter()
+                .find_map(|u| match u {
+                    Untagged::Status {
+                        uid_next,
+                        uid_validity,
+                        ..
+                    } => Some((uid_next, uid_validity)),
+                    _ => None,
+                })
+                .unwrap_or((None, None));
+            if now_validity.is_some_and(|v| v != validity) {
+                return Err(ImapFailure::ValidityChanged { folder });
+            }
+            if now_next.is_some_and(|n| n <= next) {
+                continue;
+            }
+            let selected = examine(&mut self.session, &folder).await?;
+            self.selected = Some(folder.clone());
+            if selected.validity != validity {
+                return Err(ImapFailure::ValidityChanged { folder });
+            }
+            let news: Vec<u32> = search(&mut self.session, &format!("UID {next}:*"))
+                .await?
+                .into_iter()
+                .filter(|&u| u >= next)
+                .collect();
+            if let Some(&last) = news.last() {
+                let mut all = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(mark) = all.iter_mut().find(|(f, _, _)| *f == folder) {
+                    mark.2 = mark.2.max(last + 1);
+                }
+            }
+            batch
+                .new_items
+                .extend(news.into_iter().map(|u| item_id(validity, u, &folder)));
+        }
+        Ok(batch)
+    }
+
+    /// IDLE on the first folder until it has news or `wake` passes.
+    async fn idle(&mut self) -> Result<(), ImapFailure> {
+        let first = self
+            .marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .map(|(f, _, _)| f.clone());
+        let Some(first) = first else {
+            tokio::time::sleep(self.wake).await;
+            return Ok(());
+        };
+        if self.selected.as_deref() != Some(first.as_str()) {
+            examine(&mut self.session, &first).await?;
+            self.selected = Some(first);
+        }
+        let deadline = Instant::now() + self.wake;
+        let (tag, before) = self.session.idle().await?;
+        let mut news = before.iter().any(|u| matches!(u, Untagged::Exists(_)));
+        while !news {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.session.idle_news(left).await? {
+                None => break,
+                Some(Untagged::Exists(_)) => news = true,
+                Some(_) => {}
+            }
+        }
+        self.session.idle_done(&tag).await?;
+        Ok(())
+    }
+}
+
+impl Watch for ImapWatch {
+    fn next(&mut self) -> Answer<'_, Option<WatchBatch>> {
+        async move {
+            if !std::mem::take(&mut self.first) {
+                self.idle().await?;
+            }
+            Ok(Some(self.look().await?))
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(body: serde_json::Value) -> Credentials {
+        crate::creatio::contract::parse_credentials_list(
+            serde_json::json!([body]).to_string().as_bytes(),
+        )
+        .unwrap()
+        .remove(0)
+    }
+
+    #[test]
+    fn the_endpoint_is_read_as_creatio_writes_it() {
+        let base = serde_json::json!({
+            "Id": "m", "SenderEmailAddress": "a@contoso.test", "Password": "pw",
+            "ServerTypeId": "844F0837-EAA0-4F40-B965-71F5DB9EAE6E",
+            "BpmEndpoint": "http://creatio.test/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail",
+        });
+        let with = |extra: serde_json::Value| {
+            let mut b = base.clone();
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            ImapConnect::endpoint(&creds(b)).unwrap()
+        };
+        let e = with(
+            serde_json::json!({"ServiceUrl": "imap.contoso.test", "Port": 993, "SecureOption": 2}),
+        );
+        assert_eq!(
+            (e.host.as_str(), e.port, e.security),
+            ("imap.contoso.test", 993, Security::Tls)
+        );
+        let e = with(
+            serde_json::json!({"ServiceUrl": "imap.contoso.test", "Port": 0, "SecureOption": 3}),
+        );
+        assert_eq!((e.port, e.security), (143, Security::StartTls));
+        let e = with(
+            serde_json::json!({"ServiceUrl": "127.0.0.1", "Port": 10143, "SecureOption": 0, "UseSsl": false}),
+        );
+        assert_eq!(
+            (e.host.as_str(), e.port, e.security),
+            ("127.0.0.1", 10143, Security::None)
+        );
+        let e = with(
+            serde_json::json!({"ServiceUrl": "mail.contoso.test", "Port": 0, "SecureOption": 1}),
+        );
+        assert_eq!(
+            (e.host.as_str(), e.port, e.security),
+            ("mail.contoso.test", 993, Security::Auto)
+        );
+        assert!(
+            ImapConnect::endpoint(&creds(base)).is_err(),
+            "no ServiceUrl"
+        );
+    }
+
+    #[test]
+    fn item_ids_and_search_dates() {
+        let id = item_id(17, 42, "Projects:2026");
+        assert_eq!(parse_item_id(&id), Some((17, 42, "Projects:2026")));
+        assert_eq!(parse_item_id("x:1:INBOX"), None);
+        // 2026-12-07T08:00:00Z.
+        assert_eq!(search_date(1_796_630_400_000), "7-Dec-2026");
+        assert_eq!(uid_set(&[3, 5, 9]), "3,5,9");
+    }
+}

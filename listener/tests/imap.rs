@@ -1,0 +1,293 @@
+//! IMAP mailboxes end to end: the real listener binary, a real Dovecot, and mock-creatio;
+//! each mailbox created by a body written as Creatio writes it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::dovecot::{Dovecot, mail};
+use common::{Listener, PATIENCE, eventually};
+use mock_creatio::MockCreatio;
+use serde_json::{Value, json};
+
+const ALICE: &str = "alice@contoso.test";
+const IMAP_TYPE: &str = "844F0837-EAA0-4F40-B965-71F5DB9EAE6E";
+
+/// Credentials for Alice's IMAP mailbox on `dovecot`, as Creatio sends them (plain text:
+/// `SecureOption` None).
+fn credentials(id: &str, dovecot: &Dovecot, password: &str, bpm_endpoint: &str) -> Value {
+    json!({
+        "Id": id, "UserName": ALICE, "Password": password, "AccessToken": null,
+        "SenderEmailAddress": ALICE, "ServiceUrl": "127.0.0.1", "Port": dovecot.port,
+        "UseSsl": false, "SecureOption": 0, "IsAutodiscover": false,
+        "ServerTypeId": IMAP_TYPE, "SubscriptionTtl": 0, "BpmEndpoint": bpm_endpoint,
+        "BpmUser": "Supervisor", "BpmUserWorkspace": "Default",
+        "Context": "{UserRequested:true,HasError:false}", "FolderIds": [],
+        "UseFullEmail": true, "FeatureValues": {},
+    })
+}
+
+/// The Message-IDs Creatio received for this mailbox, in order.
+fn received(creatio: &MockCreatio, id: &str) -> Vec<String> {
+    creatio
+        .calls_of("ProcessFullEmail")
+        .into_iter()
+        .filter(|c| c.body["SubscriptionInfo"]["MailboxId"] == id)
+        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before() {
+    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await;
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listener = Listener::spawn(&[]).await;
+    dovecot
+        .deliver_to(
+            ALICE,
+            "INBOX",
+            &mail("bob@fabrikam.test", ALICE, "Old", "old@fabrikam.test"),
+        )
+        .await;
+    dovecot.create_folder(ALICE, "Projects").await;
+    // Received times are whole seconds, and mail received in the second before a mailbox is
+    // created counts as new (a duplicate is better than a loss): the old mail is older.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    let creds = credentials(id, &dovecot, "secret", &creatio.url("ProcessFullEmail"));
+    let (status, body) = listener.send("create", &json!([creds])).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the IMAP mailbox to be watched", PATIENCE, async || {
+        (listener.state_of(id).await == "exists").then_some(())
+    })
+    .await;
+
+    dovecot
+        .deliver_to(
+            ALICE,
+            "INBOX",
+            &mail("bob@fabrikam.test", ALICE, "First", "first@fabrikam.test"),
+        )
+        .await;
+    eventually("the first mail at Creatio", PATIENCE, async || {
+        received(&creatio, id)
+            .contains(&"<first@fabrikam.test>".to_owned())
+            .then_some(())
+    })
+    .await;
+    // Filed by a server rule into another folder: watched too.
+    dovecot
+        .deliver_to(
+            ALICE,
+            "Projects",
+            &mail("carol@fabrikam.test", ALICE, "Filed", "filed@fabrikam.test"),
+        )
+        .await;
+    dovecot
+        .deliver_to(
+            ALICE,
+            "INBOX",
+            &mail("bob@fabrikam.test", ALICE, "Second", "second@fabrikam.test"),
+        )
+        .await;
+    eventually("every new mail at Creatio", PATIENCE, async || {
+        let got = received(&creatio, id);
+        (got.contains(&"<second@fabrikam.test>".to_owned())
+            && got.contains(&"<filed@fabrikam.test>".to_owned()))
+        .then_some(())
+    })
+    .await;
+    // Long enough for a watch to wake and look again: nothing is posted twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = received(&creatio, id);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "<filed@fabrikam.test>",
+            "<first@fabrikam.test>",
+            "<second@fabrikam.test>"
+        ],
+        "each new mail once, the old one never"
+    );
+
+    // Creatio's history load of an IMAP mailbox: its SEARCH filter's date.
+    let (status, body) = listener
+        .post(
+            "/api/email/synchronize",
+            json!({"Credentials": creds, "Filters": "UNDRAFT UNDELETED SENTSINCE 01-Jan-2026"})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the old mail loaded as history", PATIENCE, async || {
+        received(&creatio, id)
+            .contains(&"<old@fabrikam.test>".to_owned())
+            .then_some(())
+    })
+    .await;
+    let (status, body) = listener
+        .post(
+            "/api/email/synchronize",
+            json!({"Credentials": creds, "Filters": "UNDELETED OR FROM a b"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("Filters"), "{body}");
+    let mut got = received(&creatio, id);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "<filed@fabrikam.test>",
+            "<first@fabrikam.test>",
+            "<old@fabrikam.test>",
+            "<second@fabrikam.test>"
+        ],
+        "history adds what the mailbox held, nothing twice"
+    );
+
+    let email = creatio
+        .calls_of("ProcessFullEmail")
+        .into_iter()
+        .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["MessageId"] == "<first@fabrikam.test>")
+        .unwrap();
+    assert_eq!(email["Subject"], "First");
+    assert!(
+        email["Body"]
+            .as_str()
+            .unwrap()
+            .contains("First, in a few words.")
+    );
+}
+
+#[tokio::test]
+async fn validate_and_folders_answer_for_an_imap_mailbox() {
+    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await;
+    dovecot.create_folder(ALICE, "Projects").await;
+    dovecot.create_folder(ALICE, "Projects.2026").await;
+    let listener = Listener::spawn(&[]).await;
+    let bpm = "http://127.0.0.1:9/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail";
+    let id = "5b0f8fad-d9cb-469f-a165-70867728950e";
+
+    let (status, body) = listener
+        .post(
+            "/api/mailbox/validate",
+            mock_creatio::calling::unquoted(&credentials(id, &dovecot, "secret", bpm)),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["IsValid"], true, "{body}");
+    let (_, body) = listener
+        .post(
+            "/api/mailbox/validate",
+            mock_creatio::calling::unquoted(&credentials(id, &dovecot, "wrong", bpm)),
+        )
+        .await;
+    assert_eq!(body["IsValid"], false, "{body}");
+    assert!(
+        body["Message"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid credentials"),
+        "{body}"
+    );
+    assert!(
+        !body.to_string().contains("wrong"),
+        "no password in the answer: {body}"
+    );
+
+    let mut creds = credentials(id, &dovecot, "secret", bpm);
+    creds["FolderClassName"] = json!("");
+    let (status, body) = listener
+        .post(
+            "/api/mailbox/folders",
+            mock_creatio::calling::unquoted(&creds),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let folders: Vec<(String, String, String)> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["Id"].as_str().unwrap().to_owned(),
+                f["Name"].as_str().unwrap().to_owned(),
+                f["ParentId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("INBOX", "INBOX", ""),
+        ("Projects", "Projects", ""),
+        ("Projects.2026", "2026", "Projects"),
+    ] {
+        assert!(
+            folders.contains(&(expected.0.into(), expected.1.into(), expected.2.into())),
+            "{expected:?} in {folders:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_back() {
+    let mut dovecot = Dovecot::start(&[(ALICE, "secret")]).await;
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listener = Listener::spawn(&[]).await;
+    let id = "6fa8fad5-d9cb-469f-a165-70867728950e";
+    let creds = credentials(id, &dovecot, "secret", &creatio.url("ProcessFullEmail"));
+    let (status, body) = listener.send("create", &json!([creds])).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the IMAP mailbox to be watched", PATIENCE, async || {
+        (listener.state_of(id).await == "exists").then_some(())
+    })
+    .await;
+    let before = mail("bob@fabrikam.test", ALICE, "Before", "before@fabrikam.test");
+    dovecot.deliver_to(ALICE, "INBOX", &before).await;
+    eventually("the mail before the outage", PATIENCE, async || {
+        (!received(&creatio, id).is_empty()).then_some(())
+    })
+    .await;
+
+    dovecot.kill().await;
+    // Delivered while no IMAP connection can be open: the server's store takes it.
+    for n in 0..3 {
+        let during = mail(
+            "bob@fabrikam.test",
+            ALICE,
+            "During",
+            &format!("during-{n}@fabrikam.test"),
+        );
+        dovecot.deliver_offline(ALICE, &during);
+    }
+    dovecot.start_again().await;
+    let after = mail("bob@fabrikam.test", ALICE, "After", "after@fabrikam.test");
+    dovecot.deliver_to(ALICE, "INBOX", &after).await;
+
+    eventually("every mail at Creatio", PATIENCE, async || {
+        (received(&creatio, id).len() >= 5).then_some(())
+    })
+    .await;
+    // Long enough for a watch to wake and look again: nothing is posted twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = received(&creatio, id);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "<after@fabrikam.test>",
+            "<before@fabrikam.test>",
+            "<during-0@fabrikam.test>",
+            "<during-1@fabrikam.test>",
+            "<during-2@fabrikam.test>",
+        ]
+    );
+}
