@@ -291,3 +291,57 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
         ]
     );
 }
+
+/// Validate's answer for these settings.
+async fn validate(listener: &Listener, creds: &Value) -> Value {
+    let (status, body) = listener
+        .post(
+            "/api/mailbox/validate",
+            mock_creatio::calling::unquoted(creds),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn tls_and_starttls_are_trusted_with_the_servers_ca_and_refused_without_it() {
+    let (dovecot, ca) = Dovecot::start_tls(&[(ALICE, "secret")]).await;
+    let dir = common::temp_dir("imap-ca");
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, ca).unwrap();
+    let bpm = "http://127.0.0.1:9/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail";
+    let id = "7a8fad5b-d9cb-469f-a165-70867728950e";
+    let tls_port = dovecot.tls_port.unwrap();
+    let with = |port: u16, secure_option: u8| {
+        let mut creds = credentials(id, &dovecot, "secret", bpm);
+        creds["Port"] = json!(port);
+        creds["SecureOption"] = json!(secure_option);
+        creds["UseSsl"] = json!(secure_option != 0);
+        creds
+    };
+
+    let trusting = Listener::spawn(&["--imap-ca-file", ca_file.to_str().unwrap()]).await;
+    // Ssl on the TLS port; StartTls, and Auto (which finds STARTTLS), on the plain one.
+    for (port, option) in [(tls_port, 2), (dovecot.port, 3), (dovecot.port, 1)] {
+        let answer = validate(&trusting, &with(port, option)).await;
+        assert_eq!(
+            answer["IsValid"], true,
+            "port {port}, SecureOption {option}: {answer}"
+        );
+    }
+
+    let untrusting = Listener::spawn(&[]).await;
+    for (port, option) in [(tls_port, 2), (dovecot.port, 3)] {
+        let answer = validate(&untrusting, &with(port, option)).await;
+        assert_eq!(answer["IsValid"], false, "{answer}");
+        assert!(
+            answer["Message"]
+                .as_str()
+                .unwrap()
+                .contains("--imap-ca-file"),
+            "{answer}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

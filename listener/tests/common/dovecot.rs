@@ -17,7 +17,10 @@ pub struct Dovecot {
     child: Child,
     dir: PathBuf,
     config: PathBuf,
+    /// Plain text, with STARTTLS when the server has a certificate.
     pub port: u16,
+    /// TLS from the first byte, when the server has a certificate.
+    pub tls_port: Option<u16>,
 }
 
 const INSTALL: &str =
@@ -26,6 +29,18 @@ const INSTALL: &str =
 impl Dovecot {
     /// Starts Dovecot with these users (address, password) and waits until it answers.
     pub async fn start(users: &[(&str, &str)]) -> Dovecot {
+        Self::start_with(users, false).await
+    }
+
+    /// As [`Dovecot::start`], with a certificate for 127.0.0.1 from a CA of the test's own:
+    /// STARTTLS on `port`, TLS on `tls_port`. Answers the CA's PEM besides.
+    pub async fn start_tls(users: &[(&str, &str)]) -> (Dovecot, Vec<u8>) {
+        let dovecot = Self::start_with(users, true).await;
+        let ca = std::fs::read(dovecot.dir.join("ca.crt")).unwrap();
+        (dovecot, ca)
+    }
+
+    async fn start_with(users: &[(&str, &str)], tls: bool) -> Dovecot {
         let dir = temp_dir("dovecot");
         let me = std::fs::metadata(&dir).unwrap();
         // Dovecot will not keep mail as root: root's tests keep it as nobody.
@@ -48,11 +63,29 @@ impl Dovecot {
             .map(|(user, password)| format!("{user}:{{PLAIN}}{password}::::::\n"))
             .collect();
         std::fs::write(dir.join("users"), passwd).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let port = free_port();
+        let tls_port = tls.then(free_port);
+        let ssl = match tls_port {
+            Some(tls_port) => {
+                super::test_certificates(&dir);
+                let d = dir.display();
+                format!(
+                    "ssl = yes\nssl_cert = <{d}/server.crt\nssl_key = <{d}/server.key\n\
+                     service imap-login {{\n  inet_listener imaps {{\n    address = 127.0.0.1\n    port = {tls_port}\n    ssl = yes\n  }}\n}}\n"
+                )
+            }
+            None => {
+                "ssl = no\nservice imap-login {\n  inet_listener imaps {\n    port = 0\n  }\n}\n"
+                    .to_owned()
+            }
+        };
         let unprivileged = if me.uid() == 0 {
             String::new()
         } else {
@@ -75,7 +108,7 @@ impl Dovecot {
                  base_dir = {d}/run\n\
                  state_dir = {d}/state\n\
                  log_path = {d}/dovecot.log\n\
-                 ssl = no\n\
+                 {ssl}\
                  disable_plaintext_auth = no\n\
                  auth_mechanisms = plain login\n\
                  mail_location = maildir:{d}/mail/%u\n\
@@ -85,7 +118,7 @@ impl Dovecot {
                  {unprivileged}\
                  passdb {{\n  driver = passwd-file\n  args = {d}/users\n}}\n\
                  userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={d}/mail/%u\n}}\n\
-                 service imap-login {{\n  chroot =\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n  inet_listener imaps {{\n    port = 0\n  }}\n}}\n\
+                 service imap-login {{\n  chroot =\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n\
                  service anvil {{\n  chroot =\n}}\n\
                  protocol imap {{\n  mail_max_userip_connections = 1000\n}}\n"
             ),
@@ -97,6 +130,7 @@ impl Dovecot {
             dir,
             config,
             port,
+            tls_port,
         }
     }
 
