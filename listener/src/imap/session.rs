@@ -152,15 +152,26 @@ impl Session {
             .map_err(|_| ImapFailure::Unreachable("connecting timed out".into()))?
             .map_err(io_failure)?;
         let _ = tcp.set_nodelay(true);
+        Self::over(Box::new(tcp), endpoint, login, tls, limits).await
+    }
+
+    /// The greeting, TLS as `endpoint` says, and the login, over a connection made already.
+    pub(crate) async fn over(
+        io: Box<dyn Io>,
+        endpoint: &Endpoint,
+        login: &Login,
+        tls: &Arc<rustls::ClientConfig>,
+        limits: Limits,
+    ) -> Result<Session, ImapFailure> {
         let implicit = match endpoint.security {
             Security::Tls => true,
             Security::Auto => endpoint.port == 993,
             Security::None | Security::StartTls => false,
         };
         let io: Box<dyn Io> = if implicit {
-            Box::new(Self::wrap(tcp, &endpoint.host, tls, limits).await?)
+            Box::new(Self::wrap_boxed(io, &endpoint.host, tls, limits).await?)
         } else {
-            Box::new(tcp)
+            io
         };
         let mut session = Session {
             io,
@@ -196,15 +207,6 @@ impl Session {
         }
         session.login(login).await?;
         Ok(session)
-    }
-
-    async fn wrap(
-        tcp: TcpStream,
-        host: &str,
-        tls: &Arc<rustls::ClientConfig>,
-        limits: Limits,
-    ) -> Result<tokio_rustls::client::TlsStream<Box<dyn Io>>, ImapFailure> {
-        Self::wrap_boxed(Box::new(tcp), host, tls, limits).await
     }
 
     async fn wrap_boxed(
@@ -475,9 +477,9 @@ impl Session {
                     self.buf.drain(..consumed);
                     return Ok(reply);
                 }
-                Err(ResponseDecodeError::Incomplete) => {}
-                Err(ResponseDecodeError::LiteralFound { length }) => {
-                    if u64::from(length) > self.limits.max_body_bytes {
+                Err(ResponseDecodeError::Incomplete)
+                | Err(ResponseDecodeError::LiteralFound { .. }) => {
+                    if oversized_literal(&self.buf, self.limits.max_body_bytes) {
                         return Err(ImapFailure::TooLarge {
                             limit: self.limits.max_body_bytes,
                         });
@@ -505,6 +507,41 @@ impl Session {
             self.read_more(wait).await?;
         }
     }
+}
+
+/// Whether the responses begun in `buf` announce a literal larger than `max` bytes. A literal
+/// is announced at the end of a line (`{N}` or `{N+}`) and its bytes follow the line; a
+/// quoted string cannot hold a line break, so a line's end is never inside one.
+fn oversized_literal(buf: &[u8], max: u64) -> bool {
+    let mut at = 0;
+    while let Some(line_end) = buf[at..].windows(2).position(|w| w == b"\r\n") {
+        let line = &buf[at..at + line_end];
+        at += line_end + 2;
+        let Some(open) = line
+            .ends_with(b"}")
+            .then(|| line.iter().rposition(|&b| b == b'{'))
+            .flatten()
+        else {
+            continue;
+        };
+        let digits = &line[open + 1..line.len() - 1];
+        let digits = digits.strip_suffix(b"+").unwrap_or(digits);
+        let Some(length) = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if length > max {
+            return true;
+        }
+        // Past the literal's bytes, to the rest of the response.
+        match usize::try_from(length).ok().and_then(|n| at.checked_add(n)) {
+            Some(next) if next <= buf.len() => at = next,
+            _ => return false,
+        }
+    }
+    false
 }
 
 fn text_of(n: &NString<'_>) -> Option<Vec<u8>> {
@@ -635,6 +672,7 @@ fn owned(response: Response<'_>) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::protocol::{Disposition, ServerFailure};
 
     fn decode_all(mut bytes: &[u8]) -> Vec<Untagged> {
         let mut out = Vec::new();
@@ -728,10 +766,167 @@ mod tests {
     }
 
     #[test]
+    fn a_literal_is_measured_where_it_is_announced_and_its_bytes_are_not_read_as_lines() {
+        let max = 100;
+        assert!(oversized_literal(b"* 1 FETCH (BODY[] {101}\r\nFrom", max));
+        assert!(oversized_literal(
+            b"* 1 FETCH (BODY[] {9999999999999}\r\n",
+            max
+        ));
+        assert!(!oversized_literal(b"* 1 FETCH (BODY[] {100}\r\nFrom", max));
+        // A mail whose text announces a large literal is only text.
+        assert!(!oversized_literal(
+            b"* 1 FETCH (BODY[] {22}\r\nsee {99999999}\r\nthere UID 4)\r\n",
+            max
+        ));
+        // After a literal, the next one counts.
+        assert!(oversized_literal(
+            b"* 1 FETCH (BODY[1] {3}\r\nabc BODY[2] {500}\r\n",
+            max
+        ));
+    }
+
+    #[test]
     fn names_and_passwords_are_quoted_and_line_breaks_refused() {
         assert_eq!(quoted("Sent Items").unwrap(), "\"Sent Items\"");
         assert_eq!(quoted(r#"a"b\c"#).unwrap(), r#""a\"b\\c""#);
         assert!(quoted("a\r\nb").is_err());
+    }
+
+    /// A server scripted line by line over an in-memory pipe: it reads each command, and
+    /// writes what the test says for it (`{tag}` stands for the command's tag).
+    async fn scripted(greeting: &str, answers: Vec<&'static str>) -> Result<Session, ImapFailure> {
+        use tokio::io::AsyncBufReadExt as _;
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let greeting = greeting.to_owned();
+        tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(server);
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            if !greeting.is_empty() {
+                let _ = write.write_all(greeting.as_bytes()).await;
+            }
+            for answer in answers {
+                let Ok(Some(line)) = lines.next_line().await else {
+                    return;
+                };
+                let tag = line.split(' ').next().unwrap_or_default().to_owned();
+                let _ = write
+                    .write_all(answer.replace("{tag}", &tag).as_bytes())
+                    .await;
+            }
+            // Then silence, the connection held open.
+            std::future::pending::<()>().await;
+        });
+        let endpoint = Endpoint {
+            host: "imap.test".into(),
+            port: 143,
+            security: Security::None,
+        };
+        let login = Login::Password {
+            user: "alice".into(),
+            password: Secret::new("secret".into()),
+        };
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let limits = Limits {
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+        };
+        Session::over(Box::new(client), &endpoint, &login, &Arc::new(tls), limits).await
+    }
+
+    const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN IDLE] ready\r\n";
+    const LOGGED_IN: &str = "{tag} OK Logged in\r\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_greeting_that_never_comes_is_given_up_after_the_request_timeout() {
+        let started = tokio::time::Instant::now();
+        let err = scripted("", vec![]).await.unwrap_err();
+        assert!(matches!(err, ImapFailure::Unreachable(_)), "{err:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_is_rejected_credentials_and_a_limit_is_waited_out() {
+        let err = scripted(
+            GREETING,
+            vec!["{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"],
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ImapFailure::Rejected(_)), "{err:?}");
+        assert!(ServerFailure::credentials_rejected(&err));
+        let err = scripted(GREETING, vec!["{tag} NO [LIMIT] Too many connections\r\n"])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.disposition(),
+            Disposition::Retry {
+                after: Some(Duration::from_secs(60))
+            },
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_literal_over_the_limit_fails_before_it_is_read() {
+        let mut s = scripted(
+            GREETING,
+            vec![
+                LOGGED_IN,
+                "* 1 FETCH (UID 1 BODY[] {1073741824}\r\nFrom: a\r\n",
+            ],
+        )
+        .await
+        .unwrap();
+        let err = s.ok("UID FETCH 1 (UID BODY.PEEK[])").await.unwrap_err();
+        assert!(
+            matches!(err, ImapFailure::TooLarge { limit } if limit == 1 << 20),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bye_in_the_middle_of_idle_closes_the_watch() {
+        let mut s = scripted(
+            GREETING,
+            vec![LOGGED_IN, "+ idling\r\n* BYE Server shutting down\r\n"],
+        )
+        .await
+        .unwrap();
+        let (_tag, before) = s.idle().await.unwrap();
+        assert!(before.is_empty());
+        let err = s.idle_news(Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            matches!(err, ImapFailure::Closed(ref why) if why.contains("shutting down")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_without_sasl_ir_is_answered_on_its_challenge_and_one_without_plain_gets_login()
+     {
+        // AUTHENTICATE PLAIN, then the initial response on the server's "+".
+        let s = scripted(
+            "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n",
+            // The answer to the initial response: its line carries no tag, the login's is e1.
+            vec!["+ \r\n", "e1 OK Logged in\r\n"],
+        )
+        .await;
+        assert!(s.is_ok(), "{s:?}");
+        let s = scripted("* OK [CAPABILITY IMAP4rev1] ready\r\n", vec![LOGGED_IN]).await;
+        assert!(s.is_ok(), "{s:?}");
+        let err = scripted(
+            "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready\r\n",
+            vec![],
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ImapFailure::Config(_)), "{err:?}");
     }
 
     impl Reply {
