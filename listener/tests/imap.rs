@@ -345,3 +345,98 @@ async fn tls_and_starttls_are_trusted_with_the_servers_ca_and_refused_without_it
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_killed_replicas_imap_mailboxes_are_watched_elsewhere_with_nothing_lost_or_doubled() {
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let users: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("user{i}@contoso.test"), format!("pw-{i}")))
+        .collect();
+    let logins: Vec<(&str, &str)> = users
+        .iter()
+        .map(|(u, p)| (u.as_str(), p.as_str()))
+        .collect();
+    let dovecot = Dovecot::start(&logins).await;
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let redis = common::Redis::start().await;
+    let replica = async |name: &str| {
+        Listener::spawn(&[
+            "--redis-url",
+            &redis.url,
+            "--secret-key",
+            KEY,
+            "--replica-id",
+            name,
+            "--lease-ms",
+            "1500",
+        ])
+        .await
+    };
+    let (r0, mut r1) = (replica("r0").await, replica("r1").await);
+    let id = |i: usize| format!("00000000-0000-4000-8000-{i:012}");
+    for (i, (user, password)) in users.iter().enumerate() {
+        let mut creds = credentials(&id(i), &dovecot, password, &creatio.url("ProcessFullEmail"));
+        creds["UserName"] = json!(user);
+        creds["SenderEmailAddress"] = json!(user);
+        let via = if i % 2 == 0 { &r0 } else { &r1 };
+        let (status, body) = via.send("create", &json!([creds])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let streaming = async |n: u64| {
+        eventually("every IMAP mailbox watched", PATIENCE, async || {
+            let (_, status) = r0.get("/api/listeners/status").await;
+            (status["States"]["Streaming"] == n).then_some(())
+        })
+        .await
+    };
+    streaming(6).await;
+    let deliver = async |round: &str| {
+        let mut sent = Vec::new();
+        for (user, _) in &users {
+            let message_id = format!("{round}-{user}");
+            dovecot
+                .deliver_to(
+                    user,
+                    "INBOX",
+                    &mail("bob@fabrikam.test", user, round, &message_id),
+                )
+                .await;
+            sent.push(format!("<{message_id}>"));
+        }
+        sent
+    };
+    let before = deliver("before").await;
+
+    r1.kill9().await;
+    let during = deliver("during").await;
+    eventually("r1's mailboxes owned by r0", PATIENCE, async || {
+        let (_, status) = r0.get("/api/listeners/status").await;
+        (status["Owners"]["r0"] == 6 && status["States"]["Streaming"] == 6).then_some(())
+    })
+    .await;
+    let after = deliver("after").await;
+
+    let all: Vec<String> = [before, during, after].concat();
+    let posted = || -> Vec<String> {
+        creatio
+            .calls_of("ProcessFullEmail")
+            .into_iter()
+            .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    eventually("every mail at Creatio", PATIENCE, async || {
+        let got = posted();
+        all.iter().all(|m| got.contains(m)).then_some(())
+    })
+    .await;
+    // Long enough for every watch to wake and look again: nothing is posted twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = posted();
+    got.sort();
+    let mut expected = all.clone();
+    expected.sort();
+    assert_eq!(got, expected, "each mail once");
+}
