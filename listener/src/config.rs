@@ -88,7 +88,8 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_EWS_CA_FILE")]
     pub ews_ca_file: Option<std::path::PathBuf>,
 
-    /// A PEM bundle of CAs IMAP servers' certificates may come from, besides the system's.
+    /// A PEM bundle of CAs IMAP and SMTP servers' certificates may come from, besides the
+    /// system's.
     #[arg(long, env = "EXCHANGE_LISTENER_IMAP_CA_FILE")]
     pub imap_ca_file: Option<std::path::PathBuf>,
 

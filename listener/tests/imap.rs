@@ -440,3 +440,116 @@ async fn a_killed_replicas_imap_mailboxes_are_watched_elsewhere_with_nothing_los
     expected.sort();
     assert_eq!(got, expected, "each mail once");
 }
+
+/// Creatio's send of a mail from Alice's IMAP mailbox to Bob, through the SMTP server at
+/// `smtp_port` (the send call's `ServiceUrl` and `Port` name the SMTP server).
+fn send_command(smtp_port: u16, password: &str, message: &str) -> String {
+    json!({
+        "Email": {
+            "Id": "5b9c7a1e-2f4d-4e8a-9c3b-1d2e3f4a5b6c", "Subject": "Offer for Q3",
+            "Body": "<p>Dear Bob,</p><p>our offer: <img src=\"cid:logo-1\"></p>",
+            "Sender": format!("Alice <{ALICE}>"), "Recepients": [format!("Bob <{BOB}>")],
+            "CopyRecepients": [], "BlindCopyRecepients": [], "Headers": [], "Importance": 2,
+            "IsHtmlBody": true,
+            "Attachments": [
+                {"Id": "logo-1", "Name": "logo.png", "Base64Data": "iVBORw0KGgo=", "IsInline": true},
+                {"Id": "f3a1", "Name": "offer.pdf", "Base64Data": "JVBERi0xLjQ=", "IsInline": false},
+            ],
+            "SendDateTimeStamp": 639_012_345_678_900_000_i64,
+            "MessageId": format!("<{message}@creatio.contoso.test>"),
+            "InReplyTo": null, "References": null,
+        },
+        "Attachments": null,
+        "Credentials": {
+            "Id": "a11ce000-d9cb-469f-a165-70867728950e", "UserName": ALICE, "Password": password,
+            "AccessToken": null, "SenderEmailAddress": ALICE, "ServiceUrl": "127.0.0.1",
+            "Port": smtp_port, "UseSsl": false, "SecureOption": 0, "UseOAuth": false,
+            "ServerTypeId": IMAP_TYPE, "BpmEndpoint": null, "FolderIds": [],
+            "UseFullEmail": true, "FeatureValues": {},
+        },
+    })
+    .to_string()
+}
+
+const BOB: &str = "bob@contoso.test";
+
+#[tokio::test]
+async fn a_mail_creatio_sends_from_an_imap_mailbox_goes_out_over_smtp_once() {
+    let dovecot = std::sync::Arc::new(Dovecot::start(&[(ALICE, "secret"), (BOB, "bob-pw")]).await);
+    let sink =
+        common::smtp::SmtpSink::start(&[(ALICE, "secret")], &[ALICE, BOB], dovecot.clone()).await;
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listener = Listener::spawn(&[]).await;
+    // Bob's IMAP mailbox is watched here: what Alice sends reaches Creatio through it.
+    let bob = "b0b00000-d9cb-469f-a165-70867728950e";
+    let mut creds = credentials(bob, &dovecot, "bob-pw", &creatio.url("ProcessFullEmail"));
+    creds["UserName"] = json!(BOB);
+    creds["SenderEmailAddress"] = json!(BOB);
+    let (status, body) = listener.send("create", &json!([creds])).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("Bob's mailbox watched", PATIENCE, async || {
+        (listener.state_of(bob).await == "exists").then_some(())
+    })
+    .await;
+
+    let body = send_command(sink.port, "secret", "offer-1");
+    for _ in 0..2 {
+        // Creatio retries (a timeout on its side): sent once all the same.
+        let (status, answer) = listener.post("/apiv2/email/send", body.clone()).await;
+        assert_eq!((status, answer), (200, Value::String(String::new())));
+    }
+    let accepted = sink.accepted();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0].from, ALICE);
+    assert_eq!(accepted[0].to, [BOB]);
+
+    let email = eventually(
+        "the mail at Creatio through Bob's mailbox",
+        PATIENCE,
+        async || {
+            creatio
+                .calls_of("ProcessFullEmail")
+                .into_iter()
+                .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+                .find(|e| e["MessageId"] == "<offer-1@creatio.contoso.test>")
+        },
+    )
+    .await;
+    assert_eq!(email["Subject"], "Offer for Q3");
+    assert_eq!(email["Importance"], 2);
+    let attachments: Vec<(String, bool)> = email["Attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["Name"].as_str().unwrap().to_owned(),
+                a["IsInline"] == true,
+            )
+        })
+        .collect();
+    assert!(
+        attachments.contains(&("logo.png".into(), true)),
+        "{attachments:?}"
+    );
+    assert!(
+        attachments.contains(&("offer.pdf".into(), false)),
+        "{attachments:?}"
+    );
+
+    // A password the SMTP server refuses: said in words Creatio shows, nothing sent.
+    let (status, answer) = listener
+        .post(
+            "/apiv2/email/send",
+            send_command(sink.port, "wrong", "offer-2"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer,
+        "The SMTP server rejected the user name or password of the sending mailbox"
+    );
+    assert_eq!(sink.accepted().len(), 1);
+}

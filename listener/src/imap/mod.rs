@@ -14,7 +14,9 @@
 //! yields a report, so a silent connection is found within the engine's idle timeout.
 
 pub mod failure;
+mod outgoing;
 mod session;
+mod smtp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -110,8 +112,19 @@ impl ImapConnect {
 
 impl Connect for ImapConnect {
     fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
+        let endpoint = Self::endpoint(creds)?;
+        // A send call names the SMTP server in the same fields.
+        let smtp = Endpoint {
+            port: match creds.port {
+                Some(port) if port != 0 => port,
+                _ => smtp::default_port(endpoint.security),
+            },
+            ..endpoint.clone()
+        };
         Ok(Box::new(ImapMailbox {
-            endpoint: Self::endpoint(creds)?,
+            endpoint,
+            smtp,
+            sender: creds.sender_email.clone(),
             login: Self::login(creds)?,
             tls: self.tls.clone(),
             limits: self.limits,
@@ -142,6 +155,10 @@ type Marks = Arc<Mutex<Vec<(String, u32, u32)>>>;
 #[derive(Debug)]
 pub struct ImapMailbox {
     endpoint: Endpoint,
+    /// The SMTP server, when these are a send call's credentials.
+    smtp: Endpoint,
+    /// The address mail goes out from.
+    sender: String,
     login: Login,
     tls: Arc<rustls::ClientConfig>,
     limits: Limits,
@@ -594,12 +611,12 @@ impl MailServer for ImapMailbox {
         .boxed()
     }
 
-    fn send<'a>(&'a self, _email: &'a OutgoingEmail) -> Answer<'a, ()> {
-        async {
-            Err(Failure::Unsupported(
-                "Sending from IMAP mailboxes (through SMTP) is not supported by this listener yet"
-                    .into(),
-            ))
+    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> Answer<'a, ()> {
+        async move {
+            let submission =
+                outgoing::submission(&self.sender, email).map_err(smtp::SmtpFailure::Config)?;
+            smtp::submit(&self.smtp, &self.login, &self.tls, self.limits, &submission).await?;
+            Ok(())
         }
         .boxed()
     }

@@ -96,6 +96,8 @@ pub(crate) struct Done {
     pub text: String,
     /// The server says a limit was reached (`[LIMIT]`, RFC 5530).
     pub limit: bool,
+    /// The server says the failure is temporary (`[UNAVAILABLE]`, `[SERVERBUG]`: RFC 5530).
+    pub temporary: bool,
 }
 
 enum Reply {
@@ -119,6 +121,16 @@ impl std::fmt::Debug for Session {
             .field("capabilities", &self.capabilities)
             .finish_non_exhaustive()
     }
+}
+
+/// TLS over `io`, the server's name or address checked as `tls` says.
+pub(crate) async fn wrap_tls(
+    io: Box<dyn Io>,
+    host: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    limits: Limits,
+) -> Result<tokio_rustls::client::TlsStream<Box<dyn Io>>, ImapFailure> {
+    Session::wrap_boxed(io, host, tls, limits).await
 }
 
 fn io_failure(e: std::io::Error) -> ImapFailure {
@@ -324,11 +336,12 @@ impl Session {
     fn logged_in(done: Done) -> Result<(), ImapFailure> {
         if done.ok {
             Ok(())
-        } else if done.limit {
+        } else if done.limit || done.temporary {
+            // Not the credentials: the server cannot log anyone in just now.
             Err(ImapFailure::Refused {
                 command: "the login".into(),
                 text: done.text,
-                limit: true,
+                limit: done.limit,
             })
         } else {
             Err(ImapFailure::Rejected(done.text))
@@ -556,10 +569,13 @@ fn mailbox_name(m: &Mailbox<'_>) -> String {
 }
 
 fn done(code: Option<&Code<'_>>, text: &str, ok: bool) -> Done {
+    let code = code.map(|c| format!("{c:?}").to_ascii_uppercase());
+    let says = |word: &str| code.as_deref().is_some_and(|c| c.contains(word));
     Done {
         ok,
         text: text.to_owned(),
-        limit: code.is_some_and(|c| format!("{c:?}").to_ascii_uppercase().contains("LIMIT")),
+        limit: says("LIMIT"),
+        temporary: says("UNAVAILABLE") || says("SERVERBUG"),
     }
 }
 
@@ -870,6 +886,14 @@ mod tests {
             },
             "{err:?}"
         );
+        let err = scripted(
+            GREETING,
+            vec!["{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n"],
+        )
+        .await
+        .unwrap_err();
+        assert!(!ServerFailure::credentials_rejected(&err), "{err:?}");
+        assert_eq!(err.disposition(), Disposition::Retry { after: None });
     }
 
     #[tokio::test]

@@ -135,15 +135,24 @@ impl Dovecot {
     }
 
     async fn serve(config: &std::path::Path, port: u16) -> Child {
-        let child = Command::new("dovecot")
-            .arg("-F")
-            .arg("-c")
-            .arg(config)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start dovecot ({e}); {INSTALL}"));
+        let spawn = || {
+            Command::new("dovecot")
+                .arg("-F")
+                .arg("-c")
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start dovecot ({e}); {INSTALL}"))
+        };
+        let mut child = spawn();
         eventually("dovecot to accept connections", PATIENCE, async || {
+            // A master started again while the last one's processes still hold the port
+            // gives up at once: start it once more.
+            if let Ok(Some(_)) = child.try_wait() {
+                child = spawn();
+            }
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .ok()
