@@ -27,15 +27,24 @@ fn credentials(id: &str, dovecot: &Dovecot, password: &str, bpm_endpoint: &str) 
     })
 }
 
-/// The Message-IDs Creatio received for this mailbox, in order.
-fn received(creatio: &MockCreatio, id: &str) -> Vec<String> {
+/// The Message-IDs Creatio received for this mailbox (or any), in order.
+fn received(creatio: &MockCreatio, id: Option<&str>) -> Vec<String> {
     creatio
         .calls_of("ProcessFullEmail")
         .into_iter()
-        .filter(|c| c.body["SubscriptionInfo"]["MailboxId"] == id)
+        .filter(|c| id.is_none_or(|id| c.body["SubscriptionInfo"]["MailboxId"] == id))
         .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
         .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// After long enough for every watch to wake and look again, Creatio holds exactly these
+/// Message-IDs (sorted) for the mailbox: each once.
+async fn assert_received_once(creatio: &MockCreatio, id: Option<&str>, expected: &[&str]) {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = received(creatio, id);
+    got.sort();
+    assert_eq!(got, expected, "each mail once, and no other");
 }
 
 #[tokio::test]
@@ -74,7 +83,7 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
         )
         .await;
     eventually("the first mail at Creatio", PATIENCE, async || {
-        received(&creatio, id)
+        received(&creatio, Some(id))
             .contains(&"<first@fabrikam.test>".to_owned())
             .then_some(())
     })
@@ -95,25 +104,22 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
         )
         .await;
     eventually("every new mail at Creatio", PATIENCE, async || {
-        let got = received(&creatio, id);
+        let got = received(&creatio, Some(id));
         (got.contains(&"<second@fabrikam.test>".to_owned())
             && got.contains(&"<filed@fabrikam.test>".to_owned()))
         .then_some(())
     })
     .await;
-    // Long enough for a watch to wake and look again: nothing is posted twice.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut got = received(&creatio, id);
-    got.sort();
-    assert_eq!(
-        got,
-        [
+    assert_received_once(
+        &creatio,
+        Some(id),
+        &[
             "<filed@fabrikam.test>",
             "<first@fabrikam.test>",
-            "<second@fabrikam.test>"
+            "<second@fabrikam.test>",
         ],
-        "each new mail once, the old one never"
-    );
+    )
+    .await;
 
     // Creatio's history load of an IMAP mailbox: its SEARCH filter's date.
     let (status, body) = listener
@@ -125,7 +131,7 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
         .await;
     assert_eq!(status, 200, "{body}");
     eventually("the old mail loaded as history", PATIENCE, async || {
-        received(&creatio, id)
+        received(&creatio, Some(id))
             .contains(&"<old@fabrikam.test>".to_owned())
             .then_some(())
     })
@@ -138,7 +144,7 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("Filters"), "{body}");
-    let mut got = received(&creatio, id);
+    let mut got = received(&creatio, Some(id));
     got.sort();
     assert_eq!(
         got,
@@ -253,7 +259,7 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
     let before = mail("bob@fabrikam.test", ALICE, "Before", "before@fabrikam.test");
     dovecot.deliver_to(ALICE, "INBOX", &before).await;
     eventually("the mail before the outage", PATIENCE, async || {
-        (!received(&creatio, id).is_empty()).then_some(())
+        (!received(&creatio, Some(id)).is_empty()).then_some(())
     })
     .await;
 
@@ -273,23 +279,21 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
     dovecot.deliver_to(ALICE, "INBOX", &after).await;
 
     eventually("every mail at Creatio", PATIENCE, async || {
-        (received(&creatio, id).len() >= 5).then_some(())
+        (received(&creatio, Some(id)).len() >= 5).then_some(())
     })
     .await;
-    // Long enough for a watch to wake and look again: nothing is posted twice.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut got = received(&creatio, id);
-    got.sort();
-    assert_eq!(
-        got,
-        [
+    assert_received_once(
+        &creatio,
+        Some(id),
+        &[
             "<after@fabrikam.test>",
             "<before@fabrikam.test>",
             "<during-0@fabrikam.test>",
             "<during-1@fabrikam.test>",
             "<during-2@fabrikam.test>",
-        ]
-    );
+        ],
+    )
+    .await;
 }
 
 /// Validate's answer for these settings.
@@ -418,27 +422,15 @@ async fn a_killed_replicas_imap_mailboxes_are_watched_elsewhere_with_nothing_los
     .await;
     let after = deliver("after").await;
 
-    let all: Vec<String> = [before, during, after].concat();
-    let posted = || -> Vec<String> {
-        creatio
-            .calls_of("ProcessFullEmail")
-            .into_iter()
-            .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
-            .collect()
-    };
+    let mut all: Vec<String> = [before, during, after].concat();
     eventually("every mail at Creatio", PATIENCE, async || {
-        let got = posted();
+        let got = received(&creatio, None);
         all.iter().all(|m| got.contains(m)).then_some(())
     })
     .await;
-    // Long enough for every watch to wake and look again: nothing is posted twice.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut got = posted();
-    got.sort();
-    let mut expected = all.clone();
-    expected.sort();
-    assert_eq!(got, expected, "each mail once");
+    all.sort();
+    let expected: Vec<&str> = all.iter().map(String::as_str).collect();
+    assert_received_once(&creatio, None, &expected).await;
 }
 
 /// Creatio's send of a mail from Alice's IMAP mailbox to Bob, through the SMTP server at

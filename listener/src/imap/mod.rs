@@ -234,6 +234,40 @@ async fn received_times(s: &mut Session, uids: &[u32]) -> Result<HashMap<u32, i6
         .collect())
 }
 
+/// The page of `all` (UIDs in the order listed) from `offset`, as a search answers it; each
+/// UID's received time where `times` has it.
+fn find_page(
+    folder: &str,
+    validity: u32,
+    all: &[u32],
+    offset: u32,
+    max_entries: u16,
+    times: &HashMap<u32, i64>,
+) -> FindPage {
+    let page: Vec<u32> = page_of(all, offset, max_entries);
+    let listed = page.len() as u32;
+    FindPage {
+        items: page
+            .iter()
+            .map(|&u| Found {
+                id: item_id(validity, u, folder),
+                received_unix_ms: times.get(&u).copied(),
+            })
+            .collect(),
+        next_offset: Some(offset + listed),
+        complete: (offset + listed) as usize >= all.len(),
+        total: Some(all.len() as u32),
+    }
+}
+
+fn page_of(all: &[u32], offset: u32, max_entries: u16) -> Vec<u32> {
+    all.iter()
+        .copied()
+        .skip(offset as usize)
+        .take(usize::from(max_entries))
+        .collect()
+}
+
 fn item_id(validity: u32, uid: u32, folder: &str) -> String {
     format!("{validity}:{uid}:{folder}")
 }
@@ -468,26 +502,15 @@ impl MailServer for ImapMailbox {
                 let selected = examine(s, folder).await?;
                 let mut all = search(s, "ALL").await?;
                 all.reverse();
-                let page: Vec<u32> = all
-                    .iter()
-                    .copied()
-                    .skip(offset as usize)
-                    .take(usize::from(max_entries))
-                    .collect();
-                let times = received_times(s, &page).await?;
-                let listed = page.len() as u32;
-                Ok(FindPage {
-                    items: page
-                        .iter()
-                        .map(|&u| Found {
-                            id: item_id(selected.validity, u, folder),
-                            received_unix_ms: times.get(&u).copied(),
-                        })
-                        .collect(),
-                    next_offset: Some(offset + listed),
-                    complete: (offset + listed) as usize >= all.len(),
-                    total: Some(all.len() as u32),
-                })
+                let times = received_times(s, &page_of(&all, offset, max_entries)).await?;
+                Ok(find_page(
+                    folder,
+                    selected.validity,
+                    &all,
+                    offset,
+                    max_entries,
+                    &times,
+                ))
             })
             .await
         }
@@ -506,25 +529,14 @@ impl MailServer for ImapMailbox {
                 let selected = examine(s, folder).await?;
                 // SEARCH SINCE is by day: the whole day of the moment is loaded.
                 let all = search(s, &format!("SINCE {}", search_date(since_unix_ms))).await?;
-                let page: Vec<u32> = all
-                    .iter()
-                    .copied()
-                    .skip(offset as usize)
-                    .take(usize::from(max_entries))
-                    .collect();
-                let listed = page.len() as u32;
-                Ok(FindPage {
-                    items: page
-                        .iter()
-                        .map(|&u| Found {
-                            id: item_id(selected.validity, u, folder),
-                            received_unix_ms: None,
-                        })
-                        .collect(),
-                    next_offset: Some(offset + listed),
-                    complete: (offset + listed) as usize >= all.len(),
-                    total: Some(all.len() as u32),
-                })
+                Ok(find_page(
+                    folder,
+                    selected.validity,
+                    &all,
+                    offset,
+                    max_entries,
+                    &HashMap::new(),
+                ))
             })
             .await
         }
@@ -732,6 +744,18 @@ impl Watch for ImapWatch {
         }
         .boxed()
     }
+}
+
+/// A TLS configuration that trusts no certificate: for tests that reach no IMAP server over TLS.
+#[cfg(test)]
+pub(crate) fn trusting_no_one() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the provider's protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Arc::new(tls)
 }
 
 #[cfg(test)]

@@ -842,17 +842,12 @@ mod tests {
             user: "alice".into(),
             password: Secret::new("secret".into()),
         };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
+        let tls = super::super::trusting_no_one();
         let limits = Limits {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
         };
-        Session::over(Box::new(client), &endpoint, &login, &Arc::new(tls), limits).await
+        Session::over(Box::new(client), &endpoint, &login, &tls, limits).await
     }
 
     const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN IDLE] ready\r\n";

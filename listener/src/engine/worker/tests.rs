@@ -411,14 +411,8 @@ struct Rig {
 
 /// The real IMAP connector, trusting no one: no test here reaches an IMAP server.
 fn imap_without_roots() -> crate::imap::ImapConnect {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
     crate::imap::ImapConnect {
-        tls: Arc::new(tls),
+        tls: crate::imap::trusting_no_one(),
         limits: WorkerSettings::for_tests().limits,
         wake: 60 * SECOND,
     }
