@@ -109,6 +109,9 @@ pub struct Mailboxes {
     /// servers and allows an account 10 streams.
     #[serde(default)]
     pub service_account: bool,
+    /// The kind of server the mailboxes live on: Exchange (mock-ews) or IMAP (a Dovecot).
+    #[serde(default)]
+    pub server: Server,
 }
 
 impl Default for Mailboxes {
@@ -118,8 +121,20 @@ impl Default for Mailboxes {
             create_via: CreateVia::default(),
             operation: Operation::default(),
             service_account: false,
+            server: Server::default(),
         }
     }
+}
+
+/// The kind of server a run's mailboxes live on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Server {
+    /// mock-ews, behind the fault proxy.
+    #[default]
+    Exchange,
+    /// Debian's Dovecot, reached directly; mail put into it with `doveadm save`.
+    Imap,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +249,12 @@ pub enum Action {
     },
     /// Redis frozen (answers nothing, connections stay) for a while.
     RedisPause { secs: f64 },
+    /// The IMAP server killed, and started again after `down_secs`; mail arriving meanwhile
+    /// is put into the mailboxes' Maildirs, as a delivery agent does.
+    ImapRestart {
+        #[serde(default)]
+        down_secs: f64,
+    },
     /// The link from one replica (or every replica) to Redis, Exchange or Creatio.
     Link {
         to: Link,
@@ -305,6 +326,7 @@ impl Action {
             | Action::Start { .. }
             | Action::RedisRestart { .. }
             | Action::RedisPause { .. }
+            | Action::ImapRestart { .. }
             | Action::EwsFault { .. }
             // A link mended is a change too: the replica behind it comes back and the spread
             // follows.
@@ -348,6 +370,7 @@ impl Action {
             }
             Action::RedisRestart { .. } => "Redis restarted empty".into(),
             Action::RedisPause { secs } => format!("Redis paused {secs} s"),
+            Action::ImapRestart { down_secs } => format!("IMAP server down {down_secs} s"),
             Action::Link {
                 to, replica, mode, ..
             } => {
@@ -462,6 +485,20 @@ impl Scenario {
         if self.mailboxes.count == 0 {
             bail!("mailboxes.count must be at least 1");
         }
+        if self.mailboxes.server == Server::Imap {
+            let exchange_only = [
+                (self.mailboxes.service_account, "mailboxes.service_account"),
+                (self.mail.via == MailVia::Send, "mail.via = \"send\""),
+                (self.history.is_some(), "[history]"),
+                (
+                    self.mailboxes.operation != Operation::ProcessFullEmail,
+                    "mailboxes.operation = \"NewEmail\"",
+                ),
+            ];
+            if let Some((_, what)) = exchange_only.iter().find(|(on, _)| *on) {
+                bail!("{what} is for Exchange mailboxes, not mailboxes.server = \"imap\"");
+            }
+        }
         let redis = self.replicas.store() == StoreKind::Redis;
         if !redis && self.replicas.count > 1 {
             bail!("more than one replica needs replicas.store = \"redis\"");
@@ -511,9 +548,25 @@ impl Scenario {
                     if *to == Link::Redis && !redis {
                         bail!("a Redis link needs replicas.store = \"redis\"");
                     }
+                    if *to == Link::Ews && self.mailboxes.server == Server::Imap {
+                        bail!(
+                            "an ews link is for Exchange mailboxes, not mailboxes.server = \"imap\""
+                        );
+                    }
                 }
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
+                }
+                Action::ImapRestart { .. } if self.mailboxes.server != Server::Imap => {
+                    bail!("{} needs mailboxes.server = \"imap\"", step.action.label())
+                }
+                Action::Update { .. } | Action::EwsFault { .. }
+                    if self.mailboxes.server == Server::Imap =>
+                {
+                    bail!(
+                        "{} is for Exchange mailboxes, not mailboxes.server = \"imap\"",
+                        step.action.label()
+                    )
                 }
                 Action::Synchronize { mailbox }
                     if self.history.as_ref().is_none_or(|h| h.mailbox != *mailbox) =>
@@ -679,6 +732,16 @@ mod tests {
         refused(
             "[[at]]\nsecs = 2\ndo = \"close\"\nmailbox = 0\n[[at]]\nsecs = 1\ndo = \"close\"\nmailbox = 1",
             "time order",
+        );
+        refused(
+            "[[at]]\nsecs = 1\ndo = \"imap-restart\"",
+            "needs mailboxes.server",
+        );
+        let imap = |extra: &str| format!("[mailboxes]\ncount = 3\nserver = \"imap\"\n{extra}");
+        refused(&imap("service_account = true"), "is for Exchange mailboxes");
+        refused(
+            &imap("[[at]]\nsecs = 1\ndo = \"ews-fault\"\nfault = { kind = \"silence\" }"),
+            "is for Exchange mailboxes",
         );
     }
 

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::dovecot::{Dovecot, mail};
 use common::{Listener, PATIENCE, eventually};
+use imap_world::{Dovecot, mail};
 use mock_creatio::MockCreatio;
 use serde_json::{Value, json};
 
@@ -49,7 +49,7 @@ async fn assert_received_once(creatio: &MockCreatio, id: Option<&str>, expected:
 
 #[tokio::test]
 async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before() {
-    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await;
+    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await.expect("Dovecot");
     let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -60,8 +60,9 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
             "INBOX",
             &mail("bob@fabrikam.test", ALICE, "Old", "old@fabrikam.test"),
         )
-        .await;
-    dovecot.create_folder(ALICE, "Projects").await;
+        .await
+        .unwrap();
+    dovecot.create_folder(ALICE, "Projects").await.unwrap();
     // Received times are whole seconds, and mail received in the second before a mailbox is
     // created counts as new (a duplicate is better than a loss): the old mail is older.
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -81,7 +82,8 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
             "INBOX",
             &mail("bob@fabrikam.test", ALICE, "First", "first@fabrikam.test"),
         )
-        .await;
+        .await
+        .unwrap();
     eventually("the first mail at Creatio", PATIENCE, async || {
         received(&creatio, Some(id))
             .contains(&"<first@fabrikam.test>".to_owned())
@@ -95,14 +97,16 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
             "Projects",
             &mail("carol@fabrikam.test", ALICE, "Filed", "filed@fabrikam.test"),
         )
-        .await;
+        .await
+        .unwrap();
     dovecot
         .deliver_to(
             ALICE,
             "INBOX",
             &mail("bob@fabrikam.test", ALICE, "Second", "second@fabrikam.test"),
         )
-        .await;
+        .await
+        .unwrap();
     eventually("every new mail at Creatio", PATIENCE, async || {
         let got = received(&creatio, Some(id));
         (got.contains(&"<second@fabrikam.test>".to_owned())
@@ -174,9 +178,9 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
 
 #[tokio::test]
 async fn validate_and_folders_answer_for_an_imap_mailbox() {
-    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await;
-    dovecot.create_folder(ALICE, "Projects").await;
-    dovecot.create_folder(ALICE, "Projects.2026").await;
+    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await.expect("Dovecot");
+    dovecot.create_folder(ALICE, "Projects").await.unwrap();
+    dovecot.create_folder(ALICE, "Projects.2026").await.unwrap();
     let listener = Listener::spawn(&[]).await;
     let bpm = "http://127.0.0.1:9/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail";
     let id = "5b0f8fad-d9cb-469f-a165-70867728950e";
@@ -243,7 +247,7 @@ async fn validate_and_folders_answer_for_an_imap_mailbox() {
 
 #[tokio::test]
 async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_back() {
-    let mut dovecot = Dovecot::start(&[(ALICE, "secret")]).await;
+    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await.expect("Dovecot");
     let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -257,13 +261,13 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
     })
     .await;
     let before = mail("bob@fabrikam.test", ALICE, "Before", "before@fabrikam.test");
-    dovecot.deliver_to(ALICE, "INBOX", &before).await;
+    dovecot.deliver_to(ALICE, "INBOX", &before).await.unwrap();
     eventually("the mail before the outage", PATIENCE, async || {
         (!received(&creatio, Some(id)).is_empty()).then_some(())
     })
     .await;
 
-    dovecot.kill().await;
+    dovecot.kill().await.unwrap();
     // Delivered while no IMAP connection can be open: the server's store takes it.
     for n in 0..3 {
         let during = mail(
@@ -272,11 +276,11 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
             "During",
             &format!("during-{n}@fabrikam.test"),
         );
-        dovecot.deliver_offline(ALICE, &during);
+        dovecot.deliver_offline(ALICE, &during).unwrap();
     }
-    dovecot.start_again().await;
+    dovecot.start_again().await.unwrap();
     let after = mail("bob@fabrikam.test", ALICE, "After", "after@fabrikam.test");
-    dovecot.deliver_to(ALICE, "INBOX", &after).await;
+    dovecot.deliver_to(ALICE, "INBOX", &after).await.unwrap();
 
     eventually("every mail at Creatio", PATIENCE, async || {
         (received(&creatio, Some(id)).len() >= 5).then_some(())
@@ -310,7 +314,9 @@ async fn validate(listener: &Listener, creds: &Value) -> Value {
 
 #[tokio::test]
 async fn tls_and_starttls_are_trusted_with_the_servers_ca_and_refused_without_it() {
-    let (dovecot, ca) = Dovecot::start_tls(&[(ALICE, "secret")]).await;
+    let (dovecot, ca) = Dovecot::start_tls(&[(ALICE, "secret")])
+        .await
+        .expect("Dovecot");
     let dir = common::temp_dir("imap-ca");
     let ca_file = dir.join("ca.crt");
     std::fs::write(&ca_file, ca).unwrap();
@@ -360,7 +366,7 @@ async fn a_killed_replicas_imap_mailboxes_are_watched_elsewhere_with_nothing_los
         .iter()
         .map(|(u, p)| (u.as_str(), p.as_str()))
         .collect();
-    let dovecot = Dovecot::start(&logins).await;
+    let dovecot = Dovecot::start(&logins).await.expect("Dovecot");
     let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -406,7 +412,8 @@ async fn a_killed_replicas_imap_mailboxes_are_watched_elsewhere_with_nothing_los
                     "INBOX",
                     &mail("bob@fabrikam.test", user, round, &message_id),
                 )
-                .await;
+                .await
+                .unwrap();
             sent.push(format!("<{message_id}>"));
         }
         sent
@@ -467,9 +474,14 @@ const BOB: &str = "bob@contoso.test";
 
 #[tokio::test]
 async fn a_mail_creatio_sends_from_an_imap_mailbox_goes_out_over_smtp_once() {
-    let dovecot = std::sync::Arc::new(Dovecot::start(&[(ALICE, "secret"), (BOB, "bob-pw")]).await);
-    let sink =
-        common::smtp::SmtpSink::start(&[(ALICE, "secret")], &[ALICE, BOB], dovecot.clone()).await;
+    let dovecot = std::sync::Arc::new(
+        Dovecot::start(&[(ALICE, "secret"), (BOB, "bob-pw")])
+            .await
+            .expect("Dovecot"),
+    );
+    let sink = imap_world::SmtpSink::start(&[(ALICE, "secret")], &[ALICE, BOB], dovecot.clone())
+        .await
+        .expect("the SMTP sink");
     let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

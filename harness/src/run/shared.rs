@@ -42,6 +42,8 @@ pub(super) struct Shared {
     pub(super) history: Arc<Mutex<(Vec<String>, i64, usize)>>,
     /// When the history was asked for (Unix µs): none of it may reach Creatio before.
     pub(super) history_asked_us: Arc<Mutex<Option<u64>>>,
+    /// The IMAP server the mailboxes live on, in `mailboxes.server = "imap"` runs.
+    pub(super) imap: Option<Arc<imap_world::Dovecot>>,
 }
 
 impl Shared {
@@ -89,6 +91,13 @@ impl Shared {
         );
         if self.service_account {
             creds["UserName"] = Value::Null;
+        }
+        if let Some(dovecot) = &self.imap {
+            creds["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
+            creds["ServiceUrl"] = json!("127.0.0.1");
+            creds["Port"] = json!(dovecot.port);
+            creds["UseSsl"] = json!(false);
+            creds["SecureOption"] = json!(0);
         }
         creds
     }

@@ -54,22 +54,37 @@ pub(super) async fn send_mail(
                 }));
             continue;
         }
-        let answer = post_json(
-            &sh.http,
-            &format!("{}/_control/mailboxes/{}/messages", sh.ews, Shared::email(m)),
-            &json!({ "from": "sender@harness.test", "subject": format!("harness {n}"), "body": body }),
-        )
-        .await?;
-        n += 1;
-        let key_field = if sh.operation == "NewEmail" {
-            "item_id"
-        } else {
-            "message_id"
+        let key = match &sh.imap {
+            Some(dovecot) => {
+                // Into the mailbox's Maildir, as a delivery agent puts it there, whether or
+                // not the IMAP server is up.
+                let id = format!("harness-{n}@harness.test");
+                let to = Shared::email(m);
+                let subject = format!("harness {n}");
+                let text = imap_world::mail("sender@harness.test", &to, &subject, &id);
+                dovecot.deliver_offline(&to, &text)?;
+                n += 1;
+                format!("<{id}>")
+            }
+            None => {
+                let answer = post_json(
+                    &sh.http,
+                    &format!("{}/_control/mailboxes/{}/messages", sh.ews, Shared::email(m)),
+                    &json!({ "from": "sender@harness.test", "subject": format!("harness {n}"), "body": body }),
+                )
+                .await?;
+                n += 1;
+                let key_field = if sh.operation == "NewEmail" {
+                    "item_id"
+                } else {
+                    "message_id"
+                };
+                answer[key_field]
+                    .as_str()
+                    .with_context(|| format!("no {key_field} in mock-ews's answer {answer}"))?
+                    .to_owned()
+            }
         };
-        let key = answer[key_field]
-            .as_str()
-            .with_context(|| format!("no {key_field} in mock-ews's answer {answer}"))?
-            .to_owned();
         let closed_at = sh
             .closed
             .lock()

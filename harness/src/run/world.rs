@@ -72,6 +72,17 @@ impl World {
             service_account: scenario.mailboxes.service_account,
             history: Arc::default(),
             history_asked_us: Arc::default(),
+            imap: match scenario.mailboxes.server {
+                crate::scenario::Server::Exchange => None,
+                crate::scenario::Server::Imap => {
+                    let users: Vec<(String, &str)> = (0..scenario.mailboxes.count)
+                        .map(|m| (Shared::email(m), "secret"))
+                        .collect();
+                    let logins: Vec<(&str, &str)> =
+                        users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
+                    Some(Arc::new(imap_world::Dovecot::start(&logins).await?))
+                }
+            },
         };
         let accounts = if scenario.mailboxes.service_account {
             let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
@@ -379,6 +390,12 @@ impl World {
                         }
                     }
                 }
+            }
+            Action::ImapRestart { down_secs } => {
+                let dovecot = sh.imap.as_ref().context("no IMAP server in this run")?;
+                dovecot.kill().await?;
+                tokio::time::sleep(Duration::from_secs_f64(*down_secs)).await;
+                dovecot.start_again().await?;
             }
             Action::EwsFault { fault } => {
                 post_json(

@@ -14,9 +14,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-pub mod dovecot;
-pub mod smtp;
-
 /// How long a condition may take before a test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 

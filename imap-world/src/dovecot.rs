@@ -1,4 +1,4 @@
-//! A real IMAP server for the tests: Debian's Dovecot, started as a child process with a
+//! A real IMAP server for tests and scenarios: Debian's Dovecot, started as a child process with a
 //! configuration of its own under a temporary folder (users from a passwd-file, Maildir, no
 //! TLS), on a free loopback port. Mail arrives through `doveadm save`, as a delivery would
 //! put it there.
@@ -10,11 +10,30 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::{Child, Command};
 
-use super::{PATIENCE, eventually, temp_dir};
+use anyhow::Context as _;
+
+use super::within;
+
+/// How long Dovecot may take to start or stop.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A fresh folder under the system's temporary one.
+fn temp_dir() -> anyhow::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "el-dovecot-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
 
 /// A running Dovecot; stopped and its folder removed on drop.
 pub struct Dovecot {
-    child: Child,
+    /// The master process; replaced when the server is started again.
+    child: tokio::sync::Mutex<Child>,
     dir: PathBuf,
     config: PathBuf,
     /// Plain text, with STARTTLS when the server has a certificate.
@@ -23,26 +42,35 @@ pub struct Dovecot {
     pub tls_port: Option<u16>,
 }
 
+impl std::fmt::Debug for Dovecot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dovecot")
+            .field("port", &self.port)
+            .field("tls_port", &self.tls_port)
+            .finish_non_exhaustive()
+    }
+}
+
 const INSTALL: &str =
     "install it with `apt-get install dovecot-imapd` (ci/test.sh does when run as root)";
 
 impl Dovecot {
     /// Starts Dovecot with these users (address, password) and waits until it answers.
-    pub async fn start(users: &[(&str, &str)]) -> Dovecot {
+    pub async fn start(users: &[(&str, &str)]) -> anyhow::Result<Dovecot> {
         Self::start_with(users, false).await
     }
 
     /// As [`Dovecot::start`], with a certificate for 127.0.0.1 from a CA of the test's own:
     /// STARTTLS on `port`, TLS on `tls_port`. Answers the CA's PEM besides.
-    pub async fn start_tls(users: &[(&str, &str)]) -> (Dovecot, Vec<u8>) {
-        let dovecot = Self::start_with(users, true).await;
-        let ca = std::fs::read(dovecot.dir.join("ca.crt")).unwrap();
-        (dovecot, ca)
+    pub async fn start_tls(users: &[(&str, &str)]) -> anyhow::Result<(Dovecot, Vec<u8>)> {
+        let dovecot = Self::start_with(users, true).await?;
+        let ca = std::fs::read(dovecot.dir.join("ca.crt"))?;
+        Ok((dovecot, ca))
     }
 
-    async fn start_with(users: &[(&str, &str)], tls: bool) -> Dovecot {
-        let dir = temp_dir("dovecot");
-        let me = std::fs::metadata(&dir).unwrap();
+    async fn start_with(users: &[(&str, &str)], tls: bool) -> anyhow::Result<Dovecot> {
+        let dir = temp_dir()?;
+        let me = std::fs::metadata(&dir)?;
         // Dovecot will not keep mail as root: root's tests keep it as nobody.
         let (uid, gid) = if me.uid() == 0 {
             (65534, 65534)
@@ -50,31 +78,28 @@ impl Dovecot {
             (me.uid(), me.gid())
         };
         let mail = dir.join("mail");
-        std::fs::create_dir_all(&mail).unwrap();
+        std::fs::create_dir_all(&mail)?;
         for d in [&dir, &mail] {
-            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         }
         if me.uid() == 0 {
-            std::os::unix::fs::chown(&mail, Some(uid), Some(gid)).unwrap();
+            std::os::unix::fs::chown(&mail, Some(uid), Some(gid))?;
         }
         let passwd: String = users
             .iter()
             .map(|(user, password)| format!("{user}:{{PLAIN}}{password}::::::\n"))
             .collect();
-        std::fs::write(dir.join("users"), passwd).unwrap();
-        let free_port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
+        std::fs::write(dir.join("users"), passwd)?;
+        let free_port = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
         };
-        let port = free_port();
-        let tls_port = tls.then(free_port);
+        let port = free_port()?;
+        let tls_port = if tls { Some(free_port()?) } else { None };
         let ssl = match tls_port {
             Some(tls_port) => {
-                super::test_certificates(&dir);
+                mock_ews::test_certificates(&dir)?;
                 let d = dir.display();
                 format!(
                     "ssl = yes\nssl_cert = <{d}/server.crt\nssl_key = <{d}/server.key\n\
@@ -122,19 +147,18 @@ impl Dovecot {
                  service anvil {{\n  chroot =\n}}\n\
                  protocol imap {{\n  mail_max_userip_connections = 1000\n}}\n"
             ),
-        )
-        .unwrap();
-        let child = Self::serve(&config, port).await;
-        Dovecot {
-            child,
+        )?;
+        let child = Self::serve(&config, port).await?;
+        Ok(Dovecot {
+            child: tokio::sync::Mutex::new(child),
             dir,
             config,
             port,
             tls_port,
-        }
+        })
     }
 
-    async fn serve(config: &std::path::Path, port: u16) -> Child {
+    async fn serve(config: &std::path::Path, port: u16) -> anyhow::Result<Child> {
         let spawn = || {
             Command::new("dovecot")
                 .arg("-F")
@@ -142,46 +166,56 @@ impl Dovecot {
                 .arg(config)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
+                // Its own process group: the server is its master and every process it starts
+                // (logins, one per IMAP session), which stopping it must end together.
+                .process_group(0)
                 .kill_on_drop(true)
                 .spawn()
-                .unwrap_or_else(|e| panic!("cannot start dovecot ({e}); {INSTALL}"))
+                .with_context(|| format!("cannot start dovecot; {INSTALL}"))
         };
-        let mut child = spawn();
-        eventually("dovecot to accept connections", PATIENCE, async || {
+        let mut child = spawn()?;
+        within("dovecot to accept connections", PATIENCE, async || {
             // A master started again while the last one's processes still hold the port
             // gives up at once: start it once more.
-            if let Ok(Some(_)) = child.try_wait() {
-                child = spawn();
+            if let Ok(Some(_)) = child.try_wait()
+                && let Ok(again) = spawn()
+            {
+                child = again;
             }
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .ok()
                 .map(|_| ())
         })
-        .await;
-        child
+        .await?;
+        Ok(child)
     }
 
-    /// Kills the server (every connection drops at once); the mail stays.
-    pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
-        eventually("dovecot to stop listening", PATIENCE, async || {
+    /// Kills the server, every process of it (every connection drops at once); the mail
+    /// stays.
+    pub async fn kill(&self) -> anyhow::Result<()> {
+        let mut child = self.child.lock().await;
+        kill_group(&child);
+        let _ = child.kill().await;
+        drop(child);
+        within("dovecot to stop listening", PATIENCE, async || {
             tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_err()
                 .then_some(())
         })
-        .await;
+        .await
     }
 
     /// Starts the server again, on the same port and mail.
-    pub async fn start_again(&mut self) {
+    pub async fn start_again(&self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(self.dir.join("run").join("master.pid"));
-        self.child = Self::serve(&self.config, self.port).await;
+        *self.child.lock().await = Self::serve(&self.config, self.port).await?;
+        Ok(())
     }
 
     /// Puts a mail (its whole MIME text) into a user's folder.
-    pub async fn deliver_to(&self, user: &str, folder: &str, mime: &str) {
+    pub async fn deliver_to(&self, user: &str, folder: &str, mime: &str) -> anyhow::Result<()> {
         let mut save = Command::new("doveadm")
             .arg("-c")
             .arg(&self.config)
@@ -189,49 +223,52 @@ impl Dovecot {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run doveadm ({e}); {INSTALL}"));
-        let mut stdin = save.stdin.take().unwrap();
-        stdin.write_all(mime.as_bytes()).await.unwrap();
+            .with_context(|| format!("cannot run doveadm; {INSTALL}"))?;
+        let mut stdin = save.stdin.take().context("doveadm's input")?;
+        stdin.write_all(mime.as_bytes()).await?;
         drop(stdin);
-        let status = save.wait().await.unwrap();
-        assert!(status.success(), "doveadm save failed: {status}");
+        let status = save.wait().await?;
+        anyhow::ensure!(status.success(), "doveadm save failed: {status}");
+        Ok(())
     }
 
     /// Puts a mail straight into a user's inbox Maildir, as a delivery agent does while the
     /// IMAP server is down (doveadm needs the server's auth service).
-    pub fn deliver_offline(&self, user: &str, mime: &str) {
+    pub fn deliver_offline(&self, user: &str, mime: &str) -> anyhow::Result<()> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let root = self.dir.join("mail").join(user);
-        let owner = std::fs::metadata(&root).unwrap();
+        let owner = std::fs::metadata(&root)?;
         let name = format!(
             "{}.M{}P{}.test",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
+                .unwrap_or_default()
                 .as_secs(),
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             std::process::id()
         );
         for sub in ["tmp", "new", "cur"] {
-            std::fs::create_dir_all(root.join(sub)).unwrap();
-            std::os::unix::fs::chown(root.join(sub), Some(owner.uid()), Some(owner.gid())).unwrap();
+            std::fs::create_dir_all(root.join(sub))?;
+            std::os::unix::fs::chown(root.join(sub), Some(owner.uid()), Some(owner.gid()))?;
         }
         let tmp = root.join("tmp").join(&name);
-        std::fs::write(&tmp, mime).unwrap();
-        std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid())).unwrap();
-        std::fs::rename(&tmp, root.join("new").join(&name)).unwrap();
+        std::fs::write(&tmp, mime)?;
+        std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))?;
+        std::fs::rename(&tmp, root.join("new").join(&name))?;
+        Ok(())
     }
 
     /// Creates a folder in a user's mailbox.
-    pub async fn create_folder(&self, user: &str, folder: &str) {
+    pub async fn create_folder(&self, user: &str, folder: &str) -> anyhow::Result<()> {
         let status = Command::new("doveadm")
             .arg("-c")
             .arg(&self.config)
             .args(["mailbox", "create", "-u", user, folder])
             .status()
             .await
-            .unwrap_or_else(|e| panic!("cannot run doveadm ({e}); {INSTALL}"));
-        assert!(status.success(), "doveadm mailbox create failed: {status}");
+            .with_context(|| format!("cannot run doveadm; {INSTALL}"))?;
+        anyhow::ensure!(status.success(), "doveadm mailbox create failed: {status}");
+        Ok(())
     }
 
     /// Dovecot's own log, for a failing test's message.
@@ -242,8 +279,21 @@ impl Dovecot {
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        let _ = self.child.start_kill();
+        if let Ok(mut child) = self.child.try_lock() {
+            kill_group(&child);
+            let _ = child.start_kill();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `kill -KILL` to the child's process group: the master and the processes it started.
+fn kill_group(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -1,4 +1,4 @@
-//! A small SMTP server for the tests: it takes submissions (EHLO, AUTH PLAIN or LOGIN
+//! A small SMTP server for tests and scenarios: it takes submissions (EHLO, AUTH PLAIN or LOGIN
 //! against its users, MAIL, RCPT, DATA) on a loopback port and hands each mail to Dovecot for
 //! every recipient that lives there, as a mail system delivers what it accepted.
 
@@ -8,7 +8,7 @@ use base64::Engine as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
 
-use super::dovecot::Dovecot;
+use crate::Dovecot;
 
 /// A mail the server accepted: its envelope and text.
 #[derive(Debug, Clone)]
@@ -31,10 +31,10 @@ impl SmtpSink {
         users: &[(&str, &str)],
         mailboxes: &[&str],
         dovecot: Arc<Dovecot>,
-    ) -> SmtpSink {
+    ) -> anyhow::Result<SmtpSink> {
         let mailboxes: Vec<String> = mailboxes.iter().map(|m| m.to_string()).collect();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         let users: Vec<(String, String)> = users
             .iter()
             .map(|(u, p)| (u.to_string(), p.to_string()))
@@ -53,15 +53,26 @@ impl SmtpSink {
                 });
             }
         });
-        SmtpSink {
+        Ok(SmtpSink {
             port,
             accepted,
             task,
-        }
+        })
     }
 
     pub fn accepted(&self) -> Vec<Accepted> {
-        self.accepted.lock().unwrap().clone()
+        self.accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl std::fmt::Debug for SmtpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSink")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
     }
 }
 
@@ -132,15 +143,19 @@ async fn serve(
                 message.push_str(l.strip_prefix('.').unwrap_or(&l));
             }
             for rcpt in &to {
-                if mailboxes.contains(rcpt) {
-                    dovecot.deliver_to(rcpt, "INBOX", &message).await;
+                if mailboxes.contains(rcpt)
+                    && let Err(e) = dovecot.deliver_to(rcpt, "INBOX", &message).await
+                {
+                    return Err(std::io::Error::other(e.to_string()));
                 }
             }
-            log.lock().unwrap().push(Accepted {
-                from: from.clone(),
-                to: to.clone(),
-                message,
-            });
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Accepted {
+                    from: from.clone(),
+                    to: to.clone(),
+                    message,
+                });
             "250 2.0.0 Ok: queued".into()
         } else if upper == "QUIT" {
             write.write_all(b"221 2.0.0 Bye\r\n").await?;
