@@ -38,11 +38,46 @@ fn received(creatio: &MockCreatio, id: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// After long enough for every watch to wake and look again, Creatio holds exactly these
-/// Message-IDs (sorted) for the mailbox: each once.
-async fn assert_received_once(creatio: &MockCreatio, id: Option<&str>, expected: &[&str]) {
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut got = received(creatio, id);
+/// Creates the mailbox through `listener` and waits until Creatio would read it as alive.
+async fn create_watched(listener: &Listener, id: &str, creds: &Value) {
+    let (status, body) = listener.send("create", &json!([creds])).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the IMAP mailbox to be watched", PATIENCE, async || {
+        (listener.state_of(id).await == "exists").then_some(())
+    })
+    .await;
+}
+
+/// Puts one more mail into each of `mailboxes` (user, mailbox id) and waits until each reached
+/// Creatio (a mail posted twice would have arrived before it); then Creatio holds exactly
+/// `expected` (sorted Message-IDs) through these mailboxes, but for such last mails: each once.
+async fn assert_received_once(
+    creatio: &MockCreatio,
+    dovecot: &Dovecot,
+    mailboxes: &[(&str, &str)],
+    expected: &[&str],
+) {
+    static LAST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let round = LAST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut sentinels = Vec::new();
+    for (user, id) in mailboxes {
+        let message_id = format!("last-{round}-{id}@fabrikam.test");
+        let last = mail("bob@fabrikam.test", user, "Last", &message_id);
+        dovecot.deliver_to(user, "INBOX", &last).await.unwrap();
+        sentinels.push((*id, format!("<{message_id}>")));
+    }
+    eventually("the last mails at Creatio", PATIENCE, async || {
+        sentinels
+            .iter()
+            .all(|(id, last)| received(creatio, Some(id)).contains(last))
+            .then_some(())
+    })
+    .await;
+    let mut got: Vec<String> = mailboxes
+        .iter()
+        .flat_map(|(_, id)| received(creatio, Some(id)))
+        .filter(|m| !m.starts_with("<last-"))
+        .collect();
     got.sort();
     assert_eq!(got, expected, "each mail once, and no other");
 }
@@ -69,12 +104,7 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
 
     let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
     let creds = credentials(id, &dovecot, "secret", &creatio.url("ProcessFullEmail"));
-    let (status, body) = listener.send("create", &json!([creds])).await;
-    assert_eq!(status, 200, "{body}");
-    eventually("the IMAP mailbox to be watched", PATIENCE, async || {
-        (listener.state_of(id).await == "exists").then_some(())
-    })
-    .await;
+    create_watched(&listener, id, &creds).await;
 
     dovecot
         .deliver_to(
@@ -116,7 +146,8 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
     .await;
     assert_received_once(
         &creatio,
-        Some(id),
+        &dovecot,
+        &[(ALICE, id)],
         &[
             "<filed@fabrikam.test>",
             "<first@fabrikam.test>",
@@ -148,18 +179,19 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("Filters"), "{body}");
-    let mut got = received(&creatio, Some(id));
-    got.sort();
-    assert_eq!(
-        got,
-        [
+    // History adds what the mailbox held, nothing twice.
+    assert_received_once(
+        &creatio,
+        &dovecot,
+        &[(ALICE, id)],
+        &[
             "<filed@fabrikam.test>",
             "<first@fabrikam.test>",
             "<old@fabrikam.test>",
-            "<second@fabrikam.test>"
+            "<second@fabrikam.test>",
         ],
-        "history adds what the mailbox held, nothing twice"
-    );
+    )
+    .await;
 
     let email = creatio
         .calls_of("ProcessFullEmail")
@@ -254,12 +286,7 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
     let listener = Listener::spawn(&[]).await;
     let id = "6fa8fad5-d9cb-469f-a165-70867728950e";
     let creds = credentials(id, &dovecot, "secret", &creatio.url("ProcessFullEmail"));
-    let (status, body) = listener.send("create", &json!([creds])).await;
-    assert_eq!(status, 200, "{body}");
-    eventually("the IMAP mailbox to be watched", PATIENCE, async || {
-        (listener.state_of(id).await == "exists").then_some(())
-    })
-    .await;
+    create_watched(&listener, id, &creds).await;
     let before = mail("bob@fabrikam.test", ALICE, "Before", "before@fabrikam.test");
     dovecot.deliver_to(ALICE, "INBOX", &before).await.unwrap();
     eventually("the mail before the outage", PATIENCE, async || {
@@ -288,7 +315,8 @@ async fn mail_that_arrives_while_the_imap_server_is_down_is_posted_once_it_is_ba
     .await;
     assert_received_once(
         &creatio,
-        Some(id),
+        &dovecot,
+        &[(ALICE, id)],
         &[
             "<after@fabrikam.test>",
             "<before@fabrikam.test>",
@@ -437,7 +465,13 @@ async fn a_killed_replicas_imap_mailboxes_are_watched_elsewhere_with_nothing_los
     .await;
     all.sort();
     let expected: Vec<&str> = all.iter().map(String::as_str).collect();
-    assert_received_once(&creatio, None, &expected).await;
+    let ids: Vec<String> = (0..users.len()).map(id).collect();
+    let mailboxes: Vec<(&str, &str)> = users
+        .iter()
+        .zip(&ids)
+        .map(|((user, _), id)| (user.as_str(), id.as_str()))
+        .collect();
+    assert_received_once(&creatio, &dovecot, &mailboxes, &expected).await;
 }
 
 /// Creatio's send of a mail from Alice's IMAP mailbox to Bob, through the SMTP server at
@@ -491,12 +525,7 @@ async fn a_mail_creatio_sends_from_an_imap_mailbox_goes_out_over_smtp_once() {
     let mut creds = credentials(bob, &dovecot, "bob-pw", &creatio.url("ProcessFullEmail"));
     creds["UserName"] = json!(BOB);
     creds["SenderEmailAddress"] = json!(BOB);
-    let (status, body) = listener.send("create", &json!([creds])).await;
-    assert_eq!(status, 200, "{body}");
-    eventually("Bob's mailbox watched", PATIENCE, async || {
-        (listener.state_of(bob).await == "exists").then_some(())
-    })
-    .await;
+    create_watched(&listener, bob, &creds).await;
 
     let body = send_command(sink.port, "secret", "offer-1");
     for _ in 0..2 {
