@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use crate::creatio::contract::{self, ContractError};
 use crate::engine::metrics::Metrics;
 use crate::engine::protocol::error_chain;
-use crate::engine::protocol::{Connect, Failure, MailServer};
+use crate::engine::protocol::{Connect, MailServer};
 use crate::engine::reach::Reach;
 use crate::engine::store::StoreError;
 use crate::engine::supervisor::Supervisor;
@@ -240,7 +240,7 @@ async fn mailbox_validate(
 }
 
 /// The server of a mailbox Creatio asks something of, once its addresses are allowed and its
-/// protocol is one this listener serves.
+/// credentials name a server its protocol can reach.
 fn mail_server(
     state: &ApiState,
     creds: &contract::Credentials,
@@ -248,10 +248,10 @@ fn mail_server(
     state
         .reach
         .check(creds, state.servers.address(creds).as_deref())?;
-    state.servers.connect(creds).map_err(|e| match e {
-        Failure::Unsupported(why) => ApiError::NotImplemented(why),
-        other => ApiError::MailServer(other.to_string()),
-    })
+    state
+        .servers
+        .connect(creds)
+        .map_err(|e| ApiError::MailServer(e.to_string()))
 }
 
 /// `POST /api/mailbox/folders`: the mailbox's folders of the class asked for (every class when

@@ -266,9 +266,6 @@ pub enum Failure {
     /// The server did not answer in time.
     #[error("{0}")]
     NoAnswer(String),
-    /// A mailbox of a kind this listener does not serve.
-    #[error("{0}")]
-    Unsupported(String),
     /// Not the server's fault: the listener's own store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -282,7 +279,6 @@ impl Failure {
     pub fn disposition(&self) -> Disposition {
         match self {
             Failure::Server(f) => f.disposition(),
-            Failure::Unsupported(_) => Disposition::Fatal,
             Failure::Idle(_) | Failure::NoAnswer(_) | Failure::Store(_) => {
                 Disposition::Retry { after: None }
             }
@@ -295,7 +291,6 @@ impl Failure {
             Failure::Idle(_) | Failure::NoAnswer(_) => {
                 "The mail server could not be reached at ServiceUrl".into()
             }
-            Failure::Unsupported(why) => why.clone(),
             Failure::Store(_) => "The listener cannot reach its store; try again".into(),
         }
     }
@@ -305,7 +300,6 @@ impl Failure {
             Failure::Server(f) => f.class_name(),
             Failure::Idle(_) => "MailServerIdle",
             Failure::NoAnswer(_) => "MailServerUnreachable",
-            Failure::Unsupported(_) => "MailServerTypeNotSupported",
             Failure::Store(_) => "StoreUnavailable",
         }
     }
@@ -329,7 +323,7 @@ impl Failure {
         match self {
             Failure::Server(f) => f.send_in_doubt(),
             Failure::Idle(_) | Failure::NoAnswer(_) => true,
-            Failure::Unsupported(_) | Failure::Store(_) => false,
+            Failure::Store(_) => false,
         }
     }
 
@@ -345,7 +339,6 @@ impl Failure {
                     .into()
             }
             Failure::Store(_) => "The Email Listener cannot reach its store; try again".into(),
-            Failure::Unsupported(why) => why.clone(),
         }
     }
 }

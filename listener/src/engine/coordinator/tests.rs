@@ -20,6 +20,7 @@ use crate::engine::protocol::{Connect, Failure, MailServer};
 use crate::engine::store::memory::MemoryStore;
 use crate::engine::store::slow::SlowStore;
 use crate::engine::worker::{WorkerContext, WorkerSettings};
+use crate::exchange::client::EwsFailure;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -30,7 +31,7 @@ struct Unreachable;
 
 impl Connect for Unreachable {
     fn connect(&self, _creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
-        Err(Failure::Unsupported("no mail server in this test".into()))
+        Err(EwsFailure::Config("no mail server in this test".into()).into())
     }
 }
 
