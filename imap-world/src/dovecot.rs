@@ -271,6 +271,28 @@ impl Dovecot {
         Ok(())
     }
 
+    /// How many TCP connections to the server are open now, counted on the clients' side
+    /// from the kernel's table (`/proc/net/tcp` and `tcp6`).
+    pub fn connections(&self) -> usize {
+        let port = format!("{:04X}", self.port);
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .map(|text| {
+                text.lines()
+                    .skip(1)
+                    .filter(|line| {
+                        let mut fields = line.split_whitespace().skip(2);
+                        // The remote address, then the state: 01 is ESTABLISHED.
+                        let remote = fields.next().unwrap_or_default();
+                        let state = fields.next().unwrap_or_default();
+                        remote.rsplit(':').next() == Some(port.as_str()) && state == "01"
+                    })
+                    .count()
+            })
+            .sum()
+    }
+
     /// Dovecot's own log, for a failing test's message.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()

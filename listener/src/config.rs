@@ -88,6 +88,12 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_EWS_CA_FILE")]
     pub ews_ca_file: Option<std::path::PathBuf>,
 
+    /// Seconds between looks at an IMAP mailbox's watched folders besides IDLE's news: every
+    /// folder on a server without IDLE, the folders after the first on one with it (at most
+    /// half of `--stream-idle-secs`).
+    #[arg(long, env = "EXCHANGE_LISTENER_IMAP_POLL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub imap_poll_secs: u64,
+
     /// A PEM bundle of CAs IMAP and SMTP servers' certificates may come from, besides the
     /// system's.
     #[arg(long, env = "EXCHANGE_LISTENER_IMAP_CA_FILE")]

@@ -227,8 +227,10 @@ pub async fn serve(
                 .context("the TLS configuration for IMAP servers")?,
         ),
         limits,
-        // Each watch reports within half the idle timeout, so a silent one is found.
-        wake: (Duration::from_secs(config.stream_idle_secs) / 2)
+        // Each watch reports within half the idle timeout, so a silent one is found, and
+        // IDLE is renewed well within the 29 minutes RFC 2177 allows.
+        wake: Duration::from_secs(config.imap_poll_secs)
+            .min(Duration::from_secs(config.stream_idle_secs) / 2)
             .clamp(Duration::from_secs(1), Duration::from_secs(25 * 60)),
     };
     // One line per protocol: the mailbox's `ServerTypeId` chooses.

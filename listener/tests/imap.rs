@@ -155,6 +155,11 @@ async fn an_imap_mailbox_streams_each_new_mail_once_and_not_what_it_held_before(
         ],
     )
     .await;
+    // The mailbox watches and fetches on one connection.
+    eventually("one connection to Dovecot", PATIENCE, async || {
+        (dovecot.connections() == 1).then_some(())
+    })
+    .await;
 
     // Creatio's history load of an IMAP mailbox: its SEARCH filter's date.
     let (status, body) = listener

@@ -1,37 +1,39 @@
 //! IMAP mailboxes (Creatio's `ServerTypeId` 844F0837-…): the engine's [`MailServer`] over
 //! IMAP4rev1.
 //!
-//! A mailbox holds one connection for its commands, opened on first use and opened again
-//! after a failure, and one more while it is watched. Folders are IMAP mailbox names; an item
+//! A mailbox holds one connection, opened on first use and opened again after a failure,
+//! shared by its commands and its watch ([`connection`]). Folders are IMAP mailbox names; an item
 //! is `<UIDVALIDITY>:<UID>:<folder>`; a folder's sync state is `<UIDVALIDITY>:<last UID>`, so
 //! catching up is `UID SEARCH UID <last+1>:*` and a changed UIDVALIDITY is a rejected cursor
 //! (a new baseline, then the gap recovered by received time). Mail is read with
 //! `BODY.PEEK[]`, which never marks it read, and converted by the one MIME converter.
 //!
 //! Watching: Subscribe notes each watched folder's UIDNEXT (what arrives from then on is
-//! news); the watch connection IDLEs on the first folder, and on news, or every `wake`, ends
-//! IDLE and asks every watched folder's STATUS, listing the UIDs that came since. Each wake
-//! yields a report, so a silent connection is found within the engine's idle timeout.
+//! news); the watch IDLEs on the first folder between commands, and on news, or every `wake`,
+//! ends IDLE and asks every watched folder's STATUS, listing the UIDs that came since
+//! ([`watch`]). Each wake yields a report, so a silent connection is found within the engine's
+//! idle timeout. A server without IDLE is looked at every `wake`.
 
+mod connection;
 pub mod failure;
 mod outgoing;
 mod session;
 mod smtp;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use tokio::time::Instant;
 
 use crate::creatio::contract::send::OutgoingEmail;
 use crate::creatio::contract::{Credentials, SecureOption};
 use crate::creatio::mail::email_from_mime;
 use crate::engine::protocol::{
     Answer, Connect, Failure, FindPage, Folder, Found, Item, Limits, MailServer, SyncPage, Watch,
-    WatchBatch,
 };
+use connection::Connection;
 use failure::ImapFailure;
 pub use session::{Endpoint, Login, Security};
 use session::{Session, Untagged, quoted};
@@ -122,14 +124,15 @@ impl Connect for ImapConnect {
             ..endpoint.clone()
         };
         Ok(Box::new(ImapMailbox {
-            endpoint,
+            connection: Arc::new(Connection::new(
+                endpoint,
+                Self::login(creds)?,
+                self.tls.clone(),
+                self.limits,
+            )),
             smtp,
             sender: creds.sender_email.clone(),
-            login: Self::login(creds)?,
-            tls: self.tls.clone(),
-            limits: self.limits,
             wake: self.wake,
-            session: tokio::sync::Mutex::new(None),
             marks: Arc::default(),
         }))
     }
@@ -154,17 +157,13 @@ type Marks = Arc<Mutex<Vec<(String, u32, u32)>>>;
 /// One IMAP mailbox.
 #[derive(Debug)]
 pub struct ImapMailbox {
-    endpoint: Endpoint,
+    /// The one connection, for commands and the watch alike.
+    connection: Arc<Connection>,
     /// The SMTP server, when these are a send call's credentials.
     smtp: Endpoint,
     /// The address mail goes out from.
     sender: String,
-    login: Login,
-    tls: Arc<rustls::ClientConfig>,
-    limits: Limits,
     wake: Duration,
-    /// The connection for commands, once opened.
-    session: tokio::sync::Mutex<Option<Session>>,
     /// Per watched folder, set by Subscribe and moved on by the watch.
     marks: Marks,
 }
@@ -295,23 +294,12 @@ fn search_date(unix_ms: i64) -> String {
 const UNWATCHED: [&str; 4] = ["\\DRAFTS", "\\TRASH", "\\JUNK", "\\ALL"];
 
 impl ImapMailbox {
-    /// Runs `op` on the command connection, opening it first when needed; a failure closes
-    /// it, so the next call starts on a fresh one.
+    /// Runs `op` on the mailbox's connection (see [`Connection::run`]).
     async fn on_session<T>(
         &self,
         op: impl AsyncFnOnce(&mut Session) -> Result<T, ImapFailure>,
     ) -> Result<T, Failure> {
-        let mut guard = self.session.lock().await;
-        let session = match guard.as_mut() {
-            Some(s) => s,
-            None => guard
-                .insert(Session::open(&self.endpoint, &self.login, &self.tls, self.limits).await?),
-        };
-        let result = op(session).await;
-        if result.is_err() {
-            *guard = None;
-        }
-        Ok(result?)
+        Ok(self.connection.run(op).await?)
     }
 
     async fn list(&self) -> Result<Vec<(String, Option<char>, Vec<String>)>, Failure> {
@@ -343,14 +331,14 @@ impl MailServer for ImapMailbox {
     fn url(&self) -> String {
         format!(
             "imap://{}:{}",
-            bracketed(&self.endpoint.host),
-            self.endpoint.port
+            bracketed(&self.connection.endpoint.host),
+            self.connection.endpoint.port
         )
     }
 
     fn validate(&self) -> Answer<'_, ()> {
         async move {
-            let mut s = Session::open(&self.endpoint, &self.login, &self.tls, self.limits).await?;
+            let mut s = self.connection.open().await?;
             examine(&mut s, "INBOX").await?;
             s.logout().await;
             Ok(())
@@ -429,15 +417,11 @@ impl MailServer for ImapMailbox {
         _timeout_minutes: u8,
     ) -> Answer<'a, Box<dyn Watch>> {
         async move {
-            let session =
-                Session::open(&self.endpoint, &self.login, &self.tls, self.limits).await?;
-            Ok(Box::new(ImapWatch {
-                session,
-                marks: self.marks.clone(),
-                wake: self.wake,
-                first: true,
-                selected: None,
-            }) as Box<dyn Watch>)
+            Ok(Box::new(watch::ImapWatch::start(
+                self.connection.clone(),
+                self.marks.clone(),
+                self.wake,
+            )) as Box<dyn Watch>)
         }
         .boxed()
     }
@@ -627,7 +611,8 @@ impl MailServer for ImapMailbox {
         async move {
             let submission =
                 outgoing::submission(&self.sender, email).map_err(smtp::SmtpFailure::Config)?;
-            smtp::submit(&self.smtp, &self.login, &self.tls, self.limits, &submission).await?;
+            let c = &self.connection;
+            smtp::submit(&self.smtp, &c.login, &c.tls, c.limits, &submission).await?;
             Ok(())
         }
         .boxed()
@@ -635,114 +620,6 @@ impl MailServer for ImapMailbox {
 
     fn was_sent<'a>(&'a self, _message_id: &'a str) -> Answer<'a, bool> {
         async { Ok(false) }.boxed()
-    }
-}
-
-/// A watch: IDLE on the first folder, a look at every folder on each wake.
-struct ImapWatch {
-    session: Session,
-    marks: Marks,
-    wake: Duration,
-    /// The first report comes at once: what arrived since Subscribe.
-    first: bool,
-    /// The folder EXAMINE last selected on this connection.
-    selected: Option<String>,
-}
-
-impl ImapWatch {
-    /// Every watched folder's news since its mark; the marks move past it.
-    async fn look(&mut self) -> Result<WatchBatch, ImapFailure> {
-        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut batch = WatchBatch::default();
-        for (folder, validity, next) in marks {
-            let status = self
-                .session
-                .ok(&format!(
-                    "STATUS {} (UIDNEXT UIDVALIDITY)",
-                    quoted(&folder)?
-                ))
-                .await?;
-            let (now_next, now_validity) = status
-                .into_iter()
-                .find_map(|u| match u {
-                    Untagged::Status {
-                        uid_next,
-                        uid_validity,
-                        ..
-                    } => Some((uid_next, uid_validity)),
-                    _ => None,
-                })
-                .unwrap_or((None, None));
-            if now_validity.is_some_and(|v| v != validity) {
-                return Err(ImapFailure::ValidityChanged { folder });
-            }
-            if now_next.is_some_and(|n| n <= next) {
-                continue;
-            }
-            let selected = examine(&mut self.session, &folder).await?;
-            self.selected = Some(folder.clone());
-            if selected.validity != validity {
-                return Err(ImapFailure::ValidityChanged { folder });
-            }
-            let news: Vec<u32> = search(&mut self.session, &format!("UID {next}:*"))
-                .await?
-                .into_iter()
-                .filter(|&u| u >= next)
-                .collect();
-            if let Some(&last) = news.last() {
-                let mut all = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(mark) = all.iter_mut().find(|(f, _, _)| *f == folder) {
-                    mark.2 = mark.2.max(last + 1);
-                }
-            }
-            batch
-                .new_items
-                .extend(news.into_iter().map(|u| item_id(validity, u, &folder)));
-        }
-        Ok(batch)
-    }
-
-    /// IDLE on the first folder until it has news or `wake` passes.
-    async fn idle(&mut self) -> Result<(), ImapFailure> {
-        let first = self
-            .marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first()
-            .map(|(f, _, _)| f.clone());
-        let Some(first) = first else {
-            tokio::time::sleep(self.wake).await;
-            return Ok(());
-        };
-        if self.selected.as_deref() != Some(first.as_str()) {
-            examine(&mut self.session, &first).await?;
-            self.selected = Some(first);
-        }
-        let deadline = Instant::now() + self.wake;
-        let (tag, before) = self.session.idle().await?;
-        let mut news = before.iter().any(|u| matches!(u, Untagged::Exists(_)));
-        while !news {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.session.idle_news(left).await? {
-                None => break,
-                Some(Untagged::Exists(_)) => news = true,
-                Some(_) => {}
-            }
-        }
-        self.session.idle_done(&tag).await?;
-        Ok(())
-    }
-}
-
-impl Watch for ImapWatch {
-    fn next(&mut self) -> Answer<'_, Option<WatchBatch>> {
-        async move {
-            if !std::mem::take(&mut self.first) {
-                self.idle().await?;
-            }
-            Ok(Some(self.look().await?))
-        }
-        .boxed()
     }
 }
 
