@@ -17,6 +17,8 @@
 mod connection;
 pub mod failure;
 mod outgoing;
+#[cfg(test)]
+mod scripted;
 mod session;
 mod smtp;
 mod watch;
