@@ -57,18 +57,37 @@ const INSTALL: &str =
 impl Dovecot {
     /// Starts Dovecot with these users (address, password) and waits until it answers.
     pub async fn start(users: &[(&str, &str)]) -> anyhow::Result<Dovecot> {
-        Self::start_with(users, false).await
+        Self::start_with(users, false, 0).await
     }
 
     /// As [`Dovecot::start`], with a certificate for 127.0.0.1 from a CA of the test's own:
     /// STARTTLS on `port`, TLS on `tls_port`. Answers the CA's PEM besides.
     pub async fn start_tls(users: &[(&str, &str)]) -> anyhow::Result<(Dovecot, Vec<u8>)> {
-        let dovecot = Self::start_with(users, true).await?;
-        let ca = std::fs::read(dovecot.dir.join("ca.crt"))?;
+        Self::start_sized(users, true, 0).await
+    }
+
+    /// As [`Dovecot::start_tls`] (or without TLS), sized to hold `connections` IMAP
+    /// connections at once: a login process serves them all, and an IMAP process a hundred
+    /// (by default a process each, at most a hundred).
+    pub async fn start_sized(
+        users: &[(&str, &str)],
+        tls: bool,
+        connections: usize,
+    ) -> anyhow::Result<(Dovecot, Vec<u8>)> {
+        let dovecot = Self::start_with(users, tls, connections).await?;
+        let ca = if tls {
+            std::fs::read(dovecot.dir.join("ca.crt"))?
+        } else {
+            Vec::new()
+        };
         Ok((dovecot, ca))
     }
 
-    async fn start_with(users: &[(&str, &str)], tls: bool) -> anyhow::Result<Dovecot> {
+    async fn start_with(
+        users: &[(&str, &str)],
+        tls: bool,
+        connections: usize,
+    ) -> anyhow::Result<Dovecot> {
         let dir = temp_dir()?;
         let me = std::fs::metadata(&dir)?;
         // Dovecot will not keep mail as root: root's tests keep it as nobody.
@@ -123,6 +142,17 @@ impl Dovecot {
                 "default_internal_user = {user}\ndefault_login_user = {user}\ndefault_internal_group = {user}\n"
             )
         };
+        let sized = if connections > 0 {
+            let clients = connections + 100;
+            let imap_processes = connections / 100 + 10;
+            format!(
+                "default_client_limit = {clients}\n\
+                 service imap {{\n  service_count = 0\n  client_limit = 100\n  process_limit = {imap_processes}\n  vsz_limit = 1G\n}}\n\
+                 service imap-login {{\n  service_count = 0\n  client_limit = {clients}\n  process_min_avail = 4\n  process_limit = 8\n  vsz_limit = 1G\n}}\n"
+            )
+        } else {
+            String::new()
+        };
         let d = dir.display();
         let config = dir.join("dovecot.conf");
         std::fs::write(
@@ -145,7 +175,8 @@ impl Dovecot {
                  userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={d}/mail/%u\n}}\n\
                  service imap-login {{\n  chroot =\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n\
                  service anvil {{\n  chroot =\n}}\n\
-                 protocol imap {{\n  mail_max_userip_connections = 1000\n}}\n"
+                 protocol imap {{\n  mail_max_userip_connections = 1000\n}}\n\
+                 {sized}"
             ),
         )?;
         let child = Self::serve(&config, port).await?;
@@ -271,10 +302,13 @@ impl Dovecot {
         Ok(())
     }
 
-    /// How many TCP connections to the server are open now, counted on the clients' side
+    /// How many TCP connections to the server (either port) are open now, counted on the clients' side
     /// from the kernel's table (`/proc/net/tcp` and `tcp6`).
     pub fn connections(&self) -> usize {
-        let port = format!("{:04X}", self.port);
+        let ports: Vec<String> = std::iter::once(self.port)
+            .chain(self.tls_port)
+            .map(|p| format!("{p:04X}"))
+            .collect();
         ["/proc/net/tcp", "/proc/net/tcp6"]
             .iter()
             .filter_map(|table| std::fs::read_to_string(table).ok())
@@ -286,7 +320,8 @@ impl Dovecot {
                         // The remote address, then the state: 01 is ESTABLISHED.
                         let remote = fields.next().unwrap_or_default();
                         let state = fields.next().unwrap_or_default();
-                        remote.rsplit(':').next() == Some(port.as_str()) && state == "01"
+                        let remote_port = remote.rsplit(':').next().unwrap_or_default();
+                        ports.iter().any(|p| p == remote_port) && state == "01"
                     })
                     .count()
             })

@@ -1,5 +1,6 @@
 //! `listener-bench`: measures one release `exchange-listener` between mock-ews and mock-creatio,
-//! all three started as processes on loopback. It creates N mailboxes through Creatio's API,
+//! all three started as processes on loopback (or, with `--imap`, between a Dovecot over TLS
+//! and mock-creatio). It creates N mailboxes through Creatio's API,
 //! waits until every one streams, lets them idle, then injects mail at a steady rate to mailboxes
 //! picked at random and follows each mail to its arrival at mock-creatio. It prints the time
 //! until all N streamed, the listener's memory (idle and under load, per mailbox) and CPU, the
@@ -76,6 +77,11 @@ struct Args {
     /// `HangingConnectionLimit` (10 on Exchange 2016 and 2019).
     #[arg(long, default_value_t = 10)]
     ews_streams_per_account: usize,
+    /// IMAP mailboxes instead: one Dovecot over TLS (a certificate from a CA of the run's own,
+    /// given to the listener with `--imap-ca-file`), each mail put into its user's Maildir as
+    /// a delivery agent does.
+    #[arg(long, conflicts_with_all = ["ews_tls", "service_account"])]
+    imap: bool,
 }
 
 fn unix_now_us() -> u64 {
@@ -97,6 +103,8 @@ struct Rig {
     http: reqwest::Client,
     /// Mailboxes are created without a password, for the service account.
     service_account: bool,
+    /// The IMAP server, when the mailboxes are IMAP ones.
+    dovecot: Option<imap_world::Dovecot>,
 }
 
 impl Rig {
@@ -127,6 +135,23 @@ impl Rig {
             .timeout(Duration::from_secs(60))
             .build()?;
         let mut listener_args = listener_tls;
+        let dovecot = if args.imap {
+            let users: Vec<(String, &str)> = (0..args.mailboxes)
+                .map(|i| (Self::email(i), "pw"))
+                .collect();
+            let users: Vec<(&str, &str)> = users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
+            let (dovecot, ca) =
+                imap_world::Dovecot::start_sized(&users, true, args.mailboxes + 64).await?;
+            let ca_file = dir.join("imap-ca.crt");
+            std::fs::write(&ca_file, ca)?;
+            listener_args.extend([
+                "--imap-ca-file".to_owned(),
+                ca_file.to_string_lossy().into_owned(),
+            ]);
+            Some(dovecot)
+        } else {
+            None
+        };
         if args.service_account {
             let url = format!("{}/EWS/Exchange.asmx", ews.base);
             let file = mocks::service_account(&http, &ews.base, &url, &dir).await?;
@@ -153,6 +178,7 @@ impl Rig {
             creatio,
             http,
             service_account: args.service_account,
+            dovecot,
         })
     }
 
@@ -171,7 +197,8 @@ impl Rig {
     /// Creates every mailbox in mock-ews, then asks the listener to create each with one call
     /// per mailbox, as Creatio does; answers how long each Create call took, in milliseconds.
     async fn create_mailboxes(&self, n: usize) -> anyhow::Result<Vec<f64>> {
-        let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(0..n)
+        let in_ews = if self.dovecot.is_some() { 0 } else { n };
+        let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(0..in_ews)
             .map(|i| {
                 self.post(
                     format!("{}/_control/mailboxes", self.ews.base),
@@ -199,6 +226,13 @@ impl Rig {
                 );
                 if self.service_account {
                     creds["UserName"] = serde_json::Value::Null;
+                }
+                if let Some(dovecot) = &self.dovecot {
+                    creds["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
+                    creds["ServiceUrl"] = json!("127.0.0.1");
+                    creds["Port"] = json!(dovecot.tls_port);
+                    creds["UseSsl"] = json!(true);
+                    creds["SecureOption"] = json!(2);
                 }
                 let body = json!([creds]);
                 async move {
@@ -304,38 +338,49 @@ async fn flow(rig: &Rig, args: &Args) -> anyhow::Result<(Vec<Injected>, u64, Usa
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..total {
         tick.tick().await;
-        let url = format!(
-            "{}/_control/mailboxes/{}/messages",
-            rig.ews.base,
-            Rig::email(rng.usize(0..args.mailboxes))
-        );
-        let mail = json!({
-            "from": "sender@bench.test",
-            "subject": format!("bench {i}"),
-            "body": body,
-        });
-        let (http, injected, failures) = (rig.http.clone(), injected.clone(), failures.clone());
-        tasks.spawn(async move {
+        let to = Rig::email(rng.usize(0..args.mailboxes));
+        if let Some(dovecot) = &rig.dovecot {
+            let id = format!("<bench-{i}@bench.test>");
+            let mime = format!(
+                "From: sender@bench.test\r\nTo: {to}\r\nSubject: bench {i}\r\n\
+                 Message-ID: {id}\r\nDate: Mon, 7 Dec 2026 10:00:00 +0000\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n"
+            );
             let sent = unix_now_us();
-            let answer = async {
-                let resp = http
-                    .post(&url)
-                    .json(&mail)
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                let v: Value = resp.json().await?;
-                v["message_id"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .context("no message_id in mock-ews's answer")
-            }
-            .await;
-            match answer {
-                Ok(id) => injected.lock().unwrap().push((id, sent)),
+            match dovecot.deliver_offline(&to, &mime) {
+                Ok(()) => injected.lock().unwrap().push((id, sent)),
                 Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
             }
-        });
+        } else {
+            let url = format!("{}/_control/mailboxes/{}/messages", rig.ews.base, to);
+            let mail = json!({
+                "from": "sender@bench.test",
+                "subject": format!("bench {i}"),
+                "body": body,
+            });
+            let (http, injected, failures) = (rig.http.clone(), injected.clone(), failures.clone());
+            tasks.spawn(async move {
+                let sent = unix_now_us();
+                let answer = async {
+                    let resp = http
+                        .post(&url)
+                        .json(&mail)
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                    let v: Value = resp.json().await?;
+                    v["message_id"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .context("no message_id in mock-ews's answer")
+                }
+                .await;
+                match answer {
+                    Ok(id) => injected.lock().unwrap().push((id, sent)),
+                    Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
+                }
+            });
+        }
         if last_at.elapsed() >= Duration::from_secs(5) {
             let now = rig.listener.usage()?;
             peak_rss = peak_rss.max(now.rss_kib);
@@ -391,7 +436,18 @@ async fn main() -> anyhow::Result<()> {
         started,
         Duration::from_secs(args.start_timeout_secs),
     )
-    .await?;
+    .await
+    .inspect_err(|_| {
+        if let Some(dovecot) = &rig.dovecot {
+            let log = dovecot.log();
+            let errors: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("Error:") || l.contains("Fatal:") || l.contains("Panic:"))
+                .take(20)
+                .collect();
+            eprintln!("Dovecot's first errors:\n{}", errors.join("\n"));
+        }
+    })?;
     println!(
         "all {n} mailboxes streaming after {:.1} s",
         to_streaming.as_secs_f64()
@@ -406,6 +462,10 @@ async fn main() -> anyhow::Result<()> {
     let ews_stats = rig.get(format!("{}/_control/stats", rig.ews.base)).await?;
     let ews_streams = ews_stats["open_streams"].as_u64().unwrap_or(0);
     println!("mock-ews holds {ews_streams} streaming connections");
+    let imap_connections = rig.dovecot.as_ref().map(imap_world::Dovecot::connections);
+    if let Some(c) = imap_connections {
+        println!("Dovecot holds {c} connections");
+    }
     println!(
         "idle: {:.1} MiB resident ({:.1} MiB with no mailbox), {idle_per_mailbox_kib:.1} KiB per mailbox, {idle_cpu:.1}% CPU, {sockets} sockets open",
         mib(idle.rss_kib),
@@ -453,6 +513,8 @@ async fn main() -> anyhow::Result<()> {
         "ews_tls": args.ews_tls,
         "ews_auth": args.ews_auth,
         "service_account": args.service_account,
+        "imap": args.imap,
+        "imap_connections_idle": imap_connections,
         "rate_per_second": args.rate,
         "duration_secs": args.duration_secs,
         "mail_bytes": args.mail_bytes,

@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use super::connection::Connection;
 use super::session::{Endpoint, Login, Security};
 use super::{ImapMailbox, trusting_no_one};
-use crate::engine::protocol::Limits;
 use crate::creatio::contract::Secret;
+use crate::engine::protocol::Limits;
 
 #[derive(Default)]
 pub(super) struct Script {
@@ -313,7 +313,10 @@ mod tests {
         .await
         .expect("the failure reported")
         .unwrap_err();
-        assert!(matches!(failure.disposition(), Disposition::Retry { .. }), "{failure}");
+        assert!(
+            matches!(failure.disposition(), Disposition::Retry { .. }),
+            "{failure}"
+        );
         assert!(failure.to_string().contains("Shutting down"), "{failure}");
     }
 }
