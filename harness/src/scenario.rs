@@ -133,8 +133,21 @@ pub enum Server {
     /// mock-ews, behind the fault proxy.
     #[default]
     Exchange,
-    /// Debian's Dovecot, reached directly; mail put into it with `doveadm save`.
+    /// Debian's Dovecot, reached directly; mail put into its Maildirs.
     Imap,
+    /// Both side by side: the even-numbered mailboxes on Exchange, the odd ones on IMAP.
+    Mixed,
+}
+
+impl Server {
+    /// Whether mailbox `m` lives on the IMAP server.
+    pub fn imap_holds(self, m: usize) -> bool {
+        match self {
+            Server::Exchange => false,
+            Server::Imap => true,
+            Server::Mixed => m % 2 == 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -485,7 +498,7 @@ impl Scenario {
         if self.mailboxes.count == 0 {
             bail!("mailboxes.count must be at least 1");
         }
-        if self.mailboxes.server == Server::Imap {
+        if self.mailboxes.server != Server::Exchange {
             let exchange_only = [
                 (self.mailboxes.service_account, "mailboxes.service_account"),
                 (self.mail.via == MailVia::Send, "mail.via = \"send\""),
@@ -496,7 +509,7 @@ impl Scenario {
                 ),
             ];
             if let Some((_, what)) = exchange_only.iter().find(|(on, _)| *on) {
-                bail!("{what} is for Exchange mailboxes, not mailboxes.server = \"imap\"");
+                bail!("{what} is for Exchange mailboxes only, not mailboxes.server = \"imap\" or \"mixed\"");
             }
         }
         let redis = self.replicas.store() == StoreKind::Redis;
@@ -557,8 +570,11 @@ impl Scenario {
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
                 }
-                Action::ImapRestart { .. } if self.mailboxes.server != Server::Imap => {
-                    bail!("{} needs mailboxes.server = \"imap\"", step.action.label())
+                Action::ImapRestart { .. } if self.mailboxes.server == Server::Exchange => {
+                    bail!(
+                        "{} needs mailboxes.server = \"imap\" or \"mixed\"",
+                        step.action.label()
+                    )
                 }
                 Action::Update { .. } | Action::EwsFault { .. }
                     if self.mailboxes.server == Server::Imap =>
@@ -743,6 +759,16 @@ mod tests {
             &imap("[[at]]\nsecs = 1\ndo = \"ews-fault\"\nfault = { kind = \"silence\" }"),
             "is for Exchange mailboxes",
         );
+        // Side by side, each kind's faults apply to its own mailboxes.
+        let mixed = |extra: &str| format!("[mailboxes]\ncount = 4\nserver = \"mixed\"\n{extra}");
+        refused(&mixed("service_account = true"), "is for Exchange mailboxes only");
+        let both = mixed(
+            "[[at]]\nsecs = 1\ndo = \"ews-fault\"\nfault = { kind = \"silence\" }\n\
+             [[at]]\nsecs = 2\ndo = \"imap-restart\"",
+        );
+        let s = Scenario::parse("mixed", &format!("{MINIMAL}\n{both}")).unwrap();
+        let on_imap: Vec<bool> = (0..4).map(|m| s.mailboxes.server.imap_holds(m)).collect();
+        assert_eq!(on_imap, [false, true, false, true]);
     }
 
     #[test]

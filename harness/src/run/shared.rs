@@ -42,8 +42,10 @@ pub(super) struct Shared {
     pub(super) history: Arc<Mutex<(Vec<String>, i64, usize)>>,
     /// When the history was asked for (Unix µs): none of it may reach Creatio before.
     pub(super) history_asked_us: Arc<Mutex<Option<u64>>>,
-    /// The IMAP server the mailboxes live on, in `mailboxes.server = "imap"` runs.
+    /// The IMAP server, in runs with IMAP mailboxes.
     pub(super) imap: Option<Arc<imap_world::Dovecot>>,
+    /// Which mailboxes live on it.
+    pub(super) server: crate::scenario::Server,
 }
 
 impl Shared {
@@ -60,6 +62,11 @@ impl Shared {
     /// holds it (the recipient's inbox, the sender's Sent Items).
     pub(super) fn sent_key(m: usize, key: &str) -> String {
         format!("mbx-{m}/{key}")
+    }
+
+    /// The IMAP server mailbox `m` lives on, if it is an IMAP one.
+    pub(super) fn dovecot_of(&self, m: usize) -> Option<&imap_world::Dovecot> {
+        self.imap.as_deref().filter(|_| self.server.imap_holds(m))
     }
 
     pub(super) fn email(m: usize) -> String {
@@ -92,7 +99,7 @@ impl Shared {
         if self.service_account {
             creds["UserName"] = Value::Null;
         }
-        if let Some(dovecot) = &self.imap {
+        if let Some(dovecot) = self.dovecot_of(m) {
             creds["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
             creds["ServiceUrl"] = json!("127.0.0.1");
             creds["Port"] = json!(dovecot.port);

@@ -54,7 +54,7 @@ pub(super) async fn send_mail(
                 }));
             continue;
         }
-        let key = match &sh.imap {
+        let key = match sh.dovecot_of(m) {
             Some(dovecot) => {
                 // Into the mailbox's Maildir, as a delivery agent puts it there, whether or
                 // not the IMAP server is up.

@@ -72,9 +72,10 @@ impl World {
             service_account: scenario.mailboxes.service_account,
             history: Arc::default(),
             history_asked_us: Arc::default(),
+            server: scenario.mailboxes.server,
             imap: match scenario.mailboxes.server {
                 crate::scenario::Server::Exchange => None,
-                crate::scenario::Server::Imap => {
+                crate::scenario::Server::Imap | crate::scenario::Server::Mixed => {
                     let users: Vec<(String, &str)> = (0..scenario.mailboxes.count)
                         .map(|m| (Shared::email(m), "secret"))
                         .collect();
