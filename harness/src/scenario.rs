@@ -509,7 +509,9 @@ impl Scenario {
                 ),
             ];
             if let Some((_, what)) = exchange_only.iter().find(|(on, _)| *on) {
-                bail!("{what} is for Exchange mailboxes only, not mailboxes.server = \"imap\" or \"mixed\"");
+                bail!(
+                    "{what} is for Exchange mailboxes only, not mailboxes.server = \"imap\" or \"mixed\""
+                );
             }
         }
         let redis = self.replicas.store() == StoreKind::Redis;
@@ -761,7 +763,10 @@ mod tests {
         );
         // Side by side, each kind's faults apply to its own mailboxes.
         let mixed = |extra: &str| format!("[mailboxes]\ncount = 4\nserver = \"mixed\"\n{extra}");
-        refused(&mixed("service_account = true"), "is for Exchange mailboxes only");
+        refused(
+            &mixed("service_account = true"),
+            "is for Exchange mailboxes only",
+        );
         let both = mixed(
             "[[at]]\nsecs = 1\ndo = \"ews-fault\"\nfault = { kind = \"silence\" }\n\
              [[at]]\nsecs = 2\ndo = \"imap-restart\"",

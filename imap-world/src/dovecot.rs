@@ -30,6 +30,30 @@ fn temp_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// How a Dovecot is started.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// A certificate for 127.0.0.1 from a CA of the test's own: STARTTLS on `port`, TLS on
+    /// `tls_port`.
+    pub tls: bool,
+    /// Sized to hold this many IMAP connections at once (0: Dovecot's defaults, a process a
+    /// connection and a hundred at most): a login process serves them all, and an IMAP
+    /// process a hundred.
+    pub connections: usize,
+    /// Connections a user may hold from one address (`mail_max_userip_connections`).
+    pub connections_per_user: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tls: false,
+            connections: 0,
+            connections_per_user: 1000,
+        }
+    }
+}
+
 /// A running Dovecot; stopped and its folder removed on drop.
 pub struct Dovecot {
     /// The master process; replaced when the server is started again.
@@ -57,25 +81,26 @@ const INSTALL: &str =
 impl Dovecot {
     /// Starts Dovecot with these users (address, password) and waits until it answers.
     pub async fn start(users: &[(&str, &str)]) -> anyhow::Result<Dovecot> {
-        Self::start_with(users, false, 0).await
+        Ok(Self::start_with(users, Options::default()).await?.0)
     }
 
     /// As [`Dovecot::start`], with a certificate for 127.0.0.1 from a CA of the test's own:
     /// STARTTLS on `port`, TLS on `tls_port`. Answers the CA's PEM besides.
     pub async fn start_tls(users: &[(&str, &str)]) -> anyhow::Result<(Dovecot, Vec<u8>)> {
-        Self::start_sized(users, true, 0).await
+        let tls = Options {
+            tls: true,
+            ..Options::default()
+        };
+        Self::start_with(users, tls).await
     }
 
-    /// As [`Dovecot::start_tls`] (or without TLS), sized to hold `connections` IMAP
-    /// connections at once: a login process serves them all, and an IMAP process a hundred
-    /// (by default a process each, at most a hundred).
-    pub async fn start_sized(
+    /// Starts Dovecot as `options` say; answers it and its CA's PEM (empty without TLS).
+    pub async fn start_with(
         users: &[(&str, &str)],
-        tls: bool,
-        connections: usize,
+        options: Options,
     ) -> anyhow::Result<(Dovecot, Vec<u8>)> {
-        let dovecot = Self::start_with(users, tls, connections).await?;
-        let ca = if tls {
+        let dovecot = Self::configure_and_start(users, &options).await?;
+        let ca = if options.tls {
             std::fs::read(dovecot.dir.join("ca.crt"))?
         } else {
             Vec::new()
@@ -83,11 +108,15 @@ impl Dovecot {
         Ok((dovecot, ca))
     }
 
-    async fn start_with(
+    async fn configure_and_start(
         users: &[(&str, &str)],
-        tls: bool,
-        connections: usize,
+        options: &Options,
     ) -> anyhow::Result<Dovecot> {
+        let Options {
+            tls,
+            connections,
+            connections_per_user,
+        } = *options;
         let dir = temp_dir()?;
         let me = std::fs::metadata(&dir)?;
         // Dovecot will not keep mail as root: root's tests keep it as nobody.
@@ -175,7 +204,7 @@ impl Dovecot {
                  userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={d}/mail/%u\n}}\n\
                  service imap-login {{\n  chroot =\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n\
                  service anvil {{\n  chroot =\n}}\n\
-                 protocol imap {{\n  mail_max_userip_connections = 1000\n}}\n\
+                 protocol imap {{\n  mail_max_userip_connections = {connections_per_user}\n}}\n\
                  {sized}"
             ),
         )?;

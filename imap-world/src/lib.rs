@@ -6,7 +6,7 @@
 mod dovecot;
 mod smtp;
 
-pub use dovecot::{Dovecot, mail};
+pub use dovecot::{Dovecot, Options, mail};
 pub use smtp::{Accepted, SmtpSink};
 
 use std::time::Duration;

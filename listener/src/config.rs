@@ -94,6 +94,12 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_IMAP_POLL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub imap_poll_secs: u64,
 
+    /// Connections the listener holds at most for one login on one IMAP server (each watched
+    /// mailbox holds one; a check or a fetch for Creatio may open another). Servers cap them
+    /// per user: Dovecot at 10 from one address, Exchange at 16, Gmail at 15.
+    #[arg(long, env = "EXCHANGE_LISTENER_IMAP_CONNECTIONS_PER_USER", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub imap_connections_per_user: u64,
+
     /// A PEM bundle of CAs IMAP and SMTP servers' certificates may come from, besides the
     /// system's.
     #[arg(long, env = "EXCHANGE_LISTENER_IMAP_CA_FILE")]

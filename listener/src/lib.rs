@@ -232,6 +232,7 @@ pub async fn serve(
         wake: Duration::from_secs(config.imap_poll_secs)
             .min(Duration::from_secs(config.stream_idle_secs) / 2)
             .clamp(Duration::from_secs(1), Duration::from_secs(25 * 60)),
+        slots: Arc::new(imap::Slots::new(config.imap_connections_per_user as usize)),
     };
     // One line per protocol: the mailbox's `ServerTypeId` chooses.
     let protocols: Arc<dyn engine::protocol::Connect> = Arc::new(engine::protocol::Protocols {

@@ -591,3 +591,58 @@ async fn a_mail_creatio_sends_from_an_imap_mailbox_goes_out_over_smtp_once() {
     );
     assert_eq!(sink.accepted().len(), 1);
 }
+
+#[tokio::test]
+async fn mailboxes_sharing_a_login_stay_within_the_servers_connection_limit() {
+    // Dovecot lets a user hold two connections from one address; three Creatio mailboxes
+    // share the login (one shared mailbox added by three Creatio users).
+    let limited = imap_world::Options {
+        connections_per_user: 2,
+        ..imap_world::Options::default()
+    };
+    let (dovecot, _) = Dovecot::start_with(&[(ALICE, "secret")], limited)
+        .await
+        .expect("Dovecot");
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listener = Listener::spawn(&["--imap-connections-per-user", "2"]).await;
+    let ids = ["a1", "a2", "a3"].map(|n| format!("{n}fa8fad5-d9cb-469f-a165-70867728950e"));
+    for id in &ids {
+        let creds = credentials(id, &dovecot, "secret", &creatio.url("ProcessFullEmail"));
+        let (status, body) = listener.send("create", &json!([creds])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Each mailbox watching posts the mail: two do, the third waits for a connection
+    // (it tried as soon as it was created, well before Dovecot tells of the mail).
+    let first = mail("bob@fabrikam.test", ALICE, "First", "first@fabrikam.test");
+    dovecot.deliver_to(ALICE, "INBOX", &first).await.unwrap();
+    let through = |message_id: &str| -> Vec<String> {
+        ids.iter()
+            .filter(|id| received(&creatio, Some(id)).iter().any(|m| m == message_id))
+            .cloned()
+            .collect()
+    };
+    eventually(
+        "the first mail through two mailboxes",
+        PATIENCE,
+        async || (through("<first@fabrikam.test>").len() >= 2).then_some(()),
+    )
+    .await;
+    assert!(dovecot.connections() <= 2, "{}", dovecot.connections());
+    let refused = "Maximum number of connections";
+    assert!(!dovecot.log().contains(refused), "{}", dovecot.log());
+    // One closes; the one that waited takes its connection and hears the next mail.
+    let (status, _) = listener.send("close", &json!([ids[0]])).await;
+    assert_eq!(status, 200);
+    let second = mail("bob@fabrikam.test", ALICE, "Second", "second@fabrikam.test");
+    dovecot.deliver_to(ALICE, "INBOX", &second).await.unwrap();
+    eventually(
+        "the second mail through the two open mailboxes",
+        PATIENCE,
+        async || (through("<second@fabrikam.test>") == ids[1..]).then_some(()),
+    )
+    .await;
+    assert!(dovecot.connections() <= 2, "{}", dovecot.connections());
+    assert!(!dovecot.log().contains(refused), "{}", dovecot.log());
+}

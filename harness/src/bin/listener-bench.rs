@@ -140,8 +140,12 @@ impl Rig {
                 .map(|i| (Self::email(i), "pw"))
                 .collect();
             let users: Vec<(&str, &str)> = users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
-            let (dovecot, ca) =
-                imap_world::Dovecot::start_sized(&users, true, args.mailboxes + 64).await?;
+            let sized = imap_world::Options {
+                tls: true,
+                connections: args.mailboxes + 64,
+                ..imap_world::Options::default()
+            };
+            let (dovecot, ca) = imap_world::Dovecot::start_with(&users, sized).await?;
             let ca_file = dir.join("imap-ca.crt");
             std::fs::write(&ca_file, ca)?;
             listener_args.extend([

@@ -32,6 +32,9 @@ pub enum ImapFailure {
     /// The folder's UIDVALIDITY is not the one the cursor was taken under.
     #[error("the UIDVALIDITY of {folder:?} changed")]
     ValidityChanged { folder: String },
+    /// As many connections for this login to this server as the listener allows are open.
+    #[error("{open} connections to the IMAP server for this user are open already")]
+    Busy { open: usize },
 }
 
 impl ServerFailure for ImapFailure {
@@ -47,7 +50,8 @@ impl ServerFailure for ImapFailure {
             | ImapFailure::Closed(_)
             | ImapFailure::Refused { .. }
             | ImapFailure::Malformed(_)
-            | ImapFailure::ValidityChanged { .. } => Disposition::Retry { after: None },
+            | ImapFailure::ValidityChanged { .. }
+            | ImapFailure::Busy { .. } => Disposition::Retry { after: None },
         }
     }
 
@@ -73,6 +77,9 @@ impl ServerFailure for ImapFailure {
             ImapFailure::ValidityChanged { folder } => {
                 format!("The IMAP server renumbered the folder {folder:?}")
             }
+            ImapFailure::Busy { open } => format!(
+                "{open} connections to the IMAP server for this user are open already (--imap-connections-per-user); waiting for one to close"
+            ),
         }
     }
 
@@ -86,6 +93,7 @@ impl ServerFailure for ImapFailure {
             ImapFailure::TooLarge { .. } => "ImapAnswerTooLarge",
             ImapFailure::Config(_) => "ImapConfiguration",
             ImapFailure::ValidityChanged { .. } => "ImapUidValidityChanged",
+            ImapFailure::Busy { .. } => "ImapConnectionLimit",
         }
     }
 

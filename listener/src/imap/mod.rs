@@ -36,6 +36,7 @@ use crate::engine::protocol::{
     Answer, Connect, Failure, FindPage, Folder, Found, Item, Limits, MailServer, SyncPage, Watch,
 };
 use connection::Connection;
+pub use connection::Slots;
 use failure::ImapFailure;
 pub use session::{Endpoint, Login, Security};
 use session::{Session, Untagged, quoted};
@@ -48,6 +49,8 @@ pub struct ImapConnect {
     pub limits: Limits,
     /// How long a watch stays in IDLE before it looks at every folder and reports.
     pub wake: Duration,
+    /// The connections each login may hold to each server.
+    pub slots: Arc<Slots>,
 }
 
 impl ImapConnect {
@@ -131,6 +134,7 @@ impl Connect for ImapConnect {
                 Self::login(creds)?,
                 self.tls.clone(),
                 self.limits,
+                &self.slots,
             )),
             smtp,
             sender: creds.sender_email.clone(),

@@ -186,6 +186,7 @@ pub(super) fn mailbox(port: u16, wake: Duration) -> ImapMailbox {
             login,
             trusting_no_one(),
             limits,
+            &super::Slots::new(8),
         )),
         smtp: endpoint,
         sender: "alice@contoso.test".into(),

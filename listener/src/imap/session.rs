@@ -61,6 +61,15 @@ pub enum Login {
     },
 }
 
+impl Login {
+    /// The user the server knows.
+    pub fn user(&self) -> &str {
+        match self {
+            Login::Password { user, .. } | Login::Token { user, .. } => user,
+        }
+    }
+}
+
 /// An untagged answer, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Untagged {
@@ -113,6 +122,8 @@ pub(crate) struct Session {
     tag: u32,
     capabilities: Vec<String>,
     limits: Limits,
+    /// Its place among the connections its login may hold, given back when it closes.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Session {
@@ -191,6 +202,7 @@ impl Session {
             tag: 0,
             capabilities: Vec::new(),
             limits,
+            slot: None,
         };
         session.greeting().await?;
         if !implicit && endpoint.security != Security::None {
@@ -234,6 +246,11 @@ impl Session {
             .await
             .map_err(|_| ImapFailure::Unreachable("the TLS handshake timed out".into()))?
             .map_err(io_failure)
+    }
+
+    /// Holds `slot` for as long as the session is open.
+    pub(crate) fn hold(&mut self, slot: tokio::sync::OwnedSemaphorePermit) {
+        self.slot = Some(slot);
     }
 
     /// Whether the server said it has this capability (upper case).

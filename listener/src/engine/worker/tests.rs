@@ -415,6 +415,7 @@ fn imap_without_roots() -> crate::imap::ImapConnect {
         tls: crate::imap::trusting_no_one(),
         limits: WorkerSettings::for_tests().limits,
         wake: 60 * SECOND,
+        slots: Arc::new(crate::imap::Slots::new(8)),
     }
 }
 
