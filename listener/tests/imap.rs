@@ -646,3 +646,36 @@ async fn mailboxes_sharing_a_login_stay_within_the_servers_connection_limit() {
     assert!(dovecot.connections() <= 2, "{}", dovecot.connections());
     assert!(!dovecot.log().contains(refused), "{}", dovecot.log());
 }
+
+#[tokio::test]
+async fn mail_filed_into_a_folder_after_the_first_is_heard_at_once_through_notify() {
+    let dovecot = Dovecot::start(&[(ALICE, "secret")]).await.expect("Dovecot");
+    dovecot.create_folder(ALICE, "Projects").await.unwrap();
+    let creatio = MockCreatio::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // Folders are looked at only every ten minutes: only NOTIFY tells of Projects sooner.
+    let listener =
+        Listener::spawn(&["--stream-idle-secs", "1200", "--imap-poll-secs", "600"]).await;
+    let id = "7fa8fad5-d9cb-469f-a165-70867728950e";
+    let creds = credentials(id, &dovecot, "secret", &creatio.url("ProcessFullEmail"));
+    create_watched(&listener, id, &creds).await;
+    let inbox = mail("bob@fabrikam.test", ALICE, "Inbox", "inbox@fabrikam.test");
+    dovecot.deliver_to(ALICE, "INBOX", &inbox).await.unwrap();
+    // The watch has looked, and IDLEs on the inbox again.
+    eventually("the inbox's mail at Creatio", PATIENCE, async || {
+        received(&creatio, Some(id))
+            .contains(&"<inbox@fabrikam.test>".to_owned())
+            .then_some(())
+    })
+    .await;
+    let filed = mail("carol@fabrikam.test", ALICE, "Filed", "filed@fabrikam.test");
+    dovecot.deliver_to(ALICE, "Projects", &filed).await.unwrap();
+    eventually("the filed mail at Creatio", PATIENCE, async || {
+        received(&creatio, Some(id))
+            .contains(&"<filed@fabrikam.test>".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(dovecot.connections(), 1);
+}

@@ -92,7 +92,9 @@ impl Script {
             let validity = self.validity.load(Ordering::SeqCst);
             let next = self.uid_next.load(Ordering::SeqCst);
             let answer = match verb.as_str() {
-                "AUTHENTICATE" | "LOGIN" => format!("{tag} OK Logged in\r\n"),
+                "AUTHENTICATE" | "LOGIN" => {
+                    format!("{tag} OK [CAPABILITY {capabilities}] Logged in\r\n")
+                }
                 "EXAMINE" | "SELECT" => format!(
                     "* {} EXISTS\r\n* OK [UIDVALIDITY {validity}] UIDs valid\r\n\
                      * OK [UIDNEXT {next}] Predicted next UID\r\n{tag} OK [READ-ONLY] Examined\r\n",

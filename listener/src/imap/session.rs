@@ -107,6 +107,8 @@ pub(crate) struct Done {
     pub limit: bool,
     /// The server says the failure is temporary (`[UNAVAILABLE]`, `[SERVERBUG]`: RFC 5530).
     pub temporary: bool,
+    /// The capabilities the answer announced (`[CAPABILITY …]`, as servers end a login).
+    pub capabilities: Option<Vec<String>>,
 }
 
 enum Reply {
@@ -124,6 +126,8 @@ pub(crate) struct Session {
     limits: Limits,
     /// Its place among the connections its login may hold, given back when it closes.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The folders besides the selected one NOTIFY (RFC 5465) was asked to report on.
+    pub(crate) notifying: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -203,6 +207,7 @@ impl Session {
             capabilities: Vec::new(),
             limits,
             slot: None,
+            notifying: None,
         };
         session.greeting().await?;
         if !implicit && endpoint.security != Security::None {
@@ -333,7 +338,7 @@ impl Session {
                 Reply::Continue => self.write(b"\r\n").await?,
                 Reply::Untagged(_) => {}
                 Reply::Tagged { tag: t, done } if t == tag => {
-                    return Self::logged_in(done);
+                    return self.logged_in(Vec::new(), done).await;
                 }
                 Reply::Tagged { .. } => {}
             }
@@ -342,16 +347,25 @@ impl Session {
 
     async fn authenticated(&mut self, command: &str, name: &str) -> Result<(), ImapFailure> {
         let (untagged, done) = self.run_named(command, name).await?;
-        for u in untagged {
-            if let Untagged::Capabilities(caps) = u {
-                self.capabilities = caps;
-            }
-        }
-        Self::logged_in(done)
+        self.logged_in(untagged, done).await
     }
 
-    fn logged_in(done: Done) -> Result<(), ImapFailure> {
+    /// The end of a login. What the server offers changes with it: the capabilities it
+    /// announced then, else asked for.
+    async fn logged_in(&mut self, untagged: Vec<Untagged>, done: Done) -> Result<(), ImapFailure> {
         if done.ok {
+            let announced = untagged
+                .into_iter()
+                .filter_map(|u| match u {
+                    Untagged::Capabilities(caps) => Some(caps),
+                    _ => None,
+                })
+                .next_back()
+                .or(done.capabilities);
+            match announced {
+                Some(caps) => self.capabilities = caps,
+                None => self.capability().await?,
+            }
             Ok(())
         } else if done.limit || done.temporary {
             // Not the credentials: the server cannot log anyone in just now.
@@ -586,26 +600,34 @@ fn mailbox_name(m: &Mailbox<'_>) -> String {
 }
 
 fn done(code: Option<&Code<'_>>, text: &str, ok: bool) -> Done {
-    let code = code.map(|c| format!("{c:?}").to_ascii_uppercase());
+    let capabilities = match code {
+        Some(Code::Capability(caps)) => Some(capability_names(caps.as_ref())),
+        _ => None,
+    };
+    let code = code
+        .filter(|_| capabilities.is_none())
+        .map(|c| format!("{c:?}").to_ascii_uppercase());
     let says = |word: &str| code.as_deref().is_some_and(|c| c.contains(word));
     Done {
         ok,
         text: text.to_owned(),
         limit: says("LIMIT"),
         temporary: says("UNAVAILABLE") || says("SERVERBUG"),
+        capabilities,
     }
+}
+
+fn capability_names(caps: &[imap_codec::imap_types::response::Capability<'_>]) -> Vec<String> {
+    caps.iter()
+        .map(|c| c.to_string().to_ascii_uppercase())
+        .collect()
 }
 
 fn status_code(code: Option<&Code<'_>>) -> Untagged {
     match code {
         Some(Code::UidValidity(v)) => Untagged::UidValidity(v.get()),
         Some(Code::UidNext(n)) => Untagged::UidNext(n.get()),
-        Some(Code::Capability(caps)) => Untagged::Capabilities(
-            caps.as_ref()
-                .iter()
-                .map(|c| c.to_string().to_ascii_uppercase())
-                .collect(),
-        ),
+        Some(Code::Capability(caps)) => Untagged::Capabilities(capability_names(caps.as_ref())),
         _ => Untagged::Other,
     }
 }
@@ -644,12 +666,7 @@ fn owned(response: Response<'_>) -> Reply {
         Response::Data(data) => Reply::Untagged(match data {
             Data::Exists(n) => Untagged::Exists(n),
             Data::Search(uids) => Untagged::Search(uids.into_iter().map(|u| u.get()).collect()),
-            Data::Capability(caps) => Untagged::Capabilities(
-                caps.as_ref()
-                    .iter()
-                    .map(|c| c.to_string().to_ascii_uppercase())
-                    .collect(),
-            ),
+            Data::Capability(caps) => Untagged::Capabilities(capability_names(caps.as_ref())),
             Data::List {
                 items,
                 delimiter,
@@ -868,7 +885,7 @@ mod tests {
     }
 
     const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN IDLE] ready\r\n";
-    const LOGGED_IN: &str = "{tag} OK Logged in\r\n";
+    const LOGGED_IN: &str = "{tag} OK [CAPABILITY IMAP4rev1 IDLE NOTIFY] Logged in\r\n";
 
     #[tokio::test(start_paused = true)]
     async fn a_greeting_that_never_comes_is_given_up_after_the_request_timeout() {
@@ -934,6 +951,8 @@ mod tests {
         )
         .await
         .unwrap();
+        // What the server offers after the login is what its login answer announced.
+        assert!(s.has("NOTIFY"));
         let (_tag, before) = s.idle().await.unwrap();
         assert!(before.is_empty());
         let err = s.idle_news(Duration::from_secs(5)).await.unwrap_err();
@@ -950,10 +969,15 @@ mod tests {
         let s = scripted(
             "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n",
             // The answer to the initial response: its line carries no tag, the login's is e1.
-            vec!["+ \r\n", "e1 OK Logged in\r\n"],
+            // No capabilities with the login's answer: asked for (e2).
+            vec![
+                "+ \r\n",
+                "e1 OK Logged in\r\n",
+                "* CAPABILITY IMAP4rev1 IDLE NOTIFY\r\ne2 OK Capability completed\r\n",
+            ],
         )
         .await;
-        assert!(s.is_ok(), "{s:?}");
+        assert!(s.as_ref().is_ok_and(|s| s.has("NOTIFY")), "{s:?}");
         let s = scripted("* OK [CAPABILITY IMAP4rev1] ready\r\n", vec![LOGGED_IN]).await;
         assert!(s.is_ok(), "{s:?}");
         let err = scripted(

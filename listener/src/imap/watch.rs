@@ -162,11 +162,9 @@ async fn idle(
     if !s.has("IDLE") {
         return Ok(Woken::CannotIdle);
     }
+    notify_of_the_others(s, marks).await?;
     let (tag, before) = s.idle().await?;
-    let mut woken = before
-        .iter()
-        .any(|u| matches!(u, Untagged::Exists(_)))
-        .then_some(Woken::News);
+    let mut woken = before.iter().any(is_news).then_some(Woken::News);
     while woken.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::select! {
@@ -177,16 +175,56 @@ async fn idle(
             },
             news = s.idle_news(left) => match news? {
                 None => woken = Some(Woken::Wake),
-                Some(Untagged::Exists(_)) => woken = Some(Woken::News),
+                Some(u) if is_news(&u) => woken = Some(Woken::News),
                 Some(_) => {}
             },
         }
     }
     let after = s.idle_done(&tag).await?;
-    if after.iter().any(|u| matches!(u, Untagged::Exists(_))) {
+    if after.iter().any(is_news) {
         return Ok(Woken::News);
     }
     Ok(woken.unwrap_or(Woken::Wake))
+}
+
+/// New mail in the selected folder (EXISTS), or NOTIFY's word of a change in another (STATUS).
+fn is_news(u: &Untagged) -> bool {
+    matches!(u, Untagged::Exists(_) | Untagged::Status { .. })
+}
+
+/// Where the server offers NOTIFY (RFC 5465), asks it once a connection to tell of new mail
+/// in the watched folders after the first during IDLE as well, so they need no wait for the
+/// next look. A server that refuses is looked at as one without NOTIFY.
+async fn notify_of_the_others(s: &mut Session, marks: &Marks) -> Result<(), ImapFailure> {
+    let others: Vec<String> = marks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .skip(1)
+        .map(|(folder, _, _)| folder.clone())
+        .collect();
+    if others.is_empty() || !s.has("NOTIFY") || s.notifying.as_ref() == Some(&others) {
+        return Ok(());
+    }
+    let names = others
+        .iter()
+        .map(|f| quoted(f))
+        .collect::<Result<Vec<_>, _>>()?
+        .join(" ");
+    // MessageNew goes with MessageExpunge (RFC 5465, 5.2); a folder not selected is told of by
+    // a STATUS answer.
+    let command = format!(
+        "NOTIFY SET (SELECTED (MessageNew MessageExpunge)) (MAILBOXES ({names}) (MessageNew MessageExpunge))"
+    );
+    match s.ok(&command).await {
+        Ok(_) => {}
+        Err(refused @ ImapFailure::Refused { .. }) => {
+            tracing::debug!(error = %refused, "no NOTIFY: the folders after the first are looked at");
+        }
+        Err(e) => return Err(e),
+    }
+    s.notifying = Some(others);
+    Ok(())
 }
 
 /// Every watched folder's news since its mark; the marks move past it.
