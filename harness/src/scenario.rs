@@ -316,6 +316,8 @@ pub enum Link {
     Redis,
     Ews,
     Creatio,
+    /// The IMAP server, as every replica reaches it.
+    Imap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -562,6 +564,12 @@ impl Scenario {
                     }
                     if *to == Link::Redis && !redis {
                         bail!("a Redis link needs replicas.store = \"redis\"");
+                    }
+                    if *to == Link::Imap && self.mailboxes.server == Server::Exchange {
+                        bail!("an imap link needs mailboxes.server = \"imap\" or \"mixed\"");
+                    }
+                    if *to == Link::Imap && replica.is_some() {
+                        bail!("an imap link is every replica's: it takes no replica");
                     }
                     if *to == Link::Ews && self.mailboxes.server == Server::Imap {
                         bail!(

@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub(super) imap: Option<Arc<imap_world::Dovecot>>,
     /// Which mailboxes live on it.
     pub(super) server: crate::scenario::Server,
+    /// The port the replicas reach it on: the fault proxy in front of it.
+    pub(super) imap_port: u16,
 }
 
 impl Shared {
@@ -99,10 +101,10 @@ impl Shared {
         if self.service_account {
             creds["UserName"] = Value::Null;
         }
-        if let Some(dovecot) = self.dovecot_of(m) {
+        if self.dovecot_of(m).is_some() {
             creds["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
             creds["ServiceUrl"] = json!("127.0.0.1");
-            creds["Port"] = json!(dovecot.port);
+            creds["Port"] = json!(self.imap_port);
             creds["UseSsl"] = json!(false);
             creds["SecureOption"] = json!(0);
         }

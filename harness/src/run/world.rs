@@ -26,6 +26,8 @@ pub(super) struct World {
     pub(super) _creatio: Process,
     pub(super) ews_link: Proxy,
     pub(super) creatio_link: Proxy,
+    /// The way every replica reaches the IMAP server, in runs with IMAP mailboxes.
+    pub(super) imap_link: Option<Proxy>,
     pub(super) redis: Option<Redis>,
     /// The service accounts file every replica is given, in `service_account` runs.
     pub(super) accounts: Option<PathBuf>,
@@ -54,6 +56,21 @@ impl World {
             StoreKind::Redis => Some(Redis::start(&options.redis, &dir).await?),
             StoreKind::Memory => None,
         };
+        let imap = match scenario.mailboxes.server {
+            crate::scenario::Server::Exchange => None,
+            crate::scenario::Server::Imap | crate::scenario::Server::Mixed => {
+                let users: Vec<(String, &str)> = (0..scenario.mailboxes.count)
+                    .map(|m| (Shared::email(m), "secret"))
+                    .collect();
+                let logins: Vec<(&str, &str)> =
+                    users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
+                Some(Arc::new(imap_world::Dovecot::start(&logins).await?))
+            }
+        };
+        let imap_link = match &imap {
+            Some(dovecot) => Some(Proxy::start(([127, 0, 0, 1], dovecot.port).into()).await?),
+            None => None,
+        };
         let shared = Shared {
             http: reqwest::Client::builder()
                 .no_proxy()
@@ -73,17 +90,8 @@ impl World {
             history: Arc::default(),
             history_asked_us: Arc::default(),
             server: scenario.mailboxes.server,
-            imap: match scenario.mailboxes.server {
-                crate::scenario::Server::Exchange => None,
-                crate::scenario::Server::Imap | crate::scenario::Server::Mixed => {
-                    let users: Vec<(String, &str)> = (0..scenario.mailboxes.count)
-                        .map(|m| (Shared::email(m), "secret"))
-                        .collect();
-                    let logins: Vec<(&str, &str)> =
-                        users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
-                    Some(Arc::new(imap_world::Dovecot::start(&logins).await?))
-                }
-            },
+            imap,
+            imap_port: imap_link.as_ref().map_or(0, |link| link.addr().port()),
         };
         let accounts = if scenario.mailboxes.service_account {
             let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
@@ -112,6 +120,7 @@ impl World {
             _creatio: creatio,
             ews_link,
             creatio_link,
+            imap_link,
             redis,
             accounts,
             slots: Vec::new(),
@@ -380,6 +389,11 @@ impl World {
                         self.slots[*r]
                             .web_link
                             .set_mode(self.creatio_link.addr(), mode);
+                    }
+                    (Link::Imap, _) => {
+                        if let Some(link) = &self.imap_link {
+                            link.set_mode(mode);
+                        }
                     }
                     (Link::Redis, _) => {
                         for (i, slot) in self.slots.iter().enumerate() {
