@@ -775,6 +775,14 @@ mod tests {
             &mixed("service_account = true"),
             "is for Exchange mailboxes only",
         );
+        refused(
+            "[[at]]\nsecs = 1\ndo = \"link\"\nto = \"imap\"\nmode = \"reset\"",
+            "an imap link needs",
+        );
+        refused(
+            &mixed("[[at]]\nsecs = 1\ndo = \"link\"\nto = \"imap\"\nmode = \"reset\"\nreplica = 0"),
+            "takes no replica",
+        );
         let both = mixed(
             "[[at]]\nsecs = 1\ndo = \"ews-fault\"\nfault = { kind = \"silence\" }\n\
              [[at]]\nsecs = 2\ndo = \"imap-restart\"",
