@@ -316,9 +316,18 @@ impl Session {
                 let raw = format!("\0{user}\0{}", password.expose());
                 ("PLAIN", raw)
             }
-            Login::Token { user, token } => {
+            // XOAUTH2 (Gmail, Microsoft 365) unless the server offers only OAUTHBEARER
+            // (RFC 7628), whose header names the user with `,` and `=` escaped.
+            Login::Token { user, token }
+                if self.has("AUTH=XOAUTH2") || !self.has("AUTH=OAUTHBEARER") =>
+            {
                 let raw = format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose());
                 ("XOAUTH2", raw)
+            }
+            Login::Token { user, token } => {
+                let user = user.replace('=', "=3D").replace(',', "=2C");
+                let raw = format!("n,a={user},\x01auth=Bearer {}\x01\x01", token.expose());
+                ("OAUTHBEARER", raw)
             }
         };
         let initial = base64::engine::general_purpose::STANDARD.encode(initial);
@@ -845,10 +854,32 @@ mod tests {
 
     /// A server scripted line by line over an in-memory pipe: it reads each command, and
     /// writes what the test says for it (`{tag}` stands for the command's tag).
-    async fn scripted(greeting: &str, answers: Vec<&'static str>) -> Result<Session, ImapFailure> {
+    async fn scripted(
+        greeting: &str,
+        answers: Vec<impl Into<String>>,
+    ) -> Result<Session, ImapFailure> {
+        let alice = Login::Password {
+            user: "alice".into(),
+            password: Secret::new("secret".into()),
+        };
+        scripted_as(alice, greeting, answers).await.0
+    }
+
+    /// As [`scripted`], logging in as `login`; answers the lines the server read besides.
+    async fn scripted_as(
+        login: Login,
+        greeting: &str,
+        answers: Vec<impl Into<String>>,
+    ) -> (
+        Result<Session, ImapFailure>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
         use tokio::io::AsyncBufReadExt as _;
         let (client, server) = tokio::io::duplex(1 << 16);
         let greeting = greeting.to_owned();
+        let answers: Vec<String> = answers.into_iter().map(Into::into).collect();
+        let read_lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = read_lines.clone();
         tokio::spawn(async move {
             let (read, mut write) = tokio::io::split(server);
             let mut lines = tokio::io::BufReader::new(read).lines();
@@ -859,6 +890,7 @@ mod tests {
                 let Ok(Some(line)) = lines.next_line().await else {
                     return;
                 };
+                log.lock().unwrap().push(line.clone());
                 let tag = line.split(' ').next().unwrap_or_default().to_owned();
                 let _ = write
                     .write_all(answer.replace("{tag}", &tag).as_bytes())
@@ -872,16 +904,13 @@ mod tests {
             port: 143,
             security: Security::None,
         };
-        let login = Login::Password {
-            user: "alice".into(),
-            password: Secret::new("secret".into()),
-        };
         let tls = super::super::trusting_no_one();
         let limits = Limits {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
         };
-        Session::over(Box::new(client), &endpoint, &login, &tls, limits).await
+        let session = Session::over(Box::new(client), &endpoint, &login, &tls, limits).await;
+        (session, read_lines)
     }
 
     const GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN IDLE] ready\r\n";
@@ -890,7 +919,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_greeting_that_never_comes_is_given_up_after_the_request_timeout() {
         let started = tokio::time::Instant::now();
-        let err = scripted("", vec![]).await.unwrap_err();
+        let err = scripted("", Vec::<&str>::new()).await.unwrap_err();
         assert!(matches!(err, ImapFailure::Unreachable(_)), "{err:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
@@ -944,6 +973,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_literal_that_comes_over_many_reads_is_read_whole() {
+        // Far more than one read of the pipe (64 KiB) holds.
+        let mime = format!("Subject: big\r\n\r\n{}\r\n", "y".repeat(300_000));
+        let answer = format!(
+            "* 1 FETCH (UID 7 BODY[] {{{}}}\r\n{mime})\r\n{{tag}} OK Fetch completed\r\n",
+            mime.len()
+        );
+        let mut s = scripted(GREETING, vec![LOGGED_IN.to_owned(), answer])
+            .await
+            .unwrap();
+        let answers = s.ok("UID FETCH 7 (UID BODY.PEEK[])").await.unwrap();
+        assert!(
+            matches!(&answers[..], [Untagged::Fetch { uid: Some(7), body: Some(b), .. }] if *b == mime.as_bytes()),
+            "{:?}",
+            answers.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_access_token_goes_as_xoauth2_or_where_only_that_is_offered_as_oauthbearer() {
+        let token = || Login::Token {
+            user: "alice@contoso.com".into(),
+            token: Secret::new("tok".into()),
+        };
+        let sent = |lines: &Arc<std::sync::Mutex<Vec<String>>>| {
+            let line = lines.lock().unwrap()[0].clone();
+            let (command, initial) = line.rsplit_once(' ').unwrap();
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(initial)
+                .unwrap();
+            (command.to_owned(), String::from_utf8(raw).unwrap())
+        };
+        let (s, lines) = scripted_as(
+            token(),
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=OAUTHBEARER] ready\r\n",
+            vec![LOGGED_IN],
+        )
+        .await;
+        assert!(s.is_ok(), "{s:?}");
+        assert_eq!(
+            sent(&lines),
+            (
+                "e1 AUTHENTICATE XOAUTH2".to_owned(),
+                "user=alice@contoso.com\x01auth=Bearer tok\x01\x01".to_owned()
+            )
+        );
+        let (s, lines) = scripted_as(
+            token(),
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=OAUTHBEARER] ready\r\n",
+            vec![LOGGED_IN],
+        )
+        .await;
+        assert!(s.is_ok(), "{s:?}");
+        assert_eq!(
+            sent(&lines),
+            (
+                "e1 AUTHENTICATE OAUTHBEARER".to_owned(),
+                "n,a=alice@contoso.com,\x01auth=Bearer tok\x01\x01".to_owned()
+            )
+        );
+    }
+
+    #[tokio::test]
     async fn a_bye_in_the_middle_of_idle_closes_the_watch() {
         let mut s = scripted(
             GREETING,
@@ -982,7 +1074,7 @@ mod tests {
         assert!(s.is_ok(), "{s:?}");
         let err = scripted(
             "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready\r\n",
-            vec![],
+            Vec::<&str>::new(),
         )
         .await
         .unwrap_err();
