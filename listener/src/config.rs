@@ -40,6 +40,19 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_BASE_PATH", default_value = "", value_parser = base_path)]
     pub base_path: String,
 
+    /// A file holding the token every API call must carry (health probes aside): as a bearer
+    /// token (`Authorization: Bearer …`), or as the first path segment after the base path
+    /// (`/exchangelistener/<token>/api/listeners/…`), for a Creatio that cannot send headers
+    /// (put it in `ExchangeListenerServiceUri`). At least 16 characters of letters, digits,
+    /// `-`, `_`, `.` and `~`. None: the API takes calls from whoever reaches it.
+    #[arg(long, env = "EXCHANGE_LISTENER_API_TOKEN_FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
+
+    /// Serve `/metrics` on this address alone (e.g. `0.0.0.0:9090`), not on the API's, so an
+    /// ingress routing the API never exposes it.
+    #[arg(long, env = "EXCHANGE_LISTENER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log filter (tracing directives, e.g. `info` or `exchange_listener=debug`).
     #[arg(long, env = "EXCHANGE_LISTENER_LOG", default_value = "info")]
     pub log: String,
@@ -268,6 +281,24 @@ pub struct Config {
     pub drain_secs: u64,
 }
 
+/// A token as a file holds it: one line, usable as a path segment, long enough not to guess.
+fn api_token(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err("the token must be 16 characters or more".into());
+    }
+    if !token
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.~".contains(c))
+    {
+        return Err(
+            "the token may hold only letters, digits, '-', '_', '.' and '~' (it can be a path segment)"
+                .into(),
+        );
+    }
+    Ok(token.to_owned())
+}
+
 fn base_path(s: &str) -> Result<String, String> {
     let s = s.trim().trim_end_matches('/');
     if s.is_empty() {
@@ -317,6 +348,18 @@ impl Config {
             Duration::from_millis(self.delivery_retry_base_ms),
             Duration::from_millis(self.delivery_retry_max_ms),
         )
+    }
+
+    /// The API token `--api-token-file` holds, if one is given.
+    pub fn api_token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.api_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--api-token-file {}: {e}", path.display()))?;
+        api_token(&text)
+            .map(Some)
+            .map_err(|e| format!("--api-token-file {}: {e}", path.display()))
     }
 
     /// Where Creatio's calls may send the listener.
@@ -420,6 +463,21 @@ mod tests {
             "redis://x:1/2",
             "the URL wins"
         );
+    }
+
+    #[test]
+    fn api_tokens_are_one_line_of_path_safe_characters_and_long_enough() {
+        assert_eq!(
+            api_token("  s3cr3t-token_0123456789\n").unwrap(),
+            "s3cr3t-token_0123456789"
+        );
+        assert!(api_token("short").unwrap_err().contains("16 characters"));
+        assert!(
+            api_token("abcdefghijklmnop/q")
+                .unwrap_err()
+                .contains("path segment")
+        );
+        assert!(api_token("abcdefgh ijklmnopq").is_err());
     }
 
     #[test]

@@ -301,7 +301,37 @@ pub async fn serve(
         request_timeout: Duration::from_secs(config.http_request_timeout_secs),
     };
     let grace = Duration::from_secs(config.shutdown_timeout_secs);
-    let router = server::with_limits(creatio::api::router(state, &config.base_path), http_limits);
+    let access = creatio::api::Access {
+        token: config
+            .api_token()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .map(Arc::from),
+        metrics_elsewhere: config.metrics_listen.is_some(),
+    };
+    if access.token.is_none() {
+        tracing::warn!(
+            "the API takes calls from whoever reaches it: give it a token with --api-token-file, or keep it behind a network policy"
+        );
+    }
+    if let Some(at) = config.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("--metrics-listen {at}"))?;
+        let addr = metrics
+            .local_addr()
+            .context("reading the metrics address")?;
+        tracing::info!("metrics on http://{addr}/metrics");
+        let router = creatio::api::metrics_router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics, router).await {
+                tracing::error!(error = %e, "the metrics address stopped serving");
+            }
+        });
+    }
+    let router = server::with_limits(
+        creatio::api::router(state, &config.base_path, &access),
+        http_limits,
+    );
     let addr = listener.local_addr().context("reading the bound address")?;
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let stop_flag = ready.clone();

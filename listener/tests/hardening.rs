@@ -772,3 +772,88 @@ async fn link_local_addresses_and_hosts_off_the_allow_lists_are_refused() {
     .await;
     world.subscribe(&open, "m", ALICE, "ProcessFullEmail").await;
 }
+
+#[tokio::test]
+async fn with_a_token_the_api_answers_only_calls_that_carry_it_and_metrics_live_elsewhere() {
+    let token = "tok-0123456789_abcdef";
+    let file = common::temp_dir("api-token").join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let listener = Listener::spawn(&[
+        "--api-token-file",
+        file.to_str().unwrap(),
+        "--base-path",
+        "/exchangelistener",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let status_of = async |path: &str, bearer: Option<&str>| {
+        let mut get = http.get(format!("{}{path}", listener.base));
+        if let Some(b) = bearer {
+            get = get.bearer_auth(b);
+        }
+        get.send().await.unwrap().status().as_u16()
+    };
+    for path in [
+        "/api/listeners/status",
+        "/exchangelistener/api/listeners/status",
+        "/metrics",
+    ] {
+        assert_eq!(status_of(path, None).await, 401, "{path}");
+        assert_eq!(
+            status_of(path, Some("tok-0123456789_abcdeX")).await,
+            401,
+            "{path}"
+        );
+    }
+    assert_eq!(status_of("/api/listeners/status", Some(token)).await, 200);
+    // In the path, for a Creatio that cannot send headers: after the base path, or first.
+    for path in [
+        format!("/exchangelistener/{token}/api/listeners/status"),
+        format!("/{token}/api/listeners/status"),
+    ] {
+        assert_eq!(status_of(&path, None).await, 200, "{path}");
+    }
+    assert_ne!(
+        status_of(
+            "/exchangelistener/tok-0123456789_abcdeX/api/listeners/status",
+            None
+        )
+        .await,
+        200
+    );
+    // A Creatio call as Creatio writes it, through the token in the path.
+    let create = http
+        .post(format!(
+            "{}/exchangelistener/{token}/api/listeners/close",
+            listener.base
+        ))
+        .body("[\"mbx-none\"]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(create.status().as_u16(), 200);
+    // The probes need no token.
+    for path in ["/healthz", "/exchangelistener/healthz", "/readyz"] {
+        assert_eq!(status_of(path, None).await, 200, "{path}");
+    }
+    // /metrics is not the API's (even with the token), but its own address's.
+    assert_eq!(status_of("/metrics", Some(token)).await, 404);
+    let metrics = listener
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|l| l.split("metrics on ").nth(1).map(str::to_owned))
+        .expect("the metrics address logged");
+    let text = http
+        .get(metrics.split_whitespace().next().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("exchange_listener_"), "{text}");
+}

@@ -71,11 +71,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Who may call the API, and where `/metrics` is served.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// The token every call but the health probes must carry: as a bearer token, or as the
+    /// first path segment after the base path.
+    pub token: Option<Arc<str>>,
+    /// `/metrics` has an address of its own ([`metrics_router`]): not served with the API.
+    pub metrics_elsewhere: bool,
+}
+
 /// The routes, at the root and, when `base_path` is set (e.g. `/exchangelistener`, the
 /// original chart's `ingress.path`), under it as well: an ingress that forwards the whole path
-/// reaches the same API.
-pub fn router(state: ApiState, base_path: &str) -> Router {
-    let routes = Router::new()
+/// reaches the same API. With a token, every route but the health probes needs it.
+pub fn router(state: ApiState, base_path: &str, access: &Access) -> Router<()> {
+    let base = base_path.trim_end_matches('/');
+    let mut api = Router::new()
         .route("/api/listeners/status", get(status))
         .route("/api/listeners/exists", get(status))
         .route("/api/mailbox/validate", post(mailbox_validate))
@@ -96,15 +107,80 @@ pub fn router(state: ApiState, base_path: &str) -> Router {
             get(mailbox).post(action).delete(delete_mailbox),
         )
         .route("/api/listeners/{id}/dead-letters", get(dead_letters))
-        .route("/api/listeners/{id}/dead-letters/replay", post(replay))
+        .route("/api/listeners/{id}/dead-letters/replay", post(replay));
+    if !access.metrics_elsewhere {
+        api = api.route("/metrics", get(metrics));
+    }
+    if let Some(token) = &access.token {
+        // Under the token's own path segment too, for a Creatio that cannot send headers.
+        let guarded = api.clone().nest(&format!("/{token}"), api);
+        let (token, base) = (token.clone(), base.to_owned());
+        api = guarded.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let allowed = carries_token(&req, &token, &base);
+                async move {
+                    if allowed {
+                        next.run(req).await
+                    } else {
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                            Json(json!({ "error": "this listener's API needs its token (--api-token-file): send it as a bearer token, or as the first path segment (.../<token>/api/...)" })),
+                        )
+                            .into_response()
+                    }
+                }
+            },
+        ));
+    }
+    let routes = api
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics));
-    let routes = match base_path.trim_end_matches('/') {
+        .route("/readyz", get(ready));
+    let routes = match base {
         "" => routes,
         base => routes.clone().nest(base, routes),
     };
     routes.with_state(state)
+}
+
+/// `/metrics` alone, for an address of its own.
+pub fn metrics_router(state: ApiState) -> Router<()> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Whether a request carries the API token: `Authorization: Bearer <token>`, or the token as
+/// the first path segment (after `base`, when the path begins with it). Compared in constant
+/// time.
+fn carries_token(req: &axum::extract::Request, token: &str, base: &str) -> bool {
+    let same = |given: &[u8]| {
+        given.len() == token.len()
+            && given
+                .iter()
+                .zip(token.as_bytes())
+                .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+                == 0
+    };
+    let bearer = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| same(given.trim().as_bytes()));
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| req.uri().path(), |o| o.0.path());
+    let after_base = match path.strip_prefix(base) {
+        Some(rest) if !base.is_empty() && rest.starts_with('/') => rest,
+        _ => path,
+    };
+    let segment = after_base
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(first, _)| first);
+    bearer || segment.is_some_and(|s| same(s.as_bytes()))
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
