@@ -131,9 +131,49 @@ expect("probes on /healthz and /readyz",
        and probes["readinessProbe"]["httpGet"]["path"] == "/readyz")
 expect("the secret key comes from a Secret the chart keeps",
        one(base, "Secret")["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep")
-expect("NOTES names Creatio's ExchangeListenerServiceUri",
-       "http://crm.example.com/exchangelistener/api/listeners"
-       in notes(render("env.host=redis,ApiUrl=crm.example.com")[1]))
+base_notes = notes(base_files)
+expect("NOTES names Creatio's ExchangeListenerServiceUri, the token in its path, and how to read it",
+       "http://crm.example.com/exchangelistener/<token>/api/listeners" in base_notes
+       and "kubectl -n crm get secret el-exchangelistener-api-token" in base_notes)
+
+# Exposure: a token on every call, metrics apart, a network policy.
+token_secret = next(o for o in base if o["kind"] == "Secret" and o["metadata"]["name"] == "el-exchangelistener-api-token")
+base_pod = one(base, "StatefulSet")["spec"]["template"]["spec"]
+expect("the API token is generated once and kept",
+       token_secret["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep"
+       and len(__import__("base64").b64decode(token_secret["data"]["token"])) >= 16)
+expect("the API token is mounted and named by --api-token-file",
+       env(base, "EXCHANGE_LISTENER_API_TOKEN_FILE") == "/etc/exchange-listener/api-token/token"
+       and any(v["name"] == "api-token" and v["secret"]["secretName"] == "el-exchangelistener-api-token"
+               for v in base_pod["volumes"]))
+own_token = render("env.host=redis,ApiUrl=crm.example.com,apiToken.existingSecret=creatio-token")[0]
+expect("apiToken.existingSecret is used, none generated",
+       not any(o["kind"] == "Secret" and o["metadata"]["name"].endswith("api-token") for o in own_token)
+       and any(v.get("secret", {}).get("secretName") == "creatio-token"
+               for v in one(own_token, "StatefulSet")["spec"]["template"]["spec"]["volumes"]))
+open_api, open_files = render("env.host=redis,ApiUrl=crm.example.com,apiToken.enabled=false")
+expect("apiToken.enabled=false: no token, and NOTES warns",
+       env(open_api, "EXCHANGE_LISTENER_API_TOKEN_FILE") is None and "WARNING" in notes(open_files)
+       and "<token>" not in notes(open_files))
+api_service = next(o for o in base if o["kind"] == "Service" and o["metadata"]["name"] == "el-exchangelistener")
+expect("/metrics on its own port, which the API Service and the Ingress do not carry",
+       env(base, "EXCHANGE_LISTENER_METRICS_LISTEN") == "0.0.0.0:9090"
+       and [p["name"] for p in api_service["spec"]["ports"]] == ["http"]
+       and one(base, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"]["name"] == "http"
+       and one(base, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9090")
+policy = one(base, "NetworkPolicy")
+rules = {r["ports"][0]["port"]: r["from"] for r in policy["spec"]["ingress"]} if policy else {}
+expect("a NetworkPolicy by default: the API from the ingress controller, metrics from monitoring",
+       rules.get("http", [{}])[0].get("namespaceSelector", {}).get("matchLabels")
+       == {"kubernetes.io/metadata.name": "ingress-nginx"}
+       and rules.get("metrics", [{}])[0].get("namespaceSelector", {}).get("matchLabels")
+       == {"kubernetes.io/metadata.name": "monitoring"})
+peers = one(render("env.host=redis,ApiUrl=crm.example.com,"
+                   "networkPolicy.apiFrom[0].namespaceSelector.matchLabels.team=crm")[0], "NetworkPolicy")
+expect("networkPolicy.apiFrom admits more callers of the API",
+       {"namespaceSelector": {"matchLabels": {"team": "crm"}}} in peers["spec"]["ingress"][0]["from"])
+expect("networkPolicy.enabled=false leaves it out",
+       one(render("env.host=redis,ApiUrl=crm.example.com,networkPolicy.enabled=false")[0], "NetworkPolicy") is None)
 
 onprem = render("env.host=redis,ApiUrl=crm.example.com,exchange.caSecret=ews-ca,exchange.serviceAccountsSecret=ews-accounts,"
                 "exchange.auth=ntlm,creatio.hosts={crm.contoso.com},exchange.hosts={mail.contoso.com,*.contoso.com}")[0]
@@ -153,7 +193,8 @@ expect("exchange.hosts becomes --exchange-hosts",
        env(onprem, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") == "mail.contoso.com,*.contoso.com")
 expect("no host lists: any host", env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") is None
        and env(base, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") is None)
-expect("no Exchange secrets: no volumes", "volumes" not in one(base, "StatefulSet")["spec"]["template"]["spec"])
+expect("no Exchange secrets: the API token's volume alone",
+       [v["name"] for v in one(base, "StatefulSet")["spec"]["template"]["spec"]["volumes"]] == ["api-token"])
 
 
 
@@ -245,7 +286,9 @@ monitored = render("env.host=redis,ApiUrl=crm.example.com,serviceMonitor.enabled
 wanted = one(monitored, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
 scraped = [o["metadata"]["name"] for o in monitored if o["kind"] == "Service"
            and all(o["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
-expect(f"the ServiceMonitor scrapes each pod through one Service ({scraped})", scraped == ["el-exchangelistener"])
+expect(f"the ServiceMonitor scrapes each pod through one Service, on the metrics port ({scraped})",
+       scraped == ["el-exchangelistener-headless"]
+       and one(monitored, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics")
 expect("serviceMonitor.labels label the ServiceMonitor",
        one(monitored, "ServiceMonitor")["metadata"]["labels"].get("release") == "prometheus")
 query = one(render(VALUE_SETS["KEDA"], name="other")[0], "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
@@ -275,6 +318,7 @@ for label, expression, needle in [
      "terminationGracePeriodSeconds"),
     ("HPA and KEDA together", "env.host=redis,ApiUrl=crm.example.com,autoscaling.enabled=true,keda.enabled=true",
      "choose one"),
+    ("metrics on the API's port", "env.host=redis,ApiUrl=crm.example.com,metrics.port=8080", "/metrics/port"),
 ]:
     try:
         render(expression)

@@ -10,9 +10,12 @@ exchange-listener-redis:check) and builds the mocks' images the same way."""
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import helm_python as helm
@@ -21,6 +24,7 @@ import yaml
 RUN = f"elchart{os.getpid()}"
 NET = RUN
 started = []
+folders = []
 
 
 def sh(*args, capture=True):
@@ -39,16 +43,21 @@ def creatio_json(value):
     return json.dumps(value)
 
 
-def http(method, url, body=None, creatio=False):
+def http(method, url, body=None, creatio=False, token=None):
     if body is None:
         data = None
     else:
         data = (creatio_json(body) if creatio else json.dumps(body)).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
-        return resp.status, (json.loads(text) if text.startswith(("{", "[")) else text)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            text = resp.read().decode()
+            return resp.status, (json.loads(text) if text.startswith(("{", "[")) else text)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def eventually(what, probe, patience=60):
@@ -74,9 +83,12 @@ def image(binary, tag):
     sh("docker", "build", "-q", "-t", tag, ctx)
 
 
-def run(name, img, *args, alias=None, publish=None, env=(), user=None, read_only=False):
+def run(name, img, *args, alias=None, publish=None, env=(), user=None, read_only=False,
+        volumes=()):
     cmd = ["docker", "run", "-d", "--name", name, "--network", NET,
            "--network-alias", alias or name]
+    for host, inside in volumes:
+        cmd += ["-v", f"{host}:{inside}:ro"]
     if publish:
         cmd += ["-p", f"127.0.0.1::{publish}"]
     for k, v in env:
@@ -105,7 +117,7 @@ def main():
     objects = [d for p, t in files.items() if not p.endswith("NOTES.txt")
                for d in yaml.safe_load_all(t) if d]
     sts = next(o for o in objects if o["kind"] == "StatefulSet")
-    secret = next(o for o in objects if o["kind"] == "Secret")
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
     pod = sts["spec"]["template"]["spec"]
     spec = pod["containers"][0]
     port = spec["ports"][0]["containerPort"]
@@ -120,6 +132,22 @@ def main():
     creatio = run(f"{RUN}-creatio", "exchange-listener-mock-creatio:check", "--listen",
                   "0.0.0.0:7080", alias="mock-creatio", publish=7080)
 
+    # The Secrets the pod mounts, as files the container's user can read.
+    volumes = []
+    by_name = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in spec.get("volumeMounts", []):
+        secret_name = by_name[mount["name"]]["secret"]["secretName"]
+        folder = tempfile.mkdtemp(prefix=f"{RUN}-{mount['name']}-")
+        folders.append(folder)
+        os.chmod(folder, 0o755)
+        for key, value in secrets[secret_name]["data"].items():
+            path = os.path.join(folder, key)
+            with open(path, "wb") as f:
+                f.write(base64.b64decode(value))
+            os.chmod(path, 0o644)
+        volumes.append((folder, mount["mountPath"]))
+    token = base64.b64decode(secrets["el-exchangelistener-api-token"]["data"]["token"]).decode()
+
     bases = []
     for i in range(sts["spec"]["replicas"]):
         name = f'{sts["metadata"]["name"]}-{i}'
@@ -131,13 +159,17 @@ def main():
                 env.append((e["name"], name))
             elif "secretKeyRef" in e["valueFrom"]:
                 ref = e["valueFrom"]["secretKeyRef"]
-                assert ref["name"] == secret["metadata"]["name"], ref
-                env.append((e["name"], base64.b64decode(secret["data"][ref["key"]]).decode()))
+                data = secrets[ref["name"]]["data"]
+                env.append((e["name"], base64.b64decode(data[ref["key"]]).decode()))
         bases.append(run(f"{RUN}-{name}", spec["image"], alias=name, publish=port, env=env,
-                         user=user, read_only=read_only))
+                         user=user, read_only=read_only, volumes=volumes))
     for base in bases:
         eventually(f"{base}{ready_path}", lambda b=base: http("GET", b + ready_path)[0] == 200)
     print(f"chart-run: {len(bases)} replicas from the rendered StatefulSet are ready")
+    refused = http("GET", f"{bases[0]}/api/listeners/status")[0]
+    if refused != 401:
+        raise SystemExit(f"chart-run: a call without the API token answered {refused}, not 401")
+    print("chart-run: a call without the API token is refused (401)")
 
     callback = "http://mock-creatio:7080/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail"
     for i in range(4):
@@ -152,12 +184,13 @@ def main():
                  "BpmUserTimeZone": "UTC", "Context": "{UserRequested:false,HasError:false}",
                  "FolderIds": [], "FeatureValues": {"UseImpersonation": False}}
         # Creatio reaches the listener through the ingress path, and writes names unquoted.
-        status, _ = http("POST", f"{bases[i % 2]}/exchangelistener/api/listeners/create", [creds],
-                         creatio=True)
-        assert status == 200
+        # ...the token in its path, as ExchangeListenerServiceUri carries it.
+        status, _ = http("POST", f"{bases[i % 2]}/exchangelistener/{token}/api/listeners/create",
+                         [creds], creatio=True)
+        assert status == 200, status
     owners = eventually("four mailboxes streaming on both replicas", lambda: (
         lambda s: s["Owners"] if s["States"].get("Streaming") == 4 and len(s["Owners"]) == 2
-        else None)(http("GET", f"{bases[1]}/api/listeners/status")[1]))
+        else None)(http("GET", f"{bases[1]}/api/listeners/status", token=token)[1]))
     print(f"chart-run: mailboxes shared {owners}")
 
     sent = http("POST", f"{ews}/_control/mailboxes/user3@contoso.example/messages",
@@ -176,4 +209,6 @@ if __name__ == "__main__":
         for name in started:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)
         subprocess.run(["docker", "network", "rm", NET], capture_output=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
     sys.exit(0)

@@ -38,13 +38,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Values.secretKey.existingSecret | default (printf "%s-secret-key" (include "el.fullname" .)) -}}
 {{- end -}}
 
+{{- define "el.apiTokenName" -}}
+{{- .Values.apiToken.existingSecret | default (printf "%s-api-token" (include "el.fullname" .)) -}}
+{{- end -}}
+
 {{/* The listener's URL as Creatio should be given it. */}}
 {{- define "el.serviceUri" -}}
 {{- if and .Values.ingress.enabled .Values.ApiUrl -}}
-{{- printf "%s://%s%s/api/listeners" (ternary "https" "http" (gt (len .Values.ingress.tls) 0)) .Values.ApiUrl (trimSuffix "/" .Values.ingress.path) -}}
+{{- printf "%s://%s%s%s/api/listeners" (ternary "https" "http" (gt (len .Values.ingress.tls) 0)) .Values.ApiUrl (trimSuffix "/" .Values.ingress.path) (include "el.tokenSegment" .) -}}
 {{- else if eq .Values.service.type "NodePort" -}}
-{{- printf "http://<node address>:%v/api/listeners" (.Values.service.nodePort | default "<node port>") -}}
+{{- printf "http://<node address>:%v%s/api/listeners" (.Values.service.nodePort | default "<node port>") (include "el.tokenSegment" .) -}}
 {{- else -}}
-{{- printf "http://%s.%s.svc.cluster.local:%v/api/listeners" (include "el.fullname" .) .Release.Namespace .Values.service.port -}}
+{{- printf "http://%s.%s.svc.cluster.local:%v%s/api/listeners" (include "el.fullname" .) .Release.Namespace .Values.service.port (include "el.tokenSegment" .) -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "el.tokenSegment" -}}
+{{- if .Values.apiToken.enabled -}}/<token>{{- end -}}
 {{- end -}}
