@@ -202,6 +202,25 @@ mod tests {
     use super::*;
     use crate::engine::protocol::{Disposition, MailServer as _};
 
+    /// A scripted server (with IDLE or without), a mailbox on it looking every `wake`,
+    /// subscribed to INBOX, and its watch past the first report.
+    async fn watching(
+        idle: bool,
+        wake: Duration,
+    ) -> (
+        Arc<Script>,
+        ImapMailbox,
+        Box<dyn crate::engine::protocol::Watch>,
+    ) {
+        let script = Script::new(idle);
+        let mailbox = mailbox(script.serve().await, wake);
+        mailbox.subscribe(&["INBOX".to_owned()]).await.unwrap();
+        let mut watch = mailbox.open_watch("idle", 30).await.unwrap();
+        let first = watch.next().await.unwrap().unwrap();
+        assert!(first.new_items.is_empty(), "{first:?}");
+        (script, mailbox, watch)
+    }
+
     /// Waits for the watch's next report that lists mail, skipping the empty ones.
     async fn next_news(watch: &mut Box<dyn crate::engine::protocol::Watch>) -> Vec<String> {
         loop {
@@ -218,14 +237,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_command_ends_idle_and_runs_at_once_on_the_watchs_connection() {
-        let script = Script::new(true);
-        let port = script.serve().await;
         // A wake far away: only the command can end this IDLE.
-        let mailbox = mailbox(port, Duration::from_secs(600));
-        mailbox.subscribe(&["INBOX".to_owned()]).await.unwrap();
-        let mut watch = mailbox.open_watch("idle", 30).await.unwrap();
-        let first = watch.next().await.unwrap().unwrap();
-        assert!(first.new_items.is_empty(), "{first:?}");
+        let (script, mailbox, mut watch) = watching(true, Duration::from_secs(600)).await;
         let uid = script.arrive();
         assert_eq!(next_news(&mut watch).await, vec![format!("7:{uid}:INBOX")]);
         // The watch is back in IDLE: a fetch takes it out, and the answer comes.
@@ -257,12 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_without_idle_is_polled_on_each_wake() {
-        let script = Script::new(false);
-        let port = script.serve().await;
-        let mailbox = mailbox(port, Duration::from_millis(200));
-        mailbox.subscribe(&["INBOX".to_owned()]).await.unwrap();
-        let mut watch = mailbox.open_watch("idle", 30).await.unwrap();
-        watch.next().await.unwrap().unwrap();
+        let (script, _mailbox, mut watch) = watching(false, Duration::from_millis(200)).await;
         let uid = script.arrive();
         assert_eq!(next_news(&mut watch).await, vec![format!("7:{uid}:INBOX")]);
         assert!(
@@ -273,13 +281,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_renumbered_folder_or_a_bye_in_idle_ends_the_watch_with_a_failure() {
-        let script = Script::new(true);
-        let port = script.serve().await;
-        let mailbox = mailbox(port, Duration::from_millis(300));
-        mailbox.subscribe(&["INBOX".to_owned()]).await.unwrap();
-        let mut watch = mailbox.open_watch("idle", 30).await.unwrap();
-        watch.next().await.unwrap().unwrap();
+    async fn a_renumbered_folder_ends_the_watch_as_a_rejected_cursor() {
+        let (script, _mailbox, mut watch) = watching(true, Duration::from_millis(300)).await;
         script.validity.store(8, Ordering::SeqCst);
         let failure = loop {
             match watch.next().await {
@@ -288,13 +291,11 @@ mod tests {
             }
         };
         assert!(failure.cursor_rejected(), "{failure}");
-        drop(watch);
+    }
 
-        script.validity.store(7, Ordering::SeqCst);
-        let mailbox = super::mailbox(port, Duration::from_secs(600));
-        mailbox.subscribe(&["INBOX".to_owned()]).await.unwrap();
-        let mut watch = mailbox.open_watch("idle", 30).await.unwrap();
-        watch.next().await.unwrap().unwrap();
+    #[tokio::test]
+    async fn a_bye_in_idle_ends_the_watch_to_be_opened_again() {
+        let (script, _mailbox, mut watch) = watching(true, Duration::from_secs(600)).await;
         // Wait until the watch is in IDLE, then the server goes.
         tokio::time::timeout(Duration::from_secs(20), async {
             while script.commands().last().map(String::as_str) != Some("IDLE") {

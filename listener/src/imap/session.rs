@@ -1005,34 +1005,26 @@ mod tests {
                 .unwrap();
             (command.to_owned(), String::from_utf8(raw).unwrap())
         };
-        let (s, lines) = scripted_as(
-            token(),
-            "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=OAUTHBEARER] ready\r\n",
-            vec![LOGGED_IN],
-        )
-        .await;
-        assert!(s.is_ok(), "{s:?}");
-        assert_eq!(
-            sent(&lines),
+        for (offered, mechanism, initial) in [
             (
-                "e1 AUTHENTICATE XOAUTH2".to_owned(),
-                "user=alice@contoso.com\x01auth=Bearer tok\x01\x01".to_owned()
-            )
-        );
-        let (s, lines) = scripted_as(
-            token(),
-            "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=OAUTHBEARER] ready\r\n",
-            vec![LOGGED_IN],
-        )
-        .await;
-        assert!(s.is_ok(), "{s:?}");
-        assert_eq!(
-            sent(&lines),
+                "AUTH=XOAUTH2 AUTH=OAUTHBEARER",
+                "XOAUTH2",
+                "user=alice@contoso.com\x01auth=Bearer tok\x01\x01",
+            ),
             (
-                "e1 AUTHENTICATE OAUTHBEARER".to_owned(),
-                "n,a=alice@contoso.com,\x01auth=Bearer tok\x01\x01".to_owned()
-            )
-        );
+                "AUTH=OAUTHBEARER",
+                "OAUTHBEARER",
+                "n,a=alice@contoso.com,\x01auth=Bearer tok\x01\x01",
+            ),
+        ] {
+            let greeting = format!("* OK [CAPABILITY IMAP4rev1 SASL-IR {offered}] ready\r\n");
+            let (s, lines) = scripted_as(token(), &greeting, vec![LOGGED_IN]).await;
+            assert!(s.is_ok(), "{s:?}");
+            assert_eq!(
+                sent(&lines),
+                (format!("e1 AUTHENTICATE {mechanism}"), initial.to_owned())
+            );
+        }
     }
 
     #[tokio::test]
