@@ -132,6 +132,13 @@ expect("probes on /healthz and /readyz",
 expect("the secret key comes from a Secret the chart keeps",
        one(base, "Secret")["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep")
 base_notes = notes(base_files)
+expect("NOTES warns GitOps users of the generated key and token, naming both values",
+       "secretKey.existingSecret and apiToken.existingSecret" in base_notes)
+own_secrets = notes(render("env.host=redis,ApiUrl=crm.example.com,secretKey.existingSecret=k,"
+                           "apiToken.existingSecret=t")[1])
+expect("no GitOps warning when both Secrets are named", "GitOps" not in own_secrets)
+expect("the pods carry a checksum of the generated secrets",
+       len(one(base, "StatefulSet")["spec"]["template"]["metadata"]["annotations"].get("checksum/secrets", "")) == 64)
 expect("NOTES names Creatio's ExchangeListenerServiceUri, the token in its path, and how to read it",
        "http://crm.example.com/exchangelistener/<token>/api/listeners" in base_notes
        and "kubectl -n crm get secret el-exchangelistener-api-token" in base_notes)
