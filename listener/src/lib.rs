@@ -156,10 +156,11 @@ pub async fn serve(
         ),
         Some(url) => {
             let sealer = config.sealer().map_err(|e| anyhow::anyhow!(e))?;
-            if sealer.is_plaintext() {
-                tracing::warn!(
+            match sealer.key_id() {
+                None => tracing::warn!(
                     "credentials are kept in Redis in plain text (--insecure-plaintext-credentials)"
-                );
+                ),
+                Some(key_id) => tracing::info!(key_id, "credentials are sealed in Redis"),
             }
             let ca = match &config.redis_ca_file {
                 Some(path) => Some(

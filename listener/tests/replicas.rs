@@ -502,3 +502,63 @@ async fn a_send_its_replica_left_unfinished_is_taken_over_and_sent_only_if_it_di
         .collect();
     assert_eq!(bobs, ["<stuck@creatio.example>"]);
 }
+
+#[tokio::test]
+async fn a_replica_given_another_key_names_both_keys_and_serves_the_mailboxes_it_can_open() {
+    use exchange_listener::engine::store::seal::Sealer;
+    let redis = Redis::start().await;
+    let world = world().await;
+    let mut first = replica(&redis, "r0").await;
+    streaming(&world, &[&first], 1).await;
+    first.kill9().await;
+    // The key changed (a chart rendered anew): mbx-0 was sealed with the old one.
+    const OTHER: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let second = Listener::spawn(&[
+        "--redis-url",
+        &redis.url,
+        "--secret-key",
+        OTHER,
+        "--replica-id",
+        "r1",
+        "--lease-ms",
+        "1500",
+    ])
+    .await;
+    create(&world, &[&second], 1..2).await;
+    let old_id = Sealer::from_base64(KEY).unwrap().key_id().unwrap();
+    let new_id = Sealer::from_base64(OTHER).unwrap().key_id().unwrap();
+    let named = format!("sealed with key {old_id}, and this replica's key is {new_id}");
+    eventually(
+        "the new mailbox streaming, the old one's key named",
+        PATIENCE,
+        async || {
+            let (_, states) = spread(&second).await;
+            let said = second
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(&named));
+            (states.get("Streaming") == Some(&1) && states.get("Failed") == Some(&1) && said)
+                .then_some(())
+        },
+    )
+    .await;
+    // Creatio sees the old one failed...
+    let (_, state) = second.send("subscriptionsstate", &json!([id(0)])).await;
+    assert_eq!(state[id(0)]["State"], "failed", "{state}");
+    // ...and sends its credentials anew: sealed with this replica's key, it streams again.
+    let creds = world.credentials(&id(0), &email(0), "secret", "ProcessFullEmail");
+    let (code, body) = second.send("create", &json!([creds])).await;
+    assert_eq!(code, 200, "{body}");
+    eventually("the old mailbox streaming again", PATIENCE, async || {
+        let (_, states) = spread(&second).await;
+        (states.get("Streaming") == Some(&2)).then_some(())
+    })
+    .await;
+    let logs = second.logs.lock().unwrap().join("\n");
+    assert!(
+        !logs.contains(KEY) && !logs.contains(OTHER),
+        "no key in the log"
+    );
+}

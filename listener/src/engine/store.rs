@@ -44,6 +44,10 @@ pub enum StoreError {
         "another process is alive as replica {0}; this one serves nothing until it is gone (give each replica its own --replica-id)"
     )]
     Duplicate(String),
+    /// The mailbox's stored credentials cannot be opened here (sealed with another key, or
+    /// damaged): the sentence says which.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The lease under which a worker writes: its replica and the fencing token it was given.

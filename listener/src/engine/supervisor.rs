@@ -66,6 +66,9 @@ struct Slots {
 
 /// How long a reconciler waits before asking an unavailable store again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How often a mailbox whose credentials this replica cannot open is read again (a Create from
+/// Creatio, sealed anew, is read at once).
+const UNREADABLE_RETRY: Duration = Duration::from_secs(15);
 
 #[derive(Debug)]
 pub struct Supervisor {
@@ -139,6 +142,7 @@ impl Supervisor {
     /// Brings the mailbox's worker to what the store wants, one step at a time; the only place
     /// that starts or stops workers.
     async fn reconcile(self: Arc<Self>, id: String) {
+        let mut unreadable = false;
         loop {
             // A worker runs only under a lease this replica holds and trusts.
             let fence = self.ctx.leases.fence(&id);
@@ -146,6 +150,36 @@ impl Supervisor {
                 None => None,
                 Some(_) => match self.ctx.store.wanted(&id).await {
                     Ok(w) => w,
+                    Err(StoreError::Unreadable(why)) => {
+                        // Said once, as the mailbox's state: Creatio sees it failed and sends
+                        // its credentials anew, which this replica seals with its own key.
+                        if !std::mem::replace(&mut unreadable, true) {
+                            tracing::error!(id = ?id, error = %why, "cannot open the mailbox's credentials");
+                            if let Err(e) = self
+                                .ctx
+                                .store
+                                .transition(&id, WorkerState::Failed, Some(why), fence.as_ref())
+                                .await
+                            {
+                                tracing::warn!(id = ?id, error = %e, "could not record the mailbox's state");
+                            }
+                        }
+                        // Read again later, or at once when the store changes (a Create).
+                        let until = tokio::time::Instant::now() + UNREADABLE_RETRY;
+                        while tokio::time::Instant::now() < until {
+                            tokio::time::sleep(STORE_RETRY).await;
+                            let mut slots = self.lock();
+                            let closed = slots.closed;
+                            let changed = slots
+                                .map
+                                .get_mut(&id)
+                                .is_some_and(|slot| std::mem::take(&mut slot.dirty));
+                            if closed || changed {
+                                break;
+                            }
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(id = ?id, error = %e, "cannot read the mailbox; trying again");
                         tokio::time::sleep(STORE_RETRY).await;

@@ -399,7 +399,7 @@ impl RedisStore {
         let creds = self
             .sealer
             .open(id, &blob)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::Unreadable(e.to_string()))?;
         // What this replica is about to serve, it can write back (with a cursor).
         self.remember(id, |p| p.creds = Some((fp.unwrap_or_default(), blob)));
         Ok(Some(Wanted { creds, generation }))

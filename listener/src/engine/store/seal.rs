@@ -1,8 +1,8 @@
 //! Credentials at rest in a shared store: sealed with ChaCha20-Poly1305 (a random 96-bit nonce
 //! per write, the mailbox id as associated data so a blob cannot be moved to another mailbox,
-//! and a key-id byte in front so the key can be rotated), and fingerprinted with a keyed
-//! HMAC-SHA256 so the store can tell "the same credentials again" without holding anything a
-//! password could be guessed from.
+//! a format byte and the sealing key's id in front, so a replica given another key says which
+//! key it lacks), and fingerprinted with a keyed HMAC-SHA256 so the store can tell "the same
+//! credentials again" without holding anything a password could be guessed from.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -11,8 +11,10 @@ use sha2::Sha256;
 
 use crate::creatio::contract::Credentials;
 
-/// The key-id byte of a sealed blob.
+/// The format byte of a blob sealed without its key's id (read, no longer written).
 const SEALED_V1: u8 = 1;
+/// The format byte of a blob sealed with its key's id after it.
+const SEALED_V2: u8 = 2;
 /// The key-id byte of credentials kept in plain text (`--insecure-plaintext-credentials`).
 const PLAIN: u8 = 0;
 
@@ -25,6 +27,23 @@ pub enum SealError {
     Open,
     #[error("stored credentials are sealed but this listener has no secret key")]
     NoKey,
+    #[error(
+        "stored credentials were sealed with key {sealed_with}, and this replica's key is {ours}: the replicas were given different secret keys, or the key changed (under GitOps, create the Secret yourself and name it with secretKey.existingSecret); the mailbox is served again once a replica with key {sealed_with} takes it, or when Creatio sends its credentials anew"
+    )]
+    OtherKey { sealed_with: String, ours: String },
+}
+
+/// A key's id: the first four bytes of an HMAC of a fixed text under it, in hex. It tells keys
+/// apart and says nothing of the key.
+fn key_id(key: &[u8; 32]) -> [u8; 4] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(b"exchange-listener sealing key id");
+    let tag = mac.finalize().into_bytes();
+    [tag[0], tag[1], tag[2], tag[3]]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Seals and opens one deployment's credentials.
@@ -67,6 +86,11 @@ impl Sealer {
         self.key.is_none()
     }
 
+    /// The sealing key's id, as errors and the start-up log name it.
+    pub fn key_id(&self) -> Option<String> {
+        self.key.as_ref().map(|k| hex(&key_id(k)))
+    }
+
     pub fn seal(&self, creds: &Credentials) -> Vec<u8> {
         let plain = serde_json::to_vec(creds).unwrap_or_default();
         match &self.key {
@@ -84,16 +108,31 @@ impl Sealer {
                         },
                     )
                     .unwrap_or_default();
-                [&[SEALED_V1][..], &nonce, &sealed].concat()
+                [&[SEALED_V2][..], &key_id(key), &nonce, &sealed].concat()
             }
         }
     }
 
     /// Opens what [`Sealer::seal`] made for mailbox `id`.
     pub fn open(&self, id: &str, blob: &[u8]) -> Result<Credentials, SealError> {
-        let plain = match blob.split_first() {
-            Some((&PLAIN, rest)) => rest.to_vec(),
-            Some((&SEALED_V1, rest)) if rest.len() > 12 => {
+        let sealed_part = match blob.split_first() {
+            Some((&SEALED_V1, rest)) => Some(rest),
+            Some((&SEALED_V2, rest)) if rest.len() > 4 => {
+                let (their_id, rest) = rest.split_at(4);
+                let key = self.key.as_ref().ok_or(SealError::NoKey)?;
+                if their_id != key_id(key) {
+                    return Err(SealError::OtherKey {
+                        sealed_with: hex(their_id),
+                        ours: hex(&key_id(key)),
+                    });
+                }
+                Some(rest)
+            }
+            _ => None,
+        };
+        let plain = match (blob.first(), sealed_part) {
+            (Some(&PLAIN), _) => blob[1..].to_vec(),
+            (_, Some(rest)) if rest.len() > 12 => {
                 let key = self.key.as_ref().ok_or(SealError::NoKey)?;
                 let (nonce, sealed) = rest.split_at(12);
                 ChaCha20Poly1305::new(Key::from_slice(key))
@@ -166,11 +205,35 @@ mod tests {
         assert_eq!(sealer.open("m2", &blob), Err(SealError::Open));
         let other =
             Sealer::from_base64(&"A".repeat(43).chars().chain(['=']).collect::<String>()).unwrap();
-        assert_eq!(other.open("m1", &blob), Err(SealError::Open));
+        // Another key is named, with this replica's, and neither key is in the words.
+        let err = other.open("m1", &blob).unwrap_err();
+        assert_eq!(
+            err,
+            SealError::OtherKey {
+                sealed_with: sealer.key_id().unwrap(),
+                ours: other.key_id().unwrap()
+            }
+        );
+        assert_eq!(sealer.key_id().unwrap().len(), 8);
+        assert_ne!(sealer.key_id(), other.key_id());
+        assert!(
+            err.to_string().contains("secretKey.existingSecret"),
+            "{err}"
+        );
         assert_eq!(Sealer::plaintext().open("m1", &blob), Err(SealError::NoKey));
         let mut damaged = blob.clone();
         *damaged.last_mut().unwrap() ^= 1;
         assert_eq!(sealer.open("m1", &damaged), Err(SealError::Open));
+    }
+
+    #[test]
+    fn credentials_sealed_before_key_ids_still_open() {
+        let sealer = Sealer::from_base64(KEY).unwrap();
+        let c = creds("m1", "pw");
+        // The earlier form: the format byte, the nonce, the sealed text.
+        let v2 = sealer.seal(&c);
+        let v1 = [&[SEALED_V1][..], &v2[5..]].concat();
+        assert_eq!(sealer.open("m1", &v1).unwrap(), c);
     }
 
     #[test]
