@@ -200,6 +200,16 @@ expect("exchange.hosts becomes --exchange-hosts",
        env(onprem, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") == "mail.contoso.com,*.contoso.com")
 expect("no host lists: any host", env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") is None
        and env(base, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") is None)
+dual = render("env.host=redis,ApiUrl=crm.example.com,listenAddress=::")[0]
+expect("listenAddress :: listens on IPv6 (and IPv4), the API and metrics alike",
+       env(dual, "EXCHANGE_LISTENER_LISTEN") == "[::]:8080"
+       and env(dual, "EXCHANGE_LISTENER_METRICS_LISTEN") == "[::]:9090"
+       and env(base, "EXCHANGE_LISTENER_LISTEN") == "0.0.0.0:8080")
+expect("the default memory limit holds the default mailbox cap (it renders)",
+       container(base)["resources"]["limits"]["memory"] == "768Mi")
+expect("a memory limit that holds the cap renders",
+       container(render("env.host=redis,ApiUrl=crm.example.com,resources.limits.memory=512Mi,"
+                        "maxActiveMailboxes=8000")[0])["resources"]["limits"]["memory"] == "512Mi")
 expect("no Exchange secrets: the API token's volume alone",
        [v["name"] for v in one(base, "StatefulSet")["spec"]["template"]["spec"]["volumes"]] == ["api-token"])
 
@@ -326,6 +336,12 @@ for label, expression, needle in [
     ("HPA and KEDA together", "env.host=redis,ApiUrl=crm.example.com,autoscaling.enabled=true,keda.enabled=true",
      "choose one"),
     ("metrics on the API's port", "env.host=redis,ApiUrl=crm.example.com,metrics.port=8080", "/metrics/port"),
+    ("a listen address that is a host name", "env.host=redis,ApiUrl=crm.example.com,listenAddress=localhost",
+     "/listenAddress"),
+    ("a memory limit below the mailbox cap", "env.host=redis,ApiUrl=crm.example.com,resources.limits.memory=512Mi",
+     "lower maxActiveMailboxes to 8192"),
+    ("a memory limit in G below the cap", "env.host=redis,ApiUrl=crm.example.com,resources.limits.memory=1G,"
+     "maxActiveMailboxes=20000", "raise the limit to 1158Mi"),
 ]:
     try:
         render(expression)

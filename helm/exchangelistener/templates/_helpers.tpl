@@ -38,6 +38,37 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Values.secretKey.existingSecret | default (printf "%s-secret-key" (include "el.fullname" .)) -}}
 {{- end -}}
 
+{{/* A memory quantity in whole Mi, or 0 where it is not written as a whole number of bytes,
+     Ki, Mi, Gi, k, M or G (then no check is made). */}}
+{{- define "el.mebibytes" -}}
+{{- $q := toString . -}}
+{{- if not (regexMatch "^[0-9]+(Ki|Mi|Gi|k|M|G)?$" $q) -}}0
+{{- else if hasSuffix "Gi" $q -}}{{ mul (trimSuffix "Gi" $q | int64) 1024 }}
+{{- else if hasSuffix "Mi" $q -}}{{ trimSuffix "Mi" $q | int64 }}
+{{- else if hasSuffix "Ki" $q -}}{{ div (trimSuffix "Ki" $q | int64) 1024 }}
+{{- else if hasSuffix "G" $q -}}{{ div (mul (trimSuffix "G" $q | int64) 1000000000) 1048576 }}
+{{- else if hasSuffix "M" $q -}}{{ div (mul (trimSuffix "M" $q | int64) 1000000) 1048576 }}
+{{- else if hasSuffix "k" $q -}}{{ div (mul (trimSuffix "k" $q | int64) 1000) 1048576 }}
+{{- else -}}{{ div ($q | int64) 1048576 }}
+{{- end -}}
+{{- end -}}
+
+{{/* The memory (Mi) a replica holding this many mailboxes may take: 64 Mi and 56 KiB each. */}}
+{{- define "el.neededMebibytes" -}}
+{{- add 64 (div (add (mul (int .) 56) 1023) 1024) -}}
+{{- end -}}
+
+{{/* How many mailboxes fit in this many Mi. */}}
+{{- define "el.mailboxesWithin" -}}
+{{- max 0 (div (mul (sub (int .) 64) 1024) 56) -}}
+{{- end -}}
+
+{{/* listenAddress and a port as the listener takes them: an IPv6 address in brackets. */}}
+{{- define "el.listen" -}}
+{{- $address := index . 0 -}}
+{{- if contains ":" $address -}}[{{ $address }}]:{{ index . 1 }}{{- else -}}{{ $address }}:{{ index . 1 }}{{- end -}}
+{{- end -}}
+
 {{- define "el.apiTokenName" -}}
 {{- .Values.apiToken.existingSecret | default (printf "%s-api-token" (include "el.fullname" .)) -}}
 {{- end -}}
