@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -200,6 +201,64 @@ def main():
         for c in http("GET", f"{creatio}/_control/calls?operation=ProcessFullEmail")[1]
         for e in c["body"].get("Emails", [])))
     print("chart-run: a mail injected into mock-ews reached mock-creatio")
+    rolling_restart(sts, bases, token, ready_path, port)
+
+
+# How long after a pod's SIGTERM calls may still reach it: Kubernetes removes a terminating
+# pod's endpoint at once, but kube-proxy and ingress controllers follow about a second later.
+ENDPOINT_LAG = 1.0
+
+
+def rolling_restart(sts, bases, token, ready_path, port):
+    """A rolling restart of the rendered pods under a client calling the API as Creatio does,
+    through a 'Service' that keeps sending to a stopping pod for ENDPOINT_LAG: no call may be
+    refused or fail (with drainSeconds=0, about a quarter are)."""
+    endpoints = list(bases)
+    lock = threading.Lock()
+    outcomes = []
+    done = threading.Event()
+
+    def client():
+        n = 0
+        while not done.is_set():
+            with lock:
+                base = endpoints[n % len(endpoints)]
+            n += 1
+            try:
+                status = http("GET", f"{base}/api/listeners/status", token=token)[0]
+            except Exception as e:  # noqa: BLE001 - a refused or cut call is what is counted
+                status = type(e).__name__
+            outcomes.append((base, status))
+            time.sleep(0.02)
+
+    caller = threading.Thread(target=client)
+    caller.start()
+    try:
+        for i, base in enumerate(bases):
+            name = f'{RUN}-{sts["metadata"]["name"]}-{i}'
+            started = time.time()
+            stopper = threading.Thread(target=sh, args=("docker", "stop", "-t", "60", name))
+            stopper.start()
+            time.sleep(ENDPOINT_LAG)
+            with lock:
+                endpoints.remove(base)
+            stopper.join()
+            stopped = time.time() - started
+            sh("docker", "start", name)
+            # A restarted container may publish another host port.
+            fresh = "http://" + sh("docker", "port", name, f"{port}/tcp").splitlines()[0]
+            eventually(f"{fresh}{ready_path}", lambda: http("GET", fresh + ready_path)[0] == 200)
+            with lock:
+                endpoints.append(fresh)
+            print(f"chart-run: pod {i} stopped in {stopped:.1f} s and is ready again "
+                  f"after {time.time() - started:.1f} s")
+    finally:
+        done.set()
+        caller.join()
+    failed = [(b, s) for b, s in outcomes if s != 200]
+    print(f"chart-run: rolling restart under {len(outcomes)} API calls: {len(failed)} refused or failed")
+    if failed:
+        raise SystemExit(f"chart-run: calls failed during the rolling restart: {failed[:5]}")
 
 
 if __name__ == "__main__":
