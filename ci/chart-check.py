@@ -198,6 +198,10 @@ expect("exchange.auth becomes --ews-auth", env(onprem, "EXCHANGE_LISTENER_EWS_AU
 expect("creatio.hosts becomes --creatio-hosts", env(onprem, "EXCHANGE_LISTENER_CREATIO_HOSTS") == "crm.contoso.com")
 expect("exchange.hosts becomes --exchange-hosts",
        env(onprem, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") == "mail.contoso.com,*.contoso.com")
+sentinel = render("env.host=redis-sentinel.crm,env.port=26379,ApiUrl=crm.example.com,redis.sentinelMaster=mymaster")[0]
+expect("redis.sentinelMaster names the master the sentinels at env.host watch",
+       env(sentinel, "EXCHANGE_LISTENER_REDIS_SENTINEL_MASTER") == "mymaster"
+       and env(sentinel, "ExchangeListenerRedisHost") == "redis-sentinel.crm:26379")
 expect("no host lists: any host", env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") is None
        and env(base, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") is None)
 dual = render("env.host=redis,ApiUrl=crm.example.com,listenAddress=::")[0]
@@ -336,6 +340,8 @@ for label, expression, needle in [
     ("HPA and KEDA together", "env.host=redis,ApiUrl=crm.example.com,autoscaling.enabled=true,keda.enabled=true",
      "choose one"),
     ("metrics on the API's port", "env.host=redis,ApiUrl=crm.example.com,metrics.port=8080", "/metrics/port"),
+    ("Sentinel over TLS", "env.host=redis,ApiUrl=crm.example.com,redis.sentinelMaster=m,redis.tls=true",
+     "redis.sentinelMaster with redis.tls"),
     ("a listen address that is a host name", "env.host=redis,ApiUrl=crm.example.com,listenAddress=localhost",
      "/listenAddress"),
     ("a memory limit below the mailbox cap", "env.host=redis,ApiUrl=crm.example.com,resources.limits.memory=512Mi",

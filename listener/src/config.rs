@@ -217,9 +217,10 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_CREATIO_HOSTS", value_delimiter = ',')]
     pub creatio_hosts: Vec<String>,
 
-    /// The shared store: `redis://[:password@]host:port/db`, or `rediss://` for TLS. Without
-    /// it (and without `ExchangeListenerRedisHost`) the listener runs alone on its in-memory
-    /// store.
+    /// The shared store: `redis://[:password@]host:port/db`, or `rediss://` for TLS, or
+    /// `redis+sentinel://[:password@]host:port[,host:port…]/<master name>[/db]` for the master
+    /// Redis Sentinel names (followed through failovers). Without it (and without
+    /// `ExchangeListenerRedisHost`) the listener runs alone on its in-memory store.
     #[arg(long, env = "EXCHANGE_LISTENER_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -229,8 +230,15 @@ pub struct Config {
     pub redis_ca_file: Option<std::path::PathBuf>,
 
     /// The original service's Redis setting, `host:port`; used when `--redis-url` is absent.
+    /// With `--redis-sentinel-master`, the sentinels (`host:port`, several separated by
+    /// commas).
     #[arg(long, env = "ExchangeListenerRedisHost")]
     pub redis_host: Option<String>,
+
+    /// The name of the master that the sentinels `ExchangeListenerRedisHost` names watch
+    /// (Redis Sentinel): the listener follows it through failovers.
+    #[arg(long, env = "EXCHANGE_LISTENER_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
 
     /// Speak TLS to the Redis named by `ExchangeListenerRedisHost` (`rediss://`).
     #[arg(long, env = "EXCHANGE_LISTENER_REDIS_TLS")]
@@ -382,6 +390,36 @@ impl Config {
         let Some(host) = &self.redis_host else {
             return Ok(None);
         };
+        if let Some(master) = &self.redis_sentinel_master {
+            if self.redis_tls {
+                return Err(
+                    "Redis Sentinel over TLS is not supported: unset EXCHANGE_LISTENER_REDIS_TLS, or name one Redis without --redis-sentinel-master"
+                        .into(),
+                );
+            }
+            let auth = match &self.redis_password {
+                Some(password) => {
+                    let escaped: String = password
+                        .expose()
+                        .bytes()
+                        .map(|b| match b {
+                            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                                char::from(b).to_string()
+                            }
+                            _ => format!("%{b:02X}"),
+                        })
+                        .collect();
+                    format!(":{escaped}@")
+                }
+                None => String::new(),
+            };
+            return Ok(Some(format!(
+                "redis+sentinel://{auth}{}/{}/{}",
+                host.trim(),
+                master.trim(),
+                self.redis_database.unwrap_or(0)
+            )));
+        }
         let scheme = if self.redis_tls { "rediss" } else { "redis" };
         let mut url = url::Url::parse(&format!("{scheme}://{}", host.trim()))
             .map_err(|e| format!("ExchangeListenerRedisHost {host:?}: {e}"))?;
@@ -457,6 +495,20 @@ mod tests {
         );
         let tls = config(&["--redis-host", "redis.crm:6380", "--redis-tls"]);
         assert_eq!(tls.redis().unwrap().unwrap(), "rediss://redis.crm:6380/0");
+        let sentinel = config(&[
+            "--redis-host",
+            "s0:26379,s1:26379",
+            "--redis-sentinel-master",
+            "mymaster",
+            "--redis-database",
+            "2",
+            "--redis-password",
+            "p@ss word",
+        ]);
+        assert_eq!(
+            sentinel.redis().unwrap().unwrap(),
+            "redis+sentinel://:p%40ss%20word@s0:26379,s1:26379/mymaster/2"
+        );
         let url = config(&["--redis-url", "redis://x:1/2", "--redis-host", "y:3"]);
         assert_eq!(
             url.redis().unwrap().unwrap(),

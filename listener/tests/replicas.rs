@@ -562,3 +562,145 @@ async fn a_replica_given_another_key_names_both_keys_and_serves_the_mailboxes_it
         "no key in the log"
     );
 }
+
+/// A Redis master with one replica and three sentinels watching it as `el`, each a process of
+/// its own on a loopback port, killed when dropped.
+struct SentinelSet {
+    master: tokio::process::Child,
+    _others: Vec<tokio::process::Child>,
+    replica_port: u16,
+    url: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_process(args: &[String]) -> tokio::process::Child {
+    tokio::process::Command::new("redis-server")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start redis-server ({e}); install it with `apt-get install redis-server` \
+                 (ci/test.sh does when run as root)"
+            )
+        })
+}
+
+async fn answers(port: u16) {
+    eventually("a Redis process to answer", PATIENCE, async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+impl SentinelSet {
+    async fn start() -> SentinelSet {
+        let dir = common::temp_dir("sentinel");
+        let plain = |port: u16| -> Vec<String> {
+            [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        };
+        let (master_port, replica_port) = (free_port(), free_port());
+        let master = redis_process(&plain(master_port));
+        answers(master_port).await;
+        let mut replica_args = plain(replica_port);
+        replica_args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master_port.to_string(),
+        ]);
+        let mut others = vec![redis_process(&replica_args)];
+        answers(replica_port).await;
+        let mut sentinels = Vec::new();
+        for n in 0..3 {
+            let port = free_port();
+            let config = dir.join(format!("sentinel-{n}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor el 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds el 1000\n\
+                     sentinel failover-timeout el 4000\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            others.push(redis_process(&[
+                config.to_string_lossy().into_owned(),
+                "--sentinel".into(),
+            ]));
+            answers(port).await;
+            sentinels.push(format!("127.0.0.1:{port}"));
+        }
+        SentinelSet {
+            master,
+            _others: others,
+            replica_port,
+            url: format!("redis+sentinel://{}/el/0", sentinels.join(",")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_sentinel_the_replicas_follow_the_promoted_master_with_nothing_lost() {
+    let mut set = SentinelSet::start().await;
+    let world = world().await;
+    let r = [
+        replica_at(&set.url, "r0", &[]).await,
+        replica_at(&set.url, "r1", &[]).await,
+    ];
+    streaming(&world, &[&r[0], &r[1]], 6).await;
+    let before: Vec<String> = (0..6).map(|i| inject(&world, i, "before")).collect();
+    assert_delivered_once(&world, &before).await;
+
+    set.master.kill().await.unwrap();
+    let killed = tokio::time::Instant::now();
+    let during: Vec<String> = (0..6).map(|i| inject(&world, i, "during")).collect();
+    let promoted = format!("master=127.0.0.1:{}", set.replica_port);
+    eventually(
+        "both replicas on the promoted master",
+        Duration::from_secs(40),
+        async || {
+            r.iter()
+                .all(|l| {
+                    l.logs
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|line| line.contains(&promoted))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    println!("Sentinel's failover followed after {:?}", killed.elapsed());
+    let after: Vec<String> = (0..6).map(|i| inject(&world, i, "after")).collect();
+    eventually("every mailbox streaming", PATIENCE, async || {
+        let (_, states) = spread(&r[0]).await;
+        (states.get("Streaming") == Some(&6)).then_some(())
+    })
+    .await;
+    assert_delivered_once(&world, &[before, during, after].concat()).await;
+}

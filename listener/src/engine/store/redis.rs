@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use redis::aio::ConnectionManager;
+mod link;
+
+use link::Link;
 use redis::{AsyncCommands as _, Script};
 use tokio::sync::Notify;
 
@@ -162,7 +164,7 @@ struct Scripts {
 /// The Redis [`Store`].
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Link,
     prefix: String,
     sealer: Sealer,
     seen_limits: SeenLimits,
@@ -206,28 +208,33 @@ impl RedisStore {
         sealer: Sealer,
         seen_limits: SeenLimits,
     ) -> Result<RedisStore, StoreError> {
-        let client = match ca_pem {
-            Some(root_cert) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            ),
-            None => redis::Client::open(url),
-        }
-        .map_err(store_error)?;
-        let changes_client = client.clone();
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
             .set_number_of_retries(2);
         // Lazily: a replica started before its Redis runs, and says it is not ready until
         // Redis answers.
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_error)?;
+        let link = if url.starts_with(link::SENTINEL_SCHEME) {
+            let target = link::SentinelTarget::parse(url).map_err(StoreError::Unavailable)?;
+            Link::following(target, config)?
+        } else {
+            let client = match ca_pem {
+                Some(root_cert) => redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                ),
+                None => redis::Client::open(url),
+            }
+            .map_err(store_error)?;
+            Link::fixed(client, config)?
+        };
         let signals: Arc<Mutex<HashMap<String, Arc<Notify>>>> = Arc::default();
         Ok(RedisStore {
-            conn,
+            changes: follow_changes(link.clone(), prefix, signals.clone()),
+            link,
             prefix: prefix.to_owned(),
             sealer,
             seen_limits,
@@ -250,7 +257,6 @@ impl RedisStore {
                 ask_history: Script::new(ASK_HISTORY),
                 set_history: Script::new(SET_HISTORY),
             }),
-            changes: follow_changes(changes_client, prefix, signals.clone()),
             signals,
             progress: Arc::default(),
         })
@@ -295,7 +301,7 @@ impl RedisStore {
                 })
                 .collect()
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let mut written = 0;
         for (id, (fp, sealed), cursor, seen) in known {
             let mut call = self.scripts.write_back.prepare_invoke();
@@ -336,7 +342,7 @@ impl RedisStore {
         let id = creds.id.clone();
         let fp = self.sealer.fingerprint(&creds);
         let sealed = self.sealer.seal(&creds);
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let _: i64 = self
             .scripts
             .put
@@ -362,7 +368,7 @@ impl RedisStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let existed: i64 = self
             .scripts
             .remove
@@ -383,7 +389,7 @@ impl RedisStore {
     }
 
     async fn wanted_now(&self, id: &str) -> Result<Option<Wanted>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let (blob, generation, fp): (Option<Vec<u8>>, Option<u64>, Option<String>) =
             redis::cmd("HMGET")
                 .arg(self.key("mbx", id))
@@ -406,7 +412,7 @@ impl RedisStore {
     }
 
     async fn statuses_now(&self, ids: &[String]) -> Result<Vec<Option<MailboxStatus>>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let mut statuses = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
             let mut pipe = redis::pipe();
@@ -435,7 +441,7 @@ impl RedisStore {
     }
 
     async fn count_by_state_now(&self) -> Result<BTreeMap<WorkerState, usize>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let ids: Vec<String> = conn.smembers(self.open_set()).await.map_err(store_error)?;
         let mut counts = BTreeMap::new();
         for chunk in ids.chunks(1000) {
@@ -461,7 +467,7 @@ impl RedisStore {
         error: Option<String>,
         fence: Option<&Fence>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let _: i64 = self
             .scripts
             .transition
@@ -482,7 +488,7 @@ impl RedisStore {
             Counter::Reconnects => "reconnects",
             Counter::Restarts => "restarts",
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let _: i64 = self
             .scripts
             .bump
@@ -496,7 +502,7 @@ impl RedisStore {
     }
 
     async fn sync_state_now(&self, id: &str) -> Result<Option<SyncCursor>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         // `sync_since_ms` is empty for a phase without a moment.
         let (state, at, phase, since): (
             Option<String>,
@@ -548,7 +554,7 @@ impl RedisStore {
             }
         });
         let (phase, since) = cursor.phase_fields();
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let answer: i64 = self
             .scripts
             .cursor
@@ -568,7 +574,7 @@ impl RedisStore {
     }
 
     async fn is_new_now(&self, id: &str, item_id: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let (exists, score): (bool, Option<f64>) = redis::pipe()
             .exists(self.key("mbx", id))
             .zscore(self.key("seen", id), item_digest(item_id).to_string())
@@ -607,7 +613,7 @@ impl RedisStore {
                 letter.error.clone(),
             ),
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let answer: i64 = self
             .scripts
             .record
@@ -635,7 +641,7 @@ impl RedisStore {
     }
 
     async fn dead_letters_now(&self, id: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let entries: Vec<String> = conn
             .lrange(self.key("dead", id), 0, -1)
             .await
@@ -648,7 +654,7 @@ impl RedisStore {
     }
 
     async fn replay_now(&self, id: &str) -> Result<Option<usize>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         let n: i64 = self
             .scripts
             .replay
@@ -668,7 +674,7 @@ impl RedisStore {
     }
 
     async fn replays_now(&self, id: &str) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn()?;
         conn.lrange(self.key("replay", id), 0, -1)
             .await
             .map_err(store_error)
@@ -758,7 +764,7 @@ impl Store for RedisStore {
 
     fn note_event<'a>(&'a self, id: &'a str) -> Stored<'a, ()> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let _: i64 = self
                 .scripts
                 .event
@@ -817,7 +823,7 @@ impl Store for RedisStore {
 
     fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let key = format!("{}epoch", self.prefix);
             let (_, epoch): (bool, String) = redis::pipe()
                 .set_nx(&key, proposal)
@@ -837,7 +843,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Stored<'a, Vec<String>> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let mut live: Vec<String> = self
                 .scripts
                 .heartbeat
@@ -861,7 +867,7 @@ impl Store for RedisStore {
 
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let _: i64 = conn
                 .zrem(format!("{}replicas", self.prefix), replica)
                 .await
@@ -873,7 +879,7 @@ impl Store for RedisStore {
 
     fn open_mailboxes(&self) -> Stored<'_, Vec<String>> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             conn.smembers(self.open_set()).await.map_err(store_error)
         }
         .boxed()
@@ -887,7 +893,7 @@ impl Store for RedisStore {
     ) -> Stored<'a, Vec<Option<u64>>> {
         async move {
             let mut tokens = Vec::with_capacity(ids.len());
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             for chunk in ids.chunks(500) {
                 let mut call = self.scripts.claim.prepare_invoke();
                 for id in chunk {
@@ -905,7 +911,7 @@ impl Store for RedisStore {
     fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
         async move {
             let mut held = Vec::with_capacity(leases.len());
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             for chunk in leases.chunks(1000) {
                 let mut call = self.scripts.renew.prepare_invoke();
                 for (id, fence) in chunk {
@@ -922,7 +928,7 @@ impl Store for RedisStore {
 
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let _: i64 = self
                 .scripts
                 .release
@@ -955,7 +961,7 @@ impl Store for RedisStore {
     fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>> {
         async move {
             let mut generations = Vec::with_capacity(ids.len());
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             for chunk in ids.chunks(1000) {
                 let mut call = self.scripts.generations.prepare_invoke();
                 for id in chunk {
@@ -972,7 +978,7 @@ impl Store for RedisStore {
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         async move {
             let mut owners = Vec::with_capacity(ids.len());
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             for chunk in ids.chunks(1000) {
                 let keys: Vec<String> = chunk.iter().map(|id| self.key("lease", id)).collect();
                 let values: Vec<Option<String>> = redis::cmd("MGET")
@@ -999,7 +1005,7 @@ impl Store for RedisStore {
         since_unix_ms: i64,
     ) -> Stored<'a, Option<HistoryJob>> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let job: Option<Vec<i64>> = self
                 .scripts
                 .ask_history
@@ -1017,7 +1023,7 @@ impl Store for RedisStore {
 
     fn history<'a>(&'a self, id: &'a str) -> Stored<'a, Option<HistoryJob>> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let fields: Vec<Option<i64>> = redis::cmd("HMGET")
                 .arg(self.key("mbx", id))
                 .arg(&HISTORY_FIELDS)
@@ -1038,7 +1044,7 @@ impl Store for RedisStore {
         fence: &'a Fence,
     ) -> Stored<'a, bool> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let mut call = self.scripts.set_history.prepare_invoke();
             call.key(self.key("mbx", id))
                 .key(self.key("lease", id))
@@ -1056,7 +1062,7 @@ impl Store for RedisStore {
 
     fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let answer: String = self
                 .scripts
                 .begin_send
@@ -1081,7 +1087,7 @@ impl Store for RedisStore {
 
     fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()> {
         async move {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn()?;
             let key = self.key("send", key);
             if sent {
                 let _: () = conn
@@ -1124,7 +1130,7 @@ fn history_job(fields: &[i64]) -> Option<HistoryJob> {
 /// again after a lost connection: hands each changed id to the returned sender's subscribers,
 /// and wakes this process's worker of each mailbox whose dead letters were handed back.
 fn follow_changes(
-    client: redis::Client,
+    link: Link,
     prefix: &str,
     signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 ) -> tokio::sync::broadcast::Sender<String> {
@@ -1135,6 +1141,9 @@ fn follow_changes(
     tokio::spawn(async move {
         loop {
             let listened = async {
+                let Some(client) = link.client() else {
+                    return Ok(());
+                };
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&[&changes, &replays]).await?;
                 let mut messages = pubsub.on_message();
