@@ -7,7 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Listener, PATIENCE, Redis, Relay, World, delivered, eventually};
+use common::{
+    Listener, PATIENCE, Redis, Relay, World, accepting, delivered, eventually, free_port,
+    redis_on_loopback, redis_server, spawn_redis,
+};
 use mock_ews::{Config, NewMail};
 use serde_json::{Value, json};
 
@@ -572,66 +575,18 @@ struct SentinelSet {
     url: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn redis_process(args: &[String]) -> tokio::process::Child {
-    tokio::process::Command::new("redis-server")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start redis-server ({e}); install it with `apt-get install redis-server` \
-                 (ci/test.sh does when run as root)"
-            )
-        })
-}
-
-async fn answers(port: u16) {
-    eventually("a Redis process to answer", PATIENCE, async || {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
 impl SentinelSet {
     async fn start() -> SentinelSet {
         let dir = common::temp_dir("sentinel");
-        let plain = |port: u16| -> Vec<String> {
-            [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .map(str::to_owned)
-            .to_vec()
-        };
         let (master_port, replica_port) = (free_port(), free_port());
-        let master = redis_process(&plain(master_port));
-        answers(master_port).await;
-        let mut replica_args = plain(replica_port);
-        replica_args.extend([
-            "--replicaof".into(),
-            "127.0.0.1".into(),
-            master_port.to_string(),
-        ]);
-        let mut others = vec![redis_process(&replica_args)];
-        answers(replica_port).await;
+        let master = spawn_redis(&mut redis_on_loopback(master_port));
+        accepting("the Redis master", master_port).await;
+        let mut others = vec![spawn_redis(redis_on_loopback(replica_port).args([
+            "--replicaof",
+            "127.0.0.1",
+            &master_port.to_string(),
+        ]))];
+        accepting("the Redis replica", replica_port).await;
         let mut sentinels = Vec::new();
         for n in 0..3 {
             let port = free_port();
@@ -647,11 +602,8 @@ impl SentinelSet {
                 ),
             )
             .unwrap();
-            others.push(redis_process(&[
-                config.to_string_lossy().into_owned(),
-                "--sentinel".into(),
-            ]));
-            answers(port).await;
+            others.push(spawn_redis(redis_server().arg(&config).arg("--sentinel")));
+            accepting("a sentinel", port).await;
             sentinels.push(format!("127.0.0.1:{port}"));
         }
         SentinelSet {

@@ -348,6 +348,51 @@ pub async fn assert_slow_second_login(world: &World, failed_retry_base: Duration
     );
 }
 
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts connections on this loopback port.
+pub async fn accepting(what: &str, port: u16) {
+    eventually(what, PATIENCE, async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// `redis-server`, its output dropped, killed with its handle.
+pub fn redis_server() -> Command {
+    let mut command = Command::new("redis-server");
+    command.stdout(Stdio::null()).kill_on_drop(true);
+    command
+}
+
+/// `redis-server` on this loopback port (0: none), keeping nothing on disk.
+pub fn redis_on_loopback(port: u16) -> Command {
+    let mut command = redis_server();
+    command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+    command.args(["--save", "", "--appendonly", "no"]);
+    command
+}
+
+/// Starts it, or says how to install it.
+pub fn spawn_redis(command: &mut Command) -> Child {
+    command.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot start redis-server ({e}); install it with `apt-get install redis-server` \
+             (ci/test.sh does when run as root)"
+        )
+    })
+}
+
 /// A throw-away `redis-server`, a child of the test on a Unix socket of its own (no port to
 /// race for), killed when dropped.
 pub struct Redis {
@@ -379,21 +424,14 @@ impl Redis {
 
     async fn serve(dir: &std::path::Path) -> (Child, String) {
         let socket = dir.join("redis.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--save", "", "--appendonly", "no"])
-            .arg("--unixsocket")
-            .arg(&socket)
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}); install it with `apt-get install redis-server` \
-                     (ci/test.sh does when run as root)"
-                )
-            });
+        let child = spawn_redis(
+            redis_server()
+                .args(["--port", "0", "--save", "", "--appendonly", "no"])
+                .arg("--unixsocket")
+                .arg(&socket)
+                .arg("--dir")
+                .arg(dir),
+        );
         let url = format!("redis+unix://{}", socket.display());
         eventually("redis-server to accept connections", PATIENCE, async || {
             tokio::net::UnixStream::connect(&socket)
@@ -411,42 +449,20 @@ impl Redis {
         let dir = std::env::temp_dir().join(format!("el-redis-tls-{}", uuid_like()));
         std::fs::create_dir_all(&dir).unwrap();
         test_certificates(&dir);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
-            .args([
-                "--tls-cert-file",
-                "server.crt",
-                "--tls-key-file",
-                "server.key",
-            ])
-            .args(["--tls-ca-cert-file", "ca.crt"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start redis-server");
-        eventually("redis-server to listen for TLS", PATIENCE, async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
+        let port = free_port();
+        let child = spawn_redis(
+            redis_on_loopback(0)
+                .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                .args([
+                    "--tls-cert-file",
+                    "server.crt",
+                    "--tls-key-file",
+                    "server.key",
+                ])
+                .args(["--tls-ca-cert-file", "ca.crt"])
+                .current_dir(&dir),
+        );
+        accepting("redis-server to listen for TLS", port).await;
         let ca = std::fs::read(dir.join("ca.crt")).unwrap();
         let url = format!("rediss://127.0.0.1:{port}/0");
         (Redis { child, dir, url }, ca)
