@@ -8,5 +8,6 @@ pub mod redis;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod sentinel;
 pub mod stats;
 pub mod verdict;

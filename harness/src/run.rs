@@ -73,12 +73,11 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     let wall = Instant::now();
     let mut world = World::start(scenario, bins, options).await?;
-    let backend = world
-        .redis
-        .as_ref()
-        .map_or("in-memory store (no Redis)".to_owned(), |r| {
-            r.backend.clone()
-        });
+    let backend = match (&world.redis, &world.sentinel) {
+        (Some(r), _) => r.backend.clone(),
+        (None, Some(s)) => s.backend.clone(),
+        (None, None) => "in-memory store (no Redis)".to_owned(),
+    };
     eprintln!(
         "[{}] {} — on {backend}",
         scenario.name, scenario.description

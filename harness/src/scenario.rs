@@ -92,6 +92,9 @@ impl Replicas {
 pub enum StoreKind {
     Memory,
     Redis,
+    /// A Redis master with one replica and three sentinels, as processes; the replicas of the
+    /// listener follow the master Sentinel names.
+    Sentinel,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,6 +265,8 @@ pub enum Action {
     },
     /// Redis frozen (answers nothing, connections stay) for a while.
     RedisPause { secs: f64 },
+    /// `kill -9` of the Redis master: Sentinel promotes its replica (`store = "sentinel"`).
+    RedisMasterKill,
     /// The IMAP server killed, and started again after `down_secs`; mail arriving meanwhile
     /// is put into the mailboxes' Maildirs, as a delivery agent does.
     ImapRestart {
@@ -341,6 +346,7 @@ impl Action {
             | Action::Start { .. }
             | Action::RedisRestart { .. }
             | Action::RedisPause { .. }
+            | Action::RedisMasterKill
             | Action::ImapRestart { .. }
             | Action::EwsFault { .. }
             // A link mended is a change too: the replica behind it comes back and the spread
@@ -360,6 +366,9 @@ impl Action {
             self,
             Action::Kill { .. }
                 | Action::KillOwner { .. }
+                // Replication is asynchronous: the master's last writes (an outcome recorded
+                // after Creatio took the post) may not have reached the replica it promotes.
+                | Action::RedisMasterKill
                 | Action::Link {
                     to: Link::Creatio,
                     mode: LinkMode::Reset | LinkMode::Blackhole,
@@ -385,6 +394,7 @@ impl Action {
             }
             Action::RedisRestart { .. } => "Redis restarted empty".into(),
             Action::RedisPause { secs } => format!("Redis paused {secs} s"),
+            Action::RedisMasterKill => "kill -9 of the Redis master".into(),
             Action::ImapRestart { down_secs } => format!("IMAP server down {down_secs} s"),
             Action::Link {
                 to, replica, mode, ..
@@ -516,9 +526,10 @@ impl Scenario {
                 );
             }
         }
-        let redis = self.replicas.store() == StoreKind::Redis;
-        if !redis && self.replicas.count > 1 {
-            bail!("more than one replica needs replicas.store = \"redis\"");
+        let store = self.replicas.store();
+        let redis = store == StoreKind::Redis;
+        if store == StoreKind::Memory && self.replicas.count > 1 {
+            bail!("more than one replica needs replicas.store = \"redis\" (or \"sentinel\")");
         }
         if let Some(l) = &self.creatio_loop {
             positive("creatio_loop.every_secs", l.every_secs)?;
@@ -556,7 +567,15 @@ impl Scenario {
                 Action::Kill { replica } | Action::Term { replica } | Action::Start { replica } => {
                     replica_ok(*replica)?
                 }
-                Action::AddReplica if !redis => bail!("add-replica needs Redis"),
+                Action::AddReplica if store == StoreKind::Memory => {
+                    bail!("add-replica needs Redis")
+                }
+                Action::RedisMasterKill if store != StoreKind::Sentinel => {
+                    bail!(
+                        "{} needs replicas.store = \"sentinel\"",
+                        step.action.label()
+                    )
+                }
                 Action::AddReplica => replicas += 1,
                 Action::Link { replica, to, .. } => {
                     if let Some(r) = replica {
@@ -763,6 +782,19 @@ mod tests {
             "[[at]]\nsecs = 1\ndo = \"imap-restart\"",
             "needs mailboxes.server",
         );
+        refused(
+            "[replicas]\ncount = 2\n[[at]]\nsecs = 1\ndo = \"redis-master-kill\"",
+            "needs replicas.store = \"sentinel\"",
+        );
+        let sentinel = Scenario::parse(
+            "sentinel",
+            &format!(
+                "{MINIMAL}\n[replicas]\ncount = 2\nstore = \"sentinel\"\n\
+                 [[at]]\nsecs = 1\ndo = \"redis-master-kill\"\n[[at]]\nsecs = 2\ndo = \"add-replica\""
+            ),
+        )
+        .unwrap();
+        assert!(sentinel.timeline[0].action.cuts_answers());
         let imap = |extra: &str| format!("[mailboxes]\ncount = 3\nserver = \"imap\"\n{extra}");
         refused(&imap("service_account = true"), "is for Exchange mailboxes");
         refused(

@@ -7,10 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{
-    Listener, PATIENCE, Redis, Relay, World, accepting, delivered, eventually, free_port,
-    redis_on_loopback, redis_server, spawn_redis,
-};
+use common::{Listener, PATIENCE, Redis, Relay, World, delivered, eventually};
 use mock_ews::{Config, NewMail};
 use serde_json::{Value, json};
 
@@ -566,58 +563,12 @@ async fn a_replica_given_another_key_names_both_keys_and_serves_the_mailboxes_it
     );
 }
 
-/// A Redis master with one replica and three sentinels watching it as `el`, each a process of
-/// its own on a loopback port, killed when dropped.
-struct SentinelSet {
-    master: tokio::process::Child,
-    _others: Vec<tokio::process::Child>,
-    replica_port: u16,
-    url: String,
-}
-
-impl SentinelSet {
-    async fn start() -> SentinelSet {
-        let dir = common::temp_dir("sentinel");
-        let (master_port, replica_port) = (free_port(), free_port());
-        let master = spawn_redis(&mut redis_on_loopback(master_port));
-        accepting("the Redis master", master_port).await;
-        let mut others = vec![spawn_redis(redis_on_loopback(replica_port).args([
-            "--replicaof",
-            "127.0.0.1",
-            &master_port.to_string(),
-        ]))];
-        accepting("the Redis replica", replica_port).await;
-        let mut sentinels = Vec::new();
-        for n in 0..3 {
-            let port = free_port();
-            let config = dir.join(format!("sentinel-{n}.conf"));
-            std::fs::write(
-                &config,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\n\
-                     sentinel monitor el 127.0.0.1 {master_port} 2\n\
-                     sentinel down-after-milliseconds el 1000\n\
-                     sentinel failover-timeout el 4000\n",
-                    dir.display()
-                ),
-            )
-            .unwrap();
-            others.push(spawn_redis(redis_server().arg(&config).arg("--sentinel")));
-            accepting("a sentinel", port).await;
-            sentinels.push(format!("127.0.0.1:{port}"));
-        }
-        SentinelSet {
-            master,
-            _others: others,
-            replica_port,
-            url: format!("redis+sentinel://{}/el/0", sentinels.join(",")),
-        }
-    }
-}
-
 #[tokio::test]
 async fn with_sentinel_the_replicas_follow_the_promoted_master_with_nothing_lost() {
-    let mut set = SentinelSet::start().await;
+    let dir = common::temp_dir("sentinel");
+    let mut set = harness::sentinel::SentinelSet::start(&dir)
+        .await
+        .expect("a Redis master, its replica and three sentinels");
     let world = world().await;
     let r = [
         replica_at(&set.url, "r0", &[]).await,
@@ -627,7 +578,7 @@ async fn with_sentinel_the_replicas_follow_the_promoted_master_with_nothing_lost
     let before: Vec<String> = (0..6).map(|i| inject(&world, i, "before")).collect();
     assert_delivered_once(&world, &before).await;
 
-    set.master.kill().await.unwrap();
+    set.kill_master().await.unwrap();
     let killed = tokio::time::Instant::now();
     let during: Vec<String> = (0..6).map(|i| inject(&world, i, "during")).collect();
     let promoted = format!("master=127.0.0.1:{}", set.replica_port);

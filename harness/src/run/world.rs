@@ -29,6 +29,8 @@ pub(super) struct World {
     /// The way every replica reaches the IMAP server, in runs with IMAP mailboxes.
     pub(super) imap_link: Option<Proxy>,
     pub(super) redis: Option<Redis>,
+    /// Redis behind Sentinel, in `store = "sentinel"` runs.
+    pub(super) sentinel: Option<crate::sentinel::SentinelSet>,
     /// The service accounts file every replica is given, in `service_account` runs.
     pub(super) accounts: Option<PathBuf>,
     pub(super) slots: Vec<Slot>,
@@ -54,7 +56,11 @@ impl World {
         let creatio_link = Proxy::start(addr_of(&creatio.base)?).await?;
         let redis = match scenario.replicas.store() {
             StoreKind::Redis => Some(Redis::start(&options.redis, &dir).await?),
-            StoreKind::Memory => None,
+            StoreKind::Memory | StoreKind::Sentinel => None,
+        };
+        let sentinel = match scenario.replicas.store() {
+            StoreKind::Sentinel => Some(crate::sentinel::SentinelSet::start(&dir).await?),
+            StoreKind::Memory | StoreKind::Redis => None,
         };
         let imap = match scenario.mailboxes.server {
             crate::scenario::Server::Exchange => None,
@@ -122,6 +128,7 @@ impl World {
             creatio_link,
             imap_link,
             redis,
+            sentinel,
             accounts,
             slots: Vec::new(),
             problems: Vec::new(),
@@ -168,6 +175,10 @@ impl World {
         ];
         if let Some(link) = &slot.redis_link {
             args.push(format!("--redis-url=redis://{}/0", link.addr()));
+            env.push(("EXCHANGE_LISTENER_SECRET_KEY", SECRET.to_owned()));
+        }
+        if let Some(sentinel) = &self.sentinel {
+            args.push(format!("--redis-url={}", sentinel.url));
             env.push(("EXCHANGE_LISTENER_SECRET_KEY", SECRET.to_owned()));
         }
         if let Some(file) = &self.accounts {
@@ -365,6 +376,13 @@ impl World {
                         link.set_upstream(addr);
                     }
                 }
+            }
+            Action::RedisMasterKill => {
+                self.sentinel
+                    .as_mut()
+                    .context("no Redis Sentinel in this run")?
+                    .kill_master()
+                    .await?;
             }
             Action::RedisPause { secs } => {
                 let redis = self.redis.as_ref().context("no Redis in this run")?;

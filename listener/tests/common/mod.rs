@@ -349,7 +349,7 @@ pub async fn assert_slow_second_login(world: &World, failed_retry_base: Duration
 }
 
 /// A free loopback port.
-pub fn free_port() -> u16 {
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -358,7 +358,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until something accepts connections on this loopback port.
-pub async fn accepting(what: &str, port: u16) {
+async fn accepting(what: &str, port: u16) {
     eventually(what, PATIENCE, async || {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -369,14 +369,14 @@ pub async fn accepting(what: &str, port: u16) {
 }
 
 /// `redis-server`, its output dropped, killed with its handle.
-pub fn redis_server() -> Command {
+fn redis_server() -> Command {
     let mut command = Command::new("redis-server");
     command.stdout(Stdio::null()).kill_on_drop(true);
     command
 }
 
 /// `redis-server` on this loopback port (0: none), keeping nothing on disk.
-pub fn redis_on_loopback(port: u16) -> Command {
+fn redis_on_loopback(port: u16) -> Command {
     let mut command = redis_server();
     command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
     command.args(["--save", "", "--appendonly", "no"]);
@@ -384,7 +384,7 @@ pub fn redis_on_loopback(port: u16) -> Command {
 }
 
 /// Starts it, or says how to install it.
-pub fn spawn_redis(command: &mut Command) -> Child {
+fn spawn_redis(command: &mut Command) -> Child {
     command.spawn().unwrap_or_else(|e| {
         panic!(
             "cannot start redis-server ({e}); install it with `apt-get install redis-server` \
