@@ -202,7 +202,15 @@ sentinel = render("env.host=redis-sentinel.crm,env.port=26379,ApiUrl=crm.example
 expect("redis.sentinelMaster names the master the sentinels at env.host watch",
        env(sentinel, "EXCHANGE_LISTENER_REDIS_SENTINEL_MASTER") == "mymaster"
        and env(sentinel, "ExchangeListenerRedisHost") == "redis-sentinel.crm:26379")
-expect("no host lists: any host", env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") is None
+expect("no Creatio hosts named: ApiUrl's host alone, and NOTES says so",
+       env(base, "EXCHANGE_LISTENER_CREATIO_HOSTS") == "crm.example.com"
+       and "Mail is posted only to Creatio at: crm.example.com" in base_notes)
+expect("ApiUrl with a port: its host alone",
+       env(render("env.host=redis,ApiUrl=crm.example.com:8443")[0], "EXCHANGE_LISTENER_CREATIO_HOSTS")
+       == "crm.example.com")
+any_host = render("env.host=redis,ApiUrl=crm.example.com,creatio.hostsFromApiUrl=false")[0]
+expect("creatio.hostsFromApiUrl=false and no host lists: any host",
+       env(any_host, "EXCHANGE_LISTENER_CREATIO_HOSTS") is None
        and env(base, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") is None)
 dual = render("env.host=redis,ApiUrl=crm.example.com,listenAddress=::")[0]
 expect("listenAddress :: listens on IPv6 (and IPv4), the API and metrics alike",
@@ -322,8 +330,8 @@ for label, expression, needle in [
     ("a misspelt nested value", "env.host=redis,ApiUrl=crm.example.com,ingress.pth=/x", "pth"),
     ("two replicas without Redis", "replicaCount=2", "env.host"),
     ("an unknown Exchange login", "env.host=redis,ApiUrl=crm.example.com,exchange.auth=kerberos", "/exchange/auth"),
-    ("service accounts without Creatio hosts", "env.host=redis,ApiUrl=crm.example.com,exchange.serviceAccountsSecret=s",
-     "creatio.hosts"),
+    ("service accounts without Creatio hosts", "env.host=redis,ApiUrl=crm.example.com,exchange.serviceAccountsSecret=s,"
+     "creatio.hostsFromApiUrl=false", "creatio.hosts"),
     ("two hosts in one list entry", "env.host=redis,ApiUrl=crm.example.com,creatio.hosts={a.com\\,b.com}", "/creatio/hosts"),
     ("an Ingress without a host", "env.host=redis", "ApiUrl"),
     ("ApiUrl with a scheme", "env.host=redis,ApiUrl=https://crm.example.com", "/ApiUrl"),

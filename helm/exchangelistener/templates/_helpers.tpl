@@ -69,6 +69,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if contains ":" $address -}}[{{ $address }}]:{{ index . 1 }}{{- else -}}{{ $address }}:{{ index . 1 }}{{- end -}}
 {{- end -}}
 
+{{/* The Creatio hosts mail may be posted to, comma-separated; empty for any. */}}
+{{- define "el.creatioHosts" -}}
+{{- if .Values.creatio.hosts -}}
+{{- join "," .Values.creatio.hosts -}}
+{{- else if and .Values.creatio.hostsFromApiUrl .Values.ApiUrl -}}
+{{- regexReplaceAll ":[0-9]+$" .Values.ApiUrl "" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "el.apiTokenName" -}}
 {{- .Values.apiToken.existingSecret | default (printf "%s-api-token" (include "el.fullname" .)) -}}
 {{- end -}}
