@@ -112,7 +112,7 @@ def main():
 
     values = helm.parse_set_string(
         "image.repository=exchange-listener,image.tag=check,env.host=redis,replicaCount=2,ApiUrl=crm.example.com,"
-        "ingress.enabled=true,ingress.path=/exchangelistener,leaseMs=1500")
+        "ingress.enabled=true,ingress.path=/exchangelistener,leaseMs=1500,creatio.hosts={mock-creatio}")
     files = helm.Chart.load("helm/exchangelistener").render(values, name="el", namespace="crm",
                                                            is_install=True)
     objects = [d for p, t in files.items() if not p.endswith("NOTES.txt")
