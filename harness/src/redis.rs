@@ -119,12 +119,10 @@ impl Redis {
     }
 
     async fn process(dir: &Path) -> anyhow::Result<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port()?;
         let dir = dir.join("redis");
         std::fs::create_dir_all(&dir)?;
-        let child = spawn_server(port, &dir)?;
+        let child = spawn_server(port, &dir, &[])?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_ready(addr).await?;
         Ok(Redis {
@@ -154,7 +152,7 @@ impl Redis {
             Inner::Process(p) => {
                 let _ = p.child.kill().await;
                 tokio::time::sleep(down).await;
-                p.child = spawn_server(p.port, &p.dir)?;
+                p.child = spawn_server(p.port, &p.dir, &[])?;
             }
             Inner::External => bail!("an external Redis cannot be restarted by the harness"),
         }
@@ -188,20 +186,42 @@ impl Redis {
     }
 }
 
-fn spawn_server(port: u16, dir: &Path) -> anyhow::Result<tokio::process::Child> {
-    tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
+/// A free loopback port.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `redis-server` on a loopback port, keeping nothing on disk, with `extra` flags.
+pub(crate) fn spawn_server(
+    port: u16,
+    dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<tokio::process::Child> {
+    spawn(
+        tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra),
+    )
+}
+
+/// Starts a `redis-server` command, its output dropped, killed with its handle.
+pub(crate) fn spawn(
+    command: &mut tokio::process::Command,
+) -> anyhow::Result<tokio::process::Child> {
+    command
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting redis-server; {INSTALL}"))
 }
 
-/// Waits until Redis answers PING.
-async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
+/// Waits until Redis (or a sentinel) answers PING.
+pub(crate) async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if ping(addr).await {

@@ -2,15 +2,13 @@
 //! watching it as `el` (down after 1 s), each a `redis-server` process on a loopback port that
 //! the harness owns. The master can be killed; Sentinel then promotes the replica.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::process::{Child, Command};
-use tokio::time::Instant;
 
-const INSTALL: &str = "install it with `apt-get install redis-server`";
+use crate::redis::{free_port, spawn, spawn_server, wait_ready};
 
 /// The processes, killed when dropped.
 #[derive(Debug)]
@@ -24,67 +22,21 @@ pub struct SentinelSet {
     pub backend: String,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn redis_server(dir: &Path, args: &[String]) -> anyhow::Result<Child> {
-    Command::new("redis-server")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start redis-server; {INSTALL}"))
-}
-
-async fn accepting(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "redis-server on port {port} did not answer within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
-fn on_loopback(port: u16) -> Vec<String> {
-    [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
 impl SentinelSet {
     pub async fn start(dir: &Path) -> anyhow::Result<SentinelSet> {
         let dir = dir.join("sentinel");
         std::fs::create_dir_all(&dir)?;
         let (master_port, replica_port) = (free_port()?, free_port()?);
-        let master = redis_server(&dir, &on_loopback(master_port))?;
-        accepting(master_port).await?;
-        let mut replica = on_loopback(replica_port);
-        replica.extend([
-            "--replicaof".into(),
-            "127.0.0.1".into(),
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let master = spawn_server(master_port, &dir, &[])?;
+        wait_ready(local(master_port)).await?;
+        let replica_of = [
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
             master_port.to_string(),
-        ]);
-        let mut others = vec![redis_server(&dir, &replica)?];
-        accepting(replica_port).await?;
+        ];
+        let mut others = vec![spawn_server(replica_port, &dir, &replica_of)?];
+        wait_ready(local(replica_port)).await?;
         let mut sentinels = Vec::new();
         for n in 0..3 {
             let port = free_port()?;
@@ -99,11 +51,14 @@ impl SentinelSet {
                     dir.display()
                 ),
             )?;
-            others.push(redis_server(
-                &dir,
-                &[config.to_string_lossy().into_owned(), "--sentinel".into()],
+            // The configuration file comes first; Sentinel rewrites it as it learns.
+            others.push(spawn(
+                Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .current_dir(&dir),
             )?);
-            accepting(port).await?;
+            wait_ready(local(port)).await?;
             sentinels.push(format!("127.0.0.1:{port}"));
         }
         Ok(SentinelSet {

@@ -115,35 +115,19 @@ impl Sealer {
 
     /// Opens what [`Sealer::seal`] made for mailbox `id`.
     pub fn open(&self, id: &str, blob: &[u8]) -> Result<Credentials, SealError> {
-        let sealed_part = match blob.split_first() {
-            Some((&SEALED_V1, rest)) => Some(rest),
+        let plain = match blob.split_first() {
+            Some((&PLAIN, rest)) => rest.to_vec(),
+            Some((&SEALED_V1, rest)) => self.decrypt(id, rest)?,
             Some((&SEALED_V2, rest)) if rest.len() > 4 => {
                 let (their_id, rest) = rest.split_at(4);
-                let key = self.key.as_ref().ok_or(SealError::NoKey)?;
-                if their_id != key_id(key) {
+                let ours = key_id(self.key.as_ref().ok_or(SealError::NoKey)?);
+                if their_id != ours {
                     return Err(SealError::OtherKey {
                         sealed_with: hex(their_id),
-                        ours: hex(&key_id(key)),
+                        ours: hex(&ours),
                     });
                 }
-                Some(rest)
-            }
-            _ => None,
-        };
-        let plain = match (blob.first(), sealed_part) {
-            (Some(&PLAIN), _) => blob[1..].to_vec(),
-            (_, Some(rest)) if rest.len() > 12 => {
-                let key = self.key.as_ref().ok_or(SealError::NoKey)?;
-                let (nonce, sealed) = rest.split_at(12);
-                ChaCha20Poly1305::new(Key::from_slice(key))
-                    .decrypt(
-                        Nonce::from_slice(nonce),
-                        Payload {
-                            msg: sealed,
-                            aad: id.as_bytes(),
-                        },
-                    )
-                    .map_err(|_| SealError::Open)?
+                self.decrypt(id, rest)?
             }
             _ => return Err(SealError::Open),
         };
@@ -152,6 +136,24 @@ impl Sealer {
             return Err(SealError::Open);
         }
         Ok(creds)
+    }
+
+    /// The text of `<nonce><sealed>` for mailbox `id`.
+    fn decrypt(&self, id: &str, nonce_and_sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        if nonce_and_sealed.len() <= 12 {
+            return Err(SealError::Open);
+        }
+        let key = self.key.as_ref().ok_or(SealError::NoKey)?;
+        let (nonce, sealed) = nonce_and_sealed.split_at(12);
+        ChaCha20Poly1305::new(Key::from_slice(key))
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: id.as_bytes(),
+                },
+            )
+            .map_err(|_| SealError::Open)
     }
 
     /// A fingerprint of the credentials: equal for equal credentials, and without the key
