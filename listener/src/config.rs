@@ -398,19 +398,13 @@ impl Config {
                 );
             }
             let auth = match &self.redis_password {
-                Some(password) => {
-                    let escaped: String = password
-                        .expose()
-                        .bytes()
-                        .map(|b| match b {
-                            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                                char::from(b).to_string()
-                            }
-                            _ => format!("%{b:02X}"),
-                        })
-                        .collect();
-                    format!(":{escaped}@")
-                }
+                Some(password) => format!(
+                    ":{}@",
+                    percent_encoding::utf8_percent_encode(
+                        password.expose(),
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
+                ),
                 None => String::new(),
             };
             return Ok(Some(format!(

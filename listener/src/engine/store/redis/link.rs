@@ -48,7 +48,10 @@ impl SentinelTarget {
         let (password, rest) = match rest.rsplit_once('@') {
             Some((auth, rest)) => {
                 let password = auth.strip_prefix(':').unwrap_or(auth);
-                let password = percent_decode(password)?;
+                let password = percent_encoding::percent_decode_str(password)
+                    .decode_utf8()
+                    .map_err(|_| "the password is not UTF-8 once %-decoded".to_owned())?
+                    .into_owned();
                 (Some(password).filter(|p| !p.is_empty()), rest)
             }
             None => (None, rest),
@@ -114,26 +117,6 @@ fn bracketed(host: &str) -> String {
     } else {
         host.to_owned()
     }
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("a % in the password is not followed by two hex digits")?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "the password is not UTF-8".to_owned())
 }
 
 /// The connection the store's commands take, and the client its change channel listens
