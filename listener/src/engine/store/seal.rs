@@ -82,10 +82,6 @@ impl Sealer {
         Sealer { key: None }
     }
 
-    pub fn is_plaintext(&self) -> bool {
-        self.key.is_none()
-    }
-
     /// The sealing key's id, as errors and the start-up log name it.
     pub fn key_id(&self) -> Option<String> {
         self.key.as_ref().map(|k| hex(&key_id(k)))
