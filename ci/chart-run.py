@@ -106,7 +106,7 @@ def run(name, img, *args, alias=None, publish=None, env=(), user=None, read_only
 
 
 def main():
-    sh("cargo", "build", "--release", "--locked", "-q", "-p", "mock-ews", "-p", "mock-creatio")
+    sh("ci/release-build.sh")
     image("mock-ews", "exchange-listener-mock-ews:check")
     image("mock-creatio", "exchange-listener-mock-creatio:check")
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-exchange-listener:dev}
-cargo build --release --locked -p exchange-listener
+ci/release-build.sh
 ctx=target/image/listener
 mkdir -p "$ctx"
 ci/stage-rootfs.sh target/release/exchange-listener "$ctx"

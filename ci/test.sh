@@ -62,12 +62,13 @@ if ! "$chart_venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml'
         helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pyyaml
 fi
 "$chart_venv/bin/python" ci/chart-check.py | tail -n 3
+echo "== release build (once, for the image, the chart's pods and the harness)"
+ci/release-build.sh
 echo "== image, and the chart's pods run on Docker"
 ci/image-check.sh
 "$chart_venv/bin/python" ci/chart-run.py
 echo "== harness demo, timed"
-cargo run --release --locked -q -p harness --bin harness -- \
-    demo --replicas 2 --mailboxes 3 --mail-every-secs 1 --for-secs 6 | tail -n 3
+target/release/harness demo --replicas 2 --mailboxes 3 --mail-every-secs 1 --for-secs 6 | tail -n 3
 echo "== scenario suite (harness run scenarios/)"
 # Redis through testcontainers on the Docker engine; any broken rule fails the run.
-cargo run --release --locked -q -p harness --bin harness -- run --progress-secs 15
+target/release/harness run --progress-secs 15
