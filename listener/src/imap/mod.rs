@@ -16,7 +16,6 @@
 
 mod connection;
 pub mod failure;
-mod outgoing;
 #[cfg(test)]
 mod scripted;
 mod session;
@@ -615,8 +614,8 @@ impl MailServer for ImapMailbox {
 
     fn send<'a>(&'a self, email: &'a OutgoingEmail) -> Answer<'a, ()> {
         async move {
-            let submission =
-                outgoing::submission(&self.sender, email).map_err(smtp::SmtpFailure::Config)?;
+            let submission = crate::creatio::outgoing::submission(&self.sender, email)
+                .map_err(smtp::SmtpFailure::Config)?;
             let c = &self.connection;
             smtp::submit(&self.smtp, &c.login, &c.tls, c.limits, &submission).await?;
             Ok(())

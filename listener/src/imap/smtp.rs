@@ -9,8 +9,8 @@ use base64::Engine as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
-use super::outgoing::Submission;
 use super::session::{Endpoint, Io, Login, Security, wrap_tls};
+use crate::creatio::outgoing::Submission;
 use crate::engine::protocol::{Disposition, Failure, Limits, ServerFailure, error_chain};
 
 /// Why a mail did not go out. Displays carry no secrets.

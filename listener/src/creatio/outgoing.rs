@@ -1,6 +1,6 @@
-//! A mail Creatio sends, as the MIME text SMTP carries: its recipients, subject, HTML or text
-//! body with its inline images (`multipart/related`, by Content-ID), its files, importance and
-//! thread headers, and Creatio's Message-ID.
+//! A mail Creatio sends, as the MIME text SMTP and Graph's `sendMail` carry: its recipients,
+//! subject, HTML or text body with its inline images (`multipart/related`, by Content-ID), its
+//! files, importance and thread headers, and Creatio's Message-ID.
 
 use base64::Engine as _;
 use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
