@@ -88,6 +88,24 @@ pub fn credentials(
     })
 }
 
+/// The `ServiceUrl` Creatio writes for a Microsoft 365 mailbox.
+pub const EXCHANGE_ONLINE_URL: &str = "https://outlook.office365.com/EWS/Exchange.asmx";
+
+/// A Microsoft 365 mailbox's `SynchronizationCredentials` as Creatio sends it: an Exchange
+/// mailbox on Exchange Online, signing in with the OAuth token Creatio holds for EWS
+/// (`UseOAuth`), no password.
+pub fn microsoft365_credentials(
+    id: &str,
+    email: &str,
+    access_token: &str,
+    bpm_endpoint: &str,
+) -> Value {
+    let mut creds = credentials(id, email, None, EXCHANGE_ONLINE_URL, bpm_endpoint);
+    creds["AccessToken"] = json!(access_token);
+    creds["UseOAuth"] = json!(true);
+    creds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Fault, FaultKind, Settings};
-pub use mail::{Attachment, InjectedMail, NewMail, Rate, SentMail, generated};
+pub use mail::{Attachment, InjectedMail, NewMail, Rate, Rendered, SentMail, generated, render};
 pub use state::{ControlError, RequestRecord, Stats};
 
 /// A SOAP request envelope around `body` (an operation element using the `m:` and `t:`

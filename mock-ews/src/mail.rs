@@ -152,6 +152,25 @@ impl Item {
     }
 }
 
+/// A mail as a server stores it: its Message-ID, when it was received, its MIME text.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub message_id: String,
+    pub received_unix: i64,
+    pub mime: Vec<u8>,
+}
+
+/// Renders `mail` as delivered to `mailbox` under the item id `id` (other mock servers store
+/// mail the way this one does).
+pub fn render(id: &str, mailbox: &str, mail: NewMail) -> Rendered {
+    let item = Item::new(id.to_owned(), mailbox, mail);
+    Rendered {
+        message_id: item.message_id,
+        received_unix: item.received,
+        mime: item.mime,
+    }
+}
+
 /// CRLF line endings, as RFC 5322 requires.
 fn crlf(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\n', "\r\n")
