@@ -107,6 +107,24 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_IMAP_POLL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub imap_poll_secs: u64,
 
+    /// A JSON file of Microsoft 365 app registrations, one per tenant, each with the mail
+    /// domains it serves: `[{"tenant": "contoso.onmicrosoft.com", "client_id": "…",
+    /// "certificate": "app.crt", "private_key": "app.key", "domains": ["contoso.com"]}]` (or
+    /// `"client_secret"` instead of the certificate). An Exchange mailbox in Exchange Online
+    /// whose domain one serves is read through Microsoft Graph instead of EWS.
+    #[arg(long, env = "EXCHANGE_LISTENER_GRAPH_APPS")]
+    pub graph_apps: Option<std::path::PathBuf>,
+
+    /// Shortest seconds between two polls of a Graph mailbox's folders: after a poll that found
+    /// mail. Each poll that finds none doubles the wait, up to `--graph-poll-max-secs`.
+    #[arg(long, env = "EXCHANGE_LISTENER_GRAPH_POLL_MIN_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub graph_poll_min_secs: u64,
+
+    /// Longest seconds between two polls of a Graph mailbox's folders (an idle mailbox's;
+    /// at most half of `--stream-idle-secs`).
+    #[arg(long, env = "EXCHANGE_LISTENER_GRAPH_POLL_MAX_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub graph_poll_max_secs: u64,
+
     /// Connections the listener holds at most for one login on one IMAP server (each watched
     /// mailbox holds one; a check or a fetch for Creatio may open another). Servers cap them
     /// per user: Dovecot at 10 from one address, Exchange at 16, Gmail at 15.

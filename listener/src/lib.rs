@@ -11,6 +11,7 @@ pub mod config;
 pub mod creatio;
 pub mod engine;
 pub mod exchange;
+pub mod graph;
 pub mod imap;
 pub mod server;
 
@@ -235,8 +236,39 @@ pub async fn serve(
             .clamp(Duration::from_secs(1), Duration::from_secs(25 * 60)),
         slots: Arc::new(imap::Slots::new(config.imap_connections_per_user as usize)),
     };
+    let graph = match &config.graph_apps {
+        None => None,
+        Some(path) => {
+            let apps = graph::GraphApps::load(path).map_err(|e| anyhow::anyhow!(e))?;
+            if config.creatio_hosts.is_empty() {
+                anyhow::bail!(
+                    "--graph-apps needs --creatio-hosts: a mailbox of a served domain is read through the \
+                     app, so without a list of the Creatio hosts it may post to, anyone who reaches this \
+                     API could have any mailbox of those domains sent anywhere"
+                );
+            }
+            tracing::info!(
+                apps = apps.len(),
+                "Exchange Online mailboxes of the apps' domains are served through Microsoft Graph"
+            );
+            // Each poll's wait stays within half the idle timeout, so a watch reports in time.
+            let longest = Duration::from_secs(config.graph_poll_max_secs)
+                .min(Duration::from_secs(config.stream_idle_secs) / 2)
+                .max(Duration::from_secs(1));
+            Some(Arc::new(graph::GraphConnect {
+                http: http.clone(),
+                apps,
+                limits,
+                polling: graph::Polling {
+                    min: Duration::from_secs(config.graph_poll_min_secs).min(longest),
+                    max: longest,
+                },
+            }) as Arc<dyn engine::protocol::Connect>)
+        }
+    };
     // One line per protocol: the mailbox's `ServerTypeId` chooses.
     let protocols: Arc<dyn engine::protocol::Connect> = Arc::new(engine::protocol::Protocols {
+        graph,
         imap: Arc::new(imap),
         exchange: Arc::new(exchange::HttpExchange {
             http: ews_http,

@@ -115,6 +115,11 @@ pub trait Watch: Send {
 /// Makes a mailbox's [`MailServer`] from its credentials.
 pub trait Connect: Send + Sync + std::fmt::Debug {
     fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure>;
+    /// Whether this protocol serves the mailbox (one that serves some mailboxes of a kind is
+    /// asked before the one that serves the rest).
+    fn serves(&self, _creds: &Credentials) -> bool {
+        true
+    }
     /// The URL the mailbox's server is reached at, as this protocol reads `ServiceUrl`; `None`
     /// when it cannot read it.
     fn address(&self, _creds: &Credentials) -> Option<String> {
@@ -122,26 +127,34 @@ pub trait Connect: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The protocols this listener serves, chosen by the mailbox's `ServerTypeId`.
+/// The protocols this listener serves, chosen by the mailbox's `ServerTypeId`; an Exchange
+/// mailbox in Exchange Online goes through Graph when an app registration serves its domain.
 #[derive(Debug, Clone)]
 pub struct Protocols {
     pub exchange: Arc<dyn Connect>,
     pub imap: Arc<dyn Connect>,
+    pub graph: Option<Arc<dyn Connect>>,
+}
+
+impl Protocols {
+    fn chosen(&self, creds: &Credentials) -> &dyn Connect {
+        match creds.server_type {
+            ServerType::Exchange => match &self.graph {
+                Some(graph) if graph.serves(creds) => graph.as_ref(),
+                _ => self.exchange.as_ref(),
+            },
+            ServerType::Imap => self.imap.as_ref(),
+        }
+    }
 }
 
 impl Connect for Protocols {
     fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
-        match creds.server_type {
-            ServerType::Exchange => self.exchange.connect(creds),
-            ServerType::Imap => self.imap.connect(creds),
-        }
+        self.chosen(creds).connect(creds)
     }
 
     fn address(&self, creds: &Credentials) -> Option<String> {
-        match creds.server_type {
-            ServerType::Exchange => self.exchange.address(creds),
-            ServerType::Imap => self.imap.address(creds),
-        }
+        self.chosen(creds).address(creds)
     }
 }
 

@@ -428,6 +428,7 @@ fn rig(script: Script) -> Rig {
         servers: Arc::new(crate::engine::protocol::Protocols {
             exchange: Arc::new(exchange.clone()),
             imap: Arc::new(imap_without_roots()),
+            graph: None,
         }),
         creatio: creatio.clone(),
         settings: Arc::new(WorkerSettings::for_tests()),

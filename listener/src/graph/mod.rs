@@ -1,0 +1,807 @@
+//! Exchange Online mailboxes through Microsoft Graph: the engine's [`MailServer`] for a
+//! mailbox Creatio sends as an Exchange one (`ServiceUrl` on `outlook.office365.com`) whose
+//! mail domain has an app registration (`--graph-apps`, [`apps`]). Creatio changes nothing: it
+//! keeps sending the mailbox as it always has, and the listener reads it through Graph with
+//! the app's application permissions instead of EWS, which Exchange Online no longer serves.
+//!
+//! Folders are Graph folder ids (`inbox` for the inbox); an item is a Graph message id, asked
+//! for as an immutable id so that it survives moves; a folder's sync state is the path of its
+//! `messages/delta` link (`changeType=created`), so catching up is following that link, and
+//! a link Graph no longer knows (`410`, `SyncStateNotFound`) is a rejected cursor. Mail is
+//! read as MIME (`$value`) and converted by the one MIME converter; mail is sent as MIME
+//! (`sendMail`), so Creatio's Message-ID is kept.
+//!
+//! Watching polls each watched folder's delta link ([`watch`]): after a poll that found mail
+//! the next comes after the shortest interval, and each empty one doubles it up to the
+//! longest, so a busy mailbox is polled every few seconds and an idle one about once a
+//! minute.
+//!
+//! Graph's limits: at most four requests of a mailbox at once; a `429` holds back every
+//! mailbox of the app for its `Retry-After`.
+
+pub mod apps;
+pub mod failure;
+mod watch;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::FutureExt as _;
+use serde::Deserialize;
+
+use crate::creatio::contract::send::OutgoingEmail;
+use crate::creatio::contract::{Credentials, ServerType};
+use crate::creatio::mail::{email_from_mime, parse_xs_datetime, xs_datetime};
+use crate::engine::protocol::{
+    Answer, Connect, Failure, FindPage, Folder, Found, Item, Limits, MailServer, SyncPage, Watch,
+};
+pub use apps::{GraphApp, GraphApps};
+use failure::GraphFailure;
+
+/// The hosts of Exchange Online's EWS, in every cloud: a mailbox Creatio sends with one of
+/// these as `ServiceUrl` lives in Microsoft 365.
+const EXCHANGE_ONLINE_HOSTS: [&str; 5] = [
+    "outlook.office365.com",
+    "outlook.office.com",
+    "outlook.office365.us",
+    "outlook.office365.de",
+    "partner.outlook.cn",
+];
+
+/// Requests of one mailbox in flight at once, as Graph allows.
+const REQUESTS_AT_ONCE: usize = 4;
+
+/// Well-known folders that hold no mail to watch.
+const UNWATCHED: [&str; 4] = ["drafts", "deleteditems", "junkemail", "outbox"];
+
+/// Folders listed per page.
+const FOLDER_PAGE: u16 = 100;
+
+/// How often a watch polls: from `min` after mail came, doubling to `max` while none does.
+#[derive(Debug, Clone, Copy)]
+pub struct Polling {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Reaches Graph for the mailboxes whose domain has an app registration.
+#[derive(Debug, Clone)]
+pub struct GraphConnect {
+    pub http: reqwest::Client,
+    pub apps: GraphApps,
+    pub limits: Limits,
+    pub polling: Polling,
+}
+
+impl GraphConnect {
+    /// The mailbox's address: `SenderEmailAddress`, else `UserName` when it is one.
+    fn address(creds: &Credentials) -> &str {
+        if creds.sender_email.contains('@') {
+            &creds.sender_email
+        } else {
+            creds.user_name.as_deref().unwrap_or(&creds.sender_email)
+        }
+    }
+
+    /// Whether `ServiceUrl` names Exchange Online (or nothing: autodiscovered).
+    fn exchange_online(creds: &Credentials) -> bool {
+        let Some(url) = creds
+            .service_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        else {
+            return true;
+        };
+        let host = url
+            .split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or_default();
+        EXCHANGE_ONLINE_HOSTS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
+}
+
+impl Connect for GraphConnect {
+    fn serves(&self, creds: &Credentials) -> bool {
+        creds.server_type == ServerType::Exchange
+            && Self::exchange_online(creds)
+            && self.apps.for_address(Self::address(creds)).is_some()
+    }
+
+    fn connect(&self, creds: &Credentials) -> Result<Box<dyn MailServer>, Failure> {
+        let user = Self::address(creds).trim().to_owned();
+        let app = self.apps.for_address(&user).ok_or_else(|| {
+            GraphFailure::Config(format!(
+                "no app registration in --graph-apps serves the domain of {user:?}"
+            ))
+        })?;
+        Ok(Box::new(GraphMailbox {
+            shared: Arc::new(Shared {
+                http: self.http.clone(),
+                user_path: format!("/v1.0/users/{}", path_segment(&user)),
+                user,
+                app,
+                limits: self.limits,
+                calls: tokio::sync::Semaphore::new(REQUESTS_AT_ONCE),
+            }),
+            polling: self.polling,
+            links: Arc::default(),
+        }))
+    }
+
+    /// None: `ServiceUrl` is never reached for these mailboxes, and Graph's address is the
+    /// administrator's, not the call's, so `--exchange-hosts` has nothing to check.
+    fn address(&self, _creds: &Credentials) -> Option<String> {
+        None
+    }
+}
+
+/// A path segment with what a URL path may not hold escaped.
+fn path_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+        .to_string()
+        .replace("%40", "@")
+        .replace("%2E", ".")
+        .replace("%2D", "-")
+        .replace("%5F", "_")
+}
+
+/// A query value escaped.
+fn query_value(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// An OData string literal: `it's` is `'it''s'`.
+fn odata_string(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// What one mailbox's calls share with its watch.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    http: reqwest::Client,
+    /// The mailbox's address, as Graph names the user.
+    user: String,
+    /// `/v1.0/users/{user}`, escaped.
+    user_path: String,
+    app: Arc<GraphApp>,
+    limits: Limits,
+    /// At most [`REQUESTS_AT_ONCE`] requests in flight.
+    calls: tokio::sync::Semaphore,
+}
+
+/// A request to Graph, before it is sent.
+struct Request<'a> {
+    method: reqwest::Method,
+    /// A path (`/v1.0/…`) or a link Graph gave (absolute).
+    target: &'a str,
+    body: Option<(&'static str, Vec<u8>)>,
+    /// `Prefer: odata.maxpagesize`.
+    page_size: Option<u16>,
+}
+
+impl<'a> Request<'a> {
+    fn get(target: &'a str) -> Self {
+        Request {
+            method: reqwest::Method::GET,
+            target,
+            body: None,
+            page_size: None,
+        }
+    }
+}
+
+/// Graph's error body.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl Shared {
+    /// The absolute URL of a path or link.
+    fn url(&self, target: &str) -> String {
+        if target.starts_with("http://") || target.starts_with("https://") {
+            target.to_owned()
+        } else {
+            format!("{}{target}", self.app.graph_url)
+        }
+    }
+
+    /// A link Graph gave, as a state kept in the store: its path when it is on this app's
+    /// Graph, so a changed base URL does not strand it.
+    fn relative(&self, link: &str) -> String {
+        link.strip_prefix(&self.app.graph_url)
+            .filter(|rest| rest.starts_with('/'))
+            .unwrap_or(link)
+            .to_owned()
+    }
+
+    /// Sends a request and reads its answer whole; a rejected token is replaced and the
+    /// request sent once more.
+    async fn call(&self, request: &Request<'_>) -> Result<bytes::Bytes, GraphFailure> {
+        let _permit = self
+            .calls
+            .acquire()
+            .await
+            .map_err(|_| GraphFailure::Config("the mailbox is closing".into()))?;
+        let timeout = self.limits.request_timeout;
+        for attempt in 0..2 {
+            self.app.unthrottled().await;
+            let token = self.app.token(&self.http, timeout).await?;
+            let mut builder = self
+                .http
+                .request(request.method.clone(), self.url(request.target))
+                .bearer_auth(token.expose())
+                .timeout(timeout);
+            let mut prefer = vec!["IdType=\"ImmutableId\"".to_owned()];
+            if let Some(n) = request.page_size {
+                prefer.push(format!("odata.maxpagesize={n}"));
+            }
+            builder = builder.header("prefer", prefer.join(", "));
+            if let Some((content_type, body)) = &request.body {
+                builder = builder
+                    .header("content-type", *content_type)
+                    .body(body.clone());
+            }
+            let answer = builder
+                .send()
+                .await
+                .map_err(|e| GraphFailure::Unreachable(crate::engine::protocol::error_chain(&e)))?;
+            let status = answer.status().as_u16();
+            let retry_after = crate::engine::backoff::retry_after(answer.headers());
+            let body = read_capped(answer, self.limits.max_body_bytes).await?;
+            if (200..300).contains(&status) {
+                return Ok(body);
+            }
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => (e.error.code, e.error.message),
+                Err(_) => (String::new(), format!("HTTP {status}")),
+            };
+            let failure = GraphFailure::from_answer(status, code, message, retry_after);
+            match &failure {
+                GraphFailure::TokenRejected(_) if attempt == 0 => {
+                    self.app.forget(&token).await;
+                    continue;
+                }
+                GraphFailure::Throttled { retry_after } => self.app.throttled(*retry_after),
+                _ => {}
+            }
+            return Err(failure);
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &Request<'_>,
+    ) -> Result<T, GraphFailure> {
+        let body = self.call(request).await?;
+        serde_json::from_slice(&body).map_err(|e| GraphFailure::Malformed(e.to_string()))
+    }
+
+    /// One page of a folder's delta, from its link (or from the beginning).
+    pub(crate) async fn delta_page(
+        &self,
+        folder: &str,
+        link: Option<&str>,
+        page_size: u16,
+    ) -> Result<SyncPage, GraphFailure> {
+        let first = format!(
+            "{}/mailFolders/{}/messages/delta?changeType=created&$select=id,receivedDateTime",
+            self.user_path,
+            path_segment(folder)
+        );
+        let page: DeltaPage = self
+            .get_json(&Request {
+                page_size: Some(page_size),
+                ..Request::get(link.unwrap_or(&first))
+            })
+            .await?;
+        let (state, complete) = match (page.next_link, page.delta_link) {
+            (Some(next), _) => (self.relative(&next), false),
+            (None, Some(delta)) => (self.relative(&delta), true),
+            (None, None) => {
+                return Err(GraphFailure::Malformed(
+                    "a delta page with neither nextLink nor deltaLink".into(),
+                ));
+            }
+        };
+        Ok(SyncPage {
+            state,
+            complete,
+            added: page
+                .value
+                .into_iter()
+                .filter(|m| m.removed.is_none())
+                .map(|m| m.id)
+                .collect(),
+        })
+    }
+}
+
+/// Reads a whole answer, failing as soon as it passes `limit` bytes.
+async fn read_capped(
+    mut answer: reqwest::Response,
+    limit: u64,
+) -> Result<bytes::Bytes, GraphFailure> {
+    if answer.content_length().is_some_and(|n| n > limit) {
+        return Err(GraphFailure::TooLarge { limit });
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = answer
+        .chunk()
+        .await
+        .map_err(|e| GraphFailure::Unreachable(crate::engine::protocol::error_chain(&e)))?
+    {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(GraphFailure::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+#[derive(Deserialize)]
+struct DeltaPage {
+    #[serde(default)]
+    value: Vec<DeltaEntry>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+    #[serde(rename = "@odata.deltaLink")]
+    delta_link: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeltaEntry {
+    id: String,
+    #[serde(rename = "@removed")]
+    removed: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct FolderPage {
+    #[serde(default)]
+    value: Vec<GraphFolder>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GraphFolder {
+    id: String,
+    #[serde(default)]
+    display_name: String,
+    parent_folder_id: Option<String>,
+    #[serde(default)]
+    child_folder_count: u32,
+}
+
+#[derive(Deserialize)]
+struct MessagePage {
+    #[serde(default)]
+    value: Vec<ListedMessage>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+    #[serde(rename = "@odata.count")]
+    count: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedMessage {
+    id: String,
+    received_date_time: Option<String>,
+}
+
+/// One Exchange Online mailbox.
+#[derive(Debug)]
+pub struct GraphMailbox {
+    shared: Arc<Shared>,
+    polling: Polling,
+    /// Each watched folder's delta link, as the last sync left it: where a watch starts.
+    links: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl GraphMailbox {
+    /// Every folder of the mailbox, the tree walked from the top.
+    async fn all_folders(&self) -> Result<Vec<GraphFolder>, GraphFailure> {
+        let s = &self.shared;
+        let mut out: Vec<GraphFolder> = Vec::new();
+        let mut pending = vec![format!(
+            "{}/mailFolders?$top={FOLDER_PAGE}&$select=id,displayName,parentFolderId,childFolderCount",
+            s.user_path
+        )];
+        // A tree is finite; the bound only guards against a server that links in a circle.
+        let mut pages = 0;
+        while let Some(target) = pending.pop() {
+            pages += 1;
+            if pages > 10_000 {
+                return Err(GraphFailure::Malformed(
+                    "the folder tree does not end".into(),
+                ));
+            }
+            let page: FolderPage = s.get_json(&Request::get(&target)).await?;
+            if let Some(next) = page.next_link {
+                pending.push(next);
+            }
+            for f in page.value {
+                if f.child_folder_count > 0 {
+                    pending.push(format!(
+                        "{}/mailFolders/{}/childFolders?$top={FOLDER_PAGE}&$select=id,displayName,parentFolderId,childFolderCount",
+                        s.user_path,
+                        path_segment(&f.id)
+                    ));
+                }
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of a well-known folder (`inbox`, `drafts`, …).
+    async fn well_known(&self, name: &str) -> Result<Option<String>, GraphFailure> {
+        let s = &self.shared;
+        let target = format!("{}/mailFolders/{name}?$select=id", s.user_path);
+        match s.get_json::<GraphFolder>(&Request::get(&target)).await {
+            Ok(f) => Ok(Some(f.id)),
+            Err(GraphFailure::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn messages(&self, target: &str) -> Result<MessagePage, GraphFailure> {
+        self.shared.get_json(&Request::get(target)).await
+    }
+
+    /// A page of a folder's messages: `filter` and `order` as OData writes them.
+    fn messages_target(
+        &self,
+        folder: &str,
+        filter: Option<&str>,
+        order: &str,
+        offset: u32,
+        top: u16,
+    ) -> String {
+        let mut target = format!(
+            "{}/mailFolders/{}/messages?$select=id,receivedDateTime&$orderby={}&$top={top}&$skip={offset}&$count=true",
+            self.shared.user_path,
+            path_segment(folder),
+            query_value(order)
+        );
+        if let Some(filter) = filter {
+            target.push_str("&$filter=");
+            target.push_str(&query_value(filter));
+        }
+        target
+    }
+
+    fn find_page(page: MessagePage, offset: u32) -> FindPage {
+        let listed = page.value.len() as u32;
+        FindPage {
+            items: page
+                .value
+                .into_iter()
+                .map(|m| Found {
+                    received_unix_ms: m.received_date_time.as_deref().and_then(parse_xs_datetime),
+                    id: m.id,
+                })
+                .collect(),
+            next_offset: Some(offset + listed),
+            complete: page.next_link.is_none(),
+            total: page.count,
+        }
+    }
+
+    async fn get_one(&self, id: &str) -> Result<Item, Failure> {
+        let target = format!(
+            "{}/messages/{}/$value",
+            self.shared.user_path,
+            path_segment(id)
+        );
+        match self.shared.call(&Request::get(&target)).await {
+            Ok(mime) => Ok(Item::Mail(Box::new(email_from_mime(id, &mime)))),
+            Err(GraphFailure::NotFound { .. }) => Ok(Item::Gone),
+            Err(f) => Err(f.into()),
+        }
+    }
+}
+
+impl MailServer for GraphMailbox {
+    fn url(&self) -> String {
+        format!("{}{}", self.shared.app.graph_url, self.shared.user_path)
+    }
+
+    fn validate(&self) -> Answer<'_, ()> {
+        async move {
+            let s = &self.shared;
+            let target = format!("{}/mailFolders/inbox?$select=id", s.user_path);
+            s.get_json::<GraphFolder>(&Request::get(&target)).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn folders(&self) -> Answer<'_, Vec<Folder>> {
+        async move {
+            let all = self.all_folders().await?;
+            let ids: std::collections::HashSet<&str> = all.iter().map(|f| f.id.as_str()).collect();
+            Ok(all
+                .iter()
+                .map(|f| Folder {
+                    id: f.id.clone(),
+                    name: f.display_name.clone(),
+                    // A folder at the top names the (unlisted) root as its parent.
+                    parent_id: f
+                        .parent_folder_id
+                        .clone()
+                        .filter(|p| ids.contains(p.as_str())),
+                    class: Some("IPF.Note".into()),
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
+        async move {
+            if !asked.is_empty() {
+                return Ok(asked.to_vec());
+            }
+            let all = self.all_folders().await?;
+            let inbox = self.well_known("inbox").await?;
+            let mut unwatched = Vec::new();
+            for name in UNWATCHED {
+                if let Some(id) = self.well_known(name).await? {
+                    unwatched.push(id);
+                }
+            }
+            let parent_of = |id: &str| {
+                all.iter()
+                    .find(|f| f.id == id)
+                    .and_then(|f| f.parent_folder_id.as_deref())
+            };
+            let left_out = |id: &str| {
+                let mut at = Some(id);
+                for _ in 0..64 {
+                    let Some(here) = at else {
+                        return false;
+                    };
+                    if unwatched.iter().any(|u| u == here) {
+                        return true;
+                    }
+                    at = parent_of(here);
+                }
+                true
+            };
+            let mut out = vec!["inbox".to_owned()];
+            out.extend(
+                all.iter()
+                    .filter(|f| Some(&f.id) != inbox.as_ref() && !left_out(&f.id))
+                    .map(|f| f.id.clone()),
+            );
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String> {
+        async move {
+            // Polling needs no subscription; the folders' links come from the catch-up.
+            let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            links.retain(|(f, _)| folders.contains(f));
+            Ok("delta".to_owned())
+        }
+        .boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, _subscription_id: &'a str) -> Answer<'a, ()> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn open_watch<'a>(
+        &'a self,
+        _subscription_id: &'a str,
+        timeout_minutes: u8,
+    ) -> Answer<'a, Box<dyn Watch>> {
+        async move {
+            let links = self.links.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            Ok(Box::new(watch::DeltaWatch::new(
+                self.shared.clone(),
+                links,
+                self.links.clone(),
+                self.polling,
+                Duration::from_secs(u64::from(timeout_minutes.max(1)) * 60),
+            )) as Box<dyn Watch>)
+        }
+        .boxed()
+    }
+
+    fn sync_folder<'a>(
+        &'a self,
+        folder: &'a str,
+        state: Option<&'a str>,
+        max_changes: u16,
+    ) -> Answer<'a, SyncPage> {
+        async move {
+            let page = self
+                .shared
+                .delta_page(folder, state.filter(|s| !s.is_empty()), max_changes)
+                .await?;
+            if page.complete {
+                let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+                match links.iter_mut().find(|(f, _)| f == folder) {
+                    Some((_, link)) => link.clone_from(&page.state),
+                    None => links.push((folder.to_owned(), page.state.clone())),
+                }
+            }
+            Ok(page)
+        }
+        .boxed()
+    }
+
+    fn find_recent_items<'a>(
+        &'a self,
+        folder: &'a str,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, FindPage> {
+        async move {
+            let target =
+                self.messages_target(folder, None, "receivedDateTime desc", offset, max_entries);
+            Ok(Self::find_page(self.messages(&target).await?, offset))
+        }
+        .boxed()
+    }
+
+    fn find_received_since<'a>(
+        &'a self,
+        folder: &'a str,
+        since_unix_ms: i64,
+        offset: u32,
+        max_entries: u16,
+    ) -> Answer<'a, FindPage> {
+        async move {
+            let filter = format!("receivedDateTime ge {}", xs_datetime(since_unix_ms));
+            let target = self.messages_target(
+                folder,
+                Some(&filter),
+                "receivedDateTime asc",
+                offset,
+                max_entries,
+            );
+            Ok(Self::find_page(self.messages(&target).await?, offset))
+        }
+        .boxed()
+    }
+
+    fn find_by_message_id<'a>(
+        &'a self,
+        folder: &'a str,
+        message_id: &'a str,
+    ) -> Answer<'a, Vec<String>> {
+        async move {
+            let filter = format!("internetMessageId eq {}", odata_string(message_id));
+            let target =
+                self.messages_target(folder, Some(&filter), "receivedDateTime desc", 0, 50);
+            Ok(self
+                .messages(&target)
+                .await?
+                .value
+                .into_iter()
+                .map(|m| m.id)
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn get_items<'a>(&'a self, ids: &'a [&'a str]) -> Answer<'a, Vec<Result<Item, Failure>>> {
+        async move {
+            // As many at once as the mailbox may have in flight; in the order asked.
+            Ok(futures_util::future::join_all(ids.iter().map(|id| self.get_one(id))).await)
+        }
+        .boxed()
+    }
+
+    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> Answer<'a, ()> {
+        async move {
+            let s = &self.shared;
+            let submission =
+                crate::creatio::outgoing::submission(&s.user, email).map_err(|why| {
+                    GraphFailure::Http {
+                        status: 400,
+                        code: "InvalidMail".into(),
+                        message: why,
+                        retry_after: None,
+                    }
+                })?;
+            let body = base64::engine::general_purpose::STANDARD
+                .encode(&submission.message)
+                .into_bytes();
+            let target = format!("{}/sendMail", s.user_path);
+            s.call(&Request {
+                method: reqwest::Method::POST,
+                body: Some(("text/plain", body)),
+                ..Request::get(&target)
+            })
+            .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn was_sent<'a>(&'a self, message_id: &'a str) -> Answer<'a, bool> {
+        async move {
+            Ok(!self
+                .find_by_message_id("sentitems", message_id)
+                .await?
+                .is_empty())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(service_url: Option<&str>, sender: &str) -> Credentials {
+        let body = serde_json::json!([{
+            "Id": "m1", "SenderEmailAddress": sender, "AccessToken": "t",
+            "ServiceUrl": service_url, "BpmEndpoint": "http://crm/0/x/ProcessFullEmail",
+        }]);
+        crate::creatio::contract::parse_credentials_list(body.to_string().as_bytes())
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn exchange_online_mailboxes_of_a_served_domain_go_through_graph() {
+        let connect = GraphConnect {
+            http: reqwest::Client::new(),
+            apps: GraphApps::parse(
+                br#"[{"tenant": "t", "client_id": "c", "client_secret": "s", "domains": ["contoso.com"]}]"#,
+                std::path::Path::new("."),
+            )
+            .unwrap(),
+            limits: Limits {
+                request_timeout: Duration::from_secs(1),
+                max_body_bytes: 1 << 20,
+            },
+            polling: Polling {
+                min: Duration::from_secs(1),
+                max: Duration::from_secs(2),
+            },
+        };
+        let online = "https://outlook.office365.com/EWS/Exchange.asmx";
+        assert!(connect.serves(&creds(Some(online), "alice@contoso.com")));
+        assert!(connect.serves(&creds(Some("outlook.office365.com"), "alice@contoso.com")));
+        assert!(connect.serves(&creds(None, "alice@contoso.com")));
+        // On-premises Exchange keeps EWS; another domain has no app.
+        assert!(!connect.serves(&creds(
+            Some("https://mail.contoso.com/EWS/Exchange.asmx"),
+            "alice@contoso.com"
+        )));
+        assert!(!connect.serves(&creds(Some(online), "bob@fabrikam.com")));
+    }
+
+    #[test]
+    fn odata_literals_and_path_segments_are_escaped() {
+        assert_eq!(odata_string("<a'b@x>"), "'<a''b@x>'");
+        assert_eq!(path_segment("alice@contoso.com"), "alice@contoso.com");
+        assert_eq!(path_segment("AAMk/x+y="), "AAMk%2Fx%2By%3D");
+    }
+}

@@ -1,0 +1,99 @@
+//! A watch by delta polling: every interval each watched folder's delta link is followed to
+//! its end, and what it lists is reported as new. The interval adapts to the mailbox: the
+//! shortest after a poll that found mail, doubling after each that found none, up to the
+//! longest. The first report comes at once (the engine counts the watch open from it), and the
+//! watch ends cleanly after its connection time, so the engine catches up and saves the links
+//! at least that often.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use tokio::time::Instant;
+
+use super::{Polling, Shared};
+use crate::engine::protocol::{Answer, Watch, WatchBatch};
+
+/// Ids asked per delta page while watching.
+const PAGE: u16 = 100;
+
+pub(super) struct DeltaWatch {
+    shared: Arc<Shared>,
+    /// (folder, delta link) for each watched folder.
+    links: Vec<(String, String)>,
+    /// Where the mailbox keeps the latest links, for the next watch.
+    kept: Arc<Mutex<Vec<(String, String)>>>,
+    polling: Polling,
+    interval: Duration,
+    ends: Instant,
+    reported: bool,
+}
+
+impl DeltaWatch {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        links: Vec<(String, String)>,
+        kept: Arc<Mutex<Vec<(String, String)>>>,
+        polling: Polling,
+        lifetime: Duration,
+    ) -> DeltaWatch {
+        DeltaWatch {
+            shared,
+            links,
+            kept,
+            polling,
+            interval: polling.min,
+            ends: Instant::now() + lifetime,
+            reported: false,
+        }
+    }
+
+    /// Follows every folder's link to its end; the ids it lists, in order.
+    async fn poll(&mut self) -> Result<Vec<String>, crate::engine::protocol::Failure> {
+        let mut found = Vec::new();
+        for (folder, link) in &mut self.links {
+            loop {
+                let page = self.shared.delta_page(folder, Some(link), PAGE).await?;
+                found.extend(page.added);
+                *link = page.state;
+                if page.complete {
+                    break;
+                }
+            }
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        for (folder, link) in &self.links {
+            if let Some((_, k)) = kept.iter_mut().find(|(f, _)| f == folder) {
+                k.clone_from(link);
+            }
+        }
+        Ok(found)
+    }
+}
+
+impl Watch for DeltaWatch {
+    fn next(&mut self) -> Answer<'_, Option<WatchBatch>> {
+        async move {
+            if !self.reported {
+                self.reported = true;
+                return Ok(Some(WatchBatch::default()));
+            }
+            let now = Instant::now();
+            if now >= self.ends {
+                return Ok(None);
+            }
+            tokio::time::sleep_until((now + self.interval).min(self.ends)).await;
+            let new_items = self.poll().await?;
+            self.interval = if new_items.is_empty() {
+                (self.interval * 2).min(self.polling.max)
+            } else {
+                self.polling.min
+            };
+            Ok(Some(WatchBatch {
+                new_items,
+                ..WatchBatch::default()
+            }))
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,408 @@
+//! Microsoft 365 mailboxes through Microsoft Graph end to end: the real listener binary,
+//! mock-graph (the token authority and Graph at one address) and mock-creatio; each mailbox
+//! created by a body written as Creatio writes a Microsoft 365 mailbox today (Exchange,
+//! `ServiceUrl` on outlook.office365.com, an OAuth token for EWS).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Listener, PATIENCE, eventually, temp_dir};
+use mock_creatio::MockCreatio;
+use mock_creatio::calling::{microsoft365_credentials, unquoted};
+use mock_graph::{App, Fault, MockGraph, NewMail};
+use serde_json::{Value, json};
+
+const ALICE: &str = "alice@contoso.com";
+const BOB: &str = "bob@contoso.com";
+const TENANT: &str = "contoso.onmicrosoft.com";
+const CLIENT: &str = "0f5d2b8e-6c1a-4d7e-9a3b-2c4e6f8a1b3d";
+const SECRET: &str = "app-secret-Zq8~x";
+/// The token Creatio holds for EWS: the listener has no use for it.
+const EWS_TOKEN: &str = "eyJ0eXAiOiJKV1QiLCJub25jZSI6ImV3cyJ9.creatio-ews-token";
+
+struct World {
+    graph: MockGraph,
+    creatio: MockCreatio,
+    dir: PathBuf,
+}
+
+impl World {
+    /// mock-graph with Alice and Bob and an app registration of their tenant (a secret).
+    async fn start() -> World {
+        let graph = MockGraph::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        graph.add_user(ALICE);
+        graph.add_user(BOB);
+        graph.add_app(App {
+            tenant: TENANT.into(),
+            client_id: CLIENT.into(),
+            secret: Some(SECRET.into()),
+            ..App::default()
+        });
+        World {
+            graph,
+            creatio: MockCreatio::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap(),
+            dir: temp_dir("graph"),
+        }
+    }
+
+    /// An apps file with one app for contoso.com, proving itself as `proof` says (JSON
+    /// members), its authority and Graph at mock-graph.
+    fn apps_file(&self, proof: Value) -> PathBuf {
+        let mut app = json!({
+            "tenant": TENANT, "client_id": CLIENT, "domains": ["contoso.com"],
+            "authority": self.graph.url(), "graph": self.graph.url(),
+        });
+        for (k, v) in proof.as_object().unwrap() {
+            app[k] = v.clone();
+        }
+        let path = self.dir.join(format!("apps-{}.json", fastrand::u32(..)));
+        std::fs::write(&path, json!([app]).to_string()).unwrap();
+        path
+    }
+
+    /// The listener serving contoso.com through Graph, polling every 1 to 2 s.
+    async fn listener(&self, apps: &Path) -> Listener {
+        Listener::spawn(&[
+            "--graph-apps",
+            apps.to_str().unwrap(),
+            "--creatio-hosts",
+            "127.0.0.1",
+            "--graph-poll-min-secs",
+            "1",
+            "--graph-poll-max-secs",
+            "2",
+        ])
+        .await
+    }
+
+    fn credentials(&self, id: &str, user: &str) -> Value {
+        microsoft365_credentials(id, user, EWS_TOKEN, &self.creatio.url("ProcessFullEmail"))
+    }
+
+    /// The Message-IDs Creatio received through this mailbox, in order.
+    fn received(&self, id: &str) -> Vec<String> {
+        self.creatio
+            .calls_of("ProcessFullEmail")
+            .into_iter()
+            .filter(|c| c.body["SubscriptionInfo"]["MailboxId"] == id)
+            .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["MessageId"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn mail(&self, user: &str, folder: Option<&str>, message_id: &str) -> String {
+        self.graph
+            .deliver(
+                user,
+                NewMail {
+                    from: "carol@fabrikam.com".into(),
+                    subject: format!("About {message_id}"),
+                    body: "Hello".into(),
+                    message_id: Some(format!("<{message_id}@fabrikam.com>")),
+                    folder: folder.map(str::to_owned),
+                    ..NewMail::default()
+                },
+            )
+            .unwrap()
+            .internet_message_id
+    }
+
+    /// Puts one more mail into the mailbox and waits for it (a mail posted twice would have
+    /// arrived before it); then Creatio holds `expected` through this mailbox, each once.
+    async fn assert_received_once(&self, id: &str, user: &str, expected: &[String]) {
+        let last = self.mail(user, None, &format!("last-{}", fastrand::u32(..)));
+        eventually("every mail at Creatio", PATIENCE, async || {
+            self.received(id).contains(&last).then_some(())
+        })
+        .await;
+        let mut got = self.received(id);
+        got.retain(|m| *m != last);
+        got.sort();
+        let mut want = expected.to_vec();
+        want.sort();
+        assert_eq!(got, want);
+    }
+}
+
+async fn create_watched(listener: &Listener, id: &str, creds: &Value) {
+    let (status, body) = listener.send("create", &json!([creds])).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the Graph mailbox to be watched", PATIENCE, async || {
+        (listener.state_of(id).await == "exists").then_some(())
+    })
+    .await;
+}
+
+async fn validate(listener: &Listener, creds: &Value) -> Value {
+    let (status, body) = listener
+        .post("/api/mailbox/validate", unquoted(creds))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_microsoft_365_mailbox_is_read_through_graph_as_creatio_sends_it() {
+    let world = World::start().await;
+    world
+        .graph
+        .add_folder(ALICE, "Projects", Some("Inbox"))
+        .unwrap();
+    world.mail(ALICE, None, "old");
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    let id = "a1ce0365-d9cb-469f-a165-70867728950e";
+    create_watched(&listener, id, &world.credentials(id, ALICE)).await;
+
+    let new = [
+        world.mail(ALICE, None, "new-1"),
+        world.mail(ALICE, Some("Projects"), "in-projects"),
+        world.mail(ALICE, None, "new-2"),
+    ];
+    // Mail that was there before is not new; what came after is posted once, from any
+    // watched folder.
+    world.assert_received_once(id, ALICE, &new).await;
+    let stats = world.graph.stats();
+    assert_eq!(stats.tokens_issued, 1, "one token, kept: {stats:?}");
+    assert!(stats.max_in_flight_per_user <= 4, "{stats:?}");
+    let logs = listener.logs().join("\n");
+    for secret in [SECRET, EWS_TOKEN, "eyJ0eXAiOiJKV1QifQ.mock"] {
+        assert!(!logs.contains(secret), "{secret} in the log");
+    }
+}
+
+#[tokio::test]
+async fn validate_and_folders_answer_through_graph_and_a_policy_that_excludes_the_mailbox_is_named()
+{
+    let world = World::start().await;
+    world
+        .graph
+        .add_folder(ALICE, "Projects", Some("Inbox"))
+        .unwrap();
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    let id = "a1ce0366-d9cb-469f-a165-70867728950e";
+    let answer = validate(&listener, &world.credentials(id, ALICE)).await;
+    assert_eq!(answer["IsValid"], true, "{answer}");
+
+    let mut creds = world.credentials(id, ALICE);
+    creds["FolderClassName"] = json!("");
+    let (status, body) = listener
+        .post("/api/mailbox/folders", unquoted(&creds))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let folders = body.as_array().unwrap();
+    let named = |name: &str| {
+        folders
+            .iter()
+            .find(|f| f["Name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+    };
+    assert_eq!(named("Projects")["ParentId"], named("Inbox")["Id"]);
+    assert_eq!(named("Inbox")["ParentId"], "");
+
+    // The tenant's application access policy lets the app read Bob's mailbox only.
+    let restricted = World::start().await;
+    restricted.graph.add_app(App {
+        tenant: TENANT.into(),
+        client_id: "1a2b3c4d-0000-4d7e-9a3b-2c4e6f8a1b3d".into(),
+        secret: Some(SECRET.into()),
+        users: Some(vec![BOB.into()]),
+        ..App::default()
+    });
+    let apps = restricted.apps_file(json!({
+        "client_secret": SECRET, "client_id": "1a2b3c4d-0000-4d7e-9a3b-2c4e6f8a1b3d",
+    }));
+    let listener = restricted.listener(&apps).await;
+    let answer = validate(&listener, &restricted.credentials(id, ALICE)).await;
+    assert_eq!(answer["IsValid"], false, "{answer}");
+    assert!(
+        answer["Message"]
+            .as_str()
+            .unwrap()
+            .contains("application access policy"),
+        "{answer}"
+    );
+    let answer = validate(&listener, &restricted.credentials(id, BOB)).await;
+    assert_eq!(answer["IsValid"], true, "{answer}");
+}
+
+/// An RSA key and a self-signed certificate for it, as PEM files in `dir`.
+fn key_and_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is needed for these tests: apt-get install openssl");
+    assert!(out.status.success(), "{out:?}");
+    (key, cert)
+}
+
+#[tokio::test]
+async fn a_certificate_proves_the_app_and_a_key_that_does_not_match_it_is_refused_clearly() {
+    let world = World::start().await;
+    let (key, cert) = key_and_certificate(&world.dir, "listener");
+    let (other_key, _) = key_and_certificate(&world.dir, "other");
+    world.graph.add_app(App {
+        tenant: TENANT.into(),
+        client_id: "c3c3c3c3-0000-4d7e-9a3b-2c4e6f8a1b3d".into(),
+        certificate_pem: Some(std::fs::read_to_string(&cert).unwrap()),
+        ..App::default()
+    });
+    let proof = |key: &Path| {
+        json!({
+            "client_id": "c3c3c3c3-0000-4d7e-9a3b-2c4e6f8a1b3d",
+            "certificate": cert.file_name().unwrap().to_str().unwrap(),
+            "private_key": key.file_name().unwrap().to_str().unwrap(),
+        })
+    };
+    let id = "a1ce0367-d9cb-469f-a165-70867728950e";
+    let listener = world.listener(&world.apps_file(proof(&key))).await;
+    let answer = validate(&listener, &world.credentials(id, ALICE)).await;
+    assert_eq!(answer["IsValid"], true, "{answer}");
+    assert_eq!(world.graph.stats().tokens_issued, 1);
+
+    let listener = world.listener(&world.apps_file(proof(&other_key))).await;
+    let answer = validate(&listener, &world.credentials(id, ALICE)).await;
+    assert_eq!(answer["IsValid"], false, "{answer}");
+    let message = answer["Message"].as_str().unwrap();
+    assert!(message.contains("Microsoft Entra refused"), "{answer}");
+    assert!(message.contains("AADSTS700027"), "{answer}");
+    assert_eq!(world.graph.stats().tokens_refused, 1);
+}
+
+#[tokio::test]
+async fn an_expired_delta_link_takes_a_new_baseline_and_the_gap_is_recovered_once() {
+    let world = World::start().await;
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    let id = "a1ce0368-d9cb-469f-a165-70867728950e";
+    create_watched(&listener, id, &world.credentials(id, ALICE)).await;
+    let before = world.mail(ALICE, None, "before");
+    eventually("the mail before the expiry", PATIENCE, async || {
+        world.received(id).contains(&before).then_some(())
+    })
+    .await;
+
+    // Graph forgets every delta link; mail arrives meanwhile.
+    world.graph.expire_delta();
+    let during = [
+        world.mail(ALICE, None, "during-1"),
+        world.mail(ALICE, None, "during-2"),
+    ];
+    let mut expected = vec![before];
+    expected.extend(during);
+    world.assert_received_once(id, ALICE, &expected).await;
+    assert!(
+        world.graph.requests().iter().any(|r| r.status == 410),
+        "the expired link was used and refused"
+    );
+}
+
+#[tokio::test]
+async fn a_throttled_app_holds_back_and_loses_nothing() {
+    let world = World::start().await;
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    let id = "a1ce0369-d9cb-469f-a165-70867728950e";
+    create_watched(&listener, id, &world.credentials(id, ALICE)).await;
+
+    world.graph.fault(Fault::Throttle {
+        count: 3,
+        retry_after_secs: 2,
+    });
+    let sent = [
+        world.mail(ALICE, None, "throttled-1"),
+        world.mail(ALICE, None, "throttled-2"),
+    ];
+    world.assert_received_once(id, ALICE, &sent).await;
+    let requests = world.graph.requests();
+    let throttled: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == 429)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(throttled.len(), 3, "{requests:?}");
+}
+
+#[tokio::test]
+async fn a_mail_creatio_sends_goes_out_through_graph_once_with_its_message_id() {
+    let world = World::start().await;
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    let bob_id = "b0b00365-d9cb-469f-a165-70867728950e";
+    create_watched(&listener, bob_id, &world.credentials(bob_id, BOB)).await;
+
+    let mut creds = world.credentials("a1ce0370-d9cb-469f-a165-70867728950e", ALICE);
+    creds["BpmEndpoint"] = Value::Null;
+    let body = json!({
+        "Email": {
+            "Id": "5b9c7a1e-2f4d-4e8a-9c3b-1d2e3f4a5b6c", "Subject": "Offer for Q3",
+            "Body": "<p>Dear Bob,</p>", "Sender": format!("Alice <{ALICE}>"),
+            "Recepients": [format!("Bob <{BOB}>")], "CopyRecepients": [],
+            "BlindCopyRecepients": [], "Headers": [], "Importance": 2, "IsHtmlBody": true,
+            "Attachments": [], "SendDateTimeStamp": 639_012_345_678_900_000_i64,
+            "MessageId": "<offer-1@creatio.contoso.com>", "InReplyTo": null, "References": null,
+        },
+        "Attachments": null,
+        "Credentials": creds,
+    })
+    .to_string();
+    for _ in 0..2 {
+        // Creatio retries (a timeout on its side): sent once all the same.
+        let (status, answer) = listener.post("/apiv2/email/send", body.clone()).await;
+        assert_eq!((status, answer), (200, Value::String(String::new())));
+    }
+    let sent = world.graph.messages(ALICE, Some("Sent Items")).unwrap();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].internet_message_id, "<offer-1@creatio.contoso.com>");
+    let email = eventually(
+        "the mail at Creatio through Bob's mailbox",
+        PATIENCE,
+        async || {
+            world
+                .creatio
+                .calls_of("ProcessFullEmail")
+                .into_iter()
+                .flat_map(|c| c.body["Emails"].as_array().cloned().unwrap_or_default())
+                .find(|e| e["MessageId"] == "<offer-1@creatio.contoso.com>")
+        },
+    )
+    .await;
+    assert_eq!(email["Subject"], "Offer for Q3");
+}
+
+#[tokio::test]
+async fn a_mailbox_on_premises_stays_on_ews() {
+    let world = World::start().await;
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    // A domain the app serves, but on an on-premises Exchange (here, nothing answers): EWS
+    // is asked, Graph is not.
+    let id = "fab00365-d9cb-469f-a165-70867728950e";
+    let mut creds = world.credentials(id, ALICE);
+    creds["ServiceUrl"] = json!("http://127.0.0.1:9/EWS/Exchange.asmx");
+    let answer = validate(&listener, &creds).await;
+    assert_eq!(answer["IsValid"], false, "{answer}");
+    assert_eq!(world.graph.stats().requests, 0);
+}
