@@ -67,15 +67,21 @@ impl World {
 
     /// The listener serving contoso.com through Graph, polling every 1 to 2 s.
     async fn listener(&self, apps: &Path) -> Listener {
+        self.listener_polling(apps, 1, 2).await
+    }
+
+    /// The listener serving contoso.com through Graph, polling every `min` to `max` seconds.
+    async fn listener_polling(&self, apps: &Path, min: u32, max: u32) -> Listener {
+        let (min, max) = (min.to_string(), max.to_string());
         Listener::spawn(&[
             "--graph-apps",
             apps.to_str().unwrap(),
             "--creatio-hosts",
             "127.0.0.1",
             "--graph-poll-min-secs",
-            "1",
+            &min,
             "--graph-poll-max-secs",
-            "2",
+            &max,
         ])
         .await
     }
@@ -153,7 +159,22 @@ async fn a_microsoft_365_mailbox_is_read_through_graph_as_creatio_sends_it() {
         .graph
         .add_folder(ALICE, "Projects", Some("Inbox"))
         .unwrap();
-    world.mail(ALICE, None, "old");
+    // Mail received an hour ago: old when the mailbox is created. (Mail received since the
+    // Create is posted, however fast it came.)
+    world
+        .graph
+        .deliver(
+            ALICE,
+            NewMail {
+                from: "carol@fabrikam.com".into(),
+                subject: "Old".into(),
+                body: "Hello".into(),
+                message_id: Some("<old@fabrikam.com>".into()),
+                received_unix: Some(mock_ews::clock::now_unix() - 3600),
+                ..NewMail::default()
+            },
+        )
+        .unwrap();
     let listener = world
         .listener(&world.apps_file(json!({ "client_secret": SECRET })))
         .await;
@@ -316,23 +337,46 @@ async fn an_expired_delta_link_takes_a_new_baseline_and_the_gap_is_recovered_onc
 }
 
 #[tokio::test]
-async fn a_throttled_app_holds_back_and_loses_nothing() {
+async fn a_throttled_app_holds_back_every_mailbox_and_loses_nothing() {
     let world = World::start().await;
+    // Each mailbox polls every second: held back only by the app's hold-back.
     let listener = world
-        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .listener_polling(&world.apps_file(json!({ "client_secret": SECRET })), 1, 1)
         .await;
-    let id = "a1ce0369-d9cb-469f-a165-70867728950e";
-    create_watched(&listener, id, &world.credentials(id, ALICE)).await;
-
+    let alice = "a1ce0369-d9cb-469f-a165-70867728950e";
+    let bob = "b0b00369-d9cb-469f-a165-70867728950e";
+    // The token endpoint throttles first, then Graph itself once both mailboxes poll.
     world.graph.fault(Fault::Throttle {
-        count: 3,
+        count: 2,
+        retry_after_secs: 2,
+    });
+    create_watched(&listener, alice, &world.credentials(alice, ALICE)).await;
+    create_watched(&listener, bob, &world.credentials(bob, BOB)).await;
+    // Both polling: each has asked for its inbox's delta a few times since it caught up.
+    eventually("both mailboxes polling", PATIENCE, async || {
+        let polls = |user: &str| {
+            world
+                .graph
+                .requests()
+                .iter()
+                .filter(|r| {
+                    r.path == format!("/v1.0/users/{user}/mailFolders/inbox/messages/delta")
+                })
+                .count()
+        };
+        (polls(ALICE) >= 4 && polls(BOB) >= 4).then_some(())
+    })
+    .await;
+    // One poll throttled: the other mailbox's must wait as well.
+    world.graph.fault(Fault::Throttle {
+        count: 1,
         retry_after_secs: 2,
     });
     let sent = [
         world.mail(ALICE, None, "throttled-1"),
         world.mail(ALICE, None, "throttled-2"),
     ];
-    world.assert_received_once(id, ALICE, &sent).await;
+    world.assert_received_once(alice, ALICE, &sent).await;
     let requests = world.graph.requests();
     let throttled: Vec<usize> = requests
         .iter()
@@ -341,6 +385,25 @@ async fn a_throttled_app_holds_back_and_loses_nothing() {
         .map(|(i, _)| i)
         .collect();
     assert_eq!(throttled.len(), 3, "{requests:?}");
+    assert!(
+        throttled
+            .iter()
+            .any(|&i| requests[i].path.contains("/v1.0/users/")),
+        "Graph's own answers were throttled too"
+    );
+    // A request already on its way when a 429 was
+    // answered cannot be held back; any sent after it waits for the Retry-After.
+    for &i in &throttled {
+        let answered = requests[i].at_unix_ms;
+        let early: Vec<_> = requests
+            .iter()
+            .filter(|r| r.arrived_unix_ms > answered + 50 && r.arrived_unix_ms < answered + 1_900)
+            .collect();
+        assert!(
+            early.is_empty(),
+            "asked again within the Retry-After: {early:#?}"
+        );
+    }
 }
 
 #[tokio::test]

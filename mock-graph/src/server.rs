@@ -66,6 +66,7 @@ fn path_user(path: &str) -> Option<String> {
 /// Around every Graph request: counts it, applies a pending fault, tracks how many are in
 /// flight per user, and records its answer.
 async fn traffic(State(app): State<App>, request: Request, next: Next) -> Response {
+    let arrived = mock_ews::clock::now_unix_ms() as u64;
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
     let user = path_user(&path);
@@ -114,7 +115,7 @@ async fn traffic(State(app): State<App>, request: Request, next: Next) -> Respon
     };
     app.world
         .lock()
-        .record(&method, &path, response.status().as_u16());
+        .record(&method, &path, response.status().as_u16(), arrived);
     response
 }
 

@@ -118,6 +118,10 @@ pub struct RequestRecord {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// When it arrived: milliseconds since the Unix epoch.
+    pub arrived_unix_ms: u64,
+    /// When it was answered.
+    pub at_unix_ms: u64,
 }
 
 /// The most request records kept (the oldest go first).
@@ -334,7 +338,7 @@ impl Inner {
         Some(taken)
     }
 
-    pub fn record(&mut self, method: &str, path: &str, status: u16) {
+    pub fn record(&mut self, method: &str, path: &str, status: u16, arrived_unix_ms: u64) {
         if self.records.len() == RECORDS {
             self.records.pop_front();
         }
@@ -342,6 +346,8 @@ impl Inner {
             method: method.to_owned(),
             path: path.to_owned(),
             status,
+            arrived_unix_ms,
+            at_unix_ms: mock_ews::clock::now_unix_ms() as u64,
         });
     }
 }

@@ -181,9 +181,19 @@ impl GraphApp {
         {
             return Ok(token.clone());
         }
-        let (token, lifetime) = self.request_token(http, timeout).await?;
-        *kept = Some((token.clone(), Instant::now() + lifetime));
-        Ok(token)
+        // A caller that waited for the lock may find the token endpoint throttled meanwhile.
+        self.unthrottled().await;
+        match self.request_token(http, timeout).await {
+            Ok((token, lifetime)) => {
+                *kept = Some((token.clone(), Instant::now() + lifetime));
+                Ok(token)
+            }
+            Err(GraphFailure::Throttled { retry_after }) => {
+                self.throttled(retry_after);
+                Err(GraphFailure::Throttled { retry_after })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Forgets `rejected` (Graph said it is not valid), so the next call asks for another.
@@ -235,6 +245,9 @@ impl GraphApp {
             .bytes()
             .await
             .map_err(|e| GraphFailure::Unreachable(format!("the token endpoint: {e}")))?;
+        if status == 429 {
+            return Err(GraphFailure::Throttled { retry_after });
+        }
         let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
             GraphFailure::Malformed(format!("the token endpoint answered HTTP {status}"))
         })?;
@@ -246,7 +259,7 @@ impl GraphApp {
             TokenAnswer::Error {
                 error,
                 error_description,
-            } if (400..500).contains(&status) && status != 429 => Err(GraphFailure::AppRefused {
+            } if (400..500).contains(&status) => Err(GraphFailure::AppRefused {
                 tenant: self.tenant.clone(),
                 client_id: self.client_id.clone(),
                 // Entra's first line names the problem (AADSTS…); the rest is trace ids.
@@ -255,7 +268,6 @@ impl GraphApp {
                     error_description.lines().next().unwrap_or_default()
                 ),
             }),
-            _ if status == 429 => Err(GraphFailure::Throttled { retry_after }),
             _ => Err(GraphFailure::Http {
                 status,
                 code: "TokenEndpoint".into(),
