@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -155,42 +155,42 @@ fn url_form(body: &[u8]) -> HashMap<String, String> {
 
 /// The request's bearer token checked, and the user it may read: the user, or the error
 /// Graph answers.
-fn authorize<'a>(w: &'a Inner, headers: &HeaderMap, upn: &str) -> Result<&'a User, Response> {
+fn authorize<'a>(w: &'a Inner, headers: &HeaderMap, upn: &str) -> Result<&'a User, Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = token.and_then(|t| w.tokens.get(t)) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "InvalidAuthenticationToken",
             "Access token is empty or invalid.",
-        ));
+        )));
     };
     if token.expires <= Instant::now() {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "InvalidAuthenticationToken",
             "Lifetime validation failed, the token is expired.",
-        ));
+        )));
     }
     let Ok(user) = w.user(upn) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             "ErrorInvalidUser",
             &format!("The requested user '{upn}' is invalid."),
-        ));
+        )));
     };
     let app = w.apps.iter().find(|a| a.client_id == token.client_id);
     let allowed = app
         .and_then(|a| a.users.as_ref())
         .is_none_or(|users| users.iter().any(|u| u.eq_ignore_ascii_case(&user.upn)));
     if !allowed {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             "ErrorAccessDenied",
             "Access to OData is disabled: [RAOP] : Blocked by tenant configured AppOnly AccessPolicy settings.",
-        ));
+        )));
     }
     Ok(user)
 }
@@ -232,7 +232,7 @@ async fn top_folders(
     let w = app.world.lock();
     match authorize(&w, &headers, &upn) {
         Ok(user) => Json(folders_under(user, None)).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -244,7 +244,7 @@ async fn one_folder(
     let w = app.world.lock();
     let user = match authorize(&w, &headers, &upn) {
         Ok(user) => user,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match user.folder(&folder) {
         Some(f) => Json(folder_json(user, f)).into_response(),
@@ -260,7 +260,7 @@ async fn child_folders(
     let w = app.world.lock();
     let user = match authorize(&w, &headers, &upn) {
         Ok(user) => user,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match user.folder(&folder) {
         Some(f) => Json(folders_under(user, Some(&f.id))).into_response(),
@@ -303,7 +303,7 @@ async fn delta(
     let watermark = w.next_seq - 1;
     let user = match authorize(&w, &headers, &upn) {
         Ok(user) => user,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(f) = user.folder(&folder) else {
         return no_folder(&folder);
@@ -389,7 +389,7 @@ async fn list_messages(
     let w = app.world.lock();
     let user = match authorize(&w, &headers, &upn) {
         Ok(user) => user,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(f) = user.folder(&folder) else {
         return no_folder(&folder);
@@ -506,7 +506,7 @@ async fn mime(
         w.stats.mime_reads += 1;
         let user = match authorize(&w, &headers, &upn) {
             Ok(user) => user,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         match user.messages.iter().find(|m| m.id == id) {
             Some(m) => m.mime.clone(),
@@ -565,7 +565,7 @@ async fn send_mail(
     w.stats.sends += 1;
     let sender = match authorize(&w, &headers, &upn) {
         Ok(user) => user.upn.clone(),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let is_text = headers
         .get(header::CONTENT_TYPE)

@@ -3,7 +3,7 @@
 //! refused the way Microsoft Entra refuses it.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use axum::Json;
 use axum::http::StatusCode;

@@ -125,7 +125,7 @@ async fn delta_lists_a_baseline_in_pages_then_only_what_is_new_until_it_expires(
     assert_eq!(baseline.len(), 3);
     let new = graph.deliver(USER, mail(3)).unwrap();
     let (listed, link) = follow(&graph, &t, &link).await;
-    assert_eq!(listed, [new.id.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&new.id));
     let (listed, _) = follow(&graph, &t, &link).await;
     assert!(listed.is_empty());
 
