@@ -63,6 +63,61 @@ pub async fn service_account(
     Ok(file)
 }
 
+/// The app registration through which a run's Microsoft 365 mailboxes are served: tenant,
+/// client id, secret; it serves the scenario mailboxes' domain.
+pub const GRAPH_APP: (&str, &str, &str) = (
+    "harness.onmicrosoft.com",
+    "5e7d9c1b-harness-app",
+    "harness-app-secret",
+);
+
+/// Starts mock-graph on loopback, logging into `dir`, with [`GRAPH_APP`] registered and a
+/// user for each of `users`.
+pub async fn start_graph(
+    bins: &Binaries,
+    dir: &Path,
+    http: &reqwest::Client,
+    users: &[String],
+) -> anyhow::Result<Process> {
+    let (tenant, client_id, secret) = GRAPH_APP;
+    let graph = Process::start(
+        "mock-graph",
+        &bins.graph,
+        &["--listen".to_owned(), "127.0.0.1:0".to_owned()],
+        &[],
+        &dir.join("mock-graph.log"),
+    )
+    .await?;
+    post_json(
+        http,
+        &format!("{}/_control/apps", graph.base),
+        &json!({ "tenant": tenant, "client_id": client_id, "secret": secret }),
+    )
+    .await?;
+    for upn in users {
+        post_json(
+            http,
+            &format!("{}/_control/users", graph.base),
+            &json!({ "upn": upn }),
+        )
+        .await?;
+    }
+    Ok(graph)
+}
+
+/// Writes the listener's `--graph-apps` file into `dir`: [`GRAPH_APP`] for `domain`, its
+/// authority and Graph at `base` (where the listener reaches mock-graph); answers the file.
+pub fn graph_apps(dir: &Path, base: &str, domain: &str) -> anyhow::Result<PathBuf> {
+    let (tenant, client_id, secret) = GRAPH_APP;
+    let file = dir.join("graph-apps.json");
+    let apps = json!([{
+        "tenant": tenant, "client_id": client_id, "client_secret": secret,
+        "domains": [domain], "authority": base, "graph": base,
+    }]);
+    std::fs::write(&file, apps.to_string())?;
+    Ok(file)
+}
+
 /// Starts the release listener on loopback for a benchmark, logging at info into `dir`, with
 /// `extra` flags besides; says where each part listens.
 pub async fn start_listener(

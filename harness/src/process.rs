@@ -59,19 +59,26 @@ pub struct Binaries {
     pub listener: PathBuf,
     pub ews: PathBuf,
     pub creatio: PathBuf,
+    pub graph: PathBuf,
 }
 
 impl Binaries {
-    /// The listener, mock-ews and mock-creatio, as [`release_binaries`] finds them.
+    /// The listener, mock-ews, mock-creatio and mock-graph, as [`release_binaries`] finds
+    /// them.
     pub fn release() -> anyhow::Result<Binaries> {
-        let [listener, ews, creatio]: [PathBuf; 3] =
-            release_binaries(&["exchange-listener", "mock-ews", "mock-creatio"])?
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("three binaries expected"))?;
+        let [listener, ews, creatio, graph]: [PathBuf; 4] = release_binaries(&[
+            "exchange-listener",
+            "mock-ews",
+            "mock-creatio",
+            "mock-graph",
+        ])?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("four binaries expected"))?;
         Ok(Binaries {
             listener,
             ews,
             creatio,
+            graph,
         })
     }
 }

@@ -140,13 +140,17 @@ pub enum Server {
     Imap,
     /// Both side by side: the even-numbered mailboxes on Exchange, the odd ones on IMAP.
     Mixed,
+    /// Microsoft 365 mailboxes on mock-graph behind the fault proxy, sent as Creatio sends
+    /// them (Exchange on outlook.office365.com) and served through the listener's app
+    /// registration.
+    Graph,
 }
 
 impl Server {
     /// Whether mailbox `m` lives on the IMAP server.
     pub fn imap_holds(self, m: usize) -> bool {
         match self {
-            Server::Exchange => false,
+            Server::Exchange | Server::Graph => false,
             Server::Imap => true,
             Server::Mixed => m % 2 == 1,
         }
@@ -285,6 +289,11 @@ pub enum Action {
     },
     /// A mock-ews fault, as its control API takes it (`kind`, `mailbox`, `times`, `for_ms`, …).
     EwsFault { fault: toml::Table },
+    /// A mock-graph fault, as its control API takes it (`kind = "throttle"` with `count` and
+    /// `retry_after_secs`, or `"unavailable"` with `count`).
+    GraphFault { fault: toml::Table },
+    /// Graph forgets every delta link it gave (`410 SyncStateNotFound` on the next use).
+    GraphExpireDelta,
     /// mock-creatio answers the next `count` calls with `status` (503 by default).
     CreatioFail {
         count: u32,
@@ -323,6 +332,8 @@ pub enum Link {
     Creatio,
     /// The IMAP server, as every replica reaches it.
     Imap,
+    /// Microsoft Graph and its token authority, as every replica reaches them.
+    Graph,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,6 +360,8 @@ impl Action {
             | Action::RedisMasterKill
             | Action::ImapRestart { .. }
             | Action::EwsFault { .. }
+            | Action::GraphFault { .. }
+            | Action::GraphExpireDelta
             // A link mended is a change too: the replica behind it comes back and the spread
             // follows.
             | Action::Link { .. } => true,
@@ -406,6 +419,11 @@ impl Action {
                 "EWS fault {}",
                 fault.get("kind").and_then(|k| k.as_str()).unwrap_or("?")
             ),
+            Action::GraphFault { fault } => format!(
+                "Graph fault {}",
+                fault.get("kind").and_then(|k| k.as_str()).unwrap_or("?")
+            ),
+            Action::GraphExpireDelta => "Graph forgets its delta links".into(),
             Action::CreatioFail { count, .. } => format!("Creatio fails {count} calls"),
             Action::CreatioMischief {
                 drop, duplicate, ..
@@ -511,9 +529,13 @@ impl Scenario {
             bail!("mailboxes.count must be at least 1");
         }
         if self.mailboxes.server != Server::Exchange {
+            let server = self.mailboxes.server;
             let exchange_only = [
                 (self.mailboxes.service_account, "mailboxes.service_account"),
-                (self.mail.via == MailVia::Send, "mail.via = \"send\""),
+                (
+                    self.mail.via == MailVia::Send && server != Server::Graph,
+                    "mail.via = \"send\"",
+                ),
                 (self.history.is_some(), "[history]"),
                 (
                     self.mailboxes.operation != Operation::ProcessFullEmail,
@@ -522,7 +544,8 @@ impl Scenario {
             ];
             if let Some((_, what)) = exchange_only.iter().find(|(on, _)| *on) {
                 bail!(
-                    "{what} is for Exchange mailboxes only, not mailboxes.server = \"imap\" or \"mixed\""
+                    "{what} is for Exchange mailboxes only, not mailboxes.server = \"{}\"",
+                    format!("{server:?}").to_lowercase()
                 );
             }
         }
@@ -584,33 +607,46 @@ impl Scenario {
                     if *to == Link::Redis && !redis {
                         bail!("a Redis link needs replicas.store = \"redis\"");
                     }
-                    if *to == Link::Imap && self.mailboxes.server == Server::Exchange {
+                    if *to == Link::Imap
+                        && matches!(self.mailboxes.server, Server::Exchange | Server::Graph)
+                    {
                         bail!("an imap link needs mailboxes.server = \"imap\" or \"mixed\"");
                     }
-                    if *to == Link::Imap && replica.is_some() {
-                        bail!("an imap link is every replica's: it takes no replica");
+                    if *to == Link::Graph && self.mailboxes.server != Server::Graph {
+                        bail!("a graph link needs mailboxes.server = \"graph\"");
                     }
-                    if *to == Link::Ews && self.mailboxes.server == Server::Imap {
-                        bail!(
-                            "an ews link is for Exchange mailboxes, not mailboxes.server = \"imap\""
-                        );
+                    if matches!(to, Link::Imap | Link::Graph) && replica.is_some() {
+                        bail!("an {to:?} link is every replica's: it takes no replica");
+                    }
+                    if *to == Link::Ews
+                        && matches!(self.mailboxes.server, Server::Imap | Server::Graph)
+                    {
+                        bail!("an ews link is for Exchange mailboxes on mock-ews");
                     }
                 }
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
                 }
-                Action::ImapRestart { .. } if self.mailboxes.server == Server::Exchange => {
+                Action::GraphFault { .. } | Action::GraphExpireDelta
+                    if self.mailboxes.server != Server::Graph =>
+                {
+                    bail!("{} needs mailboxes.server = \"graph\"", step.action.label())
+                }
+                Action::ImapRestart { .. }
+                    if matches!(self.mailboxes.server, Server::Exchange | Server::Graph) =>
+                {
                     bail!(
                         "{} needs mailboxes.server = \"imap\" or \"mixed\"",
                         step.action.label()
                     )
                 }
                 Action::Update { .. } | Action::EwsFault { .. }
-                    if self.mailboxes.server == Server::Imap =>
+                    if matches!(self.mailboxes.server, Server::Imap | Server::Graph) =>
                 {
                     bail!(
-                        "{} is for Exchange mailboxes, not mailboxes.server = \"imap\"",
-                        step.action.label()
+                        "{} is for Exchange mailboxes on mock-ews, not mailboxes.server = \"{}\"",
+                        step.action.label(),
+                        format!("{:?}", self.mailboxes.server).to_lowercase()
                     )
                 }
                 Action::Synchronize { mailbox }
@@ -822,6 +858,25 @@ mod tests {
         let s = Scenario::parse("mixed", &format!("{MINIMAL}\n{both}")).unwrap();
         let on_imap: Vec<bool> = (0..4).map(|m| s.mailboxes.server.imap_holds(m)).collect();
         assert_eq!(on_imap, [false, true, false, true]);
+        // Graph's faults need Graph's mailboxes, and Exchange's are not Graph's.
+        let graph = |extra: &str| format!("[mailboxes]\ncount = 3\nserver = \"graph\"\n{extra}");
+        refused(
+            "[[at]]\nsecs = 1\ndo = \"graph-expire-delta\"",
+            "needs mailboxes.server = \"graph\"",
+        );
+        refused(
+            &graph("[[at]]\nsecs = 1\ndo = \"ews-fault\"\nfault = { kind = \"silence\" }"),
+            "is for Exchange mailboxes on mock-ews",
+        );
+        refused(
+            &graph("service_account = true"),
+            "is for Exchange mailboxes only",
+        );
+        let faults = graph(
+            "[[at]]\nsecs = 1\ndo = \"graph-fault\"\nfault = { kind = \"throttle\", count = 3, retry_after_secs = 2 }\n\
+             [[at]]\nsecs = 2\ndo = \"link\"\nto = \"graph\"\nmode = \"reset\"",
+        );
+        Scenario::parse("graph", &format!("{MINIMAL}\n{faults}")).unwrap();
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub(super) struct Shared {
     pub(super) server: crate::scenario::Server,
     /// The port the replicas reach it on: the fault proxy in front of it.
     pub(super) imap_port: u16,
+    /// mock-graph's base URL (its control API), in runs with Microsoft 365 mailboxes.
+    pub(super) graph: Option<String>,
 }
 
 impl Shared {
@@ -100,6 +102,13 @@ impl Shared {
         );
         if self.service_account {
             creds["UserName"] = Value::Null;
+        }
+        if self.graph.is_some() {
+            // A Microsoft 365 mailbox as Creatio sends it: the listener's app serves it.
+            creds["ServiceUrl"] = json!(mock_creatio::calling::EXCHANGE_ONLINE_URL);
+            creds["Password"] = Value::Null;
+            creds["AccessToken"] = json!("creatio-token-for-ews");
+            creds["UseOAuth"] = json!(true);
         }
         if self.dovecot_of(m).is_some() {
             creds["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
@@ -280,20 +289,28 @@ pub(super) async fn arrivals(sh: &Shared) -> anyhow::Result<Vec<Arrival>> {
 pub(super) async fn sent_twice(sh: &Shared) -> anyhow::Result<Vec<Violation>> {
     let mut out = Vec::new();
     for m in 0..sh.mailboxes {
-        let items = get_json(
-            &sh.http,
-            &format!(
-                "{}/_control/mailboxes/{}/sent-items",
-                sh.ews,
-                Shared::email(m)
+        // mock-ews lists a mailbox's Sent Items; mock-graph a user's messages in one folder.
+        let (url, field) = match &sh.graph {
+            Some(graph) => (
+                format!(
+                    "{graph}/_control/users/{}/messages?folder=Sent%20Items",
+                    Shared::email(m)
+                ),
+                "internet_message_id",
             ),
-        )
-        .await?;
+            None => (
+                format!(
+                    "{}/_control/mailboxes/{}/sent-items",
+                    sh.ews,
+                    Shared::email(m)
+                ),
+                "message_id",
+            ),
+        };
+        let items = get_json(&sh.http, &url).await?;
         let mut seen = std::collections::BTreeMap::<&str, usize>::new();
         for item in items.as_array().into_iter().flatten() {
-            *seen
-                .entry(item["message_id"].as_str().unwrap_or(""))
-                .or_default() += 1;
+            *seen.entry(item[field].as_str().unwrap_or("")).or_default() += 1;
         }
         out.extend(
             seen.into_iter()

@@ -28,6 +28,11 @@ pub(super) struct World {
     pub(super) creatio_link: Proxy,
     /// The way every replica reaches the IMAP server, in runs with IMAP mailboxes.
     pub(super) imap_link: Option<Proxy>,
+    /// mock-graph and the way every replica reaches it, in runs with Microsoft 365 mailboxes.
+    pub(super) _graph: Option<Process>,
+    pub(super) graph_link: Option<Proxy>,
+    /// The `--graph-apps` file every replica is given, in those runs.
+    pub(super) graph_apps: Option<PathBuf>,
     pub(super) redis: Option<Redis>,
     /// Redis behind Sentinel, in `store = "sentinel"` runs.
     pub(super) sentinel: Option<crate::sentinel::SentinelSet>,
@@ -63,7 +68,7 @@ impl World {
             StoreKind::Memory | StoreKind::Redis => None,
         };
         let imap = match scenario.mailboxes.server {
-            crate::scenario::Server::Exchange => None,
+            crate::scenario::Server::Exchange | crate::scenario::Server::Graph => None,
             crate::scenario::Server::Imap | crate::scenario::Server::Mixed => {
                 let users: Vec<(String, &str)> = (0..scenario.mailboxes.count)
                     .map(|m| (Shared::email(m), "secret"))
@@ -77,11 +82,23 @@ impl World {
             Some(dovecot) => Some(Proxy::start(([127, 0, 0, 1], dovecot.port).into()).await?),
             None => None,
         };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let (graph, graph_link, graph_apps) = match scenario.mailboxes.server {
+            crate::scenario::Server::Graph => {
+                let users: Vec<String> = (0..scenario.mailboxes.count).map(Shared::email).collect();
+                let graph = mocks::start_graph(bins, &dir, &http, &users).await?;
+                let link = Proxy::start(addr_of(&graph.base)?).await?;
+                let apps =
+                    mocks::graph_apps(&dir, &format!("http://{}", link.addr()), "harness.test")?;
+                (Some(graph), Some(link), Some(apps))
+            }
+            _ => (None, None, None),
+        };
         let shared = Shared {
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(10))
-                .build()?,
+            http,
             roster: Roster::default(),
             closed: Arc::default(),
             sent: Arc::default(),
@@ -98,6 +115,7 @@ impl World {
             server: scenario.mailboxes.server,
             imap,
             imap_port: imap_link.as_ref().map_or(0, |link| link.addr().port()),
+            graph: graph.as_ref().map(|g| g.base.clone()),
         };
         let accounts = if scenario.mailboxes.service_account {
             let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
@@ -127,6 +145,9 @@ impl World {
             ews_link,
             creatio_link,
             imap_link,
+            _graph: graph,
+            graph_link,
+            graph_apps,
             redis,
             sentinel,
             accounts,
@@ -187,6 +208,12 @@ impl World {
             // A service account serves only a Creatio named: mock-creatio's.
             args.push("--creatio-hosts=127.0.0.1".to_owned());
         }
+        if let Some(file) = &self.graph_apps {
+            args.push("--graph-apps".to_owned());
+            args.push(file.to_string_lossy().into_owned());
+            // An app registration serves only a Creatio named: mock-creatio's.
+            args.push("--creatio-hosts=127.0.0.1".to_owned());
+        }
         args.extend(self.scenario.replicas.args.iter().cloned());
         // Each start gets its own log, so a restarted replica's first life is kept.
         let log = (0..)
@@ -221,12 +248,14 @@ impl World {
     pub(super) async fn create_mailboxes(&self) -> anyhow::Result<()> {
         let sh = &self.shared;
         for m in 0..sh.mailboxes {
-            post_json(
-                &sh.http,
-                &format!("{}/_control/mailboxes", sh.ews),
-                &json!({ "email": Shared::email(m), "password": "secret" }),
-            )
-            .await?;
+            if sh.graph.is_none() {
+                post_json(
+                    &sh.http,
+                    &format!("{}/_control/mailboxes", sh.ews),
+                    &json!({ "email": Shared::email(m), "password": "secret" }),
+                )
+                .await?;
+            }
             if let Some(h) = self.scenario.history.as_ref().filter(|h| h.mailbox == m) {
                 self.put_history(m, h.mails).await?;
             }
@@ -413,6 +442,11 @@ impl World {
                             link.set_mode(mode);
                         }
                     }
+                    (Link::Graph, _) => {
+                        if let Some(link) = &self.graph_link {
+                            link.set_mode(mode);
+                        }
+                    }
                     (Link::Redis, _) => {
                         for (i, slot) in self.slots.iter().enumerate() {
                             if replica.is_none_or(|r| r == i)
@@ -437,6 +471,25 @@ impl World {
                     &serde_json::to_value(fault)?,
                 )
                 .await?;
+            }
+            Action::GraphFault { fault } => {
+                let graph = sh.graph.as_ref().context("no Graph in this run")?;
+                post_json(
+                    &sh.http,
+                    &format!("{graph}/_control/faults"),
+                    &serde_json::to_value(fault)?,
+                )
+                .await?;
+            }
+            Action::GraphExpireDelta => {
+                let graph = sh.graph.as_ref().context("no Graph in this run")?;
+                let url = format!("{graph}/_control/expire-delta");
+                sh.http
+                    .post(&url)
+                    .send()
+                    .await?
+                    .error_for_status()
+                    .with_context(|| format!("POST {url}"))?;
             }
             Action::CreatioFail {
                 count,
