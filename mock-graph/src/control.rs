@@ -21,6 +21,8 @@ pub(crate) fn routes() -> Router<App> {
         )
         .route("/_control/faults", post(add_fault).delete(clear_faults))
         .route("/_control/expire-delta", post(expire_delta))
+        .route("/_control/lifecycle", post(lifecycle))
+        .route("/_control/drop-notifications", post(drop_notifications))
         .route("/_control/token-lifetime", put(token_lifetime))
         .route("/_control/stats", get(stats))
         .route("/_control/requests", get(requests))
@@ -128,4 +130,24 @@ async fn stats(State(app): State<App>) -> Response {
 
 async fn requests(State(app): State<App>) -> Response {
     Json(app.world.lock().records.clone()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct Lifecycle {
+    event: String,
+}
+
+async fn lifecycle(State(app): State<App>, Json(l): Json<Lifecycle>) -> Response {
+    app.world.lock().lifecycle(&l.event);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct Drop {
+    count: u32,
+}
+
+async fn drop_notifications(State(app): State<App>, Json(d): Json<Drop>) -> Response {
+    app.world.lock().drop_notifications = d.count;
+    StatusCode::NO_CONTENT.into_response()
 }

@@ -44,9 +44,17 @@ impl MockGraph {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let world = Arc::new(World::default());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(std::io::Error::other)?;
+        let (notifier, outgoing) = tokio::sync::mpsc::unbounded_channel();
+        world.lock().notifier = Some(notifier);
+        tokio::spawn(notify(world.clone(), http.clone(), outgoing));
         let router = server::router(server::App {
             world: world.clone(),
             base: format!("http://{addr}").into(),
+            http,
         });
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
@@ -107,6 +115,28 @@ impl MockGraph {
         self.world.lock().faults.push(fault);
     }
 
+    /// Leaves out the notifications of the next `count` new messages (Graph loses some).
+    pub fn drop_notifications(&self, count: u32) {
+        self.world.lock().drop_notifications = count;
+    }
+
+    /// Sends a lifecycle event (`missed`, `subscriptionRemoved`, `reauthorizationRequired`)
+    /// to every subscription; `subscriptionRemoved` removes them.
+    pub fn lifecycle(&self, event: &str) {
+        self.world.lock().lifecycle(event);
+    }
+
+    /// How many subscriptions are live.
+    pub fn subscriptions(&self) -> usize {
+        let now = mock_ews::clock::now_unix();
+        self.world
+            .lock()
+            .subscriptions
+            .iter()
+            .filter(|s| s.expires_unix > now)
+            .count()
+    }
+
     /// Makes every deltaLink and skip token given so far unknown (`410 SyncStateNotFound`).
     pub fn expire_delta(&self) {
         self.world.lock().delta_generation += 1;
@@ -138,6 +168,39 @@ impl MockGraph {
 impl Drop for MockGraph {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Posts each notification to its subscriber, several at once, and counts how they were
+/// answered: within 10 s with a 2xx, or not.
+async fn notify(
+    world: Arc<World>,
+    http: reqwest::Client,
+    mut outgoing: tokio::sync::mpsc::UnboundedReceiver<state::Outgoing>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    while let Some((url, body)) = outgoing.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (world, http) = (world.clone(), http.clone());
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let answer = http
+                .post(&url)
+                .json(&body)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            let ms = started.elapsed().as_millis() as u64;
+            let mut w = world.lock();
+            match answer {
+                Ok(a) if a.status().is_success() => w.stats.notifications_delivered += 1,
+                _ => w.stats.notifications_failed += 1,
+            }
+            w.stats.slowest_notification_ms = w.stats.slowest_notification_ms.max(ms);
+            drop(slot);
+        });
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) struct App {
     pub world: Arc<World>,
     /// `http://127.0.0.1:port`, for the links it hands out.
     pub base: Arc<str>,
+    /// Posts validation requests to a subscriber.
+    pub http: reqwest::Client,
 }
 
 pub(crate) fn router(app: App) -> axum::Router {
@@ -44,6 +46,11 @@ pub(crate) fn router(app: App) -> axum::Router {
         )
         .route("/v1.0/users/{user}/messages/{id}/$value", get(mime))
         .route("/v1.0/users/{user}/sendMail", post(send_mail))
+        .route("/v1.0/subscriptions", post(create_subscription))
+        .route(
+            "/v1.0/subscriptions/{id}",
+            axum::routing::patch(renew_subscription).delete(delete_subscription),
+        )
         .layer(axum::middleware::from_fn_with_state(app.clone(), traffic));
     graph.merge(crate::control::routes()).with_state(app)
 }
@@ -638,4 +645,245 @@ async fn send_mail(
         );
     }
     StatusCode::ACCEPTED.into_response()
+}
+
+/// The longest a message subscription may live: 10,080 minutes.
+const MAX_SUBSCRIPTION_SECS: i64 = 10_080 * 60;
+
+/// `users/{user}/mailFolders('{folder}')/messages` (or with `/` and an id): the user and
+/// folder of a subscription's resource.
+fn subscribed_folder(resource: &str) -> Option<(String, String)> {
+    let rest = resource.trim_start_matches('/');
+    let rest = rest
+        .strip_prefix("users/")
+        .or_else(|| rest.strip_prefix("Users/"))?;
+    let (user, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("mailFolders")?;
+    let (folder, tail) = if let Some(quoted) = rest.strip_prefix("('") {
+        quoted.split_once("')")?
+    } else {
+        rest.strip_prefix('/')?.split_once('/')?
+    };
+    (tail.trim_start_matches('/') == "messages").then(|| (user.to_owned(), folder.to_owned()))
+}
+
+/// Asks a subscriber's URL to echo a validation token within 10 s, as Graph does before it
+/// creates a subscription; the error says what went wrong.
+async fn validate_endpoint(http: &reqwest::Client, url: &str) -> Result<(), String> {
+    let token = format!(
+        "Validation: Testing client application reachability {:08x}",
+        fastrand::u32(..)
+    );
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let answer = http
+        .post(format!(
+            "{url}{separator}validationToken={}",
+            percent(&token)
+        ))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("no answer from {url}: {e}"))?;
+    let status = answer.status();
+    let body = answer.text().await.unwrap_or_default();
+    if status != StatusCode::OK || body != token {
+        return Err(format!(
+            "{url} answered {status} without echoing the validation token"
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /subscriptions`: after the notification URL (and the lifecycle URL) echoed a
+/// validation token, a subscription for new messages in one folder.
+async fn create_subscription(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let text = |name: &str| body[name].as_str().unwrap_or_default().to_owned();
+    let resource = text("resource");
+    let Some((upn, folder)) = subscribed_folder(&resource) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            &format!("This mock subscribes to a folder's messages only, not {resource:?}."),
+        );
+    };
+    let notification_url = text("notificationUrl");
+    let lifecycle_url = body["lifecycleNotificationUrl"].as_str().map(str::to_owned);
+    let client_state = body["clientState"].as_str().map(str::to_owned);
+    let now = mock_ews::clock::now_unix();
+    let expires = mock_ews::clock::parse_xs_datetime(&text("expirationDateTime"));
+    let (client_id, user, folder) = {
+        let w = app.world.lock();
+        let user = match authorize(&w, &headers, &upn) {
+            Ok(user) => user,
+            Err(r) => return *r,
+        };
+        let Some(f) = user.folder(&folder) else {
+            return no_folder(&folder);
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|t| w.tokens.get(t))
+            .map(|t| t.client_id.clone())
+            .unwrap_or_default();
+        (token, user.upn.to_ascii_lowercase(), f.id.clone())
+    };
+    if !text("changeType").split(',').any(|c| c.trim() == "created") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            "changeType must include created.",
+        );
+    }
+    if client_state.as_ref().is_some_and(|c| c.len() > 128) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            "clientState is longer than 128 characters.",
+        );
+    }
+    let Some(expires) = expires.filter(|&e| e > now && e <= now + MAX_SUBSCRIPTION_SECS) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            "expirationDateTime must be in the future and at most 10080 minutes away.",
+        );
+    };
+    let mut urls = vec![notification_url.clone()];
+    urls.extend(lifecycle_url.clone().filter(|u| *u != notification_url));
+    for url in &urls {
+        if let Err(why) = validate_endpoint(&app.http, url).await {
+            app.world.lock().stats.subscriptions_refused += 1;
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ValidationError",
+                &format!("Subscription validation request failed: {why}"),
+            );
+        }
+    }
+    let mut w = app.world.lock();
+    let id = format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        fastrand::u32(..),
+        fastrand::u16(..),
+        fastrand::u16(..0x1000),
+        fastrand::u16(..0x1000),
+        fastrand::u64(..1 << 48)
+    );
+    w.subscriptions.push(crate::state::Subscription {
+        id: id.clone(),
+        client_id,
+        user,
+        folder,
+        resource: resource.clone(),
+        client_state: client_state.clone(),
+        notification_url: notification_url.clone(),
+        lifecycle_url,
+        expires_unix: expires,
+    });
+    w.stats.subscriptions_created += 1;
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "id": id,
+            "resource": resource,
+            "changeType": "created",
+            "clientState": client_state,
+            "notificationUrl": notification_url,
+            "expirationDateTime": mock_ews::clock::xs_datetime(expires),
+        })),
+    )
+        .into_response()
+}
+
+fn no_subscription(id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFound",
+        &format!("The object was not found: subscription {id}."),
+    )
+}
+
+/// The app a request's token was issued to, or Graph's refusal.
+fn token_client(w: &Inner, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| w.tokens.get(t))
+        .filter(|t| t.expires > Instant::now())
+        .map(|t| t.client_id.clone())
+        .ok_or_else(|| {
+            Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "InvalidAuthenticationToken",
+                "Access token is empty or invalid.",
+            ))
+        })
+}
+
+async fn renew_subscription(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut w = app.world.lock();
+    let client = match token_client(&w, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let now = mock_ews::clock::now_unix();
+    let Some(expires) = body["expirationDateTime"]
+        .as_str()
+        .and_then(mock_ews::clock::parse_xs_datetime)
+        .filter(|&e| e > now && e <= now + MAX_SUBSCRIPTION_SECS)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            "expirationDateTime must be in the future and at most 10080 minutes away.",
+        );
+    };
+    let Some(sub) = w
+        .subscriptions
+        .iter_mut()
+        .find(|s| s.id == id && s.client_id == client && s.expires_unix > now)
+    else {
+        return no_subscription(&id);
+    };
+    sub.expires_unix = expires;
+    let answer = json!({
+        "id": sub.id,
+        "resource": sub.resource,
+        "expirationDateTime": mock_ews::clock::xs_datetime(expires),
+    });
+    w.stats.subscriptions_renewed += 1;
+    Json(answer).into_response()
+}
+
+async fn delete_subscription(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut w = app.world.lock();
+    let client = match token_client(&w, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let before = w.subscriptions.len();
+    w.subscriptions
+        .retain(|s| !(s.id == id && s.client_id == client));
+    if w.subscriptions.len() == before {
+        return no_subscription(&id);
+    }
+    w.stats.subscriptions_deleted += 1;
+    StatusCode::NO_CONTENT.into_response()
 }

@@ -97,6 +97,24 @@ pub enum Fault {
     Unavailable { count: u32 },
 }
 
+/// A change-notification subscription on one folder's messages.
+#[derive(Debug, Clone)]
+pub(crate) struct Subscription {
+    pub id: String,
+    pub client_id: String,
+    /// The user (lower case) and folder id whose new messages it reports.
+    pub user: String,
+    pub folder: String,
+    pub resource: String,
+    pub client_state: Option<String>,
+    pub notification_url: String,
+    pub lifecycle_url: Option<String>,
+    pub expires_unix: i64,
+}
+
+/// A notification on its way to a subscriber: where, and the body.
+pub(crate) type Outgoing = (String, serde_json::Value);
+
 /// Counters of what was asked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -112,6 +130,19 @@ pub struct Stats {
     pub throttled: u64,
     /// The most requests in flight at once for one user.
     pub max_in_flight_per_user: u32,
+    /// Subscriptions created (each after its validation handshake succeeded), and those
+    /// refused because the handshake failed.
+    pub subscriptions_created: u64,
+    pub subscriptions_refused: u64,
+    pub subscriptions_renewed: u64,
+    pub subscriptions_deleted: u64,
+    /// Notifications posted to subscribers and answered 2xx, answered otherwise or not at
+    /// all, and dropped on request.
+    pub notifications_delivered: u64,
+    pub notifications_failed: u64,
+    pub notifications_dropped: u64,
+    /// The slowest answer of a subscriber to a notification, in milliseconds.
+    pub slowest_notification_ms: u64,
 }
 
 /// What a request was.
@@ -143,6 +174,11 @@ pub(crate) struct Inner {
     pub records: std::collections::VecDeque<RequestRecord>,
     pub in_flight: HashMap<String, u32>,
     pub token_lifetime: Duration,
+    pub subscriptions: Vec<Subscription>,
+    /// Notifications of the next new messages not sent (lost on the way, as Graph may).
+    pub drop_notifications: u32,
+    /// Where notifications go out (a task posts them).
+    pub notifier: Option<tokio::sync::mpsc::UnboundedSender<Outgoing>>,
 }
 
 impl Default for Inner {
@@ -159,6 +195,9 @@ impl Default for Inner {
             records: Default::default(),
             in_flight: HashMap::new(),
             token_lifetime: Duration::from_secs(3599),
+            subscriptions: Vec::new(),
+            drop_notifications: 0,
+            notifier: None,
         }
     }
 }
@@ -321,8 +360,75 @@ impl Inner {
     pub fn store(&mut self, upn: &str, mut message: Message) -> Result<(), ControlError> {
         message.seq = self.next_seq;
         self.next_seq += 1;
-        self.user_mut(upn)?.messages.push(message);
+        let user = self.user_mut(upn)?;
+        let key = user.upn.to_ascii_lowercase();
+        let (id, folder) = (message.id.clone(), message.folder.clone());
+        user.messages.push(message);
+        self.notify_created(&key, &folder, &id);
         Ok(())
+    }
+
+    /// Tells every live subscription on the folder of a new message.
+    fn notify_created(&mut self, user: &str, folder: &str, message: &str) {
+        let now = mock_ews::clock::now_unix();
+        let due: Vec<Outgoing> = self
+            .subscriptions
+            .iter()
+            .filter(|s| s.user == user && s.folder == folder && s.expires_unix > now)
+            .map(|s| {
+                (
+                    s.notification_url.clone(),
+                    serde_json::json!({ "value": [{
+                        "subscriptionId": s.id,
+                        "subscriptionExpirationDateTime": mock_ews::clock::xs_datetime(s.expires_unix),
+                        "clientState": s.client_state,
+                        "changeType": "created",
+                        "resource": format!("Users/{user}/Messages/{message}"),
+                        "resourceData": {
+                            "@odata.type": "#Microsoft.Graph.Message",
+                            "@odata.id": format!("Users/{user}/Messages/{message}"),
+                            "id": message,
+                        },
+                        "tenantId": "00000000-0000-0000-0000-000000000000",
+                    }]}),
+                )
+            })
+            .collect();
+        for outgoing in due {
+            if self.drop_notifications > 0 {
+                self.drop_notifications -= 1;
+                self.stats.notifications_dropped += 1;
+                continue;
+            }
+            if let Some(notifier) = &self.notifier {
+                let _ = notifier.send(outgoing);
+            }
+        }
+    }
+
+    /// Sends a lifecycle event to every subscription (to its lifecycle URL, else its
+    /// notification URL); `subscriptionRemoved` removes them too.
+    pub fn lifecycle(&mut self, event: &str) {
+        for s in &self.subscriptions {
+            let body = serde_json::json!({ "value": [{
+                "subscriptionId": s.id,
+                "subscriptionExpirationDateTime": mock_ews::clock::xs_datetime(s.expires_unix),
+                "clientState": s.client_state,
+                "lifecycleEvent": event,
+                "resource": s.resource,
+                "organizationId": "00000000-0000-0000-0000-000000000000",
+            }]});
+            let url = s
+                .lifecycle_url
+                .clone()
+                .unwrap_or_else(|| s.notification_url.clone());
+            if let Some(notifier) = &self.notifier {
+                let _ = notifier.send((url, body));
+            }
+        }
+        if event == "subscriptionRemoved" {
+            self.subscriptions.clear();
+        }
     }
 
     /// Takes one request's fault, if one is pending.
