@@ -115,6 +115,18 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_GRAPH_APPS")]
     pub graph_apps: Option<std::path::PathBuf>,
 
+    /// The HTTPS URL at which Microsoft Graph reaches this listener's
+    /// `/graph/notifications` (through the ingress; with `--api-token-file`, the token as the
+    /// first path segment after the base path). Given, each watched folder of a Graph mailbox
+    /// gets a change-notification subscription and new mail arrives at once; polling goes on
+    /// at `--graph-poll-max-secs` as a safety net.
+    #[arg(
+        long,
+        env = "EXCHANGE_LISTENER_GRAPH_NOTIFICATION_URL",
+        requires = "graph_apps"
+    )]
+    pub graph_notification_url: Option<String>,
+
     /// Shortest seconds between two polls of a Graph mailbox's folders: after a poll that found
     /// mail. Each poll that finds none doubles the wait, up to `--graph-poll-max-secs`.
     #[arg(long, env = "EXCHANGE_LISTENER_GRAPH_POLL_MIN_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]

@@ -236,6 +236,8 @@ pub async fn serve(
             .clamp(Duration::from_secs(1), Duration::from_secs(25 * 60)),
         slots: Arc::new(imap::Slots::new(config.imap_connections_per_user as usize)),
     };
+    // Endpoints a mail server pushes to, served beside the API.
+    let mut push_endpoints = Vec::new();
     let graph = match &config.graph_apps {
         None => None,
         Some(path) => {
@@ -255,6 +257,47 @@ pub async fn serve(
             let longest = Duration::from_secs(config.graph_poll_max_secs)
                 .min(Duration::from_secs(config.stream_idle_secs) / 2)
                 .max(Duration::from_secs(1));
+            let push = match &config.graph_notification_url {
+                None => None,
+                Some(url) => {
+                    if !(url.starts_with("https://") || url.starts_with("http://")) {
+                        anyhow::bail!(
+                            "--graph-notification-url {url:?}: an http(s) URL that reaches this listener's {} from Microsoft",
+                            graph::notify::PATH
+                        );
+                    }
+                    if !url.starts_with("https://") {
+                        tracing::warn!(
+                            "--graph-notification-url is not HTTPS: Microsoft Graph delivers notifications only to HTTPS"
+                        );
+                    }
+                    let hints = Arc::new(graph::notify::Hints::default());
+                    // A notification reaches any replica; the store passes it to all.
+                    if let Some(mut nudges) = store.nudges() {
+                        let hints = hints.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                match nudges.recv().await {
+                                    Ok(note) => hints.nudged(&note),
+                                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                                }
+                            }
+                        });
+                    }
+                    push_endpoints.push((
+                        graph::notify::PATH,
+                        graph::notify::Webhook::start(apps.clone(), store.clone()).route(),
+                    ));
+                    tracing::info!(
+                        "Graph mailboxes take change notifications at --graph-notification-url"
+                    );
+                    Some(graph::Push {
+                        url: url.clone(),
+                        hints,
+                    })
+                }
+            };
             Some(Arc::new(graph::GraphConnect {
                 http: http.clone(),
                 apps,
@@ -263,6 +306,7 @@ pub async fn serve(
                     min: Duration::from_secs(config.graph_poll_min_secs).min(longest),
                     max: longest,
                 },
+                push,
             }) as Arc<dyn engine::protocol::Connect>)
         }
     };
@@ -327,6 +371,7 @@ pub async fn serve(
         reach,
         metrics,
         ready: ready.clone(),
+        push_endpoints,
     };
     let http_limits = server::HttpLimits {
         max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),

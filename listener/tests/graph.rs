@@ -469,3 +469,140 @@ async fn a_mailbox_on_premises_stays_on_ews() {
     assert_eq!(answer["IsValid"], false, "{answer}");
     assert_eq!(world.graph.stats().requests, 0);
 }
+
+/// The listener taking Graph's change notifications at `/graph/notifications`, through a
+/// relay whose address it is given before it starts (as an ingress's would be); polling
+/// only every 30 s, so mail that arrives sooner came by a notification.
+async fn notified_listener(world: &World, apps: &Path) -> (Listener, harness::proxy::Proxy) {
+    let relay = harness::proxy::Proxy::start("127.0.0.1:9".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}/graph/notifications", relay.addr());
+    let listener = Listener::spawn(&[
+        "--graph-apps",
+        apps.to_str().unwrap(),
+        "--creatio-hosts",
+        "127.0.0.1",
+        "--graph-notification-url",
+        &url,
+        "--graph-poll-min-secs",
+        "30",
+        "--graph-poll-max-secs",
+        "30",
+        "--stream-idle-secs",
+        "70",
+    ])
+    .await;
+    let _ = world;
+    relay.set_upstream(listener.base.trim_start_matches("http://").parse().unwrap());
+    (listener, relay)
+}
+
+/// Well within the 30 s between polls.
+const BY_NOTIFICATION: std::time::Duration = std::time::Duration::from_secs(8);
+
+#[tokio::test]
+async fn change_notifications_bring_mail_at_once_and_lost_or_removed_ones_are_recovered() {
+    let world = World::start().await;
+    let (listener, _relay) =
+        notified_listener(&world, &world.apps_file(json!({ "client_secret": SECRET }))).await;
+    let id = "a1ce0371-d9cb-469f-a165-70867728950e";
+    create_watched(&listener, id, &world.credentials(id, ALICE)).await;
+    // Inbox, Sent Items, Archive: one subscription each, each made after Graph's validation
+    // request was echoed.
+    eventually("a subscription per watched folder", PATIENCE, async || {
+        (world.graph.subscriptions() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(world.graph.stats().subscriptions_refused, 0);
+    let arrives = async |message_id: &str, within| {
+        eventually(&format!("{message_id} at Creatio"), within, async || {
+            world
+                .received(id)
+                .iter()
+                .any(|m| m == message_id)
+                .then_some(())
+        })
+        .await
+    };
+
+    let first = world.mail(ALICE, None, "notified-1");
+    arrives(&first, BY_NOTIFICATION).await;
+
+    // A notification Graph lost; its `missed` lifecycle event catches up.
+    world.graph.drop_notifications(1);
+    let lost = world.mail(ALICE, None, "notification-lost");
+    world.graph.lifecycle("missed");
+    arrives(&lost, BY_NOTIFICATION).await;
+
+    // Graph removed the subscriptions: the listener makes them again.
+    let created = world.graph.stats().subscriptions_created;
+    world.graph.lifecycle("subscriptionRemoved");
+    eventually("the subscriptions made again", PATIENCE, async || {
+        (world.graph.stats().subscriptions_created >= created + 3
+            && world.graph.subscriptions() == 3)
+            .then_some(())
+    })
+    .await;
+    let after = world.mail(ALICE, None, "after-removal");
+    arrives(&after, BY_NOTIFICATION).await;
+
+    let stats = world.graph.stats();
+    assert!(
+        stats.slowest_notification_ms < 1_000,
+        "answered at once: {stats:?}"
+    );
+    assert_eq!(stats.notifications_failed, 0, "{stats:?}");
+    world
+        .assert_received_once(id, ALICE, &[first, lost, after])
+        .await;
+
+    // Closed, the mailbox gives its subscriptions back.
+    let (status, body) = listener.send("close", &json!([id])).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("no subscription left", PATIENCE, async || {
+        (world.graph.subscriptions() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_notification_endpoint_echoes_validation_and_ignores_a_forged_client_state() {
+    let world = World::start().await;
+    let (listener, _relay) =
+        notified_listener(&world, &world.apps_file(json!({ "client_secret": SECRET }))).await;
+    let (status, body) = listener
+        .get_text("/graph/notifications?validationToken=Validation%3A%20abc")
+        .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (405, ""),
+        "Graph validates with a POST"
+    );
+    let answer = listener
+        .http
+        .post(format!(
+            "{}/graph/notifications?validationToken=Validation%3A%20abc",
+            listener.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "Validation: abc");
+    let forged = json!({ "value": [{
+        "subscriptionId": "x", "changeType": "created",
+        "clientState": "a1ce0371-d9cb-469f-a165-70867728950e.AAAAAAAAAAAAAAAAAAAAAAAA",
+    }]});
+    let (status, _) = listener
+        .post("/graph/notifications", forged.to_string())
+        .await;
+    assert_eq!(status, 202);
+    assert!(
+        listener
+            .logs()
+            .iter()
+            .any(|l| l.contains("without a valid clientState")),
+        "the forged notification was noticed and ignored"
+    );
+}

@@ -36,6 +36,9 @@ pub struct ApiState {
     pub metrics: Metrics,
     /// Set once the service accepts work; cleared when it shuts down.
     pub ready: Arc<AtomicBool>,
+    /// Endpoints a mail server pushes to (Graph's change notifications), served beside the
+    /// API under the same base path and token.
+    pub push_endpoints: Vec<(&'static str, axum::routing::MethodRouter)>,
 }
 
 /// Everything a handler can fail with, mapped to a status here and only here.
@@ -110,6 +113,9 @@ pub fn router(state: ApiState, base_path: &str, access: &Access) -> Router<()> {
         .route("/api/listeners/{id}/dead-letters/replay", post(replay));
     if !access.metrics_elsewhere {
         api = api.route("/metrics", get(metrics));
+    }
+    for (path, endpoint) in &state.push_endpoints {
+        api = api.route_service(path, endpoint.clone());
     }
     if let Some(token) = &access.token {
         // Under the token's own path segment too, for a Creatio that cannot send headers.

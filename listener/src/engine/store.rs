@@ -226,6 +226,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they
     /// change; `None` when the store cannot say.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>>;
+    /// Passes a mail server's news about a mailbox (a push that reached this replica, not
+    /// necessarily the one serving the mailbox) to every replica: `note` names the mailbox
+    /// and what the protocol needs to know. Best effort: a nudge lost is news found later by
+    /// the mailbox's own polling.
+    fn nudge<'a>(&'a self, note: &'a str) -> Stored<'a, ()>;
+    /// The nudges from every replica, as they come; `None` when the store cannot say.
+    fn nudges(&self) -> Option<tokio::sync::broadcast::Receiver<String>>;
     /// Claims the sending of the mail known by `key` (a digest of the sender and the mail's
     /// Message-ID), across every replica; see [`SendClaim`].
     fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim>;

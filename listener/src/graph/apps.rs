@@ -86,6 +86,9 @@ pub struct GraphApp {
     token: tokio::sync::Mutex<Option<(Secret, Instant)>>,
     /// Until when Graph asked this app to hold back (429 with `Retry-After`).
     throttled_until: Mutex<Option<Instant>>,
+    /// The key of the `clientState` its subscriptions carry: derived from its secret or
+    /// its private key, so every replica with the same apps file has it and nobody else.
+    state_key: [u8; 32],
 }
 
 fn read_pem(base: &Path, file: &Path, what: &str) -> Result<Vec<u8>, String> {
@@ -145,7 +148,10 @@ impl GraphApp {
                 return Err(format!("{named}: {name} {url:?} is not an http(s) URL"));
             }
         }
+        let state_key =
+            state_key(&proof).map_err(|e| format!("{named}: deriving the clientState key: {e}"))?;
         Ok(GraphApp {
+            state_key,
             token_url: format!("{authority}/{}/oauth2/v2.0/token", entry.tenant),
             tenant: entry.tenant,
             client_id: entry.client_id,
@@ -159,6 +165,21 @@ impl GraphApp {
             token: tokio::sync::Mutex::new(None),
             throttled_until: Mutex::new(None),
         })
+    }
+
+    /// The `clientState` of a subscription for `mailbox`: the mailbox's id and a MAC of it
+    /// under the app's state key, so a notification names its mailbox and proves it came
+    /// from a subscription this listener made (at most 128 characters, as Graph allows).
+    pub(super) fn client_state(&self, mailbox: &str) -> String {
+        format!("{mailbox}.{}", self.state_mac(mailbox))
+    }
+
+    fn state_mac(&self, mailbox: &str) -> String {
+        use hmac::Mac as _;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.state_key).expect("any key length");
+        mac.update(mailbox.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..18])
     }
 
     /// Whether it serves mail addressed to `address`.
@@ -333,6 +354,24 @@ impl GraphApp {
     }
 }
 
+/// The clientState key of an app: a digest of its secret, or of its key's signature over a
+/// fixed text (RSA PKCS#1 v1.5 signatures are deterministic, so every replica derives the
+/// same key from the same private key).
+fn state_key(proof: &Proof) -> Result<[u8; 32], String> {
+    let material = match proof {
+        Proof::Secret(secret) => secret.expose().as_bytes().to_vec(),
+        Proof::Certificate { key, .. } => key
+            .choose_scheme(&[rustls::SignatureScheme::RSA_PKCS1_SHA256])
+            .ok_or("the key cannot sign RS256")?
+            .sign(b"exchange-listener: the clientState key of Graph subscriptions")
+            .map_err(|e| e.to_string())?,
+    };
+    let mut digest = sha2::Sha256::new();
+    digest.update(b"exchange-listener clientState\n");
+    digest.update(&material);
+    Ok(digest.finalize().into())
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum TokenAnswer {
@@ -383,6 +422,26 @@ impl GraphApps {
         self.apps.len()
     }
 
+    /// The mailbox a notification's `clientState` names, when an app's key proves it.
+    pub fn mailbox_of(&self, client_state: &str) -> Option<String> {
+        use hmac::Mac as _;
+        let (mailbox, mac) = client_state.rsplit_once('.')?;
+        let given = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(mac)
+            .ok()?;
+        self.apps.iter().find_map(|app| {
+            let mut expected =
+                hmac::Hmac::<sha2::Sha256>::new_from_slice(&app.state_key).expect("any key length");
+            expected.update(mailbox.as_bytes());
+            // Constant time: a forger learns nothing from how long the answer took.
+            expected
+                .verify_truncated_left(&given)
+                .ok()
+                .filter(|_| given.len() == 18)
+                .map(|_| mailbox.to_owned())
+        })
+    }
+
     /// The app that serves mail for `address`.
     pub fn for_address(&self, address: &str) -> Option<Arc<GraphApp>> {
         self.apps.iter().find(|a| a.serves(address)).cloned()
@@ -421,5 +480,30 @@ mod tests {
         .unwrap_err();
         assert!(unknown.contains("domain"), "{unknown}");
         assert!(!unknown.contains("hunter2"), "{unknown}");
+    }
+
+    #[test]
+    fn a_client_state_names_its_mailbox_and_only_the_apps_key_makes_one() {
+        let apps = |secret: &str| {
+            GraphApps::parse(
+                format!(r#"[{{"tenant": "t", "client_id": "c", "client_secret": "{secret}", "domains": ["x.com"]}}]"#)
+                    .as_bytes(),
+                Path::new("."),
+            )
+            .unwrap()
+        };
+        let ours = apps("s1");
+        let state = ours.apps[0].client_state("5b0f8fad-d9cb-469f-a165-70867728950e");
+        assert!(state.len() <= 128);
+        assert_eq!(
+            ours.mailbox_of(&state).as_deref(),
+            Some("5b0f8fad-d9cb-469f-a165-70867728950e")
+        );
+        // Another key, a changed mailbox, a cut MAC: none is ours.
+        assert_eq!(apps("s2").mailbox_of(&state), None);
+        let other = state.replacen("5b0f", "6b0f", 1);
+        assert_eq!(ours.mailbox_of(&other), None);
+        assert_eq!(ours.mailbox_of(&state[..state.len() - 4]), None);
+        assert_eq!(ours.mailbox_of("no-dot"), None);
     }
 }

@@ -32,6 +32,9 @@ pub enum GraphFailure {
     NotFound { what: &'static str, message: String },
     #[error("Graph no longer knows the folder's delta state: {0}")]
     SyncStateGone(String),
+    /// Graph removed the mailbox's subscriptions, or wants them made again.
+    #[error("Graph's subscriptions for the mailbox are gone: {0}")]
+    SubscriptionGone(String),
     #[error("Graph throttled the app (retry after {retry_after:?})")]
     Throttled { retry_after: Option<Duration> },
     /// Graph rejected the token it was given (expired or revoked): a new one is asked for.
@@ -100,7 +103,9 @@ impl ServerFailure for GraphFailure {
             | GraphFailure::NoMailbox(_)
             | GraphFailure::TooLarge { .. }
             | GraphFailure::Config(_) => Disposition::Fatal,
-            GraphFailure::NotFound { .. } => Disposition::Resubscribe,
+            GraphFailure::NotFound { .. } | GraphFailure::SubscriptionGone(_) => {
+                Disposition::Resubscribe
+            }
             GraphFailure::Throttled { retry_after } => Disposition::Retry {
                 after: Some(retry_after.unwrap_or(THROTTLE_PAUSE)),
             },
@@ -144,6 +149,10 @@ impl ServerFailure for GraphFailure {
             GraphFailure::SyncStateGone(_) => {
                 "Microsoft Graph no longer knows where the listener stood in a folder".into()
             }
+            GraphFailure::SubscriptionGone(_) => {
+                "Microsoft Graph removed the mailbox's change notifications; they are made again"
+                    .into()
+            }
             GraphFailure::Throttled { .. } => {
                 "Microsoft Graph is throttling the listener's app registration; it slows down"
                     .into()
@@ -173,6 +182,7 @@ impl ServerFailure for GraphFailure {
             GraphFailure::NoMailbox(_) => "GraphNoMailbox",
             GraphFailure::NotFound { .. } => "GraphNotFound",
             GraphFailure::SyncStateGone(_) => "GraphSyncStateNotFound",
+            GraphFailure::SubscriptionGone(_) => "GraphSubscriptionRemoved",
             GraphFailure::Throttled { .. } => "GraphThrottled",
             GraphFailure::TokenRejected(_) => "GraphTokenRejected",
             GraphFailure::Http { .. } => "GraphHttpError",

@@ -14,13 +14,18 @@
 //! Watching polls each watched folder's delta link ([`watch`]): after a poll that found mail
 //! the next comes after the shortest interval, and each empty one doubles it up to the
 //! longest, so a busy mailbox is polled every few seconds and an idle one about once a
-//! minute.
+//! minute. With `--graph-notification-url` (the listener reachable from Microsoft), each
+//! watched folder also has a change-notification subscription ([`notify`]): a notification
+//! wakes the watch, which polls at once, and the polling itself slows to the longest
+//! interval, a safety net for notifications Graph loses. Subscriptions live three hours and
+//! are renewed whenever a watch opens with less than two left.
 //!
 //! Graph's limits: at most four requests of a mailbox at once; a `429` holds back every
 //! mailbox of the app for its `Retry-After`.
 
 pub mod apps;
 pub mod failure;
+pub mod notify;
 mod watch;
 
 use std::sync::{Arc, Mutex};
@@ -65,6 +70,14 @@ pub struct Polling {
     pub max: Duration,
 }
 
+/// Change notifications: where Graph reaches this listener, and the watches they wake.
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// `--graph-notification-url`.
+    pub url: String,
+    pub hints: Arc<notify::Hints>,
+}
+
 /// Reaches Graph for the mailboxes whose domain has an app registration.
 #[derive(Debug, Clone)]
 pub struct GraphConnect {
@@ -72,7 +85,16 @@ pub struct GraphConnect {
     pub apps: GraphApps,
     pub limits: Limits,
     pub polling: Polling,
+    /// Change notifications, when Microsoft can reach the listener; polling alone otherwise.
+    pub push: Option<Push>,
 }
+
+/// How long a subscription is asked to live, and when it is renewed.
+const SUBSCRIPTION_LIFE_MS: i64 = 3 * 3600 * 1000;
+const RENEW_WITHIN_MS: i64 = 2 * 3600 * 1000;
+
+/// The id the worker keeps for a mailbox's subscriptions: `push:` and Graph's ids.
+const PUSH_PREFIX: &str = "push:";
 
 impl GraphConnect {
     /// The mailbox's address: `SenderEmailAddress`, else `UserName` when it is one.
@@ -131,6 +153,12 @@ impl Connect for GraphConnect {
             }),
             polling: self.polling,
             links: Arc::default(),
+            push: self.push.as_ref().map(|p| MailboxPush {
+                url: p.url.clone(),
+                hint: p.hints.register(&creds.id),
+                mailbox: creds.id.clone(),
+                subscriptions: Mutex::default(),
+            }),
         }))
     }
 
@@ -414,6 +442,26 @@ pub struct GraphMailbox {
     polling: Polling,
     /// Each watched folder's delta link, as the last sync left it: where a watch starts.
     links: Arc<Mutex<Vec<(String, String)>>>,
+    /// Its change notifications, when the listener takes them.
+    push: Option<MailboxPush>,
+}
+
+/// A mailbox's change notifications.
+#[derive(Debug)]
+struct MailboxPush {
+    url: String,
+    hint: Arc<notify::Hint>,
+    /// The Creatio id, which the subscriptions' clientState carries.
+    mailbox: String,
+    /// Graph's subscription ids and when each expires (Unix ms).
+    subscriptions: Mutex<Vec<(String, i64)>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriptionAnswer {
+    id: String,
+    expiration_date_time: Option<String>,
 }
 
 impl GraphMailbox {
@@ -504,6 +552,93 @@ impl GraphMailbox {
             complete: page.next_link.is_none(),
             total: page.count,
         }
+    }
+
+    /// A subscription for new messages in `folder`, expiring in three hours.
+    async fn create_subscription(
+        &self,
+        push: &MailboxPush,
+        folder: &str,
+    ) -> Result<(String, i64), GraphFailure> {
+        let s = &self.shared;
+        let expires = crate::creatio::mail::unix_now_ms() + SUBSCRIPTION_LIFE_MS;
+        let body = serde_json::json!({
+            "changeType": "created",
+            "notificationUrl": push.url,
+            "lifecycleNotificationUrl": push.url,
+            "resource": format!("users/{}/mailFolders('{}')/messages", s.user, folder.replace('\'', "''")),
+            "expirationDateTime": xs_datetime(expires),
+            "clientState": s.app.client_state(&push.mailbox),
+        });
+        let answer: SubscriptionAnswer = s
+            .get_json(&Request {
+                method: reqwest::Method::POST,
+                body: Some(("application/json", body.to_string().into_bytes())),
+                ..Request::get("/v1.0/subscriptions")
+            })
+            .await?;
+        let expires = answer
+            .expiration_date_time
+            .as_deref()
+            .and_then(parse_xs_datetime)
+            .unwrap_or(expires);
+        Ok((answer.id, expires))
+    }
+
+    async fn delete_subscription(&self, id: &str) {
+        let target = format!("/v1.0/subscriptions/{}", path_segment(id));
+        match self
+            .shared
+            .call(&Request {
+                method: reqwest::Method::DELETE,
+                ..Request::get(&target)
+            })
+            .await
+        {
+            Ok(_) | Err(GraphFailure::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::info!(error = %e, "a Graph subscription could not be deleted; it expires by itself")
+            }
+        }
+    }
+
+    /// Renews the subscriptions with less than two hours left.
+    async fn renew_subscriptions(&self, push: &MailboxPush) -> Result<(), GraphFailure> {
+        let now = crate::creatio::mail::unix_now_ms();
+        let due: Vec<String> = push
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, expires)| *expires - now < RENEW_WITHIN_MS)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let expires = now + SUBSCRIPTION_LIFE_MS;
+            let target = format!("/v1.0/subscriptions/{}", path_segment(&id));
+            let body = serde_json::json!({ "expirationDateTime": xs_datetime(expires) });
+            match self
+                .shared
+                .call(&Request {
+                    method: reqwest::Method::PATCH,
+                    body: Some(("application/json", body.to_string().into_bytes())),
+                    ..Request::get(&target)
+                })
+                .await
+            {
+                Ok(_) => {
+                    let mut subs = push.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(sub) = subs.iter_mut().find(|(s, _)| *s == id) {
+                        sub.1 = expires;
+                    }
+                }
+                Err(GraphFailure::NotFound { message, .. }) => {
+                    return Err(GraphFailure::SubscriptionGone(message));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     async fn get_one(&self, id: &str) -> Result<Item, Failure> {
@@ -600,16 +735,53 @@ impl MailServer for GraphMailbox {
 
     fn subscribe<'a>(&'a self, folders: &'a [String]) -> Answer<'a, String> {
         async move {
-            // Polling needs no subscription; the folders' links come from the catch-up.
-            let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-            links.retain(|(f, _)| folders.contains(f));
-            Ok("delta".to_owned())
+            // The folders' links come from the catch-up that follows.
+            self.links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(f, _)| folders.contains(f));
+            let Some(push) = &self.push else {
+                return Ok("delta".to_owned());
+            };
+            push.hint
+                .resubscribe
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            let mut made: Vec<(String, i64)> = Vec::new();
+            for folder in folders {
+                match self.create_subscription(push, folder).await {
+                    Ok(sub) => made.push(sub),
+                    Err(e) => {
+                        // None half-made: what was made goes back.
+                        for (id, _) in &made {
+                            self.delete_subscription(id).await;
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            let id = format!(
+                "{PUSH_PREFIX}{}",
+                made.iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            *push.subscriptions.lock().unwrap_or_else(|p| p.into_inner()) = made;
+            Ok(id)
         }
         .boxed()
     }
 
-    fn unsubscribe<'a>(&'a self, _subscription_id: &'a str) -> Answer<'a, ()> {
-        async { Ok(()) }.boxed()
+    fn unsubscribe<'a>(&'a self, subscription_id: &'a str) -> Answer<'a, ()> {
+        async move {
+            if let Some(ids) = subscription_id.strip_prefix(PUSH_PREFIX) {
+                for id in ids.split(',').filter(|id| !id.is_empty()) {
+                    self.delete_subscription(id).await;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
     }
 
     fn open_watch<'a>(
@@ -618,12 +790,16 @@ impl MailServer for GraphMailbox {
         timeout_minutes: u8,
     ) -> Answer<'a, Box<dyn Watch>> {
         async move {
+            if let Some(push) = &self.push {
+                self.renew_subscriptions(push).await?;
+            }
             let links = self.links.lock().unwrap_or_else(|p| p.into_inner()).clone();
             Ok(Box::new(watch::DeltaWatch::new(
                 self.shared.clone(),
                 links,
                 self.links.clone(),
                 self.polling,
+                self.push.as_ref().map(|p| p.hint.clone()),
                 Duration::from_secs(u64::from(timeout_minutes.max(1)) * 60),
             )) as Box<dyn Watch>)
         }
@@ -785,6 +961,7 @@ mod tests {
                 min: Duration::from_secs(1),
                 max: Duration::from_secs(2),
             },
+            push: None,
         };
         let online = "https://outlook.office365.com/EWS/Exchange.asmx";
         assert!(connect.serves(&creds(Some(online), "alice@contoso.com")));

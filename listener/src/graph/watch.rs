@@ -1,7 +1,8 @@
 //! A watch by delta polling: every interval each watched folder's delta link is followed to
 //! its end, and what it lists is reported as new. The interval adapts to the mailbox: the
 //! shortest after a poll that found mail, doubling after each that found none, up to the
-//! longest. The first report comes at once (the engine counts the watch open from it), and the
+//! longest (with change notifications: a notification polls at once, and the interval
+//! stays the longest, the polls only catching what a lost notification would miss). The first report comes at once (the engine counts the watch open from it), and the
 //! watch ends cleanly after its connection time, so the engine catches up and saves the links
 //! at least that often.
 
@@ -11,6 +12,8 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use tokio::time::Instant;
 
+use super::failure::GraphFailure;
+use super::notify::Hint;
 use super::{Polling, Shared};
 use crate::engine::protocol::{Answer, Watch, WatchBatch};
 
@@ -24,6 +27,8 @@ pub(super) struct DeltaWatch {
     /// Where the mailbox keeps the latest links, for the next watch.
     kept: Arc<Mutex<Vec<(String, String)>>>,
     polling: Polling,
+    /// What wakes it when Graph sends a change notification.
+    hint: Option<Arc<Hint>>,
     interval: Duration,
     ends: Instant,
     reported: bool,
@@ -35,14 +40,20 @@ impl DeltaWatch {
         links: Vec<(String, String)>,
         kept: Arc<Mutex<Vec<(String, String)>>>,
         polling: Polling,
+        hint: Option<Arc<Hint>>,
         lifetime: Duration,
     ) -> DeltaWatch {
         DeltaWatch {
             shared,
             links,
             kept,
+            interval: if hint.is_some() {
+                polling.max
+            } else {
+                polling.min
+            },
             polling,
-            interval: polling.min,
+            hint,
             ends: Instant::now() + lifetime,
             reported: false,
         }
@@ -82,12 +93,28 @@ impl Watch for DeltaWatch {
             if now >= self.ends {
                 return Ok(None);
             }
-            tokio::time::sleep_until((now + self.interval).min(self.ends)).await;
+            let due = (now + self.interval).min(self.ends);
+            match &self.hint {
+                Some(hint) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due) => {}
+                        () = hint.notify.notified() => {}
+                    }
+                    if hint.resubscribe.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(GraphFailure::SubscriptionGone(
+                            "Graph removed the subscriptions or asked for them again".into(),
+                        )
+                        .into());
+                    }
+                }
+                None => tokio::time::sleep_until(due).await,
+            }
             let new_items = self.poll().await?;
-            self.interval = if new_items.is_empty() {
-                (self.interval * 2).min(self.polling.max)
-            } else {
-                self.polling.min
+            self.interval = match (&self.hint, new_items.is_empty()) {
+                // Notifications say when there is mail; polling is the safety net.
+                (Some(_), _) => self.polling.max,
+                (None, true) => (self.interval * 2).min(self.polling.max),
+                (None, false) => self.polling.min,
             };
             Ok(Some(WatchBatch {
                 new_items,

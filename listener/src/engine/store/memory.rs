@@ -121,6 +121,7 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     seen_limits: SeenLimits,
     changes: tokio::sync::broadcast::Sender<String>,
+    nudges: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Default for MemoryStore {
@@ -140,6 +141,7 @@ impl MemoryStore {
             inner: Arc::default(),
             seen_limits,
             changes: tokio::sync::broadcast::channel(1024).0,
+            nudges: tokio::sync::broadcast::channel(4096).0,
         }
     }
 
@@ -544,6 +546,15 @@ impl Store for MemoryStore {
 
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         Some(self.changes.subscribe())
+    }
+
+    fn nudge<'a>(&'a self, note: &'a str) -> Stored<'a, ()> {
+        let _ = self.nudges.send(note.to_owned());
+        ready(())
+    }
+
+    fn nudges(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.nudges.subscribe())
     }
 
     fn begin_send<'a>(&'a self, key: &'a str) -> Stored<'a, SendClaim> {

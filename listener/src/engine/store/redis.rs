@@ -173,6 +173,8 @@ pub struct RedisStore {
     signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     /// Fed from the `changes` channel.
     changes: tokio::sync::broadcast::Sender<String>,
+    /// Fed from the `nudges` channel.
+    nudges: tokio::sync::broadcast::Sender<String>,
     /// What this process knows of each mailbox it serves, to write back should Redis lose
     /// its data.
     progress: Arc<Mutex<HashMap<String, Progress>>>,
@@ -232,8 +234,10 @@ impl RedisStore {
             Link::fixed(client, config)?
         };
         let signals: Arc<Mutex<HashMap<String, Arc<Notify>>>> = Arc::default();
+        let (changes, nudges) = follow_changes(link.clone(), prefix, signals.clone());
         Ok(RedisStore {
-            changes: follow_changes(link.clone(), prefix, signals.clone()),
+            changes,
+            nudges,
             link,
             prefix: prefix.to_owned(),
             sealer,
@@ -999,6 +1003,24 @@ impl Store for RedisStore {
         Some(self.changes.subscribe())
     }
 
+    fn nudge<'a>(&'a self, note: &'a str) -> Stored<'a, ()> {
+        async move {
+            let mut conn = self.link.conn()?;
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(format!("{}nudges", self.prefix))
+                .arg(note)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn nudges(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.nudges.subscribe())
+    }
+
     fn ask_history<'a>(
         &'a self,
         id: &'a str,
@@ -1126,18 +1148,25 @@ fn history_job(fields: &[i64]) -> Option<HistoryJob> {
     }
 }
 
-/// Follows the `changes` and `replays` channels for as long as the process lives, listening
-/// again after a lost connection: hands each changed id to the returned sender's subscribers,
-/// and wakes this process's worker of each mailbox whose dead letters were handed back.
+/// Follows the `changes`, `replays` and `nudges` channels for as long as the process lives,
+/// listening again after a lost connection: hands each changed id to the first returned
+/// sender's subscribers and each nudge to the second's, and wakes this process's worker of
+/// each mailbox whose dead letters were handed back.
 fn follow_changes(
     link: Link,
     prefix: &str,
     signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
-) -> tokio::sync::broadcast::Sender<String> {
+) -> (
+    tokio::sync::broadcast::Sender<String>,
+    tokio::sync::broadcast::Sender<String>,
+) {
     let (tx, _) = tokio::sync::broadcast::channel(4096);
+    let (nudge_tx, _) = tokio::sync::broadcast::channel(4096);
     let sender = tx.clone();
+    let nudge_sender = nudge_tx.clone();
     let changes = format!("{prefix}changes");
     let replays = format!("{prefix}replays");
+    let nudges = format!("{prefix}nudges");
     tokio::spawn(async move {
         loop {
             let listened = async {
@@ -1145,13 +1174,15 @@ fn follow_changes(
                     return Ok(());
                 };
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&[&changes, &replays]).await?;
+                pubsub.subscribe(&[&changes, &replays, &nudges]).await?;
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = futures_util::StreamExt::next(&mut messages).await {
                     let Ok(id) = msg.get_payload::<String>() else {
                         continue;
                     };
-                    if msg.get_channel_name() == replays {
+                    if msg.get_channel_name() == nudges {
+                        let _ = nudge_sender.send(id);
+                    } else if msg.get_channel_name() == replays {
                         // Only the replica whose worker waits has a signal for it.
                         let signal = signals
                             .lock()
@@ -1174,5 +1205,5 @@ fn follow_changes(
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    tx
+    (tx, nudge_tx)
 }

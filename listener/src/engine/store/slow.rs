@@ -209,6 +209,17 @@ impl Store for SlowStore {
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         self.call(move || self.inner.owners(ids))
     }
+    fn nudge<'a>(&'a self, note: &'a str) -> Stored<'a, ()> {
+        self.call(move || self.inner.nudge(note))
+    }
+
+    fn nudges(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        if self.deaf.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.inner.nudges()
+    }
+
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         if self.deaf.load(Ordering::Relaxed) {
             return None;
