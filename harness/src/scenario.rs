@@ -115,6 +115,10 @@ pub struct Mailboxes {
     /// The kind of server the mailboxes live on: Exchange (mock-ews) or IMAP (a Dovecot).
     #[serde(default)]
     pub server: Server,
+    /// With `server = "graph"`: the replicas take Graph's change notifications, through an
+    /// ingress (a proxy to a live replica) whose URL they are given.
+    #[serde(default)]
+    pub graph_notifications: bool,
 }
 
 impl Default for Mailboxes {
@@ -125,6 +129,7 @@ impl Default for Mailboxes {
             operation: Operation::default(),
             service_account: false,
             server: Server::default(),
+            graph_notifications: false,
         }
     }
 }
@@ -294,6 +299,11 @@ pub enum Action {
     GraphFault { fault: toml::Table },
     /// Graph forgets every delta link it gave (`410 SyncStateNotFound` on the next use).
     GraphExpireDelta,
+    /// Graph sends a lifecycle event (`missed`, `subscriptionRemoved`,
+    /// `reauthorizationRequired`) to every subscription (`graph_notifications` runs).
+    GraphLifecycle { event: String },
+    /// Graph loses the notifications of the next `count` new messages.
+    GraphDropNotifications { count: u32 },
     /// mock-creatio answers the next `count` calls with `status` (503 by default).
     CreatioFail {
         count: u32,
@@ -362,6 +372,7 @@ impl Action {
             | Action::EwsFault { .. }
             | Action::GraphFault { .. }
             | Action::GraphExpireDelta
+            | Action::GraphLifecycle { .. }
             // A link mended is a change too: the replica behind it comes back and the spread
             // follows.
             | Action::Link { .. } => true,
@@ -424,6 +435,10 @@ impl Action {
                 fault.get("kind").and_then(|k| k.as_str()).unwrap_or("?")
             ),
             Action::GraphExpireDelta => "Graph forgets its delta links".into(),
+            Action::GraphLifecycle { event } => format!("Graph lifecycle event {event}"),
+            Action::GraphDropNotifications { count } => {
+                format!("Graph loses {count} notifications")
+            }
             Action::CreatioFail { count, .. } => format!("Creatio fails {count} calls"),
             Action::CreatioMischief {
                 drop, duplicate, ..
@@ -528,6 +543,9 @@ impl Scenario {
         if self.mailboxes.count == 0 {
             bail!("mailboxes.count must be at least 1");
         }
+        if self.mailboxes.graph_notifications && self.mailboxes.server != Server::Graph {
+            bail!("mailboxes.graph_notifications needs mailboxes.server = \"graph\"");
+        }
         if self.mailboxes.server != Server::Exchange {
             let server = self.mailboxes.server;
             let exchange_only = [
@@ -626,6 +644,14 @@ impl Scenario {
                 }
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {
                     bail!("{} needs replicas.store = \"redis\"", step.action.label())
+                }
+                Action::GraphLifecycle { .. } | Action::GraphDropNotifications { .. }
+                    if !self.mailboxes.graph_notifications =>
+                {
+                    bail!(
+                        "{} needs mailboxes.graph_notifications = true",
+                        step.action.label()
+                    )
                 }
                 Action::GraphFault { .. } | Action::GraphExpireDelta
                     if self.mailboxes.server != Server::Graph =>

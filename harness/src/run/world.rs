@@ -33,6 +33,9 @@ pub(super) struct World {
     pub(super) graph_link: Option<Proxy>,
     /// The `--graph-apps` file every replica is given, in those runs.
     pub(super) graph_apps: Option<PathBuf>,
+    /// Where Graph posts its notifications, in `graph_notifications` runs: a proxy to a live
+    /// replica, as an ingress is.
+    pub(super) ingress: Option<Proxy>,
     pub(super) redis: Option<Redis>,
     /// Redis behind Sentinel, in `store = "sentinel"` runs.
     pub(super) sentinel: Option<crate::sentinel::SentinelSet>,
@@ -148,6 +151,12 @@ impl World {
             _graph: graph,
             graph_link,
             graph_apps,
+            ingress: if scenario.mailboxes.graph_notifications {
+                // Nothing answers until the first replica starts.
+                Some(Proxy::start(([127, 0, 0, 1], 9).into()).await?)
+            } else {
+                None
+            },
             redis,
             sentinel,
             accounts,
@@ -208,6 +217,12 @@ impl World {
             // A service account serves only a Creatio named: mock-creatio's.
             args.push("--creatio-hosts=127.0.0.1".to_owned());
         }
+        if let Some(ingress) = &self.ingress {
+            args.push(format!(
+                "--graph-notification-url=http://{}/graph/notifications",
+                ingress.addr()
+            ));
+        }
         if let Some(file) = &self.graph_apps {
             args.push("--graph-apps".to_owned());
             args.push(file.to_string_lossy().into_owned());
@@ -228,12 +243,20 @@ impl World {
     }
 
     pub(super) fn publish_roster(&self) {
-        self.shared.roster.set(
-            self.slots
-                .iter()
-                .filter_map(|s| s.process.as_ref().map(|p| (s.id.clone(), p.base.clone())))
-                .collect(),
-        );
+        let up: Vec<(String, String)> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.process.as_ref().map(|p| (s.id.clone(), p.base.clone())))
+            .collect();
+        // The ingress sends to the first live replica, as a load balancer drops a dead one.
+        if let Some(ingress) = &self.ingress
+            && let Some(addr) = up
+                .first()
+                .and_then(|(_, base)| base.trim_start_matches("http://").parse().ok())
+        {
+            ingress.set_upstream(addr);
+        }
+        self.shared.roster.set(up);
     }
 
     pub(super) fn ews_base(&self) -> String {
@@ -478,6 +501,24 @@ impl World {
                     &sh.http,
                     &format!("{graph}/_control/faults"),
                     &serde_json::to_value(fault)?,
+                )
+                .await?;
+            }
+            Action::GraphLifecycle { event } => {
+                let graph = sh.graph.as_ref().context("no Graph in this run")?;
+                post_json(
+                    &sh.http,
+                    &format!("{graph}/_control/lifecycle"),
+                    &json!({ "event": event }),
+                )
+                .await?;
+            }
+            Action::GraphDropNotifications { count } => {
+                let graph = sh.graph.as_ref().context("no Graph in this run")?;
+                post_json(
+                    &sh.http,
+                    &format!("{graph}/_control/drop-notifications"),
+                    &json!({ "count": count }),
                 )
                 .await?;
             }
