@@ -195,6 +195,17 @@ expect("exchange.serviceAccountsSecret is mounted and named by --ews-service-acc
        and env(onprem, "EXCHANGE_LISTENER_EWS_SERVICE_ACCOUNTS")
        == mounts.get("service-accounts") + "/accounts.json")
 expect("exchange.auth becomes --ews-auth", env(onprem, "EXCHANGE_LISTENER_EWS_AUTH") == "ntlm")
+m365 = render("env.host=redis,ApiUrl=crm.example.com,graph.appsSecret=m365-apps,"
+              "graph.notificationUrl=https://crm.example.com/exchangelistener/t/graph/notifications")[0]
+graph_mounts = {m["name"]: m["mountPath"] for m in container(m365).get("volumeMounts", [])}
+graph_secrets = {v["name"]: v["secret"]["secretName"]
+                 for v in one(m365, "StatefulSet")["spec"]["template"]["spec"].get("volumes", [])}
+expect("graph.appsSecret is mounted and named by --graph-apps",
+       graph_secrets.get("graph-apps") == "m365-apps"
+       and env(m365, "EXCHANGE_LISTENER_GRAPH_APPS") == graph_mounts.get("graph-apps") + "/apps.json")
+expect("graph.notificationUrl becomes --graph-notification-url",
+       env(m365, "EXCHANGE_LISTENER_GRAPH_NOTIFICATION_URL")
+       == "https://crm.example.com/exchangelistener/t/graph/notifications")
 expect("creatio.hosts becomes --creatio-hosts", env(onprem, "EXCHANGE_LISTENER_CREATIO_HOSTS") == "crm.contoso.com")
 expect("exchange.hosts becomes --exchange-hosts",
        env(onprem, "EXCHANGE_LISTENER_EXCHANGE_HOSTS") == "mail.contoso.com,*.contoso.com")
@@ -332,6 +343,12 @@ for label, expression, needle in [
     ("an unknown Exchange login", "env.host=redis,ApiUrl=crm.example.com,exchange.auth=kerberos", "/exchange/auth"),
     ("service accounts without Creatio hosts", "env.host=redis,ApiUrl=crm.example.com,exchange.serviceAccountsSecret=s,"
      "creatio.hostsFromApiUrl=false", "creatio.hosts"),
+    ("Graph apps without Creatio hosts", "env.host=redis,ApiUrl=crm.example.com,graph.appsSecret=s,"
+     "creatio.hostsFromApiUrl=false", "creatio.hosts"),
+    ("a Graph notification URL without apps", "env.host=redis,ApiUrl=crm.example.com,"
+     "graph.notificationUrl=https://crm.example.com/n", "graph.appsSecret"),
+    ("a Graph notification URL that is not HTTPS", "env.host=redis,ApiUrl=crm.example.com,graph.appsSecret=s,"
+     "graph.notificationUrl=http://crm.example.com/n", "/graph/notificationUrl"),
     ("two hosts in one list entry", "env.host=redis,ApiUrl=crm.example.com,creatio.hosts={a.com\\,b.com}", "/creatio/hosts"),
     ("an Ingress without a host", "env.host=redis", "ApiUrl"),
     ("ApiUrl with a scheme", "env.host=redis,ApiUrl=https://crm.example.com", "/ApiUrl"),

@@ -1,6 +1,7 @@
 //! `listener-bench`: measures one release `exchange-listener` between mock-ews and mock-creatio,
 //! all three started as processes on loopback (or, with `--imap`, between a Dovecot over TLS
-//! and mock-creatio). It creates N mailboxes through Creatio's API,
+//! and mock-creatio; with `--graph`, between mock-graph and mock-creatio, Microsoft 365
+//! mailboxes served through an app registration). It creates N mailboxes through Creatio's API,
 //! waits until every one streams, lets them idle, then injects mail at a steady rate to mailboxes
 //! picked at random and follows each mail to its arrival at mock-creatio. It prints the time
 //! until all N streamed, the listener's memory (idle and under load, per mailbox) and CPU, the
@@ -82,6 +83,14 @@ struct Args {
     /// a delivery agent does.
     #[arg(long, conflicts_with_all = ["ews_tls", "service_account"])]
     imap: bool,
+    /// Microsoft 365 mailboxes instead, on mock-graph, sent as Creatio sends them and served
+    /// through an app registration: by delta polling, or with `--graph-notifications` by
+    /// change notifications (mock-graph posts to the listener through a relay).
+    #[arg(long, conflicts_with_all = ["ews_tls", "service_account", "imap"])]
+    graph: bool,
+    /// With `--graph`: take Graph's change notifications.
+    #[arg(long, requires = "graph")]
+    graph_notifications: bool,
 }
 
 fn unix_now_us() -> u64 {
@@ -105,6 +114,10 @@ struct Rig {
     service_account: bool,
     /// The IMAP server, when the mailboxes are IMAP ones.
     dovecot: Option<imap_world::Dovecot>,
+    /// mock-graph, when the mailboxes are Microsoft 365 ones.
+    graph: Option<Process>,
+    /// What carries Graph's notifications to the listener.
+    _relay: Option<harness::proxy::Proxy>,
 }
 
 impl Rig {
@@ -165,8 +178,35 @@ impl Rig {
                 "--creatio-hosts=127.0.0.1".to_owned(),
             ]);
         }
+        let (graph, relay) = if args.graph {
+            let users: Vec<String> = (0..args.mailboxes).map(Self::email).collect();
+            let graph = mocks::start_graph(&bins, &dir, &http, &users).await?;
+            let apps = mocks::graph_apps(&dir, &graph.base, "bench.test")?;
+            listener_args.extend([
+                "--graph-apps".to_owned(),
+                apps.to_string_lossy().into_owned(),
+                "--creatio-hosts=127.0.0.1".to_owned(),
+            ]);
+            // The listener's address is known once it runs: Graph is given the relay's.
+            let relay = if args.graph_notifications {
+                let relay = harness::proxy::Proxy::start(([127, 0, 0, 1], 9).into()).await?;
+                listener_args.push(format!(
+                    "--graph-notification-url=http://{}/graph/notifications",
+                    relay.addr()
+                ));
+                Some(relay)
+            } else {
+                None
+            };
+            (Some(graph), relay)
+        } else {
+            (None, None)
+        };
         listener_args.extend(args.listener_args.iter().cloned());
         let listener = mocks::start_listener(&bins, &dir, &listener_args, (&ews, &creatio)).await?;
+        if let Some(relay) = &relay {
+            relay.set_upstream(listener.base.trim_start_matches("http://").parse()?);
+        }
         let mut settings = json!({
             "auth": args.ews_auth,
             "backends": args.ews_servers,
@@ -183,6 +223,8 @@ impl Rig {
             http,
             service_account: args.service_account,
             dovecot,
+            graph,
+            _relay: relay,
         })
     }
 
@@ -201,7 +243,11 @@ impl Rig {
     /// Creates every mailbox in mock-ews, then asks the listener to create each with one call
     /// per mailbox, as Creatio does; answers how long each Create call took, in milliseconds.
     async fn create_mailboxes(&self, n: usize) -> anyhow::Result<Vec<f64>> {
-        let in_ews = if self.dovecot.is_some() { 0 } else { n };
+        let in_ews = if self.dovecot.is_some() || self.graph.is_some() {
+            0
+        } else {
+            n
+        };
         let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(0..in_ews)
             .map(|i| {
                 self.post(
@@ -230,6 +276,14 @@ impl Rig {
                 );
                 if self.service_account {
                     creds["UserName"] = serde_json::Value::Null;
+                }
+                if self.graph.is_some() {
+                    creds = mock_creatio::calling::microsoft365_credentials(
+                        &format!("bench-{i}"),
+                        &Self::email(i),
+                        "creatio-token-for-ews",
+                        &endpoint,
+                    );
                 }
                 if let Some(dovecot) = &self.dovecot {
                     creds["ServerTypeId"] = json!(mock_creatio::calling::IMAP_SERVER_TYPE);
@@ -356,7 +410,16 @@ async fn flow(rig: &Rig, args: &Args) -> anyhow::Result<(Vec<Injected>, u64, Usa
                 Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
             }
         } else {
-            let url = format!("{}/_control/mailboxes/{}/messages", rig.ews.base, to);
+            let (url, id_field) = match &rig.graph {
+                Some(graph) => (
+                    format!("{}/_control/users/{to}/messages", graph.base),
+                    "internet_message_id",
+                ),
+                None => (
+                    format!("{}/_control/mailboxes/{}/messages", rig.ews.base, to),
+                    "message_id",
+                ),
+            };
             let mail = json!({
                 "from": "sender@bench.test",
                 "subject": format!("bench {i}"),
@@ -373,10 +436,10 @@ async fn flow(rig: &Rig, args: &Args) -> anyhow::Result<(Vec<Injected>, u64, Usa
                         .await?
                         .error_for_status()?;
                     let v: Value = resp.json().await?;
-                    v["message_id"]
+                    v[id_field]
                         .as_str()
                         .map(str::to_owned)
-                        .context("no message_id in mock-ews's answer")
+                        .context("no Message-ID in the mock's answer")
                 }
                 .await;
                 match answer {
@@ -457,9 +520,28 @@ async fn main() -> anyhow::Result<()> {
         to_streaming.as_secs_f64()
     );
 
+    let graph_stats = async || match &rig.graph {
+        Some(graph) => rig.get(format!("{}/_control/stats", graph.base)).await,
+        None => Ok(Value::Null),
+    };
+    let graph_before = graph_stats().await?;
     let settle_start = rig.listener.usage()?;
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let idle = rig.listener.usage()?;
+    let graph_after = graph_stats().await?;
+    // Requests to Graph per mailbox and minute while every mailbox idles.
+    let graph_idle_requests = rig.graph.as_ref().map(|_| {
+        let requests = graph_after["requests"].as_u64().unwrap_or(0)
+            - graph_before["requests"].as_u64().unwrap_or(0);
+        requests as f64 / n as f64 / (args.settle_secs as f64 / 60.0)
+    });
+    if let Some(r) = graph_idle_requests {
+        println!(
+            "Graph: {r:.2} requests per mailbox and minute at idle; {} live subscriptions",
+            graph_after["subscriptions_created"].as_u64().unwrap_or(0)
+                - graph_after["subscriptions_deleted"].as_u64().unwrap_or(0)
+        );
+    }
     let idle_cpu = idle.cpu_percent_since(&settle_start, args.settle_secs as f64);
     let idle_per_mailbox_kib = idle.rss_kib.saturating_sub(empty.rss_kib) as f64 / n as f64;
     let sockets = rig.listener.sockets()?;
@@ -519,6 +601,9 @@ async fn main() -> anyhow::Result<()> {
         "service_account": args.service_account,
         "imap": args.imap,
         "imap_connections_idle": imap_connections,
+        "graph": args.graph,
+        "graph_notifications": args.graph_notifications,
+        "graph_requests_per_mailbox_minute_idle": graph_idle_requests,
         "rate_per_second": args.rate,
         "duration_secs": args.duration_secs,
         "mail_bytes": args.mail_bytes,
@@ -555,6 +640,9 @@ async fn main() -> anyhow::Result<()> {
     rig.listener.kill().await;
     rig.ews.kill().await;
     rig.creatio.kill().await;
+    if let Some(graph) = rig.graph {
+        graph.kill().await;
+    }
     if !lost.is_empty() || duplicated > 0 {
         bail!(
             "{} lost (the first: {:?}), {duplicated} duplicated",
