@@ -47,6 +47,7 @@ pub(crate) fn router(app: App) -> axum::Router {
         .route("/v1.0/users/{user}/messages/{id}/$value", get(mime))
         .route("/v1.0/users/{user}/sendMail", post(send_mail))
         .route("/v1.0/subscriptions", post(create_subscription))
+        .route("/v1.0/$batch", post(batch))
         .route(
             "/v1.0/subscriptions/{id}",
             axum::routing::patch(renew_subscription).delete(delete_subscription),
@@ -304,16 +305,27 @@ async fn delta(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    delta_answer(&app, &upn, &folder, &query, &headers)
+}
+
+/// One page of a folder's delta, as [`delta`] answers it (also inside a `$batch`).
+fn delta_answer(
+    app: &App,
+    upn: &str,
+    folder: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Response {
     let mut w = app.world.lock();
     w.stats.delta_requests += 1;
     let generation = w.delta_generation;
     let watermark = w.next_seq - 1;
-    let user = match authorize(&w, &headers, &upn) {
+    let user = match authorize(&w, headers, upn) {
         Ok(user) => user,
         Err(r) => return *r,
     };
-    let Some(f) = user.folder(&folder) else {
-        return no_folder(&folder);
+    let Some(f) = user.folder(folder) else {
+        return no_folder(folder);
     };
     // What this page covers: creations numbered in (from, to], from `offset` on.
     let parse = |token: &str| -> Option<Vec<u64>> {
@@ -344,7 +356,7 @@ async fn delta(
     } else {
         (0, watermark, 0)
     };
-    let size = page_size(&headers);
+    let size = page_size(headers);
     let mut listed: Vec<&Message> = user
         .messages
         .iter()
@@ -886,4 +898,83 @@ async fn delete_subscription(
     }
     w.stats.subscriptions_deleted += 1;
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// The most requests one `$batch` may hold.
+const BATCH_LIMIT: usize = 20;
+
+/// `POST /$batch`: up to 20 requests in one; this mock answers GETs of a folder's delta in
+/// it (each with the batch's token and its own headers), and refuses the others per request.
+async fn batch(State(app): State<App>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let Some(requests) = body["requests"].as_array() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "A $batch needs requests.",
+        );
+    };
+    if requests.len() > BATCH_LIMIT {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "The number of batch requests exceeds the limit of 20.",
+        );
+    }
+    let mut responses = Vec::with_capacity(requests.len());
+    for r in requests {
+        let id = r["id"].clone();
+        let url = r["url"].as_str().unwrap_or_default();
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        let query: HashMap<String, String> = url_form(query.as_bytes());
+        let mut inner = HeaderMap::new();
+        if let Some(auth) = headers.get(header::AUTHORIZATION) {
+            inner.insert(header::AUTHORIZATION, auth.clone());
+        }
+        for (k, v) in r["headers"].as_object().into_iter().flatten() {
+            if let (Ok(k), Some(Ok(v))) = (
+                k.parse::<axum::http::HeaderName>(),
+                v.as_str().map(HeaderValue::from_str),
+            ) {
+                inner.insert(k, v);
+            }
+        }
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let answer = match (r["method"].as_str(), parts.as_slice()) {
+            (Some("GET"), ["users", upn, "mailFolders", folder, "messages", "delta"]) => {
+                delta_answer(&app, &url_decode(upn), &url_decode(folder), &query, &inner)
+            }
+            _ => error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("This mock batches a folder's delta only, not {url}."),
+            ),
+        };
+        let status = answer.status().as_u16();
+        let retry_after = answer
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap_or_default();
+        let mut response = json!({
+            "id": id,
+            "status": status,
+            "headers": { "Content-Type": "application/json" },
+            "body": serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+        });
+        if let Some(after) = retry_after {
+            response["headers"]["Retry-After"] = json!(after);
+        }
+        responses.push(response);
+    }
+    Json(json!({ "responses": responses })).into_response()
+}
+
+/// A path segment's percent-escapes undone.
+fn url_decode(segment: &str) -> String {
+    url_form(format!("x={segment}").as_bytes())
+        .remove("x")
+        .unwrap_or_default()
 }

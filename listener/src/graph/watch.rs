@@ -59,17 +59,24 @@ impl DeltaWatch {
         }
     }
 
-    /// Follows every folder's link to its end; the ids it lists, in order.
+    /// Follows every folder's link to its end; the ids it lists, in order. The first page of
+    /// every folder comes in `$batch` requests (one request for twenty folders); a folder
+    /// with more pages follows them alone.
     async fn poll(&mut self) -> Result<Vec<String>, crate::engine::protocol::Failure> {
         let mut found = Vec::new();
-        for (folder, link) in &mut self.links {
+        let firsts = {
+            let links: Vec<&str> = self.links.iter().map(|(_, l)| l.as_str()).collect();
+            self.shared.delta_pages(&links, PAGE).await?
+        };
+        for ((folder, link), first) in self.links.iter_mut().zip(firsts) {
+            let mut page = first?;
             loop {
-                let page = self.shared.delta_page(folder, Some(link), PAGE).await?;
-                found.extend(page.added);
-                *link = page.state;
+                found.extend(std::mem::take(&mut page.added));
+                *link = std::mem::take(&mut page.state);
                 if page.complete {
                     break;
                 }
+                page = self.shared.delta_page(folder, Some(link), PAGE).await?;
             }
         }
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
