@@ -618,3 +618,49 @@ async fn the_notification_endpoint_echoes_validation_and_ignores_a_forged_client
         "the forged notification was noticed and ignored"
     );
 }
+
+#[tokio::test]
+async fn folder_ids_creatio_kept_from_ews_are_translated_and_unknown_ones_are_said() {
+    let world = World::start().await;
+    let projects = world
+        .graph
+        .add_folder(ALICE, "Projects", Some("Inbox"))
+        .unwrap();
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    // The mailbox as Creatio kept it from EWS days: one folder chosen, by its EWS id.
+    let id = "a1ce0372-d9cb-469f-a165-70867728950e";
+    let mut creds = world.credentials(id, ALICE);
+    creds["FolderIds"] = json!([mock_graph::ews_id(&projects)]);
+    create_watched(&listener, id, &creds).await;
+    let in_inbox = world.mail(ALICE, None, "not-chosen");
+    let in_projects = world.mail(ALICE, Some("Projects"), "chosen-folder");
+    let last = world.mail(ALICE, Some("Projects"), "chosen-folder-last");
+    eventually(
+        "the chosen folder's mail at Creatio",
+        PATIENCE,
+        async || world.received(id).contains(&last).then_some(()),
+    )
+    .await;
+    assert_eq!(world.received(id), [in_projects, last], "not {in_inbox}");
+
+    // An id Microsoft 365 does not know: the mailbox fails, saying so.
+    let lost = "a1ce0373-d9cb-469f-a165-70867728950e";
+    let mut creds = world.credentials(lost, ALICE);
+    creds["FolderIds"] = json!(["AAMkNoSuchFolder"]);
+    let (status, body) = listener.send("create", &json!([creds])).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, view) = eventually("the mailbox to fail", PATIENCE, async || {
+        let (status, view) = listener.get(&format!("/api/listeners/{lost}")).await;
+        (view["Status"]["State"] == "Failed").then_some((status, view))
+    })
+    .await;
+    assert!(
+        view["Status"]["Error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("choose the mailbox's folders again"),
+        "{view}"
+    );
+}

@@ -26,6 +26,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use mock_ews::NewMail;
+
+/// In this mock, a folder's or message's EWS id is its Graph id behind this prefix (as EWS
+/// ids and Graph's REST ids differ in Exchange Online).
+pub const EWS_ID_PREFIX: &str = "AQMkEws";
+
+/// The EWS id of a folder or message with this Graph id: what Creatio kept from the days it
+/// read the mailbox through EWS.
+pub fn ews_id(graph_id: &str) -> String {
+    format!("{EWS_ID_PREFIX}{graph_id}")
+}
 pub use state::{App, ControlError, Delivered, Fault, Listed, RequestRecord, Stats};
 use state::{Inner, World};
 

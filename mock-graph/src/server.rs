@@ -46,6 +46,10 @@ pub(crate) fn router(app: App) -> axum::Router {
         )
         .route("/v1.0/users/{user}/messages/{id}/$value", get(mime))
         .route("/v1.0/users/{user}/sendMail", post(send_mail))
+        .route(
+            "/v1.0/users/{user}/translateExchangeIds",
+            post(translate_exchange_ids),
+        )
         .route("/v1.0/subscriptions", post(create_subscription))
         .route("/v1.0/$batch", post(batch))
         .route(
@@ -977,4 +981,48 @@ fn url_decode(segment: &str) -> String {
     url_form(format!("x={segment}").as_bytes())
         .remove("x")
         .unwrap_or_default()
+}
+
+/// `translateExchangeIds` from EWS ids to REST ids, for the user's folders and messages. In
+/// this mock a thing's EWS id is its REST id behind [`crate::EWS_ID_PREFIX`].
+async fn translate_exchange_ids(
+    State(app): State<App>,
+    Path(upn): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let w = app.world.lock();
+    let user = match authorize(&w, &headers, &upn) {
+        Ok(user) => user,
+        Err(r) => return *r,
+    };
+    if body["sourceIdType"] != "ewsId"
+        || !matches!(
+            body["targetIdType"].as_str(),
+            Some("restId" | "restImmutableEntryId")
+        )
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "This mock translates from ewsId to restId only.",
+        );
+    }
+    let mut value = Vec::new();
+    for id in body["inputIds"].as_array().into_iter().flatten() {
+        let id = id.as_str().unwrap_or_default();
+        let Some(rest) = id.strip_prefix(crate::EWS_ID_PREFIX) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ErrorInvalidIdMalformed",
+                "Id is malformed.",
+            );
+        };
+        let known =
+            user.folders.iter().any(|f| f.id == rest) || user.messages.iter().any(|m| m.id == rest);
+        if known {
+            value.push(json!({ "sourceId": id, "targetId": rest }));
+        }
+    }
+    Json(json!({ "value": value })).into_response()
 }

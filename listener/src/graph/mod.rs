@@ -472,6 +472,19 @@ async fn read_capped(
 }
 
 #[derive(Deserialize)]
+struct Translated {
+    #[serde(default)]
+    value: Vec<TranslatedId>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TranslatedId {
+    source_id: String,
+    target_id: String,
+}
+
+#[derive(Deserialize)]
 struct BatchAnswer {
     #[serde(default)]
     responses: Vec<BatchResponse>,
@@ -603,6 +616,74 @@ impl GraphMailbox {
             }
         }
         Ok(out)
+    }
+
+    /// The folders Creatio names in `FolderIds`, as Graph names them. Ids Graph does not
+    /// take are EWS ids Creatio kept from the days it read the mailbox through EWS: they are
+    /// translated (`translateExchangeIds`); one that is neither is a configuration error.
+    async fn graph_folder_ids(&self, asked: &[String]) -> Result<Vec<String>, GraphFailure> {
+        let s = &self.shared;
+        let mut out: Vec<Option<String>> = Vec::with_capacity(asked.len());
+        let mut foreign = Vec::new();
+        for id in asked {
+            let target = format!(
+                "{}/mailFolders/{}?$select=id",
+                s.user_path,
+                path_segment(id)
+            );
+            match s.get_json::<GraphFolder>(&Request::get(&target)).await {
+                Ok(_) => out.push(Some(id.clone())),
+                Err(GraphFailure::NotFound { .. })
+                | Err(GraphFailure::Http { status: 400, .. }) => {
+                    foreign.push(id.clone());
+                    out.push(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if foreign.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        let body = serde_json::json!({
+            "inputIds": foreign,
+            "sourceIdType": "ewsId",
+            "targetIdType": "restId",
+        });
+        let target = format!("{}/translateExchangeIds", s.user_path);
+        let translated: Translated = match s
+            .get_json(&Request {
+                method: reqwest::Method::POST,
+                body: Some(("application/json", body.to_string().into_bytes())),
+                ..Request::get(&target)
+            })
+            .await
+        {
+            Ok(t) => t,
+            Err(GraphFailure::Http { status: 400, .. }) => Translated { value: Vec::new() },
+            Err(e) => return Err(e),
+        };
+        let mut folders = Vec::with_capacity(asked.len());
+        for (id, known) in asked.iter().zip(out) {
+            match known.or_else(|| {
+                translated
+                    .value
+                    .iter()
+                    .find(|t| t.source_id == *id)
+                    .map(|t| t.target_id.clone())
+            }) {
+                Some(folder) => folders.push(folder),
+                None => {
+                    return Err(GraphFailure::Config(format!(
+                        "FolderIds names a folder Microsoft 365 does not know ({id:?}); choose the mailbox's folders again in Creatio"
+                    )));
+                }
+            }
+        }
+        tracing::info!(
+            translated = foreign.len(),
+            "FolderIds held EWS ids; watching the folders by their Graph ids"
+        );
+        Ok(folders)
     }
 
     /// The id of a well-known folder (`inbox`, `drafts`, …).
@@ -799,7 +880,7 @@ impl MailServer for GraphMailbox {
     fn watched_folders<'a>(&'a self, asked: &'a [String]) -> Answer<'a, Vec<String>> {
         async move {
             if !asked.is_empty() {
-                return Ok(asked.to_vec());
+                return Ok(self.graph_folder_ids(asked).await?);
             }
             let all = self.all_folders().await?;
             let inbox = self.well_known("inbox").await?;
