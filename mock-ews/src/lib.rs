@@ -340,3 +340,19 @@ pub fn test_certificates(dir: &std::path::Path) -> std::io::Result<(Vec<u8>, Vec
     let read = |name: &str| std::fs::read(dir.join(name));
     Ok((read("ca.crt")?, read("server.crt")?, read("server.key")?))
 }
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

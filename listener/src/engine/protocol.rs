@@ -356,6 +356,30 @@ impl Failure {
     }
 }
 
+/// Whether the folder `id`, or a folder above it, is one of `roots`; `parent_of` names each
+/// folder's parent. A tree is shallow: a walk longer than 64 steps (a server's cycle) counts as
+/// inside.
+pub fn inside_any<'t>(
+    id: &str,
+    roots: &[String],
+    parent_of: impl Fn(&str) -> Option<&'t str>,
+) -> bool {
+    if roots.iter().any(|r| r == id) {
+        return true;
+    }
+    let mut at = parent_of(id);
+    for _ in 0..64 {
+        let Some(here) = at else {
+            return false;
+        };
+        if roots.iter().any(|r| r == here) {
+            return true;
+        }
+        at = parent_of(here);
+    }
+    true
+}
+
 /// Waits for `fut` at most `limit`; past it, the failure `late` names.
 pub async fn within<T, E>(
     limit: Duration,

@@ -895,19 +895,8 @@ impl MailServer for GraphMailbox {
                     .find(|f| f.id == id)
                     .and_then(|f| f.parent_folder_id.as_deref())
             };
-            let left_out = |id: &str| {
-                let mut at = Some(id);
-                for _ in 0..64 {
-                    let Some(here) = at else {
-                        return false;
-                    };
-                    if unwatched.iter().any(|u| u == here) {
-                        return true;
-                    }
-                    at = parent_of(here);
-                }
-                true
-            };
+            let left_out =
+                |id: &str| crate::engine::protocol::inside_any(id, &unwatched, parent_of);
             let mut out = vec!["inbox".to_owned()];
             out.extend(
                 all.iter()

@@ -45,23 +45,7 @@ async fn main() -> anyhow::Result<()> {
         server.add_user(upn);
     }
     tracing::info!("mock-graph listening on {}", server.url());
-    stop_signal().await;
+    mock_ews::stop_signal().await;
     server.shutdown().await?;
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -14,20 +14,7 @@ pub(super) fn mail_folders(
             .find(|f| f.id == id)
             .and_then(|f| f.parent_id.as_deref())
     };
-    let left_out = |id: &str| {
-        let mut at = Some(id);
-        // A tree is shallow; the bound only guards against a server's cycle.
-        for _ in 0..64 {
-            let Some(here) = at else {
-                return false;
-            };
-            if unwatched.iter().any(|u| u == here) {
-                return true;
-            }
-            at = parent_of(here);
-        }
-        true
-    };
+    let left_out = |id: &str| crate::engine::protocol::inside_any(id, unwatched, parent_of);
     let is_mail = |f: &ews::FoundFolder| {
         f.folder_class.as_deref().is_some_and(|c| {
             c.eq_ignore_ascii_case("IPF.Note")
