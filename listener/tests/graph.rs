@@ -664,3 +664,73 @@ async fn folder_ids_creatio_kept_from_ews_are_translated_and_unknown_ones_are_sa
         "{view}"
     );
 }
+
+/// A mail put into `user`'s inbox, received `ago_secs` before now.
+fn old_mail(world: &World, user: &str, message_id: &str, ago_secs: i64) -> String {
+    world
+        .graph
+        .deliver(
+            user,
+            NewMail {
+                from: "carol@fabrikam.com".into(),
+                subject: format!("About {message_id}"),
+                body: "Hello".into(),
+                message_id: Some(format!("<{message_id}@fabrikam.com>")),
+                received_unix: Some(mock_ews::clock::now_unix() - ago_secs),
+                ..NewMail::default()
+            },
+        )
+        .unwrap()
+        .internet_message_id
+}
+
+#[tokio::test]
+async fn history_and_fetch_by_message_id_go_through_graph() {
+    let world = World::start().await;
+    let older = old_mail(&world, ALICE, "two-hours-ago", 7200);
+    let old = old_mail(&world, ALICE, "an-hour-ago", 3600);
+    let listener = world
+        .listener(&world.apps_file(json!({ "client_secret": SECRET })))
+        .await;
+    let id = "a1ce0374-d9cb-469f-a165-70867728950e";
+    let creds = world.credentials(id, ALICE);
+    create_watched(&listener, id, &creds).await;
+    let fresh = world.mail(ALICE, None, "fresh");
+    eventually("the new mail at Creatio", PATIENCE, async || {
+        world.received(id).contains(&fresh).then_some(())
+    })
+    .await;
+
+    // Creatio's history load from 90 minutes ago, in .NET ticks: the older mail stays out.
+    let since_unix = mock_ews::clock::now_unix() - 5400;
+    let ticks = since_unix * 10_000_000 + 621_355_968_000_000_000;
+    let (status, body) = listener
+        .post(
+            "/api/email/synchronize",
+            json!({ "Credentials": creds, "Filters": ticks.to_string() }).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        "the hour-old mail loaded as history",
+        PATIENCE,
+        async || world.received(id).contains(&old).then_some(()),
+    )
+    .await;
+    world.assert_received_once(id, ALICE, &[fresh, old]).await;
+    assert!(!world.received(id).contains(&older));
+
+    // Creatio asks for one mail of Bob's by its Message-ID (Bob's mailbox is not watched).
+    let wanted = old_mail(&world, BOB, "wanted", 600);
+    let bob = "b0b00374-d9cb-469f-a165-70867728950e";
+    let body = json!({
+        "Credentials": world.credentials(bob, BOB),
+        "Filters": format!("{wanted};<nowhere@fabrikam.com>"),
+    });
+    let (status, answer) = listener.post("/api/email/fetch", body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    eventually("the fetched mail at Creatio", PATIENCE, async || {
+        (world.received(bob) == [wanted.clone()]).then_some(())
+    })
+    .await;
+}
