@@ -52,6 +52,8 @@ echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== test"
 cargo test --workspace --locked
+echo "== benchmarks compile"
+cargo bench --workspace --locked --no-run -q
 echo "== chart"
 # The chart's offline checks: Helm's library and the Kubernetes schemas, from PyPI.
 chart_venv=target/chart-venv
