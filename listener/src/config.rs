@@ -206,7 +206,8 @@ pub struct Config {
     #[arg(long, env = "EXCHANGE_LISTENER_MAX_ACTIVE_MAILBOXES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_active_mailboxes: u64,
 
-    /// Subscribe calls a second, at most, paced and jittered (starts and resubscriptions).
+    /// Subscribe calls a second to each mail server (scheme, host and port), at most, paced and
+    /// jittered (starts and resubscriptions).
     #[arg(long, env = "EXCHANGE_LISTENER_SUBSCRIBE_RATE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub subscribe_rate: u32,
 

@@ -1,7 +1,10 @@
-//! Admission to Exchange: a cap on the mailboxes one replica serves at once, and a paced,
-//! jittered rate of Subscribe calls, so that a Create of thousands of mailboxes (or a restart)
-//! reaches Exchange as a steady trickle instead of a burst that trips its throttling.
+//! Admission to the mail servers: a cap on the mailboxes one replica serves at once, and a
+//! paced, jittered rate of Subscribe calls to each server, so that a Create of thousands of
+//! mailboxes (or a restart, or a failover) reaches each server as a steady trickle instead of a
+//! burst that trips its throttling. The pace is a server's own (its limits are its own):
+//! mailboxes on ten Exchange servers start ten times as fast as on one.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,19 +14,20 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct Gate {
     active: Arc<Semaphore>,
-    /// Time between two Subscribe calls.
+    /// Time between two Subscribe calls to one server.
     interval: Duration,
-    /// When the next Subscribe may go out.
-    next: Mutex<Option<Instant>>,
+    /// When the next Subscribe may go out, per server.
+    next: Mutex<HashMap<String, Instant>>,
 }
 
 impl Gate {
-    /// At most `max_active` mailboxes served at once; `per_second` Subscribe calls a second.
+    /// At most `max_active` mailboxes served at once; `per_second` Subscribe calls a second
+    /// to each server.
     pub fn new(max_active: usize, per_second: u32) -> Self {
         Gate {
             active: Arc::new(Semaphore::new(max_active.min(Semaphore::MAX_PERMITS))),
             interval: Duration::from_secs(1) / per_second.max(1),
-            next: Mutex::new(None),
+            next: Mutex::new(HashMap::new()),
         }
     }
 
@@ -41,14 +45,19 @@ impl Gate {
         self.active.available_permits() == 0
     }
 
-    /// Waits for this caller's turn to subscribe: turns are `interval` apart, each moved by a
-    /// random part of an interval so replicas that start together do not stay in step.
-    pub async fn pace(&self) {
+    /// Waits for this caller's turn to subscribe at `server` (its scheme, host and port):
+    /// turns at one server are `interval` apart, each moved by a random part of an interval
+    /// so replicas that start together do not stay in step.
+    pub async fn pace(&self, server: &str) {
         let now = Instant::now();
         let slot = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = next.map_or(now, |n| n.max(now));
-            *next = Some(slot + self.interval);
+            // A server whose turns all lie in the past is forgotten: the map holds the servers
+            // being paced, not every server ever seen.
+            next.retain(|_, at| *at > now);
+            let at = next.entry(server.to_owned()).or_insert(now);
+            let slot = (*at).max(now);
+            *at = slot + self.interval;
             slot
         };
         let at = slot + self.interval.mul_f64(fastrand::f64());
@@ -68,7 +77,7 @@ mod tests {
             .map(|_| {
                 let gate = gate.clone();
                 tokio::spawn(async move {
-                    gate.pace().await;
+                    gate.pace("https://mail.contoso.com:443").await;
                     Instant::now()
                 })
             })
@@ -82,6 +91,29 @@ mod tests {
         assert!(at[19] >= Duration::from_millis(1_900), "{at:?}");
         assert!(at[19] <= Duration::from_secs(2), "{at:?}");
         assert!(at[0] <= Duration::from_millis(100), "{at:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_server_has_its_own_pace() {
+        let gate = Arc::new(Gate::new(100, 10));
+        let start = Instant::now();
+        let turns: Vec<_> = (0..40)
+            .map(|i| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    gate.pace(&format!("https://mail{}.contoso.com:443", i % 2))
+                        .await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        let mut last = Duration::ZERO;
+        for t in turns {
+            last = last.max(t.await.unwrap() - start);
+        }
+        // Twenty turns at each of two servers, ten a second each: two seconds, not four.
+        assert!(last <= Duration::from_secs(2), "{last:?}");
+        assert!(last >= Duration::from_millis(1_900), "{last:?}");
     }
 
     #[tokio::test(start_paused = true)]

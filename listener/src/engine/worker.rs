@@ -291,12 +291,14 @@ impl Worker {
             p = gate.admit() => p,
         };
         tracing::info!(url = ?self.server.url(), "mailbox worker started");
+        // Subscribe calls are paced per server.
+        let server = server_key(&self.server.url());
         loop {
             self.set_state(WorkerState::Subscribing, None).await;
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
-                _ = gate.pace() => {}
+                _ = gate.pace(&server) => {}
             }
             // Which folders to watch: Creatio's choice, or every mail folder there is now.
             let folders = tokio::select! {
@@ -435,6 +437,20 @@ impl Worker {
                 tracing::info!(error = %e, "unsubscribe failed; the server will expire the subscription")
             }
         }
+    }
+}
+
+/// The server a mailbox's calls go to, as the Subscribe pace counts them: the scheme, host
+/// and port of its URL.
+fn server_key(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}:{}",
+            u.scheme(),
+            u.host_str().unwrap_or_default(),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => url.to_owned(),
     }
 }
 
