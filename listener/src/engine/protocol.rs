@@ -380,6 +380,25 @@ pub fn inside_any<'t>(
     true
 }
 
+/// Reads a whole HTTP answer of a mail server, giving up as soon as it passes `limit` bytes:
+/// `None` when it is larger.
+pub async fn read_capped(
+    mut answer: reqwest::Response,
+    limit: u64,
+) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+    if answer.content_length().is_some_and(|n| n > limit) {
+        return Ok(None);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = answer.chunk().await? {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
 /// Waits for `fut` at most `limit`; past it, the failure `late` names.
 pub async fn within<T, E>(
     limit: Duration,

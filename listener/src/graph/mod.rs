@@ -450,25 +450,11 @@ impl Shared {
 }
 
 /// Reads a whole answer, failing as soon as it passes `limit` bytes.
-async fn read_capped(
-    mut answer: reqwest::Response,
-    limit: u64,
-) -> Result<bytes::Bytes, GraphFailure> {
-    if answer.content_length().is_some_and(|n| n > limit) {
-        return Err(GraphFailure::TooLarge { limit });
-    }
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = answer
-        .chunk()
+async fn read_capped(answer: reqwest::Response, limit: u64) -> Result<bytes::Bytes, GraphFailure> {
+    crate::engine::protocol::read_capped(answer, limit)
         .await
         .map_err(|e| GraphFailure::Unreachable(crate::engine::protocol::error_chain(&e)))?
-    {
-        if body.len() as u64 + chunk.len() as u64 > limit {
-            return Err(GraphFailure::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+        .ok_or(GraphFailure::TooLarge { limit })
 }
 
 #[derive(Deserialize)]

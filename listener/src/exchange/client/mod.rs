@@ -724,18 +724,11 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Reads a whole answer, failing as soon as it passes `limit` bytes.
-async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Bytes, EwsFailure> {
-    if resp.content_length().is_some_and(|n| n > limit) {
-        return Err(EwsFailure::TooLarge { limit });
-    }
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-        if body.len() as u64 + chunk.len() as u64 > limit {
-            return Err(EwsFailure::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<Bytes, EwsFailure> {
+    crate::engine::protocol::read_capped(resp, limit)
+        .await
+        .map_err(transport)?
+        .ok_or(EwsFailure::TooLarge { limit })
 }
 
 /// Decodes a 200 or 500 body; a 500 that is not a SOAP fault is reported as HTTP 500.
