@@ -108,7 +108,8 @@ pub trait MailServer: Send + Sync {
 /// An open connection reporting new mail.
 pub trait Watch: Send {
     /// The next report; `None` when the server ended the connection cleanly. It may wait for
-    /// ever: the worker bounds the wait.
+    /// ever: the worker bounds the wait. Cancel-safe: the worker drops a call it waits on when
+    /// other work comes first, and the next call must lose nothing the dropped one had seen.
     fn next(&mut self) -> Answer<'_, Option<WatchBatch>>;
 }
 

@@ -2,9 +2,14 @@
 //! its end, and what it lists is reported as new. The interval adapts to the mailbox: the
 //! shortest after a poll that found mail, doubling after each that found none, up to the
 //! longest (with change notifications: a notification polls at once, and the interval
-//! stays the longest, the polls only catching what a lost notification would miss). The first report comes at once (the engine counts the watch open from it), and the
-//! watch ends cleanly after its connection time, so the engine catches up and saves the links
-//! at least that often.
+//! stays the longest, the polls only catching what a lost notification would miss). The first
+//! report comes at once (the engine counts the watch open from it), and the watch ends cleanly
+//! after its connection time, so the engine catches up and saves the links at least that
+//! often.
+//!
+//! The engine drops a report it is waiting for when other work comes first (a history page,
+//! a replay), so a poll that is due stays due until one has finished, and a poll changes the
+//! watch's links only once it has followed them all.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +37,8 @@ pub(super) struct DeltaWatch {
     interval: Duration,
     ends: Instant,
     reported: bool,
+    /// Its interval passed or a notification came, and no poll has finished since.
+    poll_due: bool,
 }
 
 impl DeltaWatch {
@@ -56,6 +63,7 @@ impl DeltaWatch {
             hint,
             ends: Instant::now() + lifetime,
             reported: false,
+            poll_due: false,
         }
     }
 
@@ -68,7 +76,8 @@ impl DeltaWatch {
             let links: Vec<&str> = self.links.iter().map(|(_, l)| l.as_str()).collect();
             self.shared.delta_pages(&links, PAGE).await?
         };
-        for ((folder, link), first) in self.links.iter_mut().zip(firsts) {
+        let mut links = self.links.clone();
+        for ((folder, link), first) in links.iter_mut().zip(firsts) {
             let mut page = first?;
             loop {
                 found.extend(std::mem::take(&mut page.added));
@@ -79,6 +88,7 @@ impl DeltaWatch {
                 page = self.shared.delta_page(folder, Some(link), PAGE).await?;
             }
         }
+        self.links = links;
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         for (folder, link) in &self.links {
             if let Some((_, k)) = kept.iter_mut().find(|(f, _)| f == folder) {
@@ -96,27 +106,31 @@ impl Watch for DeltaWatch {
                 self.reported = true;
                 return Ok(Some(WatchBatch::default()));
             }
-            let now = Instant::now();
-            if now >= self.ends {
-                return Ok(None);
-            }
-            let due = (now + self.interval).min(self.ends);
-            match &self.hint {
-                Some(hint) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(due) => {}
-                        () = hint.notify.notified() => {}
-                    }
-                    if hint.resubscribe.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err(GraphFailure::SubscriptionGone(
-                            "Graph removed the subscriptions or asked for them again".into(),
-                        )
-                        .into());
-                    }
+            if !self.poll_due {
+                let now = Instant::now();
+                if now >= self.ends {
+                    return Ok(None);
                 }
-                None => tokio::time::sleep_until(due).await,
+                let due = (now + self.interval).min(self.ends);
+                match &self.hint {
+                    Some(hint) => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(due) => {}
+                            () = hint.notify.notified() => {}
+                        }
+                        if hint.resubscribe.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Err(GraphFailure::SubscriptionGone(
+                                "Graph removed the subscriptions or asked for them again".into(),
+                            )
+                            .into());
+                        }
+                    }
+                    None => tokio::time::sleep_until(due).await,
+                }
+                self.poll_due = true;
             }
             let new_items = self.poll().await?;
+            self.poll_due = false;
             self.interval = match (&self.hint, new_items.is_empty()) {
                 // Notifications say when there is mail; polling is the safety net.
                 (Some(_), _) => self.polling.max,
