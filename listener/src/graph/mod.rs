@@ -172,14 +172,17 @@ impl Connect for GraphConnect {
     }
 }
 
+/// What a path segment escapes: all but letters, digits and `@ . - _` (an address stays
+/// readable).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'@')
+    .remove(b'.')
+    .remove(b'-')
+    .remove(b'_');
+
 /// A path segment with what a URL path may not hold escaped.
 fn path_segment(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
-        .to_string()
-        .replace("%40", "@")
-        .replace("%2E", ".")
-        .replace("%2D", "-")
-        .replace("%5F", "_")
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// A query value escaped.
@@ -224,6 +227,23 @@ impl<'a> Request<'a> {
             body: None,
             page_size: None,
         }
+    }
+
+    /// A request carrying a JSON body.
+    fn json(method: reqwest::Method, target: &'a str, body: &serde_json::Value) -> Self {
+        Request {
+            method,
+            body: Some(("application/json", body.to_string().into_bytes())),
+            ..Request::get(target)
+        }
+    }
+}
+
+/// The `Prefer` header of every request: immutable ids, and a page size where one is asked.
+fn prefer(page_size: Option<u16>) -> String {
+    match page_size {
+        Some(n) => format!("IdType=\"ImmutableId\", odata.maxpagesize={n}"),
+        None => "IdType=\"ImmutableId\"".to_owned(),
     }
 }
 
@@ -277,11 +297,7 @@ impl Shared {
                 .request(request.method.clone(), self.url(request.target))
                 .bearer_auth(token.expose())
                 .timeout(timeout);
-            let mut prefer = vec!["IdType=\"ImmutableId\"".to_owned()];
-            if let Some(n) = request.page_size {
-                prefer.push(format!("odata.maxpagesize={n}"));
-            }
-            builder = builder.header("prefer", prefer.join(", "));
+            builder = builder.header("prefer", prefer(request.page_size));
             if let Some((content_type, body)) = &request.body {
                 builder = builder
                     .header("content-type", *content_type)
@@ -297,22 +313,33 @@ impl Shared {
             if (200..300).contains(&status) {
                 return Ok(body);
             }
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(e) => (e.error.code, e.error.message),
-                Err(_) => (String::new(), format!("HTTP {status}")),
-            };
-            let failure = GraphFailure::from_answer(status, code, message, retry_after);
-            match &failure {
-                GraphFailure::TokenRejected(_) if attempt == 0 => {
-                    self.app.forget(&token).await;
-                    continue;
-                }
-                GraphFailure::Throttled { retry_after } => self.app.throttled(*retry_after),
-                _ => {}
+            let failure = self.judge(status, serde_json::from_slice(&body).ok(), retry_after);
+            if matches!(failure, GraphFailure::TokenRejected(_)) && attempt == 0 {
+                self.app.forget(&token).await;
+                continue;
             }
             return Err(failure);
         }
         unreachable!("the loop returns on its second pass")
+    }
+
+    /// An answer that is not a success, as a failure: a throttled one holds back every
+    /// mailbox of the app.
+    fn judge(
+        &self,
+        status: u16,
+        error: Option<ErrorBody>,
+        retry_after: Option<Duration>,
+    ) -> GraphFailure {
+        let (code, message) = match error {
+            Some(e) => (e.error.code, e.error.message),
+            None => (String::new(), format!("HTTP {status}")),
+        };
+        let failure = GraphFailure::from_answer(status, code, message, retry_after);
+        if let GraphFailure::Throttled { retry_after } = &failure {
+            self.app.throttled(*retry_after);
+        }
+        failure
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -360,7 +387,7 @@ impl Shared {
                 }
                 continue;
             }
-            let prefer = format!("odata.maxpagesize={page_size}, IdType=\"ImmutableId\"");
+            let prefer = prefer(Some(page_size));
             let requests: Vec<serde_json::Value> = chunk
                 .iter()
                 .enumerate()
@@ -373,13 +400,12 @@ impl Shared {
                     })
                 })
                 .collect();
-            let body = serde_json::json!({ "requests": requests }).to_string();
             let answer: BatchAnswer = self
-                .get_json(&Request {
-                    method: reqwest::Method::POST,
-                    body: Some(("application/json", body.into_bytes())),
-                    ..Request::get("/v1.0/$batch")
-                })
+                .get_json(&Request::json(
+                    reqwest::Method::POST,
+                    "/v1.0/$batch",
+                    &serde_json::json!({ "requests": requests }),
+                ))
                 .await?;
             let mut results: Vec<Option<Result<SyncPage, GraphFailure>>> =
                 chunk.iter().map(|_| None).collect();
@@ -403,15 +429,7 @@ impl Shared {
                                 std::time::SystemTime::now(),
                             )
                         });
-                    let (code, message) = match serde_json::from_value::<ErrorBody>(r.body) {
-                        Ok(e) => (e.error.code, e.error.message),
-                        Err(_) => (String::new(), format!("HTTP {}", r.status)),
-                    };
-                    let failure = GraphFailure::from_answer(r.status, code, message, retry_after);
-                    if let GraphFailure::Throttled { retry_after } = &failure {
-                        self.app.throttled(*retry_after);
-                    }
-                    Err(failure)
+                    Err(self.judge(r.status, serde_json::from_value(r.body).ok(), retry_after))
                 });
             }
             out.extend(results.into_iter().map(|r| {
@@ -637,11 +655,7 @@ impl GraphMailbox {
         });
         let target = format!("{}/translateExchangeIds", s.user_path);
         let translated: Translated = match s
-            .get_json(&Request {
-                method: reqwest::Method::POST,
-                body: Some(("application/json", body.to_string().into_bytes())),
-                ..Request::get(&target)
-            })
+            .get_json(&Request::json(reqwest::Method::POST, &target, &body))
             .await
         {
             Ok(t) => t,
@@ -743,11 +757,11 @@ impl GraphMailbox {
             "clientState": s.app.client_state(&push.mailbox),
         });
         let answer: SubscriptionAnswer = s
-            .get_json(&Request {
-                method: reqwest::Method::POST,
-                body: Some(("application/json", body.to_string().into_bytes())),
-                ..Request::get("/v1.0/subscriptions")
-            })
+            .get_json(&Request::json(
+                reqwest::Method::POST,
+                "/v1.0/subscriptions",
+                &body,
+            ))
             .await?;
         let expires = answer
             .expiration_date_time
@@ -791,11 +805,7 @@ impl GraphMailbox {
             let body = serde_json::json!({ "expirationDateTime": xs_datetime(expires) });
             match self
                 .shared
-                .call(&Request {
-                    method: reqwest::Method::PATCH,
-                    body: Some(("application/json", body.to_string().into_bytes())),
-                    ..Request::get(&target)
-                })
+                .call(&Request::json(reqwest::Method::PATCH, &target, &body))
                 .await
             {
                 Ok(_) => {
