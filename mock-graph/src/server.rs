@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::state::{Fault, Folder, Inner, Message, User, World};
+use crate::state::{Fault, Folder, Inner, Message, Token, User, World};
 
 #[derive(Debug, Clone)]
 pub(crate) struct App {
@@ -139,35 +139,12 @@ async fn token(State(app): State<App>, Path(tenant): Path<String>, body: Bytes) 
 
 /// `application/x-www-form-urlencoded` fields.
 fn url_form(body: &[u8]) -> HashMap<String, String> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%'
-                && let Some(h) = s.get(i + 1..i + 3)
-                && let Ok(b) = u8::from_str_radix(h, 16)
-            {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-            out.push(bytes[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
+    url::form_urlencoded::parse(body).into_owned().collect()
 }
 
-/// The request's bearer token checked, and the user it may read: the user, or the error
-/// Graph answers.
-fn authorize<'a>(w: &'a Inner, headers: &HeaderMap, upn: &str) -> Result<&'a User, Box<Response>> {
+/// The token a request carries, when it is one this server issued and it has not expired;
+/// else Graph's refusal.
+fn bearer<'a>(w: &'a Inner, headers: &HeaderMap) -> Result<&'a Token, Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -186,6 +163,13 @@ fn authorize<'a>(w: &'a Inner, headers: &HeaderMap, upn: &str) -> Result<&'a Use
             "Lifetime validation failed, the token is expired.",
         )));
     }
+    Ok(token)
+}
+
+/// The request's bearer token checked, and the user it may read: the user, or the error
+/// Graph answers.
+fn authorize<'a>(w: &'a Inner, headers: &HeaderMap, upn: &str) -> Result<&'a User, Box<Response>> {
+    let token = bearer(w, headers)?;
     let Ok(user) = w.user(upn) else {
         return Err(Box::new(error(
             StatusCode::NOT_FOUND,
@@ -509,14 +493,7 @@ async fn list_messages(
 
 /// Percent-encodes what a query value may not hold as is.
 fn percent(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
 }
 
 async fn mime(
@@ -741,14 +718,11 @@ async fn create_subscription(
         let Some(f) = user.folder(&folder) else {
             return no_folder(&folder);
         };
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .and_then(|t| w.tokens.get(t))
-            .map(|t| t.client_id.clone())
-            .unwrap_or_default();
-        (token, user.upn.to_ascii_lowercase(), f.id.clone())
+        let client_id = match bearer(&w, &headers) {
+            Ok(token) => token.client_id.clone(),
+            Err(r) => return *r,
+        };
+        (client_id, user.upn.to_ascii_lowercase(), f.id.clone())
     };
     if !text("changeType").split(',').any(|c| c.trim() == "created") {
         return error(
@@ -826,24 +800,6 @@ fn no_subscription(id: &str) -> Response {
     )
 }
 
-/// The app a request's token was issued to, or Graph's refusal.
-fn token_client(w: &Inner, headers: &HeaderMap) -> Result<String, Box<Response>> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| w.tokens.get(t))
-        .filter(|t| t.expires > Instant::now())
-        .map(|t| t.client_id.clone())
-        .ok_or_else(|| {
-            Box::new(error(
-                StatusCode::UNAUTHORIZED,
-                "InvalidAuthenticationToken",
-                "Access token is empty or invalid.",
-            ))
-        })
-}
-
 async fn renew_subscription(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -851,8 +807,8 @@ async fn renew_subscription(
     Json(body): Json<Value>,
 ) -> Response {
     let mut w = app.world.lock();
-    let client = match token_client(&w, &headers) {
-        Ok(c) => c,
+    let client = match bearer(&w, &headers) {
+        Ok(token) => token.client_id.clone(),
         Err(r) => return *r,
     };
     let now = mock_ews::clock::now_unix();
@@ -890,8 +846,8 @@ async fn delete_subscription(
     headers: HeaderMap,
 ) -> Response {
     let mut w = app.world.lock();
-    let client = match token_client(&w, &headers) {
-        Ok(c) => c,
+    let client = match bearer(&w, &headers) {
+        Ok(token) => token.client_id.clone(),
         Err(r) => return *r,
     };
     let before = w.subscriptions.len();
@@ -978,9 +934,9 @@ async fn batch(State(app): State<App>, headers: HeaderMap, Json(body): Json<Valu
 
 /// A path segment's percent-escapes undone.
 fn url_decode(segment: &str) -> String {
-    url_form(format!("x={segment}").as_bytes())
-        .remove("x")
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// `translateExchangeIds` from EWS ids to REST ids, for the user's folders and messages. In
