@@ -569,6 +569,15 @@ async fn change_notifications_bring_mail_at_once_and_lost_or_removed_ones_are_re
         .assert_received_once(id, ALICE, &[first, lost, after])
         .await;
 
+    // Subscribed twice, the mailbox looked its well-known folders up once.
+    let lookups = world
+        .graph
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/mailFolders/drafts"))
+        .count();
+    assert_eq!(lookups, 1);
+
     // Closed, the mailbox gives its subscriptions back.
     let (status, body) = listener.send("close", &json!([id])).await;
     assert_eq!(status, 200, "{body}");

@@ -156,6 +156,7 @@ impl Connect for GraphConnect {
             }),
             polling: self.polling,
             links: Arc::default(),
+            special: tokio::sync::OnceCell::new(),
             push: self.push.as_ref().map(|p| MailboxPush {
                 url: p.url.clone(),
                 hint: p.hints.register(&creds.id),
@@ -566,6 +567,16 @@ pub struct GraphMailbox {
     links: Arc<Mutex<Vec<(String, String)>>>,
     /// Its change notifications, when the listener takes them.
     push: Option<MailboxPush>,
+    /// The ids of its inbox and of the folders never watched, once looked up: they do not
+    /// change, and every subscription would otherwise ask for them again.
+    special: tokio::sync::OnceCell<SpecialFolders>,
+}
+
+/// The well-known folders that decide what is watched.
+#[derive(Debug)]
+struct SpecialFolders {
+    inbox: Option<String>,
+    unwatched: Vec<String>,
 }
 
 /// A mailbox's change notifications.
@@ -879,20 +890,28 @@ impl MailServer for GraphMailbox {
                 return Ok(self.graph_folder_ids(asked).await?);
             }
             let all = self.all_folders().await?;
-            let inbox = self.well_known("inbox").await?;
-            let mut unwatched = Vec::new();
-            for name in UNWATCHED {
-                if let Some(id) = self.well_known(name).await? {
-                    unwatched.push(id);
-                }
-            }
+            let special = self
+                .special
+                .get_or_try_init(async || {
+                    let mut unwatched = Vec::new();
+                    for name in UNWATCHED {
+                        if let Some(id) = self.well_known(name).await? {
+                            unwatched.push(id);
+                        }
+                    }
+                    Ok::<_, GraphFailure>(SpecialFolders {
+                        inbox: self.well_known("inbox").await?,
+                        unwatched,
+                    })
+                })
+                .await?;
+            let (inbox, unwatched) = (&special.inbox, &special.unwatched);
             let parent_of = |id: &str| {
                 all.iter()
                     .find(|f| f.id == id)
                     .and_then(|f| f.parent_folder_id.as_deref())
             };
-            let left_out =
-                |id: &str| crate::engine::protocol::inside_any(id, &unwatched, parent_of);
+            let left_out = |id: &str| crate::engine::protocol::inside_any(id, unwatched, parent_of);
             let mut out = vec!["inbox".to_owned()];
             out.extend(
                 all.iter()
