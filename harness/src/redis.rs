@@ -3,6 +3,7 @@
 //! reached), else a `redis-server` process the harness owns, or an external one by URL. It can
 //! be restarted empty and paused, as a timeline asks.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -246,6 +247,65 @@ async fn ping(addr: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(1), attempt).await,
         Ok(Ok(true))
     )
+}
+
+/// How many times Redis at `addr` has run each command since it started (`INFO
+/// commandstats`; commands a script runs are counted as well as the script's call).
+pub async fn command_counts(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, u64>> {
+    let read = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"INFO commandstats\r\n").await?;
+        let mut reader = tokio::io::BufReader::new(s);
+        let mut head = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut head).await?;
+        let len: usize = head
+            .trim_end()
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .context("INFO answered no bulk string")?;
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body).await?;
+        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("INFO commandstats took over 5 s")??;
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        let Some((name, fields)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let calls = fields
+            .split(',')
+            .find_map(|f| f.strip_prefix("calls="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        counts.insert(name.to_ascii_uppercase(), calls);
+    }
+    Ok(counts)
+}
+
+/// Commands a second by command between two [`command_counts`] taken `secs` apart, busiest
+/// first, leaving out the ones that read them.
+pub fn command_rates(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    secs: f64,
+) -> Vec<(String, f64)> {
+    let mut rates: Vec<(String, f64)> = after
+        .iter()
+        .filter(|(name, _)| name.as_str() != "INFO")
+        .map(|(name, n)| {
+            let was = before.get(name).copied().unwrap_or(0);
+            (name.clone(), n.saturating_sub(was) as f64 / secs)
+        })
+        .filter(|(_, r)| *r > 0.0)
+        .collect();
+    rates.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rates
 }
 
 /// True when a Docker engine answers.

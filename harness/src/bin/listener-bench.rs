@@ -91,6 +91,11 @@ struct Args {
     /// With `--graph`: take Graph's change notifications.
     #[arg(long, requires = "graph")]
     graph_notifications: bool,
+    /// Keep the mailboxes in Redis (a `redis-server` process of the run's own, credentials in
+    /// plain text) instead of the in-memory store, and report Redis's commands a second by
+    /// command while every mailbox idles and while mail flows.
+    #[arg(long)]
+    redis: bool,
 }
 
 fn unix_now_us() -> u64 {
@@ -118,6 +123,8 @@ struct Rig {
     graph: Option<Process>,
     /// What carries Graph's notifications to the listener.
     _relay: Option<harness::proxy::Proxy>,
+    /// The store, when it is Redis.
+    redis: Option<harness::redis::Redis>,
 }
 
 impl Rig {
@@ -202,6 +209,16 @@ impl Rig {
         } else {
             (None, None)
         };
+        let redis = if args.redis {
+            let redis = harness::redis::Redis::start(&harness::redis::Choice::Process, &dir).await?;
+            listener_args.extend([
+                format!("--redis-url=redis://{}/0", redis.addr()),
+                "--insecure-plaintext-credentials".to_owned(),
+            ]);
+            Some(redis)
+        } else {
+            None
+        };
         listener_args.extend(args.listener_args.iter().cloned());
         let listener = mocks::start_listener(&bins, &dir, &listener_args, (&ews, &creatio)).await?;
         if let Some(relay) = &relay {
@@ -225,7 +242,16 @@ impl Rig {
             dovecot,
             graph,
             _relay: relay,
+            redis,
         })
+    }
+
+    /// Redis's command counts now, when the store is Redis.
+    async fn redis_counts(&self) -> anyhow::Result<Option<std::collections::BTreeMap<String, u64>>> {
+        match &self.redis {
+            Some(redis) => Ok(Some(harness::redis::command_counts(redis.addr()).await?)),
+            None => Ok(None),
+        }
     }
 
     async fn get(&self, url: String) -> anyhow::Result<Value> {
@@ -382,6 +408,30 @@ type Injected = (String, u64);
 
 /// Injects mail at `rate` for `duration`, printing progress; answers what was injected and the
 /// listener's highest resident memory seen.
+/// Redis's commands a second over `secs` between two counts, in all and by command (busiest
+/// first), printed; `None` without Redis.
+fn redis_rates(
+    before: &Option<std::collections::BTreeMap<String, u64>>,
+    after: &Option<std::collections::BTreeMap<String, u64>>,
+    secs: u64,
+) -> Option<Value> {
+    let (Some(before), Some(after)) = (before, after) else {
+        return None;
+    };
+    let rates = harness::redis::command_rates(before, after, secs as f64);
+    let total: f64 = rates.iter().map(|(_, r)| r).sum();
+    let by: Vec<String> = rates
+        .iter()
+        .take(8)
+        .map(|(c, r)| format!("{c} {r:.0}"))
+        .collect();
+    println!("Redis: {total:.0} commands/s ({})", by.join(", "));
+    Some(json!({
+        "total": total,
+        "by_command": rates.into_iter().map(|(c, r)| (c, json!(r))).collect::<serde_json::Map<String, Value>>(),
+    }))
+}
+
 async fn flow(rig: &Rig, args: &Args) -> anyhow::Result<(Vec<Injected>, u64, Usage, f64)> {
     let total = (args.rate * args.duration_secs as f64).round() as u64;
     let injected: Arc<Mutex<Vec<Injected>>> = Arc::default();
@@ -525,10 +575,12 @@ async fn main() -> anyhow::Result<()> {
         None => Ok(Value::Null),
     };
     let graph_before = graph_stats().await?;
+    let redis_before = rig.redis_counts().await?;
     let settle_start = rig.listener.usage()?;
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let idle = rig.listener.usage()?;
     let graph_after = graph_stats().await?;
+    let redis_idle = redis_rates(&redis_before, &rig.redis_counts().await?, args.settle_secs);
     // Requests to Graph per mailbox and minute while every mailbox idles.
     let graph_idle_requests = rig.graph.as_ref().map(|_| {
         let requests = graph_after["requests"].as_u64().unwrap_or(0)
@@ -558,7 +610,9 @@ async fn main() -> anyhow::Result<()> {
         mib(empty.rss_kib)
     );
 
+    let redis_before = rig.redis_counts().await?;
     let (injected, load_peak_rss, _, load_cpu) = flow(&rig, &args).await?;
+    let redis_load = redis_rates(&redis_before, &rig.redis_counts().await?, args.duration_secs);
     let drain_start = Instant::now();
     loop {
         let delivered = rig.delivered_count().await?;
@@ -616,6 +670,8 @@ async fn main() -> anyhow::Result<()> {
         "lost": lost.len(),
         "duplicated": duplicated,
         "latency_ms": latency,
+        "redis_commands_per_second_idle": redis_idle,
+        "redis_commands_per_second_load": redis_load,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(path) = &args.report {
