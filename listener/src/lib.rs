@@ -341,7 +341,7 @@ pub async fn serve(
     let coordinator = engine::coordinator::Coordinator::new(
         engine::coordinator::CoordinatorSettings {
             replica: replica.clone(),
-            // Alone in memory, no other replica can take a lease: renewing them every second
+            // Alone in memory, no other replica can take a lease: a heartbeat every second
             // would only cost time. Changes still reach the coordinator at once.
             lease: if store_kind == "memory" {
                 LONE_LEASE
@@ -434,7 +434,7 @@ pub async fn serve(
     let mailboxes = async {
         let _ = stopping.await;
         // No new claims (the coordinator drains since the signal); the workers stop while
-        // their leases are still renewed (so no other replica overlaps a post under way);
+        // their leases are still kept (so no other replica overlaps a post under way);
         // then the leases go back so others take over at once.
         if tokio::time::timeout(grace, supervisor.shutdown())
             .await

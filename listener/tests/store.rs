@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +61,7 @@ async fn contract(store: &dyn Store) {
     assert!(store.wanted("m1").await.unwrap().is_none());
     let asked = exchange_listener::creatio::mail::unix_now_ms();
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
-    let fence = here(store.claim("m1", "here", LONG).await.unwrap().unwrap());
+    let fence = here(store.claim("m1", "here").await.unwrap().unwrap());
     let first = store.wanted("m1").await.unwrap().unwrap();
     assert_eq!(first.creds, creds("m1", "pw"));
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
@@ -115,9 +116,8 @@ async fn contract(store: &dyn Store) {
     assert!(status.last_error_unix_ms.is_some());
     assert_eq!((status.reconnects, status.restarts), (1, 1));
     store.put_mailbox(creds("m2", "pw")).await.unwrap();
-    let counts = store.count_by_state().await.unwrap();
-    assert_eq!(counts.get(&WorkerState::Streaming), Some(&1));
-    assert_eq!(counts.get(&WorkerState::Starting), Some(&1));
+    // `here` never said it was alive: its lease is nobody's to count.
+    assert_eq!(counts(store).await, "Starting 1, Streaming 1 | ");
 
     // The last event, as announced.
     assert_eq!(
@@ -329,7 +329,7 @@ async fn contract(store: &dyn Store) {
     // Delivered items are remembered until a live cursor passes them, however long that
     // takes; a baseline or a recovery under way passes nothing.
     store.put_mailbox(creds("m2", "pw")).await.unwrap();
-    let fence = here(store.claim("m2", "here", LONG).await.unwrap().unwrap());
+    let fence = here(store.claim("m2", "here").await.unwrap().unwrap());
     store
         .record("m2", "streamed", Outcome::Delivered, &fence)
         .await
@@ -363,7 +363,7 @@ async fn history(store: &dyn Store) {
     store.put_mailbox(creds("h", "pw")).await.unwrap();
     let fence = Fence {
         replica: "here".into(),
-        token: store.claim("h", "here", LONG).await.unwrap().unwrap(),
+        token: store.claim("h", "here").await.unwrap().unwrap(),
     };
     let signal = store.replay_signal("h").unwrap();
     assert_eq!(
@@ -476,62 +476,115 @@ async fn the_redis_store_keeps_the_send_ledger_and_takes_over_a_dead_send() {
     assert!(ttl > 23 * 3_600_000 && ttl <= 24 * 3_600_000, "{ttl}");
 }
 
-/// Leases: one holder at a time, tokens that only grow, renewals only by the holder.
+/// The store's counts in a line: mailboxes by state | leases by replica.
+async fn counts(store: &dyn Store) -> String {
+    let counts = store.counts().await.unwrap();
+    let line = |pairs: Vec<(String, usize)>| {
+        pairs
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let states = counts
+        .states
+        .into_iter()
+        .map(|(s, n)| (s.name().to_owned(), n))
+        .collect();
+    format!("{} | {}", line(states), line(counts.held.into_iter().collect()))
+}
+
+/// Leases: one live holder at a time, tokens that only grow, every lease kept by its holder's
+/// heartbeat alone, and a version that moves with what the spread is computed from.
 async fn leases(store: &dyn Store) {
     let short = Duration::from_millis(300);
-    assert_eq!(store.heartbeat("b", "pb", LONG).await.unwrap(), ["b"]);
-    assert_eq!(store.heartbeat("a", "pa", LONG).await.unwrap(), ["a", "b"]);
-    let t1 = store.claim("m", "a", short).await.unwrap().unwrap();
-    assert_eq!(
-        store.claim("m", "a", short).await.unwrap(),
-        Some(t1),
-        "ours again"
-    );
-    assert_eq!(
-        store.claim("m", "b", short).await.unwrap(),
-        None,
-        "held by a"
-    );
+    let b0 = store.heartbeat("b", "pb", LONG).await.unwrap();
+    assert_eq!(b0.live, ["b"]);
+    assert!(!b0.unbroken, "a first heartbeat");
+    let a0 = store.heartbeat("a", "pa", short).await.unwrap();
+    assert_eq!(a0.live, ["a", "b"]);
+    assert!(a0.version > b0.version, "a joined");
+    let t1 = store.claim("m", "a").await.unwrap().unwrap();
+    assert_eq!(store.claim("m", "b").await.unwrap(), None, "held by a");
     assert_eq!(
         store.owners(&["m".into(), "n".into()]).await.unwrap(),
         [Some("a".to_owned()), None]
     );
-    let a = Fence {
-        replica: "a".into(),
-        token: t1,
-    };
-    let b = Fence {
-        replica: "b".into(),
-        token: t1,
-    };
-    let held = [("m".to_owned(), a.clone()), ("m".to_owned(), b.clone())];
-    assert_eq!(store.renew(&held, short).await.unwrap(), [true, false]);
-    // Left to lapse, the lease passes to b with a greater token; a can no longer renew.
-    tokio::time::sleep(short + Duration::from_millis(100)).await;
-    let t2 = store.claim("m", "b", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        store.holders().await.unwrap(),
+        HashMap::from([("m".to_owned(), "a".to_owned())])
+    );
+    let a1 = store.heartbeat("a", "pa", short).await.unwrap();
+    assert!(a1.unbroken);
+    assert!(a1.version > a0.version, "a claim moves the version");
+    let a2 = store.heartbeat("a", "pa", short).await.unwrap();
+    assert_eq!(a2.version, a1.version, "nothing moved");
+    // Claimed again by its holder (a later process, or a lease it stopped trusting): a new
+    // token, and the old one writes nothing.
+    let t2 = store.claim("m", "a").await.unwrap().unwrap();
     assert!(t2 > t1);
-    assert_eq!(store.renew(&held[..1], short).await.unwrap(), [false]);
+    let fence = |replica: &str, token: u64| Fence {
+        replica: replica.into(),
+        token,
+    };
+    store.put_mailbox(creds("m", "pw")).await.unwrap();
+    assert_eq!(counts(store).await, "Starting 1 | a 1");
+    store
+        .transition("m", WorkerState::Streaming, None, None)
+        .await
+        .unwrap();
+    assert_eq!(counts(store).await, "Streaming 1 | a 1");
+    let written = cursor("S1", 1_700_000_000_000, SyncPhase::Live);
+    assert_eq!(
+        store.set_sync_state("m", &written, &fence("a", t1)).await,
+        Err(StoreError::Fenced)
+    );
+    store
+        .set_sync_state("m", &written, &fence("a", t2))
+        .await
+        .unwrap();
+    // a's heartbeat lapses: its lease is free, and passes to b with a greater token.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert_eq!(store.owners(&["m".into()]).await.unwrap(), [None]);
+    assert!(store.holders().await.unwrap().is_empty());
+    let b1 = store.heartbeat("b", "pb", LONG).await.unwrap();
+    assert_eq!(b1.live, ["b"]);
+    assert!(b1.version > a2.version, "a left");
+    let t3 = store.claim("m", "b").await.unwrap().unwrap();
+    assert!(t3 > t2);
+    assert_eq!(counts(store).await, "Streaming 1 | b 1");
+    assert_eq!(
+        store.set_sync_state("m", &written, &fence("a", t2)).await,
+        Err(StoreError::Fenced),
+        "a lost the mailbox"
+    );
+    // a comes back: its heartbeat says it was gone, and the lease stays b's.
+    let a3 = store.heartbeat("a", "pa", LONG).await.unwrap();
+    assert!(!a3.unbroken, "a was not alive meanwhile");
+    assert_eq!(store.claim("m", "a").await.unwrap(), None);
     // Released by its holder only.
-    store.release("m", &a).await.unwrap();
+    store.release("m", &fence("a", t2)).await.unwrap();
     assert_eq!(
         store.owners(&["m".into()]).await.unwrap(),
         [Some("b".to_owned())]
     );
-    store
-        .release(
-            "m",
-            &Fence {
-                replica: "b".into(),
-                token: t2,
-            },
-        )
-        .await
-        .unwrap();
+    let before = store.heartbeat("a", "pa", LONG).await.unwrap().version;
+    store.release("m", &fence("b", t3)).await.unwrap();
     assert_eq!(store.owners(&["m".into()]).await.unwrap(), [None]);
-    let t3 = store.claim("m", "a", LONG).await.unwrap().unwrap();
-    assert!(t3 > t2, "tokens only grow");
+    assert_eq!(counts(store).await, "Streaming 1 | ");
+    let after = store.heartbeat("a", "pa", LONG).await.unwrap().version;
+    assert!(after > before, "a lease given back moves the version");
+    let t4 = store.claim("m", "a").await.unwrap().unwrap();
+    assert!(t4 > t3, "tokens only grow");
     store.leave("b").await.unwrap();
-    assert_eq!(store.heartbeat("a", "pa", LONG).await.unwrap(), ["a"]);
+    let a4 = store.heartbeat("a", "pa", LONG).await.unwrap();
+    assert_eq!(a4.live, ["a"]);
+    assert!(a4.version > after);
+    // Closing a mailbox moves the version; so does opening one.
+    store.remove_mailbox("m").await.unwrap();
+    let a5 = store.heartbeat("a", "pa", LONG).await.unwrap();
+    assert!(a5.version > a4.version);
+    assert_eq!(counts(store).await, " | a 1", "its lease stays until given back");
     // Every open mailbox is listed; changes are announced.
     let mut changes = store.changes().expect("a store that announces changes");
     store.put_mailbox(creds("x1", "pw")).await.unwrap();
@@ -574,6 +627,21 @@ async fn the_redis_store_keeps_the_lease_contract() {
     // The change channel is listened to in the background; give it a moment to subscribe.
     tokio::time::sleep(Duration::from_millis(200)).await;
     leases(&store).await;
+    // Counts lost (or never kept, by an older version) are made again from the mailboxes.
+    store.put_mailbox(creds("n", "pw")).await.unwrap();
+    let kept = counts(&store).await;
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("el:states")
+        .arg("el:held")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counts(&store).await, kept);
 }
 
 #[tokio::test]
@@ -661,7 +729,7 @@ async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     let serve = async |store: &RedisStore, replica: &str, state: &str, at: i64| {
         let fence = Fence {
             replica: replica.into(),
-            token: store.claim("m", replica, LONG).await.unwrap().unwrap(),
+            token: store.claim("m", replica).await.unwrap().unwrap(),
         };
         assert!(store.wanted("m").await.unwrap().is_some());
         let written = cursor(state, at, SyncPhase::Live);
@@ -706,7 +774,7 @@ async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     assert!(a.is_new("m", "i2").await.unwrap());
 
     // Once leased, the mailbox is left alone; so is one written back already.
-    a.claim("m", "a", LONG).await.unwrap().unwrap();
+    a.claim("m", "a").await.unwrap().unwrap();
     assert_eq!(b.write_back().await.unwrap(), 0);
     assert_eq!(a.write_back().await.unwrap(), 0);
     assert_eq!(a.sync_state("m").await.unwrap(), Some(before));
@@ -719,7 +787,7 @@ async fn a_replay_asked_of_any_replica_wakes_the_worker_where_it_runs() {
     owner.put_mailbox(creds("m", "pw")).await.unwrap();
     let fence = Fence {
         replica: "owner".into(),
-        token: owner.claim("m", "owner", LONG).await.unwrap().unwrap(),
+        token: owner.claim("m", "owner").await.unwrap().unwrap(),
     };
     owner
         .record(
@@ -750,18 +818,17 @@ async fn a_replay_asked_of_any_replica_wakes_the_worker_where_it_runs() {
 async fn a_second_process_under_a_live_replica_s_id_is_kept_out() {
     let redis = Redis::start().await;
     let (first, second) = (redis_store(&redis).await, redis_store(&redis).await);
-    assert_eq!(first.heartbeat("r0", "first", LONG).await.unwrap(), ["r0"]);
+    assert_eq!(first.heartbeat("r0", "first", LONG).await.unwrap().live, ["r0"]);
     assert_eq!(
         second.heartbeat("r0", "second", LONG).await,
         Err(StoreError::Duplicate("r0".into()))
     );
     // The first goes on; once it leaves (or its heartbeat lapses), the second may take over.
-    assert_eq!(first.heartbeat("r0", "first", LONG).await.unwrap(), ["r0"]);
+    assert!(first.heartbeat("r0", "first", LONG).await.unwrap().unbroken);
     first.leave("r0").await.unwrap();
-    assert_eq!(
-        second.heartbeat("r0", "second", LONG).await.unwrap(),
-        ["r0"]
-    );
+    let second_beat = second.heartbeat("r0", "second", LONG).await.unwrap();
+    assert_eq!(second_beat.live, ["r0"]);
+    assert!(!second_beat.unbroken, "another process: its leases start over");
     assert_eq!(
         first.heartbeat("r0", "first", LONG).await,
         Err(StoreError::Duplicate("r0".into()))

@@ -191,19 +191,15 @@ fn carries_token(req: &axum::extract::Request, token: &str, base: &str) -> bool 
 
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let store = state.supervisor.store();
-    let states = store.count_by_state().await?;
-    let open = store.open_mailboxes().await?;
-    let mut owned: std::collections::BTreeMap<String, usize> = Default::default();
-    for owner in store.owners(&open).await?.into_iter().flatten() {
-        *owned.entry(owner).or_default() += 1;
-    }
+    let counts = store.counts().await?;
+    let states = counts.states;
     Ok(Json(json!({
         "ServiceStatus": "Started",
         "Version": env!("CARGO_PKG_VERSION"),
         "Replica": state.supervisor.replica(),
         "Mailboxes": states.values().sum::<usize>(),
         "States": states,
-        "Owners": owned,
+        "Owners": counts.held,
         "Coordinator": coordinator_view(&state.metrics),
     })))
 }

@@ -1,12 +1,18 @@
-//! Which mailboxes this replica serves. Each replica heartbeats into the store; every tick it
-//! computes the spread of open mailboxes over live replicas ([`balance::assign`]), claims the
-//! leases of its own share, renews the leases it holds in one batch, and gives back those that
-//! are no longer its own. The supervisor runs a worker only under a lease this replica holds,
-//! and every write a worker makes carries the lease's fencing token.
+//! Which mailboxes this replica serves. Each replica heartbeats into the store every tick; a
+//! mailbox's lease names its replica and a fencing token, and lasts as long as that replica's
+//! heartbeat: one heartbeat keeps them all, whatever their number. When the spread's inputs
+//! moved (a mailbox opened or closed, a replica joined or left, a lease changed hands), the
+//! replica computes the spread of open mailboxes over live replicas ([`balance::assign`]),
+//! claims the leases of its own share, most recently active first, and gives back those that
+//! are no longer its own once their workers have stopped. The supervisor runs a worker only
+//! under a lease this replica holds, and every write a worker makes carries the lease's
+//! fencing token; a claim changes the token, so a replica that lost a mailbox can never write
+//! its cursor or deliveries.
 //!
-//! A lease is trusted locally only until `renewed + ttl − margin`: a replica that cannot reach
-//! the store stops its workers before another replica could claim their mailboxes, so two
-//! replicas never serve one mailbox.
+//! The leases are trusted locally only until `heartbeat sent + ttl − margin`: a replica that
+//! cannot reach the store stops its workers before another replica could claim their
+//! mailboxes, so two replicas never serve one mailbox. A heartbeat that finds this replica
+//! was not alive in the store meanwhile drops every lease: its share is claimed afresh.
 //!
 //! [`balance::assign`]: crate::engine::balance::assign
 
@@ -19,24 +25,36 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::balance;
 use crate::engine::metrics::Metrics;
-use crate::engine::store::{Fence, Store, StoreError, WorkerState};
+use crate::engine::store::{Beat, Fence, Store, StoreError, WorkerState};
 use crate::engine::supervisor::Supervisor;
 
 /// Leases claimed in one call to the store.
 const CLAIM_BATCH: usize = 500;
 
+/// The spread is computed again at least this often, even when nothing seems to have moved.
+const RESPREAD_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
+
+/// The last spread computed: at which version of the store's inputs, when, and whether it
+/// left work undone (claims refused, leases still to give back, mailboxes waiting for room).
+#[derive(Debug, Default)]
+struct Spread {
+    version: Option<u64>,
+    at: Option<Instant>,
+    redo: bool,
+}
+
 /// How a replica takes part.
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
     pub replica: String,
-    /// How long a lease and a heartbeat last unless renewed.
+    /// How long a heartbeat (and with it every lease of the replica) lasts unless renewed.
     pub lease: Duration,
     /// Most mailboxes this replica serves.
     pub cap: usize,
 }
 
 impl CoordinatorSettings {
-    /// Renewals come three times per lease.
+    /// Heartbeats come three times per lease.
     pub fn tick(&self) -> Duration {
         self.lease / 3
     }
@@ -47,18 +65,20 @@ impl CoordinatorSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// The leases this replica holds: each mailbox's fencing token, and one moment for all of
+/// them, past which they may have passed to other replicas (the last heartbeat that reached
+/// the store, plus the lease, minus a margin).
+#[derive(Debug, Default)]
 struct Held {
-    token: u64,
-    /// Past this moment the lease may have passed to another replica.
-    safe_until: Instant,
+    tokens: HashMap<String, u64>,
+    safe_until: Option<Instant>,
 }
 
 /// The leases this replica holds, as far as it may trust them now.
 #[derive(Debug)]
 pub struct Leases {
     replica: String,
-    held: Mutex<HashMap<String, Held>>,
+    held: Mutex<Held>,
 }
 
 impl Leases {
@@ -69,7 +89,7 @@ impl Leases {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+    fn lock(&self) -> MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -77,15 +97,20 @@ impl Leases {
         &self.replica
     }
 
+    fn fence_of(&self, token: u64) -> Fence {
+        Fence {
+            replica: self.replica.clone(),
+            token,
+        }
+    }
+
     /// The fence under which this replica may act on the mailbox now, if any.
     pub fn fence(&self, id: &str) -> Option<Fence> {
-        self.lock()
-            .get(id)
-            .filter(|h| h.safe_until > Instant::now())
-            .map(|h| Fence {
-                replica: self.replica.clone(),
-                token: h.token,
-            })
+        let held = self.lock();
+        let trusted = held.safe_until.is_some_and(|t| t > Instant::now());
+        let token = *held.tokens.get(id).filter(|_| trusted)?;
+        drop(held);
+        Some(self.fence_of(token))
     }
 
     /// True while `fence` is this replica's current, trusted lease on the mailbox.
@@ -93,59 +118,55 @@ impl Leases {
         self.fence(id).is_some_and(|f| f == *fence)
     }
 
-    /// Trusts a lease just claimed until `safe_until`.
-    pub fn insert(&self, id: &str, token: u64, safe_until: Instant) {
-        self.lock()
-            .insert(id.to_owned(), Held { token, safe_until });
+    /// Holds a lease just claimed.
+    pub fn insert(&self, id: &str, token: u64) {
+        self.lock().tokens.insert(id.to_owned(), token);
+    }
+
+    /// Trusts every lease held until `safe_until` (a heartbeat reached the store).
+    pub fn trust_until(&self, safe_until: Instant) {
+        self.lock().safe_until = Some(safe_until);
     }
 
     fn remove(&self, id: &str) -> Option<u64> {
-        self.lock().remove(id).map(|h| h.token)
+        self.lock().tokens.remove(id)
     }
 
     fn all(&self) -> Vec<(String, Fence)> {
-        self.lock()
+        let tokens: Vec<(String, u64)> = self
+            .lock()
+            .tokens
             .iter()
-            .map(|(id, h)| {
-                (
-                    id.clone(),
-                    Fence {
-                        replica: self.replica.clone(),
-                        token: h.token,
-                    },
-                )
-            })
+            .map(|(id, t)| (id.clone(), *t))
+            .collect();
+        tokens
+            .into_iter()
+            .map(|(id, t)| (id, self.fence_of(t)))
             .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.lock().tokens.len()
     }
 
     /// The mailboxes whose lease may be acted on now.
     fn trusted(&self) -> Vec<String> {
-        let now = Instant::now();
-        self.lock()
-            .iter()
-            .filter(|(_, h)| h.safe_until > now)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    /// Forgets the leases that may no longer be acted on; answers their mailboxes.
-    fn drop_lapsed(&self) -> Vec<String> {
-        let now = Instant::now();
-        let mut lapsed = Vec::new();
-        self.lock().retain(|id, h| {
-            let keep = h.safe_until > now;
-            if !keep {
-                lapsed.push(id.clone());
-            }
-            keep
-        });
-        lapsed
-    }
-
-    fn extend(&self, id: &str, token: u64, safe_until: Instant) {
-        if let Some(h) = self.lock().get_mut(id).filter(|h| h.token == token) {
-            h.safe_until = safe_until;
+        let held = self.lock();
+        if held.safe_until.is_some_and(|t| t > Instant::now()) {
+            held.tokens.keys().cloned().collect()
+        } else {
+            Vec::new()
         }
+    }
+
+    /// Forgets every lease, when they may no longer be acted on (`all`: whether or not);
+    /// answers their mailboxes.
+    fn drop_lapsed(&self, all: bool) -> Vec<String> {
+        let mut held = self.lock();
+        if !all && held.safe_until.is_some_and(|t| t > Instant::now()) {
+            return Vec::new();
+        }
+        held.tokens.drain().map(|(id, _)| id).collect()
     }
 }
 
@@ -161,11 +182,12 @@ pub struct Coordinator {
     /// Mailboxes this replica stopped serving, whose memory in the store goes at the next
     /// pass that finds the store's data intact.
     forgettable: Mutex<Vec<String>>,
-    /// Leases no longer this replica's share whose workers are still stopping: renewed, not
+    /// Leases no longer this replica's share whose workers are still stopping: kept, not
     /// trusted, given back once the worker has stopped.
     leaving: Mutex<HashMap<String, Fence>>,
     /// Shutting down: no claims.
     draining: std::sync::atomic::AtomicBool,
+    spread: Mutex<Spread>,
     /// This process among any that might share its replica id.
     nonce: String,
     metrics: Metrics,
@@ -184,6 +206,7 @@ impl Coordinator {
             forgettable: Mutex::default(),
             leaving: Mutex::default(),
             draining: Default::default(),
+            spread: Mutex::default(),
             nonce: format!("{:016x}", fastrand::u64(..)),
             metrics,
             settings,
@@ -255,7 +278,7 @@ impl Coordinator {
         self.run(ready, stop).await;
     }
 
-    /// One round: heartbeat, spread, give back, renew, claim. Mailboxes in `changed` are
+    /// One round: heartbeat, give back, and when its inputs moved, spread and claim. Mailboxes in `changed` are
     /// re-read by the supervisor even when their lease did not change. False when the store
     /// could not be reached.
     pub async fn pass(&self, changed: &HashSet<String>) -> bool {
@@ -271,7 +294,7 @@ impl Coordinator {
 
     /// Sets the lease gauges from where the leases stand now.
     fn count_leases(&self) {
-        let held = self.leases.all();
+        let held = self.leases.count();
         let trusted = self.leases.trusted();
         let idle = trusted
             .iter()
@@ -279,7 +302,7 @@ impl Coordinator {
             .count();
         let gauge =
             |kind: &str, n: usize| self.metrics.leases.with_label_values(&[kind]).set(n as i64);
-        gauge("held", held.len());
+        gauge("held", held);
         gauge("trusted", trusted.len());
         gauge("idle", idle);
         gauge("leaving", self.leaving().len());
@@ -294,6 +317,7 @@ impl Coordinator {
                 if self.heal().await {
                     *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
                 }
+                self.spread().redo = true;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the store does not answer");
@@ -301,12 +325,15 @@ impl Coordinator {
                 return false;
             }
         }
-        let live = match self
+        // The heartbeat keeps every lease this replica holds: trusted from when it was sent,
+        // not from the pass's start, so a slow pass does not leave leases held but distrusted.
+        let asked = Instant::now();
+        let beat = match self
             .store
             .heartbeat(replica, &self.nonce, self.settings.lease)
             .await
         {
-            Ok(live) => live,
+            Ok(beat) => beat,
             Err(e @ StoreError::Duplicate(_)) => {
                 tracing::error!(error = %e, "this replica's id is taken");
                 self.drop_untrusted();
@@ -318,51 +345,26 @@ impl Coordinator {
                 return false;
             }
         };
-        let open = match self.store.open_mailboxes().await {
-            Ok(open) => open,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the mailboxes");
-                self.drop_untrusted();
-                return false;
+        if !beat.unbroken {
+            // Not alive in the store for a while (or never before): other replicas may hold
+            // any of these leases now. Every worker stops; the share is claimed afresh.
+            let lost = self.leases.drop_lapsed(true);
+            let stopping: Vec<String> = self.leaving().drain().map(|(id, _)| id).collect();
+            if !lost.is_empty() || !stopping.is_empty() {
+                tracing::warn!(
+                    mailboxes = lost.len() + stopping.len(),
+                    "this replica's heartbeat came too late; its mailboxes start over"
+                );
             }
-        };
-        // Mailboxes served now keep their places while there is room: a Create or a Close
-        // moves no other mailbox, and when the caps leave some waiting, those are the
-        // unserved ones.
-        let served = match self.store.owners(&open).await {
-            Ok(owners) => open
-                .iter()
-                .zip(owners)
-                .filter_map(|(id, owner)| owner.map(|o| (id.clone(), o)))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the lease holders");
-                self.drop_untrusted();
-                return false;
+            for id in lost.iter().chain(&stopping) {
+                self.supervisor.poke(id);
             }
-        };
-        let assigned = balance::assign(&live, &open, self.settings.cap, &served);
-        let mine: HashSet<&str> = assigned
-            .iter()
-            .filter(|(_, r)| r.as_str() == replica)
-            .map(|(m, _)| m.as_str())
-            .collect();
-
-        // Mailboxes no replica has room for wait, and say so; one replica writes that.
-        if live.first().map(String::as_str) == Some(replica) && assigned.len() < open.len() {
-            self.mark_waiting(&open, &assigned).await;
+            self.forget_later(lost.into_iter().chain(stopping));
+            self.spread().redo = true;
         }
+        self.leases.trust_until(self.trusted_until(asked));
 
-        // Give back what is no longer ours (closed, or another replica's share now). Its
-        // worker stops in the background, bounded, off this pass's path; the lease is renewed
-        // until it has stopped, so the next owner never overlaps it, and given back then.
-        for (id, fence) in self.leases.all() {
-            if !mine.contains(id.as_str()) {
-                self.leases.remove(&id);
-                self.leaving().insert(id.clone(), fence);
-                self.supervisor.poke(&id);
-            }
-        }
+        // Leases no longer ours whose workers have stopped go back.
         let stopped: Vec<(String, Fence)> = {
             let mut leaving = self.leaving();
             let ids: Vec<String> = leaving
@@ -376,49 +378,95 @@ impl Coordinator {
         };
         for (id, fence) in &stopped {
             if let Err(e) = self.store.release(id, fence).await {
-                tracing::warn!(id = ?id, error = %e, "could not give a lease back; it will lapse");
+                tracing::warn!(id = ?id, error = %e, "could not give a lease back");
+                self.spread().redo = true;
             }
         }
         self.forget_later(stopped.into_iter().map(|(id, _)| id));
 
-        // Renew the rest in one batch, with the leases of workers still stopping; a lease
-        // found lost stops its worker at once. A lease is trusted from the moment its
-        // renewal was asked, not from the pass's start: a slow pass must not leave leases
-        // held but distrusted.
-        let held = self.leases.all();
-        let stopping: Vec<(String, Fence)> = self
-            .leaving()
-            .iter()
-            .map(|(id, f)| (id.clone(), f.clone()))
-            .collect();
-        if !held.is_empty() || !stopping.is_empty() {
-            let batch = [held.as_slice(), stopping.as_slice()].concat();
-            let asked = Instant::now();
-            match self.store.renew(&batch, self.settings.lease).await {
-                Ok(still) => {
-                    let safe_until = self.trusted_until(asked);
-                    for ((id, fence), ok) in held.iter().zip(&still) {
-                        if *ok {
-                            self.leases.extend(id, fence.token, safe_until);
-                        } else {
-                            tracing::warn!(id = ?id, "lease lost to another replica");
-                            self.leases.remove(id);
-                            self.supervisor.poke(id);
-                            self.forget_later([id.clone()]);
-                        }
-                    }
-                    for ((id, _), ok) in stopping.iter().zip(&still[held.len()..]) {
-                        if !*ok {
-                            self.leaving().remove(id);
-                            self.forget_later([id.clone()]);
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease renewal failed");
-                    self.drop_untrusted();
+        // The spread is computed again only when its inputs moved, when the last one left
+        // work undone, and now and then as a net: an idle cluster costs the store one
+        // heartbeat per replica per tick, whatever the number of mailboxes.
+        let full = {
+            let spread = self.spread();
+            spread.redo
+                || spread.version != Some(beat.version)
+                || spread
+                    .at
+                    .is_none_or(|at| at.elapsed() >= RESPREAD_AT_LEAST_EVERY)
+        };
+        if full && !self.respread(&beat, changed).await {
+            return false;
+        }
+        if !full {
+            for id in changed {
+                if self.leases.fence(id).is_some() {
+                    self.supervisor.poke(id);
                 }
             }
+        }
+
+        // A trusted lease without a worker (its claim was distrusted for a moment, its
+        // reconciler gave up) gets one.
+        for id in self.leases.trusted() {
+            if !self.supervisor.has_worker(&id) {
+                self.supervisor.poke(&id);
+            }
+        }
+        true
+    }
+
+    /// Computes the spread, gives back what is no longer this replica's, and claims its
+    /// share. False when the store could not be reached.
+    async fn respread(&self, beat: &Beat, changed: &HashSet<String>) -> bool {
+        let replica = self.settings.replica.as_str();
+        let open = match self.store.open_mailboxes().await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the mailboxes");
+                self.drop_untrusted();
+                return false;
+            }
+        };
+        // Mailboxes served now keep their places while there is room: a Create or a Close
+        // moves no other mailbox, and when the caps leave some waiting, those are the
+        // unserved ones.
+        let served = match self.store.holders().await {
+            Ok(served) => served,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the lease holders");
+                self.drop_untrusted();
+                return false;
+            }
+        };
+        let assigned = balance::assign(&beat.live, &open, self.settings.cap, &served);
+        let mine: HashSet<&str> = assigned
+            .iter()
+            .filter(|(_, r)| r.as_str() == replica)
+            .map(|(m, _)| m.as_str())
+            .collect();
+        let mut settled = true;
+
+        // Mailboxes no replica has room for wait, and say so; one replica writes that.
+        if assigned.len() < open.len() {
+            settled = false;
+            if beat.live.first().map(String::as_str) == Some(replica) {
+                self.mark_waiting(&open, &assigned).await;
+            }
+        }
+
+        // Give back what is no longer ours (closed, or another replica's share now). Its
+        // worker stops in the background, bounded, off this pass's path; the lease is kept
+        // until it has stopped, so the next owner never overlaps it, and given back then.
+        for (id, fence) in self.leases.all() {
+            if !mine.contains(id.as_str()) {
+                self.leases.remove(&id);
+                self.leaving().insert(id.clone(), fence);
+                self.supervisor.poke(&id);
+            }
+        }
+        if !self.leaving().is_empty() {
+            settled = false;
         }
 
         if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
@@ -426,10 +474,13 @@ impl Coordinator {
             return true;
         }
 
-        // Claim our share, in batches, each trusted from when it was asked.
+        // Ours again before its worker had stopped: the lease was never let go.
         let mut wanted: Vec<String> = Vec::new();
         for id in mine {
-            if self.leases.fence(id).is_some() {
+            if let Some(fence) = self.leaving().remove(id) {
+                self.leases.insert(id, fence.token);
+                self.supervisor.poke(id);
+            } else if self.leases.fence(id).is_some() {
                 if changed.contains(id) {
                     self.supervisor.poke(id);
                 }
@@ -438,39 +489,75 @@ impl Coordinator {
             }
         }
         self.metrics.pass_claims.set(wanted.len() as i64);
+        self.most_recent_first(&mut wanted).await;
         for batch in wanted.chunks(CLAIM_BATCH) {
-            let Some((taken, safe_until)) = self.claim(batch).await else {
+            let Some(taken) = self.claim(batch).await else {
+                settled = false;
                 break;
             };
-            for (id, fence) in &taken {
-                self.trust(id, fence, safe_until);
+            if taken.len() < batch.len() {
+                // Another replica still holds some (its worker is stopping).
+                settled = false;
             }
-        }
-
-        // A trusted lease without a worker (its claim was distrusted for a moment, its
-        // reconciler gave up) gets one.
-        let held = self.leases.trusted();
-        for id in &held {
-            if !self.supervisor.has_worker(id) {
-                self.supervisor.poke(id);
+            for (id, fence) in &taken {
+                self.trust(id, fence);
             }
         }
         // A worker runs with what the store wants now, even when the news of a change was lost
-        // (pub/sub delivers at most once).
-        self.follow_generations(&held).await;
+        // (pub/sub delivers at most once): a change moved the version.
+        if self.spread().version != Some(beat.version)
+            && !self.follow_generations(&self.leases.trusted()).await
+        {
+            settled = false;
+        }
+
+        let mut spread = self.spread();
+        spread.version = Some(beat.version);
+        spread.at = Some(Instant::now());
+        spread.redo = !settled;
         true
     }
 
-    /// Pokes every mailbox whose worker here runs with another generation than the stored one.
-    async fn follow_generations(&self, held: &[String]) {
-        if held.is_empty() {
+    /// Orders mailboxes about to be claimed by when they last had mail, most recent first:
+    /// after a failover, the busiest stream again first. Unknown ones keep their order, last.
+    async fn most_recent_first(&self, ids: &mut [String]) {
+        if ids.len() < 2 {
             return;
+        }
+        let Ok(statuses) = self.store.statuses(ids).await else {
+            return;
+        };
+        let last: HashMap<&str, i64> = ids
+            .iter()
+            .zip(&statuses)
+            .filter_map(|(id, s)| Some((id.as_str(), s.as_ref()?.last_event_unix_ms?)))
+            .collect();
+        let mut keyed: Vec<(std::cmp::Reverse<i64>, String)> = ids
+            .iter()
+            .map(|id| {
+                (
+                    std::cmp::Reverse(last.get(id.as_str()).copied().unwrap_or(i64::MIN)),
+                    id.clone(),
+                )
+            })
+            .collect();
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        for (slot, (_, id)) in ids.iter_mut().zip(keyed) {
+            *slot = id;
+        }
+    }
+
+    /// Pokes every mailbox whose worker here runs with another generation than the stored
+    /// one. False when the store could not say.
+    async fn follow_generations(&self, held: &[String]) -> bool {
+        if held.is_empty() {
+            return true;
         }
         let stored = match self.store.generations(held).await {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the mailboxes' generations");
-                return;
+                return false;
             }
         };
         let running = self.supervisor.generations(held);
@@ -479,20 +566,20 @@ impl Coordinator {
                 self.supervisor.poke(id);
             }
         }
+        true
     }
 
-    /// Until when a lease renewed or claimed by a call sent at `asked` may be acted on.
+    /// Until when the leases kept by a heartbeat sent at `asked` may be acted on.
     fn trusted_until(&self, asked: Instant) -> Instant {
         asked + self.settings.lease - self.settings.margin()
     }
 
-    /// Claims the leases of `ids` in one call; answers those taken, and until when they may
-    /// be trusted. `None` when the store failed.
-    async fn claim(&self, ids: &[String]) -> Option<(Vec<(String, Fence)>, Instant)> {
-        let asked = Instant::now();
+    /// Claims the leases of `ids` in one call; answers those taken. `None` when the store
+    /// failed.
+    async fn claim(&self, ids: &[String]) -> Option<Vec<(String, Fence)>> {
         let tokens = match self
             .store
-            .claim_all(ids, &self.settings.replica, self.settings.lease)
+            .claim_all(ids, &self.settings.replica)
             .await
         {
             Ok(tokens) => tokens,
@@ -512,16 +599,18 @@ impl Coordinator {
                 Some((id.clone(), fence))
             })
             .collect();
-        Some((taken, self.trusted_until(asked)))
+        Some(taken)
     }
 
-    /// Trusts a lease just taken and starts its worker.
-    fn trust(&self, id: &str, fence: &Fence, safe_until: Instant) {
-        // Ours again before its worker had stopped: the lease was never let go.
-        self.leaving().remove(id);
+    /// Holds a lease just taken and starts its worker.
+    fn trust(&self, id: &str, fence: &Fence) {
         self.metrics.leases_taken.inc();
-        self.leases.insert(id, fence.token, safe_until);
+        self.leases.insert(id, fence.token);
         self.supervisor.poke(id);
+    }
+
+    fn spread(&self) -> MutexGuard<'_, Spread> {
+        self.spread.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn leaving(&self) -> MutexGuard<'_, HashMap<String, Fence>> {
@@ -536,7 +625,7 @@ impl Coordinator {
             .extend(ids);
     }
 
-    /// Claims nothing more; the leases held are renewed until [`Coordinator::leave`], so the
+    /// Claims nothing more; the leases held are kept until [`Coordinator::leave`], so the
     /// workers stop (and their posts finish) before another replica may take over.
     pub fn drain(&self) {
         self.draining
@@ -625,8 +714,8 @@ impl Coordinator {
 
     /// Stops the workers whose leases can no longer be trusted.
     fn drop_untrusted(&self) {
-        for id in self.leases.drop_lapsed() {
-            tracing::warn!(id = ?id, "lease not renewed in time; stopping the mailbox here");
+        for id in self.leases.drop_lapsed(false) {
+            tracing::warn!(id = ?id, "no heartbeat reached the store in time; stopping the mailbox here");
             self.supervisor.poke(&id);
         }
     }

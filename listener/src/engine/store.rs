@@ -19,7 +19,7 @@ pub mod seal;
 #[cfg(test)]
 pub mod slow;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,8 +96,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             Ok(self.statuses(&ids).await?.pop().flatten())
         })
     }
-    /// How many mailboxes are in each state (states with none are left out).
-    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>>;
+    /// How many mailboxes are in each state, and how many leases each live replica holds, at
+    /// a cost that does not grow with the mailboxes.
+    fn counts(&self) -> Stored<'_, Counts>;
     /// Moves the mailbox's worker to `state`, with the error that caused it, if any. With a
     /// fence, only while no other lease holds the mailbox (its lease held under the fence,
     /// or by no one): a worker that lost its mailbox never overwrites its new owner's state.
@@ -170,43 +171,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The store's epoch: `proposal` if the store had none, else the one it has. A different
     /// answer than before means the store lost its data.
     fn epoch<'a>(&'a self, proposal: &'a str) -> Stored<'a, String>;
-    /// Says this replica is alive for `ttl`, as the process `nonce` names; answers every live
-    /// replica, sorted, or [`StoreError::Duplicate`] while another process is alive under
-    /// the same replica id.
-    fn heartbeat<'a>(
-        &'a self,
-        replica: &'a str,
-        nonce: &'a str,
-        ttl: Duration,
-    ) -> Stored<'a, Vec<String>>;
+    /// Says this replica is alive for `ttl`, as the process `nonce` names, which keeps every
+    /// lease it holds; answers what it found (see [`Beat`]), or [`StoreError::Duplicate`]
+    /// while another process is alive under the same replica id.
+    fn heartbeat<'a>(&'a self, replica: &'a str, nonce: &'a str, ttl: Duration)
+    -> Stored<'a, Beat>;
     /// Says this replica is gone (on shutdown), so others need not wait for its heartbeat to
     /// lapse.
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()>;
     /// Every open mailbox id.
     fn open_mailboxes(&self) -> Stored<'_, Vec<String>>;
-    /// Takes each mailbox's lease for `ttl` if no one holds it (or this replica already
-    /// does), in one step; answers, for each, the fencing token, which grows with every new
-    /// holder, or `None` where another replica holds it.
-    fn claim_all<'a>(
-        &'a self,
-        ids: &'a [String],
-        replica: &'a str,
-        ttl: Duration,
-    ) -> Stored<'a, Vec<Option<u64>>>;
+    /// Takes each mailbox's lease where it is free: held by no one, by a replica that is not
+    /// alive, or by this replica under a token it no longer acts on (a process before this
+    /// one, or a heartbeat that came too late). Answers, for each, the new fencing token,
+    /// which grows with every claim, or `None` where another live replica holds it. A lease
+    /// lasts as long as its holder's heartbeat: it is never renewed by itself.
+    fn claim_all<'a>(&'a self, ids: &'a [String], replica: &'a str)
+    -> Stored<'a, Vec<Option<u64>>>;
     /// [`Store::claim_all`] of one mailbox.
-    fn claim<'a>(
-        &'a self,
-        id: &'a str,
-        replica: &'a str,
-        ttl: Duration,
-    ) -> Stored<'a, Option<u64>> {
+    fn claim<'a>(&'a self, id: &'a str, replica: &'a str) -> Stored<'a, Option<u64>> {
         Box::pin(async move {
             let ids = [id.to_owned()];
-            Ok(self.claim_all(&ids, replica, ttl).await?.pop().flatten())
+            Ok(self.claim_all(&ids, replica).await?.pop().flatten())
         })
     }
-    /// Extends these leases by `ttl`; answers, for each, whether it is still held.
-    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>>;
     /// Gives a lease back, if still held under `fence`.
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
     /// Writes back what this process remembers of every mailbox it served (its sealed
@@ -221,8 +209,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn forget(&self, id: &str);
     /// The generation each mailbox should run with (see [`Wanted`]); `None` where closed.
     fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>>;
-    /// Which replica holds each mailbox's lease.
+    /// Which live replica holds each mailbox's lease (`None`: no one, or a replica that is
+    /// not alive).
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>>;
+    /// Every mailbox a live replica holds the lease of, with that replica, in one call.
+    fn holders(&self) -> Stored<'_, HashMap<String, String>>;
     /// Ids of mailboxes whose record changed (created, updated, closed) anywhere, as they
     /// change; `None` when the store cannot say.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>>;
@@ -239,6 +230,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Says how a claimed send ended: sent (remembered for [`SEND_REMEMBERED`]) or not
     /// (forgotten, so that a retry sends it).
     fn end_send<'a>(&'a self, key: &'a str, sent: bool) -> Stored<'a, ()>;
+}
+
+/// How the mailboxes stand, in numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Mailboxes in each state (states with none are left out).
+    pub states: BTreeMap<WorkerState, usize>,
+    /// Leases each live replica holds (replicas with none are left out).
+    pub held: BTreeMap<String, usize>,
+}
+
+/// What a replica's heartbeat found in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Beat {
+    /// Every live replica, sorted.
+    pub live: Vec<String>,
+    /// True when this process was alive in the store without a break since its previous
+    /// heartbeat. False on its first one, and after one that came too late: its leases may
+    /// have passed to other replicas meanwhile.
+    pub unbroken: bool,
+    /// Moves whenever what the spread is computed from changes: a mailbox opened, changed or
+    /// closed, a lease taken or given back, a replica joining or leaving. While it stands
+    /// still, the spread of the last pass stands too.
+    pub version: u64,
 }
 
 /// A load of a mailbox's history Creatio asked for (`email/synchronize`): every mail received

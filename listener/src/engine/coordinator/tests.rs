@@ -275,3 +275,70 @@ async fn a_write_back_that_failed_is_tried_again() {
     assert_eq!(store.write_backs(), 2, "failed once, then done");
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_cluster_reads_no_mailbox_from_the_store_between_the_nets() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 1000).await;
+    let stop = CancellationToken::new();
+    let (a, b) = (
+        Replica::new("a", Arc::new(store.clone()), 3 * SECOND),
+        Replica::new("b", Arc::new(store.clone()), 3 * SECOND),
+    );
+    a.start(&stop);
+    b.start(&stop);
+    tokio::time::sleep(10 * SECOND).await;
+    assert_eq!(a.served(&ids).0 + b.served(&ids).0, ids.len());
+
+    // A minute of nothing: a heartbeat per replica per second, and the spread read again
+    // (every open mailbox, every holder) at most every 30 s by each replica.
+    let before = store.named();
+    tokio::time::sleep(60 * SECOND).await;
+    let named = store.named() - before;
+    assert!(
+        named <= 2 * 3 * 2 * ids.len(),
+        "{named} mailbox ids named in a minute"
+    );
+    assert_eq!(a.served(&ids).0 + b.served(&ids).0, ids.len());
+
+    // A new mailbox is served within a pass or two, by one replica.
+    store.put_mailbox(creds("late")).await.unwrap();
+    tokio::time::sleep(3 * SECOND).await;
+    let late = ["late".to_owned()];
+    assert_eq!(a.served(&late).0 + b.served(&late).0, 1);
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_replica_s_mailboxes_are_claimed_most_recently_active_first() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 40).await;
+    let a = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    let a_stop = CancellationToken::new();
+    a.start(&a_stop);
+    tokio::time::sleep(5 * SECOND).await;
+    assert_eq!(a.served(&ids).0, ids.len());
+    // Mail came lately to some, at different times; none to the rest.
+    let active: Vec<String> = ids.iter().step_by(5).cloned().collect();
+    for id in active.iter().rev() {
+        store.note_event(id).await.unwrap();
+        // Mail times are wall-clock milliseconds, which the paused clock does not move.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    // a dies (no leave: its heartbeat lapses); b takes everything over.
+    a_stop.cancel();
+    let b = Replica::new("b", Arc::new(store.clone()), 3 * SECOND);
+    let stop = CancellationToken::new();
+    b.start(&stop);
+    tokio::time::sleep(10 * SECOND).await;
+    assert_eq!(b.served(&ids).0, ids.len());
+    let order = store.claims_by("b");
+    assert_eq!(order.len(), ids.len(), "each claimed once");
+    assert_eq!(
+        order[..active.len()],
+        active[..],
+        "the most recently active first"
+    );
+    stop.cancel();
+}

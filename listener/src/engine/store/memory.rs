@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
+    Beat, Counts,
     Counter, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
     SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
     WorkerState, item_digest,
@@ -87,8 +88,10 @@ struct Inner {
     generation: u64,
     /// Replica → until when it is alive.
     replicas: BTreeMap<String, Instant>,
-    /// Mailbox → its lease.
+    /// Mailbox → its lease, valid while its replica is alive.
     leases: HashMap<String, Lease>,
+    /// Moves whenever the spread's inputs change ([`Beat::version`]).
+    version: u64,
     /// Mailbox → the last fencing token given out (kept across Close, so tokens only grow).
     fences: HashMap<String, u64>,
     /// Mails sent or being sent, by key: when the send began, and until when a sent one is
@@ -100,13 +103,25 @@ struct Inner {
 struct Lease {
     replica: String,
     token: u64,
-    until: Instant,
 }
 
 impl Inner {
-    /// The lease on `id`, unless it lapsed.
+    /// The lease on `id`, whether its holder is alive or not.
     fn lease(&self, id: &str) -> Option<&Lease> {
-        self.leases.get(id).filter(|l| l.until > Instant::now())
+        self.leases.get(id)
+    }
+
+    fn alive(&self, replica: &str) -> bool {
+        self.replicas
+            .get(replica)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// The live replica holding the lease on `id`.
+    fn owner(&self, id: &str) -> Option<&str> {
+        self.lease(id)
+            .map(|l| l.replica.as_str())
+            .filter(|r| self.alive(r))
     }
 
     fn holds(&self, id: &str, fence: &Fence) -> bool {
@@ -188,10 +203,18 @@ impl MemoryStore {
         }
     }
 
-    fn count_by_state_now(&self) -> BTreeMap<WorkerState, usize> {
-        let mut counts = BTreeMap::new();
-        for entry in self.lock().mailboxes.values() {
-            *counts.entry(entry.status.state).or_default() += 1;
+    /// One pass over the mailboxes in this process's memory: no network, a few microseconds
+    /// a thousand.
+    fn counts_now(&self) -> Counts {
+        let inner = self.lock();
+        let mut counts = Counts::default();
+        for entry in inner.mailboxes.values() {
+            *counts.states.entry(entry.status.state).or_default() += 1;
+        }
+        for lease in inner.leases.values() {
+            if inner.alive(&lease.replica) {
+                *counts.held.entry(lease.replica.clone()).or_default() += 1;
+            }
         }
         counts
     }
@@ -256,12 +279,21 @@ impl Store for MemoryStore {
     fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()> {
         let id = creds.id.clone();
         self.put(creds);
+        self.lock().version += 1;
         let _ = self.changes.send(id);
         ready(())
     }
 
     fn remove_mailbox<'a>(&'a self, id: &'a str) -> Stored<'a, bool> {
-        let existed = self.lock().mailboxes.remove(id).is_some();
+        let existed = {
+            let mut inner = self.lock();
+            inner.version += 1;
+            // A lease whose holder is gone would never be given back.
+            if inner.lease(id).is_some() && inner.owner(id).is_none() {
+                inner.leases.remove(id);
+            }
+            inner.mailboxes.remove(id).is_some()
+        };
         let _ = self.changes.send(id.to_owned());
         ready(existed)
     }
@@ -282,8 +314,8 @@ impl Store for MemoryStore {
         )
     }
 
-    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
-        ready(self.count_by_state_now())
+    fn counts(&self) -> Stored<'_, Counts> {
+        ready(self.counts_now())
     }
 
     fn transition<'a>(
@@ -441,17 +473,28 @@ impl Store for MemoryStore {
         replica: &'a str,
         _nonce: &'a str,
         ttl: Duration,
-    ) -> Stored<'a, Vec<String>> {
+    ) -> Stored<'a, Beat> {
         // One process: no other can share its replica id.
         let mut inner = self.lock();
         let now = Instant::now();
-        inner.replicas.insert(replica.to_owned(), now + ttl);
+        let before = inner.replicas.insert(replica.to_owned(), now + ttl);
+        let unbroken = before.is_some_and(|until| until > now);
+        let count = inner.replicas.len();
         inner.replicas.retain(|_, until| *until > now);
-        ready(inner.replicas.keys().cloned().collect())
+        if before.is_none() || inner.replicas.len() != count {
+            inner.version += 1;
+        }
+        ready(Beat {
+            live: inner.replicas.keys().cloned().collect(),
+            unbroken,
+            version: inner.version,
+        })
     }
 
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
-        self.lock().replicas.remove(replica);
+        let mut inner = self.lock();
+        inner.replicas.remove(replica);
+        inner.version += 1;
         ready(())
     }
 
@@ -463,58 +506,42 @@ impl Store for MemoryStore {
         &'a self,
         ids: &'a [String],
         replica: &'a str,
-        ttl: Duration,
     ) -> Stored<'a, Vec<Option<u64>>> {
         let mut inner = self.lock();
-        let until = Instant::now() + ttl;
-        let tokens = ids
+        let tokens: Vec<Option<u64>> = ids
             .iter()
             .map(|id| {
-                let token = match inner.lease(id).cloned() {
-                    Some(lease) if lease.replica == replica => Some(lease.token),
-                    Some(_) => None,
-                    None => {
-                        let fence = inner.fences.entry(id.to_owned()).or_default();
-                        *fence += 1;
-                        Some(*fence)
-                    }
+                let free = match inner.lease(id) {
+                    Some(lease) => lease.replica == replica || !inner.alive(&lease.replica),
+                    None => true,
                 };
-                if let Some(token) = token {
-                    inner.leases.insert(
-                        id.to_owned(),
-                        Lease {
-                            replica: replica.to_owned(),
-                            token,
-                            until,
-                        },
-                    );
+                if !free {
+                    return None;
                 }
-                token
+                let fence = inner.fences.entry(id.to_owned()).or_default();
+                *fence += 1;
+                let token = *fence;
+                inner.leases.insert(
+                    id.to_owned(),
+                    Lease {
+                        replica: replica.to_owned(),
+                        token,
+                    },
+                );
+                Some(token)
             })
             .collect();
+        if tokens.iter().any(Option::is_some) {
+            inner.version += 1;
+        }
         ready(tokens)
-    }
-
-    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
-        let mut inner = self.lock();
-        let until = Instant::now() + ttl;
-        let held = leases
-            .iter()
-            .map(|(id, fence)| {
-                let held = inner.holds(id, fence);
-                if held && let Some(lease) = inner.leases.get_mut(id) {
-                    lease.until = until;
-                }
-                held
-            })
-            .collect();
-        ready(held)
     }
 
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
         let mut inner = self.lock();
         if inner.holds(id, fence) {
             inner.leases.remove(id);
+            inner.version += 1;
         }
         ready(())
     }
@@ -539,7 +566,19 @@ impl Store for MemoryStore {
         let inner = self.lock();
         ready(
             ids.iter()
-                .map(|id| inner.lease(id).map(|l| l.replica.clone()))
+                .map(|id| inner.owner(id).map(str::to_owned))
+                .collect(),
+        )
+    }
+
+    fn holders(&self) -> Stored<'_, HashMap<String, String>> {
+        let inner = self.lock();
+        ready(
+            inner
+                .leases
+                .iter()
+                .filter(|(_, l)| inner.alive(&l.replica))
+                .map(|(id, l)| (id.clone(), l.replica.clone()))
                 .collect(),
         )
     }

@@ -20,7 +20,7 @@
 //! | `el:replays` | channel | the id of every mailbox whose dead letters were handed back |
 //! | `el:epoch` | string | a random id written once; gone or changed means Redis lost its data |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 
 use super::seal::Sealer;
 use super::{
-    Counter, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
+    Beat, Counter, Counts, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
     SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
     WorkerState, item_digest,
 };
@@ -98,7 +98,7 @@ const CURSOR: &str = include_str!("redis/cursor.lua");
 const REPLAY: &str = include_str!("redis/replay.lua");
 
 /// Writes a mailbox back into a Redis that lost its data. KEYS: mbx, open, generation, seen,
-/// lease, changes. ARGV: id, fingerprint, sealed credentials, now, the cursor (state, given
+/// lease, changes, spread, states. ARGV: id, fingerprint, sealed credentials, now, the cursor (state, given
 /// at, phase, since or ''), then digest and when, pairs. A mailbox back already is left alone
 /// unless another replica wrote it back with an older cursor and no lease is held on it.
 /// Answers 1 if written.
@@ -108,22 +108,37 @@ const WRITE_BACK: &str = include_str!("redis/write-back.lua");
 /// the mailbox is closed.
 const GENERATIONS: &str = include_str!("redis/generations.lua");
 
-/// Says a replica is alive, unless another process is alive under its id. KEYS: replicas,
-/// the process behind each replica. ARGV: replica, ttl ms, this process's nonce. Answers the
-/// live ones, or a DUPLICATE error. The time is Redis's own, so replicas with skewed clocks
-/// agree.
+/// Says a replica is alive, unless another process is alive under its id: this keeps every
+/// lease it holds. KEYS: replicas, the process behind each replica, spread. ARGV: replica,
+/// ttl ms, this process's nonce. Answers {unbroken, spread version, live replicas}, or a
+/// DUPLICATE error. The time is Redis's own, so replicas with skewed clocks agree.
 const HEARTBEAT: &str = include_str!("redis/heartbeat.lua");
 
-/// Takes leases that are free or already ours. KEYS: lease, fence, for each mailbox. ARGV:
-/// replica, ttl ms. Answers, per mailbox, the token, or 0 where another replica holds it.
+/// Takes the leases that are free. KEYS: replicas, holders, spread, then lease and fence of
+/// each mailbox. ARGV: replica, then each mailbox's id. Answers, per mailbox, the new token,
+/// or 0 where another live replica holds it.
 const CLAIM: &str = include_str!("redis/claim.lua");
 
-/// Extends leases still held. KEYS: leases. ARGV: fences (one per key), then ttl ms. Answers
-/// 1 or 0 per lease.
-const RENEW: &str = include_str!("redis/renew.lua");
-
-/// Gives a lease back if still held. KEYS: lease. ARGV: fence.
+/// Gives a lease back if still held. KEYS: lease, holders, spread. ARGV: fence, id.
 const RELEASE: &str = include_str!("redis/release.lua");
+
+/// Reads lease holders that are alive. KEYS: replicas, then leases. Answers each holder, or
+/// '' where none is alive.
+const OWNERS: &str = include_str!("redis/owners.lua");
+
+/// Reads the counts of mailboxes by state and of leases by live replica, making them again
+/// from every mailbox and lease when missing or older than ARGV[2]. KEYS: states, held, open,
+/// replicas, holders.
+/// ARGV: the key prefix, that age in ms. Answers {state, n, ..., replica, n, ...}.
+const COUNTS: &str = include_str!("redis/counts.lua");
+
+/// How often the counts are made again from every mailbox, as a net under the scripts that
+/// keep them (a rolling upgrade from a version that did not).
+const COUNTS_REMADE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Reads every lease a live replica holds. KEYS: replicas, holders. Answers mailbox,
+/// replica, pairs.
+const HOLDERS: &str = include_str!("redis/holders.lua");
 
 /// Claims a send. KEYS: the send's key. ARGV: how long a send is remembered, after how long
 /// an unfinished one is taken for dead (ms). Answers `new`, `sent`, `busy` or `stale`
@@ -152,8 +167,10 @@ struct Scripts {
     replay: Script,
     heartbeat: Script,
     claim: Script,
-    renew: Script,
     release: Script,
+    owners: Script,
+    holders: Script,
+    counts: Script,
     write_back: Script,
     generations: Script,
     begin_send: Script,
@@ -253,8 +270,10 @@ impl RedisStore {
                 replay: Script::new(REPLAY),
                 heartbeat: Script::new(HEARTBEAT),
                 claim: Script::new(CLAIM),
-                renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
+                owners: Script::new(OWNERS),
+                holders: Script::new(HOLDERS),
+                counts: Script::new(COUNTS),
                 write_back: Script::new(WRITE_BACK),
                 generations: Script::new(GENERATIONS),
                 begin_send: Script::new(BEGIN_SEND),
@@ -272,6 +291,29 @@ impl RedisStore {
 
     fn open_set(&self) -> String {
         format!("{}open", self.prefix)
+    }
+
+    fn replicas(&self) -> String {
+        format!("{}replicas", self.prefix)
+    }
+
+    fn holders_key(&self) -> String {
+        format!("{}holders", self.prefix)
+    }
+
+    /// State → how many mailboxes are in it.
+    fn states_key(&self) -> String {
+        format!("{}states", self.prefix)
+    }
+
+    /// Replica → how many leases it holds.
+    fn held_key(&self) -> String {
+        format!("{}held", self.prefix)
+    }
+
+    /// Moves whenever the spread's inputs change ([`Beat::version`]).
+    fn spread_key(&self) -> String {
+        format!("{}spread", self.prefix)
     }
 
     fn changes_channel(&self) -> String {
@@ -315,6 +357,8 @@ impl RedisStore {
                 .key(self.key("seen", &id))
                 .key(self.key("lease", &id))
                 .key(self.changes_channel())
+                .key(self.spread_key())
+                .key(self.states_key())
                 .arg(&id)
                 .arg(fp)
                 .arg(sealed)
@@ -356,6 +400,8 @@ impl RedisStore {
             .key(self.key("seen", &id))
             .key(self.key("replay", &id))
             .key(self.changes_channel())
+            .key(self.spread_key())
+            .key(self.states_key())
             .arg(&id)
             .arg(&fp)
             .arg(&sealed)
@@ -381,6 +427,12 @@ impl RedisStore {
             .key(self.key("seen", id))
             .key(self.key("replay", id))
             .key(self.changes_channel())
+            .key(self.key("lease", id))
+            .key(self.replicas())
+            .key(self.holders_key())
+            .key(self.spread_key())
+            .key(self.states_key())
+            .key(self.held_key())
             .arg(id)
             .invoke_async(&mut conn)
             .await
@@ -444,24 +496,28 @@ impl RedisStore {
         Ok(statuses)
     }
 
-    async fn count_by_state_now(&self) -> Result<BTreeMap<WorkerState, usize>, StoreError> {
+    async fn counts_now(&self) -> Result<Counts, StoreError> {
         let mut conn = self.link.conn()?;
-        let ids: Vec<String> = conn.smembers(self.open_set()).await.map_err(store_error)?;
-        let mut counts = BTreeMap::new();
-        for chunk in ids.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.hget(self.key("mbx", id), "state");
-            }
-            let states: Vec<Option<String>> =
-                pipe.query_async(&mut conn).await.map_err(store_error)?;
-            for state in states.into_iter().flatten() {
-                if let Some(s) = WorkerState::from_name(&state) {
-                    *counts.entry(s).or_default() += 1;
-                }
-            }
-        }
-        Ok(counts)
+        let (states, held): (Vec<(String, usize)>, Vec<(String, usize)>) = self
+            .scripts
+            .counts
+            .key(self.states_key())
+            .key(self.held_key())
+            .key(self.open_set())
+            .key(self.replicas())
+            .key(self.holders_key())
+            .arg(&self.prefix)
+            .arg(COUNTS_REMADE_EVERY.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(Counts {
+            states: states
+                .into_iter()
+                .filter_map(|(s, n)| Some((WorkerState::from_name(&s)?, n)))
+                .collect(),
+            held: held.into_iter().collect(),
+        })
     }
 
     async fn transition_now(
@@ -477,6 +533,7 @@ impl RedisStore {
             .transition
             .key(self.key("mbx", id))
             .key(self.key("lease", id))
+            .key(self.states_key())
             .arg(state.name())
             .arg(error.unwrap_or_default())
             .arg(unix_now_ms())
@@ -748,8 +805,8 @@ impl Store for RedisStore {
         self.statuses_now(ids).boxed()
     }
 
-    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
-        self.count_by_state_now().boxed()
+    fn counts(&self) -> Stored<'_, Counts> {
+        self.counts_now().boxed()
     }
 
     fn transition<'a>(
@@ -845,14 +902,15 @@ impl Store for RedisStore {
         replica: &'a str,
         nonce: &'a str,
         ttl: Duration,
-    ) -> Stored<'a, Vec<String>> {
+    ) -> Stored<'a, Beat> {
         async move {
             let mut conn = self.link.conn()?;
-            let mut live: Vec<String> = self
+            let (unbroken, version, mut live): (i64, u64, Vec<String>) = self
                 .scripts
                 .heartbeat
-                .key(format!("{}replicas", self.prefix))
+                .key(self.replicas())
                 .key(format!("{}replica-process", self.prefix))
+                .key(self.spread_key())
                 .arg(replica)
                 .arg(ttl.as_millis() as u64)
                 .arg(nonce)
@@ -864,7 +922,11 @@ impl Store for RedisStore {
                 })?;
             // Redis lists them by deadline; every replica must see the same order.
             live.sort();
-            Ok(live)
+            Ok(Beat {
+                live,
+                unbroken: unbroken == 1,
+                version,
+            })
         }
         .boxed()
     }
@@ -872,8 +934,13 @@ impl Store for RedisStore {
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
         async move {
             let mut conn = self.link.conn()?;
-            let _: i64 = conn
-                .zrem(format!("{}replicas", self.prefix), replica)
+            let _: () = redis::pipe()
+                .atomic()
+                .zrem(self.replicas(), replica)
+                .ignore()
+                .incr(self.spread_key(), 1)
+                .ignore()
+                .query_async(&mut conn)
                 .await
                 .map_err(store_error)?;
             Ok(())
@@ -893,39 +960,26 @@ impl Store for RedisStore {
         &'a self,
         ids: &'a [String],
         replica: &'a str,
-        ttl: Duration,
     ) -> Stored<'a, Vec<Option<u64>>> {
         async move {
             let mut tokens = Vec::with_capacity(ids.len());
             let mut conn = self.link.conn()?;
             for chunk in ids.chunks(500) {
                 let mut call = self.scripts.claim.prepare_invoke();
+                call.key(self.replicas())
+                    .key(self.holders_key())
+                    .key(self.spread_key())
+                    .key(self.held_key())
+                    .arg(replica);
                 for id in chunk {
-                    call.key(self.key("lease", id)).key(self.key("fence", id));
+                    call.key(self.key("lease", id))
+                        .key(self.key("fence", id))
+                        .arg(id);
                 }
-                call.arg(replica).arg(ttl.as_millis() as u64);
                 let answers: Vec<u64> = call.invoke_async(&mut conn).await.map_err(store_error)?;
                 tokens.extend(answers.into_iter().map(|t| (t > 0).then_some(t)));
             }
             Ok(tokens)
-        }
-        .boxed()
-    }
-
-    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
-        async move {
-            let mut held = Vec::with_capacity(leases.len());
-            let mut conn = self.link.conn()?;
-            for chunk in leases.chunks(1000) {
-                let mut call = self.scripts.renew.prepare_invoke();
-                for (id, fence) in chunk {
-                    call.key(self.key("lease", id)).arg(fence_value(fence));
-                }
-                call.arg(ttl.as_millis() as u64);
-                let answers: Vec<i64> = call.invoke_async(&mut conn).await.map_err(store_error)?;
-                held.extend(answers.into_iter().map(|a| a == 1));
-            }
-            Ok(held)
         }
         .boxed()
     }
@@ -937,7 +991,12 @@ impl Store for RedisStore {
                 .scripts
                 .release
                 .key(self.key("lease", id))
+                .key(self.holders_key())
+                .key(self.spread_key())
+                .key(self.held_key())
                 .arg(fence_value(fence))
+                .arg(id)
+                .arg(&fence.replica)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(store_error)?;
@@ -984,17 +1043,32 @@ impl Store for RedisStore {
             let mut owners = Vec::with_capacity(ids.len());
             let mut conn = self.link.conn()?;
             for chunk in ids.chunks(1000) {
-                let keys: Vec<String> = chunk.iter().map(|id| self.key("lease", id)).collect();
-                let values: Vec<Option<String>> = redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(store_error)?;
-                owners.extend(values.into_iter().map(|v| {
-                    v.and_then(|v| v.rsplit_once(':').map(|(replica, _)| replica.to_owned()))
-                }));
+                let mut call = self.scripts.owners.prepare_invoke();
+                call.key(self.replicas());
+                for id in chunk {
+                    call.key(self.key("lease", id));
+                }
+                let answers: Vec<String> =
+                    call.invoke_async(&mut conn).await.map_err(store_error)?;
+                owners.extend(answers.into_iter().map(|o| (!o.is_empty()).then_some(o)));
             }
             Ok(owners)
+        }
+        .boxed()
+    }
+
+    fn holders(&self) -> Stored<'_, HashMap<String, String>> {
+        async move {
+            let mut conn = self.link.conn()?;
+            let held: HashMap<String, String> = self
+                .scripts
+                .holders
+                .key(self.replicas())
+                .key(self.holders_key())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            Ok(held)
         }
         .boxed()
     }

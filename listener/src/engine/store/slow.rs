@@ -3,7 +3,7 @@
 //! (every call fails as an unreachable Redis would), that can lose its announcements, or lose
 //! its data as a restarted Redis does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use super::memory::MemoryStore;
 use super::{
+    Beat, Counts,
     Counter, DeadLetter, Fence, MailboxStatus, Outcome, Store, StoreError, Stored, SyncCursor,
     Wanted, WorkerState,
 };
@@ -30,6 +31,11 @@ pub struct SlowStore {
     /// Write-backs asked for, and how many more of them fail.
     write_backs: Arc<AtomicUsize>,
     failing_write_backs: Arc<AtomicUsize>,
+    /// Mailbox ids named in calls about many mailboxes, asked or answered: what a Redis
+    /// would spend commands or bytes on.
+    named: Arc<AtomicUsize>,
+    /// Every lease taken, as replica and mailbox, in the order the claims came.
+    claims: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl SlowStore {
@@ -60,6 +66,25 @@ impl SlowStore {
     /// How many write-backs were asked for.
     pub fn write_backs(&self) -> usize {
         self.write_backs.load(Ordering::Relaxed)
+    }
+
+    /// How many mailbox ids calls about many mailboxes named so far.
+    pub fn named(&self) -> usize {
+        self.named.load(Ordering::Relaxed)
+    }
+
+    /// The mailboxes whose lease `replica` took, in the order it asked for them.
+    pub fn claims_by(&self, replica: &str) -> Vec<String> {
+        let claims = self.claims.lock().unwrap();
+        claims
+            .iter()
+            .filter(|(r, _)| r == replica)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    fn name(&self, n: usize) {
+        self.named.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Every call from now on fails (true) or is answered again (false).
@@ -96,10 +121,11 @@ impl Store for SlowStore {
         self.call(move || self.inner.wanted(id))
     }
     fn statuses<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<MailboxStatus>>> {
+        self.name(ids.len());
         self.call(move || self.inner.statuses(ids))
     }
-    fn count_by_state(&self) -> Stored<'_, BTreeMap<WorkerState, usize>> {
-        self.call(move || self.inner.count_by_state())
+    fn counts(&self) -> Stored<'_, Counts> {
+        self.call(move || self.inner.counts())
     }
     fn transition<'a>(
         &'a self,
@@ -163,25 +189,39 @@ impl Store for SlowStore {
         replica: &'a str,
         nonce: &'a str,
         ttl: Duration,
-    ) -> Stored<'a, Vec<String>> {
+    ) -> Stored<'a, Beat> {
         self.call(move || self.inner.heartbeat(replica, nonce, ttl))
     }
     fn leave<'a>(&'a self, replica: &'a str) -> Stored<'a, ()> {
         self.call(move || self.inner.leave(replica))
     }
     fn open_mailboxes(&self) -> Stored<'_, Vec<String>> {
-        self.call(move || self.inner.open_mailboxes())
+        self.call(move || {
+            Box::pin(async move {
+                let open = self.inner.open_mailboxes().await?;
+                self.name(open.len());
+                Ok(open)
+            })
+        })
     }
     fn claim_all<'a>(
         &'a self,
         ids: &'a [String],
         replica: &'a str,
-        ttl: Duration,
     ) -> Stored<'a, Vec<Option<u64>>> {
-        self.call(move || self.inner.claim_all(ids, replica, ttl))
-    }
-    fn renew<'a>(&'a self, leases: &'a [(String, Fence)], ttl: Duration) -> Stored<'a, Vec<bool>> {
-        self.call(move || self.inner.renew(leases, ttl))
+        self.name(ids.len());
+        self.call(move || {
+            Box::pin(async move {
+                let tokens = self.inner.claim_all(ids, replica).await?;
+                self.claims.lock().unwrap().extend(
+                    ids.iter()
+                        .zip(&tokens)
+                        .filter(|(_, t)| t.is_some())
+                        .map(|(id, _)| (replica.to_owned(), id.clone())),
+                );
+                Ok(tokens)
+            })
+        })
     }
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
         self.call(move || self.inner.release(id, fence))
@@ -204,10 +244,21 @@ impl Store for SlowStore {
         self.inner.forget(id)
     }
     fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>> {
+        self.name(ids.len());
         self.call(move || self.inner.generations(ids))
     }
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
+        self.name(ids.len());
         self.call(move || self.inner.owners(ids))
+    }
+    fn holders(&self) -> Stored<'_, HashMap<String, String>> {
+        self.call(move || {
+            Box::pin(async move {
+                let held = self.inner.holders().await?;
+                self.name(held.len());
+                Ok(held)
+            })
+        })
     }
     fn nudge<'a>(&'a self, note: &'a str) -> Stored<'a, ()> {
         self.call(move || self.inner.nudge(note))

@@ -508,11 +508,12 @@ impl Rig {
         let token = self
             .ctx
             .store
-            .claim("mbx", "here", long)
+            .claim("mbx", "here")
             .await
             .unwrap()
             .expect("the lease is free");
-        self.ctx.leases.insert("mbx", token, Instant::now() + long);
+        self.ctx.leases.insert("mbx", token);
+        self.ctx.leases.trust_until(Instant::now() + long);
         Fence {
             replica: "here".into(),
             token,

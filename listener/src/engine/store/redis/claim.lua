@@ -1,26 +1,47 @@
+-- KEYS: replicas, holders, spread, held (replica -> leases it holds), then each mailbox's
+-- lease and fence.
+-- ARGV: replica, then each mailbox's id.
+-- A lease is free when no one holds it, when its holder is not alive, or when this replica
+-- holds it under a token it no longer acts on. Answers each new token, or 0.
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local alive = {}
+local function live(r)
+  if alive[r] == nil then
+    alive[r] = tonumber(redis.call('ZSCORE', KEYS[1], r) or '0') > now
+  end
+  return alive[r]
+end
 local tokens = {}
-for i = 1, #KEYS, 2 do
-  local lease, fence = KEYS[i], KEYS[i + 1]
+local taken = 0
+local n = 1
+for i = 5, #KEYS, 2 do
+  n = n + 1
+  local lease, fence, id = KEYS[i], KEYS[i + 1], ARGV[n]
   local v = redis.call('GET', lease)
+  local free = true
+  local r
   if v then
-    local r, t = string.match(v, '^(.*):(%d+)$')
-    if r == ARGV[1] then
-      redis.call('PEXPIRE', lease, ARGV[2])
-      tokens[#tokens + 1] = tonumber(t)
-    else
-      tokens[#tokens + 1] = 0
-    end
-  else
+    r = string.match(v, '^(.*):%d+$')
+    free = r == ARGV[1] or not live(r)
+  end
+  if free then
+    if r then redis.call('HINCRBY', KEYS[4], r, -1) end
+    redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
     local t = redis.call('INCR', fence)
     if t < now then
       -- Never below the clock: a Redis that lost its data gives no token twice.
       t = now
       redis.call('SET', fence, t)
     end
-    redis.call('SET', lease, ARGV[1] .. ':' .. t, 'PX', ARGV[2])
+    local value = ARGV[1] .. ':' .. t
+    redis.call('SET', lease, value)
+    redis.call('HSET', KEYS[2], id, value)
     tokens[#tokens + 1] = t
+    taken = taken + 1
+  else
+    tokens[#tokens + 1] = 0
   end
 end
+if taken > 0 then redis.call('INCR', KEYS[3]) end
 return tokens

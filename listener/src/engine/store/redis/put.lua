@@ -1,5 +1,9 @@
+-- KEYS: mbx, open, generation, seen, replay, changes, spread, states.
 local fp = redis.call('HGET', KEYS[1], 'fp')
 if fp == ARGV[2] then return 0 end
+local old = redis.call('HGET', KEYS[1], 'state')
+if old then redis.call('HINCRBY', KEYS[8], old, -1) end
+redis.call('HINCRBY', KEYS[8], 'Starting', 1)
 local g = redis.call('INCR', KEYS[3])
 if g < tonumber(ARGV[4]) then
   -- Never below the clock: a Redis that lost its data gives no generation twice.
@@ -16,5 +20,6 @@ end
 redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
   'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('INCR', KEYS[7])
 redis.call('PUBLISH', KEYS[6], ARGV[1])
 return g

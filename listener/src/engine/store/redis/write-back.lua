@@ -14,6 +14,8 @@ else
   redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
     'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4], 'written_back', '1')
   redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('INCR', KEYS[7])
+  redis.call('HINCRBY', KEYS[8], 'Starting', 1)
   redis.call('PUBLISH', KEYS[6], ARGV[1])
 end
 redis.call('HSET', KEYS[1], 'sync_state', ARGV[5], 'sync_at_ms', ARGV[6], 'sync_phase', ARGV[7],
