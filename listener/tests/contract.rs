@@ -344,6 +344,28 @@ async fn an_availability_check_names_what_fails() {
         text.starts_with("Creatio is not reachable from the listener"),
         "{text}"
     );
+    // Behind a gateway: Creatio's own refusal of a GET is Creatio reached; the gateway's
+    // failure is not.
+    let gateway = wiremock::MockServer::start().await;
+    for (path, status) in [("/creatio", 405), ("/down", 502), ("/busy", 503)] {
+        wiremock::Mock::given(wiremock::matchers::path(path))
+            .respond_with(wiremock::ResponseTemplate::new(status))
+            .mount(&gateway)
+            .await;
+    }
+    let at = |path: &str| format!("{}{path}", gateway.uri());
+    assert_eq!(check(&at("/creatio")).await, (200, json!("pong")));
+    for (path, status) in [("/down", 502), ("/busy", 503)] {
+        assert_eq!(
+            check(&at(path)).await,
+            (
+                200,
+                json!(format!(
+                    "Creatio is not reachable from the listener: a gateway answered HTTP {status}"
+                ))
+            )
+        );
+    }
     let (code, answer) = check("http://169.254.169.254/latest").await;
     assert_eq!(code, 400, "{answer}");
     assert!(

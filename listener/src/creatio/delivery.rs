@@ -223,6 +223,151 @@ impl Creatio for Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    const URL_PATH: &str = "/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail";
+
+    /// A delivery retrying 10 ms apart (doubling to 40 ms) for at most `budget`.
+    fn delivery(budget: Duration) -> Delivery {
+        Delivery::new(
+            reqwest::Client::new(),
+            BackoffPolicy::new(Duration::from_millis(10), Duration::from_millis(40)).unwrap(),
+            budget,
+            Duration::from_secs(5),
+        )
+    }
+
+    async fn post(delivery: &Delivery, creatio: &MockServer) -> Result<(), DeliveryError> {
+        let url = format!("{}{URL_PATH}", creatio.uri());
+        let body = serde_json::json!({"Id": "m1"});
+        delivery
+            .post(&url, &body, Some("k1"), &CancellationToken::new())
+            .await
+    }
+
+    /// Creatio answers `status` to the first `times` posts, then 200.
+    async fn creatio_failing(status: u16, times: u64) -> MockServer {
+        let creatio = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(URL_PATH))
+            .respond_with(ResponseTemplate::new(status))
+            .up_to_n_times(times)
+            .mount(&creatio)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(URL_PATH))
+            .and(header("Idempotency-Key", "k1"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&creatio)
+            .await;
+        creatio
+    }
+
+    #[tokio::test]
+    async fn a_busy_creatio_is_tried_again_under_the_same_key_until_it_takes_the_mail() {
+        for status in [500, 502, 503, 504, 408, 429] {
+            let creatio = creatio_failing(status, 2).await;
+            post(&delivery(Duration::from_secs(10)), &creatio)
+                .await
+                .unwrap_or_else(|e| panic!("HTTP {status}: {e}"));
+            let posts = creatio.received_requests().await.unwrap();
+            assert_eq!(posts.len(), 3, "HTTP {status}");
+            assert!(
+                posts
+                    .iter()
+                    .all(|p| p.headers.get("Idempotency-Key").unwrap() == "k1")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_final_and_not_tried_again() {
+        for status in [400, 401, 403, 404, 413] {
+            let creatio = creatio_failing(status, 1).await;
+            let answer = post(&delivery(Duration::from_secs(10)), &creatio).await;
+            assert!(
+                matches!(answer, Err(DeliveryError::Rejected(s)) if s == status),
+                "{answer:?}"
+            );
+            assert_eq!(creatio.received_requests().await.unwrap().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_refusal_from_a_creatio_that_took_calls_before_is_tried_again() {
+        let creatio = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .up_to_n_times(1)
+            .mount(&creatio)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(404))
+            .up_to_n_times(2)
+            .mount(&creatio)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&creatio)
+            .await;
+        let delivery = delivery(Duration::from_secs(10));
+        post(&delivery, &creatio).await.unwrap();
+        // Creatio restarting behind its gateway: 404 twice, then the mail goes through.
+        post(&delivery, &creatio).await.unwrap();
+        assert_eq!(creatio.received_requests().await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_waited_out() {
+        let creatio = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "1"))
+            .up_to_n_times(1)
+            .mount(&creatio)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&creatio)
+            .await;
+        let started = Instant::now();
+        post(&delivery(Duration::from_secs(10)), &creatio)
+            .await
+            .unwrap();
+        // The backoff alone would have tried again after 10 ms.
+        assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+        assert_eq!(creatio.received_requests().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_beyond_the_time_left_gives_up_at_once() {
+        let creatio = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "120"))
+            .mount(&creatio)
+            .await;
+        let started = Instant::now();
+        let answer = post(&delivery(Duration::from_secs(30)), &creatio).await;
+        assert!(
+            matches!(&answer, Err(DeliveryError::Exhausted { attempts: 1, last, .. }) if last == "HTTP 429"),
+            "{answer:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "it did not wait");
+    }
+
+    #[tokio::test]
+    async fn a_creatio_down_for_longer_than_the_budget_exhausts_it() {
+        let creatio = creatio_failing(503, u64::MAX).await;
+        let answer = post(&delivery(Duration::from_millis(300)), &creatio).await;
+        let Err(DeliveryError::Exhausted { attempts, .. }) = answer else {
+            panic!("{answer:?}");
+        };
+        assert!(attempts > 2, "{attempts} attempts");
+        assert_eq!(
+            creatio.received_requests().await.unwrap().len() as u32,
+            attempts
+        );
+    }
 
     #[test]
     fn idempotency_keys_are_short_stable_and_distinct() {
