@@ -61,7 +61,7 @@ async fn contract(store: &dyn Store) {
     assert!(store.wanted("m1").await.unwrap().is_none());
     let asked = exchange_listener::creatio::mail::unix_now_ms();
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
-    let fence = here(store.claim("m1", "here").await.unwrap().unwrap());
+    let fence = here(claim(store, "m1", "here").await);
     let first = store.wanted("m1").await.unwrap().unwrap();
     assert_eq!(first.creds, creds("m1", "pw"));
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
@@ -116,8 +116,7 @@ async fn contract(store: &dyn Store) {
     assert!(status.last_error_unix_ms.is_some());
     assert_eq!((status.reconnects, status.restarts), (1, 1));
     store.put_mailbox(creds("m2", "pw")).await.unwrap();
-    // `here` never said it was alive: its lease is nobody's to count.
-    assert_eq!(counts(store).await, "Starting 1, Streaming 1 | ");
+    assert_eq!(counts(store).await, "Starting 1, Streaming 1 | here 1");
 
     // The last event, as announced.
     assert_eq!(
@@ -329,7 +328,7 @@ async fn contract(store: &dyn Store) {
     // Delivered items are remembered until a live cursor passes them, however long that
     // takes; a baseline or a recovery under way passes nothing.
     store.put_mailbox(creds("m2", "pw")).await.unwrap();
-    let fence = here(store.claim("m2", "here").await.unwrap().unwrap());
+    let fence = here(claim(store, "m2", "here").await);
     store
         .record("m2", "streamed", Outcome::Delivered, &fence)
         .await
@@ -363,7 +362,7 @@ async fn history(store: &dyn Store) {
     store.put_mailbox(creds("h", "pw")).await.unwrap();
     let fence = Fence {
         replica: "here".into(),
-        token: store.claim("h", "here").await.unwrap().unwrap(),
+        token: claim(store, "h", "here").await,
     };
     let signal = store.replay_signal("h").unwrap();
     assert_eq!(
@@ -476,6 +475,20 @@ async fn the_redis_store_keeps_the_send_ledger_and_takes_over_a_dead_send() {
     assert!(ttl > 23 * 3_600_000 && ttl <= 24 * 3_600_000, "{ttl}");
 }
 
+/// Takes the mailbox's lease for `replica`, which says first that it is alive (a claim by a
+/// replica that is not takes nothing).
+async fn claim(store: &dyn Store, id: &str, replica: &str) -> u64 {
+    store
+        .heartbeat(replica, &format!("{replica}-process"), LONG)
+        .await
+        .unwrap();
+    store
+        .claim(id, replica)
+        .await
+        .unwrap()
+        .expect("the lease is free")
+}
+
 /// The store's counts in a line: mailboxes by state | leases by replica.
 async fn counts(store: &dyn Store) -> String {
     let counts = store.counts().await.unwrap();
@@ -507,6 +520,11 @@ async fn leases(store: &dyn Store) {
     let t1 = store.claim("m", "a").await.unwrap().unwrap();
     assert_eq!(store.claim("m", "b").await.unwrap(), None, "held by a");
     assert_eq!(
+        store.claim("z", "ghost").await.unwrap(),
+        None,
+        "a replica that is not alive takes nothing"
+    );
+    assert_eq!(
         store.owners(&["m".into(), "n".into()]).await.unwrap(),
         [Some("a".to_owned()), None]
     );
@@ -529,6 +547,15 @@ async fn leases(store: &dyn Store) {
     };
     store.put_mailbox(creds("m", "pw")).await.unwrap();
     assert_eq!(counts(store).await, "Starting 1 | a 1");
+    // What got a new generation since a version, as far back as the store keeps it.
+    assert_eq!(
+        store.changed_since(a2.version).await.unwrap(),
+        Some(vec!["m".to_owned()])
+    );
+    store.put_mailbox(creds("m", "pw")).await.unwrap();
+    let now = store.heartbeat("a", "pa", short).await.unwrap().version;
+    assert_eq!(store.changed_since(now).await.unwrap(), Some(vec![]), "the same again");
+    assert_eq!(store.changed_since(now + 1).await.unwrap(), None, "not yet");
     store
         .transition("m", WorkerState::Streaming, None, None)
         .await
@@ -729,7 +756,7 @@ async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     let serve = async |store: &RedisStore, replica: &str, state: &str, at: i64| {
         let fence = Fence {
             replica: replica.into(),
-            token: store.claim("m", replica).await.unwrap().unwrap(),
+            token: claim(store, "m", replica).await,
         };
         assert!(store.wanted("m").await.unwrap().is_some());
         let written = cursor(state, at, SyncPhase::Live);
@@ -774,7 +801,7 @@ async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     assert!(a.is_new("m", "i2").await.unwrap());
 
     // Once leased, the mailbox is left alone; so is one written back already.
-    a.claim("m", "a").await.unwrap().unwrap();
+    claim(&a, "m", "a").await;
     assert_eq!(b.write_back().await.unwrap(), 0);
     assert_eq!(a.write_back().await.unwrap(), 0);
     assert_eq!(a.sync_state("m").await.unwrap(), Some(before));
@@ -787,7 +814,7 @@ async fn a_replay_asked_of_any_replica_wakes_the_worker_where_it_runs() {
     owner.put_mailbox(creds("m", "pw")).await.unwrap();
     let fence = Fence {
         replica: "owner".into(),
-        token: owner.claim("m", "owner").await.unwrap().unwrap(),
+        token: claim(&owner, "m", "owner").await,
     };
     owner
         .record(

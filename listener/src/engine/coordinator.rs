@@ -41,6 +41,27 @@ struct Spread {
     version: Option<u64>,
     at: Option<Instant>,
     redo: bool,
+    /// How long computing it took: the next waits ten times as long (at most a second), so
+    /// that a burst of Creates at thousands of mailboxes does not turn into a spread each.
+    took: Duration,
+    /// The version up to which the running workers were checked against the generations
+    /// the store wants.
+    followed: Option<u64>,
+}
+
+impl Spread {
+    /// True when the spread must be computed again now.
+    fn due(&self, version: u64) -> bool {
+        let stale = self.redo
+            || self.version != Some(version)
+            || self
+                .at
+                .is_none_or(|at| at.elapsed() >= RESPREAD_AT_LEAST_EVERY);
+        let rested = self
+            .at
+            .is_none_or(|at| at.elapsed() >= (self.took * 10).min(Duration::from_secs(1)));
+        stale && rested
+    }
 }
 
 /// How a replica takes part.
@@ -72,6 +93,8 @@ impl CoordinatorSettings {
 struct Held {
     tokens: HashMap<String, u64>,
     safe_until: Option<Instant>,
+    /// A worker found its lease taken since the last pass.
+    lost: bool,
 }
 
 /// The leases this replica holds, as far as it may trust them now.
@@ -123,13 +146,31 @@ impl Leases {
         self.lock().tokens.insert(id.to_owned(), token);
     }
 
-    /// Trusts every lease held until `safe_until` (a heartbeat reached the store).
+    /// Trusts every lease held until `safe_until` (a heartbeat reached the store), unless a
+    /// later heartbeat already said longer.
     pub fn trust_until(&self, safe_until: Instant) {
-        self.lock().safe_until = Some(safe_until);
+        let mut held = self.lock();
+        held.safe_until = held.safe_until.max(Some(safe_until));
     }
 
     fn remove(&self, id: &str) -> Option<u64> {
         self.lock().tokens.remove(id)
+    }
+
+    /// Forgets a lease a write found taken by another holder (if still held under `fence`),
+    /// so that it is not trusted, and the next pass claims it again if it is still this
+    /// replica's share.
+    pub fn lost(&self, id: &str, fence: &Fence) {
+        let mut held = self.lock();
+        if fence.replica == self.replica && held.tokens.get(id) == Some(&fence.token) {
+            held.tokens.remove(id);
+            held.lost = true;
+        }
+    }
+
+    /// True once after a lease was found lost.
+    fn take_lost(&self) -> bool {
+        std::mem::take(&mut self.lock().lost)
     }
 
     fn all(&self) -> Vec<(String, Fence)> {
@@ -188,6 +229,10 @@ pub struct Coordinator {
     /// Shutting down: no claims.
     draining: std::sync::atomic::AtomicBool,
     spread: Mutex<Spread>,
+    /// The last heartbeat the store took, and when it was sent.
+    last_beat: Mutex<Option<(Instant, Beat)>>,
+    /// A heartbeat found this replica was not alive in between; the next pass starts over.
+    broken: std::sync::atomic::AtomicBool,
     /// This process among any that might share its replica id.
     nonce: String,
     metrics: Metrics,
@@ -207,6 +252,8 @@ impl Coordinator {
             leaving: Mutex::default(),
             draining: Default::default(),
             spread: Mutex::default(),
+            last_beat: Mutex::default(),
+            broken: Default::default(),
             nonce: format!("{:016x}", fastrand::u64(..)),
             metrics,
             settings,
@@ -266,6 +313,7 @@ impl Coordinator {
         ready: Arc<std::sync::atomic::AtomicBool>,
         stop: CancellationToken,
     ) {
+        tokio::spawn(self.clone().heartbeats(stop.clone()));
         while !self.pass(&HashSet::new()).await {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -309,10 +357,11 @@ impl Coordinator {
     }
 
     async fn pass_once(&self, changed: &HashSet<String>) -> bool {
-        let replica = self.settings.replica.as_str();
+        let mut fresh_beat = !changed.is_empty();
         match self.check_epoch().await {
             Ok(None) => self.forget_given_back(),
             Ok(Some(epoch)) => {
+                fresh_beat = true;
                 // Taken as known only once healed: a failed write-back is tried again.
                 if self.heal().await {
                     *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
@@ -325,44 +374,30 @@ impl Coordinator {
                 return false;
             }
         }
-        // The heartbeat keeps every lease this replica holds: trusted from when it was sent,
-        // not from the pass's start, so a slow pass does not leave leases held but distrusted.
-        let asked = Instant::now();
-        let beat = match self
-            .store
-            .heartbeat(replica, &self.nonce, self.settings.lease)
-            .await
-        {
-            Ok(beat) => beat,
-            Err(e @ StoreError::Duplicate(_)) => {
-                tracing::error!(error = %e, "this replica's id is taken");
-                self.drop_untrusted();
-                return false;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
-                self.drop_untrusted();
-                return false;
-            }
+        // A pass on the tick takes the heartbeat task's last word when it is fresh; one
+        // after a change asks, so that it sees the change's version, and so does one that
+        // found the store lost its data (this replica must register again before it claims).
+        let recent = self
+            .last_beat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|(at, _)| !fresh_beat && at.elapsed() < self.settings.tick());
+        if recent.is_none() && self.heartbeat().await.is_none() {
+            return false;
+        }
+        let Some((asked, beat)) = self
+            .last_beat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return false;
         };
-        if !beat.unbroken {
-            // Not alive in the store for a while (or never before): other replicas may hold
-            // any of these leases now. Every worker stops; the share is claimed afresh.
-            let lost = self.leases.drop_lapsed(true);
-            let stopping: Vec<String> = self.leaving().drain().map(|(id, _)| id).collect();
-            if !lost.is_empty() || !stopping.is_empty() {
-                tracing::warn!(
-                    mailboxes = lost.len() + stopping.len(),
-                    "this replica's heartbeat came too late; its mailboxes start over"
-                );
-            }
-            for id in lost.iter().chain(&stopping) {
-                self.supervisor.poke(id);
-            }
-            self.forget_later(lost.into_iter().chain(stopping));
+        self.start_over(asked);
+        if self.leases.take_lost() {
             self.spread().redo = true;
         }
-        self.leases.trust_until(self.trusted_until(asked));
 
         // Leases no longer ours whose workers have stopped go back.
         let stopped: Vec<(String, Fence)> = {
@@ -387,16 +422,13 @@ impl Coordinator {
         // The spread is computed again only when its inputs moved, when the last one left
         // work undone, and now and then as a net: an idle cluster costs the store one
         // heartbeat per replica per tick, whatever the number of mailboxes.
-        let full = {
-            let spread = self.spread();
-            spread.redo
-                || spread.version != Some(beat.version)
-                || spread
-                    .at
-                    .is_none_or(|at| at.elapsed() >= RESPREAD_AT_LEAST_EVERY)
-        };
+        let full = self.spread().due(beat.version);
+        let began = Instant::now();
         if full && !self.respread(&beat, changed).await {
             return false;
+        }
+        if full {
+            self.spread().took = began.elapsed();
         }
         if !full {
             for id in changed {
@@ -414,6 +446,82 @@ impl Coordinator {
             }
         }
         true
+    }
+
+    /// Says this replica is alive, which keeps every lease it holds: trusted from when the
+    /// heartbeat was sent. `None` when the store did not take it.
+    async fn heartbeat(&self) -> Option<Beat> {
+        let asked = Instant::now();
+        let beat = match self
+            .store
+            .heartbeat(&self.settings.replica, &self.nonce, self.settings.lease)
+            .await
+        {
+            Ok(beat) => beat,
+            Err(e @ StoreError::Duplicate(_)) => {
+                tracing::error!(error = %e, "this replica's id is taken");
+                self.drop_untrusted();
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                self.drop_untrusted();
+                return None;
+            }
+        };
+        // Not alive in the store for a while (or never before): other replicas may hold any
+        // of the leases now. Nothing is trusted again until the pass (the one place that
+        // changes which leases are held) has dropped them all.
+        if !beat.unbroken {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if !self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            self.leases.trust_until(self.trusted_until(asked));
+        }
+        *self.last_beat.lock().unwrap_or_else(|p| p.into_inner()) = Some((asked, beat.clone()));
+        Some(beat)
+    }
+
+    /// After a heartbeat found this replica was not alive in between: every worker stops, and
+    /// the share is claimed afresh under new tokens; the leases are trusted from the heartbeat
+    /// sent at `asked`.
+    fn start_over(&self, asked: Instant) {
+        if !self.broken.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let lost = self.leases.drop_lapsed(true);
+        let stopping: Vec<String> = self.leaving().drain().map(|(id, _)| id).collect();
+        if !lost.is_empty() || !stopping.is_empty() {
+            tracing::warn!(
+                mailboxes = lost.len() + stopping.len(),
+                "this replica's heartbeat came too late; its mailboxes start over"
+            );
+        }
+        for id in lost.iter().chain(&stopping) {
+            self.supervisor.poke(id);
+        }
+        self.forget_later(lost.into_iter().chain(stopping));
+        self.spread().redo = true;
+        self.leases.trust_until(self.trusted_until(asked));
+    }
+
+    /// Heartbeats every tick until `stop` fires, apart from the passes: a pass slowed by a
+    /// spread of thousands of mailboxes (claims, workers starting) never delays the heartbeat
+    /// that keeps every lease.
+    async fn heartbeats(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // Answered or not, the next comes a tick later; a failure already distrusted
+            // what it had to.
+            let _ = tokio::time::timeout(self.settings.tick(), self.heartbeat()).await;
+        }
     }
 
     /// Computes the spread, gives back what is no longer this replica's, and claims its
@@ -474,18 +582,36 @@ impl Coordinator {
             return true;
         }
 
-        // Ours again before its worker had stopped: the lease was never let go.
         let mut wanted: Vec<String> = Vec::new();
-        for id in mine {
-            if let Some(fence) = self.leaving().remove(id) {
-                self.leases.insert(id, fence.token);
-                self.supervisor.poke(id);
-            } else if self.leases.fence(id).is_some() {
+        for &id in &mine {
+            if self.leases.fence(id).is_some() {
                 if changed.contains(id) {
                     self.supervisor.poke(id);
                 }
             } else {
                 wanted.push(id.to_owned());
+            }
+        }
+        // What this replica believes it holds, checked against the store (a command per
+        // thousand leases): a lease a worker never wrote under since it was taken is found
+        // here, not only by the worker's next write.
+        let mine_now = self.leases.all();
+        match self.store.held(&mine_now).await {
+            Ok(still) => {
+                for ((id, fence), ok) in mine_now.iter().zip(still) {
+                    if !ok {
+                        tracing::warn!(id = ?id, "lease lost to another replica");
+                        self.leases.lost(id, fence);
+                        self.supervisor.poke(id);
+                        if mine.contains(id.as_str()) {
+                            wanted.push(id.clone());
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the leases held here");
+                settled = false;
             }
         }
         self.metrics.pass_claims.set(wanted.len() as i64);
@@ -505,10 +631,13 @@ impl Coordinator {
         }
         // A worker runs with what the store wants now, even when the news of a change was lost
         // (pub/sub delivers at most once): a change moved the version.
-        if self.spread().version != Some(beat.version)
-            && !self.follow_generations(&self.leases.trusted()).await
-        {
-            settled = false;
+        let followed = self.spread().followed;
+        if followed != Some(beat.version) {
+            if self.follow_changes(followed).await {
+                self.spread().followed = Some(beat.version);
+            } else {
+                settled = false;
+            }
         }
 
         let mut spread = self.spread();
@@ -545,6 +674,25 @@ impl Coordinator {
         for (slot, (_, id)) in ids.iter_mut().zip(keyed) {
             *slot = id;
         }
+    }
+
+    /// Checks the workers of the mailboxes given a new generation since version `since`
+    /// (every worker here when the store's changelog does not reach back that far). False
+    /// when the store could not say.
+    async fn follow_changes(&self, since: Option<u64>) -> bool {
+        let held = self.leases.trusted();
+        let changed = match since {
+            Some(v) => self.store.changed_since(v).await.ok().flatten(),
+            None => None,
+        };
+        let check: Vec<String> = match changed {
+            Some(ids) => {
+                let ids: HashSet<String> = ids.into_iter().collect();
+                held.into_iter().filter(|id| ids.contains(id)).collect()
+            }
+            None => held,
+        };
+        self.follow_generations(&check).await
     }
 
     /// Pokes every mailbox whose worker here runs with another generation than the stored
@@ -604,6 +752,8 @@ impl Coordinator {
 
     /// Holds a lease just taken and starts its worker.
     fn trust(&self, id: &str, fence: &Fence) {
+        // Ours again before its worker had stopped: that worker's token is spent.
+        self.leaving().remove(id);
         self.metrics.leases_taken.inc();
         self.leases.insert(id, fence.token);
         self.supervisor.poke(id);

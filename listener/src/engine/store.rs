@@ -184,8 +184,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Takes each mailbox's lease where it is free: held by no one, by a replica that is not
     /// alive, or by this replica under a token it no longer acts on (a process before this
     /// one, or a heartbeat that came too late). Answers, for each, the new fencing token,
-    /// which grows with every claim, or `None` where another live replica holds it. A lease
-    /// lasts as long as its holder's heartbeat: it is never renewed by itself.
+    /// which grows with every claim, or `None` where another live replica holds it; `None`
+    /// for all while `replica` itself is not alive. A lease lasts as long as its holder's
+    /// heartbeat: it is never renewed by itself.
     fn claim_all<'a>(&'a self, ids: &'a [String], replica: &'a str)
     -> Stored<'a, Vec<Option<u64>>>;
     /// [`Store::claim_all`] of one mailbox.
@@ -195,6 +196,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             Ok(self.claim_all(&ids, replica).await?.pop().flatten())
         })
     }
+    /// Whether each lease is still held under its fence (read only: a lease lasts as long as
+    /// its holder's heartbeat).
+    fn held<'a>(&'a self, leases: &'a [(String, Fence)]) -> Stored<'a, Vec<bool>>;
     /// Gives a lease back, if still held under `fence`.
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()>;
     /// Writes back what this process remembers of every mailbox it served (its sealed
@@ -209,6 +213,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn forget(&self, id: &str);
     /// The generation each mailbox should run with (see [`Wanted`]); `None` where closed.
     fn generations<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<u64>>>;
+    /// The mailboxes given a new generation (created, or their credentials changed) after
+    /// spread version `since` ([`Beat::version`]); `None` when the store no longer knows
+    /// that far back (the last [`CHANGELOG`] versions are kept).
+    fn changed_since(&self, since: u64) -> Stored<'_, Option<Vec<String>>>;
     /// Which live replica holds each mailbox's lease (`None`: no one, or a replica that is
     /// not alive).
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>>;
@@ -304,6 +312,9 @@ pub enum SendClaim {
     /// sending it again.
     Stale,
 }
+
+/// How many spread versions back [`Store::changed_since`] can answer.
+pub const CHANGELOG: u64 = 10_000;
 
 /// How long a sent mail is remembered, so that Creatio's retry does not send it twice.
 pub const SEND_REMEMBERED: Duration = Duration::from_secs(24 * 3600);

@@ -357,6 +357,8 @@ impl Worker {
 
     /// Another replica owns the mailbox now: stop at once, posting nothing more.
     fn lost_lease(&self) {
+        // Not this replica's any more: the next pass claims it again if the spread says so.
+        self.ctx.leases.lost(self.id(), &self.fence);
         if !self.cancel.is_cancelled() {
             tracing::warn!("the mailbox's lease passed to another replica; stopping here");
             self.cancel.cancel();

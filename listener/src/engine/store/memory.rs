@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Beat, Counts,
+    Beat, CHANGELOG, Counts,
     Counter, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
     SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
     WorkerState, item_digest,
@@ -92,6 +92,8 @@ struct Inner {
     leases: HashMap<String, Lease>,
     /// Moves whenever the spread's inputs change ([`Beat::version`]).
     version: u64,
+    /// Which mailbox got a new generation at which version, the last [`CHANGELOG`] versions.
+    changelog: VecDeque<(u64, String)>,
     /// Mailbox → the last fencing token given out (kept across Close, so tokens only grow).
     fences: HashMap<String, u64>,
     /// Mails sent or being sent, by key: when the send began, and until when a sent one is
@@ -168,12 +170,13 @@ impl MemoryStore {
         self.lock().mailboxes.get_mut(id).map(f)
     }
 
-    fn put(&self, credentials: Credentials) {
+    /// Records the credentials; true when the mailbox got a new generation.
+    fn put(&self, credentials: Credentials) -> bool {
         let mut inner = self.lock();
         inner.generation += 1;
         let generation = inner.generation;
         match inner.mailboxes.get_mut(&credentials.id) {
-            Some(entry) if entry.credentials.same_settings(&credentials) => {}
+            Some(entry) if entry.credentials.same_settings(&credentials) => false,
             Some(entry) => {
                 entry.credentials = credentials;
                 entry.generation = generation;
@@ -184,6 +187,7 @@ impl MemoryStore {
                     restarts: entry.status.restarts,
                     ..MailboxStatus::default()
                 };
+                true
             }
             None => {
                 inner.mailboxes.insert(
@@ -199,6 +203,7 @@ impl MemoryStore {
                         history: None,
                     },
                 );
+                true
             }
         }
     }
@@ -278,8 +283,19 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn put_mailbox(&self, creds: Credentials) -> Stored<'_, ()> {
         let id = creds.id.clone();
-        self.put(creds);
-        self.lock().version += 1;
+        if self.put(creds) {
+            let mut inner = self.lock();
+            inner.version += 1;
+            let version = inner.version;
+            inner.changelog.push_back((version, id.clone()));
+            while inner
+                .changelog
+                .front()
+                .is_some_and(|(v, _)| *v + CHANGELOG <= version)
+            {
+                inner.changelog.pop_front();
+            }
+        }
         let _ = self.changes.send(id);
         ready(())
     }
@@ -508,6 +524,9 @@ impl Store for MemoryStore {
         replica: &'a str,
     ) -> Stored<'a, Vec<Option<u64>>> {
         let mut inner = self.lock();
+        if !inner.alive(replica) {
+            return ready(vec![None; ids.len()]);
+        }
         let tokens: Vec<Option<u64>> = ids
             .iter()
             .map(|id| {
@@ -535,6 +554,11 @@ impl Store for MemoryStore {
             inner.version += 1;
         }
         ready(tokens)
+    }
+
+    fn held<'a>(&'a self, leases: &'a [(String, Fence)]) -> Stored<'a, Vec<bool>> {
+        let inner = self.lock();
+        ready(leases.iter().map(|(id, f)| inner.holds(id, f)).collect())
     }
 
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
@@ -569,6 +593,21 @@ impl Store for MemoryStore {
                 .map(|id| inner.owner(id).map(str::to_owned))
                 .collect(),
         )
+    }
+
+    fn changed_since(&self, since: u64) -> Stored<'_, Option<Vec<String>>> {
+        let inner = self.lock();
+        if since > inner.version || since + CHANGELOG < inner.version {
+            return ready(None);
+        }
+        ready(Some(
+            inner
+                .changelog
+                .iter()
+                .filter(|(v, _)| *v > since)
+                .map(|(_, id)| id.clone())
+                .collect(),
+        ))
     }
 
     fn holders(&self) -> Stored<'_, HashMap<String, String>> {

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 
 use super::seal::Sealer;
 use super::{
-    Beat, Counter, Counts, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
+    Beat, CHANGELOG, Counter, Counts, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
     SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
     WorkerState, item_digest,
 };
@@ -62,8 +62,9 @@ fn fence_value(fence: &Fence) -> String {
     format!("{}:{}", fence.replica, fence.token)
 }
 
-/// Records or updates a mailbox. KEYS: mbx, open, generation, seen, replay. ARGV: id,
-/// fingerprint, sealed credentials, now. Answers the generation, or 0 when nothing changed.
+/// Records or updates a mailbox. KEYS: mbx, open, generation, seen, replay, changes, spread,
+/// states, changelog. ARGV: id, fingerprint, sealed credentials, now, the changelog's length.
+/// Answers the generation, or 0 when nothing changed.
 const PUT: &str = include_str!("redis/put.lua");
 
 /// Forgets a mailbox. KEYS: mbx, open, seen, replay, changes. ARGV: id. Answers 1 if it
@@ -132,6 +133,10 @@ const OWNERS: &str = include_str!("redis/owners.lua");
 /// ARGV: the key prefix, that age in ms. Answers {state, n, ..., replica, n, ...}.
 const COUNTS: &str = include_str!("redis/counts.lua");
 
+/// Reads the changelog. KEYS: spread, changelog. ARGV: since (a spread version), the
+/// changelog's length. Answers {'1', ids...}, or {'0'} when it does not reach back that far.
+const CHANGED: &str = include_str!("redis/changed.lua");
+
 /// How often the counts are made again from every mailbox, as a net under the scripts that
 /// keep them (a rolling upgrade from a version that did not).
 const COUNTS_REMADE_EVERY: Duration = Duration::from_secs(3600);
@@ -171,6 +176,7 @@ struct Scripts {
     owners: Script,
     holders: Script,
     counts: Script,
+    changed: Script,
     write_back: Script,
     generations: Script,
     begin_send: Script,
@@ -274,6 +280,7 @@ impl RedisStore {
                 owners: Script::new(OWNERS),
                 holders: Script::new(HOLDERS),
                 counts: Script::new(COUNTS),
+                changed: Script::new(CHANGED),
                 write_back: Script::new(WRITE_BACK),
                 generations: Script::new(GENERATIONS),
                 begin_send: Script::new(BEGIN_SEND),
@@ -299,6 +306,11 @@ impl RedisStore {
 
     fn holders_key(&self) -> String {
         format!("{}holders", self.prefix)
+    }
+
+    /// Mailbox → the spread version at which it got a new generation.
+    fn changelog_key(&self) -> String {
+        format!("{}changelog", self.prefix)
     }
 
     /// State → how many mailboxes are in it.
@@ -402,10 +414,12 @@ impl RedisStore {
             .key(self.changes_channel())
             .key(self.spread_key())
             .key(self.states_key())
+            .key(self.changelog_key())
             .arg(&id)
             .arg(&fp)
             .arg(&sealed)
             .arg(unix_now_ms())
+            .arg(CHANGELOG)
             .invoke_async(&mut conn)
             .await
             .map_err(store_error)?;
@@ -984,6 +998,29 @@ impl Store for RedisStore {
         .boxed()
     }
 
+    fn held<'a>(&'a self, leases: &'a [(String, Fence)]) -> Stored<'a, Vec<bool>> {
+        async move {
+            let mut held = Vec::with_capacity(leases.len());
+            let mut conn = self.link.conn()?;
+            for chunk in leases.chunks(1000) {
+                let keys: Vec<String> = chunk.iter().map(|(id, _)| self.key("lease", id)).collect();
+                let values: Vec<Option<String>> = redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(store_error)?;
+                held.extend(
+                    chunk
+                        .iter()
+                        .zip(values)
+                        .map(|((_, f), v)| v.as_deref() == Some(fence_value(f).as_str())),
+                );
+            }
+            Ok(held)
+        }
+        .boxed()
+    }
+
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
         async move {
             let mut conn = self.link.conn()?;
@@ -1053,6 +1090,28 @@ impl Store for RedisStore {
                 owners.extend(answers.into_iter().map(|o| (!o.is_empty()).then_some(o)));
             }
             Ok(owners)
+        }
+        .boxed()
+    }
+
+    fn changed_since(&self, since: u64) -> Stored<'_, Option<Vec<String>>> {
+        async move {
+            let mut conn = self.link.conn()?;
+            let mut answer: Vec<String> = self
+                .scripts
+                .changed
+                .key(self.spread_key())
+                .key(self.changelog_key())
+                .arg(since)
+                .arg(CHANGELOG)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            if answer.first().map(String::as_str) != Some("1") {
+                return Ok(None);
+            }
+            answer.remove(0);
+            Ok(Some(answer))
         }
         .boxed()
     }

@@ -223,6 +223,9 @@ impl Store for SlowStore {
             })
         })
     }
+    fn held<'a>(&'a self, leases: &'a [(String, Fence)]) -> Stored<'a, Vec<bool>> {
+        self.call(move || self.inner.held(leases))
+    }
     fn release<'a>(&'a self, id: &'a str, fence: &'a Fence) -> Stored<'a, ()> {
         self.call(move || self.inner.release(id, fence))
     }
@@ -250,6 +253,9 @@ impl Store for SlowStore {
     fn owners<'a>(&'a self, ids: &'a [String]) -> Stored<'a, Vec<Option<String>>> {
         self.name(ids.len());
         self.call(move || self.inner.owners(ids))
+    }
+    fn changed_since(&self, since: u64) -> Stored<'_, Option<Vec<String>>> {
+        self.call(move || self.inner.changed_since(since))
     }
     fn holders(&self) -> Stored<'_, HashMap<String, String>> {
         self.call(move || {

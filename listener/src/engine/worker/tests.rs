@@ -505,6 +505,11 @@ impl Rig {
     /// Takes the mailbox's lease for longer than any test runs, as the coordinator would.
     async fn lease(&self) -> Fence {
         let long = 100 * 24 * 3600 * SECOND;
+        self.ctx
+            .store
+            .heartbeat("here", "this process", long)
+            .await
+            .unwrap();
         let token = self
             .ctx
             .store

@@ -2,7 +2,8 @@
 -- lease and fence.
 -- ARGV: replica, then each mailbox's id.
 -- A lease is free when no one holds it, when its holder is not alive, or when this replica
--- holds it under a token it no longer acts on. Answers each new token, or 0.
+-- holds it under a token it no longer acts on. Answers each new token, or 0 (all 0 while the
+-- claimer itself is not alive).
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 local alive = {}
@@ -13,6 +14,12 @@ local function live(r)
   return alive[r]
 end
 local tokens = {}
+-- A claimer that is not alive (gone from a Redis that lost its data, or its heartbeat late)
+-- takes nothing: what it took could be taken from it at once.
+if not live(ARGV[1]) then
+  for _ = 5, #KEYS, 2 do tokens[#tokens + 1] = 0 end
+  return tokens
+end
 local taken = 0
 local n = 1
 for i = 5, #KEYS, 2 do

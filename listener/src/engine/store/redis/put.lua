@@ -1,4 +1,5 @@
--- KEYS: mbx, open, generation, seen, replay, changes, spread, states.
+-- KEYS: mbx, open, generation, seen, replay, changes, spread, states, changelog.
+-- ARGV: id, fingerprint, sealed credentials, now, changelog length.
 local fp = redis.call('HGET', KEYS[1], 'fp')
 if fp == ARGV[2] then return 0 end
 local old = redis.call('HGET', KEYS[1], 'state')
@@ -20,6 +21,10 @@ end
 redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'creds', ARGV[3], 'gen', g, 'state', 'Starting',
   'unhealthy_since_ms', ARGV[4], 'updated_ms', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('INCR', KEYS[7])
+-- The changelog: which mailbox got a new generation at which spread version, the last
+-- ARGV[5] versions of it.
+local v = redis.call('INCR', KEYS[7])
+redis.call('ZADD', KEYS[9], v, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', v - tonumber(ARGV[5]))
 redis.call('PUBLISH', KEYS[6], ARGV[1])
 return g
