@@ -20,16 +20,8 @@ pub async fn start(
     ews_args: &[String],
     env: &[(&str, String)],
 ) -> anyhow::Result<(Process, Process)> {
+    let ews = start_ews(bins, dir, ews_args, env).await?;
     let local = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
-    let ews_args: Vec<String> = local.iter().chain(ews_args).cloned().collect();
-    let ews = Process::start(
-        "mock-ews",
-        &bins.ews,
-        &ews_args,
-        env,
-        &dir.join("mock-ews.log"),
-    )
-    .await?;
     let creatio = Process::start(
         "mock-creatio",
         &bins.creatio,
@@ -39,6 +31,26 @@ pub async fn start(
     )
     .await?;
     Ok((ews, creatio))
+}
+
+/// Starts one mock-ews (an Exchange server of its own) on loopback, with `ews_args` besides,
+/// under `env`, logging into `dir`.
+pub async fn start_ews(
+    bins: &Binaries,
+    dir: &Path,
+    ews_args: &[String],
+    env: &[(&str, String)],
+) -> anyhow::Result<Process> {
+    let local = ["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    let ews_args: Vec<String> = local.iter().chain(ews_args).cloned().collect();
+    Process::start(
+        "mock-ews",
+        &bins.ews,
+        &ews_args,
+        env,
+        &dir.join("mock-ews.log"),
+    )
+    .await
 }
 
 /// Creates [`SERVICE_ACCOUNT`]'s mailbox in mock-ews at `ews_base`, and writes the listener's

@@ -15,8 +15,22 @@ use crate::verdict::{Event, Recovery, Sample, Verdict, Violation};
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ReplicaUsage {
     pub rss_mib: f64,
+    /// Resident memory over the mailboxes it serves at the end (its fixed part included).
+    pub kib_per_mailbox: Option<f64>,
     /// Percent of one core, from the replica's start to the end of the run.
     pub cpu_percent: f64,
+}
+
+/// Redis's work between two moments of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisWindow {
+    pub from_secs: f64,
+    pub to_secs: f64,
+    /// What the window ends with (a step of the timeline, or the end of the mail).
+    pub until: String,
+    pub per_second: f64,
+    /// The busiest commands, a second each.
+    pub by_command: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +51,9 @@ pub struct Report {
     pub reposted_after_cut_answer: usize,
     pub delivered_after_close: usize,
     pub latency_ms: Option<Percentiles>,
+    /// The same, of the mail sent outside every disruption and the recovery from it (when
+    /// the timeline has any).
+    pub latency_ms_undisturbed: Option<Percentiles>,
     pub recoveries: Vec<Recovery>,
     /// Mailboxes per replica at the end.
     pub owners_at_end: BTreeMap<String, usize>,
@@ -44,6 +61,9 @@ pub struct Report {
     pub recreated_by_creatio_loop: usize,
     /// Each replica running at the end: resident memory then, and CPU over its life.
     pub replica_usage: BTreeMap<String, ReplicaUsage>,
+    /// Redis's commands a second, between the start of the mail, each step of the timeline,
+    /// and the end of the mail (runs on a Redis the harness can read).
+    pub redis_commands: Vec<RedisWindow>,
     pub violations: Vec<Violation>,
     pub passed: bool,
     pub wall_secs: f64,
@@ -57,6 +77,7 @@ impl Report {
         samples: &[Sample],
         recreated: usize,
         replica_usage: BTreeMap<String, ReplicaUsage>,
+        redis_commands: Vec<RedisWindow>,
         wall_secs: f64,
     ) -> Report {
         Report {
@@ -73,10 +94,12 @@ impl Report {
             reposted_after_cut_answer: verdict.reposted,
             delivered_after_close: verdict.after_close,
             latency_ms: verdict.latency_ms,
+            latency_ms_undisturbed: undisturbed(verdict),
             recoveries: verdict.recoveries.clone(),
             owners_at_end: samples.last().map(|s| s.owners.clone()).unwrap_or_default(),
             recreated_by_creatio_loop: recreated,
             replica_usage,
+            redis_commands,
             violations: verdict.violations.clone(),
             passed: verdict.passed(),
             wall_secs,
@@ -124,6 +147,12 @@ impl Report {
                 p.p50, p.p90, p.p99, p.max
             );
         }
+        if let Some(p) = &self.latency_ms_undisturbed {
+            out += &format!(
+                "  undisturbed     p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  (mail sent outside every disruption and its recovery)\n",
+                p.p50, p.p90, p.p99, p.max
+            );
+        }
         for r in &self.recoveries {
             let took = r
                 .recovery_secs
@@ -144,10 +173,31 @@ impl Report {
         let usage: Vec<String> = self
             .replica_usage
             .iter()
-            .map(|(r, u)| format!("{r} {:.1} MiB {:.1}% CPU", u.rss_mib, u.cpu_percent))
+            .map(|(r, u)| {
+                let per = u
+                    .kib_per_mailbox
+                    .map_or(String::new(), |k| format!(" ({k:.1} KiB a mailbox)"));
+                format!("{r} {:.1} MiB{per} {:.1}% CPU", u.rss_mib, u.cpu_percent)
+            })
             .collect();
         if !usage.is_empty() {
             out += &format!("  replicas        {}\n", usage.join(", "));
+        }
+        for w in &self.redis_commands {
+            let top: Vec<String> = w
+                .by_command
+                .iter()
+                .take(5)
+                .map(|(c, r)| format!("{c} {r:.0}"))
+                .collect();
+            out += &format!(
+                "  Redis {:>5.0}-{:<5.0}s {:>7.0} commands/s until {} ({})\n",
+                w.from_secs,
+                w.to_secs,
+                w.per_second,
+                w.until,
+                top.join(", ")
+            );
         }
         if self.recreated_by_creatio_loop > 0 {
             out += &format!(
@@ -160,6 +210,26 @@ impl Report {
         }
         out
     }
+}
+
+/// Percentiles of the latency of mail sent outside every disruption and its recovery (a
+/// second past it, or to the end where it never settled); `None` without disruptions.
+fn undisturbed(verdict: &Verdict) -> Option<Percentiles> {
+    if verdict.recoveries.is_empty() {
+        return None;
+    }
+    let disturbed = |sent: f64| {
+        verdict.recoveries.iter().any(|r| {
+            sent >= r.secs && r.recovery_secs.is_none_or(|took| sent <= r.secs + took + 1.0)
+        })
+    };
+    let calm: Vec<f64> = verdict
+        .latencies
+        .iter()
+        .filter(|(sent, _)| !disturbed(*sent))
+        .map(|(_, ms)| *ms)
+        .collect();
+    Percentiles::of(&calm)
 }
 
 /// Latency of each mail against when it was sent, with the timeline's events as labelled

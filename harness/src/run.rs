@@ -94,7 +94,6 @@ pub async fn run(
         sh.clone(),
         scenario.mail.clone(),
         traffic::Bases {
-            ews: world.ews_base(),
             creatio: world.creatio_base(),
         },
         mail_until,
@@ -104,7 +103,6 @@ pub async fn run(
         tokio::spawn(creatio_loop(
             sh.clone(),
             Duration::from_secs_f64(l.every_secs),
-            world.ews_base(),
             world.creatio_base(),
             recreated.clone(),
             stop.clone(),
@@ -140,6 +138,16 @@ pub async fn run(
             );
         }
     };
+    // Redis's command counts at the start of the mail, before each step and at its end.
+    let redis_addr = world.redis.as_ref().map(crate::redis::Redis::addr);
+    let count_redis = async || match redis_addr {
+        Some(addr) => crate::redis::command_counts(addr).await.ok(),
+        None => None,
+    };
+    let mut redis_marks: Vec<(f64, String, std::collections::BTreeMap<String, u64>)> = Vec::new();
+    if let Some(counts) = count_redis().await {
+        redis_marks.push((sh.secs(), "start".into(), counts));
+    }
     // The timeline, while the mail flows (a step later than the mail is still taken).
     loop {
         let now = Instant::now();
@@ -149,6 +157,9 @@ pub async fn run(
         }
         match steps.peek() {
             Some(step) if sh.started + Duration::from_secs_f64(step.secs) <= now => {
+                if let Some(counts) = count_redis().await {
+                    redis_marks.push((sh.secs(), step.action.label(), counts));
+                }
                 let secs = sh.secs();
                 eprintln!(
                     "[{}] t={secs:>6.1}s  {}",
@@ -172,6 +183,28 @@ pub async fn run(
         }
     }
     sender.await.context("the mail sender panicked")??;
+    if let Some(counts) = count_redis().await {
+        redis_marks.push((sh.secs(), "the end of the mail".into(), counts));
+    }
+    // After a Redis restarted empty its counts start again: such a window is left out.
+    let redis_commands = redis_marks
+        .windows(2)
+        .filter_map(|w| {
+            let ((from, _, before), (to, until, after)) = (&w[0], &w[1]);
+            let secs = to - from;
+            let total = |c: &std::collections::BTreeMap<String, u64>| c.values().sum::<u64>();
+            (secs > 0.5 && total(after) >= total(before)).then(|| {
+                let rates = crate::redis::command_rates(before, after, secs);
+                crate::report::RedisWindow {
+                    from_secs: *from,
+                    to_secs: *to,
+                    until: until.clone(),
+                    per_second: rates.iter().map(|(_, r)| r).sum(),
+                    by_command: rates.into_iter().take(10).collect(),
+                }
+            })
+        })
+        .collect();
 
     // Drain: every expected mail in, or the time is up; then the mailboxes must settle.
     let expected = |sent: &[Sent]| {
@@ -252,10 +285,15 @@ pub async fn run(
                 cpu_ticks: 0,
                 ..now
             };
+            let served = samples
+                .last()
+                .and_then(|s| s.owners.get(&slot.id).copied())
+                .filter(|n| *n > 0);
             Some((
                 slot.id.clone(),
                 crate::report::ReplicaUsage {
                     rss_mib: now.rss_kib as f64 / 1024.0,
+                    kib_per_mailbox: served.map(|n| now.rss_kib as f64 / n as f64),
                     cpu_percent: now.cpu_percent_since(&start, slot.since.elapsed().as_secs_f64()),
                 },
             ))
@@ -268,6 +306,7 @@ pub async fn run(
         &samples,
         recreated.load(Ordering::Relaxed),
         usage,
+        redis_commands,
         wall.elapsed().as_secs_f64(),
     );
     report.write(&world.dir, &verdict, &events)?;

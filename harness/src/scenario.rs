@@ -119,6 +119,19 @@ pub struct Mailboxes {
     /// ingress (a proxy to a live replica) whose URL they are given.
     #[serde(default)]
     pub graph_notifications: bool,
+    /// Exchange servers: mock-ews processes, mailbox `m` on the `m % n`th, each a server of its
+    /// own to the listener (its own Subscribe pace, its own open files).
+    #[serde(default = "one")]
+    pub ews_servers: usize,
+    /// The replicas reach mock-ews directly instead of through the harness's links, so that
+    /// tens of thousands of streams do not pass through (and hold files in) the harness
+    /// process; Exchange cannot be cut then.
+    #[serde(default)]
+    pub ews_direct: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for Mailboxes {
@@ -130,6 +143,8 @@ impl Default for Mailboxes {
             service_account: false,
             server: Server::default(),
             graph_notifications: false,
+            ews_servers: 1,
+            ews_direct: false,
         }
     }
 }
@@ -543,6 +558,14 @@ impl Scenario {
         if self.mailboxes.count == 0 {
             bail!("mailboxes.count must be at least 1");
         }
+        if self.mailboxes.ews_servers == 0
+            || (self.mailboxes.ews_servers > 1
+                && (self.mailboxes.server != Server::Exchange || self.mailboxes.service_account))
+        {
+            bail!(
+                "mailboxes.ews_servers must be 1, or more for Exchange mailboxes with their own logins"
+            );
+        }
         if self.mailboxes.graph_notifications && self.mailboxes.server != Server::Graph {
             bail!("mailboxes.graph_notifications needs mailboxes.server = \"graph\"");
         }
@@ -640,6 +663,9 @@ impl Scenario {
                         && matches!(self.mailboxes.server, Server::Imap | Server::Graph)
                     {
                         bail!("an ews link is for Exchange mailboxes on mock-ews");
+                    }
+                    if *to == Link::Ews && self.mailboxes.ews_direct {
+                        bail!("an ews link needs the replicas to reach mock-ews through it (no mailboxes.ews_direct)");
                     }
                 }
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {

@@ -32,7 +32,10 @@ pub(super) struct Shared {
     /// Each mailbox's password, as Exchange has it now.
     pub(super) passwords: Arc<Mutex<BTreeMap<usize, String>>>,
     pub(super) started: Instant,
-    pub(super) ews: String,
+    /// Each mock-ews's own address (its control API); mailbox `m` lives on `ews[m % len]`.
+    pub(super) ews: Vec<String>,
+    /// Each mock-ews as the replicas reach it (through its link), as Creatio names it.
+    pub(super) ews_links: Vec<String>,
     pub(super) creatio: String,
     pub(super) operation: &'static str,
     /// Mailboxes are created without a password, for the service account.
@@ -88,7 +91,13 @@ impl Shared {
 
     /// Mailbox `m`'s credentials as Creatio sends them: its own login, or none (the
     /// listener's service account serves it).
-    pub(super) fn creds(&self, m: usize, ews_base: &str, creatio_base: &str) -> Value {
+    /// The mock-ews mailbox `m` lives on.
+    pub(super) fn ews_of(&self, m: usize) -> &str {
+        &self.ews[m % self.ews.len()]
+    }
+
+    pub(super) fn creds(&self, m: usize, creatio_base: &str) -> Value {
+        let ews_base = &self.ews_links[m % self.ews_links.len()];
         let password = (!self.service_account).then(|| self.password(m));
         let mut creds = mock_creatio::calling::credentials(
             &format!("mbx-{m}"),
@@ -301,7 +310,7 @@ pub(super) async fn sent_twice(sh: &Shared) -> anyhow::Result<Vec<Violation>> {
             None => (
                 format!(
                     "{}/_control/mailboxes/{}/sent-items",
-                    sh.ews,
+                    sh.ews_of(m),
                     Shared::email(m)
                 ),
                 "message_id",

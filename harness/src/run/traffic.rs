@@ -6,7 +6,6 @@ use super::*;
 /// Where the listener reaches Exchange and Creatio (through the run's fault proxies), for the
 /// credentials a send carries.
 pub(super) struct Bases {
-    pub(super) ews: String,
     pub(super) creatio: String,
 }
 
@@ -85,7 +84,7 @@ pub(super) async fn send_mail(
             None => {
                 let answer = post_json(
                     &sh.http,
-                    &format!("{}/_control/mailboxes/{}/messages", sh.ews, Shared::email(m)),
+                    &format!("{}/_control/mailboxes/{}/messages", sh.ews_of(m), Shared::email(m)),
                     &json!({ "from": "sender@harness.test", "subject": format!("harness {n}"), "body": body }),
                 )
                 .await?;
@@ -149,7 +148,7 @@ async fn send_through_listener(
             "MessageId": message_id,
         },
         "Attachments": null,
-        "Credentials": sh.creds(from, &bases.ews, &bases.creatio),
+        "Credentials": sh.creds(from, &bases.creatio),
     });
     let up = sh.roster.up();
     for i in 0..up.len() {
@@ -179,7 +178,6 @@ async fn send_through_listener(
 pub(super) async fn creatio_loop(
     sh: Shared,
     every: Duration,
-    ews_base: String,
     creatio_base: String,
     recreated: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -204,7 +202,7 @@ pub(super) async fn creatio_loop(
         let missing: Vec<Value> = open
             .iter()
             .filter(|m| states[format!("mbx-{m}")]["State"] != "exists")
-            .map(|&m| sh.creds(m, &ews_base, &creatio_base))
+            .map(|&m| sh.creds(m, &creatio_base))
             .collect();
         if !missing.is_empty()
             && sh

@@ -22,9 +22,10 @@ pub(super) struct World {
     pub(super) bins: Binaries,
     pub(super) dir: PathBuf,
     pub(super) shared: Shared,
-    pub(super) _ews: Process,
+    /// mock-ews, one process per Exchange server, and the way every replica reaches each.
+    pub(super) _ews: Vec<Process>,
     pub(super) _creatio: Process,
-    pub(super) ews_link: Proxy,
+    pub(super) ews_links: Vec<Proxy>,
     pub(super) creatio_link: Proxy,
     /// The way every replica reaches the IMAP server, in runs with IMAP mailboxes.
     pub(super) imap_link: Option<Proxy>,
@@ -55,12 +56,21 @@ impl World {
         let dir = options.out.join(&scenario.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let (ews, creatio) = mocks::start(bins, &dir, &[], &[]).await?;
+        let mut ews = vec![ews];
+        for n in 1..scenario.mailboxes.ews_servers.max(1) {
+            let more = dir.join(format!("ews-{n}"));
+            std::fs::create_dir_all(&more)?;
+            ews.push(mocks::start_ews(bins, &more, &[], &[]).await?);
+        }
         let addr_of = |base: &str| -> anyhow::Result<std::net::SocketAddr> {
             base.trim_start_matches("http://")
                 .parse()
                 .with_context(|| format!("{base} is not an address"))
         };
-        let ews_link = Proxy::start(addr_of(&ews.base)?).await?;
+        let mut ews_links = Vec::with_capacity(ews.len());
+        for server in &ews {
+            ews_links.push(Proxy::start(addr_of(&server.base)?).await?);
+        }
         let creatio_link = Proxy::start(addr_of(&creatio.base)?).await?;
         let redis = match scenario.replicas.store() {
             StoreKind::Redis => Some(Redis::start(&options.redis, &dir).await?),
@@ -109,7 +119,15 @@ impl World {
             mailboxes: scenario.mailboxes.count,
             passwords: Arc::default(),
             started: Instant::now(),
-            ews: ews.base.clone(),
+            ews: ews.iter().map(|e| e.base.clone()).collect(),
+            ews_links: if scenario.mailboxes.ews_direct {
+                ews.iter().map(|e| e.base.clone()).collect()
+            } else {
+                ews_links
+                    .iter()
+                    .map(|l| format!("http://{}", l.addr()))
+                    .collect()
+            },
             creatio: creatio.base.clone(),
             operation: scenario.mailboxes.operation.name(),
             service_account: scenario.mailboxes.service_account,
@@ -121,8 +139,8 @@ impl World {
             graph: graph.as_ref().map(|g| g.base.clone()),
         };
         let accounts = if scenario.mailboxes.service_account {
-            let url = format!("http://{}/EWS/Exchange.asmx", ews_link.addr());
-            let file = mocks::service_account(&shared.http, &shared.ews, &url, &dir).await?;
+            let url = format!("http://{}/EWS/Exchange.asmx", ews_links[0].addr());
+            let file = mocks::service_account(&shared.http, &shared.ews[0], &url, &dir).await?;
             let settings = json!({
                 "impersonators": [mocks::SERVICE_ACCOUNT.0],
                 "backends": 2,
@@ -130,7 +148,7 @@ impl World {
             });
             put_json(
                 &shared.http,
-                &format!("{}/_control/settings", shared.ews),
+                &format!("{}/_control/settings", shared.ews[0]),
                 &settings,
             )
             .await?;
@@ -145,7 +163,7 @@ impl World {
             shared,
             _ews: ews,
             _creatio: creatio,
-            ews_link,
+            ews_links,
             creatio_link,
             imap_link,
             _graph: graph,
@@ -198,10 +216,17 @@ impl World {
             format!("--lease-ms={}", self.scenario.replicas.lease_ms),
         ];
         // Exchange and Creatio through this replica's own proxy, so one replica can lose them.
+        // With `ews_direct`, nothing on loopback goes through it: mock-ews is reached directly,
+        // Creatio still through its link.
+        let no_proxy = if self.scenario.mailboxes.ews_direct {
+            "127.0.0.1"
+        } else {
+            ""
+        };
         let mut env = vec![
             ("HTTPS_PROXY", slot.web_link.url()),
             ("HTTP_PROXY", slot.web_link.url()),
-            ("NO_PROXY", String::new()),
+            ("NO_PROXY", no_proxy.to_owned()),
         ];
         if let Some(link) = &slot.redis_link {
             args.push(format!("--redis-url=redis://{}/0", link.addr()));
@@ -259,37 +284,42 @@ impl World {
         self.shared.roster.set(up);
     }
 
-    pub(super) fn ews_base(&self) -> String {
-        format!("http://{}", self.ews_link.addr())
-    }
-
     pub(super) fn creatio_base(&self) -> String {
         format!("http://{}", self.creatio_link.addr())
     }
 
     /// Creates the mailboxes in mock-ews and through the listener's API; waits until all stream.
     pub(super) async fn create_mailboxes(&self) -> anyhow::Result<()> {
+        use futures_util::{StreamExt as _, TryStreamExt as _};
         let sh = &self.shared;
-        for m in 0..sh.mailboxes {
-            if sh.graph.is_none() {
-                post_json(
-                    &sh.http,
-                    &format!("{}/_control/mailboxes", sh.ews),
-                    &json!({ "email": Shared::email(m), "password": "secret" }),
-                )
-                .await?;
-            }
-            if let Some(h) = self.scenario.history.as_ref().filter(|h| h.mailbox == m) {
-                self.put_history(m, h.mails).await?;
-            }
-            let creds = sh.creds(m, &self.ews_base(), &self.creatio_base());
-            let via = match self.scenario.mailboxes.create_via {
-                CreateVia::RoundRobin => m,
-                CreateVia::First => 0,
-            };
-            sh.call_any(via, "/api/listeners/create", Some(&json!([creds])))
-                .await?;
-        }
+        // One at a time, in order, as the suite's timings expect; many at once for a sizing
+        // run's thousands.
+        let at_once = if sh.mailboxes > 1000 { 32 } else { 1 };
+        futures_util::stream::iter(0..sh.mailboxes)
+            .map(|m| async move {
+                if sh.graph.is_none() {
+                    post_json(
+                        &sh.http,
+                        &format!("{}/_control/mailboxes", sh.ews_of(m)),
+                        &json!({ "email": Shared::email(m), "password": "secret" }),
+                    )
+                    .await?;
+                }
+                if let Some(h) = self.scenario.history.as_ref().filter(|h| h.mailbox == m) {
+                    self.put_history(m, h.mails).await?;
+                }
+                let creds = sh.creds(m, &self.creatio_base());
+                let via = match self.scenario.mailboxes.create_via {
+                    CreateVia::RoundRobin => m,
+                    CreateVia::First => 0,
+                };
+                sh.call_any(via, "/api/listeners/create", Some(&json!([creds])))
+                    .await?;
+                anyhow::Ok(())
+            })
+            .buffered(at_once)
+            .try_collect::<()>()
+            .await?;
         let deadline = Instant::now() + START_PATIENCE;
         loop {
             let s = sh.sample().await;
@@ -319,7 +349,7 @@ impl World {
             - mails as i64;
         let url = format!(
             "{}/_control/mailboxes/{}/messages",
-            sh.ews,
+            sh.ews_of(m),
             Shared::email(m)
         );
         let mut ids = Vec::with_capacity(mails);
@@ -381,7 +411,7 @@ impl World {
                 let (ids, oldest, _) = sh.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let ticks = (oldest - 1) * 10_000_000 + 621_355_968_000_000_000;
                 let body = json!({
-                    "Credentials": sh.creds(*mailbox, &self.ews_base(), &self.creatio_base()),
+                    "Credentials": sh.creds(*mailbox, &self.creatio_base()),
                     "Filters": ticks.to_string(),
                 });
                 let (secs, unix_us) = (sh.secs(), unix_now_us());
@@ -450,10 +480,16 @@ impl World {
             } => {
                 let mode = mode.proxy_mode(*ms);
                 match (to, replica) {
-                    (Link::Ews, None) => self.ews_link.set_mode(mode),
+                    (Link::Ews, None) => {
+                        for link in &self.ews_links {
+                            link.set_mode(mode);
+                        }
+                    }
                     (Link::Creatio, None) => self.creatio_link.set_mode(mode),
                     (Link::Ews, Some(r)) => {
-                        self.slots[*r].web_link.set_mode(self.ews_link.addr(), mode);
+                        for link in &self.ews_links {
+                            self.slots[*r].web_link.set_mode(link.addr(), mode);
+                        }
                     }
                     (Link::Creatio, Some(r)) => {
                         self.slots[*r]
@@ -488,12 +524,14 @@ impl World {
                 dovecot.start_again().await?;
             }
             Action::EwsFault { fault } => {
-                post_json(
-                    &sh.http,
-                    &format!("{}/_control/faults", sh.ews),
-                    &serde_json::to_value(fault)?,
-                )
-                .await?;
+                for ews in &sh.ews {
+                    post_json(
+                        &sh.http,
+                        &format!("{ews}/_control/faults"),
+                        &serde_json::to_value(fault)?,
+                    )
+                    .await?;
+                }
             }
             Action::GraphFault { fault } => {
                 let graph = sh.graph.as_ref().context("no Graph in this run")?;
@@ -572,7 +610,7 @@ impl World {
                 let password = format!("secret-{}", sh.secs().to_bits());
                 let url = format!(
                     "{}/_control/mailboxes/{}/password",
-                    sh.ews,
+                    sh.ews_of(*mailbox),
                     Shared::email(*mailbox)
                 );
                 sh.http
@@ -586,12 +624,12 @@ impl World {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(*mailbox, password);
-                let creds = sh.creds(*mailbox, &self.ews_base(), &self.creatio_base());
+                let creds = sh.creds(*mailbox, &self.creatio_base());
                 sh.call_any(0, "/api/listeners/update", Some(&json!([creds])))
                     .await?;
             }
             Action::Recreate { mailbox } => {
-                let creds = sh.creds(*mailbox, &self.ews_base(), &self.creatio_base());
+                let creds = sh.creds(*mailbox, &self.creatio_base());
                 sh.call_any(0, "/api/listeners/recreate", Some(&json!([creds])))
                     .await?;
             }
