@@ -21,6 +21,13 @@ pub struct ReplicaUsage {
     pub cpu_percent: f64,
 }
 
+/// What a run measured of its processes.
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    pub replica_usage: BTreeMap<String, ReplicaUsage>,
+    pub redis_commands: Vec<RedisWindow>,
+}
+
 /// Redis's work between two moments of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct RedisWindow {
@@ -76,8 +83,7 @@ impl Report {
         verdict: &Verdict,
         samples: &[Sample],
         recreated: usize,
-        replica_usage: BTreeMap<String, ReplicaUsage>,
-        redis_commands: Vec<RedisWindow>,
+        measured: Measured,
         wall_secs: f64,
     ) -> Report {
         Report {
@@ -98,8 +104,8 @@ impl Report {
             recoveries: verdict.recoveries.clone(),
             owners_at_end: samples.last().map(|s| s.owners.clone()).unwrap_or_default(),
             recreated_by_creatio_loop: recreated,
-            replica_usage,
-            redis_commands,
+            replica_usage: measured.replica_usage,
+            redis_commands: measured.redis_commands,
             violations: verdict.violations.clone(),
             passed: verdict.passed(),
             wall_secs,
@@ -220,7 +226,9 @@ fn undisturbed(verdict: &Verdict) -> Option<Percentiles> {
     }
     let disturbed = |sent: f64| {
         verdict.recoveries.iter().any(|r| {
-            sent >= r.secs && r.recovery_secs.is_none_or(|took| sent <= r.secs + took + 1.0)
+            sent >= r.secs
+                && r.recovery_secs
+                    .is_none_or(|took| sent <= r.secs + took + 1.0)
         })
     };
     let calm: Vec<f64> = verdict

@@ -305,8 +305,10 @@ pub async fn run(
         &verdict,
         &samples,
         recreated.load(Ordering::Relaxed),
-        usage,
-        redis_commands,
+        crate::report::Measured {
+            replica_usage: usage,
+            redis_commands,
+        },
         wall.elapsed().as_secs_f64(),
     );
     report.write(&world.dir, &verdict, &events)?;

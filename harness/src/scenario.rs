@@ -665,7 +665,9 @@ impl Scenario {
                         bail!("an ews link is for Exchange mailboxes on mock-ews");
                     }
                     if *to == Link::Ews && self.mailboxes.ews_direct {
-                        bail!("an ews link needs the replicas to reach mock-ews through it (no mailboxes.ews_direct)");
+                        bail!(
+                            "an ews link needs the replicas to reach mock-ews through it (no mailboxes.ews_direct)"
+                        );
                     }
                 }
                 Action::RedisRestart { .. } | Action::RedisPause { .. } if !redis => {

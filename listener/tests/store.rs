@@ -504,7 +504,11 @@ async fn counts(store: &dyn Store) -> String {
         .into_iter()
         .map(|(s, n)| (s.name().to_owned(), n))
         .collect();
-    format!("{} | {}", line(states), line(counts.held.into_iter().collect()))
+    format!(
+        "{} | {}",
+        line(states),
+        line(counts.held.into_iter().collect())
+    )
 }
 
 /// Leases: one live holder at a time, tokens that only grow, every lease kept by its holder's
@@ -554,7 +558,11 @@ async fn leases(store: &dyn Store) {
     );
     store.put_mailbox(creds("m", "pw")).await.unwrap();
     let now = store.heartbeat("a", "pa", short).await.unwrap().version;
-    assert_eq!(store.changed_since(now).await.unwrap(), Some(vec![]), "the same again");
+    assert_eq!(
+        store.changed_since(now).await.unwrap(),
+        Some(vec![]),
+        "the same again"
+    );
     assert_eq!(store.changed_since(now + 1).await.unwrap(), None, "not yet");
     store
         .transition("m", WorkerState::Streaming, None, None)
@@ -611,7 +619,11 @@ async fn leases(store: &dyn Store) {
     store.remove_mailbox("m").await.unwrap();
     let a5 = store.heartbeat("a", "pa", LONG).await.unwrap();
     assert!(a5.version > a4.version);
-    assert_eq!(counts(store).await, " | a 1", "its lease stays until given back");
+    assert_eq!(
+        counts(store).await,
+        " | a 1",
+        "its lease stays until given back"
+    );
     // Every open mailbox is listed; changes are announced.
     let mut changes = store.changes().expect("a store that announces changes");
     store.put_mailbox(creds("x1", "pw")).await.unwrap();
@@ -845,7 +857,10 @@ async fn a_replay_asked_of_any_replica_wakes_the_worker_where_it_runs() {
 async fn a_second_process_under_a_live_replica_s_id_is_kept_out() {
     let redis = Redis::start().await;
     let (first, second) = (redis_store(&redis).await, redis_store(&redis).await);
-    assert_eq!(first.heartbeat("r0", "first", LONG).await.unwrap().live, ["r0"]);
+    assert_eq!(
+        first.heartbeat("r0", "first", LONG).await.unwrap().live,
+        ["r0"]
+    );
     assert_eq!(
         second.heartbeat("r0", "second", LONG).await,
         Err(StoreError::Duplicate("r0".into()))
@@ -855,7 +870,10 @@ async fn a_second_process_under_a_live_replica_s_id_is_kept_out() {
     first.leave("r0").await.unwrap();
     let second_beat = second.heartbeat("r0", "second", LONG).await.unwrap();
     assert_eq!(second_beat.live, ["r0"]);
-    assert!(!second_beat.unbroken, "another process: its leases start over");
+    assert!(
+        !second_beat.unbroken,
+        "another process: its leases start over"
+    );
     assert_eq!(
         first.heartbeat("r0", "first", LONG).await,
         Err(StoreError::Duplicate("r0".into()))

@@ -210,7 +210,8 @@ impl Rig {
             (None, None)
         };
         let redis = if args.redis {
-            let redis = harness::redis::Redis::start(&harness::redis::Choice::Process, &dir).await?;
+            let redis =
+                harness::redis::Redis::start(&harness::redis::Choice::Process, &dir).await?;
             listener_args.extend([
                 format!("--redis-url=redis://{}/0", redis.addr()),
                 "--insecure-plaintext-credentials".to_owned(),
@@ -247,7 +248,9 @@ impl Rig {
     }
 
     /// Redis's command counts now, when the store is Redis.
-    async fn redis_counts(&self) -> anyhow::Result<Option<std::collections::BTreeMap<String, u64>>> {
+    async fn redis_counts(
+        &self,
+    ) -> anyhow::Result<Option<std::collections::BTreeMap<String, u64>>> {
         match &self.redis {
             Some(redis) => Ok(Some(harness::redis::command_counts(redis.addr()).await?)),
             None => Ok(None),
@@ -612,7 +615,11 @@ async fn main() -> anyhow::Result<()> {
 
     let redis_before = rig.redis_counts().await?;
     let (injected, load_peak_rss, _, load_cpu) = flow(&rig, &args).await?;
-    let redis_load = redis_rates(&redis_before, &rig.redis_counts().await?, args.duration_secs);
+    let redis_load = redis_rates(
+        &redis_before,
+        &rig.redis_counts().await?,
+        args.duration_secs,
+    );
     let drain_start = Instant::now();
     loop {
         let delivered = rig.delivered_count().await?;

@@ -246,22 +246,32 @@ mod tests {
             .await
     }
 
+    /// A Creatio answering each post with the script's first answer that has posts left
+    /// (`None`: every post from then on).
+    async fn creatio_answering(script: Vec<(ResponseTemplate, Option<u64>)>) -> MockServer {
+        let creatio = MockServer::start().await;
+        for (answer, times) in script {
+            let mock = Mock::given(method("POST"))
+                .and(path(URL_PATH))
+                .and(header("Idempotency-Key", "k1"))
+                .respond_with(answer);
+            match times {
+                Some(n) => mock.up_to_n_times(n),
+                None => mock,
+            }
+            .mount(&creatio)
+            .await;
+        }
+        creatio
+    }
+
     /// Creatio answers `status` to the first `times` posts, then 200.
     async fn creatio_failing(status: u16, times: u64) -> MockServer {
-        let creatio = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path(URL_PATH))
-            .respond_with(ResponseTemplate::new(status))
-            .up_to_n_times(times)
-            .mount(&creatio)
-            .await;
-        Mock::given(method("POST"))
-            .and(path(URL_PATH))
-            .and(header("Idempotency-Key", "k1"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&creatio)
-            .await;
-        creatio
+        creatio_answering(vec![
+            (ResponseTemplate::new(status), Some(times)),
+            (ResponseTemplate::new(200), None),
+        ])
+        .await
     }
 
     #[tokio::test]
@@ -296,21 +306,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_gateway_refusal_from_a_creatio_that_took_calls_before_is_tried_again() {
-        let creatio = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200))
-            .up_to_n_times(1)
-            .mount(&creatio)
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(404))
-            .up_to_n_times(2)
-            .mount(&creatio)
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&creatio)
-            .await;
+        let creatio = creatio_answering(vec![
+            (ResponseTemplate::new(200), Some(1)),
+            (ResponseTemplate::new(404), Some(2)),
+            (ResponseTemplate::new(200), None),
+        ])
+        .await;
         let delivery = delivery(Duration::from_secs(10));
         post(&delivery, &creatio).await.unwrap();
         // Creatio restarting behind its gateway: 404 twice, then the mail goes through.
@@ -320,39 +321,44 @@ mod tests {
 
     #[tokio::test]
     async fn retry_after_is_waited_out() {
-        let creatio = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "1"))
-            .up_to_n_times(1)
-            .mount(&creatio)
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&creatio)
-            .await;
+        let creatio = creatio_answering(vec![
+            (
+                ResponseTemplate::new(503).insert_header("Retry-After", "1"),
+                Some(1),
+            ),
+            (ResponseTemplate::new(200), None),
+        ])
+        .await;
         let started = Instant::now();
         post(&delivery(Duration::from_secs(10)), &creatio)
             .await
             .unwrap();
         // The backoff alone would have tried again after 10 ms.
-        assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(creatio.received_requests().await.unwrap().len(), 2);
     }
 
     #[tokio::test]
     async fn a_retry_after_beyond_the_time_left_gives_up_at_once() {
-        let creatio = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "120"))
-            .mount(&creatio)
-            .await;
+        let creatio = creatio_answering(vec![(
+            ResponseTemplate::new(429).insert_header("Retry-After", "120"),
+            None,
+        )])
+        .await;
         let started = Instant::now();
         let answer = post(&delivery(Duration::from_secs(30)), &creatio).await;
         assert!(
             matches!(&answer, Err(DeliveryError::Exhausted { attempts: 1, last, .. }) if last == "HTTP 429"),
             "{answer:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(30), "it did not wait");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "it did not wait"
+        );
     }
 
     #[tokio::test]

@@ -473,8 +473,7 @@ impl Coordinator {
         // of the leases now. Nothing is trusted again until the pass (the one place that
         // changes which leases are held) has dropped them all.
         if !beat.unbroken {
-            self.broken
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if !self.broken.load(std::sync::atomic::Ordering::SeqCst) {
             self.leases.trust_until(self.trusted_until(asked));
@@ -670,7 +669,7 @@ impl Coordinator {
                 )
             })
             .collect();
-        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        keyed.sort_by_key(|k| k.0);
         for (slot, (_, id)) in ids.iter_mut().zip(keyed) {
             *slot = id;
         }
@@ -725,11 +724,7 @@ impl Coordinator {
     /// Claims the leases of `ids` in one call; answers those taken. `None` when the store
     /// failed.
     async fn claim(&self, ids: &[String]) -> Option<Vec<(String, Fence)>> {
-        let tokens = match self
-            .store
-            .claim_all(ids, &self.settings.replica)
-            .await
-        {
+        let tokens = match self.store.claim_all(ids, &self.settings.replica).await {
             Ok(tokens) => tokens,
             Err(e) => {
                 tracing::warn!(mailboxes = ids.len(), error = %e, "claim failed");

@@ -322,8 +322,12 @@ async fn a_dead_replica_s_mailboxes_are_claimed_most_recently_active_first() {
     let active: Vec<String> = ids.iter().step_by(5).cloned().collect();
     for id in active.iter().rev() {
         store.note_event(id).await.unwrap();
-        // Mail times are wall-clock milliseconds, which the paused clock does not move.
-        std::thread::sleep(Duration::from_millis(2));
+        // Mail times are wall-clock milliseconds, which the paused clock does not move: the
+        // next one waits for the next millisecond.
+        let at = crate::creatio::mail::unix_now_ms();
+        while crate::creatio::mail::unix_now_ms() == at {
+            std::hint::spin_loop();
+        }
     }
 
     // a dies (no leave: its heartbeat lapses); b takes everything over.

@@ -10,10 +10,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Beat, CHANGELOG, Counts,
-    Counter, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
-    SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
-    WorkerState, item_digest,
+    Beat, CHANGELOG, Counter, Counts, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome,
+    SEND_REMEMBERED, SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored,
+    SyncCursor, Wanted, WorkerState, item_digest,
 };
 use crate::creatio::contract::Credentials;
 use crate::creatio::mail::unix_now_ms;

@@ -33,9 +33,9 @@ use tokio::sync::Notify;
 
 use super::seal::Sealer;
 use super::{
-    Beat, CHANGELOG, Counter, Counts, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome, SEND_REMEMBERED,
-    SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored, SyncCursor, Wanted,
-    WorkerState, item_digest,
+    Beat, CHANGELOG, Counter, Counts, DeadLetter, Fence, HistoryJob, MailboxStatus, Outcome,
+    SEND_REMEMBERED, SEND_STALE_AFTER, SeenLimits, SendClaim, Store, StoreError, Stored,
+    SyncCursor, Wanted, WorkerState, item_digest,
 };
 use crate::creatio::contract::Credentials;
 use crate::creatio::mail::unix_now_ms;
@@ -300,32 +300,12 @@ impl RedisStore {
         format!("{}open", self.prefix)
     }
 
-    fn replicas(&self) -> String {
-        format!("{}replicas", self.prefix)
-    }
-
-    fn holders_key(&self) -> String {
-        format!("{}holders", self.prefix)
-    }
-
-    /// Mailbox → the spread version at which it got a new generation.
-    fn changelog_key(&self) -> String {
-        format!("{}changelog", self.prefix)
-    }
-
-    /// State → how many mailboxes are in it.
-    fn states_key(&self) -> String {
-        format!("{}states", self.prefix)
-    }
-
-    /// Replica → how many leases it holds.
-    fn held_key(&self) -> String {
-        format!("{}held", self.prefix)
-    }
-
-    /// Moves whenever the spread's inputs change ([`Beat::version`]).
-    fn spread_key(&self) -> String {
-        format!("{}spread", self.prefix)
+    /// A key of the whole deployment: `replicas` (replica → alive until), `holders`
+    /// (mailbox → its lease), `held` (replica → leases it holds), `states` (state →
+    /// mailboxes in it), `spread` (the version of the spread's inputs, [`Beat::version`]),
+    /// `changelog` (mailbox → the version at which it got a new generation).
+    fn global(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     fn changes_channel(&self) -> String {
@@ -369,8 +349,8 @@ impl RedisStore {
                 .key(self.key("seen", &id))
                 .key(self.key("lease", &id))
                 .key(self.changes_channel())
-                .key(self.spread_key())
-                .key(self.states_key())
+                .key(self.global("spread"))
+                .key(self.global("states"))
                 .arg(&id)
                 .arg(fp)
                 .arg(sealed)
@@ -412,9 +392,9 @@ impl RedisStore {
             .key(self.key("seen", &id))
             .key(self.key("replay", &id))
             .key(self.changes_channel())
-            .key(self.spread_key())
-            .key(self.states_key())
-            .key(self.changelog_key())
+            .key(self.global("spread"))
+            .key(self.global("states"))
+            .key(self.global("changelog"))
             .arg(&id)
             .arg(&fp)
             .arg(&sealed)
@@ -442,11 +422,11 @@ impl RedisStore {
             .key(self.key("replay", id))
             .key(self.changes_channel())
             .key(self.key("lease", id))
-            .key(self.replicas())
-            .key(self.holders_key())
-            .key(self.spread_key())
-            .key(self.states_key())
-            .key(self.held_key())
+            .key(self.global("replicas"))
+            .key(self.global("holders"))
+            .key(self.global("spread"))
+            .key(self.global("states"))
+            .key(self.global("held"))
             .arg(id)
             .invoke_async(&mut conn)
             .await
@@ -512,14 +492,15 @@ impl RedisStore {
 
     async fn counts_now(&self) -> Result<Counts, StoreError> {
         let mut conn = self.link.conn()?;
-        let (states, held): (Vec<(String, usize)>, Vec<(String, usize)>) = self
+        type Pairs = Vec<(String, usize)>;
+        let (states, held): (Pairs, Pairs) = self
             .scripts
             .counts
-            .key(self.states_key())
-            .key(self.held_key())
+            .key(self.global("states"))
+            .key(self.global("held"))
             .key(self.open_set())
-            .key(self.replicas())
-            .key(self.holders_key())
+            .key(self.global("replicas"))
+            .key(self.global("holders"))
             .arg(&self.prefix)
             .arg(COUNTS_REMADE_EVERY.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -547,7 +528,7 @@ impl RedisStore {
             .transition
             .key(self.key("mbx", id))
             .key(self.key("lease", id))
-            .key(self.states_key())
+            .key(self.global("states"))
             .arg(state.name())
             .arg(error.unwrap_or_default())
             .arg(unix_now_ms())
@@ -922,9 +903,9 @@ impl Store for RedisStore {
             let (unbroken, version, mut live): (i64, u64, Vec<String>) = self
                 .scripts
                 .heartbeat
-                .key(self.replicas())
+                .key(self.global("replicas"))
                 .key(format!("{}replica-process", self.prefix))
-                .key(self.spread_key())
+                .key(self.global("spread"))
                 .arg(replica)
                 .arg(ttl.as_millis() as u64)
                 .arg(nonce)
@@ -950,9 +931,9 @@ impl Store for RedisStore {
             let mut conn = self.link.conn()?;
             let _: () = redis::pipe()
                 .atomic()
-                .zrem(self.replicas(), replica)
+                .zrem(self.global("replicas"), replica)
                 .ignore()
-                .incr(self.spread_key(), 1)
+                .incr(self.global("spread"), 1)
                 .ignore()
                 .query_async(&mut conn)
                 .await
@@ -980,10 +961,10 @@ impl Store for RedisStore {
             let mut conn = self.link.conn()?;
             for chunk in ids.chunks(500) {
                 let mut call = self.scripts.claim.prepare_invoke();
-                call.key(self.replicas())
-                    .key(self.holders_key())
-                    .key(self.spread_key())
-                    .key(self.held_key())
+                call.key(self.global("replicas"))
+                    .key(self.global("holders"))
+                    .key(self.global("spread"))
+                    .key(self.global("held"))
                     .arg(replica);
                 for id in chunk {
                     call.key(self.key("lease", id))
@@ -1028,9 +1009,9 @@ impl Store for RedisStore {
                 .scripts
                 .release
                 .key(self.key("lease", id))
-                .key(self.holders_key())
-                .key(self.spread_key())
-                .key(self.held_key())
+                .key(self.global("holders"))
+                .key(self.global("spread"))
+                .key(self.global("held"))
                 .arg(fence_value(fence))
                 .arg(id)
                 .arg(&fence.replica)
@@ -1081,7 +1062,7 @@ impl Store for RedisStore {
             let mut conn = self.link.conn()?;
             for chunk in ids.chunks(1000) {
                 let mut call = self.scripts.owners.prepare_invoke();
-                call.key(self.replicas());
+                call.key(self.global("replicas"));
                 for id in chunk {
                     call.key(self.key("lease", id));
                 }
@@ -1100,8 +1081,8 @@ impl Store for RedisStore {
             let mut answer: Vec<String> = self
                 .scripts
                 .changed
-                .key(self.spread_key())
-                .key(self.changelog_key())
+                .key(self.global("spread"))
+                .key(self.global("changelog"))
                 .arg(since)
                 .arg(CHANGELOG)
                 .invoke_async(&mut conn)
@@ -1122,8 +1103,8 @@ impl Store for RedisStore {
             let held: HashMap<String, String> = self
                 .scripts
                 .holders
-                .key(self.replicas())
-                .key(self.holders_key())
+                .key(self.global("replicas"))
+                .key(self.global("holders"))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(store_error)?;

@@ -3,7 +3,7 @@
 //! (every call fails as an unreachable Redis would), that can lose its announcements, or lose
 //! its data as a restarted Redis does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,9 +12,8 @@ use tokio::sync::Notify;
 
 use super::memory::MemoryStore;
 use super::{
-    Beat, Counts,
-    Counter, DeadLetter, Fence, MailboxStatus, Outcome, Store, StoreError, Stored, SyncCursor,
-    Wanted, WorkerState,
+    Beat, Counter, Counts, DeadLetter, Fence, MailboxStatus, Outcome, Store, StoreError, Stored,
+    SyncCursor, Wanted, WorkerState,
 };
 use crate::creatio::contract::Credentials;
 
