@@ -264,6 +264,19 @@ pub struct Beat {
     pub version: u64,
 }
 
+/// Appends to a list kept to `max` entries, oldest first, dropping the oldest beyond it. The
+/// list grows by doubling while far from `max` and then to exactly `max + 1`, so a full one
+/// holds no more room than it needs.
+pub(crate) fn push_capped<T>(list: &mut std::collections::VecDeque<T>, item: T, max: usize) {
+    if list.len() == list.capacity() && list.capacity() * 2 > max {
+        list.reserve_exact((max + 1).saturating_sub(list.len()).max(1));
+    }
+    list.push_back(item);
+    while list.len() > max {
+        list.pop_front();
+    }
+}
+
 /// A load of a mailbox's history Creatio asked for (`email/synchronize`): every mail received
 /// since a moment, posted oldest first, a page at a time. It lives in the store, so that it
 /// resumes where it stood after a restart, or on the replica the mailbox moves to.

@@ -210,7 +210,8 @@ pub struct RedisStore {
 struct Progress {
     creds: Option<(String, Vec<u8>)>,
     cursor: Option<SyncCursor>,
-    seen: std::collections::VecDeque<(String, i64)>,
+    /// Fixed-size: 16 bytes a mail, at most the `seen` set's count.
+    seen: std::collections::VecDeque<(u64, i64)>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -325,7 +326,7 @@ impl RedisStore {
     async fn write_back_now(&self) -> Result<usize, StoreError> {
         // A mailbox is written back with its cursor, or not at all: without one, its next
         // catch-up could not know what it missed (Creatio's minute loop recreates it).
-        type Known = (String, (String, Vec<u8>), SyncCursor, Vec<(String, i64)>);
+        type Known = (String, (String, Vec<u8>), SyncCursor, Vec<(u64, i64)>);
         let known: Vec<Known> = {
             let all = self.progress.lock().unwrap_or_else(|p| p.into_inner());
             all.iter()
@@ -647,15 +648,12 @@ impl RedisStore {
         outcome: Outcome,
         fence: &Fence,
     ) -> Result<(), StoreError> {
-        let digest = item_digest(item_id).to_string();
+        let digest = item_digest(item_id);
         let now = unix_now_ms();
         // Posted (or settled) already: remembered here even if Redis does not take it.
         let limits = self.seen_limits;
         self.remember(id, |p| {
-            p.seen.push_back((digest.clone(), now));
-            while p.seen.len() > limits.max {
-                p.seen.pop_front();
-            }
+            super::push_capped(&mut p.seen, (digest, now), limits.max);
         });
         let (field, entry, error) = match &outcome {
             Outcome::Delivered => ("delivered", String::new(), String::new()),
@@ -678,7 +676,7 @@ impl RedisStore {
             .key(self.key("dead", id))
             .key(self.key("lease", id))
             .key(self.key("replay", id))
-            .arg(&digest)
+            .arg(digest)
             .arg(now)
             .arg(self.seen_limits.max)
             .arg(field)
