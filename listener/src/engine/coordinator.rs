@@ -131,9 +131,10 @@ impl Leases {
     pub fn fence(&self, id: &str) -> Option<Fence> {
         let held = self.lock();
         let trusted = held.safe_until.is_some_and(|t| t > Instant::now());
-        let token = *held.tokens.get(id).filter(|_| trusted)?;
-        drop(held);
-        Some(self.fence_of(token))
+        held.tokens
+            .get(id)
+            .filter(|_| trusted)
+            .map(|t| self.fence_of(*t))
     }
 
     /// True while `fence` is this replica's current, trusted lease on the mailbox.
@@ -174,15 +175,10 @@ impl Leases {
     }
 
     fn all(&self) -> Vec<(String, Fence)> {
-        let tokens: Vec<(String, u64)> = self
-            .lock()
+        self.lock()
             .tokens
             .iter()
-            .map(|(id, t)| (id.clone(), *t))
-            .collect();
-        tokens
-            .into_iter()
-            .map(|(id, t)| (id, self.fence_of(t)))
+            .map(|(id, t)| (id.clone(), self.fence_of(*t)))
             .collect()
     }
 
@@ -422,15 +418,13 @@ impl Coordinator {
         // The spread is computed again only when its inputs moved, when the last one left
         // work undone, and now and then as a net: an idle cluster costs the store one
         // heartbeat per replica per tick, whatever the number of mailboxes.
-        let full = self.spread().due(beat.version);
-        let began = Instant::now();
-        if full && !self.respread(&beat, changed).await {
-            return false;
-        }
-        if full {
+        if self.spread().due(beat.version) {
+            let began = Instant::now();
+            if !self.respread(&beat, changed).await {
+                return false;
+            }
             self.spread().took = began.elapsed();
-        }
-        if !full {
+        } else {
             for id in changed {
                 if self.leases.fence(id).is_some() {
                     self.supervisor.poke(id);
@@ -655,20 +649,15 @@ impl Coordinator {
         let Ok(statuses) = self.store.statuses(ids).await else {
             return;
         };
-        let last: HashMap<&str, i64> = ids
-            .iter()
-            .zip(&statuses)
-            .filter_map(|(id, s)| Some((id.as_str(), s.as_ref()?.last_event_unix_ms?)))
-            .collect();
         let mut keyed: Vec<(std::cmp::Reverse<i64>, String)> = ids
             .iter()
-            .map(|id| {
-                (
-                    std::cmp::Reverse(last.get(id.as_str()).copied().unwrap_or(i64::MIN)),
-                    id.clone(),
-                )
+            .zip(statuses)
+            .map(|(id, s)| {
+                let last = s.and_then(|s| s.last_event_unix_ms).unwrap_or(i64::MIN);
+                (std::cmp::Reverse(last), id.clone())
             })
             .collect();
+        // Stable: mailboxes never active keep their order.
         keyed.sort_by_key(|k| k.0);
         for (slot, (_, id)) in ids.iter_mut().zip(keyed) {
             *slot = id;

@@ -62,6 +62,14 @@ fn fence_value(fence: &Fence) -> String {
     format!("{}:{}", fence.replica, fence.token)
 }
 
+/// A script with `redis/clock.lua` put before it: Redis's time, the replica a lease names,
+/// whether a replica is alive.
+macro_rules! with_clock {
+    ($script:literal) => {
+        concat!(include_str!("redis/clock.lua"), include_str!($script))
+    };
+}
+
 /// Records or updates a mailbox. KEYS: mbx, open, generation, seen, replay, changes, spread,
 /// states, changelog. ARGV: id, fingerprint, sealed credentials, now, the changelog's length.
 /// Answers the generation, or 0 when nothing changed.
@@ -69,7 +77,7 @@ const PUT: &str = include_str!("redis/put.lua");
 
 /// Forgets a mailbox. KEYS: mbx, open, seen, replay, changes. ARGV: id. Answers 1 if it
 /// existed.
-const REMOVE: &str = include_str!("redis/remove.lua");
+const REMOVE: &str = with_clock!("redis/remove.lua");
 
 /// Moves a mailbox's state, unless another lease holds it. KEYS: mbx, lease. ARGV: state,
 /// error or '', now, fence or '' (then whoever holds the lease).
@@ -113,25 +121,26 @@ const GENERATIONS: &str = include_str!("redis/generations.lua");
 /// lease it holds. KEYS: replicas, the process behind each replica, spread. ARGV: replica,
 /// ttl ms, this process's nonce. Answers {unbroken, spread version, live replicas}, or a
 /// DUPLICATE error. The time is Redis's own, so replicas with skewed clocks agree.
-const HEARTBEAT: &str = include_str!("redis/heartbeat.lua");
+const HEARTBEAT: &str = with_clock!("redis/heartbeat.lua");
 
 /// Takes the leases that are free. KEYS: replicas, holders, spread, then lease and fence of
 /// each mailbox. ARGV: replica, then each mailbox's id. Answers, per mailbox, the new token,
 /// or 0 where another live replica holds it.
-const CLAIM: &str = include_str!("redis/claim.lua");
+const CLAIM: &str = with_clock!("redis/claim.lua");
 
-/// Gives a lease back if still held. KEYS: lease, holders, spread. ARGV: fence, id.
+/// Gives a lease back if still held. KEYS: lease, holders, spread, held. ARGV: fence, id,
+/// replica.
 const RELEASE: &str = include_str!("redis/release.lua");
 
 /// Reads lease holders that are alive. KEYS: replicas, then leases. Answers each holder, or
 /// '' where none is alive.
-const OWNERS: &str = include_str!("redis/owners.lua");
+const OWNERS: &str = with_clock!("redis/owners.lua");
 
 /// Reads the counts of mailboxes by state and of leases by live replica, making them again
 /// from every mailbox and lease when missing or older than ARGV[2]. KEYS: states, held, open,
 /// replicas, holders.
 /// ARGV: the key prefix, that age in ms. Answers {state, n, ..., replica, n, ...}.
-const COUNTS: &str = include_str!("redis/counts.lua");
+const COUNTS: &str = with_clock!("redis/counts.lua");
 
 /// Reads the changelog. KEYS: spread, changelog. ARGV: since (a spread version), the
 /// changelog's length. Answers {'1', ids...}, or {'0'} when it does not reach back that far.
@@ -143,12 +152,12 @@ const COUNTS_REMADE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Reads every lease a live replica holds. KEYS: replicas, holders. Answers mailbox,
 /// replica, pairs.
-const HOLDERS: &str = include_str!("redis/holders.lua");
+const HOLDERS: &str = with_clock!("redis/holders.lua");
 
 /// Claims a send. KEYS: the send's key. ARGV: how long a send is remembered, after how long
 /// an unfinished one is taken for dead (ms). Answers `new`, `sent`, `busy` or `stale`
 /// ([`SendClaim`]); the time is Redis's own.
-const BEGIN_SEND: &str = include_str!("redis/begin-send.lua");
+const BEGIN_SEND: &str = with_clock!("redis/begin-send.lua");
 
 /// Asks for a history load. KEYS: mbx, the replays channel. ARGV: since (Unix ms), the
 /// mailbox id. Answers the load (since, folder, offset, done, total), or nil when the mailbox is not

@@ -1,5 +1,4 @@
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local v = redis.call('GET', KEYS[1])
 if v == 'sent' then return 'sent' end
 local answer = 'new'

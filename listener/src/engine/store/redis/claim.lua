@@ -4,19 +4,11 @@
 -- A lease is free when no one holds it, when its holder is not alive, or when this replica
 -- holds it under a token it no longer acts on. Answers each new token, or 0 (all 0 while the
 -- claimer itself is not alive).
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local alive = {}
-local function live(r)
-  if alive[r] == nil then
-    alive[r] = tonumber(redis.call('ZSCORE', KEYS[1], r) or '0') > now
-  end
-  return alive[r]
-end
+local now = now_ms()
 local tokens = {}
 -- A claimer that is not alive (gone from a Redis that lost its data, or its heartbeat late)
 -- takes nothing: what it took could be taken from it at once.
-if not live(ARGV[1]) then
+if not alive(KEYS[1], ARGV[1], now) then
   for _ = 5, #KEYS, 2 do tokens[#tokens + 1] = 0 end
   return tokens
 end
@@ -25,13 +17,8 @@ local n = 1
 for i = 5, #KEYS, 2 do
   n = n + 1
   local lease, fence, id = KEYS[i], KEYS[i + 1], ARGV[n]
-  local v = redis.call('GET', lease)
-  local free = true
-  local r
-  if v then
-    r = string.match(v, '^(.*):%d+$')
-    free = r == ARGV[1] or not live(r)
-  end
+  local r = holder_of(redis.call('GET', lease))
+  local free = not r or r == ARGV[1] or not alive(KEYS[1], r, now)
   if free then
     if r then redis.call('HINCRBY', KEYS[4], r, -1) end
     redis.call('HINCRBY', KEYS[4], ARGV[1], 1)

@@ -4,8 +4,7 @@
 -- Answers {states pairs, held pairs of live replicas}. The counts are kept by every script
 -- that moves a state or a lease; they are made again from every mailbox when missing (a
 -- Redis that lost its data, an older version's keys) and once per ARGV[2] as a net.
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local now = now_ms()
 local at = tonumber(redis.call('HGET', KEYS[1], '_counted_ms') or '0')
 if now - at > tonumber(ARGV[2]) then
   redis.call('DEL', KEYS[1], KEYS[2])
@@ -15,7 +14,7 @@ if now - at > tonumber(ARGV[2]) then
   end
   local leases = redis.call('HVALS', KEYS[5])
   for _, v in ipairs(leases) do
-    local r = string.match(v, '^(.*):%d+$')
+    local r = holder_of(v)
     if r then redis.call('HINCRBY', KEYS[2], r, 1) end
   end
   redis.call('HSET', KEYS[1], '_counted_ms', now)

@@ -1,14 +1,14 @@
 -- KEYS: replicas (zset: replica -> alive until, ms), replica-process (hash: replica -> nonce),
 -- spread (the spread's version). ARGV: replica, ttl ms, nonce.
 -- Answers {unbroken, version, live replicas}.
-local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local alive = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+local now = now_ms()
+local deadline = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
 local holder = redis.call('HGET', KEYS[2], ARGV[1])
-if holder and holder ~= ARGV[3] and alive > now then
+if holder and holder ~= ARGV[3] and deadline > now then
   return redis.error_reply('DUPLICATE another process is alive as this replica')
 end
 local unbroken = 0
-if holder == ARGV[3] and alive > now then unbroken = 1 end
+if holder == ARGV[3] and deadline > now then unbroken = 1 end
 if holder ~= ARGV[3] then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
 local joined = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local gone = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)

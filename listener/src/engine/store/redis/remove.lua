@@ -8,10 +8,8 @@ redis.call('SREM', KEYS[2], ARGV[1])
 -- A live holder gives its lease back once its worker has stopped; a dead one never would.
 local v = redis.call('GET', KEYS[6])
 if v then
-  local r = string.match(v, '^(.*):%d+$')
-  local tm = redis.call('TIME')
-  local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-  if tonumber(redis.call('ZSCORE', KEYS[7], r or '') or '0') <= now then
+  local r = holder_of(v)
+  if not (r and alive(KEYS[7], r, now_ms())) then
     redis.call('DEL', KEYS[6])
     redis.call('HDEL', KEYS[8], ARGV[1])
     if r then redis.call('HINCRBY', KEYS[11], r, -1) end
