@@ -93,8 +93,8 @@ impl CoordinatorSettings {
 struct Held {
     tokens: HashMap<String, u64>,
     safe_until: Option<Instant>,
-    /// A worker found its lease taken since the last pass.
-    lost: bool,
+    /// Mailboxes whose lease was found taken since the last pass.
+    lost: Vec<String>,
 }
 
 /// The leases this replica holds, as far as it may trust them now.
@@ -165,12 +165,12 @@ impl Leases {
         let mut held = self.lock();
         if fence.replica == self.replica && held.tokens.get(id) == Some(&fence.token) {
             held.tokens.remove(id);
-            held.lost = true;
+            held.lost.push(id.to_owned());
         }
     }
 
-    /// True once after a lease was found lost.
-    fn take_lost(&self) -> bool {
+    /// The mailboxes whose lease was found lost since this was last asked.
+    fn take_lost(&self) -> Vec<String> {
         std::mem::take(&mut self.lock().lost)
     }
 
@@ -391,8 +391,12 @@ impl Coordinator {
             return false;
         };
         self.start_over(asked);
-        if self.leases.take_lost() {
+        let lost = self.leases.take_lost();
+        if !lost.is_empty() {
+            // Claimed again if still this replica's share; forgotten here otherwise, so that
+            // only their new server writes them back should the store lose its data.
             self.spread().redo = true;
+            self.forget_later(lost);
         }
 
         // Leases no longer ours whose workers have stopped go back.
