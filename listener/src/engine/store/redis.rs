@@ -14,10 +14,17 @@
 //! | `el:replay:{id}` | list | dead-lettered items handed back for delivery |
 //! | `el:replicas` | sorted set | replica id → until when it is alive (Redis's clock) |
 //! | `el:replica-process` | hash | replica id → the nonce of the process heartbeating as it |
-//! | `el:lease:{id}` | string | `replica:token`, expiring unless renewed |
+//! | `el:lease:{id}` | string | `replica:token`; held while that replica is alive in `el:replicas` |
 //! | `el:fence:{id}` | string | the last fencing token given out (INCR) |
+//! | `el:holders` | hash | mailbox id → its lease, as `el:lease:{id}` holds it |
+//! | `el:held` | hash | replica id → how many leases it holds |
+//! | `el:states` | hash | worker state → how many mailboxes are in it |
+//! | `el:spread` | string | the version of the spread's inputs, moved by every change to them |
+//! | `el:changelog` | sorted set | mailbox id → the version at which it got a new generation, over the last 10,000 versions |
+//! | `el:send:{key}` | string | a send under way or done, by Creatio's idempotency key, for a while |
 //! | `el:changes` | channel | the id of every mailbox created, updated or closed |
 //! | `el:replays` | channel | the id of every mailbox whose dead letters were handed back |
+//! | `el:nudges` | channel | a hint for the replica that runs a mailbox a push notification concerns (Graph) |
 //! | `el:epoch` | string | a random id written once; gone or changed means Redis lost its data |
 
 use std::collections::HashMap;
