@@ -552,6 +552,25 @@ impl Coordinator {
             .collect();
         let mut settled = true;
 
+        // Leases the store says are this replica's that it does not know it holds: a claim
+        // carried out whose answer was lost, a release undone by a Redis failover. Those of
+        // its share are claimed again below, like any other; the rest must go back, or no
+        // other replica could claim them while this one lives.
+        let unknown: Vec<String> = {
+            let leaving = self.leaving();
+            let known: HashSet<String> = self.leases.all().into_iter().map(|(id, _)| id).collect();
+            served
+                .iter()
+                .filter(|(id, r)| {
+                    r.as_str() == replica
+                        && !mine.contains(id.as_str())
+                        && !known.contains(id.as_str())
+                        && !leaving.contains_key(id.as_str())
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+
         // Mailboxes no replica has room for wait, and say so; one replica writes that.
         if assigned.len() < open.len() {
             settled = false;
@@ -577,6 +596,9 @@ impl Coordinator {
         if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
             // Shutting down: the workers stop, the leases are kept until they have.
             return true;
+        }
+        if !self.give_back_unknown(&unknown).await {
+            settled = false;
         }
 
         let mut wanted: Vec<String> = Vec::new();
@@ -641,6 +663,29 @@ impl Coordinator {
         spread.version = Some(beat.version);
         spread.at = Some(Instant::now());
         spread.redo = !settled;
+        true
+    }
+
+    /// Gives back leases held in the store under this replica's name that it did not know
+    /// of: each is taken under a new token (no worker here acts on the old one), then given
+    /// back. False when the store failed.
+    async fn give_back_unknown(&self, ids: &[String]) -> bool {
+        if ids.is_empty() {
+            return true;
+        }
+        tracing::warn!(
+            mailboxes = ids.len(),
+            "leases held under this replica's name that it did not know of; given back"
+        );
+        let Some(taken) = self.claim(ids).await else {
+            return false;
+        };
+        for (id, fence) in &taken {
+            if let Err(e) = self.store.release(id, fence).await {
+                tracing::warn!(id = ?id, error = %e, "could not give a lease back");
+                return false;
+            }
+        }
         true
     }
 

@@ -346,3 +346,37 @@ async fn a_dead_replica_s_mailboxes_are_claimed_most_recently_active_first() {
     );
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_taken_without_the_claimer_knowing_is_not_kept_from_its_new_owner() {
+    let store = SlowStore::new(MemoryStore::default());
+    let ids = open(&store, 6).await;
+    let stop = CancellationToken::new();
+    // a claims every mailbox alone, but the answers never reach it: the store says a holds
+    // them all, a knows of none.
+    store.lose_claim_answers(usize::MAX);
+    let a = Replica::new("a", Arc::new(store.clone()), 3 * SECOND);
+    a.start(&stop);
+    tokio::time::sleep(SECOND / 2).await;
+    assert!(store.claims_by("a").len() >= ids.len());
+    assert_eq!(a.served(&ids).0, 0);
+
+    // b joins before a's next pass: half of them are b's share now.
+    store.lose_claim_answers(0);
+    let b = Replica::new("b", Arc::new(store.clone()), 3 * SECOND);
+    b.start(&stop);
+    tokio::time::sleep(10 * SECOND).await;
+    let (on_a, on_b) = (a.served(&ids).0, b.served(&ids).0);
+    assert_eq!(
+        (on_a + on_b, on_b),
+        (ids.len(), ids.len() / 2),
+        "(served, by b)"
+    );
+    for id in &ids {
+        assert!(
+            a.leases.fence(id).is_none() || b.leases.fence(id).is_none(),
+            "{id} served twice"
+        );
+    }
+    stop.cancel();
+}

@@ -35,6 +35,8 @@ pub struct SlowStore {
     named: Arc<AtomicUsize>,
     /// Every lease taken, as replica and mailbox, in the order the claims came.
     claims: Arc<Mutex<Vec<(String, String)>>>,
+    /// How many more claims are carried out but their answers lost on the way back.
+    lost_claim_answers: Arc<AtomicUsize>,
 }
 
 impl SlowStore {
@@ -80,6 +82,12 @@ impl SlowStore {
             .filter(|(r, _)| r == replica)
             .map(|(_, id)| id.clone())
             .collect()
+    }
+
+    /// The next `n` claims are carried out, but their answers are lost on the way back, as
+    /// when a connection to Redis breaks after a script ran.
+    pub fn lose_claim_answers(&self, n: usize) {
+        self.lost_claim_answers.store(n, Ordering::Relaxed);
     }
 
     fn name(&self, n: usize) {
@@ -218,6 +226,13 @@ impl Store for SlowStore {
                         .filter(|(_, t)| t.is_some())
                         .map(|(id, _)| (replica.to_owned(), id.clone())),
                 );
+                let lost = self
+                    .lost_claim_answers
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok();
+                if lost {
+                    return Err(StoreError::Unavailable("the answer was lost".into()));
+                }
                 Ok(tokens)
             })
         })
