@@ -126,7 +126,8 @@ const GENERATIONS: &str = include_str!("redis/generations.lua");
 
 /// Says a replica is alive, unless another process is alive under its id: this keeps every
 /// lease it holds. KEYS: replicas, the process behind each replica, spread. ARGV: replica,
-/// ttl ms, this process's nonce. Answers {unbroken, spread version, live replicas}, or a
+/// ttl ms, this process's nonce, whether the commands moved to another master since the last
+/// heartbeat (then the spread's version moves). Answers {unbroken, spread version, live replicas}, or a
 /// DUPLICATE error. The time is Redis's own, so replicas with skewed clocks agree.
 const HEARTBEAT: &str = with_clock!("redis/heartbeat.lua");
 
@@ -913,7 +914,15 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Stored<'a, Beat> {
         async move {
-            let mut conn = self.link.conn()?;
+            // After a failover the new master may lack the old one's last writes (a claim,
+            // a release): every replica spreads again and checks its leases. Taken before
+            // the connection, so that a move in between is told again next time.
+            let moved = self.link.take_moved();
+            let mut conn = self.link.conn().inspect_err(|_| {
+                if moved {
+                    self.link.note_moved();
+                }
+            })?;
             let (unbroken, version, mut live): (i64, u64, Vec<String>) = self
                 .scripts
                 .heartbeat
@@ -923,11 +932,17 @@ impl Store for RedisStore {
                 .arg(replica)
                 .arg(ttl.as_millis() as u64)
                 .arg(nonce)
+                .arg(u8::from(moved))
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| match e.code() {
-                    Some("DUPLICATE") => StoreError::Duplicate(replica.to_owned()),
-                    _ => store_error(e),
+                .map_err(|e| {
+                    if moved {
+                        self.link.note_moved();
+                    }
+                    match e.code() {
+                        Some("DUPLICATE") => StoreError::Duplicate(replica.to_owned()),
+                        _ => store_error(e),
+                    }
                 })?;
             // Redis lists them by deadline; every replica must see the same order.
             live.sort();

@@ -1,5 +1,6 @@
 -- KEYS: replicas (zset: replica -> alive until, ms), replica-process (hash: replica -> nonce),
--- spread (the spread's version). ARGV: replica, ttl ms, nonce.
+-- spread (the spread's version). ARGV: replica, ttl ms, nonce, 1 when this replica's commands
+-- moved to another master since its last heartbeat (else 0).
 -- Answers {unbroken, version, live replicas}.
 local now = now_ms()
 local deadline = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
@@ -13,7 +14,7 @@ if holder ~= ARGV[3] then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
 local joined = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local gone = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local version
-if joined + gone > 0 then
+if joined + gone > 0 or ARGV[4] == '1' then
   version = redis.call('INCR', KEYS[3])
 else
   version = tonumber(redis.call('GET', KEYS[3]) or '0')

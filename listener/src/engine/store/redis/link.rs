@@ -4,8 +4,10 @@
 //! `redis+sentinel://[:password@]host:port[,host:port…]/<master name>[/<db>]` names the
 //! sentinels and the master's name; the password and database are the master's. Every second
 //! the sentinels are asked which server is the master (the answer is checked with that
-//! server's own `ROLE`); when it changes, new connections go to the new one.
+//! server's own `ROLE`); when it changes, new connections go to the new one, and the next
+//! heartbeat moves the spread's version so that every replica checks its leases again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -125,6 +127,8 @@ fn bracketed(host: &str) -> String {
 pub struct Link {
     current: Arc<RwLock<Option<(redis::Client, ConnectionManager)>>>,
     config: ConnectionManagerConfig,
+    /// The commands moved to another master since [`Link::take_moved`] last asked.
+    moved: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -136,6 +140,7 @@ impl Link {
         let link = Link {
             current: Arc::default(),
             config,
+            moved: Arc::default(),
         };
         link.point_at(client)?;
         Ok(link)
@@ -153,6 +158,7 @@ impl Link {
         let link = Link {
             current: Arc::default(),
             config,
+            moved: Arc::default(),
         };
         let following = link.clone();
         tokio::spawn(async move {
@@ -184,8 +190,26 @@ impl Link {
     fn point_at(&self, client: redis::Client) -> Result<(), StoreError> {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some((client, conn));
+        let before = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((client, conn));
+        if before.is_some() {
+            self.moved.store(true, Ordering::SeqCst);
+        }
         Ok(())
+    }
+
+    /// True once after the commands moved to another master (a Sentinel failover): writes
+    /// the old master took just before may be missing from the new one.
+    pub fn take_moved(&self) -> bool {
+        self.moved.swap(false, Ordering::SeqCst)
+    }
+
+    /// Says again that the commands moved, when the one who took the news could not act on it.
+    pub fn note_moved(&self) {
+        self.moved.store(true, Ordering::SeqCst);
     }
 
     fn address(&self) -> Option<String> {
