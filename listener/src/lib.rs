@@ -49,6 +49,10 @@ fn shared_tls(
     Ok(config)
 }
 
+/// Idle connections kept per Exchange server for the calls of mailboxes that log in with Basic
+/// or a bearer token.
+const EWS_IDLE_CONNECTIONS_PER_HOST: usize = 64;
+
 /// The lease of a replica alone on its in-memory store.
 const LONE_LEASE: Duration = Duration::from_secs(3600);
 
@@ -103,7 +107,11 @@ pub async fn serve(
             .tls_certs_merge(ews_certs.clone())
             .tls_danger_accept_invalid_certs(insecure)
     };
+    // The calls of every mailbox that logs in with Basic or a token share these connections;
+    // what a burst of calls (thousands of mailboxes subscribing at once) opened beyond them is
+    // closed as it comes back, instead of idling for 90 s.
     let ews_http = ews_builder()
+        .pool_max_idle_per_host(EWS_IDLE_CONNECTIONS_PER_HOST)
         .build()
         .context("building the EWS HTTP client")?;
     // NTLM authenticates connections: an NTLM mailbox gets connections of its own, all with
@@ -117,6 +125,22 @@ pub async fn serve(
                 .context("the TLS configuration for Exchange")?,
         )
     };
+    // A stream on a connection of its own holds a fraction of what one through the HTTP
+    // client holds; a proxy named in the environment is the HTTP client's to use, so then
+    // streams go through it.
+    let proxied = ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some() || std::env::var_os(v.to_lowercase()).is_some());
+    let stream_connections =
+        ews_tls
+            .clone()
+            .filter(|_| !proxied)
+            .map(|tls| exchange::client::StreamConnections {
+                tls: Arc::new(tls),
+                allow_link_local,
+                connect_timeout: Duration::from_secs(10),
+                user_agent: concat!("exchange-listener/", env!("CARGO_PKG_VERSION")),
+            });
     let ews_private: exchange::client::ClientFactory = Arc::new(move || {
         let builder = ews_builder().pool_max_idle_per_host(1);
         match &ews_tls {
@@ -208,8 +232,12 @@ pub async fn serve(
             "mailboxes without a password are served through a service account"
         );
     }
-    let servers = exchange::client::Servers::new(config.ews_version, config.ews_auth, ews_private)
-        .with_accounts(accounts);
+    let mut servers =
+        exchange::client::Servers::new(config.ews_version, config.ews_auth, ews_private)
+            .with_accounts(accounts);
+    if let Some(streams) = stream_connections {
+        servers = servers.with_stream_connections(streams);
+    }
     let metrics = engine::metrics::Metrics::new();
     let groups = exchange::stream_groups::StreamGroups::new(
         ews_http.clone(),

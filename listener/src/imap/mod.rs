@@ -628,7 +628,7 @@ impl MailServer for ImapMailbox {
     }
 }
 
-/// A TLS configuration that trusts no certificate: for tests that reach no IMAP server over TLS.
+/// A TLS configuration that trusts no certificate: for tests that reach no server over TLS.
 #[cfg(test)]
 pub(crate) fn trusting_no_one() -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

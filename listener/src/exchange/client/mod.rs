@@ -15,7 +15,7 @@ use bytes::Bytes;
 use ews::response::{self, StreamBatch};
 use ews::{EnvelopeSplitter, EventType, EwsError, FolderRef, ItemShape, RequestHeader};
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, HeaderMap, SET_COOKIE};
 
 use crate::creatio::contract::send::OutgoingEmail;
 use crate::creatio::contract::{Credentials, Secret};
@@ -27,11 +27,13 @@ mod failure;
 mod folders;
 mod outgoing;
 mod servers;
+mod stream_connection;
 
 use failure::transport;
 pub use failure::{EwsFailure, ItemFate, error_chain, item_fate};
 use servers::LaneGuard;
 pub use servers::{ClientFactory, Lanes, Servers};
+pub use stream_connection::StreamConnections;
 
 const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
@@ -432,8 +434,16 @@ impl EwsClient {
                 .await
                 .map_err(transport)?,
         };
-        self.clock.read(resp.headers());
-        for value in resp.headers().get_all(SET_COOKIE) {
+        self.answered(resp.status(), resp.headers())?;
+        Ok(resp)
+    }
+
+    /// What every answer teaches (the server's clock, the affinity cookie, whether the
+    /// service account's login passed), and the failure its status means: `Ok` for 200, and
+    /// for 500, whose body may carry a SOAP fault.
+    fn answered(&self, status: StatusCode, headers: &HeaderMap) -> Result<(), EwsFailure> {
+        self.clock.read(headers);
+        for value in headers.get_all(SET_COOKIE) {
             if let Some(v) = value
                 .to_str()
                 .ok()
@@ -445,15 +455,15 @@ impl EwsClient {
             }
         }
         if let Some(account) = &self.account {
-            match resp.status() {
+            match status {
                 StatusCode::UNAUTHORIZED => account.rejected(),
                 // EWS answered: the login passed (a 503 may come before it).
                 StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => account.accepted(),
                 _ => {}
             }
         }
-        match resp.status() {
-            StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => Ok(resp),
+        match status {
+            StatusCode::OK | StatusCode::INTERNAL_SERVER_ERROR => Ok(()),
             StatusCode::UNAUTHORIZED => Err(EwsFailure::Unauthorized),
             status if status.is_redirection() => Err(EwsFailure::Config(format!(
                 "EWS answered with a redirect (HTTP {}); set ServiceUrl to the EWS URL it points to",
@@ -461,7 +471,7 @@ impl EwsClient {
             ))),
             status => Err(EwsFailure::Http {
                 status: status.as_u16(),
-                retry_after: retry_after(resp.headers()),
+                retry_after: retry_after(headers),
             }),
         }
     }
@@ -690,6 +700,9 @@ impl EwsClient {
     ) -> Result<EventStream, EwsFailure> {
         let body =
             ews::request::get_streaming_events(&self.header(), subscription_ids, timeout_minutes);
+        if let Some(opened) = self.open_stream_alone(&body).await {
+            return opened;
+        }
         let resp = self.send(body, true, None, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
@@ -703,7 +716,79 @@ impl EwsClient {
                 }));
         }
         Ok(EventStream {
-            response: resp,
+            body: StreamBody::Client(resp),
+            splitter: EnvelopeSplitter::new(),
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// Opens the stream on a connection of its own, where this mailbox's login allows it
+    /// (Basic, or a bearer token); `None` where it goes through the HTTP client instead, and
+    /// when the server turned out to want NTLM.
+    async fn open_stream_alone(&self, body: &str) -> Option<Result<EventStream, EwsFailure>> {
+        let streams = self.servers.streams.as_ref()?;
+        if self.account.is_some() {
+            return None;
+        }
+        let login = match &self.auth {
+            Auth::Basic { .. } if self.servers.wants_ntlm(&self.url) => return None,
+            Auth::Basic { user, password } => stream_connection::Login::Basic {
+                user,
+                password: password.expose(),
+            },
+            Auth::Bearer(token) => stream_connection::Login::Bearer(token.expose()),
+        };
+        let cookie = self.cookie().map(|c| format!("{AFFINITY_COOKIE}={c}"));
+        let mut headers = vec![
+            ("Content-Type", "text/xml; charset=utf-8"),
+            ("X-AnchorMailbox", self.anchor.as_str()),
+            ("X-PreferServerAffinity", "true"),
+        ];
+        if let Some(cookie) = &cookie {
+            headers.push(("Cookie", cookie.as_str()));
+        }
+        let (head, answer) = match streams.post(&self.url, login, &headers, body).await {
+            Ok(opened) => opened,
+            Err(e) => return Some(Err(e)),
+        };
+        if head.status == StatusCode::UNAUTHORIZED
+            && matches!(self.auth, Auth::Basic { .. })
+            && self
+                .servers
+                .learn_ntlm(&self.url, &crate::exchange::ntlm::offered(&head.headers))
+        {
+            tracing::info!(url = ?self.url(), "Exchange takes NTLM here, not Basic; logging in with NTLM");
+            return None;
+        }
+        Some(self.stream_from(head, answer).await)
+    }
+
+    /// The stream a connection of its own answered, or the failure its answer says.
+    async fn stream_from(
+        &self,
+        head: stream_connection::Head,
+        answer: stream_connection::Body,
+    ) -> Result<EventStream, EwsFailure> {
+        self.answered(head.status, &head.headers)?;
+        if head.status != StatusCode::OK {
+            let bytes = answer
+                .read_capped(self.limits.max_body_bytes)
+                .await?
+                .ok_or(EwsFailure::TooLarge {
+                    limit: self.limits.max_body_bytes,
+                })?;
+            // A 500 on open is a fault; decode it for its code and back-off.
+            return Err(
+                decode_body(head.status, &bytes, response::parse_stream_envelope)
+                    .err()
+                    .unwrap_or(EwsFailure::Http {
+                        status: head.status.as_u16(),
+                        retry_after: None,
+                    }),
+            );
+        }
+        Ok(EventStream {
+            body: StreamBody::Alone(Box::new(answer)),
             splitter: EnvelopeSplitter::new(),
             ready: VecDeque::new(),
         })
@@ -746,10 +831,28 @@ fn decode_body<T>(
     }
 }
 
+/// Where a stream's body comes from.
+#[derive(Debug)]
+enum StreamBody {
+    /// Through the HTTP client (NTLM logins, service accounts).
+    Client(reqwest::Response),
+    /// On a connection of its own.
+    Alone(Box<stream_connection::Body>),
+}
+
+impl StreamBody {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, EwsFailure> {
+        match self {
+            StreamBody::Client(resp) => resp.chunk().await.map_err(transport),
+            StreamBody::Alone(body) => body.chunk().await,
+        }
+    }
+}
+
 /// An open `GetStreamingEvents` response, read envelope by envelope.
 #[derive(Debug)]
 pub struct EventStream {
-    response: reqwest::Response,
+    body: StreamBody,
     splitter: EnvelopeSplitter,
     ready: VecDeque<Vec<u8>>,
 }
@@ -762,8 +865,8 @@ impl EventStream {
             if let Some(envelope) = self.ready.pop_front() {
                 return Ok(Some(response::parse_stream_envelope(&envelope)?));
             }
-            match self.response.chunk().await {
-                Err(e) => return Err(transport(e)),
+            match self.body.chunk().await {
+                Err(e) => return Err(e),
                 Ok(None) if self.splitter.is_idle() => return Ok(None),
                 Ok(None) => {
                     return Err(EwsFailure::Transport(

@@ -28,6 +28,8 @@ pub struct Servers {
     ntlm: Arc<Mutex<HashSet<String>>>,
     pub(super) private_client: ClientFactory,
     accounts: Arc<ServiceAccounts>,
+    /// Streams on connections of their own (Basic and bearer logins), when set.
+    pub(super) streams: Option<super::StreamConnections>,
 }
 
 impl std::fmt::Debug for Servers {
@@ -48,7 +50,15 @@ impl Servers {
             ntlm: Arc::default(),
             private_client,
             accounts: Arc::default(),
+            streams: None,
         }
+    }
+
+    /// Opens the streams of mailboxes that log in with Basic or a bearer token on connections
+    /// of their own ([`super::StreamConnections`]) instead of through the HTTP client.
+    pub fn with_stream_connections(mut self, streams: super::StreamConnections) -> Self {
+        self.streams = Some(streams);
+        self
     }
 
     /// Serves mailboxes created without a password through these accounts.

@@ -1,0 +1,657 @@
+//! A `GetStreamingEvents` request on a connection of its own, without an HTTP client's pool.
+//!
+//! A stream holds its connection for up to 30 minutes, mostly waiting; through the HTTP
+//! client each one also kept that client's per-connection machinery (a dispatch channel, read
+//! and write buffers sized for any answer, the pooled request's futures), which made up most of
+//! an idle mailbox's memory. Here a stream is a socket (with TLS, the rustls session), one
+//! small read buffer and the body's framing. It serves mailboxes that log in with Basic or a
+//! bearer token; NTLM authenticates connections through the client's handshake, and stays there.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::EwsFailure;
+
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 1024;
+/// The most an answer's head may take.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most a chunk-size line or a trailer line may take.
+const MAX_LINE: usize = 4096;
+
+/// What every stream of the process shares: how to reach Exchange.
+#[derive(Clone)]
+pub struct StreamConnections {
+    /// Exchange's TLS configuration (the system's roots and `--ews-ca-file`'s).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Whether a host name may resolve to a link-local address.
+    pub allow_link_local: bool,
+    pub connect_timeout: Duration,
+    pub user_agent: &'static str,
+}
+
+impl std::fmt::Debug for StreamConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamConnections")
+            .field("allow_link_local", &self.allow_link_local)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a request logs in.
+pub(super) enum Login<'a> {
+    Basic { user: &'a str, password: &'a str },
+    Bearer(&'a str),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// An answer's status line and headers.
+#[derive(Debug)]
+pub(super) struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// An answer's body, read as it comes.
+pub(super) struct Body {
+    io: Box<dyn Io>,
+    buf: BytesMut,
+    framing: Framing,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    /// Chunked: the next thing is a chunk-size line.
+    ChunkSize,
+    /// Chunked: this many bytes of the current chunk are left.
+    ChunkData(u64),
+    /// Chunked: the CRLF after a chunk's data.
+    ChunkEnd,
+    /// Chunked: trailer lines, up to an empty one.
+    Trailers,
+    /// Until the server closes the connection.
+    Close,
+    Done,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> EwsFailure {
+    EwsFailure::Transport(format!("{what}: {e}"))
+}
+
+impl StreamConnections {
+    /// Connects to `url`, posts `body` with `headers` (each checked to be a valid header
+    /// value), and reads the answer's head.
+    pub(super) async fn post(
+        &self,
+        url: &str,
+        login: Login<'_>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(Head, Body), EwsFailure> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| EwsFailure::Config(format!("the EWS URL is not valid: {e}")))?;
+        let tls = match parsed.scheme() {
+            "https" => true,
+            "http" => false,
+            other => {
+                return Err(EwsFailure::Config(format!(
+                    "the EWS URL's scheme {other:?} is neither http nor https"
+                )));
+            }
+        };
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| EwsFailure::Config("the EWS URL names no host".into()))?;
+        let port = parsed.port_or_known_default().unwrap_or(443);
+        let mut request = format!(
+            "POST {}{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {}\r\nAccept: */*\r\nContent-Length: {}\r\n",
+            parsed.path(),
+            parsed.query().map(|q| format!("?{q}")).unwrap_or_default(),
+            match parsed.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_owned(),
+            },
+            self.user_agent,
+            body.len()
+        );
+        let authorization = match login {
+            Login::Basic { user, password } => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            ),
+            Login::Bearer(token) => format!("Bearer {token}"),
+        };
+        for (name, value) in headers
+            .iter()
+            .copied()
+            .chain([("Authorization", authorization.as_str())])
+        {
+            if HeaderValue::from_str(value).is_err() {
+                // Never the value itself: it may be a secret.
+                return Err(EwsFailure::Config(format!(
+                    "the {name} header would carry characters HTTP does not allow"
+                )));
+            }
+            request.push_str(name);
+            request.push_str(": ");
+            request.push_str(value);
+            request.push_str("\r\n");
+        }
+        request.push_str("\r\n");
+
+        let mut io = tokio::time::timeout(self.connect_timeout, self.connect(host, port, tls))
+            .await
+            .map_err(|_| EwsFailure::Transport("connection failed: timed out".into()))??;
+        let sent = async {
+            io.write_all(request.as_bytes()).await?;
+            io.write_all(body.as_bytes()).await?;
+            io.flush().await
+        };
+        sent.await.map_err(|e| failed("request failed", e))?;
+        drop(request);
+
+        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        let head = loop {
+            if let Some((head, used)) = parse_head(&buf)? {
+                let _ = buf.split_to(used);
+                // An interim answer (100 Continue) is followed by the real one.
+                if head.status.is_informational() {
+                    continue;
+                }
+                break head;
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(EwsFailure::Transport(
+                    "the answer's head is larger than 64 KiB".into(),
+                ));
+            }
+            if read_more(&mut io, &mut buf).await? == 0 {
+                return Err(EwsFailure::Transport(
+                    "request failed: the connection closed before an answer".into(),
+                ));
+            }
+        };
+        let framing = framing_of(&head);
+        Ok((head, Body { io, buf, framing }))
+    }
+
+    async fn connect(&self, host: &str, port: u16, tls: bool) -> Result<Box<dyn Io>, EwsFailure> {
+        let addrs: Vec<SocketAddr> = match host.trim_matches(['[', ']']).parse() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => {
+                let found = tokio::net::lookup_host((host, port))
+                    .await
+                    .map_err(|e| failed("connection failed", e))?;
+                crate::engine::reach::usable(host, found, self.allow_link_local)
+                    .map_err(|e| failed("connection failed", e))?
+            }
+        };
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp = match (tcp, last) {
+            (Some(tcp), _) => tcp,
+            (None, e) => {
+                return Err(failed(
+                    "connection failed",
+                    e.map_or_else(|| "no address".to_owned(), |e| e.to_string()),
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        if !tls {
+            return Ok(Box::new(tcp));
+        }
+        let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+            .map_err(|_| EwsFailure::Config(format!("{host:?} is not a host name")))?;
+        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| failed("connection failed", e))?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// Reads what the socket has into `buf`; answers how many bytes came (0: the peer closed).
+async fn read_more(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<usize, EwsFailure> {
+    buf.reserve(READ_SIZE);
+    io.read_buf(buf)
+        .await
+        .map_err(|e| failed("request failed", e))
+}
+
+/// The head at the start of `buf` and its length, once complete.
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, EwsFailure> {
+    let mut slots = [httparse::EMPTY_HEADER; 100];
+    let mut answer = httparse::Response::new(&mut slots);
+    let used = match answer.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(failed("the answer is not HTTP", e)),
+    };
+    let status = answer
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| EwsFailure::Transport("the answer has no valid status".into()))?;
+    let mut headers = HeaderMap::with_capacity(answer.headers.len());
+    for h in answer.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Err(EwsFailure::Transport(format!(
+                "the answer's header {:?} is not valid",
+                h.name
+            )));
+        };
+        headers.append(name, value);
+    }
+    Ok(Some((Head { status, headers }, used)))
+}
+
+fn framing_of(head: &Head) -> Framing {
+    if head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED {
+        return Framing::Done;
+    }
+    let chunked = head
+        .headers
+        .get_all(reqwest::header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    if chunked {
+        return Framing::ChunkSize;
+    }
+    match head
+        .headers
+        .get(reqwest::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    }
+}
+
+/// A line ending in CRLF at the start of `buf`: its text and length with the CRLF.
+fn line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, EwsFailure> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => Ok(Some((&buf[..end], end + 2))),
+        None if buf.len() > MAX_LINE => Err(EwsFailure::Transport(
+            "a chunked body's line is longer than 4 KiB".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
+impl Body {
+    /// The next part of the body; `None` at its end. Waits as long as the server is silent.
+    pub(super) async fn chunk(&mut self) -> Result<Option<Bytes>, EwsFailure> {
+        loop {
+            if let Some(step) = self.step()? {
+                return Ok(step);
+            }
+            if read_more(&mut self.io, &mut self.buf).await? == 0 {
+                return match self.framing {
+                    Framing::Close => {
+                        self.framing = Framing::Done;
+                        Ok(None)
+                    }
+                    Framing::Done => Ok(None),
+                    _ => Err(EwsFailure::Transport(
+                        "request failed: the connection closed inside the answer".into(),
+                    )),
+                };
+            }
+        }
+    }
+
+    /// One step on what is buffered: `Some` with what to answer, `None` to read more.
+    fn step(&mut self) -> Result<Option<Option<Bytes>>, EwsFailure> {
+        loop {
+            match self.framing {
+                Framing::Done => return Ok(Some(None)),
+                Framing::Close if !self.buf.is_empty() => {
+                    return Ok(Some(Some(self.take(self.buf.len()))));
+                }
+                Framing::Close => return Ok(None),
+                Framing::Length(left) | Framing::ChunkData(left) if !self.buf.is_empty() => {
+                    let n = (left as usize).min(self.buf.len());
+                    let left = left - n as u64;
+                    self.framing = match (self.framing, left) {
+                        (Framing::Length(_), 0) => Framing::Done,
+                        (Framing::Length(_), _) => Framing::Length(left),
+                        (_, 0) => Framing::ChunkEnd,
+                        _ => Framing::ChunkData(left),
+                    };
+                    return Ok(Some(Some(self.take(n))));
+                }
+                Framing::Length(_) | Framing::ChunkData(_) => return Ok(None),
+                Framing::ChunkEnd => {
+                    if self.buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &self.buf[..2] != b"\r\n" {
+                        return Err(EwsFailure::Transport(
+                            "a chunk of the answer does not end with CRLF".into(),
+                        ));
+                    }
+                    let _ = self.buf.split_to(2);
+                    self.framing = Framing::ChunkSize;
+                }
+                Framing::ChunkSize => {
+                    let Some((text, used)) = line(&self.buf)? else {
+                        return Ok(None);
+                    };
+                    let size = text.split(|b| *b == b';').next().unwrap_or_default();
+                    let size = std::str::from_utf8(size)
+                        .ok()
+                        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                        .ok_or_else(|| {
+                            EwsFailure::Transport("a chunk size of the answer is not hex".into())
+                        })?;
+                    let _ = self.buf.split_to(used);
+                    self.framing = if size == 0 {
+                        Framing::Trailers
+                    } else {
+                        Framing::ChunkData(size)
+                    };
+                }
+                Framing::Trailers => {
+                    let Some((text, used)) = line(&self.buf)? else {
+                        return Ok(None);
+                    };
+                    let last = text.is_empty();
+                    let _ = self.buf.split_to(used);
+                    if last {
+                        self.framing = Framing::Done;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next `n` buffered bytes. The buffer is let go of once empty, so an idle stream
+    /// holds only the next read's room.
+    fn take(&mut self, n: usize) -> Bytes {
+        let out = self.buf.split_to(n).freeze();
+        if self.buf.is_empty() && self.buf.capacity() > READ_SIZE {
+            self.buf = BytesMut::new();
+        }
+        out
+    }
+
+    /// The whole rest of the body, failing past `limit` bytes; `None` then.
+    pub(super) async fn read_capped(mut self, limit: u64) -> Result<Option<Bytes>, EwsFailure> {
+        if let Framing::Length(n) = self.framing
+            && n > limit
+        {
+            return Ok(None);
+        }
+        let mut body = BytesMut::new();
+        while let Some(part) = self.chunk().await? {
+            if body.len() as u64 + part.len() as u64 > limit {
+                return Ok(None);
+            }
+            body.extend_from_slice(&part);
+        }
+        Ok(Some(body.freeze()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A body whose bytes come in the given pieces, then the connection closes.
+    fn body_of(framing: Framing, pieces: Vec<Vec<u8>>) -> Body {
+        Body {
+            io: Box::new(socket(pieces)),
+            buf: BytesMut::new(),
+            framing,
+        }
+    }
+
+    /// A socket that hands out `pieces` one read at a time, then closes.
+    fn socket(pieces: Vec<Vec<u8>>) -> impl Io {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            for p in pieces {
+                if server.write_all(&p).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        client
+    }
+
+    async fn all(mut body: Body) -> Result<Vec<u8>, EwsFailure> {
+        let mut out = Vec::new();
+        while let Some(part) = body.chunk().await? {
+            out.extend_from_slice(&part);
+        }
+        Ok(out)
+    }
+
+    fn chunked(parts: &[&[u8]]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for p in parts {
+            wire.extend_from_slice(format!("{:x};ext=1\r\n", p.len()).as_bytes());
+            wire.extend_from_slice(p);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\nX-Trailer: 1\r\n\r\n");
+        wire
+    }
+
+    fn pieces(wire: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for c in cuts.into_iter().chain([wire.len()]) {
+            if c > at {
+                out.push(wire[at..c].to_vec());
+                at = c;
+            }
+        }
+        out
+    }
+
+    /// Reads a whole body framed so, from a socket that hands out `pieces`.
+    fn read(framing: Framing, pieces: Vec<Vec<u8>>) -> Result<Vec<u8>, EwsFailure> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async { all(body_of(framing, pieces)).await })
+    }
+
+    proptest! {
+        /// However the socket cuts a chunked body, its data comes out whole and in order.
+        #[test]
+        fn a_chunked_body_cut_anywhere_reads_whole(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let wire = chunked(&refs);
+            let got = read(Framing::ChunkSize, pieces(&wire, &cuts)).unwrap();
+            prop_assert_eq!(got, parts.concat());
+        }
+
+        #[test]
+        fn a_body_of_known_length_reads_whole(
+            data in proptest::collection::vec(any::<u8>(), 1..2000),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let framing = Framing::Length(data.len() as u64);
+            let got = read(framing, pieces(&data, &cuts)).unwrap();
+            prop_assert_eq!(got, data);
+        }
+    }
+
+    #[test]
+    fn a_body_cut_short_or_malformed_is_a_failure() {
+        let cut = chunked(&[b"hello"]);
+        let cut = cut[..cut.len() - 8].to_vec();
+        assert!(read(Framing::ChunkSize, vec![cut]).is_err());
+        let not_hex = b"zz\r\nhello\r\n0\r\n\r\n".to_vec();
+        assert!(read(Framing::ChunkSize, vec![not_hex]).is_err());
+        let no_crlf = b"5\r\nhelloXX0\r\n\r\n".to_vec();
+        assert!(read(Framing::ChunkSize, vec![no_crlf]).is_err());
+        assert!(read(Framing::Length(10), vec![b"short".to_vec()]).is_err());
+        assert_eq!(
+            read(Framing::Close, vec![b"to the end".to_vec()]).unwrap(),
+            b"to the end"
+        );
+    }
+
+    /// Exchange played by a socket that reads one request and answers `answer`; answers the
+    /// request as it came.
+    async fn exchange_answering(
+        answer: &'static [u8],
+    ) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/EWS/Exchange.asmx?x=1",
+            listener.local_addr().unwrap()
+        );
+        let seen = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut part = [0u8; 1024];
+            loop {
+                let n = socket.read(&mut part).await.unwrap();
+                request.extend_from_slice(&part[..n]);
+                if n == 0 || request.ends_with(b"<body/>") {
+                    break;
+                }
+            }
+            socket.write_all(answer).await.unwrap();
+            request
+        });
+        (url, seen)
+    }
+
+    fn connections() -> StreamConnections {
+        StreamConnections {
+            tls: crate::imap::trusting_no_one(),
+            allow_link_local: false,
+            connect_timeout: Duration::from_secs(5),
+            user_agent: "exchange-listener/test",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_posted_as_http_1_1_and_its_chunks_read_as_they_come() {
+        let (url, seen) = exchange_answering(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nSet-Cookie: X-BackEndOverrideCookie=abc\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        .await;
+        let login = Login::Basic {
+            user: "alice@contoso.test",
+            password: "pässword",
+        };
+        let headers = [("X-AnchorMailbox", "alice@contoso.test")];
+        let (head, body) = connections()
+            .post(&url, login, &headers, "<body/>")
+            .await
+            .unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.headers["set-cookie"], "X-BackEndOverrideCookie=abc");
+        let mut body = body;
+        let mut text = Vec::new();
+        while let Some(part) = body.chunk().await.unwrap() {
+            text.extend_from_slice(&part);
+        }
+        assert_eq!(text, b"hello world");
+
+        let request = String::from_utf8(seen.await.unwrap()).unwrap();
+        let (head, sent) = request.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.lines();
+        assert_eq!(lines.next(), Some("POST /EWS/Exchange.asmx?x=1 HTTP/1.1"));
+        let fields: Vec<&str> = lines.collect();
+        let host = url.trim_start_matches("http://").split('/').next().unwrap();
+        let basic = base64::engine::general_purpose::STANDARD.encode("alice@contoso.test:pässword");
+        for field in [
+            format!("Host: {host}"),
+            "Content-Length: 7".to_owned(),
+            "X-AnchorMailbox: alice@contoso.test".to_owned(),
+            format!("Authorization: Basic {basic}"),
+        ] {
+            assert!(
+                fields.contains(&field.as_str()),
+                "{field} not in {fields:?}"
+            );
+        }
+        assert_eq!(sent, "<body/>");
+    }
+
+    #[tokio::test]
+    async fn a_header_that_would_break_the_request_is_refused_without_saying_its_value() {
+        let login = Login::Bearer("token\r\nX-Evil: 1");
+        let e = connections()
+            .post(
+                "http://127.0.0.1:9/EWS/Exchange.asmx",
+                login,
+                &[],
+                "<body/>",
+            )
+            .await
+            .unwrap_err();
+        let said = e.to_string();
+        assert!(
+            said.contains("Authorization") && !said.contains("Evil"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn heads_are_read_once_complete() {
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=b\r\nSet-Cookie: c=d\r\n\r\nrest";
+        assert!(parse_head(&head[..20]).unwrap().is_none());
+        let (h, used) = parse_head(head).unwrap().unwrap();
+        assert_eq!(&head[used..], b"rest");
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.headers.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(framing_of(&h), Framing::ChunkSize);
+        let (h, _) =
+            parse_head(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 12\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(framing_of(&h), Framing::Length(12));
+        assert!(parse_head(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+}
