@@ -50,17 +50,25 @@ struct Spread {
 }
 
 impl Spread {
-    /// True when the spread must be computed again now.
-    fn due(&self, version: u64) -> bool {
+    /// True when the spread must be computed again now. One that must but is still resting
+    /// is marked to be redone, and [`Spread::resting_until`] says when.
+    fn due(&mut self, version: u64) -> bool {
         let stale = self.redo
             || self.version != Some(version)
             || self
                 .at
                 .is_none_or(|at| at.elapsed() >= RESPREAD_AT_LEAST_EVERY);
-        let rested = self
-            .at
-            .is_none_or(|at| at.elapsed() >= (self.took * 10).min(Duration::from_secs(1)));
+        let rested = self.resting_until().is_none();
+        if stale && !rested {
+            self.redo = true;
+        }
         stale && rested
+    }
+
+    /// Until when the last spread rests, while it does.
+    fn resting_until(&self) -> Option<Instant> {
+        let until = self.at? + (self.took * 10).min(Duration::from_secs(1));
+        (until > Instant::now()).then_some(until)
     }
 }
 
@@ -229,6 +237,9 @@ pub struct Coordinator {
     last_beat: Mutex<Option<(Instant, Beat)>>,
     /// A heartbeat found this replica was not alive in between; the next pass starts over.
     broken: std::sync::atomic::AtomicBool,
+    /// Changes were announced that this replica did not read: the next pass asks the store
+    /// afresh and computes the spread again.
+    missed_news: std::sync::atomic::AtomicBool,
     /// This process among any that might share its replica id.
     nonce: String,
     metrics: Metrics,
@@ -250,6 +261,7 @@ impl Coordinator {
             spread: Mutex::default(),
             last_beat: Mutex::default(),
             broken: Default::default(),
+            missed_news: Default::default(),
             nonce: format!("{:016x}", fastrand::u64(..)),
             metrics,
             settings,
@@ -271,25 +283,43 @@ impl Coordinator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut changed: HashSet<String> = HashSet::new();
+            // A spread left to do while the last one rested is done once it has, whatever
+            // the tick (twenty minutes for a replica alone on its store).
+            let rested = {
+                let spread = self.spread();
+                spread.resting_until().filter(|_| spread.redo)
+            };
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-                id = async {
+                _ = async {
+                    match rested {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                news = async {
                     match &mut changes {
-                        Some(rx) => rx.recv().await.ok(),
+                        Some(rx) => rx.recv().await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Some(id) = id {
-                        changed.insert(id);
-                    }
+                    self.take_news(news, &mut changed, &mut changes);
                     // Let a burst of changes (a Create of many mailboxes) settle into one pass.
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    if let Some(rx) = &mut changes {
-                        while let Ok(id) = rx.try_recv() {
-                            changed.insert(id);
-                        }
+                    while let Some(rx) = &mut changes {
+                        let news = match rx.try_recv() {
+                            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                            Ok(id) => Ok(id),
+                            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n))
+                            }
+                            Err(tokio::sync::broadcast::error::TryRecvError::Closed) => {
+                                Err(tokio::sync::broadcast::error::RecvError::Closed)
+                            }
+                        };
+                        self.take_news(news, &mut changed, &mut changes);
                     }
                 }
             }
@@ -298,6 +328,31 @@ impl Coordinator {
             if !self.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 ready.store(reached, std::sync::atomic::Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Notes one piece of news from the store's change channel. News lost to a burst (more
+    /// Creates at once than the channel holds) is made up for by a spread computed afresh at
+    /// the next pass, whatever the tick; a closed channel is not listened to again.
+    fn take_news(
+        &self,
+        news: Result<String, tokio::sync::broadcast::error::RecvError>,
+        changed: &mut HashSet<String>,
+        changes: &mut Option<tokio::sync::broadcast::Receiver<String>>,
+    ) {
+        match news {
+            Ok(id) => {
+                changed.insert(id);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(
+                    missed,
+                    "changes came faster than they were read; spreading afresh"
+                );
+                self.missed_news
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => *changes = None,
         }
     }
 
@@ -353,7 +408,13 @@ impl Coordinator {
     }
 
     async fn pass_once(&self, changed: &HashSet<String>) -> bool {
-        let mut fresh_beat = !changed.is_empty();
+        let missed = self
+            .missed_news
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if missed {
+            self.spread().redo = true;
+        }
+        let mut fresh_beat = !changed.is_empty() || missed;
         match self.check_epoch().await {
             Ok(None) => self.forget_given_back(),
             Ok(Some(epoch)) => {

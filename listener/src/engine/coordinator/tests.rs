@@ -380,3 +380,27 @@ async fn a_lease_taken_without_the_claimer_knowing_is_not_kept_from_its_new_owne
     }
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_create_while_the_spread_rests_is_served_once_it_has_rested() {
+    let store = SlowStore::new(MemoryStore::default());
+    // Alone on its store, a replica passes on news of a change, or every twenty minutes.
+    let lone = Duration::from_secs(3600);
+    let replica = Replica::new("a", Arc::new(store.clone()), lone);
+    let stop = CancellationToken::new();
+    replica.start(&stop);
+    tokio::time::sleep(SECOND).await;
+
+    // A spread of many mailboxes over a slow store takes long enough that the next one
+    // waits a second.
+    store.set_delay(Duration::from_millis(20));
+    let ids = open(&store, 1500).await;
+    tokio::time::sleep(SECOND / 2).await;
+    assert_eq!(replica.served(&ids).0, ids.len());
+    // A Create comes while it rests.
+    store.put_mailbox(creds("late")).await.unwrap();
+    tokio::time::sleep(3 * SECOND).await;
+    let late = ["late".to_owned()];
+    assert_eq!(replica.served(&late), (1, 0), "(served, without a worker)");
+    stop.cancel();
+}
