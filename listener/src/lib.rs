@@ -49,6 +49,12 @@ fn shared_tls(
     Ok(config)
 }
 
+/// How long a connection to Exchange or Creatio may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the listener calls itself in every request.
+const USER_AGENT: &str = concat!("exchange-listener/", env!("CARGO_PKG_VERSION"));
+
 /// Idle connections kept per Exchange server for the calls of mailboxes that log in with Basic
 /// or a bearer token.
 const EWS_IDLE_CONNECTIONS_PER_HOST: usize = 64;
@@ -68,7 +74,7 @@ pub async fn serve(
     let allow_link_local = reach.allow_link_local;
     let builder = move || {
         reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(CONNECT_TIMEOUT)
             // No host name may lead where an address written in a call may not.
             .dns_resolver(Arc::new(engine::reach::GuardedResolver {
                 allow_link_local,
@@ -80,7 +86,7 @@ pub async fn serve(
             // A redirect would re-post a SOAP body with its credentials, or a mail, to another
             // host: never follow one; the EWS client reports it as a configuration error.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("exchange-listener/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
     };
     // Creatio's calls trust the system's roots; Exchange's may also trust an internal CA, or,
     // in a lab, anything.
@@ -138,8 +144,8 @@ pub async fn serve(
             .map(|tls| exchange::client::StreamConnections {
                 tls: Arc::new(tls),
                 allow_link_local,
-                connect_timeout: Duration::from_secs(10),
-                user_agent: concat!("exchange-listener/", env!("CARGO_PKG_VERSION")),
+                connect_timeout: CONNECT_TIMEOUT,
+                user_agent: USER_AGENT,
             });
     let ews_private: exchange::client::ClientFactory = Arc::new(move || {
         let builder = ews_builder().pool_max_idle_per_host(1);

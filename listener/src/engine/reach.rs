@@ -157,13 +157,24 @@ pub fn usable(
     }
 }
 
+impl GuardedResolver {
+    /// The addresses of `host` at `port` a connection may use.
+    pub async fn lookup(
+        self,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+        let found = tokio::net::lookup_host((host, port)).await?;
+        Ok(usable(host, found, self.allow_link_local)?)
+    }
+}
+
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_owned();
-        let allow = self.allow_link_local;
+        let this = *self;
         Box::pin(async move {
-            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
-            let kept = usable(&host, found, allow)?;
+            let kept = this.lookup(&host, 0).await?;
             Ok(Box::new(kept.into_iter()) as Addrs)
         })
     }

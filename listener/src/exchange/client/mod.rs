@@ -305,6 +305,22 @@ impl EwsClient {
             .clone()
     }
 
+    /// Every header of a request but the login; with `affinity`, those that keep a
+    /// subscription's requests on its mailbox server.
+    fn headers(&self, affinity: bool) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            (CONTENT_TYPE.as_str(), "text/xml; charset=utf-8".to_owned()),
+            ("X-AnchorMailbox", self.anchor.clone()),
+        ];
+        if affinity {
+            headers.push(("X-PreferServerAffinity", "true".to_owned()));
+            if let Some(cookie) = self.cookie() {
+                headers.push((COOKIE.as_str(), format!("{AFFINITY_COOKIE}={cookie}")));
+            }
+        }
+        headers
+    }
+
     /// A request to the endpoint with every header but the login.
     fn request(
         &self,
@@ -313,21 +329,28 @@ impl EwsClient {
         affinity: bool,
         timeout: Option<Duration>,
     ) -> reqwest::RequestBuilder {
-        let mut req = http
-            .post(&self.url)
-            .header(CONTENT_TYPE, "text/xml; charset=utf-8")
-            .header("X-AnchorMailbox", &self.anchor)
-            .body(body);
-        if affinity {
-            req = req.header("X-PreferServerAffinity", "true");
-            if let Some(cookie) = self.cookie() {
-                req = req.header(COOKIE, format!("{AFFINITY_COOKIE}={cookie}"));
-            }
+        let mut req = http.post(&self.url).body(body);
+        for (name, value) in self.headers(affinity) {
+            req = req.header(name, value);
         }
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
         req
+    }
+
+    /// True when a Basic login's 401 says the server takes NTLM and not Basic: from now on
+    /// every mailbox of the server logs in with NTLM.
+    fn switches_to_ntlm(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let switched = status == StatusCode::UNAUTHORIZED
+            && matches!(self.auth, Auth::Basic { .. })
+            && self
+                .servers
+                .learn_ntlm(&self.url, &crate::exchange::ntlm::offered(headers));
+        if switched {
+            tracing::info!(url = ?self.url(), "Exchange takes NTLM here, not Basic; logging in with NTLM");
+        }
+        switched
     }
 
     /// Sends a request over connections NTLM authenticated. A connection that already is
@@ -415,12 +438,7 @@ impl EwsClient {
                     .send()
                     .await
                     .map_err(transport)?;
-                if resp.status() == StatusCode::UNAUTHORIZED
-                    && self
-                        .servers
-                        .learn_ntlm(&self.url, &crate::exchange::ntlm::offered(resp.headers()))
-                {
-                    tracing::info!(url = ?self.url(), "Exchange takes NTLM here, not Basic; logging in with NTLM");
+                if self.switches_to_ntlm(resp.status(), resp.headers()) {
                     self.send_ntlm(user, password, body, affinity, timeout, lane)
                         .await?
                 } else {
@@ -707,13 +725,7 @@ impl EwsClient {
         if resp.status() != StatusCode::OK {
             let status = resp.status();
             let bytes = read_capped(resp, self.limits.max_body_bytes).await?;
-            // A 500 on open is a fault; decode it for its code and back-off.
-            return Err(decode_body(status, &bytes, response::parse_stream_envelope)
-                .err()
-                .unwrap_or(EwsFailure::Http {
-                    status: status.as_u16(),
-                    retry_after: None,
-                }));
+            return Err(refused_open(status, &bytes));
         }
         Ok(EventStream {
             body: StreamBody::Client(resp),
@@ -738,26 +750,12 @@ impl EwsClient {
             },
             Auth::Bearer(token) => stream_connection::Login::Bearer(token.expose()),
         };
-        let cookie = self.cookie().map(|c| format!("{AFFINITY_COOKIE}={c}"));
-        let mut headers = vec![
-            ("Content-Type", "text/xml; charset=utf-8"),
-            ("X-AnchorMailbox", self.anchor.as_str()),
-            ("X-PreferServerAffinity", "true"),
-        ];
-        if let Some(cookie) = &cookie {
-            headers.push(("Cookie", cookie.as_str()));
-        }
+        let headers = self.headers(true);
         let (head, answer) = match streams.post(&self.url, login, &headers, body).await {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        if head.status == StatusCode::UNAUTHORIZED
-            && matches!(self.auth, Auth::Basic { .. })
-            && self
-                .servers
-                .learn_ntlm(&self.url, &crate::exchange::ntlm::offered(&head.headers))
-        {
-            tracing::info!(url = ?self.url(), "Exchange takes NTLM here, not Basic; logging in with NTLM");
+        if self.switches_to_ntlm(head.status, &head.headers) {
             return None;
         }
         Some(self.stream_from(head, answer).await)
@@ -777,15 +775,7 @@ impl EwsClient {
                 .ok_or(EwsFailure::TooLarge {
                     limit: self.limits.max_body_bytes,
                 })?;
-            // A 500 on open is a fault; decode it for its code and back-off.
-            return Err(
-                decode_body(head.status, &bytes, response::parse_stream_envelope)
-                    .err()
-                    .unwrap_or(EwsFailure::Http {
-                        status: head.status.as_u16(),
-                        retry_after: None,
-                    }),
-            );
+            return Err(refused_open(head.status, &bytes));
         }
         Ok(EventStream {
             body: StreamBody::Alone(Box::new(answer)),
@@ -829,6 +819,17 @@ fn decode_body<T>(
         }),
         other => other.map_err(EwsFailure::from),
     }
+}
+
+/// Why a stream's opening answered `status` with `body`: a 500 is a fault, decoded for its
+/// code and back-off.
+fn refused_open(status: StatusCode, body: &Bytes) -> EwsFailure {
+    decode_body(status, body, response::parse_stream_envelope)
+        .err()
+        .unwrap_or(EwsFailure::Http {
+            status: status.as_u16(),
+            retry_after: None,
+        })
 }
 
 /// Where a stream's body comes from.

@@ -104,7 +104,7 @@ impl StreamConnections {
         &self,
         url: &str,
         login: Login<'_>,
-        headers: &[(&str, &str)],
+        headers: &[(&str, String)],
         body: &str,
     ) -> Result<(Head, Body), EwsFailure> {
         let parsed = url::Url::parse(url)
@@ -142,7 +142,7 @@ impl StreamConnections {
         };
         for (name, value) in headers
             .iter()
-            .copied()
+            .map(|(name, value)| (*name, value.as_str()))
             .chain([("Authorization", authorization.as_str())])
         {
             if HeaderValue::from_str(value).is_err() {
@@ -197,13 +197,12 @@ impl StreamConnections {
     async fn connect(&self, host: &str, port: u16, tls: bool) -> Result<Box<dyn Io>, EwsFailure> {
         let addrs: Vec<SocketAddr> = match host.trim_matches(['[', ']']).parse() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => {
-                let found = tokio::net::lookup_host((host, port))
-                    .await
-                    .map_err(|e| failed("connection failed", e))?;
-                crate::engine::reach::usable(host, found, self.allow_link_local)
-                    .map_err(|e| failed("connection failed", e))?
+            Err(_) => crate::engine::reach::GuardedResolver {
+                allow_link_local: self.allow_link_local,
             }
+            .lookup(host, port)
+            .await
+            .map_err(|e| failed("connection failed", e))?,
         };
         let mut last = None;
         let mut tcp = None;
@@ -584,7 +583,7 @@ mod tests {
             user: "alice@contoso.test",
             password: "pässword",
         };
-        let headers = [("X-AnchorMailbox", "alice@contoso.test")];
+        let headers = [("X-AnchorMailbox", "alice@contoso.test".to_owned())];
         let (head, body) = connections()
             .post(&url, login, &headers, "<body/>")
             .await
