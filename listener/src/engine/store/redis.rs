@@ -918,32 +918,29 @@ impl Store for RedisStore {
             // a release): every replica spreads again and checks its leases. Taken before
             // the connection, so that a move in between is told again next time.
             let moved = self.link.take_moved();
-            let mut conn = self.link.conn().inspect_err(|_| {
-                if moved {
-                    self.link.note_moved();
-                }
-            })?;
-            let (unbroken, version, mut live): (i64, u64, Vec<String>) = self
-                .scripts
-                .heartbeat
-                .key(self.global("replicas"))
-                .key(format!("{}replica-process", self.prefix))
-                .key(self.global("spread"))
-                .arg(replica)
-                .arg(ttl.as_millis() as u64)
-                .arg(nonce)
-                .arg(u8::from(moved))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| {
-                    if moved {
-                        self.link.note_moved();
-                    }
-                    match e.code() {
+            let answer: Result<(i64, u64, Vec<String>), StoreError> = async {
+                let mut conn = self.link.conn()?;
+                self.scripts
+                    .heartbeat
+                    .key(self.global("replicas"))
+                    .key(format!("{}replica-process", self.prefix))
+                    .key(self.global("spread"))
+                    .arg(replica)
+                    .arg(ttl.as_millis() as u64)
+                    .arg(nonce)
+                    .arg(u8::from(moved))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| match e.code() {
                         Some("DUPLICATE") => StoreError::Duplicate(replica.to_owned()),
                         _ => store_error(e),
-                    }
-                })?;
+                    })
+            }
+            .await;
+            if moved && answer.is_err() {
+                self.link.note_moved();
+            }
+            let (unbroken, version, mut live) = answer?;
             // Redis lists them by deadline; every replica must see the same order.
             live.sort();
             Ok(Beat {

@@ -39,6 +39,13 @@ pub struct SlowStore {
     lost_claim_answers: Arc<AtomicUsize>,
 }
 
+/// Takes one from a count of faults still to come; false when none is left.
+fn take_one(count: &AtomicUsize) -> bool {
+    count
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
 impl SlowStore {
     pub fn new(inner: MemoryStore) -> Self {
         SlowStore {
@@ -226,11 +233,7 @@ impl Store for SlowStore {
                         .filter(|(_, t)| t.is_some())
                         .map(|(id, _)| (replica.to_owned(), id.clone())),
                 );
-                let lost = self
-                    .lost_claim_answers
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok();
-                if lost {
+                if take_one(&self.lost_claim_answers) {
                     return Err(StoreError::Unavailable("the answer was lost".into()));
                 }
                 Ok(tokens)
@@ -245,10 +248,7 @@ impl Store for SlowStore {
     }
     fn write_back(&self) -> Stored<'_, usize> {
         self.write_backs.fetch_add(1, Ordering::Relaxed);
-        let failing = self
-            .failing_write_backs
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
+        let failing = take_one(&self.failing_write_backs);
         self.call(move || {
             if failing {
                 Box::pin(async { Err(StoreError::Unavailable("the write-back failed".into())) })
