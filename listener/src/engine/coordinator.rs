@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -237,9 +238,6 @@ pub struct Coordinator {
     last_beat: Mutex<Option<(Instant, Beat)>>,
     /// A heartbeat found this replica was not alive in between; the next pass starts over.
     broken: std::sync::atomic::AtomicBool,
-    /// Changes were announced that this replica did not read: the next pass asks the store
-    /// afresh and computes the spread again.
-    missed_news: std::sync::atomic::AtomicBool,
     /// This process among any that might share its replica id.
     nonce: String,
     metrics: Metrics,
@@ -261,7 +259,6 @@ impl Coordinator {
             spread: Mutex::default(),
             last_beat: Mutex::default(),
             broken: Default::default(),
-            missed_news: Default::default(),
             nonce: format!("{:016x}", fastrand::u64(..)),
             metrics,
             settings,
@@ -310,14 +307,10 @@ impl Coordinator {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     while let Some(rx) = &mut changes {
                         let news = match rx.try_recv() {
-                            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                            Err(TryRecvError::Empty) => break,
                             Ok(id) => Ok(id),
-                            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
-                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n))
-                            }
-                            Err(tokio::sync::broadcast::error::TryRecvError::Closed) => {
-                                Err(tokio::sync::broadcast::error::RecvError::Closed)
-                            }
+                            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                            Err(TryRecvError::Closed) => Err(RecvError::Closed),
                         };
                         self.take_news(news, &mut changed, &mut changes);
                     }
@@ -333,10 +326,10 @@ impl Coordinator {
 
     /// Notes one piece of news from the store's change channel. News lost to a burst (more
     /// Creates at once than the channel holds) is made up for by a spread computed afresh at
-    /// the next pass, whatever the tick; a closed channel is not listened to again.
+    /// the next pass; a closed channel is not listened to again.
     fn take_news(
         &self,
-        news: Result<String, tokio::sync::broadcast::error::RecvError>,
+        news: Result<String, RecvError>,
         changed: &mut HashSet<String>,
         changes: &mut Option<tokio::sync::broadcast::Receiver<String>>,
     ) {
@@ -344,15 +337,14 @@ impl Coordinator {
             Ok(id) => {
                 changed.insert(id);
             }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+            Err(RecvError::Lagged(missed)) => {
                 tracing::debug!(
                     missed,
                     "changes came faster than they were read; spreading afresh"
                 );
-                self.missed_news
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.spread().redo = true;
             }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => *changes = None,
+            Err(RecvError::Closed) => *changes = None,
         }
     }
 
@@ -408,13 +400,7 @@ impl Coordinator {
     }
 
     async fn pass_once(&self, changed: &HashSet<String>) -> bool {
-        let missed = self
-            .missed_news
-            .swap(false, std::sync::atomic::Ordering::SeqCst);
-        if missed {
-            self.spread().redo = true;
-        }
-        let mut fresh_beat = !changed.is_empty() || missed;
+        let mut fresh_beat = !changed.is_empty();
         match self.check_epoch().await {
             Ok(None) => self.forget_given_back(),
             Ok(Some(epoch)) => {
