@@ -75,44 +75,89 @@ pub struct MockEws {
 }
 
 impl MockEws {
-    /// Binds `addr` and makes the world a server serves; the handle comes back without its
-    /// task, which the caller spawns to serve `router`.
-    async fn prepare(
+    /// Binds `addr` and serves the world, over TLS when given an acceptor.
+    async fn serve(
         addr: SocketAddr,
         config: Config,
-        scheme: &'static str,
-    ) -> std::io::Result<(MockEws, tokio::net::TcpListener, axum::Router)> {
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<MockEws> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let world = Arc::new(state::World::default());
         let shutdown = CancellationToken::new();
+        let ntlm = Arc::<ntlm::Connections>::default();
         let app = server::App {
             world: world.clone(),
             config,
             shutdown: shutdown.clone(),
-            ntlm: Arc::default(),
+            ntlm: ntlm.clone(),
         };
-        let handle = MockEws {
-            addr: listener.local_addr()?,
+        let router = server::router(app);
+        let stop = shutdown.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let local = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            // Each connection's task holds a sender: all of them gone, every connection ended.
+            let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+            let mut serial = 0;
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let (tcp, _) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors, or a connection reset while queued: the
+                        // server goes on.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                serial += 1;
+                let connection = ntlm::ConnectionId(serial);
+                let (tls, router, ntlm, stop, open) = (
+                    tls.clone(),
+                    router.clone(),
+                    ntlm.clone(),
+                    stop.clone(),
+                    open.clone(),
+                );
+                tokio::spawn(async move {
+                    // Each request knows its connection: NTLM authenticates connections.
+                    let router = router.layer(axum::Extension(connection));
+                    match tls {
+                        Some(acceptor) => {
+                            // A client that refuses the certificate ends the handshake.
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve_connection(stream, router, &stop).await;
+                            }
+                        }
+                        None => serve_connection(tcp, router, &stop).await,
+                    }
+                    // What a connection authenticated ends with it: a later connection, even
+                    // from the same address and port, is a stranger.
+                    ntlm.forget(connection);
+                    drop(open);
+                });
+            }
+            drop(open);
+            let _ = all_closed.recv().await;
+            Ok(())
+        });
+        Ok(MockEws {
+            addr: local,
             scheme,
             world,
             shutdown,
-            task: None,
-        };
-        Ok((handle, listener, server::router(app)))
+            task: Some(task),
+        })
     }
 
     /// Binds `addr` (use port 0 for any free port) and serves until dropped or shut down.
     pub async fn start(addr: SocketAddr, config: Config) -> std::io::Result<MockEws> {
-        let (mut handle, listener, router) = MockEws::prepare(addr, config, "http").await?;
-        let stop = handle.shutdown.clone();
-        handle.task = Some(tokio::spawn(async move {
-            // Each request knows its connection: NTLM authenticates connections.
-            let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener, service)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }));
-        Ok(handle)
+        MockEws::serve(addr, config, None).await
     }
 
     /// Like [`MockEws::start`], but serving HTTPS with this certificate chain and key (PEM), as
@@ -135,29 +180,7 @@ impl MockEws {
             .with_single_cert(certs, key)
             .map_err(|e| invalid(&e))?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let (mut handle, listener, router) = MockEws::prepare(addr, config, "https").await?;
-        let stop = handle.shutdown.clone();
-        handle.task = Some(tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    accepted = listener.accept() => accepted?,
-                };
-                let (acceptor, router) = (acceptor.clone(), router.clone());
-                tokio::spawn(async move {
-                    // A client that refuses the certificate ends the handshake: nothing to serve.
-                    let Ok(stream) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-                    let service = hyper_util::service::TowerToHyperService::new(router);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        }));
-        Ok(handle)
+        MockEws::serve(addr, config, Some(acceptor)).await
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -272,6 +295,24 @@ impl Drop for MockEws {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Serves one connection's requests until it closes; once the server stops, until the answer
+/// in flight is sent (a stream's ends with `Closed`).
+async fn serve_connection<S>(io: S, router: axum::Router, stop: &CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = stop.cancelled() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 /// A CA of its own and a certificate it signed for 127.0.0.1, made with `openssl` in `dir`

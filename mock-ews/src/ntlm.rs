@@ -5,7 +5,6 @@
 //! the password to verify against.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use base64::Engine as _;
@@ -22,9 +21,13 @@ enum Conn {
     Authenticated(String),
 }
 
-/// The NTLM state of every connection, by the client's address.
+/// One connection, among all the server accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConnectionId(pub u64);
+
+/// The NTLM state of every open connection.
 #[derive(Default)]
-pub(crate) struct Connections(Mutex<HashMap<SocketAddr, Conn>>);
+pub(crate) struct Connections(Mutex<HashMap<ConnectionId, Conn>>);
 
 impl std::fmt::Debug for Connections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,22 +49,27 @@ const SIGNATURE: &[u8] = b"NTLMSSP\0";
 
 impl Connections {
     /// The mailbox an earlier handshake on this connection authenticated.
-    pub fn user(&self, peer: SocketAddr) -> Option<String> {
-        match self.lock().get(&peer) {
+    pub fn user(&self, connection: ConnectionId) -> Option<String> {
+        match self.lock().get(&connection) {
             Some(Conn::Authenticated(user)) => Some(user.clone()),
             _ => None,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Conn>> {
+    /// Forgets a connection that closed.
+    pub fn forget(&self, connection: ConnectionId) {
+        self.lock().remove(&connection);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Conn>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes one NTLM token from the connection at `peer`. `password_of` finds the mailbox
+    /// Takes one NTLM token from `connection`. `password_of` finds the mailbox
     /// and password of a user as AUTHENTICATE names it (user, domain).
     pub fn step(
         &self,
-        peer: SocketAddr,
+        connection: ConnectionId,
         token_b64: &str,
         password_of: impl Fn(&str, &str) -> Option<(String, String)>,
     ) -> Step {
@@ -74,13 +82,14 @@ impl Connections {
         match u32::from_le_bytes([token[8], token[9], token[10], token[11]]) {
             1 => match challenge(&token) {
                 Some((ntlm, challenge)) => {
-                    self.lock().insert(peer, Conn::Challenged(Box::new(ntlm)));
+                    self.lock()
+                        .insert(connection, Conn::Challenged(Box::new(ntlm)));
                     Step::Challenge(base64::engine::general_purpose::STANDARD.encode(challenge))
                 }
                 None => Step::Refused,
             },
             3 => {
-                let Some(Conn::Challenged(mut ntlm)) = self.lock().remove(&peer) else {
+                let Some(Conn::Challenged(mut ntlm)) = self.lock().remove(&connection) else {
                     return Step::Refused;
                 };
                 let Some((user, domain)) = names(&token) else {
@@ -91,7 +100,7 @@ impl Connections {
                 };
                 if verify(&mut ntlm, &token, &mailbox, &password) {
                     self.lock()
-                        .insert(peer, Conn::Authenticated(mailbox.clone()));
+                        .insert(connection, Conn::Authenticated(mailbox.clone()));
                     Step::Authenticated(mailbox)
                 } else {
                     Step::Refused

@@ -1,12 +1,12 @@
 //! HTTP: the EWS endpoint (Basic auth, impersonation, dispatch by operation) and the routes
 //! of the JSON control API under `/_control/`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -165,7 +165,11 @@ fn ntlm_token(headers: &HeaderMap) -> Option<(&str, &str)> {
 
 /// Who the request acts as, by Basic or by NTLM on its connection; else the response that
 /// asks it to log in (or continues the handshake).
-fn principal(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<String, Box<Response>> {
+fn principal(
+    app: &App,
+    connection: crate::ntlm::ConnectionId,
+    headers: &HeaderMap,
+) -> Result<String, Box<Response>> {
     let settings = app.world.settings();
     let logins = Logins::of(&settings);
     if let Some((scheme, token)) = ntlm_token(headers) {
@@ -175,10 +179,9 @@ fn principal(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<String,
             return Err(Box::new(challenge(logins)));
         }
         let world = app.world.clone();
-        return match app
-            .ntlm
-            .step(peer, token, |user, domain| world.password_of(user, domain))
-        {
+        return match app.ntlm.step(connection, token, |user, domain| {
+            world.password_of(user, domain)
+        }) {
             crate::ntlm::Step::Challenge(c) => {
                 let mut response = StatusCode::UNAUTHORIZED.into_response();
                 let value = format!("{scheme} {c}").parse().expect("a header value");
@@ -202,7 +205,7 @@ fn principal(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<String,
     }
     // No credentials: a connection NTLM authenticated acts as its user.
     app.ntlm
-        .user(peer)
+        .user(connection)
         .ok_or_else(|| Box::new(challenge(logins)))
 }
 
@@ -222,12 +225,12 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 
 async fn ews(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(connection): Extension<crate::ntlm::ConnectionId>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let at = tokio::time::Instant::now();
-    let (operation, mailbox, response) = handle(app.clone(), peer, headers, body).await;
+    let (operation, mailbox, response) = handle(app.clone(), connection, headers, body).await;
     app.world
         .record(&operation, &mailbox, response.status().as_u16(), at);
     response
@@ -236,13 +239,13 @@ async fn ews(
 /// Answers one request; also names its operation and acting mailbox for the request log.
 async fn handle(
     app: App,
-    peer: SocketAddr,
+    connection: crate::ntlm::ConnectionId,
     headers: HeaderMap,
     body: Bytes,
 ) -> (String, String, Response) {
     // IIS authenticates before Exchange reads the body: bad credentials get 401 whatever the
     // envelope holds.
-    let principal = principal(&app, peer, &headers);
+    let principal = principal(&app, connection, &headers);
     let (principal, refusal) = match principal {
         Ok(p) => (Some(p), None),
         Err(r) => (None, Some(*r)),
