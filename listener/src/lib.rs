@@ -59,6 +59,10 @@ const USER_AGENT: &str = concat!("exchange-listener/", env!("CARGO_PKG_VERSION")
 /// or a bearer token.
 const EWS_IDLE_CONNECTIONS_PER_HOST: usize = 64;
 
+/// How long an NTLM mailbox keeps its idle call connection: mail that comes in a burst reuses
+/// the handshake; a mailbox that goes quiet lets the connection's TLS session and buffers go.
+const NTLM_CALLS_IDLE: Duration = Duration::from_secs(30);
+
 /// The lease of a replica alone on its in-memory store.
 const LONE_LEASE: Duration = Duration::from_secs(3600);
 
@@ -120,8 +124,9 @@ pub async fn serve(
         .pool_max_idle_per_host(EWS_IDLE_CONNECTIONS_PER_HOST)
         .build()
         .context("building the EWS HTTP client")?;
-    // NTLM authenticates connections: an NTLM mailbox gets connections of its own, all with
-    // one TLS configuration (the trusted roots loaded once, not once per mailbox).
+    // NTLM authenticates connections: an NTLM mailbox gets call connections of its own (its
+    // stream has one of its own too), all with one TLS configuration (the trusted roots loaded
+    // once, not once per mailbox).
     let shared = ews_http.clone();
     let ews_tls = if insecure {
         None
@@ -148,7 +153,9 @@ pub async fn serve(
                 user_agent: USER_AGENT,
             });
     let ews_private: exchange::client::ClientFactory = Arc::new(move || {
-        let builder = ews_builder().pool_max_idle_per_host(1);
+        let builder = ews_builder()
+            .pool_max_idle_per_host(1)
+            .pool_idle_timeout(NTLM_CALLS_IDLE);
         match &ews_tls {
             Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
             None => builder,

@@ -80,9 +80,29 @@ impl Handshake {
     }
 }
 
+/// The scheme to start NTLM's handshake under, when an answer is a 401 that offers it.
+pub fn scheme_asked(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Option<&'static str> {
+    (status == reqwest::StatusCode::UNAUTHORIZED)
+        .then(|| scheme(&offered(headers)))
+        .flatten()
+}
+
+/// The server's CHALLENGE, when an answer to NEGOTIATE is a 401 that carries one.
+pub fn challenge_asked(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Option<String> {
+    (status == reqwest::StatusCode::UNAUTHORIZED)
+        .then(|| challenge_in(headers))
+        .flatten()
+}
+
 /// The CHALLENGE in a 401's `WWW-Authenticate: NTLM …` (or `Negotiate …` carrying NTLM), if
 /// there is one.
-pub fn challenge_in(headers: &reqwest::header::HeaderMap) -> Option<String> {
+fn challenge_in(headers: &reqwest::header::HeaderMap) -> Option<String> {
     headers
         .get_all(reqwest::header::WWW_AUTHENTICATE)
         .iter()
@@ -96,7 +116,7 @@ pub fn challenge_in(headers: &reqwest::header::HeaderMap) -> Option<String> {
 
 /// The scheme to carry NTLM under, from what a 401 offers: `NTLM`, or `Negotiate` where only
 /// that is offered (Windows takes NTLM's messages inside it as they are); none when neither.
-pub fn scheme(offered: &[String]) -> Option<&'static str> {
+fn scheme(offered: &[String]) -> Option<&'static str> {
     if offered.iter().any(|s| s == "ntlm") {
         Some("NTLM")
     } else if offered.iter().any(|s| s == "negotiate") {

@@ -376,11 +376,7 @@ impl EwsClient {
             .send()
             .await
             .map_err(transport)?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
-        }
-        let Some(scheme) =
-            crate::exchange::ntlm::scheme(&crate::exchange::ntlm::offered(resp.headers()))
+        let Some(scheme) = crate::exchange::ntlm::scheme_asked(resp.status(), resp.headers())
         else {
             return Ok(resp);
         };
@@ -395,10 +391,8 @@ impl EwsClient {
             .send()
             .await
             .map_err(transport)?;
-        let challenge = (resp.status() == StatusCode::UNAUTHORIZED)
-            .then(|| crate::exchange::ntlm::challenge_in(resp.headers()))
-            .flatten();
-        let Some(challenge) = challenge else {
+        let Some(challenge) = crate::exchange::ntlm::challenge_asked(resp.status(), resp.headers())
+        else {
             return Ok(resp);
         };
         let _ = read_capped(resp, self.limits.max_body_bytes).await;
@@ -734,31 +728,41 @@ impl EwsClient {
         })
     }
 
-    /// Opens the stream on a connection of its own, where this mailbox's login allows it
-    /// (Basic, or a bearer token); `None` where it goes through the HTTP client instead, and
-    /// when the server turned out to want NTLM.
+    /// Opens the stream on a connection of its own; `None` where it goes through the HTTP
+    /// client instead (a service account's streams are on its shared connections).
     async fn open_stream_alone(&self, body: &str) -> Option<Result<EventStream, EwsFailure>> {
         let streams = self.servers.streams.as_ref()?;
         if self.account.is_some() {
             return None;
         }
-        let login = match &self.auth {
-            Auth::Basic { .. } if self.servers.wants_ntlm(&self.url) => return None,
+        let headers = self.headers(true);
+        let mut opened = streams.post(&self.url, self.login(), &headers, body).await;
+        if let Ok((head, _)) = &opened
+            && self.switches_to_ntlm(head.status, &head.headers)
+        {
+            opened = streams.post(&self.url, self.login(), &headers, body).await;
+        }
+        Some(match opened {
+            Ok((head, answer)) => self.stream_from(head, answer).await,
+            Err(e) => Err(e),
+        })
+    }
+
+    /// How a connection of its own logs in as this mailbox.
+    fn login(&self) -> stream_connection::Login<'_> {
+        match &self.auth {
+            Auth::Basic { user, password } if self.servers.wants_ntlm(&self.url) => {
+                stream_connection::Login::Ntlm {
+                    user,
+                    password: password.expose(),
+                }
+            }
             Auth::Basic { user, password } => stream_connection::Login::Basic {
                 user,
                 password: password.expose(),
             },
             Auth::Bearer(token) => stream_connection::Login::Bearer(token.expose()),
-        };
-        let headers = self.headers(true);
-        let (head, answer) = match streams.post(&self.url, login, &headers, body).await {
-            Ok(opened) => opened,
-            Err(e) => return Some(Err(e)),
-        };
-        if self.switches_to_ntlm(head.status, &head.headers) {
-            return None;
         }
-        Some(self.stream_from(head, answer).await)
     }
 
     /// The stream a connection of its own answered, or the failure its answer says.

@@ -4,8 +4,8 @@
 //! client each one also kept that client's per-connection machinery (a dispatch channel, read
 //! and write buffers sized for any answer, the pooled request's futures), which made up most of
 //! an idle mailbox's memory. Here a stream is a socket (with TLS, the rustls session), one
-//! small read buffer and the body's framing. It serves mailboxes that log in with Basic or a
-//! bearer token; NTLM authenticates connections through the client's handshake, and stays there.
+//! small read buffer and the body's framing. It serves mailboxes that log in with Basic, a
+//! bearer token or NTLM, whose handshake runs on the stream's connection before the stream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +25,8 @@ const READ_SIZE: usize = 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// The most a chunk-size line or a trailer line may take.
 const MAX_LINE: usize = 4096;
+/// The most an NTLM handshake's 401 answer's body may take (read to reuse the connection).
+const MAX_HANDSHAKE_BODY: u64 = 64 * 1024;
 
 /// What every stream of the process shares: how to reach Exchange.
 #[derive(Clone)]
@@ -47,8 +49,16 @@ impl std::fmt::Debug for StreamConnections {
 
 /// How a request logs in.
 pub(super) enum Login<'a> {
-    Basic { user: &'a str, password: &'a str },
+    Basic {
+        user: &'a str,
+        password: &'a str,
+    },
     Bearer(&'a str),
+    /// NTLM's handshake on the connection (a 401 names the scheme), then the request.
+    Ntlm {
+        user: &'a str,
+        password: &'a str,
+    },
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -61,11 +71,19 @@ pub(super) struct Head {
     pub headers: HeaderMap,
 }
 
+/// A connection to Exchange between answers.
+struct Connection {
+    io: Box<dyn Io>,
+    buf: BytesMut,
+}
+
 /// An answer's body, read as it comes.
 pub(super) struct Body {
     io: Box<dyn Io>,
     buf: BytesMut,
     framing: Framing,
+    /// Whether the connection may carry another request once the body is read.
+    reusable: bool,
 }
 
 impl std::fmt::Debug for Body {
@@ -99,7 +117,7 @@ fn failed(what: &str, e: impl std::fmt::Display) -> EwsFailure {
 
 impl StreamConnections {
     /// Connects to `url`, posts `body` with `headers` (each checked to be a valid header
-    /// value), and reads the answer's head.
+    /// value) after the login's handshake if it has one, and reads the answer's head.
     pub(super) async fn post(
         &self,
         url: &str,
@@ -133,68 +151,38 @@ impl StreamConnections {
             self.user_agent,
             body.len()
         );
+        for (name, value) in headers {
+            field(&mut request, name, value)?;
+        }
         let authorization = match login {
-            Login::Basic { user, password } => format!(
+            Login::Basic { user, password } => Some(format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-            ),
-            Login::Bearer(token) => format!("Bearer {token}"),
+            )),
+            Login::Bearer(token) => Some(format!("Bearer {token}")),
+            Login::Ntlm { .. } => None,
         };
-        for (name, value) in headers
-            .iter()
-            .map(|(name, value)| (*name, value.as_str()))
-            .chain([("Authorization", authorization.as_str())])
-        {
-            if HeaderValue::from_str(value).is_err() {
-                // Never the value itself: it may be a secret.
-                return Err(EwsFailure::Config(format!(
-                    "the {name} header would carry characters HTTP does not allow"
-                )));
-            }
-            request.push_str(name);
-            request.push_str(": ");
-            request.push_str(value);
-            request.push_str("\r\n");
+        if let Some(value) = &authorization {
+            // Checked before connecting: a value HTTP does not allow is the configuration's.
+            field(&mut String::new(), "Authorization", value)?;
         }
-        request.push_str("\r\n");
 
-        let mut io = tokio::time::timeout(self.connect_timeout, self.connect(host, port, tls))
+        let connection = tokio::time::timeout(self.connect_timeout, self.connect(host, port, tls))
             .await
             .map_err(|_| EwsFailure::Transport("connection failed: timed out".into()))??;
-        let sent = async {
-            io.write_all(request.as_bytes()).await?;
-            io.write_all(body.as_bytes()).await?;
-            io.flush().await
-        };
-        sent.await.map_err(|e| failed("request failed", e))?;
-        drop(request);
-
-        let mut buf = BytesMut::with_capacity(READ_SIZE);
-        let head = loop {
-            if let Some((head, used)) = parse_head(&buf)? {
-                let _ = buf.split_to(used);
-                // An interim answer (100 Continue) is followed by the real one.
-                if head.status.is_informational() {
-                    continue;
-                }
-                break head;
+        match login {
+            Login::Ntlm { user, password } => {
+                ntlm(connection, &request, user, password, body).await
             }
-            if buf.len() >= MAX_HEAD {
-                return Err(EwsFailure::Transport(
-                    "the answer's head is larger than 64 KiB".into(),
-                ));
+            _ => {
+                connection
+                    .ask(&request, authorization.as_deref(), body)
+                    .await
             }
-            if read_more(&mut io, &mut buf).await? == 0 {
-                return Err(EwsFailure::Transport(
-                    "request failed: the connection closed before an answer".into(),
-                ));
-            }
-        };
-        let framing = framing_of(&head);
-        Ok((head, Body { io, buf, framing }))
+        }
     }
 
-    async fn connect(&self, host: &str, port: u16, tls: bool) -> Result<Box<dyn Io>, EwsFailure> {
+    async fn connect(&self, host: &str, port: u16, tls: bool) -> Result<Connection, EwsFailure> {
         let addrs: Vec<SocketAddr> = match host.trim_matches(['[', ']']).parse() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => crate::engine::reach::GuardedResolver {
@@ -226,7 +214,7 @@ impl StreamConnections {
         };
         let _ = tcp.set_nodelay(true);
         if !tls {
-            return Ok(Box::new(tcp));
+            return Ok(Connection::new(Box::new(tcp)));
         }
         let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
             .map_err(|_| EwsFailure::Config(format!("{host:?} is not a host name")))?;
@@ -234,8 +222,128 @@ impl StreamConnections {
             .connect(name, tcp)
             .await
             .map_err(|e| failed("connection failed", e))?;
-        Ok(Box::new(stream))
+        Ok(Connection::new(Box::new(stream)))
     }
+}
+
+/// Adds a header line to a request's head, refusing a value HTTP does not allow.
+fn field(request: &mut String, name: &str, value: &str) -> Result<(), EwsFailure> {
+    if HeaderValue::from_str(value).is_err() {
+        // Never the value itself: it may be a secret.
+        return Err(EwsFailure::Config(format!(
+            "the {name} header would carry characters HTTP does not allow"
+        )));
+    }
+    request.push_str(name);
+    request.push_str(": ");
+    request.push_str(value);
+    request.push_str("\r\n");
+    Ok(())
+}
+
+impl Connection {
+    fn new(io: Box<dyn Io>) -> Self {
+        Connection {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends a request (`head`: its request line and headers, all but the login), and
+    /// reads the answer's head.
+    async fn ask(
+        mut self,
+        head: &str,
+        authorization: Option<&str>,
+        body: &str,
+    ) -> Result<(Head, Body), EwsFailure> {
+        let mut login = String::new();
+        if let Some(value) = authorization {
+            field(&mut login, "Authorization", value)?;
+        }
+        let io = &mut self.io;
+        let sent = async {
+            io.write_all(head.as_bytes()).await?;
+            io.write_all(login.as_bytes()).await?;
+            io.write_all(b"\r\n").await?;
+            io.write_all(body.as_bytes()).await?;
+            io.flush().await
+        };
+        sent.await.map_err(|e| failed("request failed", e))?;
+        drop(login);
+
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.reserve(READ_SIZE);
+        let head = loop {
+            if let Some((head, used)) = parse_head(&buf)? {
+                let _ = buf.split_to(used);
+                // An interim answer (100 Continue) is followed by the real one.
+                if head.status.is_informational() {
+                    continue;
+                }
+                break head;
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(EwsFailure::Transport(
+                    "the answer's head is larger than 64 KiB".into(),
+                ));
+            }
+            if read_more(&mut self.io, &mut buf).await? == 0 {
+                return Err(EwsFailure::Transport(
+                    "request failed: the connection closed before an answer".into(),
+                ));
+            }
+        };
+        let framing = framing_of(&head);
+        let reusable = framing != Framing::Close
+            && !head
+                .headers
+                .get_all(reqwest::header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|v| v.trim().eq_ignore_ascii_case("close"));
+        let body = Body {
+            io: self.io,
+            buf,
+            framing,
+            reusable,
+        };
+        Ok((head, body))
+    }
+}
+
+/// NTLM's handshake on `connection`, each step carrying the request, as Exchange expects: the
+/// request without a login, whose 401 names the scheme; NEGOTIATE, whose 401 carries the
+/// server's CHALLENGE; AUTHENTICATE, whose answer is the request's. An answer that does not
+/// go on with the handshake is the request's answer.
+async fn ntlm(
+    connection: Connection,
+    head: &str,
+    user: &str,
+    password: &str,
+    body: &str,
+) -> Result<(Head, Body), EwsFailure> {
+    let (answer, rest) = connection.ask(head, None, body).await?;
+    let Some(scheme) = crate::exchange::ntlm::scheme_asked(answer.status, &answer.headers) else {
+        return Ok((answer, rest));
+    };
+    let connection = rest.rest().await?;
+    let (handshake, negotiate) = crate::exchange::ntlm::Handshake::start(user, password)
+        .map_err(|e| EwsFailure::Config(e.to_string()))?;
+    let negotiate = format!("{scheme} {negotiate}");
+    let (answer, rest) = connection.ask(head, Some(&negotiate), body).await?;
+    let Some(challenge) = crate::exchange::ntlm::challenge_asked(answer.status, &answer.headers)
+    else {
+        return Ok((answer, rest));
+    };
+    let connection = rest.rest().await?;
+    let authenticate = handshake
+        .answer(&challenge)
+        .map_err(|e| EwsFailure::Config(e.to_string()))?;
+    connection
+        .ask(head, Some(&format!("{scheme} {authenticate}")), body)
+        .await
 }
 
 /// Reads what the socket has into `buf`; answers how many bytes came (0: the peer closed).
@@ -409,6 +517,29 @@ impl Body {
         out
     }
 
+    /// Reads the body to its end (a handshake's small answer) for the connection's next
+    /// request.
+    async fn rest(mut self) -> Result<Connection, EwsFailure> {
+        let mut read = 0u64;
+        while let Some(part) = self.chunk().await? {
+            read += part.len() as u64;
+            if read > MAX_HANDSHAKE_BODY {
+                return Err(EwsFailure::Transport(
+                    "an NTLM handshake's answer is larger than 64 KiB".into(),
+                ));
+            }
+        }
+        if !self.reusable {
+            return Err(EwsFailure::Transport(
+                "the server closed the connection inside the NTLM handshake".into(),
+            ));
+        }
+        Ok(Connection {
+            io: self.io,
+            buf: self.buf,
+        })
+    }
+
     /// The whole rest of the body, failing past `limit` bytes; `None` then.
     pub(super) async fn read_capped(mut self, limit: u64) -> Result<Option<Bytes>, EwsFailure> {
         if let Framing::Length(n) = self.framing
@@ -438,6 +569,7 @@ mod tests {
             io: Box::new(socket(pieces)),
             buf: BytesMut::new(),
             framing,
+            reusable: false,
         }
     }
 
@@ -635,6 +767,103 @@ mod tests {
             said.contains("Authorization") && !said.contains("Evil"),
             "{said}"
         );
+    }
+
+    /// NTLM authenticates a connection: its handshake and the request share the stream's
+    /// socket, so Exchange (played by mock-ews, which keeps NTLM per connection) takes the
+    /// request as the mailbox; a wrong password ends in the handshake's 401.
+    #[tokio::test]
+    async fn an_ntlm_login_runs_its_handshake_on_the_stream_s_own_connection() {
+        let (ews, body) = exchange_taking_only_ntlm().await;
+        let headers = [("Content-Type", "text/xml; charset=utf-8".to_owned())];
+        let post = async |login| {
+            let (head, answer) = connections()
+                .post(&ews.ews_url(), login, &headers, &body)
+                .await
+                .unwrap();
+            let _ = answer.read_capped(1 << 20).await.unwrap();
+            head.status
+        };
+
+        let basic = Login::Basic {
+            user: "alice@contoso.test",
+            password: "secret",
+        };
+        assert_eq!(post(basic).await, StatusCode::UNAUTHORIZED, "Basic is off");
+        let ntlm = Login::Ntlm {
+            user: "alice@contoso.test",
+            password: "secret",
+        };
+        assert_ne!(post(ntlm).await, StatusCode::UNAUTHORIZED);
+        let log = ews.request_log();
+        let last: Vec<(u16, &str)> = log[log.len() - 3..]
+            .iter()
+            .map(|r| (r.status, r.mailbox.as_str()))
+            .collect();
+        assert_eq!(last[..2], [(401, ""), (401, "")], "{log:?}");
+        assert_eq!(last[2].1, "alice@contoso.test", "{log:?}");
+
+        let wrong = Login::Ntlm {
+            user: "alice@contoso.test",
+            password: "wrong",
+        };
+        assert_eq!(post(wrong).await, StatusCode::UNAUTHORIZED);
+    }
+
+    /// mock-ews taking only NTLM, with alice's mailbox; a request body for it.
+    async fn exchange_taking_only_ntlm() -> (mock_ews::MockEws, String) {
+        let ews =
+            mock_ews::MockEws::start("127.0.0.1:0".parse().unwrap(), mock_ews::Config::default())
+                .await
+                .unwrap();
+        ews.set_settings(mock_ews::Settings {
+            auth: Some("ntlm".into()),
+            ..mock_ews::Settings::default()
+        });
+        ews.create_mailbox("alice@contoso.test", "secret").unwrap();
+        let header = ews::request::RequestHeader {
+            version: ews::request::ServerVersion::Exchange2013,
+            impersonate: None,
+        };
+        let body = ews::request::get_streaming_events(&header, &["unknown"], 1);
+        (ews, body)
+    }
+
+    /// NTLM's login belongs to its connection: one opened later from the port of one that
+    /// logged in and closed (ports are reused under load) must log in again. mock-ews once
+    /// kept logins by the client's address, and served mail of one mailbox to another.
+    #[tokio::test]
+    async fn an_ntlm_login_ends_with_its_connection_even_where_the_port_is_reused() {
+        let (ews, body) = exchange_taking_only_ntlm().await;
+        let head = format!(
+            "POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: {}\r\nContent-Type: text/xml; charset=utf-8\r\nContent-Length: {}\r\n",
+            ews.addr(),
+            body.len()
+        );
+        let connect = async |port: u16| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_reuseaddr(true).unwrap();
+            socket
+                .bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .unwrap();
+            let tcp = socket.connect(ews.addr()).await.unwrap();
+            // Closed with a reset, so the port is free again at once.
+            tcp.set_zero_linger().unwrap();
+            let port = tcp.local_addr().unwrap().port();
+            (Connection::new(Box::new(tcp)), port)
+        };
+
+        let (first, port) = connect(0).await;
+        let (answer, rest) = ntlm(first, &head, "alice@contoso.test", "secret", &body)
+            .await
+            .unwrap();
+        assert_ne!(answer.status, StatusCode::UNAUTHORIZED);
+        drop(rest);
+
+        let (second, again) = connect(port).await;
+        assert_eq!(again, port);
+        let (answer, _) = second.ask(&head, None, &body).await.unwrap();
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     }
 
     #[test]
