@@ -15,7 +15,7 @@ use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 use super::EwsFailure;
 
@@ -273,7 +273,6 @@ impl Connection {
         drop(login);
 
         let mut buf = std::mem::take(&mut self.buf);
-        buf.reserve(READ_SIZE);
         let head = loop {
             if let Some((head, used)) = parse_head(&buf)? {
                 let _ = buf.split_to(used);
@@ -347,11 +346,24 @@ async fn ntlm(
 }
 
 /// Reads what the socket has into `buf`; answers how many bytes came (0: the peer closed).
+/// Each read lands on the stack and is copied over: a stream waiting here for hours holds no
+/// buffer for it.
 async fn read_more(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<usize, EwsFailure> {
-    buf.reserve(READ_SIZE);
-    io.read_buf(buf)
-        .await
-        .map_err(|e| failed("request failed", e))
+    std::future::poll_fn(|cx| {
+        let mut space = [0u8; READ_SIZE];
+        let mut read = tokio::io::ReadBuf::new(&mut space);
+        match std::pin::Pin::new(&mut **io).poll_read(cx, &mut read) {
+            std::task::Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                std::task::Poll::Ready(Ok(read.filled().len()))
+            }
+            std::task::Poll::Ready(Err(e)) => {
+                std::task::Poll::Ready(Err(failed("request failed", e)))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The head at the start of `buf` and its length, once complete.
@@ -508,10 +520,10 @@ impl Body {
     }
 
     /// The next `n` buffered bytes. The buffer is let go of once empty, so an idle stream
-    /// holds only the next read's room.
+    /// holds none.
     fn take(&mut self, n: usize) -> Bytes {
         let out = self.buf.split_to(n).freeze();
-        if self.buf.is_empty() && self.buf.capacity() > READ_SIZE {
+        if self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
         out
@@ -562,6 +574,7 @@ impl Body {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tokio::io::AsyncReadExt as _;
 
     /// A body whose bytes come in the given pieces, then the connection closes.
     fn body_of(framing: Framing, pieces: Vec<Vec<u8>>) -> Body {
