@@ -169,38 +169,82 @@ impl Drop for Worker {
 }
 
 /// Runs a mailbox until `cancel` fires; on the way out it unsubscribes.
-pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: CancellationToken) {
+///
+/// A worker's task lives as long as its mailbox, and its future is as large as its largest
+/// state: what it starts from is handed in boxed (an async function's arguments stay in its
+/// future to the end), and the brief, large states (catching up, delivering, a history page)
+/// are boxed where they are awaited, so an idle mailbox holds little more than its `Worker`
+/// and the wait on its stream.
+pub fn run(
+    ctx: WorkerContext,
+    creds: Credentials,
+    fence: Fence,
+    cancel: CancellationToken,
+) -> impl Future<Output = ()> + Send {
     // Debug formatting escapes what an Id may carry into a text log.
     let span = tracing::info_span!("mailbox", id = ?creds.id);
+    let start = Box::new(Start {
+        ctx,
+        creds,
+        fence,
+        cancel,
+    });
     async move {
-        let mode = match contract::callback_mode(&creds.bpm_endpoint) {
+        let mut worker = match start.worker() {
+            Ok(worker) => worker,
+            Err(not_started) => return Box::pin(not_started.settle()).await,
+        };
+        worker.run().await;
+        if worker.cancel.is_cancelled() {
+            // Stopped (moved, closed, lease lost, shutdown): no stream here any more. Unless
+            // the next owner has written its own state already.
+            worker.set_state(WorkerState::Starting, None).await;
+        }
+    }
+    .instrument(span)
+}
+
+/// What a worker starts from.
+struct Start {
+    ctx: WorkerContext,
+    creds: Credentials,
+    fence: Fence,
+    cancel: CancellationToken,
+}
+
+/// A worker that could not start, and why.
+struct NotStarted {
+    start: Start,
+    why: Why,
+}
+
+enum Why {
+    /// The callback URL is none Creatio sends (the API validates it before a worker starts).
+    Endpoint(String),
+    /// No mail server could be made from the credentials.
+    Server(Failure),
+}
+
+impl Start {
+    /// The worker, or why there is none (with what to record it with).
+    fn worker(self: Box<Self>) -> Result<Worker, Box<NotStarted>> {
+        let not_started = |start: Box<Start>, why| Box::new(NotStarted { start: *start, why });
+        let mode = match contract::callback_mode(&self.creds.bpm_endpoint) {
             Ok(mode) => mode,
-            Err(e) => {
-                // The API validates this before a worker starts; keep the state truthful.
-                let _ = ctx
-                    .store
-                    .transition(
-                        &creds.id,
-                        WorkerState::Failed,
-                        Some(e.to_string()),
-                        Some(&fence),
-                    )
-                    .await;
-                return;
-            }
+            Err(e) => return Err(not_started(self, Why::Endpoint(e.to_string()))),
         };
-        let server = match ctx.servers.connect(&creds) {
+        let server = match self.ctx.servers.connect(&self.creds) {
             Ok(server) => server,
-            Err(f) => {
-                // Nothing to retry until Creatio sends other credentials (a kind of server
-                // not served is accepted and shown: Creatio hears why).
-                report_unavailable(&ctx, &creds, &fence, &f).await;
-                cancel.cancelled().await;
-                return;
-            }
+            Err(f) => return Err(not_started(self, Why::Server(f))),
         };
+        let Start {
+            ctx,
+            creds,
+            fence,
+            cancel,
+        } = *self;
         let settings = ctx.settings.clone();
-        let mut worker = Worker {
+        Ok(Worker {
             retry: settings.retry.start(),
             failed_retry: settings.failed_retry.start(),
             ctx,
@@ -215,16 +259,39 @@ pub async fn run(ctx: WorkerContext, creds: Credentials, fence: Fence, cancel: C
             counted_as: std::sync::Mutex::new(None),
             history_resumed: None,
             folders: Vec::new(),
-        };
-        worker.run().await;
-        if worker.cancel.is_cancelled() {
-            // Stopped (moved, closed, lease lost, shutdown): no stream here any more. Unless
-            // the next owner has written its own state already.
-            worker.set_state(WorkerState::Starting, None).await;
+        })
+    }
+}
+
+impl NotStarted {
+    /// Records why the worker could not start, and waits to be stopped.
+    async fn settle(self: Box<Self>) {
+        let NotStarted {
+            start:
+                Start {
+                    ctx,
+                    creds,
+                    fence,
+                    cancel,
+                },
+            why,
+        } = *self;
+        match why {
+            Why::Endpoint(e) => {
+                // Keep the state truthful.
+                let _ = ctx
+                    .store
+                    .transition(&creds.id, WorkerState::Failed, Some(e), Some(&fence))
+                    .await;
+            }
+            Why::Server(f) => {
+                // Nothing to retry until Creatio sends other credentials (a kind of server
+                // not served is accepted and shown: Creatio hears why).
+                report_unavailable(&ctx, &creds, &fence, &f).await;
+                cancel.cancelled().await;
+            }
         }
     }
-    .instrument(span)
-    .await;
 }
 
 impl Worker {

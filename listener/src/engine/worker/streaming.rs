@@ -8,7 +8,8 @@ impl Worker {
     pub(super) async fn stream_subscription(&mut self, sub_id: &str) -> Flow {
         loop {
             self.streaming_since = None;
-            let end = match self.catch_up().await {
+            // Boxed, like the other brief states below: see [`run`].
+            let end = match Box::pin(self.catch_up()).await {
                 Ok(true) => self.stream_once(sub_id).await,
                 Ok(false) => Ok(StreamEnd::Cancelled),
                 Err(f) => Err(f),
@@ -90,7 +91,7 @@ impl Worker {
         let replay = self.ctx.store.replay_signal(self.id());
         // Dead letters handed back before this worker started (or left by one that stopped
         // half-way) go first.
-        if !self.replay().await? {
+        if !Box::pin(self.replay()).await? {
             return Ok(StreamEnd::Cancelled);
         }
         let mut silence_allowed = head_timeout.min(settings.idle_timeout);
@@ -102,7 +103,7 @@ impl Worker {
                 biased;
                 _ = self.cancel.cancelled() => return Ok(StreamEnd::Cancelled),
                 _ = async { match &replay { Some(r) => r.notified().await, None => std::future::pending().await } } => {
-                    if !self.replay().await? {
+                    if !Box::pin(self.replay()).await? {
                         return Ok(StreamEnd::Cancelled);
                     }
                     history_pending = true;
@@ -111,7 +112,7 @@ impl Worker {
                 b = next_within(stream.as_mut(), silence_allowed) => b?,
                 // The stream is quiet: a page of history, then back to the stream.
                 () = std::future::ready(()), if history_pending => {
-                    match self.history_step().await? {
+                    match Box::pin(self.history_step()).await? {
                         history::HistoryStep::More => {}
                         history::HistoryStep::Idle => history_pending = false,
                         history::HistoryStep::Cancelled => return Ok(StreamEnd::Cancelled),
@@ -134,7 +135,7 @@ impl Worker {
                 self.store_failed("note_event");
                 tracing::warn!(error = %e, "could not note an event");
             }
-            if !new_items.is_empty() && !self.deliver(new_items).await? {
+            if !new_items.is_empty() && !Box::pin(self.deliver(new_items)).await? {
                 return Ok(StreamEnd::Cancelled);
             }
             if let Some(failure) = batch.failure {
