@@ -81,6 +81,13 @@ pub struct Config {
     )]
     pub ews_auth: EwsAuth,
 
+    /// Seconds an NTLM mailbox keeps its call connection once idle. A mailbox's calls come in
+    /// bursts (a catch-up's, a batch of mail's) milliseconds apart; a connection kept longer
+    /// mostly waits minutes for the next mail while holding its TLS session and buffers, and
+    /// the next call after it closed logs in again (a new TLS connection and NTLM handshake).
+    #[arg(long, env = "EXCHANGE_LISTENER_EWS_NTLM_KEEP_ALIVE_SECS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ews_ntlm_keep_alive_secs: u64,
+
     /// A JSON file of service accounts, one per Exchange server, holding the
     /// ApplicationImpersonation role: `[{"url": "https://mail.contoso.com/EWS/Exchange.asmx",
     /// "user": "CONTOSO\\svc", "password": "…"}]`. Mailboxes Creatio sends without a password

@@ -59,10 +59,6 @@ const USER_AGENT: &str = concat!("exchange-listener/", env!("CARGO_PKG_VERSION")
 /// or a bearer token.
 const EWS_IDLE_CONNECTIONS_PER_HOST: usize = 64;
 
-/// How long an NTLM mailbox keeps its idle call connection: mail that comes in a burst reuses
-/// the handshake; a mailbox that goes quiet lets the connection's TLS session and buffers go.
-const NTLM_CALLS_IDLE: Duration = Duration::from_secs(30);
-
 /// The lease of a replica alone on its in-memory store.
 const LONE_LEASE: Duration = Duration::from_secs(3600);
 
@@ -152,10 +148,11 @@ pub async fn serve(
                 connect_timeout: CONNECT_TIMEOUT,
                 user_agent: USER_AGENT,
             });
+    let ntlm_keep_alive = Duration::from_secs(config.ews_ntlm_keep_alive_secs);
     let ews_private: exchange::client::ClientFactory = Arc::new(move || {
         let builder = ews_builder()
             .pool_max_idle_per_host(1)
-            .pool_idle_timeout(NTLM_CALLS_IDLE);
+            .pool_idle_timeout(ntlm_keep_alive);
         match &ews_tls {
             Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
             None => builder,
