@@ -71,6 +71,13 @@ impl Spread {
         let until = self.at? + (self.took * 10).min(Duration::from_secs(1));
         (until > Instant::now()).then_some(until)
     }
+
+    /// When a spread marked to be redone is due: once the last one has rested, which it may
+    /// have done already (the pass that marked it ran on past the rest's end).
+    fn redo_at(&self) -> Option<Instant> {
+        self.redo
+            .then(|| self.resting_until().unwrap_or_else(Instant::now))
+    }
 }
 
 /// How a replica takes part.
@@ -280,12 +287,9 @@ impl Coordinator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut changed: HashSet<String> = HashSet::new();
-            // A spread left to do while the last one rested is done once it has, whatever
-            // the tick (twenty minutes for a replica alone on its store).
-            let rested = {
-                let spread = self.spread();
-                spread.resting_until().filter(|_| spread.redo)
-            };
+            // A spread left to do is done once the last one has rested, whatever the tick
+            // (twenty minutes for a replica alone on its store).
+            let rested = self.spread().redo_at();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
