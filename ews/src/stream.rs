@@ -83,6 +83,10 @@ impl EnvelopeSplitter {
                 *s = 0;
             }
         }
+        if self.buf.is_empty() {
+            // Between envelopes a stream may wait for hours: hold no room for the next one.
+            self.buf = Vec::new();
+        }
         if self.buf.len() > MAX_ENVELOPE_BYTES {
             return Err(EwsError::Malformed(format!(
                 "streaming envelope larger than {MAX_ENVELOPE_BYTES} bytes"
@@ -184,6 +188,16 @@ mod tests {
         let mut s = EnvelopeSplitter::new();
         assert_eq!(s.push(BODY).unwrap(), expected());
         assert!(s.is_idle());
+    }
+
+    /// A stream waits between envelopes, often for hours: it holds nothing of the last one.
+    #[test]
+    fn holds_no_buffer_between_envelopes() {
+        let mut s = EnvelopeSplitter::new();
+        assert_eq!(s.push(BODY).unwrap(), expected());
+        assert_eq!(s.buf.capacity(), 0);
+        assert!(s.push(b"<a><b>").unwrap().is_empty());
+        assert!(s.buf.capacity() > 0, "an open envelope is kept");
     }
 
     #[test]
