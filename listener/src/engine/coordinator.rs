@@ -42,6 +42,9 @@ struct Spread {
     version: Option<u64>,
     at: Option<Instant>,
     redo: bool,
+    /// A spread was due while the last one rested: it runs once the rest is over, whatever
+    /// the tick (twenty minutes for a replica alone on its store).
+    deferred: bool,
     /// How long computing it took: the next waits ten times as long (at most a second), so
     /// that a burst of Creates at thousands of mailboxes does not turn into a spread each.
     took: Duration,
@@ -52,7 +55,7 @@ struct Spread {
 
 impl Spread {
     /// True when the spread must be computed again now. One that must but is still resting
-    /// is marked to be redone, and [`Spread::resting_until`] says when.
+    /// is deferred to the rest's end ([`Spread::deferred_to`]).
     fn due(&mut self, version: u64) -> bool {
         let stale = self.redo
             || self.version != Some(version)
@@ -61,7 +64,7 @@ impl Spread {
                 .is_none_or(|at| at.elapsed() >= RESPREAD_AT_LEAST_EVERY);
         let rested = self.resting_until().is_none();
         if stale && !rested {
-            self.redo = true;
+            self.deferred = true;
         }
         stale && rested
     }
@@ -72,10 +75,12 @@ impl Spread {
         (until > Instant::now()).then_some(until)
     }
 
-    /// When a spread marked to be redone is due: once the last one has rested, which it may
-    /// have done already (the pass that marked it ran on past the rest's end).
-    fn redo_at(&self) -> Option<Instant> {
-        self.redo
+    /// When a deferred spread is due: once the last one has rested, which it may have done
+    /// already (the pass that deferred it ran on past the rest's end). A spread that left work
+    /// undone waits for the next tick instead: work a store refuses now is refused a moment
+    /// later too.
+    fn deferred_to(&self) -> Option<Instant> {
+        self.deferred
             .then(|| self.resting_until().unwrap_or_else(Instant::now))
     }
 }
@@ -287,9 +292,8 @@ impl Coordinator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut changed: HashSet<String> = HashSet::new();
-            // A spread left to do is done once the last one has rested, whatever the tick
-            // (twenty minutes for a replica alone on its store).
-            let rested = self.spread().redo_at();
+            // A spread deferred while the last one rested is done once it has.
+            let rested = self.spread().deferred_to();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
@@ -714,6 +718,7 @@ impl Coordinator {
         spread.version = Some(beat.version);
         spread.at = Some(Instant::now());
         spread.redo = !settled;
+        spread.deferred = false;
         true
     }
 
