@@ -59,6 +59,9 @@ const USER_AGENT: &str = concat!("exchange-listener/", env!("CARGO_PKG_VERSION")
 /// or a bearer token.
 const EWS_IDLE_CONNECTIONS_PER_HOST: usize = 64;
 
+/// How long a service account's NTLM lane stays open once idle (the HTTP client's default).
+const LANE_KEEP_ALIVE: Duration = Duration::from_secs(90);
+
 /// The lease of a replica alone on its in-memory store.
 const LONE_LEASE: Duration = Duration::from_secs(3600);
 
@@ -148,18 +151,25 @@ pub async fn serve(
                 connect_timeout: CONNECT_TIMEOUT,
                 user_agent: USER_AGENT,
             });
-    let ntlm_keep_alive = Duration::from_secs(config.ews_ntlm_keep_alive_secs);
-    let ews_private: exchange::client::ClientFactory = Arc::new(move || {
-        let builder = ews_builder()
-            .pool_max_idle_per_host(1)
-            .pool_idle_timeout(ntlm_keep_alive);
-        match &ews_tls {
-            Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
-            None => builder,
-        }
-        .build()
-        .unwrap_or_else(|_| shared.clone())
-    });
+    // One connection per client, idle for as long as `idle` allows.
+    let ntlm_clients = move |idle: Duration| -> exchange::client::ClientFactory {
+        let (ews_builder, ews_tls, shared) = (ews_builder.clone(), ews_tls.clone(), shared.clone());
+        Arc::new(move || {
+            let builder = ews_builder()
+                .pool_max_idle_per_host(1)
+                .pool_idle_timeout(idle);
+            match &ews_tls {
+                Some(tls) => builder.tls_backend_preconfigured(tls.clone()),
+                None => builder,
+            }
+            .build()
+            .unwrap_or_else(|_| shared.clone())
+        })
+    };
+    // An NTLM mailbox's calls come in bursts minutes apart; a service account's lanes carry
+    // every call of its mailboxes, and keep HTTP's usual 90 s.
+    let ews_private = ntlm_clients(Duration::from_secs(config.ews_ntlm_keep_alive_secs));
+    let ews_lanes = ntlm_clients(LANE_KEEP_ALIVE);
     let limits = exchange::client::Limits {
         request_timeout: config.request_timeout(),
         max_body_bytes: config.ews_max_body_bytes,
@@ -244,7 +254,7 @@ pub async fn serve(
     }
     let mut servers =
         exchange::client::Servers::new(config.ews_version, config.ews_auth, ews_private)
-            .with_accounts(accounts);
+            .with_accounts(accounts, ews_lanes);
     if let Some(streams) = stream_connections {
         servers = servers.with_stream_connections(streams);
     }

@@ -252,7 +252,7 @@ impl EwsClient {
             let lanes = account.lanes.get_or_init(|| {
                 Arc::new(Lanes::new(
                     crate::exchange::service_account::CALLS_AT_ONCE,
-                    &self.servers.private_client,
+                    &self.servers.lane_client,
                 ))
             });
             Some(lanes.acquire().await)

@@ -26,9 +26,12 @@ pub struct Servers {
     learned: Arc<Mutex<HashMap<String, ServerVersion>>>,
     auth: EwsAuth,
     ntlm: Arc<Mutex<HashSet<String>>>,
+    /// Makes an NTLM mailbox's client for its calls.
     pub(super) private_client: ClientFactory,
     accounts: Arc<ServiceAccounts>,
-    /// Streams on connections of their own (Basic and bearer logins), when set.
+    /// Makes the clients of a service account's lanes.
+    pub(super) lane_client: ClientFactory,
+    /// Streams on connections of their own, when set.
     pub(super) streams: Option<super::StreamConnections>,
 }
 
@@ -48,22 +51,25 @@ impl Servers {
             learned: Arc::default(),
             auth,
             ntlm: Arc::default(),
+            lane_client: private_client.clone(),
             private_client,
             accounts: Arc::default(),
             streams: None,
         }
     }
 
-    /// Opens the streams of mailboxes that log in with Basic or a bearer token on connections
+    /// Opens the streams of mailboxes that log in with a password or a token on connections
     /// of their own ([`super::StreamConnections`]) instead of through the HTTP client.
     pub fn with_stream_connections(mut self, streams: super::StreamConnections) -> Self {
         self.streams = Some(streams);
         self
     }
 
-    /// Serves mailboxes created without a password through these accounts.
-    pub fn with_accounts(mut self, accounts: ServiceAccounts) -> Self {
+    /// Serves mailboxes created without a password through these accounts, whose NTLM
+    /// lanes are clients `lane_client` makes.
+    pub fn with_accounts(mut self, accounts: ServiceAccounts, lane_client: ClientFactory) -> Self {
         self.accounts = Arc::new(accounts);
+        self.lane_client = lane_client;
         self
     }
 
