@@ -3,8 +3,8 @@
 //! A stream holds its connection for up to 30 minutes, mostly waiting; through the HTTP
 //! client each one also kept that client's per-connection machinery (a dispatch channel, read
 //! and write buffers sized for any answer, the pooled request's futures), which made up most of
-//! an idle mailbox's memory. Here a stream is a socket (with TLS, the rustls session), one
-//! small read buffer and the body's framing. It serves mailboxes that log in with Basic, a
+//! an idle mailbox's memory. Here a stream is a socket (with TLS, the rustls session), the
+//! bytes read and not yet taken, and the body's framing. It serves mailboxes that log in with Basic, a
 //! bearer token or NTLM, whose handshake runs on the stream's connection before the stream.
 
 use std::net::SocketAddr;
@@ -154,18 +154,15 @@ impl StreamConnections {
         for (name, value) in headers {
             field(&mut request, name, value)?;
         }
+        // Checked before connecting: a value HTTP does not allow is the configuration's.
         let authorization = match login {
-            Login::Basic { user, password } => Some(format!(
+            Login::Basic { user, password } => authorization(&format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-            )),
-            Login::Bearer(token) => Some(format!("Bearer {token}")),
-            Login::Ntlm { .. } => None,
+            ))?,
+            Login::Bearer(token) => authorization(&format!("Bearer {token}"))?,
+            Login::Ntlm { .. } => String::new(),
         };
-        if let Some(value) = &authorization {
-            // Checked before connecting: a value HTTP does not allow is the configuration's.
-            field(&mut String::new(), "Authorization", value)?;
-        }
 
         let connection = tokio::time::timeout(self.connect_timeout, self.connect(host, port, tls))
             .await
@@ -174,11 +171,7 @@ impl StreamConnections {
             Login::Ntlm { user, password } => {
                 ntlm(connection, &request, user, password, body).await
             }
-            _ => {
-                connection
-                    .ask(&request, authorization.as_deref(), body)
-                    .await
-            }
+            _ => connection.ask(&request, &authorization, body).await,
         }
     }
 
@@ -241,6 +234,13 @@ fn field(request: &mut String, name: &str, value: &str) -> Result<(), EwsFailure
     Ok(())
 }
 
+/// The `Authorization` header line carrying `value`.
+fn authorization(value: &str) -> Result<String, EwsFailure> {
+    let mut line = String::new();
+    field(&mut line, "Authorization", value)?;
+    Ok(line)
+}
+
 impl Connection {
     fn new(io: Box<dyn Io>) -> Self {
         Connection {
@@ -249,18 +249,14 @@ impl Connection {
         }
     }
 
-    /// Sends a request (`head`: its request line and headers, all but the login), and
-    /// reads the answer's head.
+    /// Sends a request (`head`: its request line and headers, all but the login; `login`:
+    /// the `Authorization` line, or nothing), and reads the answer's head.
     async fn ask(
         mut self,
         head: &str,
-        authorization: Option<&str>,
+        login: &str,
         body: &str,
     ) -> Result<(Head, Body), EwsFailure> {
-        let mut login = String::new();
-        if let Some(value) = authorization {
-            field(&mut login, "Authorization", value)?;
-        }
         let io = &mut self.io;
         let sent = async {
             io.write_all(head.as_bytes()).await?;
@@ -270,7 +266,6 @@ impl Connection {
             io.flush().await
         };
         sent.await.map_err(|e| failed("request failed", e))?;
-        drop(login);
 
         let mut buf = std::mem::take(&mut self.buf);
         let head = loop {
@@ -294,14 +289,8 @@ impl Connection {
             }
         };
         let framing = framing_of(&head);
-        let reusable = framing != Framing::Close
-            && !head
-                .headers
-                .get_all(reqwest::header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|v| v.trim().eq_ignore_ascii_case("close"));
+        let reusable =
+            framing != Framing::Close && !lists(&head, reqwest::header::CONNECTION, "close");
         let body = Body {
             io: self.io,
             buf,
@@ -323,15 +312,15 @@ async fn ntlm(
     password: &str,
     body: &str,
 ) -> Result<(Head, Body), EwsFailure> {
-    let (answer, rest) = connection.ask(head, None, body).await?;
+    let (answer, rest) = connection.ask(head, "", body).await?;
     let Some(scheme) = crate::exchange::ntlm::scheme_asked(answer.status, &answer.headers) else {
         return Ok((answer, rest));
     };
     let connection = rest.rest().await?;
     let (handshake, negotiate) = crate::exchange::ntlm::Handshake::start(user, password)
         .map_err(|e| EwsFailure::Config(e.to_string()))?;
-    let negotiate = format!("{scheme} {negotiate}");
-    let (answer, rest) = connection.ask(head, Some(&negotiate), body).await?;
+    let negotiate = authorization(&format!("{scheme} {negotiate}"))?;
+    let (answer, rest) = connection.ask(head, &negotiate, body).await?;
     let Some(challenge) = crate::exchange::ntlm::challenge_asked(answer.status, &answer.headers)
     else {
         return Ok((answer, rest));
@@ -340,9 +329,8 @@ async fn ntlm(
     let authenticate = handshake
         .answer(&challenge)
         .map_err(|e| EwsFailure::Config(e.to_string()))?;
-    connection
-        .ask(head, Some(&format!("{scheme} {authenticate}")), body)
-        .await
+    let authenticate = authorization(&format!("{scheme} {authenticate}"))?;
+    connection.ask(head, &authenticate, body).await
 }
 
 /// Reads what the socket has into `buf`; answers how many bytes came (0: the peer closed).
@@ -395,18 +383,21 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, EwsFailure> {
     Ok(Some((Head { status, headers }, used)))
 }
 
+/// Whether the head's comma-separated header `name` lists `token` (case aside).
+fn lists(head: &Head, name: HeaderName, token: &str) -> bool {
+    head.headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
 fn framing_of(head: &Head) -> Framing {
     if head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED {
         return Framing::Done;
     }
-    let chunked = head
-        .headers
-        .get_all(reqwest::header::TRANSFER_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| v.trim().eq_ignore_ascii_case("chunked"));
-    if chunked {
+    if lists(head, reqwest::header::TRANSFER_ENCODING, "chunked") {
         return Framing::ChunkSize;
     }
     match head
@@ -875,7 +866,7 @@ mod tests {
 
         let (second, again) = connect(port).await;
         assert_eq!(again, port);
-        let (answer, _) = second.ask(&head, None, &body).await.unwrap();
+        let (answer, _) = second.ask(&head, "", &body).await.unwrap();
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     }
 
