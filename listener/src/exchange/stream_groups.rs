@@ -29,12 +29,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ews::response::{Notification, StreamBatch, SubscriptionError};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::engine::protocol::within;
 use crate::exchange::client::{EventStream, EwsClient, EwsFailure, Limits, Servers};
 use crate::exchange::service_account::ServiceAccount;
+
+mod inbox;
+
+use inbox::{Receiver, Sender, inbox};
 
 /// Subscription ids per GetStreamingEvents: Exchange's limit, and Microsoft's group size.
 pub const MAX_GROUP: usize = 200;
@@ -71,7 +74,7 @@ struct GroupKey {
 struct Member {
     subscription_id: String,
     mailbox: String,
-    tx: mpsc::UnboundedSender<Message>,
+    tx: Sender<Message>,
 }
 
 impl Member {
@@ -90,7 +93,7 @@ impl Member {
 /// error such as `ErrorMissedNotificationEvents`, to catch up and join again): their
 /// notifications are held until the mailbox is back, never dropped on the floor.
 enum Route {
-    To(mpsc::UnboundedSender<Message>),
+    To(Sender<Message>),
     Held {
         notifications: Vec<Notification>,
         since: Instant,
@@ -165,7 +168,7 @@ impl StreamGroups {
                 "a shared stream needs a mailbox served by a service account".into(),
             ));
         };
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = inbox();
         let key = GroupKey {
             url,
             affinity: client.affinity(),
@@ -202,7 +205,7 @@ impl Shared {
     }
 
     /// The subscription's notifications go to `tx` from now on; what was held for it first.
-    fn route_to(&self, subscription_id: &str, tx: &mpsc::UnboundedSender<Message>) {
+    fn route_to(&self, subscription_id: &str, tx: &Sender<Message>) {
         let mut routes = self.routes();
         let old = routes.insert(subscription_id.to_owned(), Route::To(tx.clone()));
         if let Some(Route::Held { notifications, .. }) = old
@@ -230,7 +233,7 @@ impl Shared {
             Route::To(tx) => match tx.send(Ok(Some(batch))) {
                 Ok(()) => return,
                 // The mailbox left: hold what it did not take.
-                Err(mpsc::error::SendError(message)) => message
+                Err(message) => message
                     .ok()
                     .flatten()
                     .map(|b| b.notifications)
@@ -551,7 +554,7 @@ fn tell_all(members: &[Member], message: &Message) {
 /// One mailbox's view of its group's connection.
 #[derive(Debug)]
 pub struct GroupEvents {
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: Receiver<Message>,
     first: Option<StreamBatch>,
 }
 
@@ -592,9 +595,9 @@ mod tests {
         }
     }
 
-    fn received(rx: &mut mpsc::UnboundedReceiver<Message>) -> Vec<String> {
+    fn received(rx: &mut Receiver<Message>) -> Vec<String> {
         let mut subs = Vec::new();
-        while let Ok(Ok(Some(batch))) = rx.try_recv() {
+        while let Some(Ok(Some(batch))) = rx.try_recv() {
             subs.extend(batch.notifications.into_iter().map(|n| n.subscription_id));
         }
         subs
@@ -603,7 +606,7 @@ mod tests {
     #[test]
     fn notifications_for_a_mailbox_away_are_held_until_it_is_back() {
         let shared = groups().shared;
-        let (first, mut here) = mpsc::unbounded_channel();
+        let (first, mut here) = inbox();
         shared.route_to("s1", &first);
         shared.deliver(note("s1"));
         assert_eq!(received(&mut here), ["s1"]);
@@ -615,7 +618,7 @@ mod tests {
         // Nobody ever routed this one: dropped, and nothing breaks.
         shared.deliver(note("s2"));
 
-        let (again, mut back) = mpsc::unbounded_channel();
+        let (again, mut back) = inbox();
         shared.route_to("s1", &again);
         assert_eq!(received(&mut back), ["s1", "s1"]);
         shared.deliver(note("s1"));
