@@ -63,7 +63,7 @@ async fn contract(store: &dyn Store) {
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
     let fence = here(claim(store, "m1", "here").await);
     let first = store.wanted("m1").await.unwrap().unwrap();
-    assert_eq!(first.creds, creds("m1", "pw"));
+    assert_eq!(*first.creds, creds("m1", "pw"));
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
     assert_eq!(store.wanted("m1").await.unwrap().unwrap(), first);
     store.put_mailbox(creds("m1", "pw2")).await.unwrap();
@@ -76,7 +76,7 @@ async fn contract(store: &dyn Store) {
             .unwrap(),
         [Some(changed.generation), None]
     );
-    assert_eq!(changed.creds, creds("m1", "pw2"));
+    assert_eq!(*changed.creds, creds("m1", "pw2"));
 
     // Status: the current error goes when streaming, the last one stays.
     let status = store.status("m1").await.unwrap().unwrap();
@@ -749,7 +749,7 @@ async fn the_redis_store_speaks_tls_to_a_server_with_an_internal_ca() {
         .unwrap();
     store.put_mailbox(creds("m1", "pw")).await.unwrap();
     assert_eq!(
-        store.wanted("m1").await.unwrap().unwrap().creds,
+        *store.wanted("m1").await.unwrap().unwrap().creds,
         creds("m1", "pw")
     );
     // Without the CA the server's certificate is not trusted.
@@ -806,7 +806,7 @@ async fn replicas_write_back_what_they_served_after_redis_lost_its_data() {
     assert_eq!(a.open_mailboxes().await.unwrap(), ["m"]);
     assert_eq!(a.sync_state("m").await.unwrap(), Some(before.clone()));
     assert_eq!(
-        a.wanted("m").await.unwrap().unwrap().creds,
+        *a.wanted("m").await.unwrap().unwrap().creds,
         creds("m", "pw")
     );
     assert!(!a.is_new("m", "i1").await.unwrap(), "delivered before");

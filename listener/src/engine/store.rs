@@ -66,7 +66,8 @@ pub type Stored<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 /// replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
-    pub creds: Credentials,
+    /// Shared, not copied, by the store's entry, the supervisor and the mailbox's worker.
+    pub creds: Arc<Credentials>,
     pub generation: u64,
 }
 

@@ -26,7 +26,7 @@ use crate::engine::worker::{self, WorkerContext};
 
 #[derive(Debug)]
 struct Running {
-    creds: Credentials,
+    creds: Arc<Credentials>,
     generation: u64,
     fence: Fence,
     cancel: CancellationToken,
@@ -72,7 +72,8 @@ const UNREADABLE_RETRY: Duration = Duration::from_secs(15);
 
 #[derive(Debug)]
 pub struct Supervisor {
-    ctx: WorkerContext,
+    /// Shared by every worker, not copied into each.
+    ctx: Arc<WorkerContext>,
     slots: Mutex<Slots>,
     /// A mailbox this long without a healthy stream is reported `failed` to Creatio.
     unhealthy_after: Duration,
@@ -85,7 +86,7 @@ impl Supervisor {
     /// says so (longer than a takeover takes: two leases).
     pub fn new(ctx: WorkerContext, unhealthy_after: Duration, orphan_grace: Duration) -> Arc<Self> {
         Arc::new(Supervisor {
-            ctx,
+            ctx: Arc::new(ctx),
             slots: Mutex::default(),
             unhealthy_after,
             orphan_grace,
@@ -246,7 +247,7 @@ impl Supervisor {
         self.lock()
             .map
             .values()
-            .filter_map(|s| s.running.as_ref().map(|r| r.creds.clone()))
+            .filter_map(|s| s.running.as_ref().map(|r| Credentials::clone(&r.creds)))
             .collect()
     }
 
@@ -342,8 +343,8 @@ impl Supervisor {
 /// worker that stopped itself because the store refused its lease: by then either the
 /// coordinator has found the lease lost (and cancels this), or the store holds it again.
 async fn supervise(
-    ctx: WorkerContext,
-    creds: Credentials,
+    ctx: Arc<WorkerContext>,
+    creds: Arc<Credentials>,
     fence: Fence,
     cancel: CancellationToken,
 ) {

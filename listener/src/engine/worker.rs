@@ -132,9 +132,9 @@ enum Flow {
 }
 
 struct Worker {
-    ctx: WorkerContext,
+    ctx: Arc<WorkerContext>,
     server: Box<dyn MailServer>,
-    creds: Credentials,
+    creds: Arc<Credentials>,
     /// The lease this worker runs under; every write carries it.
     fence: Fence,
     mode: CallbackMode,
@@ -176,8 +176,8 @@ impl Drop for Worker {
 /// are boxed where they are awaited, so an idle mailbox holds little more than its `Worker`
 /// and the wait on its stream.
 pub fn run(
-    ctx: WorkerContext,
-    creds: Credentials,
+    ctx: Arc<WorkerContext>,
+    creds: Arc<Credentials>,
     fence: Fence,
     cancel: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
@@ -206,8 +206,8 @@ pub fn run(
 
 /// What a worker starts from.
 struct Start {
-    ctx: WorkerContext,
-    creds: Credentials,
+    ctx: Arc<WorkerContext>,
+    creds: Arc<Credentials>,
     fence: Fence,
     cancel: CancellationToken,
 }

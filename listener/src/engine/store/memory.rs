@@ -58,7 +58,7 @@ impl SeenSet {
 
 #[derive(Debug)]
 struct Entry {
-    credentials: Credentials,
+    credentials: Arc<Credentials>,
     generation: u64,
     status: MailboxStatus,
     seen: SeenSet,
@@ -173,7 +173,7 @@ impl MemoryStore {
         match inner.mailboxes.get_mut(&credentials.id) {
             Some(entry) if entry.credentials.same_settings(&credentials) => false,
             Some(entry) => {
-                entry.credentials = credentials;
+                entry.credentials = Arc::new(credentials);
                 entry.generation = generation;
                 entry.status = MailboxStatus {
                     delivered: entry.status.delivered,
@@ -188,7 +188,7 @@ impl MemoryStore {
                 inner.mailboxes.insert(
                     credentials.id.clone(),
                     Entry {
-                        credentials,
+                        credentials: Arc::new(credentials),
                         generation,
                         status: MailboxStatus::default(),
                         seen: SeenSet::default(),

@@ -476,7 +476,10 @@ impl RedisStore {
             .map_err(|e| StoreError::Unreadable(e.to_string()))?;
         // What this replica is about to serve, it can write back (with a cursor).
         self.remember(id, |p| p.creds = Some((fp.unwrap_or_default(), blob)));
-        Ok(Some(Wanted { creds, generation }))
+        Ok(Some(Wanted {
+            creds: Arc::new(creds),
+            generation,
+        }))
     }
 
     async fn statuses_now(&self, ids: &[String]) -> Result<Vec<Option<MailboxStatus>>, StoreError> {

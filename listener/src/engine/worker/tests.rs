@@ -498,7 +498,12 @@ impl Rig {
     /// cancel.
     fn worker_under(&self, fence: &Fence, ctx: WorkerContext) -> CancellationToken {
         let cancel = CancellationToken::new();
-        tokio::spawn(run(ctx, self.creds.clone(), fence.clone(), cancel.clone()));
+        tokio::spawn(run(
+            Arc::new(ctx),
+            Arc::new(self.creds.clone()),
+            fence.clone(),
+            cancel.clone(),
+        ));
         cancel
     }
 
