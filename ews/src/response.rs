@@ -708,10 +708,16 @@ fn decode_message(item: &Element) -> Result<Message, EwsError> {
     let mime_content = match item.child_text(TYPES, "MimeContent") {
         None => None,
         Some(b64) => {
-            let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            let engine = base64::engine::general_purpose::STANDARD;
+            // Exchange sends it on one line; a server that wraps it costs a copy.
+            let decoded = if b64.bytes().any(|b| b.is_ascii_whitespace()) {
+                let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+                engine.decode(compact)
+            } else {
+                engine.decode(b64)
+            };
             Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(compact)
+                decoded
                     .map_err(|e| EwsError::Malformed(format!("MimeContent is not base64: {e}")))?,
             )
         }

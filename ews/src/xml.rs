@@ -4,6 +4,8 @@
 //! `response` simple and order-insensitive. Names are resolved to `(namespace URI, local name)`
 //! while parsing; prefixes are forgotten.
 
+use std::borrow::Cow;
+
 use quick_xml::XmlVersion;
 use quick_xml::escape::resolve_predefined_entity;
 use quick_xml::events::{BytesStart, Event};
@@ -11,10 +13,12 @@ use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
 
 use crate::error::EwsError;
+use crate::ns::{ERRORS, MESSAGES, SOAP, TYPES};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Element {
-    pub ns: Option<String>,
+    /// EWS's own namespaces are not copied into every element.
+    pub ns: Option<Cow<'static, str>>,
     pub local: String,
     /// Unqualified attributes (every attribute EWS uses is unqualified); namespace
     /// declarations are not kept.
@@ -157,7 +161,7 @@ fn attach(stack: &mut [Element], el: Element) -> Option<Element> {
 fn open(reader: &NsReader<&[u8]>, start: &BytesStart<'_>) -> Result<Element, EwsError> {
     let (resolved, local) = reader.resolver().resolve_element(start.name());
     let ns = match resolved {
-        ResolveResult::Bound(ns) => Some(ns.0.to_owned()),
+        ResolveResult::Bound(ns) => Some(namespace(ns.0)),
         ResolveResult::Unbound => None,
         ResolveResult::Unknown(prefix) => {
             return Err(malformed(format!("undeclared namespace prefix {prefix:?}")));
@@ -185,6 +189,17 @@ fn open(reader: &NsReader<&[u8]>, start: &BytesStart<'_>) -> Result<Element, Ews
         children: Vec::new(),
         text: String::new(),
     })
+}
+
+/// A namespace URI: one of EWS's shared, any other copied.
+fn namespace(uri: &str) -> Cow<'static, str> {
+    match [SOAP, TYPES, MESSAGES, ERRORS]
+        .into_iter()
+        .find(|known| *known == uri)
+    {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(uri.to_owned()),
+    }
 }
 
 fn malformed(detail: String) -> EwsError {

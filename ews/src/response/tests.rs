@@ -78,6 +78,23 @@ fn get_item_decodes_each_item_in_order() {
 }
 
 #[test]
+fn mime_content_on_one_line_decodes_as_wrapped() {
+    let wrapped = fixture("get_item_mixed.xml");
+    let text = String::from_utf8(wrapped.clone()).unwrap();
+    let one_line = text.replace("DQpT\ndWJq", "DQpTdWJq");
+    assert_ne!(one_line, text);
+    let mime = |bytes: &[u8]| {
+        parse_get_item(bytes).unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .mime_content
+            .clone()
+    };
+    assert!(mime(&wrapped).is_some());
+    assert_eq!(mime(one_line.as_bytes()), mime(&wrapped));
+}
+
+#[test]
 fn get_folder_decodes_the_folder() {
     let folders = parse_get_folder(&fixture("get_folder_inbox.xml")).unwrap();
     let inbox = folders[0].as_ref().unwrap();
