@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::creatio::contract::CallbackBody;
 use crate::engine::backoff::{BackoffPolicy, retry_after};
 
 #[derive(Debug, Clone)]
@@ -88,7 +89,7 @@ impl Delivery {
     pub async fn post(
         &self,
         url: &str,
-        body: &Value,
+        body: &CallbackBody,
         idempotency_key: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<(), DeliveryError> {
@@ -139,7 +140,7 @@ impl Delivery {
 
     /// Posts once, without retrying: for reports whose loss is harmless.
     pub async fn post_once_quietly(&self, url: &str, body: &Value) {
-        if let Err(e) = self.post_once(url, body, None).await {
+        if let Err(e) = self.post_once(url, &CallbackBody::json(body), None).await {
             let why = match e {
                 Attempt::Rejected(status) => format!("HTTP {status}"),
                 Attempt::Transient { why, .. } => why,
@@ -151,10 +152,15 @@ impl Delivery {
     async fn post_once(
         &self,
         url: &str,
-        body: &Value,
+        body: &CallbackBody,
         idempotency_key: Option<&str>,
     ) -> Result<(), Attempt> {
-        let mut req = self.http.post(url).json(body).timeout(self.timeout);
+        let mut req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.bytes().clone())
+            .timeout(self.timeout);
         if let Some(key) = idempotency_key {
             req = req.header("Idempotency-Key", key);
         }
@@ -196,7 +202,7 @@ pub trait Creatio: Send + Sync + std::fmt::Debug {
     fn post<'a>(
         &'a self,
         url: &'a str,
-        body: &'a Value,
+        body: &'a CallbackBody,
         idempotency_key: Option<&'a str>,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), DeliveryError>>;
@@ -208,7 +214,7 @@ impl Creatio for Delivery {
     fn post<'a>(
         &'a self,
         url: &'a str,
-        body: &'a Value,
+        body: &'a CallbackBody,
         idempotency_key: Option<&'a str>,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), DeliveryError>> {
@@ -223,7 +229,7 @@ impl Creatio for Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wiremock::matchers::{header, method, path};
+    use wiremock::matchers::{body_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     const URL_PATH: &str = "/0/ServiceModel/ExchangeListenerService.svc/ProcessFullEmail";
@@ -240,7 +246,7 @@ mod tests {
 
     async fn post(delivery: &Delivery, creatio: &MockServer) -> Result<(), DeliveryError> {
         let url = format!("{}{URL_PATH}", creatio.uri());
-        let body = serde_json::json!({"Id": "m1"});
+        let body = CallbackBody::json(&serde_json::json!({"Id": "m1"}));
         delivery
             .post(&url, &body, Some("k1"), &CancellationToken::new())
             .await
@@ -254,6 +260,8 @@ mod tests {
             let mock = Mock::given(method("POST"))
                 .and(path(URL_PATH))
                 .and(header("Idempotency-Key", "k1"))
+                .and(header("Content-Type", "application/json"))
+                .and(body_json(serde_json::json!({"Id": "m1"})))
                 .respond_with(answer);
             match times {
                 Some(n) => mock.up_to_n_times(n),

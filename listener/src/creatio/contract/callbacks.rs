@@ -134,26 +134,72 @@ fn user(creds: &Credentials) -> &str {
     creds.bpm_user.as_deref().unwrap_or_default()
 }
 
+/// A callback's body, written once: each attempt to post it sends the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackBody(bytes::Bytes);
+
+impl CallbackBody {
+    /// `value` as JSON.
+    pub fn json(value: &impl Serialize) -> Self {
+        // Plain structs, strings and numbers: nothing here can fail to be written.
+        let bytes = serde_json::to_vec(value).expect("a callback body is plain JSON");
+        CallbackBody(bytes.into())
+    }
+
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.0
+    }
+
+    /// The body read back, for tests and fakes that look into it.
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.0).unwrap_or(Value::Null)
+    }
+}
+
+/// `LoadEmailCommand`, written straight from the mails (no JSON tree in between: a mail's
+/// text and files are copied once, into the body).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct LoadEmailCommand<'a> {
+    subscription_info: SubscriptionInfo<'a>,
+    emails: &'a [Email],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct SubscriptionInfo<'a> {
+    id: &'a str,
+    sys_admin_unit: &'a str,
+    mailbox_id: &'a str,
+    workspace_name: &'a str,
+    time_zone_id: &'a str,
+    event_time_stamp: i64,
+}
+
 /// `ProcessFullEmail` (`LoadEmailCommand`): Creatio opens a session as `SysAdminUnit` in
 /// `WorkspaceName`, checks `MailboxId` and saves each mail.
-pub fn full_email_payload(creds: &Credentials, emails: &[Email], event_ticks: i64) -> Value {
-    json!({
-        "SubscriptionInfo": {
-            "Id": creds.id,
-            "SysAdminUnit": user(creds),
-            "MailboxId": creds.id,
-            "WorkspaceName": workspace(creds),
-            "TimeZoneId": time_zone(creds),
-            "EventTimeStamp": event_ticks,
+pub fn full_email_payload(creds: &Credentials, emails: &[Email], event_ticks: i64) -> CallbackBody {
+    CallbackBody::json(&LoadEmailCommand {
+        subscription_info: SubscriptionInfo {
+            id: &creds.id,
+            sys_admin_unit: user(creds),
+            mailbox_id: &creds.id,
+            workspace_name: workspace(creds),
+            time_zone_id: time_zone(creds),
+            event_time_stamp: event_ticks,
         },
-        "Emails": emails,
+        emails,
     })
 }
 
 /// `NewEmail` (`ExchangeEmailEvent`, wrapped as the parameter `newEvent`): item ids only;
 /// Creatio fetches the items itself. Exchange mailboxes only.
-pub fn new_email_payload(creds: &Credentials, item_ids: &[String], event_ticks: i64) -> Value {
-    json!({
+pub fn new_email_payload(
+    creds: &Credentials,
+    item_ids: &[String],
+    event_ticks: i64,
+) -> CallbackBody {
+    CallbackBody::json(&json!({
         "newEvent": {
             "uniqueIds": item_ids,
             "id": creds.id,
@@ -162,7 +208,7 @@ pub fn new_email_payload(creds: &Credentials, item_ids: &[String], event_ticks: 
             "timeZoneId": time_zone(creds),
             "eventTimeStamp": event_ticks,
         }
-    })
+    }))
 }
 
 /// `RefreshToken`: asks Creatio for a fresh OAuth token, which it sends back with Update.

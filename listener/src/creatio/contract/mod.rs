@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use callbacks::{
-    Attachment, Email, Importance, folder_list, full_email_payload, mailbox_state_payload,
-    new_email_payload, refresh_token_payload, state_entry, ticks_from_unix_ms, ticks_now,
-    unix_ms_from_ticks,
+    Attachment, CallbackBody, Email, Importance, folder_list, full_email_payload,
+    mailbox_state_payload, new_email_payload, refresh_token_payload, state_entry,
+    ticks_from_unix_ms, ticks_now, unix_ms_from_ticks,
 };
 pub use send::{SendCommand, parse_send};
 

@@ -46,7 +46,7 @@ impl Creatio for Quiet {
     fn post<'a>(
         &'a self,
         _url: &'a str,
-        _body: &'a Value,
+        _body: &'a crate::creatio::contract::CallbackBody,
         _idempotency_key: Option<&'a str>,
         _cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), DeliveryError>> {

@@ -145,7 +145,7 @@ impl Worker {
     /// got through.
     async fn post(
         &self,
-        body: &serde_json::Value,
+        body: &contract::CallbackBody,
         item_id: &str,
         email: Option<&contract::Email>,
     ) -> bool {

@@ -367,10 +367,11 @@ impl Creatio for FakeCreatio {
     fn post<'a>(
         &'a self,
         _url: &'a str,
-        body: &'a Value,
+        body: &'a contract::CallbackBody,
         _idempotency_key: Option<&'a str>,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        let body = body.value();
         let ids = body["Emails"]
             .as_array()
             .into_iter()
