@@ -77,9 +77,12 @@ fn from_mime(item_id: &str, m: &mail_parser::Message<'_>) -> Email {
         })
         .unwrap_or_default()
     };
-    let (body, is_html_body) = match m.body_html(0) {
-        Some(html) if has_html_part(m) => (html.into_owned(), true),
-        _ => (
+    // Asked only of a mail with an HTML part: of any other, mail_parser writes its text out
+    // as HTML, to be thrown away.
+    let html = if has_html_part(m) { m.body_html(0) } else { None };
+    let (body, is_html_body) = match html {
+        Some(html) => (html.into_owned(), true),
+        None => (
             m.body_text(0).map(|t| t.into_owned()).unwrap_or_default(),
             false,
         ),
