@@ -79,7 +79,11 @@ fn from_mime(item_id: &str, m: &mail_parser::Message<'_>) -> Email {
     };
     // Asked only of a mail with an HTML part: of any other, mail_parser writes its text out
     // as HTML, to be thrown away.
-    let html = if has_html_part(m) { m.body_html(0) } else { None };
+    let html = if has_html_part(m) {
+        m.body_html(0)
+    } else {
+        None
+    };
     let (body, is_html_body) = match html {
         Some(html) => (html.into_owned(), true),
         None => (
