@@ -115,15 +115,55 @@ pub struct Credentials {
     pub folder_ids: Vec<String>,
     /// `FeatureValues`: `UseImpersonation`, `MarkEmailsAsSynchronized`, `UseBinaryData`, ...
     #[serde(default)]
-    pub features: BTreeMap<String, bool>,
+    pub features: Features,
+}
+
+/// `FeatureValues` as the names Creatio switched on: one switched off reads as one never
+/// sent, and a mailbox keeps a few short names rather than a map (a 288-byte node).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Features(Box<[Box<str>]>);
+
+impl Features {
+    fn from_values(values: impl IntoIterator<Item = (String, bool)>) -> Self {
+        let mut on: Vec<Box<str>> = values
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| name.into_boxed_str())
+            .collect();
+        on.sort();
+        on.dedup();
+        Features(on.into_boxed_slice())
+    }
+
+    /// Whether Creatio switched this feature on (names matched case-insensitively).
+    pub fn on(&self, name: &str) -> bool {
+        self.0.iter().any(|on| on.eq_ignore_ascii_case(name))
+    }
+
+    /// The names switched on, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|name| &**name)
+    }
+}
+
+/// Written as Creatio writes it, a map of names to booleans (those switched on).
+impl Serialize for Features {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.names().map(|name| (name, true)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Features {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let values = BTreeMap::<String, bool>::deserialize(d)?;
+        Ok(Features::from_values(values))
+    }
 }
 
 impl Credentials {
     /// A feature Creatio switched on in `FeatureValues` (names matched case-insensitively).
     pub fn feature(&self, name: &str) -> bool {
-        self.features
-            .iter()
-            .any(|(k, v)| *v && k.eq_ignore_ascii_case(name))
+        self.features.on(name)
     }
 
     /// The same mailbox settings, whatever `Context` each carries (Creatio sends a new one
@@ -457,13 +497,13 @@ fn string_list(obj: &Map<String, Value>, name: &'static str) -> Result<Vec<Strin
 }
 
 /// `FeatureValues`: names to booleans; null is none.
-fn feature_values(obj: &Map<String, Value>) -> Result<BTreeMap<String, bool>, ContractError> {
+fn feature_values(obj: &Map<String, Value>) -> Result<Features, ContractError> {
     let wrong = ContractError::WrongType {
         field: "FeatureValues",
         expected: "an object of booleans",
     };
     match field(obj, "FeatureValues") {
-        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        None | Some(Value::Null) => Ok(Features::default()),
         Some(Value::Object(m)) if m.len() > MAX_LIST_ITEMS => Err(ContractError::Invalid {
             field: "FeatureValues",
             reason: format!("must have at most {MAX_LIST_ITEMS} entries"),
@@ -477,7 +517,8 @@ fn feature_values(obj: &Map<String, Value>) -> Result<BTreeMap<String, bool>, Co
                     _ => Err(wrong.clone()),
                 }
             })
-            .collect(),
+            .collect::<Result<Vec<_>, _>>()
+            .map(Features::from_values),
         Some(_) => Err(wrong),
     }
 }
@@ -915,7 +956,32 @@ mod tests {
         );
         assert!(c.folder_ids.is_empty());
         assert!(!c.uses_impersonation());
-        assert_eq!(c.features.len(), 3);
+        // All three sent switched off: as none sent.
+        assert_eq!(c.features, Features::default());
+    }
+
+    #[test]
+    fn features_keep_the_names_switched_on_and_read_back_as_a_map() {
+        let body = r#"[{"Id":"m","SenderEmailAddress":"a@b.c","BpmEndpoint":"http://x/NewEmail","FeatureValues":{"UseImpersonation":true,"UseBinaryData":false,"MarkEmailsAsSynchronized":true}}]"#;
+        let c = parse_credentials_list(body.as_bytes()).unwrap().remove(0);
+        assert!(c.feature("useimpersonation"));
+        assert!(c.feature("MarkEmailsAsSynchronized"));
+        assert!(!c.feature("UseBinaryData"));
+        assert_eq!(
+            c.features.names().collect::<Vec<_>>(),
+            ["MarkEmailsAsSynchronized", "UseImpersonation"]
+        );
+        let written = serde_json::to_value(&c.features).unwrap();
+        assert_eq!(
+            written,
+            serde_json::json!({"MarkEmailsAsSynchronized": true, "UseImpersonation": true})
+        );
+        // As a sealed copy written before reads back: what was off is dropped.
+        let read: Features = serde_json::from_value(
+            serde_json::json!({"UseImpersonation": true, "UseBinaryData": false}),
+        )
+        .unwrap();
+        assert_eq!(read.names().collect::<Vec<_>>(), ["UseImpersonation"]);
     }
 
     #[test]
