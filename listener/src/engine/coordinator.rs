@@ -121,14 +121,15 @@ struct Held {
 /// The leases this replica holds, as far as it may trust them now.
 #[derive(Debug)]
 pub struct Leases {
-    replica: String,
+    /// Shared with every fence this replica's workers carry.
+    replica: Arc<str>,
     held: Mutex<Held>,
 }
 
 impl Leases {
     pub fn new(replica: &str) -> Self {
         Leases {
-            replica: replica.to_owned(),
+            replica: replica.into(),
             held: Mutex::default(),
         }
     }
@@ -184,7 +185,7 @@ impl Leases {
     /// replica's share.
     pub fn lost(&self, id: &str, fence: &Fence) {
         let mut held = self.lock();
-        if fence.replica == self.replica && held.tokens.get(id) == Some(&fence.token) {
+        if *fence.replica == *self.replica && held.tokens.get(id) == Some(&fence.token) {
             held.tokens.remove(id);
             held.lost.push(id.to_owned());
         }
@@ -825,12 +826,13 @@ impl Coordinator {
                 return None;
             }
         };
+        let replica: Arc<str> = self.settings.replica.as_str().into();
         let taken = ids
             .iter()
             .zip(tokens)
             .filter_map(|(id, token)| {
                 let fence = Fence {
-                    replica: self.settings.replica.clone(),
+                    replica: replica.clone(),
                     token: token?,
                 };
                 Some((id.clone(), fence))

@@ -54,7 +54,8 @@ pub enum StoreError {
 /// A write under an older token is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
-    pub replica: String,
+    /// Shared: every running mailbox carries a fence, several times over.
+    pub replica: Arc<str>,
     pub token: u64,
 }
 

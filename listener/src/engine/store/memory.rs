@@ -125,7 +125,7 @@ impl Inner {
 
     fn holds(&self, id: &str, fence: &Fence) -> bool {
         self.lease(id)
-            .is_some_and(|l| l.replica == fence.replica && l.token == fence.token)
+            .is_some_and(|l| *l.replica == *fence.replica && l.token == fence.token)
     }
 }
 

@@ -1043,7 +1043,7 @@ impl Store for RedisStore {
                 .key(self.global("held"))
                 .arg(fence_value(fence))
                 .arg(id)
-                .arg(&fence.replica)
+                .arg(&*fence.replica)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(store_error)?;
