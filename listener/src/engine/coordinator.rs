@@ -826,17 +826,10 @@ impl Coordinator {
                 return None;
             }
         };
-        let replica: Arc<str> = self.settings.replica.as_str().into();
         let taken = ids
             .iter()
             .zip(tokens)
-            .filter_map(|(id, token)| {
-                let fence = Fence {
-                    replica: replica.clone(),
-                    token: token?,
-                };
-                Some((id.clone(), fence))
-            })
+            .filter_map(|(id, token)| Some((id.clone(), self.leases.fence_of(token?))))
             .collect();
         Some(taken)
     }
